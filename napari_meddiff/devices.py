@@ -1,0 +1,32 @@
+"""Device choice: ``auto`` means CUDA when present, else CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import MeddiffError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def available_devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MeddiffError("CUDA was asked for but no CUDA GPU is available (use --device cpu or auto)")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise MeddiffError(f"unknown device {name!r} (choose from {', '.join(DEVICES)})")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
