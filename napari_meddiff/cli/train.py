@@ -1,0 +1,46 @@
+"""``meddiff train CONFIG.yaml``: train a model from a YAML config and write its model folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..devices import DEVICES
+from ..errors import MeddiffError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model from a YAML config",
+        description="Train a DDPM, latent diffusion or segmentation diffusion model from a YAML config "
+        "(see examples/train/) and write a model folder that `meddiff generate --model DIR` loads. "
+        "Data parallel: torchrun --nproc_per_node N -m napari_meddiff.cli train CONFIG.yaml",
+    )
+    p.add_argument("config", type=Path, help="training config (YAML)")
+    p.add_argument("--out", type=Path, default=None, help="model folder to write (default models/<name>)")
+    p.add_argument("--work-dir", type=Path, default=None, help="checkpoints, previews, loss curves (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in the work dir")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run; then export")
+    p.add_argument("--steps", type=int, default=None, help="override the number of steps (each stage)")
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.pipeline import train
+
+    if not args.config.is_file():
+        raise MeddiffError(f"training config not found: {args.config}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise MeddiffError("--max-minutes must be positive")
+    if args.steps is not None and args.steps < 1:
+        raise MeddiffError("--steps must be at least 1")
+    path = train(
+        args.config, out=args.out, work_dir=args.work_dir, resume=args.resume, max_minutes=args.max_minutes,
+        device=args.device, num_threads=args.threads, steps=args.steps, progress=not args.no_progress,
+    )
+    if path is not None:
+        print(f"model written to {path}; try: meddiff generate --model {path} --out OUT")
+    return 0

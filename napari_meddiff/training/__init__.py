@@ -1,0 +1,5 @@
+"""Training: autoencoder (KL + adversarial), pixel DDPM, latent diffusion and image-conditioned
+segmentation diffusion, all ending in a model folder that `napari_meddiff.zoo.load_model` loads.
+
+Entry point: `napari_meddiff.training.pipeline.train` (``meddiff train CONFIG.yaml``).
+"""

@@ -1,0 +1,178 @@
+"""AutoencoderKL training as in the MONAI generative tutorials: L1 reconstruction + KL, plus a patch
+adversarial loss (PatchDiscriminator, least-squares) after a warm-up. Perceptual loss is optional and off
+by default (its pretrained weights would have to be downloaded)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..zoo import build_network
+from . import common
+from .data import random_batch
+
+log = logging.getLogger(__name__)
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    dims = list(range(1, z_mu.ndim))
+    kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1, dim=dims)
+    return kl.mean()
+
+
+def random_crop(x: torch.Tensor, size: list[int] | None, gen: torch.Generator) -> torch.Tensor:
+    if not size:
+        return x
+    starts = [int(torch.randint(0, n - s + 1, (1,), generator=gen)) for n, s in zip(x.shape[2:], size)]
+    sl = tuple(slice(a, a + s) for a, s in zip(starts, size))
+    return x[(slice(None), slice(None)) + sl]
+
+
+@torch.no_grad()
+def reconstruct(ae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 2) -> torch.Tensor:
+    ae.eval()
+    outs = []
+    for i in range(0, images.shape[0], batch):
+        x = images[i : i + batch].to(device)
+        outs.append(ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x)).float().cpu())
+    return torch.cat(outs)
+
+
+def train_autoencoder(
+    cfg: dict[str, Any],
+    images: torch.Tensor,
+    val_images: torch.Tensor | None,
+    *,
+    work_dir: Path,
+    device: torch.device,
+    dist: common.Dist,
+    resume: bool,
+    max_minutes: float | None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from monai.losses import PatchAdversarialLoss
+    from monai.networks.nets import PatchDiscriminator
+
+    tc = cfg["autoencoder_training"]
+    nd = int(cfg["spatial_dims"])
+    flip = bool(cfg["data"].get("flip", True))
+    precision = common.resolve_precision(tc["precision"], device)
+    torch.manual_seed(int(tc["seed"]) + 1000 * dist.rank)
+    gen = torch.Generator().manual_seed(int(tc["seed"]) * 7919 + 17 * dist.rank + 2)
+    ae = build_network("autoencoder", cfg["networks"]["autoencoder"]).to(device)
+    disc = PatchDiscriminator(spatial_dims=nd, num_layers_d=int(tc["disc_layers"]), channels=int(tc["disc_channels"]),
+                              in_channels=1, out_channels=1, norm="INSTANCE").to(device)
+    adv = PatchAdversarialLoss(criterion="least_squares")
+    opt_g = torch.optim.Adam(ae.parameters(), lr=float(tc["lr"]))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=float(tc["disc_lr"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_g, common.lr_lambda(int(tc["warmup_steps"])))
+    scaler_g = common.grad_scaler(device, precision)
+    scaler_d = common.grad_scaler(device, precision)
+    ckpt_path = work_dir / "autoencoder.pt"
+    step, spent = 0, 0.0
+    history: dict[str, list] = {"l1": [], "kl": [], "gen_adv": [], "disc": []}
+    val_psnr: list = []
+    if resume and ckpt_path.is_file():
+        st = common.load_checkpoint(ckpt_path)
+        ae.load_state_dict(st["model"])
+        disc.load_state_dict(st["discriminator"])
+        opt_g.load_state_dict(st["optimizer"])
+        opt_d.load_state_dict(st["optimizer_d"])
+        sched.load_state_dict(st["lr_scheduler"])
+        common.set_rng_state(gen, st["rng"])
+        step, spent, history, val_psnr = int(st["step"]), float(st["minutes"]), st["history"], st["val_psnr"]
+        if dist.main:
+            log.info("resumed autoencoder training at step %d (%.1f min spent)", step, spent)
+    dae, ddisc = dist.wrap(ae), dist.wrap(disc)
+    budget = common.Budget(max_minutes, spent)
+    total, bs = int(tc["steps"]), int(tc["batch_size"])
+    last_ckpt = budget.minutes
+    patch = tc.get("patch_size")
+
+    def checkpoint() -> None:
+        if dist.main:
+            common.save_checkpoint(ckpt_path, {
+                "step": step, "minutes": budget.minutes, "history": history, "val_psnr": val_psnr,
+                "model": common.unwrap(ae).state_dict(), "discriminator": common.unwrap(disc).state_dict(),
+                "optimizer": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(), "lr_scheduler": sched.state_dict(),
+                "rng": common.rng_state(gen), "precision": precision,
+            })
+
+    def validate() -> None:
+        if val_images is None:
+            return
+        rec = reconstruct(common.unwrap(ae), val_images, device)
+        p = float(np.mean([common.psnr(r.clamp(0, 1), v) for r, v in zip(rec, val_images)]))
+        val_psnr.append((step, p))
+        common.save_grid(work_dir / "previews" / f"autoencoder_step{step:06d}.png",
+                         [[v[0].numpy() for v in val_images[:2]], [r[0].clamp(0, 1).numpy() for r in rec[:2]]],
+                         f"{cfg['name']} AE step {step}: top real, bottom reconstruction; PSNR {p:.2f} dB")
+        ae.train()
+
+    bar = common.progress_bar(total, step, f"{cfg['name']} autoencoder", dist.main)
+    ae.train()
+    disc.train()
+    warm = int(tc["adv_warmup_steps"])
+    aw = float(tc["adv_weight"])
+    running = None
+    while step < total and not dist.any(budget.exhausted()):
+        x, _ = random_batch(images, None, bs, gen, flip)
+        x = random_crop(x, patch, gen).to(device)
+        use_adv = aw > 0 and step >= warm
+        with common.autocast(device, precision):
+            rec, z_mu, z_sigma = dae(x)
+            rec = rec.float()
+            l1 = F.l1_loss(rec, x)
+            kl = kl_loss(z_mu.float(), z_sigma.float())
+            loss_g = l1 + float(tc["kl_weight"]) * kl
+            if use_adv:
+                logits_fake = ddisc(rec.contiguous())[-1]
+                g_adv = adv(logits_fake, target_is_real=True, for_discriminator=False)
+                loss_g = loss_g + aw * g_adv
+        common.clip_and_step(loss_g, dae, opt_g, scaler_g, tc["grad_clip"])
+        sched.step()
+        if use_adv:
+            with common.autocast(device, precision):
+                lf = ddisc(rec.detach().contiguous())[-1]
+                lr_ = ddisc(x.contiguous())[-1]
+                loss_d = 0.5 * (adv(lf, target_is_real=False, for_discriminator=True)
+                                + adv(lr_, target_is_real=True, for_discriminator=True))
+            common.clip_and_step(aw * loss_d, ddisc, opt_d, scaler_d, tc["grad_clip"])
+        step += 1
+        l1v = float(l1.detach())
+        running = l1v if running is None else 0.98 * running + 0.02 * l1v
+        if step % int(tc["log_every"]) == 0:
+            history["l1"].append((step, dist.mean(l1v)))
+            history["kl"].append((step, float(kl.detach())))
+            if use_adv:
+                history["gen_adv"].append((step, float(g_adv.detach())))
+                history["disc"].append((step, float(loss_d.detach())))
+        bar.update(1)
+        bar.set_postfix(l1=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)
+        if dist.main and tc["val_every"] and step % int(tc["val_every"]) == 0:
+            validate()
+        if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
+            checkpoint()
+            last_ckpt = budget.minutes
+    bar.close()
+    if dist.main:
+        validate()
+    checkpoint()
+    if dist.main:
+        common.save_loss_curve(work_dir / "loss_autoencoder.png", history, f"{cfg['name']} autoencoder ({precision})")
+    l1s = [v for _, v in history["l1"]]
+    tail = l1s[-max(1, len(l1s) // 10):] if l1s else [float("nan")]
+    summary = {
+        "steps": step, "minutes": round(budget.minutes, 2), "batch_size": bs, "patch_size": patch,
+        "world_size": dist.world, "lr": float(tc["lr"]), "precision": precision,
+        "kl_weight": float(tc["kl_weight"]), "adv_weight": aw, "adv_warmup_steps": warm,
+        "perceptual_weight": float(tc.get("perceptual_weight", 0.0)),
+        "final_l1": round(sum(tail) / len(tail), 5),
+        "val_psnr_db": round(val_psnr[-1][1], 2) if val_psnr else None,
+        "train_items": int(images.shape[0]),
+    }
+    return common.unwrap(ae).eval(), summary

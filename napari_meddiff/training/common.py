@@ -1,0 +1,278 @@
+"""Shared training machinery: devices/precision, torchrun data parallel, EMA, checkpoints, learning-rate
+warm-up, progress, PNG previews and loss curves."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from ..devices import cpu_supports_bf16, resolve_device
+from ..errors import MeddiffError
+
+log = logging.getLogger(__name__)
+
+
+# --- distributed -------------------------------------------------------------------------------------
+
+
+class Dist:
+    """torch.distributed when launched under torchrun (gloo on CPU, nccl on CUDA); a no-op otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        if not self.enabled:
+            return net
+        return torch.nn.parallel.DistributedDataParallel(net)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on some rank (keeps the ranks in step)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([float(value)])
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    return net.module if hasattr(net, "module") else net
+
+
+# --- device and precision ----------------------------------------------------------------------------
+
+
+def setup_device(name: str, num_threads: int | None) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise MeddiffError(f"training precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise MeddiffError("fp16 training is for CUDA; use bf16 or fp32 on CPU")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def grad_scaler(device: torch.device, precision: str):
+    """A GradScaler for fp16 on CUDA; disabled otherwise (bf16 needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+
+def machine_description(device: torch.device, world: int = 1) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+    return what + (f" x {world} processes (torchrun)" if world > 1 else "")
+
+
+# --- EMA ---------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a network's parameters (buffers copied)."""
+
+    def __init__(self, net: torch.nn.Module, decay: float, start: int = 0) -> None:
+        self.decay = float(decay)
+        self.start = int(start)
+        self.module = copy.deepcopy(unwrap(net)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int) -> None:
+        src = unwrap(net)
+        d = 0.0 if step < self.start else min(self.decay, (1 + step - self.start) / (10 + step - self.start))
+        for e, p in zip(self.module.parameters(), src.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.module.buffers(), src.buffers()):
+            e.copy_(b)
+
+
+# --- schedule / optimisation ---------------------------------------------------------------------------
+
+
+def lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+
+
+def clip_and_step(loss: torch.Tensor, net: torch.nn.Module, opt, scaler, clip: float | None) -> float:
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    gnorm = float("nan")
+    if clip:
+        scaler.unscale_(opt)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
+    scaler.step(opt)
+    scaler.update()
+    return gnorm
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic ``torch.save`` of plain state dicts, tensors and numbers (loadable with weights_only=True)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt/foreign file
+        raise MeddiffError(f"cannot load checkpoint {path}: {exc}") from None
+
+
+def rng_state(gen: torch.Generator) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "data": gen.get_state()}
+
+
+def set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["data"])
+
+
+# --- budget / progress -------------------------------------------------------------------------------------
+
+
+class Budget:
+    """Wall-clock budget of a stage, continued across resumes (``spent`` minutes from the checkpoint)."""
+
+    def __init__(self, max_minutes: float | None, spent_minutes: float = 0.0) -> None:
+        self.max_minutes = max_minutes
+        self.spent0 = float(spent_minutes)
+        self.t0 = time.time()
+
+    @property
+    def minutes(self) -> float:
+        return self.spent0 + (time.time() - self.t0) / 60.0
+
+    def exhausted(self) -> bool:
+        return self.max_minutes is not None and self.minutes >= float(self.max_minutes)
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, mininterval=5.0,
+                dynamic_ncols=True)
+
+
+# --- pictures ------------------------------------------------------------------------------------------------
+
+
+def middle_slices(x: np.ndarray) -> np.ndarray:
+    """(H, W) picture of an image: itself (2D) or its three orthogonal middle slices side by side (3D)."""
+    if x.ndim == 2:
+        return np.rot90(x)
+    a, b, c = (s // 2 for s in x.shape)
+    views = [np.rot90(x[a]), np.rot90(x[:, b]), np.rot90(x[:, :, c])]
+    h = max(v.shape[0] for v in views)
+    return np.concatenate([np.pad(v, ((0, h - v.shape[0]), (0, 1))) for v in views], axis=1)
+
+
+def save_grid(path: Path, rows: Iterable[Iterable[np.ndarray]], title: str = "", cmap: str = "gray",
+              vmin: float = 0.0, vmax: float = 1.0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [[middle_slices(np.asarray(im, np.float32)) for im in r] for r in rows]
+    nr, nc = len(rows), max(len(r) for r in rows)
+    h, w = rows[0][0].shape
+    fig, axes = plt.subplots(nr, nc, figsize=(nc * 2.0 * w / h, nr * 2.0), squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(nc):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(r):
+                ax.imshow(r[j], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_loss_curve(path: Path, history: dict[str, list[tuple[int, float]]], title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, pts in history.items():
+        if not pts:
+            continue
+        s = np.array([p[0] for p in pts])
+        v = np.array([p[1] for p in pts])
+        k = max(1, len(v) // 50)
+        smooth = np.convolve(v, np.ones(k) / k, mode="valid") if len(v) > k else v
+        ax.plot(s[: len(smooth)] + (k - 1), smooth, label=name)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)

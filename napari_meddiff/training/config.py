@@ -1,0 +1,148 @@
+"""Training configs (YAML): load, fill defaults, validate. See ``examples/train/*.yaml``."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from ..errors import MeddiffError
+from ..intensity import DEFAULT_INTENSITY
+from ..zoo import MODEL_KINDS
+
+DEFAULT_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "schedule": "scaled_linear_beta",
+    "beta_start": 0.0015,
+    "beta_end": 0.0195,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+DEFAULT_DATA = {
+    "dir": None,  # folder of NIfTI images
+    "images": "*_T1w.nii.gz",  # glob inside dir
+    "labels_replace": ["_T1w", "_dseg"],  # label file = image name with this replacement (segmentation)
+    "max_subjects": None,
+    "val_subjects": 2,  # last N subjects: validation previews / PSNR (still training-seed data)
+    "slice_axis": 2,  # 2D models: axial slices of the RAS volume
+    "slice_thickness": None,  # 2D models: mm between slices (default: in-plane voxel size)
+    "min_brain_fraction": 0.15,  # 2D models: keep slices with at least this fraction of foreground
+    "flip": True,  # random left-right flips
+}
+
+DEFAULT_TRAINING = {
+    "steps": 100_000,
+    "max_minutes": 30.0,
+    "batch_size": 8,
+    "lr": 2e-4,
+    "weight_decay": 0.0,
+    "warmup_steps": 100,
+    "grad_clip": 1.0,
+    "ema_decay": 0.999,
+    "ema_start": 200,
+    "precision": "auto",  # auto: bf16 autocast on a bf16 CPU / fp16 on CUDA; fp32; bf16; fp16
+    "checkpoint_minutes": 3.0,
+    "val_every": 500,
+    "val_samples": 4,
+    "val_steps": 20,
+    "seed": 0,
+    "num_threads": None,
+    "log_every": 10,
+}
+
+DEFAULT_AE_TRAINING = {
+    "steps": 100_000,
+    "max_minutes": 25.0,
+    "batch_size": 2,
+    "lr": 2e-4,
+    "disc_lr": 2e-4,
+    "kl_weight": 1e-6,
+    "adv_weight": 0.01,
+    "adv_warmup_steps": 300,
+    "disc_layers": 2,
+    "disc_channels": 16,
+    "perceptual_weight": 0.0,  # needs downloadable weights; off
+    "precision": "auto",
+    "checkpoint_minutes": 3.0,
+    "val_every": 200,
+    "seed": 0,
+    "num_threads": None,
+    "log_every": 10,
+    "grad_clip": 1.0,
+    "ema_decay": 0.0,
+    "ema_start": 0,
+    "warmup_steps": 50,
+}
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise MeddiffError(f"cannot read training config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise MeddiffError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MeddiffError(f"{path}: a training config is a YAML mapping")
+    return validate(raw, base_dir=path.parent)
+
+
+def validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
+    """Fill defaults and check a training config; relative data paths are resolved against the cwd
+    first, then ``base_dir`` (the config's folder)."""
+    cfg = copy.deepcopy(raw)
+    for key in ("name", "kind", "spatial_dims", "image_shape", "voxel_size", "networks"):
+        if key not in cfg:
+            raise MeddiffError(f"training config lacks {key!r}")
+    if cfg["kind"] not in MODEL_KINDS:
+        raise MeddiffError(f"kind must be one of {MODEL_KINDS}, not {cfg['kind']!r}")
+    nd = int(cfg["spatial_dims"])
+    if nd not in (2, 3):
+        raise MeddiffError("spatial_dims must be 2 or 3")
+    for key in ("image_shape", "voxel_size"):
+        if len(cfg[key]) != nd:
+            raise MeddiffError(f"{key} needs {nd} values")
+    cfg["image_shape"] = [int(s) for s in cfg["image_shape"]]
+    cfg["voxel_size"] = [float(s) for s in cfg["voxel_size"]]
+    cfg["intensity"] = {**DEFAULT_INTENSITY, **cfg.get("intensity", {})}
+    cfg["scheduler"] = {**DEFAULT_SCHEDULER, **cfg.get("scheduler", {})}
+    cfg["defaults"] = {"sampler": "dpm++", "steps": 20, "precision": "fp32", **cfg.get("defaults", {})}
+    cfg["data"] = {**DEFAULT_DATA, **cfg.get("data", {})}
+    cfg["training"] = {**DEFAULT_TRAINING, **cfg.get("training", {})}
+    nets = cfg["networks"]
+    if "unet" not in nets:
+        raise MeddiffError("networks.unet is required")
+    unet = nets["unet"]
+    unet["spatial_dims"] = nd
+    if cfg["kind"] == "ldm":
+        if "autoencoder" not in nets:
+            raise MeddiffError("an ldm config needs networks.autoencoder")
+        ae = nets["autoencoder"]
+        ae.setdefault("in_channels", 1)
+        ae.setdefault("out_channels", 1)
+        ae["spatial_dims"] = nd
+        lc = int(ae["latent_channels"])
+        unet["in_channels"] = unet["out_channels"] = lc
+        down = 2 ** (len(ae["channels"]) - 1)
+        if any(s % down for s in cfg["image_shape"]):
+            raise MeddiffError(f"image_shape must be divisible by {down} for this autoencoder")
+        cfg["autoencoder_training"] = {**DEFAULT_AE_TRAINING, **cfg.get("autoencoder_training", {})}
+    elif cfg["kind"] == "segmentation":
+        seg = cfg.setdefault("segmentation", {})
+        seg.setdefault("num_classes", 4)
+        seg.setdefault("class_names", ["background", "CSF", "GM", "WM"][: seg["num_classes"]])
+        n = int(seg["num_classes"])
+        unet["in_channels"], unet["out_channels"] = n + 1, n
+    else:
+        unet["in_channels"] = unet["out_channels"] = 1
+    if cfg["data"]["dir"] is None:
+        raise MeddiffError("data.dir (a folder of NIfTI images) is required")
+    d = Path(cfg["data"]["dir"]).expanduser()
+    if not d.is_absolute() and not d.exists() and (Path(base_dir) / d).exists():
+        d = Path(base_dir) / d
+    cfg["data"]["dir"] = str(d)
+    return cfg

@@ -1,0 +1,196 @@
+"""Folder-of-NIfTI datasets, preloaded to memory: canonical (RAS) orientation, resampled to the model's
+voxel size, normalised to [0, 1] (the model's intensity spec), centred and cropped/padded to
+``image_shape``; 2D models get axial slices through the brain. Labels (segmentation) follow the same
+geometry with nearest-neighbour resampling."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import MeddiffError
+from ..intensity import intensity_window, normalise
+from ..volume import Volume, read_volume, resample, to_canonical
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Preprocessed training data in memory."""
+
+    images: torch.Tensor  # (N, 1, *image_shape) float32 in [0, 1]
+    labels: torch.Tensor | None  # (N, *image_shape) int64, or None
+    subjects: list[str]  # subject id per item (a 2D item is a slice of that subject)
+    files: list[str]  # source image files (one per subject)
+    seeds: list[int]  # cohort seeds when known (cohort.csv), else []
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def list_subjects(data_cfg: dict[str, Any], kind: str) -> list[tuple[Path, Path | None]]:
+    folder = Path(data_cfg["dir"])
+    if not folder.is_dir():
+        raise MeddiffError(f"training data folder {folder} does not exist")
+    files = sorted(folder.glob(data_cfg["images"]))
+    if not files:
+        raise MeddiffError(f"no files match {data_cfg['images']!r} in {folder}")
+    if data_cfg.get("max_subjects"):
+        files = files[: int(data_cfg["max_subjects"])]
+    pairs: list[tuple[Path, Path | None]] = []
+    for f in files:
+        label = None
+        if kind == "segmentation":
+            old, new = data_cfg["labels_replace"]
+            label = f.with_name(f.name.replace(old, new))
+            if label == f or not label.is_file():
+                raise MeddiffError(f"no label file {label.name} for {f.name}")
+        pairs.append((f, label))
+    return pairs
+
+
+def cohort_seeds(folder: Path, files: Sequence[Path]) -> list[int]:
+    """Seeds of the subjects used, from the cohort's ``cohort.csv`` or from ``sub-<seed>`` names."""
+    seeds: list[int] = []
+    table = folder / "cohort.csv"
+    by_name: dict[str, int] = {}
+    if table.is_file():
+        with open(table) as f:
+            for row in csv.DictReader(f):
+                if "seed" in row:
+                    for key in ("subject", "subject_id", "participant_id", "image", "t1w"):
+                        if row.get(key):
+                            by_name[Path(row[key]).name.split("_")[0]] = int(row["seed"])
+    for f in files:
+        sub = f.name.split("_")[0]
+        if sub in by_name:
+            seeds.append(by_name[sub])
+        else:
+            m = re.match(r"sub-0*(\d+)$", sub)
+            if m is None:
+                return []
+            seeds.append(int(m.group(1)))
+    return seeds
+
+
+def _fit(array: np.ndarray, shape: Sequence[int], centre: Sequence[float], fill: float = 0.0) -> np.ndarray:
+    """Crop/pad ``array`` to ``shape`` around ``centre`` (voxel coordinates)."""
+    out = np.full(tuple(shape), fill, dtype=array.dtype)
+    src, dst = [], []
+    for n, s, c in zip(array.shape, shape, centre):
+        start = int(round(c - s / 2))
+        a0, a1 = max(start, 0), min(start + s, n)
+        src.append(slice(a0, a1))
+        dst.append(slice(a0 - start, a1 - start))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def preprocess_subject(
+    image_path: Path,
+    label_path: Path | None,
+    spatial_dims: int,
+    image_shape: Sequence[int],
+    voxel_size: Sequence[float],
+    intensity: dict[str, Any],
+    data_cfg: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One subject -> (images, labels): (D, *image_shape) slices for 2D or (1, *image_shape) for 3D."""
+    vol = to_canonical(read_volume(image_path))
+    if spatial_dims == 3:
+        spacing = tuple(voxel_size)
+    else:
+        thick = data_cfg.get("slice_thickness") or voxel_size[0]
+        spacing = [float(v) for v in voxel_size]
+        spacing.insert(int(data_cfg["slice_axis"]), float(thick))
+    img = resample(vol, tuple(spacing))
+    arr = np.asarray(img.array, np.float32)
+    window = intensity_window(arr, intensity)
+    arr = normalise(arr, window)
+    lab = None
+    if label_path is not None:
+        lvol = to_canonical(read_volume(label_path))
+        lab = np.rint(np.asarray(resample(lvol, tuple(spacing), labels=True).array)).astype(np.int64)
+        if lab.shape != arr.shape:
+            raise MeddiffError(f"{label_path.name} does not match the grid of {image_path.name}")
+    fg = (lab > 0) if lab is not None else (arr > 0.02)
+    idx = np.argwhere(fg)
+    centre = (idx.min(0) + idx.max(0)) / 2 if len(idx) else (np.array(arr.shape) - 1) / 2
+    if spatial_dims == 3:
+        out = _fit(arr, image_shape, centre + 0.5)[None]
+        lab_out = None if lab is None else _fit(lab, image_shape, centre + 0.5)[None]
+        return out, lab_out
+    axis = int(data_cfg["slice_axis"])
+    arr = np.moveaxis(arr, axis, 0)
+    fgm = np.moveaxis(fg, axis, 0)
+    lab = None if lab is None else np.moveaxis(lab, axis, 0)
+    c2 = np.delete(centre, axis) + 0.5
+    frac = fgm.reshape(fgm.shape[0], -1).sum(1) / float(np.prod(image_shape))
+    keep = np.nonzero(frac >= float(data_cfg["min_brain_fraction"]))[0]
+    imgs = np.stack([_fit(arr[k], image_shape, c2) for k in keep]) if len(keep) else np.zeros((0, *image_shape), np.float32)
+    labs = None if lab is None else (np.stack([_fit(lab[k], image_shape, c2) for k in keep]) if len(keep) else np.zeros((0, *image_shape), np.int64))
+    return imgs, labs
+
+
+def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress: bool = True) -> Dataset:
+    """Preprocess every subject of ``cfg['data']`` (optionally a slice of the subject list)."""
+    pairs = list_subjects(cfg["data"], cfg["kind"])
+    if subjects is not None:
+        pairs = pairs[subjects]
+    imgs, labs, subs = [], [], []
+    iterator = pairs
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(pairs, desc="loading data", unit="subject", leave=False)
+    for image_path, label_path in iterator:
+        im, lb = preprocess_subject(
+            image_path, label_path, cfg["spatial_dims"], cfg["image_shape"], cfg["voxel_size"], cfg["intensity"], cfg["data"]
+        )
+        imgs.append(im)
+        subs += [image_path.name.split("_")[0]] * len(im)
+        if lb is not None:
+            labs.append(lb)
+    images = torch.from_numpy(np.concatenate(imgs)).float().unsqueeze(1)
+    labels = torch.from_numpy(np.concatenate(labs)).long() if labs else None
+    if labels is not None and int(labels.max()) >= int(cfg["segmentation"]["num_classes"]):
+        raise MeddiffError(f"labels go up to {int(labels.max())} but num_classes is {cfg['segmentation']['num_classes']}")
+    files = [str(p[0]) for p in pairs]
+    seeds = cohort_seeds(Path(cfg["data"]["dir"]), [p[0] for p in pairs])
+    return Dataset(images, labels, subs, files, seeds)
+
+
+def split_dataset(cfg: dict[str, Any], progress: bool = True) -> tuple[Dataset, Dataset | None]:
+    """(train, validation): the last ``data.val_subjects`` subjects are kept for previews/metrics."""
+    pairs = list_subjects(cfg["data"], cfg["kind"])
+    nval = int(cfg["data"].get("val_subjects") or 0)
+    if nval and len(pairs) > nval:
+        return (
+            load_dataset(cfg, subjects=slice(0, len(pairs) - nval), progress=progress),
+            load_dataset(cfg, subjects=slice(len(pairs) - nval, None), progress=progress),
+        )
+    return load_dataset(cfg, progress=progress), None
+
+
+def random_batch(
+    data: torch.Tensor, labels: torch.Tensor | None, batch_size: int, generator: torch.Generator, flip: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random batch (with replacement) with random left-right flips (axis 0 of the RAS grid)."""
+    idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator)
+    x = data[idx].clone()
+    y = None if labels is None else labels[idx].clone()
+    if flip:
+        f = torch.rand(batch_size, generator=generator) < 0.5
+        if f.any():
+            x[f] = x[f].flip(2)  # (B, C, X, ...): X = left-right
+            if y is not None:
+                y[f] = y[f].flip(1)
+    return x, y

@@ -1,0 +1,143 @@
+"""One training loop for pixel DDPM, latent diffusion and image-conditioned segmentation diffusion:
+epsilon (or v / sample) prediction MSE on MONAI's DDPMScheduler forward process."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..samplers import noise_scheduler
+from ..zoo import build_network
+from . import common
+from .data import random_batch
+
+log = logging.getLogger(__name__)
+
+
+def onehot_pm1(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, *S) int labels -> (B, K, *S) one-hot mapped to {-1, 1} (what the segmentation UNet denoises)."""
+    oh = F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
+    return oh * 2.0 - 1.0
+
+
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    pt = scheduler.prediction_type
+    if pt == "epsilon":
+        return noise
+    if pt == "sample":
+        return x0
+    return scheduler.get_velocity(x0, noise, t)
+
+
+def train_diffusion(
+    cfg: dict[str, Any],
+    x0_data: torch.Tensor,
+    *,
+    work_dir: Path,
+    device: torch.device,
+    dist: common.Dist,
+    resume: bool,
+    max_minutes: float | None,
+    condition: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    flip: bool = True,
+    preview: Callable[[torch.nn.Module, int, Path], None] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the diffusion UNet of ``cfg`` on ``x0_data`` (images or scaled latents; for segmentation
+    ``labels`` are denoised and ``condition`` images are concatenated). Returns the EMA UNet and a summary."""
+    tc = cfg["training"]
+    seg = cfg["kind"] == "segmentation"
+    num_classes = int(cfg.get("segmentation", {}).get("num_classes", 0))
+    precision = common.resolve_precision(tc["precision"], device)
+    torch.manual_seed(int(tc["seed"]) + 1000 * dist.rank)
+    gen = torch.Generator().manual_seed(int(tc["seed"]) * 7919 + 17 * dist.rank + 1)
+
+    net = build_network("unet", cfg["networks"]["unet"]).to(device)
+    ema = common.EMA(net, tc["ema_decay"], tc["ema_start"])
+    opt = torch.optim.AdamW(net.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, common.lr_lambda(int(tc["warmup_steps"])))
+    scaler = common.grad_scaler(device, precision)
+    scheduler = noise_scheduler(cfg["scheduler"])
+    ckpt_path = work_dir / "diffusion.pt"
+    step, spent, history = 0, 0.0, {"loss": []}
+    if resume and ckpt_path.is_file():
+        st = common.load_checkpoint(ckpt_path)
+        net.load_state_dict(st["model"])
+        ema.module.load_state_dict(st["ema"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["lr_scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        common.set_rng_state(gen, st["rng"])
+        step, spent, history = int(st["step"]), float(st["minutes"]), st["history"]
+        if dist.main:
+            log.info("resumed diffusion training at step %d (%.1f min spent)", step, spent)
+    ema.module.to(device)
+    dnet = dist.wrap(net)
+    budget = common.Budget(max_minutes, spent)
+    total = int(tc["steps"])
+    bs = int(tc["batch_size"])
+    last_ckpt = budget.minutes
+
+    def checkpoint() -> None:
+        if dist.main:
+            common.save_checkpoint(ckpt_path, {
+                "step": step, "minutes": budget.minutes, "history": history,
+                "model": common.unwrap(net).state_dict(), "ema": ema.module.state_dict(),
+                "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                "rng": common.rng_state(gen), "precision": precision,
+            })
+
+    bar = common.progress_bar(total, step, f"{cfg['name']} diffusion", dist.main)
+    running = None
+    net.train()
+    while step < total and not dist.any(budget.exhausted()):
+        xb, yb = random_batch(x0_data if not seg else condition, labels, bs, gen, flip)
+        if seg:
+            cond, x0 = xb.to(device), onehot_pm1(yb, num_classes).to(device)
+        else:
+            cond, x0 = None, xb.to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
+        xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+        inp = xt if cond is None else torch.cat([xt, cond], dim=1)
+        with common.autocast(device, precision):
+            pred = dnet(inp, timesteps=t)
+        loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        common.clip_and_step(loss, dnet, opt, scaler, tc["grad_clip"])
+        sched.step()
+        step += 1
+        ema.update(net, step)
+        lv = float(loss.detach())
+        running = lv if running is None else 0.98 * running + 0.02 * lv
+        if step % int(tc["log_every"]) == 0:
+            history["loss"].append((step, dist.mean(lv)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)
+        if dist.main and preview is not None and tc["val_every"] and step % int(tc["val_every"]) == 0:
+            preview(ema.module, step, work_dir / "previews" / f"diffusion_step{step:06d}.png")
+            net.train()
+        if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
+            checkpoint()
+            last_ckpt = budget.minutes
+    bar.close()
+    checkpoint()
+    if dist.main:
+        common.save_loss_curve(work_dir / "loss_diffusion.png", history, f"{cfg['name']} diffusion ({precision})")
+        if preview is not None:
+            preview(ema.module, step, work_dir / "previews" / f"diffusion_final_step{step:06d}.png")
+    losses = [v for _, v in history["loss"]]
+    tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
+    summary = {
+        "steps": step, "minutes": round(budget.minutes, 2), "batch_size": bs, "world_size": dist.world,
+        "lr": float(tc["lr"]), "ema_decay": float(tc["ema_decay"]), "precision": precision,
+        "final_loss": round(sum(tail) / len(tail), 5), "first_loss": round(losses[0], 5) if losses else None,
+        "objective": f"MSE on {cfg['scheduler']['prediction_type']} prediction",
+        "train_items": int((condition if seg else x0_data).shape[0]),
+    }
+    return ema.module.eval(), summary

@@ -1,0 +1,223 @@
+"""Write the trained networks as a model folder (``save_model_folder``): model.json in the zoo schema,
+safetensors weights (fp16 when that changes the outputs negligibly), sha256, and a model card."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..zoo import DiffusionModel, save_model_folder
+
+log = logging.getLogger(__name__)
+
+MEASURED_BEGIN = "<!-- measured:begin -->"
+MEASURED_END = "<!-- measured:end -->"
+
+
+@torch.no_grad()
+def latent_scale_factor(ae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 4) -> tuple[float, torch.Tensor]:
+    """1 / std of the encoder latents over ``images`` (MONAI tutorials) and the unscaled latents (mu)."""
+    ae.eval()
+    zs = [ae.encode_stage_2_inputs(images[i : i + batch].to(device)).float().cpu() for i in range(0, images.shape[0], batch)]
+    z = torch.cat(zs)
+    return float(1.0 / z.std()), z
+
+
+def model_config(cfg: dict[str, Any], *, scale_factor: float | None = None, latent_shape: list[int] | None = None) -> dict[str, Any]:
+    """The model.json content (zoo schema) for a training config."""
+    out: dict[str, Any] = {
+        "name": cfg["name"],
+        "kind": cfg["kind"],
+        "spatial_dims": int(cfg["spatial_dims"]),
+        "image_shape": list(cfg["image_shape"]),
+        "voxel_size": list(cfg["voxel_size"]),
+        "intensity": copy.deepcopy(cfg["intensity"]),
+        "scheduler": copy.deepcopy(cfg["scheduler"]),
+        "defaults": copy.deepcopy(cfg["defaults"]),
+        "networks": {"unet": copy.deepcopy(cfg["networks"]["unet"])},
+    }
+    if cfg.get("description"):
+        out["description"] = cfg["description"]
+    if cfg["kind"] == "ldm":
+        ae = copy.deepcopy(cfg["networks"]["autoencoder"])
+        out["networks"]["autoencoder"] = ae
+        down = 2 ** (len(ae["channels"]) - 1)
+        out["latent"] = {
+            "channels": int(ae["latent_channels"]),
+            "shape": latent_shape or [s // down for s in cfg["image_shape"]],
+            "scale_factor": float(scale_factor if scale_factor is not None else 1.0),
+        }
+    if cfg["kind"] == "segmentation":
+        out["segmentation"] = copy.deepcopy(cfg["segmentation"])
+    if cfg["spatial_dims"] == 2:
+        out["slice_axis"] = int(cfg["data"].get("slice_axis", 2))
+    out["weights"] = {}
+    return out
+
+
+def as_diffusion_model(config: dict[str, Any], unet: torch.nn.Module, autoencoder: torch.nn.Module | None,
+                       path: Path, device: torch.device) -> DiffusionModel:
+    """In-memory `DiffusionModel` (for previews during training and for the fp16 check)."""
+    return DiffusionModel(name=config["name"], path=path, config=config, unet=unet, autoencoder=autoencoder, device=device)
+
+
+@torch.no_grad()
+def half_is_lossless(net: torch.nn.Module, example: tuple, tol: float = 2e-3) -> tuple[bool, float]:
+    """True when rounding the weights to fp16 changes the outputs by < ``tol`` (relative RMS)."""
+    net = copy.deepcopy(net).float().cpu().eval()
+    ref = net(*example)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    for p in list(net.parameters()) + list(net.buffers()):
+        if p.is_floating_point():
+            if p.abs().max() > 65000:
+                return False, float("inf")
+            p.copy_(p.half().float())
+    out = net(*example)
+    out = out[0] if isinstance(out, tuple) else out
+    err = float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12))
+    return err < tol, err
+
+
+def check_half(config: dict[str, Any], networks: dict[str, torch.nn.Module]) -> tuple[bool, dict[str, float]]:
+    torch.manual_seed(0)
+    errs: dict[str, float] = {}
+    ok = True
+    for name, net in networks.items():
+        if name == "unet":
+            c = int(config["networks"]["unet"]["in_channels"])
+            shape = config["latent"]["shape"] if config["kind"] == "ldm" else config["image_shape"]
+            x = torch.randn(2, c, *shape)
+            example = (x, torch.tensor([10, 500]))
+        else:
+            example = (torch.rand(1, 1, *config["image_shape"]),)
+        good, err = half_is_lossless(net, example)
+        errs[name] = round(err, 6)
+        ok = ok and good
+    return ok, errs
+
+
+def fmt_minutes(m: float) -> str:
+    return f"{m:.1f} min"
+
+
+def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, Any]) -> str:
+    kind_text = {
+        "ddpm": "pixel-space denoising diffusion model (DDPM, epsilon prediction)",
+        "ldm": "latent diffusion model (AutoencoderKL + diffusion UNet on scaled latents)",
+        "segmentation": "image-conditioned segmentation diffusion model (denoises one-hot labels given the image)",
+    }[cfg["kind"]]
+    data = summary["data"]
+    lines = [
+        f"# {cfg['name']}",
+        "",
+        cfg.get("description", "").strip() or f"A {kind_text}.",
+        "",
+        "## Model",
+        "",
+        f"- Kind: {kind_text}.",
+        f"- Spatial dims: {cfg['spatial_dims']}D, image shape {config['image_shape']} at voxel size "
+        f"{config['voxel_size']} mm (RAS), intensities normalised to [0, 1] "
+        f"(foreground percentiles {cfg['intensity'].get('lower')}-{cfg['intensity'].get('upper')}).",
+    ]
+    if cfg["kind"] == "ldm":
+        lat = config["latent"]
+        lines.append(f"- Latent: {lat['channels']} channels x {lat['shape']}, scale factor {lat['scale_factor']:.4f} "
+                     "(1/std of the training latents).")
+    if cfg["kind"] == "segmentation":
+        lines.append(f"- Classes: {', '.join(cfg['segmentation']['class_names'])}; applied slice by slice (axial) "
+                     "for 2D models.")
+    sch = cfg["scheduler"]
+    lines += [
+        f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, beta {sch['beta_start']}-{sch['beta_end']}, "
+        f"{sch['prediction_type']} prediction. Default sampler {cfg['defaults']['sampler']} with {cfg['defaults']['steps']} steps.",
+        f"- Parameters: " + ", ".join(f"{k} {v['parameters']:,}" for k, v in config.get("weights", {}).items())
+        if config.get("weights") else "- Parameters: see model.json",
+        f"- Weights: {summary['weights_dtype']} safetensors (fp16 check: relative output error {summary['half_check']}).",
+        "",
+        "## Training",
+        "",
+        f"- Data: {data['num_subjects']} synthetic subjects of the meddiff cohort (`napari_meddiff.cohort`, "
+        f"training seeds only: {data['seed_summary']}), {data['num_items']} training "
+        f"{'slices' if cfg['spatial_dims'] == 2 else 'volumes'}; {data.get('num_val_subjects', 0)} further training-seed "
+        "subjects for previews/validation. No held-out seed was used.",
+        f"- Machine: {summary['machine']}; torch {torch.__version__}; napari-meddiff {__version__}; finished "
+        f"{summary['finished']}.",
+    ]
+    for stage in ("autoencoder", "diffusion"):
+        s = summary.get(stage)
+        if not s:
+            continue
+        extra = ""
+        if stage == "autoencoder":
+            extra = (f", L1 + {s['kl_weight']:g} KL + {s['adv_weight']:g} patch-adversarial (after {s['adv_warmup_steps']} steps), "
+                     f"perceptual weight {s['perceptual_weight']:g}; final L1 {s['final_l1']}, validation PSNR "
+                     f"{s['val_psnr_db']} dB")
+            if s.get("patch_size"):
+                extra += f"; random {s['patch_size']} crops"
+        else:
+            extra = f", {s['objective']}, EMA {s['ema_decay']}; loss {s['first_loss']} -> {s['final_loss']}"
+        lines.append(f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])}, batch {s['batch_size']} "
+                     f"x {s['world_size']} process(es), lr {s['lr']:g}, {s['precision']}{extra}.")
+    lines += [
+        f"- Reproduce: `meddiff train {summary.get('config_path', 'train.yaml')}` (the config is saved next to the "
+        "weights as `train.yaml`).",
+        "",
+        "## Intended use and limits",
+        "",
+        "Research and teaching demo of diffusion models for 3D brain MRI on CPU. Trained for minutes on a few dozen "
+        "synthetic MNI152-derived subjects: it is not a clinical tool, it has never seen real patient data, and "
+        "its samples are low-resolution.",
+        "",
+        "## Measured",
+        "",
+        MEASURED_BEGIN,
+        "Not measured yet: run `python benchmarks/evaluate_models.py` (it fills this section from its JSON).",
+        MEASURED_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_model(
+    cfg: dict[str, Any],
+    out_dir: Path,
+    unet: torch.nn.Module,
+    autoencoder: torch.nn.Module | None,
+    summary: dict[str, Any],
+    *,
+    scale_factor: float | None = None,
+    latent_shape: list[int] | None = None,
+    config_path: Path | None = None,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    config = model_config(cfg, scale_factor=scale_factor, latent_shape=latent_shape)
+    networks = {"unet": unet.float().cpu()}
+    if autoencoder is not None:
+        networks["autoencoder"] = autoencoder.float().cpu()
+    half_pref = cfg.get("export", {}).get("half", "auto")
+    if half_pref == "auto":
+        half, errs = check_half(config, networks)
+    else:
+        half, errs = bool(half_pref), {}
+    summary = dict(summary)
+    summary["weights_dtype"] = "float16" if half else "float32"
+    summary["half_check"] = errs or "skipped"
+    summary["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if config_path is not None:
+        summary["config_path"] = f"{out_dir}/train.yaml"
+    config["training"] = {k: v for k, v in summary.items() if k != "data"}
+    config["data"] = summary["data"]
+    # the card lists parameter counts: fill weights first through a dry pass
+    config["weights"] = {n: {"parameters": int(sum(v.numel() for v in net.state_dict().values()))} for n, net in networks.items()}
+    card = model_card(cfg, config, summary)
+    config["weights"] = {}
+    files = dict(extra_files or {})
+    if config_path is not None:
+        files["train.yaml"] = config_path
+    return save_model_folder(out_dir, config, networks, card=card, half=half, extra_files=files, overwrite=True)

@@ -1,0 +1,28 @@
+"""Shared fixtures: small randomly initialised model folders (real MONAI networks that really sample)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A folder holding tiny ldm-3d, ddpm-3d, ddpm-2d and segmentation-2d model folders."""
+    from napari_meddiff.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    paths = {
+        "ldm3d": make_tiny_model(root / "tiny-ldm-3d", "ldm", 3),
+        "ddpm3d": make_tiny_model(root / "tiny-ddpm-3d", "ddpm", 3),
+        "ddpm2d": make_tiny_model(root / "tiny-ddpm-2d", "ddpm", 2),
+        "seg2d": make_tiny_model(root / "tiny-seg-2d", "segmentation", 2),
+    }
+    return paths
+
+
+@pytest.fixture
+def models_env(tiny_models, monkeypatch):
+    """MEDDIFF_MODELS pointing at the tiny models, so they load by name."""
+    root = next(iter(tiny_models.values())).parent
+    monkeypatch.setenv("MEDDIFF_MODELS", str(root))
+    return root
