@@ -265,8 +265,8 @@ def _lesion_blob(
     q = np.sqrt(((local / radii_mm) ** 2).sum(-1))
     # irregular border: modulate the radius with smooth noise
     bumps = ndimage.gaussian_filter(rng.standard_normal(q.shape), sigma=2.0 / resolution, mode="nearest")
-    bumps *= 0.25 / max(float(bumps.std()), 1e-6)
-    inside = (q * (1.0 + bumps)) < 1.0
+    bumps *= 0.2 / max(float(bumps.std()), 1e-6)
+    inside = (q * np.exp(np.clip(bumps, -0.5, 0.5))) < 1.0  # radius varies within x0.6..x1.65
     weight = np.zeros(labels.shape, dtype=np.float32)
     blurred = ndimage.gaussian_filter(inside.astype(np.float32), sigma=sigma_vox, mode="constant", truncate=4.0)
     blurred[blurred < 1e-4] = 0.0

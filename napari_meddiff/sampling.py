@@ -75,16 +75,36 @@ def denoise(
     on_step: Callable[[StepInfo], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     precision: str = "fp32",
+    jump_length: int = 1,
+    jump_n: int = 1,
 ) -> torch.Tensor:
-    """Run the reverse diffusion chain from ``x`` (noise, shape ``(B, *model.sample_shape)``) to a clean sample."""
+    """Run the reverse diffusion chain from ``x`` (noise, shape ``(B, *model.sample_shape)``) to a clean sample.
+
+    ``jump_n > 1`` adds RePaint resampling (Lugmayr et al. 2022): every ``jump_length`` steps the chain is
+    re-noised ``jump_length`` steps back (forward process, noise from each sample's generator) and re-run,
+    ``jump_n - 1`` times (see `repaint_schedule`); ``on_step`` then counts every network evaluation.
+    """
     if len(generators) != x.shape[0]:
         raise MeddiffError("one random generator per sample is needed")
     chains = [make_sampler(sampler, model.config["scheduler"], steps, eta) for _ in range(x.shape[0])]
     timesteps = chains[0].timesteps
+    moves = repaint_schedule(len(timesteps), jump_length, jump_n)
+    total = sum(1 for a, b in moves if b == a + 1)
+    alphas_cumprod = chains[0].scheduler.alphas_cumprod
     device = x.device
     start = time.perf_counter()
+    done = 0
     with torch.inference_mode():
-        for i, t in enumerate(timesteps):
+        for i, i_to in moves:
+            if i_to < i:  # RePaint jump: x at timesteps[i] (clean when i == len) -> x at timesteps[i_to]
+                a_from = alphas_cumprod[int(timesteps[i])] if i < len(timesteps) else torch.tensor(1.0)
+                ratio = float(alphas_cumprod[int(timesteps[i_to])] / a_from)
+                noise = initial_noise(x.shape[1:], generators, device)
+                x = ratio**0.5 * x + (1.0 - ratio) ** 0.5 * noise
+                for chain in chains:
+                    _rewind(chain, i_to)
+                continue
+            t = timesteps[i]
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
             net_in = x if condition is None else torch.cat([x, condition.to(x.dtype)], dim=1)
@@ -98,9 +118,49 @@ def denoise(
             t_next = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
             if known is not None:
                 x = known(x, t_next, chains, generators)
+            done += 1
             if on_step is not None:
-                on_step(StepInfo(i + 1, len(timesteps), int(t), pred_x0, time.perf_counter() - start))
+                on_step(StepInfo(done, total, int(t), pred_x0, time.perf_counter() - start))
     return x
+
+
+def repaint_schedule(steps: int, jump_length: int = 1, jump_n: int = 1) -> list[tuple[int, int]]:
+    """The moves of a chain of ``steps`` steps with RePaint resampling, as ``(from, to)`` chain positions.
+
+    Position ``i`` is the state at ``timesteps[i]`` (``steps``: the clean sample). ``(i, i + 1)`` is one
+    denoising step; ``(i, i - jump_length)`` re-noises back. Jumps start from positions ``steps``,
+    ``steps - jump_length``, ... (>= ``jump_length``), each ``jump_n - 1`` times, as in RePaint's
+    ``get_schedule_jump``. ``jump_n == 1`` gives the plain chain.
+    """
+    for name, value in (("steps", steps), ("jump_length", jump_length), ("jump_n", jump_n)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MeddiffError(f"{name} must be a positive integer, got {value!r}")
+    left = {i: jump_n - 1 for i in range(steps, jump_length - 1, -jump_length)} if jump_n > 1 else {}
+    moves: list[tuple[int, int]] = []
+    i = 0
+    while i < steps:
+        moves.append((i, i + 1))
+        i += 1
+        if left.get(i, 0) > 0:
+            left[i] -= 1
+            moves.append((i, i - jump_length))
+            i -= jump_length
+    return moves
+
+
+def _rewind(chain, index: int) -> None:
+    """Put a sampler back at chain position ``index`` (after a RePaint jump).
+
+    MONAI's DDPM/DDIM steps depend only on ``t``; a multistep sampler keeps a position and a history, which
+    is reset (its next step is first order).
+    """
+    rewind = getattr(chain, "rewind", None)
+    if callable(rewind):
+        rewind(index)
+    elif hasattr(chain, "_index"):  # DPM-Solver++ 2M
+        chain._index = index
+        chain._prev_x0 = None
+        chain._prev_t = None
 
 
 def decode_latents(model: DiffusionModel, z: torch.Tensor, precision: str = "fp32") -> torch.Tensor:

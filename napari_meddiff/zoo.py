@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ def model_search_path() -> list[Path]:
     """Folders searched for model names: ``$MEDDIFF_MODELS`` (os.pathsep-separated), then shipped ones."""
     paths = [Path(p) for p in os.environ.get("MEDDIFF_MODELS", "").split(os.pathsep) if p]
     here = Path(__file__).resolve().parent
-    paths += [here / "models", here.parent / "models"]  # installed wheel, then source checkout
+    if (here.parent / "pyproject.toml").is_file():
+        paths.append(here.parent / "models")  # source checkout / editable install
+    paths.append(Path(sys.prefix) / "share" / "napari-meddiff" / "models")  # installed wheel (setup.py data_files)
     return [p for p in paths if p.is_dir()]
 
 

@@ -31,7 +31,8 @@ def wilson_ci(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if k == 0 else lo), (1.0 if k == n else hi)
 
 
 def binom_p(k: int, n: int) -> float | None:
@@ -155,6 +156,10 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
     return rows
 
 
+def _cell(v: Any) -> Any:
+    return "" if v is None else f"{v:.6g}" if isinstance(v, float) else v
+
+
 def write_summary(folder: Path, summary: dict[str, Any]) -> list[Path]:
     """Write summary.json, summary.csv (long format: scope, metric, value) and the realism plot."""
     paths = [folder / SUMMARY_JSON, folder / SUMMARY_CSV, folder / REALISM_PNG]
@@ -162,7 +167,7 @@ def write_summary(folder: Path, summary: dict[str, Any]) -> list[Path]:
     with open(paths[1], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["scope", "metric", "value"])
-        w.writerows((s, k, "" if v is None else v) for s, k, v in _rows(summary))
+        w.writerows((s, k, _cell(v)) for s, k, v in _rows(summary))
     plot_realism(summary, paths[2])
     return paths
 

@@ -121,7 +121,7 @@ def preprocess_subject(
         lab = np.rint(np.asarray(resample(lvol, tuple(spacing), labels=True).array)).astype(np.int64)
         if lab.shape != arr.shape:
             raise MeddiffError(f"{label_path.name} does not match the grid of {image_path.name}")
-    fg = (lab > 0) if lab is not None else (arr > 0.02)
+    fg = (lab > 0) if lab is not None else (arr > 0.1)
     idx = np.argwhere(fg)
     centre = (idx.min(0) + idx.max(0)) / 2 if len(idx) else (np.array(arr.shape) - 1) / 2
     if spatial_dims == 3:
