@@ -267,9 +267,13 @@ def _lesion_blob(
     bumps = ndimage.gaussian_filter(rng.standard_normal(q.shape), sigma=2.0 / resolution, mode="nearest")
     bumps *= 0.2 / max(float(bumps.std()), 1e-6)
     inside = (q * np.exp(np.clip(bumps, -0.5, 0.5))) < 1.0  # radius varies within x0.6..x1.65
+    components, _ = ndimage.label(inside)
+    core = components[tuple(np.round(centre).astype(int) - lo)]
+    if core:  # one blob: drop islands the bumps may have cut off
+        inside = ndimage.binary_fill_holes(components == core)
     weight = np.zeros(labels.shape, dtype=np.float32)
     blurred = ndimage.gaussian_filter(inside.astype(np.float32), sigma=sigma_vox, mode="constant", truncate=4.0)
-    blurred[blurred < 1e-4] = 0.0
+    blurred[blurred < 0.01] = 0.0  # compact support: the image is untouched a few voxels away
     weight[tuple(slice(a, b) for a, b in zip(lo, hi))] = blurred
     weight *= labels > 0  # only brain tissue changes
     hypo = rng.random() < 0.6  # T1 "black hole" / necrotic tumour, else hyperintense (enhancing-like)

@@ -11,7 +11,7 @@ import warnings
 from .. import __version__
 from ..errors import Cancelled, MeddiffError
 
-COMMAND_MODULES = ["models", "generate", "train", "cohort", "review"]
+COMMAND_MODULES = ["models", "generate", "train", "cohort", "review", "segment"]
 
 
 def build_parser() -> argparse.ArgumentParser:
