@@ -8,6 +8,7 @@ from .errors import Cancelled, MeddiffError  # noqa: E402
 from .volume import Volume, read_volume, write_volume  # noqa: E402
 from .zoo import available_models, load_model  # noqa: E402
 from .generate import generate  # noqa: E402
+from .inpaint import inpaint  # noqa: E402
 from .segment import segment  # noqa: E402
 
 __all__ = [

@@ -24,7 +24,7 @@ import functools
 import json
 import os
 import sys
-import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -290,7 +290,7 @@ def make_subject(
     """Synthesize subject ``seed``: deterministic (bit-identical for the same arguments).
 
     ``lesion`` forces a lesion (True) or none (False); by default a fraction ``lesion_fraction`` of seeds get
-    one (:func:`subject_has_lesion`). ~1-2 s at 2 mm on one CPU core; ~8x more at 1 mm.
+    one (:func:`subject_has_lesion`). About 1-2.5 s at 2 mm on one CPU core; about a minute at 1 mm.
     """
     seed = int(seed)
     streams = _seed_streams(seed)
@@ -366,9 +366,9 @@ def _row(seed: int, has_lesion: bool, lesion_ml: float) -> dict[str, object]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")  # umask permissions
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with open(tmp, "w", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

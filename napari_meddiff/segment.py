@@ -220,10 +220,8 @@ def plan_segmentation(
         voxel = tuple(float(v) for v in model.voxel_size)
         axis_name = None
     margin = 2.0 * max(voxel)
-    wlo, whi = wlo - margin, whi + margin
-    if slicing:  # no margin through-plane: slices beyond the scan would only see padding
-        wlo[order[2]] += margin
-        whi[order[2]] -= margin
+    flo, fhi = _world_box(image, np.zeros(3, int), np.array(norm.shape) - 1)
+    wlo, whi = np.maximum(wlo - margin, flo), np.minimum(whi + margin, fhi)  # no further than the scan itself
     extent = np.array([whi[order[g]] - wlo[order[g]] for g in range(3)])
     shape = [int(math.ceil(extent[g] / voxel[g] - 1e-6)) + 1 for g in range(3)]
     tiled_axes = 2 if slicing else 3

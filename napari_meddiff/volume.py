@@ -247,6 +247,7 @@ def write_volume(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=folder)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; final files follow the umask
         nib.save(img, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -257,6 +258,12 @@ def write_volume(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # --- geometry helpers (resampling always through SimpleITK) ---------------------------------------

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from qtpy import sip
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QPoint, Qt
 from qtpy.QtWidgets import QApplication
 
 from napari_meddiff.review.results import ResultsLog, read_answers
@@ -45,6 +45,11 @@ def _start(widget, qtbot, study, reader):
     qtbot.mouseClick(widget.start_button, Qt.LeftButton)
 
 
+def _tick(qtbot, button):
+    """Click a radio button / check box on its indicator (its widget may be wider than its hit area)."""
+    qtbot.mouseClick(button, Qt.LeftButton, pos=QPoint(8, button.height() // 2))
+
+
 def _keys(qtbot, target, *keys):
     for k in keys:
         qtbot.keyClick(target, k)
@@ -71,9 +76,10 @@ def test_whole_study_with_kill_and_resume(make_napari_viewer, qtbot, study):
     assert not ResultsLog(study.folder, "Ann").path.exists()
 
     # case 1 with the mouse
-    qtbot.mouseClick(w.call_buttons["real"], Qt.LeftButton)
-    qtbot.mouseClick(w.realism_buttons[3], Qt.LeftButton)
-    qtbot.mouseClick(w.artefact_boxes["blur"], Qt.LeftButton)
+    _tick(qtbot, w.call_buttons["real"])
+    _tick(qtbot, w.realism_buttons[3])
+    _tick(qtbot, w.artefact_boxes["blur"])
+    assert w.artefact_boxes["blur"].isChecked()
     qtbot.keyClicks(w.comment_edit, "looks fine")
     assert w.next_button.isEnabled()
     qtbot.mouseClick(w.next_button, Qt.LeftButton)

@@ -139,7 +139,7 @@ def test_same_seed_same_result_other_seed_differs(seg_models):
 @pytest.mark.parametrize("dims", ["2d", "3d"])
 def test_ensemble_as_a_batch_equals_members_one_at_a_time(seg_models, dims):
     model = seg_models[dims]
-    image = Volume(blob_image(), np.diag([3.0, 3.0, 3.0, 1.0]))
+    image = Volume(blob_image((8, 8, 4)), np.diag([3.0, 3.0, 3.0, 1.0]))
     plan = plan_segmentation(model, image)
     tiles = plan.item_images()
     together = run_members(model, tiles, [0, 1, 2, 3], seed=3, batch_size=4 * len(tiles), **FAST)

@@ -11,7 +11,7 @@ import warnings
 from .. import __version__
 from ..errors import Cancelled, MeddiffError
 
-COMMAND_MODULES = ["models", "generate", "train", "cohort", "review", "segment"]
+COMMAND_MODULES = ["models", "generate", "train", "cohort", "review", "segment", "inpaint"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -273,6 +273,7 @@ class ReviewWidget(QWidget):
             except MeddiffError as exc:
                 self._message(str(exc), error=True)
                 return False
+            self._update_progress()
         self._message("")
         return True
 
@@ -319,8 +320,9 @@ class ReviewWidget(QWidget):
             return
         lo, hi = case.contrast_limits
         data = ((data.astype(np.float32) - lo) / np.float32(hi - lo)).astype(np.float32)
-        if self.layer is not None and self.layer in self.viewer.layers:
-            self.viewer.layers.remove(self.layer)
+        ids = set(self.study.ids)  # the previous case, also one left behind by an earlier widget
+        for old in [la for la in self.viewer.layers if la is self.layer or la.name in ids]:
+            self.viewer.layers.remove(old)
         self.index = index
         # intensities are shown on the case's display window mapped to 0..1, so the value read-out and the
         # contrast slider carry no scanner units that could tell the sources apart

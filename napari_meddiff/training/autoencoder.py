@@ -145,7 +145,7 @@ def train_autoencoder(
         step += 1
         l1v = float(l1.detach())
         running = l1v if running is None else 0.98 * running + 0.02 * l1v
-        if step % int(tc["log_every"]) == 0:
+        if step % int(tc["log_every"]) == 0 or step == 1:
             history["l1"].append((step, dist.mean(l1v)))
             history["kl"].append((step, float(kl.detach())))
             if use_adv:

@@ -264,8 +264,9 @@ def save_loss_curve(path: Path, history: dict[str, list[tuple[int, float]]], tit
         smooth = np.convolve(v, np.ones(k) / k, mode="valid") if len(v) > k else v
         ax.plot(s[: len(smooth)] + (k - 1), smooth, label=name)
     ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    if any(history.values()):
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,7 @@ def train_diffusion(
         ema.update(net, step)
         lv = float(loss.detach())
         running = lv if running is None else 0.98 * running + 0.02 * lv
-        if step % int(tc["log_every"]) == 0:
+        if step % int(tc["log_every"]) == 0 or step == 1:
             history["loss"].append((step, dist.mean(lv)))
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)

@@ -1,0 +1,568 @@
+"""Parts shared by the napari-meddiff dock widgets.
+
+* `ModelPicker` - models of some kinds found on the model search path, plus "Open model folder...".
+* `DevicePicker` - auto / cpu / cuda, showing what this machine has.
+* `SamplingControls` - sampler, steps and seed (+ Random) rows for a ``QFormLayout``.
+* `ProgressRow` - progress bar, "12/20 steps · 7 s left" text and a Cancel button.
+* `TaskRunner` + `TaskContext` - run a task (plain function of a `TaskContext`, no Qt inside) in a napari
+  ``thread_worker`` (generator style: every progress report or event is a yield), route errors to
+  ``show_error`` with a one-line message, cancel within one step, and re-enable the widget afterwards.
+* `load_model_cached` - `zoo.load_model` with a small cache (loads are sha256-checked, so not free).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ...devices import available_devices, resolve_device
+from ...errors import Cancelled, MeddiffError
+from ...samplers import SAMPLERS
+from ...zoo import DEFAULT_MODEL, DiffusionModel, available_models, find_model_dir, load_model, read_config
+
+logger = logging.getLogger(__name__)
+
+KIND_NAMES = {"ddpm": "pixel diffusion (DDPM)", "ldm": "latent diffusion", "segmentation": "diffusion segmentation"}
+OPEN_FOLDER = "__open_model_folder__"
+MAX_SEED = 2**31 - 1
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a picker knows about a model folder, from ``model.json`` alone (no weights loaded)."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> "ModelInfo":
+        folder = find_model_dir(path).resolve()
+        config = read_config(folder)
+        return cls(str(config.get("name", folder.name)), folder, config)
+
+    @property
+    def kind(self) -> str:
+        return self.config["kind"]
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.config["spatial_dims"])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.config["image_shape"])
+
+    @property
+    def voxel_size(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.config["voxel_size"])
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"sampler": "dpm++", "steps": 20, **self.config.get("defaults", {})}
+
+    def summary(self) -> str:
+        shape = "×".join(str(s) for s in self.image_shape)
+        voxel = "×".join(f"{v:g}" for v in self.voxel_size)
+        return f"{self.spatial_dims}D {KIND_NAMES.get(self.kind, self.kind)} · {shape} voxels of {voxel} mm"
+
+
+_CACHE_LOCK = threading.Lock()
+_MODEL_CACHE: "collections.OrderedDict[tuple, DiffusionModel]" = collections.OrderedDict()
+MODEL_CACHE_SIZE = 2
+
+
+def load_model_cached(name_or_path: str | Path, device: str = "auto") -> DiffusionModel:
+    """`load_model` on the resolved device, reusing the last few loads while the folder is unchanged."""
+    folder = find_model_dir(name_or_path).resolve()
+    dev = resolve_device(device)
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(folder.iterdir()) if f.is_file())
+    key = (str(folder), str(dev), stamp)
+    with _CACHE_LOCK:
+        if key in _MODEL_CACHE:
+            _MODEL_CACHE.move_to_end(key)
+            return _MODEL_CACHE[key]
+        model = load_model(folder, device=dev)
+        _MODEL_CACHE[key] = model
+        while len(_MODEL_CACHE) > MODEL_CACHE_SIZE:
+            _MODEL_CACHE.popitem(last=False)
+        return model
+
+
+class ModelPicker(QWidget):
+    """A combo box of installed models of ``kinds`` (and ``spatial_dims``), plus "Open model folder...".
+
+    ``changed`` carries the selected `ModelInfo`, or None when no model is available.
+    """
+
+    changed = Signal(object)
+
+    def __init__(
+        self, kinds: Sequence[str] = ("ddpm", "ldm"), spatial_dims: Sequence[int] = (2, 3), parent: QWidget | None = None
+    ) -> None:
+        super().__init__(parent)
+        self.kinds, self.spatial_dims = tuple(kinds), tuple(spatial_dims)
+        self.combo = QComboBox()
+        self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(14)
+        self.combo.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.combo.setToolTip("Installed models (models/ and $MEDDIFF_MODELS), or open a model folder")
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.combo)
+        self._extra: dict[str, ModelInfo] = {}  # folders opened by the user, by path
+        self._infos: dict[str, ModelInfo] = {}
+        self._previous = 0
+        self.refresh()
+        self.combo.activated.connect(self._on_activated)
+        self.combo.currentIndexChanged.connect(self._on_index_changed)
+
+    def _fits(self, info: ModelInfo) -> bool:
+        return info.kind in self.kinds and info.spatial_dims in self.spatial_dims
+
+    def refresh(self) -> None:
+        """Re-scan the model search path, keeping the selection when it is still there."""
+        keep = self.combo.currentData()
+        infos: dict[str, ModelInfo] = {}
+        for name, path in available_models().items():
+            try:
+                info = ModelInfo.from_path(path)
+            except MeddiffError as exc:
+                logger.warning("skipping model %s: %s", name, exc)
+                continue
+            if self._fits(info):
+                infos[str(info.path)] = info
+        infos.update(self._extra)
+        self._infos = infos
+        blocked = self.combo.blockSignals(True)
+        self.combo.clear()
+        for key, info in infos.items():
+            self.combo.addItem(info.name, key)
+            self.combo.setItemData(self.combo.count() - 1, f"{info.summary()}\n{info.path}", Qt.ToolTipRole)
+        if not infos:
+            self.combo.addItem("(no models found)", None)
+            self.combo.model().item(0).setEnabled(False)
+        self.combo.insertSeparator(self.combo.count())
+        self.combo.addItem("Open model folder…", OPEN_FOLDER)
+        default = next((k for k, i in infos.items() if i.name == DEFAULT_MODEL), next(iter(infos), None))
+        index = self.combo.findData(keep if keep in infos else default)
+        self.combo.setCurrentIndex(max(index, 0))
+        self._previous = self.combo.currentIndex()
+        self.combo.blockSignals(blocked)
+        self.changed.emit(self.current())
+
+    def current(self) -> ModelInfo | None:
+        return self._infos.get(self.combo.currentData())
+
+    def select(self, name_or_path: str | Path) -> ModelInfo:
+        """Select a model by name or folder (a folder not on the list is added)."""
+        for key, info in self._infos.items():
+            if info.name == str(name_or_path) or key == str(Path(name_or_path).resolve()):
+                self.combo.setCurrentIndex(self.combo.findData(key))
+                return info
+        return self.add_folder(name_or_path)
+
+    def add_folder(self, path: str | Path) -> ModelInfo:
+        """Add and select a model folder; raises `MeddiffError` when it is not a usable model."""
+        info = ModelInfo.from_path(path)
+        if not self._fits(info):
+            wanted = " or ".join(KIND_NAMES.get(k, k) for k in self.kinds)
+            raise MeddiffError(f"{info.name} is a {info.spatial_dims}D {KIND_NAMES.get(info.kind, info.kind)} model; this tool needs {wanted}")
+        self._extra[str(info.path)] = info
+        self.refresh()
+        self.combo.setCurrentIndex(self.combo.findData(str(info.path)))
+        return info
+
+    def ask_folder(self) -> str:
+        """The folder dialog (tests replace this)."""
+        return QFileDialog.getExistingDirectory(self, "Open model folder (with model.json)", str(Path.home()))
+
+    def _on_activated(self, index: int) -> None:
+        if self.combo.itemData(index) != OPEN_FOLDER:
+            return
+        self.combo.setCurrentIndex(self._previous)
+        folder = self.ask_folder()
+        if not folder:
+            return
+        try:
+            self.add_folder(folder)
+        except MeddiffError as exc:
+            show_error(f"Cannot use model folder: {exc}")
+
+    def _on_index_changed(self, index: int) -> None:
+        if self.combo.itemData(index) == OPEN_FOLDER:
+            return
+        self._previous = index
+        self.changed.emit(self.current())
+
+
+# --- device and sampling rows --------------------------------------------------------------------------
+
+
+class DevicePicker(QComboBox):
+    """``auto`` (naming what it picks), ``cpu``, ``cuda`` (greyed out when this machine has none)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        have = available_devices()
+        auto = "cuda" if "cuda" in have else "cpu"
+        self.addItem(f"auto ({auto})", "auto")
+        self.addItem("cpu", "cpu")
+        if "cuda" in have:
+            import torch
+
+            self.addItem(f"cuda ({torch.cuda.get_device_name(0)})", "cuda")
+        else:
+            self.addItem("cuda (not available)", "cuda")
+            self.model().item(2).setEnabled(False)
+        self.setToolTip("Where the model runs; auto uses a CUDA GPU when there is one")
+
+    def device(self) -> str:
+        return str(self.currentData())
+
+
+class SamplingControls(QObject):
+    """Sampler, steps and seed (+ Random) editors; `add_rows` puts them in a form."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.sampler = QComboBox()
+        self.sampler.addItems(list(SAMPLERS))
+        self.sampler.setToolTip("ddpm: ancestral (needs many steps); ddim: deterministic; dpm++: fast, 10-25 steps")
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 1000)
+        self.steps.setToolTip("Denoising steps: more is slower and usually a little better")
+        self.seed = QSpinBox()
+        self.seed.setRange(0, MAX_SEED)
+        self.seed.setToolTip("Same seed + settings + device = the same image")
+        self.random_button = QPushButton("Random")
+        self.random_button.setToolTip("Pick a random seed")
+        self.random_button.clicked.connect(self.randomize_seed)
+        self.seed_row = QWidget()
+        row = QHBoxLayout(self.seed_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.seed, 1)
+        row.addWidget(self.random_button)
+
+    def add_rows(self, form: QFormLayout) -> None:
+        form.addRow("Sampler", self.sampler)
+        form.addRow("Steps", self.steps)
+        form.addRow("Seed", self.seed_row)
+
+    def set_defaults(self, info: ModelInfo | None) -> None:
+        """The model's default sampler and number of steps."""
+        if info is None:
+            return
+        defaults = info.defaults
+        if defaults["sampler"] in SAMPLERS:
+            self.sampler.setCurrentText(defaults["sampler"])
+        self.steps.setValue(int(defaults["steps"]))
+
+    def randomize_seed(self) -> None:
+        self.seed.setValue(random.randrange(MAX_SEED))
+
+    def values(self) -> tuple[str, int, int]:
+        """(sampler, steps, seed)."""
+        return self.sampler.currentText(), self.steps.value(), self.seed.value()
+
+
+# --- progress ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """A progress report from a task: ``done`` of ``total`` steps, seconds left when known."""
+
+    done: int
+    total: int
+    eta_seconds: float | None = None
+    text: str = ""
+
+
+def format_seconds(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+class ProgressRow(QWidget):
+    """Progress bar + Cancel button, and a line of text: "seed 3 · 12/20 steps · 7 s left"."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        self.bar.setTextVisible(False)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip("Stop after the current step; nothing half-made is kept")
+        self.label = QLabel("")
+        self.label.setWordWrap(True)
+        top = QHBoxLayout()
+        top.setContentsMargins(0, 0, 0, 0)
+        top.addWidget(self.bar, 1)
+        top.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(top)
+        layout.addWidget(self.label)
+
+    def begin(self, text: str) -> None:
+        self.bar.setRange(0, 0)  # busy until the first report
+        self.label.setText(text)
+        self.cancel_button.setEnabled(True)
+
+    def report(self, p: Progress) -> None:
+        self.bar.setRange(0, max(p.total, 1))
+        self.bar.setValue(min(p.done, p.total))
+        parts = [p.text] if p.text else []
+        parts.append(f"{p.done}/{p.total} steps")
+        if p.eta_seconds is not None and p.done < p.total:
+            parts.append(f"{format_seconds(p.eta_seconds)} left")
+        self.label.setText(" · ".join(parts))
+
+    def end(self, text: str) -> None:
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        self.label.setText(text)
+        self.cancel_button.setEnabled(False)
+
+
+# --- running tasks -----------------------------------------------------------------------------------
+
+
+class TaskFailed(Exception):
+    """An unexpected error inside a task (wrapped: superqt swallows a bare RuntimeError from a worker)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
+
+
+class TaskContext:
+    """Handed to a task in the worker thread: report progress, send events, check for cancellation."""
+
+    def __init__(self) -> None:
+        self.events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._cancel = threading.Event()
+
+    def emit(self, event: Any) -> None:
+        """Send ``event`` to the runner's ``on_event`` (called in the main thread, in order)."""
+        self.events.put(event)
+
+    def progress(self, done: int, total: int, eta_seconds: float | None = None, text: str = "") -> None:
+        self.emit(Progress(int(done), int(total), eta_seconds, text))
+
+    def step_callback(self, offset: int, total: int, text: str = "") -> Callable[[Any], None]:
+        """An ``on_step`` for one denoising chain whose steps are ``offset + 1 ...`` of ``total``."""
+
+        def on_step(info: Any) -> None:
+            done = offset + info.index
+            self.progress(done, total, info.elapsed / info.index * (total - done), text)
+
+        return on_step
+
+    def should_cancel(self) -> bool:
+        """Pass as ``should_cancel`` to the core (checked before every network evaluation)."""
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+_DONE = object()
+
+
+def _drive(task: Callable[[TaskContext], Any], ctx: TaskContext) -> Iterator[Any]:
+    """The worker's generator: run ``task`` in a helper thread and yield what it reports, then its result."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = task(ctx)
+        except BaseException as exc:  # noqa: BLE001 - handed to the worker below
+            box["error"] = exc
+        finally:
+            ctx.events.put(_DONE)
+
+    thread = threading.Thread(target=target, name="meddiff-task", daemon=True)
+    thread.start()
+    while (event := ctx.events.get()) is not _DONE:
+        yield event
+    thread.join()
+    error = box.get("error")
+    if error is None:
+        return box.get("result")
+    if isinstance(error, (MeddiffError, Cancelled)):
+        raise error
+    raise TaskFailed(error) from error
+
+
+class _TaskWorker(GeneratorWorker):
+    """napari's generator worker whose ``quit()`` cancels the task (so it ends cleanly within one step)."""
+
+    context: TaskContext | None = None
+
+    def quit(self) -> None:
+        if self.context is not None:
+            self.context.cancel()
+        else:  # pragma: no cover
+            super().quit()
+
+    def _relay_error(self, exc: Exception) -> None:  # TaskRunner shows a clear message instead
+        pass
+
+
+@dataclasses.dataclass
+class _Run:
+    context: TaskContext
+    worker: _TaskWorker
+    on_result: Callable[[Any], None] | None
+    on_event: Callable[[Any], None] | None
+    on_stop: Callable[[str], None] | None
+    started: float
+    cancel_requested: bool = False
+    outcome: str = "done"
+    message: str = ""
+
+
+class TaskRunner(QObject):
+    """Runs one task at a time for a widget, with its `ProgressRow` and the controls to lock meanwhile.
+
+    ``start(task, on_result=, on_event=, on_stop=)``: ``task(ctx)`` runs in a worker thread; its
+    `Progress` reports drive the progress row, other ``ctx.emit`` events go to ``on_event``, its return
+    value to ``on_result``, and ``on_stop(outcome)`` ("done", "cancelled" or "error") always runs last,
+    after the controls are enabled again. Errors become a napari error notification.
+    """
+
+    running_changed = Signal(bool)
+
+    def __init__(self, progress: ProgressRow, controls: Sequence[QWidget], *, title: str, parent: QWidget) -> None:
+        super().__init__(parent)
+        self.progress, self.controls, self.title = progress, list(controls), title
+        self.run: _Run | None = None
+        progress.cancel_button.clicked.connect(self.cancel)
+        holder = self._holder = {"run": None}  # plain object: still valid while Qt destroys the widget
+        parent.destroyed.connect(lambda *_: holder["run"] and holder["run"].context.cancel())
+
+    @property
+    def running(self) -> bool:
+        return self.run is not None
+
+    def start(
+        self,
+        task: Callable[[TaskContext], Any],
+        *,
+        on_result: Callable[[Any], None] | None = None,
+        on_event: Callable[[Any], None] | None = None,
+        on_stop: Callable[[str], None] | None = None,
+        text: str = "Starting…",
+    ) -> GeneratorWorker:
+        if self.run is not None:
+            raise MeddiffError(f"{self.title} is already running")
+        ctx = TaskContext()
+        worker = create_worker(_drive, task, ctx, _worker_class=_TaskWorker, _ignore_errors=True, _start_thread=False)
+        worker.context = ctx
+        self.run = self._holder["run"] = _Run(ctx, worker, on_result, on_event, on_stop, time.perf_counter())
+        worker.yielded.connect(self._on_yielded)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        for widget in self.controls:
+            widget.setEnabled(False)
+        self.progress.begin(text)
+        self.running_changed.emit(True)
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running task to stop at its next check (within one denoising step)."""
+        if self.run is not None and not self.run.cancel_requested:
+            self.run.cancel_requested = True
+            self.run.context.cancel()
+            self.progress.cancel_button.setEnabled(False)
+            self.progress.label.setText("Cancelling after this step…")
+
+    def _call(self, what: str, fn: Callable[..., Any] | None, *args: Any) -> None:
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a widget bug must not leave the widget locked
+            logger.exception("%s: error in %s", self.title, what)
+            show_error(f"{self.title}: {type(exc).__name__}: {exc}")
+            if self.run is not None and what == "on_event":
+                self.cancel()
+
+    def _on_yielded(self, event: Any) -> None:
+        if self.run is None:
+            return
+        if isinstance(event, Progress):
+            if not self.run.cancel_requested:
+                self.progress.report(event)
+        else:
+            self._call("on_event", self.run.on_event, event)
+
+    def _on_returned(self, result: Any) -> None:
+        if self.run is not None:
+            self._call("on_result", self.run.on_result, result)
+
+    def _on_errored(self, exc: Exception) -> None:
+        if self.run is None:
+            return
+        if isinstance(exc, Cancelled):
+            self.run.outcome = "cancelled"
+            return
+        self.run.outcome = "error"
+        original = exc.original if isinstance(exc, TaskFailed) else exc
+        if not isinstance(exc, MeddiffError):
+            logger.error("%s failed", self.title, exc_info=(type(original), original, original.__traceback__))
+        self.run.message = str(exc)
+        show_error(f"{self.title} failed: {exc}")
+
+    def _on_finished(self) -> None:
+        run, self.run = self.run, None
+        self._holder["run"] = None
+        if run is None:
+            return
+        for widget in self.controls:
+            widget.setEnabled(True)
+        seconds = format_seconds(time.perf_counter() - run.started)
+        self.progress.end(
+            {"done": f"Done in {seconds}.", "cancelled": "Cancelled.", "error": f"Failed: {run.message}"}[run.outcome]
+        )
+        self.running_changed.emit(False)
+        self._call("on_stop", run.on_stop, run.outcome)

@@ -1,0 +1,275 @@
+"""The Generate dock widget: sample synthetic scans with a diffusion model, watching the chain live."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels, Layer
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QLabel, QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget
+
+from ...errors import MeddiffError
+from ...volume import Volume
+from ..layers import layer_to_volume, show_axial, volume_to_layer_data
+from ..writer import save_layer_data
+from .common import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls, TaskContext, TaskRunner
+from .common import load_model_cached
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+GENERATIVE_KINDS = ("ddpm", "ldm")
+PREVIEW_KEY = "meddiff_preview"
+DEFAULT_PREVIEW_EVERY = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewEvent:
+    """The current clean-image estimate of a running chain."""
+
+    name: str
+    volume: Volume
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultEvent:
+    """One finished sample."""
+
+    name: str
+    volume: Volume
+
+
+def generate_task(
+    ctx: TaskContext,
+    *,
+    model_ref: str,
+    device: str,
+    seeds: list[int],
+    sampler: str,
+    steps: int,
+    preview_every: int,
+) -> int:
+    """Worker-thread body: one chain per seed, emitting previews and each result as it is done."""
+    from ...generate import generate, to_volume
+
+    model = load_model_cached(model_ref, device)
+    total = len(seeds) * steps
+    for n, seed in enumerate(seeds):
+        name = f"{model.name}_seed{seed}"
+        ctx.progress(n * steps, total, None, f"seed {seed}")
+
+        def on_preview(preview: Any, name: str = name) -> None:
+            ctx.emit(PreviewEvent(name, to_volume(model, preview.images[0])))
+
+        (vol,) = generate(
+            model,
+            [seed],
+            sampler=sampler,
+            steps=steps,
+            device=device,
+            on_step=ctx.step_callback(n * steps, total, f"seed {seed}"),
+            on_preview=on_preview if preview_every else None,
+            preview_every=preview_every,
+            should_cancel=ctx.should_cancel,
+        )
+        ctx.emit(ResultEvent(name, vol))
+    return len(seeds)
+
+
+class GenerateWidget(QWidget):
+    """Model, sampler, steps, seed, number of samples, device, live preview; Generate / Cancel / Save."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.model_picker = ModelPicker(kinds=GENERATIVE_KINDS)
+        self.model_summary = QLabel()
+        self.model_summary.setWordWrap(True)
+        self.model_summary.setStyleSheet("color: gray;")
+        self.sampling = SamplingControls(self)
+        self.num_samples = QSpinBox()
+        self.num_samples.setRange(1, 100)
+        self.num_samples.setToolTip("Volumes to generate, with seeds seed, seed+1, ...")
+        self.device = DevicePicker()
+        self.preview_every = QSpinBox()
+        self.preview_every.setRange(0, 1000)
+        self.preview_every.setValue(DEFAULT_PREVIEW_EVERY)
+        self.preview_every.setSpecialValueText("off")
+        self.preview_every.setPrefix("every ")
+        self.preview_every.setSuffix(" steps")
+        self.preview_every.setToolTip("Show the denoising chain every N steps (decoding costs a little time); 0 = off")
+
+        self.settings = QWidget()
+        form = QFormLayout(self.settings)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+        form.addRow("Model", self.model_picker)
+        form.addRow("", self.model_summary)
+        self.sampling.add_rows(form)
+        form.addRow("Samples", self.num_samples)
+        form.addRow("Device", self.device)
+        form.addRow("Preview", self.preview_every)
+        self._preview_label = form.labelForField(self.preview_every)
+
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setToolTip("Sample new volumes; each becomes an image layer <model>_seed<S>")
+        self.progress = ProgressRow()
+        self.save_button = QPushButton("Save as NIfTI…")
+        self.save_button.setToolTip("Save the selected image or labels layer (world geometry and provenance kept)")
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.settings)
+        layout.addWidget(self.generate_button)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.save_button)
+        layout.addStretch(1)
+
+        self.runner = TaskRunner(self.progress, [self.settings, self.generate_button, self.save_button], title="Generate", parent=self)
+        self.runner.running_changed.connect(self._sync_buttons)
+        self.model_picker.changed.connect(self._on_model_changed)
+        self.generate_button.clicked.connect(self.run)
+        self.save_button.clicked.connect(self.save_selected)
+        self._preview_layer: Layer | None = None
+        self._layers_added = 0
+        self._results: list[Layer] = []
+        self._on_model_changed(self.model_picker.current())
+
+    # --- settings ---
+
+    def _sync_buttons(self, *_: Any) -> None:
+        self.generate_button.setEnabled(self.model_picker.current() is not None and not self.runner.running)
+
+    def _on_model_changed(self, info: ModelInfo | None) -> None:
+        self._sync_buttons()
+        if info is None:
+            self.model_summary.setText("No generative model found. Use “Open model folder…” to pick one.")
+            return
+        self.model_summary.setText(info.summary())
+        self.sampling.set_defaults(info)
+        is_3d = info.spatial_dims == 3
+        self.preview_every.setVisible(is_3d)
+        self._preview_label.setVisible(is_3d)
+
+    # --- generation ---
+
+    def run(self) -> None:
+        """Start generating with the current settings (no-op while a run is going)."""
+        info = self.model_picker.current()
+        if info is None:
+            show_error("Generate: choose a model first (Open model folder…)")
+            return
+        if self.runner.running:
+            return
+        sampler, steps, seed = self.sampling.values()
+        seeds = list(range(seed, seed + self.num_samples.value()))
+        preview_every = self.preview_every.value() if info.spatial_dims == 3 else 1
+        task = partial(
+            generate_task, model_ref=str(info.path), device=self.device.device(), seeds=seeds,
+            sampler=sampler, steps=steps, preview_every=preview_every,
+        )
+        self._preview_layer, self._layers_added, self._results = None, 0, []
+        self.runner.start(task, on_event=self._on_event, on_result=self._on_result, on_stop=self._on_stop, text=f"Loading {info.name}…")
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, PreviewEvent):
+            self._show_preview(event)
+        elif isinstance(event, ResultEvent):
+            self._add_result(event)
+
+    def _add(self, event: PreviewEvent | ResultEvent, name: str, **extra: Any) -> Layer:
+        data, meta, layer_type = volume_to_layer_data(event.volume, name, layer_type="image", contrast_limits=(0.0, 1.0), **extra)
+        layer = self.viewer.add_layer(Layer.create(data, meta, layer_type))
+        if self._layers_added == 0:  # the first layer of a run: axial view through its middle
+            show_axial(self.viewer, layer, reset_view=len(self.viewer.layers) == 1)
+        self._layers_added += 1
+        return layer
+
+    def _show_preview(self, event: PreviewEvent) -> None:
+        name = f"{event.name} (preview)"
+        layer = self._preview_layer
+        if layer is None or layer not in self.viewer.layers:
+            self._preview_layer = self._add(event, name)
+            self._preview_layer.metadata[PREVIEW_KEY] = True
+            return
+        layer.data = event.volume.array
+        layer.name = name
+        index = self.viewer.layers.index(layer)
+        if index != len(self.viewer.layers) - 1:
+            self.viewer.layers.move(index, len(self.viewer.layers))
+
+    def _add_result(self, event: ResultEvent) -> None:
+        self._results.append(self._add(event, event.name))
+
+    def _remove_preview(self) -> None:
+        layer, self._preview_layer = self._preview_layer, None
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+
+    def _on_result(self, count: int) -> None:
+        if self._results:
+            self.viewer.layers.selection.active = self._results[-1]
+
+    def _on_stop(self, outcome: str) -> None:
+        self._remove_preview()
+        if outcome == "done":
+            self.progress.label.setText(f"{len(self._results)} volume(s) generated. {self.progress.label.text()}")
+        elif outcome == "cancelled" and self._results:
+            self.progress.label.setText(f"Cancelled; kept the {len(self._results)} finished volume(s).")
+
+    # --- saving ---
+
+    def layer_to_save(self) -> Layer | None:
+        """The selected image/labels layer, else the last generated one."""
+        active = self.viewer.layers.selection.active
+        if isinstance(active, (Image, Labels)) and not active.metadata.get(PREVIEW_KEY):
+            return active
+        results = [layer for layer in self._results if layer in self.viewer.layers]
+        return results[-1] if results else None
+
+    def ask_save_path(self, suggested: str) -> str:
+        """The save dialog (tests replace this); overwriting is confirmed separately."""
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save as NIfTI", suggested, "NIfTI (*.nii.gz *.nii)", options=QFileDialog.DontConfirmOverwrite
+        )
+        return path
+
+    def confirm_overwrite(self, path: Path) -> bool:
+        """Ask before replacing a file (tests replace this)."""
+        answer = QMessageBox.question(self, "Replace file?", f"{path.name} exists in {path.parent}.\nReplace it?")
+        return answer == QMessageBox.Yes
+
+    def save_selected(self) -> None:
+        """Save a layer as NIfTI (atomic write in a worker; never replaces a file without asking)."""
+        layer = self.layer_to_save()
+        if layer is None:
+            show_error("Save as NIfTI: select an image or labels layer first")
+            return
+        chosen = self.ask_save_path(f"{layer.name}.nii.gz")
+        if not chosen:
+            return
+        path = Path(chosen)
+        if not path.name.lower().endswith((".nii", ".nii.gz")):
+            path = path.with_name(f"{path.name}.nii.gz")
+        overwrite = path.exists()
+        if overwrite and not self.confirm_overwrite(path):
+            return
+        try:
+            layer_to_volume(layer)  # fail early, in the main thread, on layers NIfTI cannot hold
+        except MeddiffError as exc:
+            show_error(f"Save as NIfTI: {exc}")
+            return
+        data, meta, layer_type = layer.as_layer_data_tuple()
+        kind = "labels" if layer_type == "labels" else "image"
+        data = np.array(data)  # a copy: the layer may be edited while the file is written
+
+        def task(ctx: TaskContext) -> list[str]:
+            return save_layer_data(path, data, meta, kind=kind, overwrite=overwrite)
+
+        self.runner.start(task, on_result=lambda paths: show_info(f"Saved {paths[0]}"), text=f"Saving {path.name}…")

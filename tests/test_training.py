@@ -1,0 +1,168 @@
+"""Training pipeline: two steps of each kind on a tiny cohort write model folders that load and sample;
+checkpoints resume (step counter and optimizer state); config errors are user errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from napari_meddiff.errors import MeddiffError
+
+TINY_UNET = {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
+             "num_head_channels": 8, "norm_num_groups": 8}
+TINY_AE = {"channels": [8, 8], "latent_channels": 2, "num_res_blocks": [1, 1], "attention_levels": [False, False],
+           "norm_num_groups": 8, "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
+FAST = {"steps": 2, "batch_size": 2, "val_every": 0, "val_samples": 2, "val_steps": 2, "log_every": 1,
+        "checkpoint_minutes": 100, "num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from napari_meddiff.cohort import write_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    write_cohort(out, 3, seed=0, progress=False)
+    return out
+
+
+def tiny_config(tmp_path: Path, cohort: Path, kind: str, spatial_dims: int = 2) -> Path:
+    cfg = {
+        "name": f"t-{kind}-{spatial_dims}d",
+        "kind": kind,
+        "spatial_dims": spatial_dims,
+        "image_shape": [16, 16] if spatial_dims == 2 else [16, 16, 16],
+        "voxel_size": [10.0] * spatial_dims,
+        "data": {"dir": str(cohort), "val_subjects": 1, "min_brain_fraction": 0.1},
+        "networks": {"unet": dict(TINY_UNET)},
+        "defaults": {"sampler": "dpm++", "steps": 2},
+        "training": dict(FAST),
+    }
+    if kind == "ldm":
+        cfg["networks"]["autoencoder"] = dict(TINY_AE)
+        cfg["autoencoder_training"] = {**FAST, "adv_warmup_steps": 1}
+    path = tmp_path / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("kind,dims", [("ddpm", 2), ("ldm", 3), ("segmentation", 2)])
+def test_two_steps_write_a_loadable_model(tmp_path, cohort, kind, dims):
+    from napari_meddiff.generate import generate
+    from napari_meddiff.training.pipeline import segment_slices, train
+    from napari_meddiff.zoo import load_model
+
+    cfg = tiny_config(tmp_path, cohort, kind, dims)
+    out = train(cfg, out=tmp_path / "model", work_dir=tmp_path / "run", progress=False)
+    assert (out / "model.json").is_file() and (out / "MODEL_CARD.md").is_file() and (out / "train.yaml").is_file()
+    model = load_model(out)
+    assert model.kind == kind
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "## Measured" in card and "seeds" in card
+    assert model.config["data"]["train_seeds"] == [0, 1]
+    assert model.config["training"]["diffusion"]["steps"] == 2
+    assert (tmp_path / "run" / "loss_diffusion.png").is_file()
+    if kind == "segmentation":
+        labels = segment_slices(model, torch.rand(2, 1, 16, 16), steps=2)
+        assert labels.shape == (2, 16, 16) and int(labels.max()) < 4
+    else:
+        (vol,) = generate(model, [0], steps=2, device="cpu")
+        assert vol.array.shape[:dims] == tuple(model.image_shape)
+    if kind == "ldm":
+        assert model.config["latent"]["scale_factor"] > 0
+        assert model.config["training"]["autoencoder"]["steps"] == 2
+        assert (tmp_path / "run" / "latents.pt").is_file()
+
+
+def test_resume_continues_from_checkpoint(tmp_path, cohort):
+    from napari_meddiff.training.common import load_checkpoint
+    from napari_meddiff.training.pipeline import train
+
+    cfg = tiny_config(tmp_path, cohort, "ddpm", 2)
+    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    first = load_checkpoint(tmp_path / "run" / "diffusion.pt")
+    assert first["step"] == 2
+    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=4, progress=False)
+    second = load_checkpoint(tmp_path / "run" / "diffusion.pt")
+    assert second["step"] == 4
+    opt_steps = {float(s["step"]) for s in second["optimizer"]["state"].values()}
+    assert opt_steps == {4.0}  # Adam's own counter continued, so its moments were restored
+    assert [s for s, _ in second["history"]["loss"]] == [1, 2, 3, 4]
+    # without --resume the run starts afresh
+    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "diffusion.pt")["step"] == 2
+
+
+def test_max_minutes_stops_and_exports(tmp_path, cohort):
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    cfg = tiny_config(tmp_path, cohort, "ddpm", 2)
+    out = train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", steps=10_000, max_minutes=0.02, progress=False)
+    steps = load_model(out).config["training"]["diffusion"]["steps"]
+    assert 1 <= steps < 10_000
+
+
+def test_config_errors_are_user_errors(tmp_path, cohort):
+    from napari_meddiff.training.config import load_config, validate
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nkind: gan\n")
+    with pytest.raises(MeddiffError, match="lacks"):
+        load_config(bad)
+    good = yaml.safe_load(tiny_config(tmp_path, cohort, "ddpm").read_text())
+    with pytest.raises(MeddiffError, match="kind"):
+        validate({**good, "kind": "gan"})
+    with pytest.raises(MeddiffError, match="image_shape"):
+        validate({**good, "image_shape": [16, 16, 16]})
+    with pytest.raises(MeddiffError, match="does not exist"):
+        from napari_meddiff.training.data import list_subjects
+
+        list_subjects({**good["data"], "dir": str(tmp_path / "nope")}, "ddpm")
+    bad.write_text(": : :\n  - [")
+    with pytest.raises(MeddiffError, match="YAML"):
+        load_config(bad)
+
+
+def test_heldout_seeds_are_refused(tmp_path):
+    from napari_meddiff.cohort import write_cohort
+    from napari_meddiff.training.pipeline import train
+
+    held = write_cohort(tmp_path / "held", 2, seed=100_000, progress=False).parent
+    cfg = tiny_config(tmp_path, held, "ddpm", 2)
+    with pytest.raises(MeddiffError, match="held-out"):
+        train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+
+
+def test_cli_train(tmp_path, cohort, capsys):
+    from napari_meddiff.cli import main
+
+    cfg = tiny_config(tmp_path, cohort, "ddpm", 2)
+    rc = main(["train", str(cfg), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--steps", "1",
+               "--no-progress", "--device", "cpu"])
+    assert rc == 0 and (tmp_path / "m" / "model.json").is_file()
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, cohort):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cfg = tiny_config(tmp_path, cohort, "ddpm", 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "napari_meddiff.cli", "train", str(cfg),
+         "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--steps", "2", "--no-progress", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from napari_meddiff.zoo import load_model
+
+    model = load_model(tmp_path / "m")
+    assert model.config["training"]["diffusion"]["world_size"] == 2
