@@ -454,8 +454,12 @@ class _Paster:
         self.grid, self.window = grid, window
         self.weight = np.ones(self.mask.shape, np.float32)
         if feather_voxels and feather_voxels > 0:
-            # distance (voxels) from the nearest known voxel; the image border does not count as known
-            padded = np.pad(self.mask, 1, mode="edge")
+            # distance (voxels) to the nearest known voxel: the mask one voxel beyond its box (all known
+            # unless at the image border, which does not count as known)
+            plo, phi = np.maximum(lo - 1, 0), np.minimum(hi + 1, mask.shape)
+            grown = mask[tuple(slice(int(a), int(b)) for a, b in zip(plo, phi))]
+            pad = [(1 - (lo[i] - plo[i]), 1 - (phi[i] - hi[i])) for i in range(3)]
+            padded = np.pad(grown, pad, mode="edge")
             dist = ndimage.distance_transform_edt(padded)[1:-1, 1:-1, 1:-1]
             self.weight = np.minimum(1.0, dist / (feather_voxels + 1)).astype(np.float32)
 

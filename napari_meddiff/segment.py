@@ -47,7 +47,8 @@ from .zoo import DiffusionModel, load_model
 DEFAULT_ENSEMBLE = 5
 CONTENT_THRESHOLD = 0.15  # of the normalised intensity window: what counts as "content" for region="content"
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour when the region needs several tiles
-AUTO_BATCH_VOXELS = {"cpu": 64 * 64 * 64, "cuda": 64 * 64 * 64 * 8}  # voxels per network evaluation (auto batch)
+AUTO_BATCH_VOXELS = {"cpu": 16 * 64 * 64, "cuda": 512 * 64 * 64}  # voxels per network evaluation (auto batch);
+# on CPU small batches are faster per sample (measured: 16 slices of 64x64 beat 64 or 128)
 PROBABILITY_DEFINITION = "fraction of ensemble members voting each class (argmax of denoised channels)"
 UNCERTAINTY_DEFINITION = "entropy of the vote fractions / log(num_classes), in [0, 1]"
 
@@ -134,7 +135,9 @@ def check_segmentation_model(model: DiffusionModel) -> int:
             f"not {unet['in_channels']} and {unet['out_channels']}"
         )
     if model.spatial_dims not in (2, 3) or len(model.image_shape) != model.spatial_dims:
-        raise MeddiffError(f"{model.name}: image_shape {model.image_shape} does not match spatial_dims {model.spatial_dims}")
+        raise MeddiffError(
+            f"{model.name}: image_shape {model.image_shape} does not match spatial_dims {model.spatial_dims}"
+        )
     return n
 
 
@@ -408,7 +411,8 @@ def segment(
 
     ``axis`` (2D models): world axis to slice along, default the model's training axis (axial).
     ``batch_size``: (member, tile) samples per network evaluation; default: as many 64^3 voxels' worth as
-    fit (64 slices of 64x64 on CPU). The result does not depend on it. ``on_step`` gets a `SegmentProgress`.
+    fit (16 slices of 64x64 on CPU, 512 on CUDA). The result does not depend on it.
+    ``on_step`` gets a `SegmentProgress` after every denoising step.
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)

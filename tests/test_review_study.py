@@ -7,6 +7,7 @@ import math
 import os
 import re
 import statistics
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -48,7 +49,9 @@ def inputs(tmp_path):
 
 def test_create_study_blinds_every_case(inputs, tmp_path):
     real, syn = inputs
-    study = create_study(real, syn, tmp_path / "study", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same grid for both sources: no warning
+        study = create_study(real, syn, tmp_path / "study", seed=3)
     ids = study.ids
     assert len(ids) == 12 and len(set(ids)) == 12
     assert all(re.fullmatch(r"case-[0-9a-f]{6}", cid) for cid in ids)
@@ -110,6 +113,15 @@ def test_create_refuses_bad_requests(inputs, tmp_path):
     assert not (tmp_path / "s").exists()
     (tmp_path / "empty-out").mkdir()
     assert len(create_study(real, syn, tmp_path / "empty-out", num=1).cases) == 2  # an empty folder is fine
+
+
+def test_warns_when_sources_are_on_different_grids(inputs, tmp_path):
+    real, _ = inputs
+    other = tmp_path / "other"
+    other.mkdir()
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.float32), np.eye(4)), str(other / "x.nii.gz"))
+    with pytest.warns(UserWarning, match="different grids"):
+        create_study(real, other, tmp_path / "s", num=1)
 
 
 def test_display_is_axial_radiological_whatever_the_stored_orientation():

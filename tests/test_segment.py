@@ -230,7 +230,8 @@ def test_cli_end_to_end(seg_models, tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(labels, p.argmax(-1))
     u = unc.get_fdata()
     assert 0 <= u.min() and u.max() <= 1
-    rows = list(csv.DictReader(open(out / "volumes.csv")))
+    with open(out / "volumes.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == ["background", "CSF", "GM", "WM"]
     voxel_ml = abs(np.linalg.det(src_img.affine[:3, :3])) / 1000
     for r in rows:

@@ -134,7 +134,7 @@ def test_heldout_seeds_are_refused(tmp_path):
     from napari_meddiff.cohort import write_cohort
     from napari_meddiff.training.pipeline import train
 
-    held = write_cohort(tmp_path / "held", 2, seed=100_000, progress=False).parent
+    held = write_cohort(tmp_path / "held", 1, seed=100_000, progress=False).parent
     cfg = tiny_config(tmp_path, held, "ddpm", 2)
     with pytest.raises(MeddiffError, match="held-out"):
         train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
@@ -166,3 +166,76 @@ def test_torchrun_two_processes(tmp_path, cohort):
 
     model = load_model(tmp_path / "m")
     assert model.config["training"]["diffusion"]["world_size"] == 2
+
+
+def _example(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mednist_preparation_on_fake_data(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from napari_meddiff.training.config import validate
+    from napari_meddiff.training.data import load_dataset
+
+    mod = _example("train_mednist")
+    rng = np.random.default_rng(0)
+    for cls, n in (("HeadCT", 20), ("Hand", 3)):
+        (tmp_path / "MedNIST" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "MedNIST" / cls / f"{i:06d}.jpeg")
+    out = mod.prepare_mednist(tmp_path, tmp_path / "nifti", "HeadCT", download=False)
+    files = sorted(out.glob("img-*.nii.gz"))
+    assert 10 <= len(files) <= 20
+    cfg = validate(mod.mednist_config("m", out, 1.0))
+    data = load_dataset(cfg, progress=False)
+    assert data.images.shape == (len(files), 1, 64, 64)
+    assert float(data.images.min()) >= 0 and float(data.images.max()) <= 1
+    with pytest.raises(SystemExit, match="classes"):
+        mod.prepare_mednist(tmp_path, tmp_path / "n2", "Nope", download=False)
+
+
+def test_decathlon_preparation_on_fake_data(tmp_path):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from napari_meddiff.training.config import validate
+    from napari_meddiff.training.data import load_dataset
+
+    mod = _example("train_decathlon")
+    task = tmp_path / "Task01_BrainTumour"
+    (task / "imagesTr").mkdir(parents=True)
+    (task / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    training = []
+    for i in range(3):
+        img = rng.random((30, 30, 20, 4)).astype(np.float32)
+        img[10:20, 10:20, 5:15] += 2
+        lab = np.zeros((30, 30, 20), np.uint8)
+        lab[12:16, 12:16, 8:12] = 1 + i % 3
+        nib.save(nib.Nifti1Image(img, np.diag([2.0, 2.0, 2.0, 1.0])), task / "imagesTr" / f"BRATS_{i:03d}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 2.0, 1.0])), task / "labelsTr" / f"BRATS_{i:03d}.nii.gz")
+        training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps({
+        "name": "BRATS", "description": "fake", "reference": "fake", "licence": "none", "release": "0",
+        "tensorImageSize": "4D", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        "numTraining": 3, "numTest": 0, "training": training, "test": []}))
+    out, classes = mod.prepare_decathlon(tmp_path, "Task01_BrainTumour", tmp_path / "nifti", channel=1)
+    assert classes[0] == "background" and len(classes) == 4
+    assert len(sorted(out.glob("*_img.nii.gz"))) == 3 and len(sorted(out.glob("*_seg.nii.gz"))) == 3
+    for kind in ("segmentation", "ldm", "ddpm"):
+        cfg = validate(mod.decathlon_config("d", kind, out, classes, 1.0))
+        assert cfg["kind"] == kind
+    cfg = validate(mod.decathlon_config("d", "segmentation", out, classes, 1.0))
+    data = load_dataset(cfg, progress=False)
+    assert data.images.shape[1:] == (1, 64, 64) and int(data.labels.max()) <= 3

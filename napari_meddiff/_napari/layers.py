@@ -168,14 +168,14 @@ def layer_to_volume(layer: "Layer") -> Volume:
 
 
 def show_axial(viewer: "napari.Viewer", layer: "Layer", *, reset_view: bool = True) -> None:
-    """2D axial view through the middle of ``layer``: anterior up, patient right on the right."""
+    """2D axial view through the middle of ``layer``, radiological: anterior up, patient right on screen left."""
     ndim = viewer.dims.ndim
     if ndim < 3:
         return
     viewer.dims.ndisplay = 2
     viewer.dims.order = (*range(ndim - 3), ndim - 1, ndim - 2, ndim - 3)  # slice along world z
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
-    camera.orientation2d = ("up", "right")
+    camera.orientation2d = ("up", "left")  # world y (anterior) up, world x (right) towards screen left
     extent = np.asarray(layer.extent.world, dtype=float)
     viewer.dims.set_point(ndim - 1, float(extent[:, -1].mean()))
     if reset_view:

@@ -17,7 +17,8 @@ SAMPLE_MAX_STEPS = 10  # a quick look; the Generate widget runs the model's full
 def volume_from_nibabel(img) -> Volume:
     """A `Volume` from an in-memory nibabel NIfTI image (scaling applied, as `read_volume` does)."""
     data = np.asanyarray(img.dataobj)
-    if img.dataobj.slope not in (1, None) or img.dataobj.inter not in (0, None) or data.dtype.kind == "f":
+    slope, inter = getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None)  # file-backed only
+    if slope not in (1, None) or inter not in (0, None) or data.dtype.kind == "f":
         data = data.astype(np.float32)
     qform, qcode = img.get_qform(coded=True)
     _, scode = img.get_sform(coded=True)
@@ -64,6 +65,9 @@ def synthetic_brain() -> list[LayerDataTuple]:
     from ..generate import default_sampling, generate
     from ..zoo import load_model
 
+    from .widgets.common import leave_a_core_for_the_gui
+
+    leave_a_core_for_the_gui()  # this runs in napari's main thread
     device = resolve_device("auto")
     model = load_model(_sample_model(), device=device)
     steps = min(int(default_sampling(model)["steps"]), SAMPLE_MAX_STEPS)

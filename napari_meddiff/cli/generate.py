@@ -1,22 +1,41 @@
-"""``meddiff generate``: sample synthetic volumes to NIfTI with a JSON sidecar each."""
+"""``meddiff generate``: sample synthetic volumes to NIfTI with a JSON sidecar each, and a ``cohort.csv``.
+
+Runs alone, under ``torchrun`` (each rank takes its share of the seeds, on ``cuda:LOCAL_RANK`` with a GPU) or
+as one shard of a job array (``--shard i/n``). Re-running skips subjects already written and valid. The logic
+lives in `napari_meddiff.batch`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from ..devices import DEVICES, resolve_device
+from .. import batch
+from ..batch import output_paths, write_json_atomic  # noqa: F401  (re-exported: used by other commands)
+from ..devices import DEVICES
 from ..errors import MeddiffError
 from ..samplers import SAMPLERS
 from ..sampling import PRECISIONS
 from ..zoo import DEFAULT_MODEL, load_model
 
+EPILOG = """\
+scaling out:
+  torchrun --standalone --nproc_per_node 4 -m napari_meddiff.cli generate --num 1000 --out DIR
+      one process per GPU (cuda:LOCAL_RANK) or CPU worker (gloo); rank 0 writes cohort.csv at the end
+  meddiff generate --num 1000 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --out DIR
+      one shard of a job array; cohort.csv is written by the shard that completes the cohort
+  meddiff generate --merge-manifest DIR
+      (re)build DIR/cohort.csv from the sidecars, checking every file's sha256
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate synthetic volumes", description="Generate synthetic scans as NIfTI.")
+    p = sub.add_parser(
+        "generate", help="generate synthetic volumes", description="Generate synthetic scans as NIfTI.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--num", type=int, default=1, help="number of volumes (seeds S..S+N-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
@@ -25,66 +44,97 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="fp32, or bf16 autocast (CPU/CUDA), fp16 (CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per network evaluation")
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto; cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (required)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--shard", default=None, metavar="I/N", help="generate only shard I of N (0-based), for job arrays")
+    p.add_argument(
+        "--merge-manifest", type=Path, default=None, metavar="DIR",
+        help="only (re)build DIR/cohort.csv from the sidecars in DIR, then exit",
+    )
     p.set_defaults(func=run)
 
 
-def output_paths(out: Path, model_name: str, seed: int) -> tuple[Path, Path]:
-    stem = f"{model_name}_seed{seed}"
-    return out / f"{stem}.nii.gz", out / f"{stem}.json"
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+def merge(folder: Path) -> int:
+    if not folder.is_dir():
+        raise MeddiffError(f"not a folder: {folder}")
+    report = batch.write_manifest(folder)
+    for problem in report.problems:
+        print(f"meddiff: warning: {problem} (left out of {batch.MANIFEST_NAME})", file=sys.stderr)
+    print(f"{report.path}: {len(report.rows)} subjects", file=sys.stderr)
+    return 1 if report.problems else 0
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..generate import generate
-    from ..volume import write_volume
-
+    if args.merge_manifest is not None:
+        if args.out is not None:
+            raise MeddiffError("--merge-manifest takes the folder itself; do not combine it with --out")
+        return merge(args.merge_manifest)
+    if args.out is None:
+        raise MeddiffError("--out is required (or --merge-manifest DIR)")
     if args.num < 1:
         raise MeddiffError("--num must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise MeddiffError(f"--steps must be a positive integer, got {args.steps}")
-    device = resolve_device(args.device)
+    if args.batch_size < 1:
+        raise MeddiffError("--batch-size must be at least 1")
+    shard = batch.parse_shard(args.shard) if args.shard is not None else (0, 1)
+    ctx = batch.DistContext.from_env()
+    device = batch.rank_device(args.device, ctx)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MeddiffError(f"cannot create output folder {args.out}: {exc.strerror}") from None
     if not os.access(args.out, os.W_OK):
         raise MeddiffError(f"output folder is not writable: {args.out}")
-    model = load_model(args.model, device=device)
     seeds = list(range(args.seed, args.seed + args.num))
-    todo = []
-    for seed in seeds:
-        image_path, _ = output_paths(args.out, model.name, seed)
-        if image_path.exists() and not args.overwrite:
-            print(f"{image_path} exists, skipping (use --overwrite to replace)", file=sys.stderr)
-        else:
-            todo.append(seed)
-    if not todo:
-        return 0
-    from ..generate import default_sampling
+    blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
+    with batch.distributed(ctx, device):
+        model = load_model(args.model, device=device)
+        bar = None
 
-    steps = args.steps or default_sampling(model)["steps"]
-    bar = tqdm(total=len(todo) * steps, desc=f"{model.name}", unit="step", file=sys.stderr, dynamic_ncols=True)
-    for start in range(0, len(todo), args.batch_size):
-        chunk = todo[start : start + args.batch_size]
-        volumes = generate(
-            model, chunk, sampler=args.sampler, steps=args.steps, device=str(device), precision=args.precision,
-            batch_size=args.batch_size, eta=args.eta, on_step=lambda info: bar.update(len(chunk)),
-        )
-        for vol in volumes:
-            prov = vol.metadata["provenance"]
-            image_path, sidecar = output_paths(args.out, model.name, prov["seed"])
-            write_volume(vol, image_path, overwrite=args.overwrite, description=f"meddiff {model.name} seed {prov['seed']}")
-            write_json_atomic(sidecar, {"file": image_path.name, "voxel_size_mm": list(model.voxel_size), **prov})
-            tqdm.write(str(image_path), file=sys.stdout)
-    bar.close()
+        def on_plan(samples: int, steps: int) -> None:
+            nonlocal bar
+            if samples and ctx.is_main:
+                bar = tqdm(total=samples * steps, desc=model.name, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+        where = []
+        if shard != (0, 1):
+            where.append(f"shard {shard[0]}/{shard[1]}")
+        if ctx.distributed:
+            where.append(f"rank {ctx.rank}/{ctx.world}")
+        extra = {"shard": f"{shard[0]}/{shard[1]}", "rank": ctx.rank, "world_size": ctx.world}
+        try:
+            batch.generate_subjects(
+                model, blocks, args.out, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                precision=args.precision, device=device, overwrite=args.overwrite, extra=extra,
+                log=lambda msg: (tqdm.write if bar else print)(msg, file=sys.stderr),
+                on_plan=on_plan,
+                on_written=lambda path: tqdm.write(str(path), file=sys.stdout),
+                on_step=(lambda n: bar.update(n) if bar else None),
+            )
+        except Exception:
+            batch.all_ok(ctx, False)  # let the other ranks know, so none waits for us
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if not batch.all_ok(ctx, True):
+            raise MeddiffError(f"rank {ctx.rank}: another rank failed (see its error); {batch.MANIFEST_NAME} not written")
+        if not ctx.is_main:
+            return 0
+        if batch.all_sidecars_present(args.out, model.name, seeds):
+            report = batch.write_manifest(args.out)
+            for problem in report.problems:
+                print(f"meddiff: warning: {problem} (left out of {batch.MANIFEST_NAME})", file=sys.stderr)
+            print(f"{report.path}: {len(report.rows)} subjects", file=sys.stderr)
+        else:
+            label = " ".join(where) or "this run"
+            print(
+                f"{label} done; {batch.MANIFEST_NAME} is written by the shard that completes the cohort "
+                f"(or run: meddiff generate --merge-manifest {args.out})",
+                file=sys.stderr,
+            )
     return 0

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default=None,
                    help="2D models: world axis to slice along (default: the model's, axial)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="fp32, or bf16 autocast (CPU/CUDA), fp16 (CUDA)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32, or bf16 autocast (CPU/CUDA), fp16 (CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per network evaluation (default: automatic)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     write_volume(result.probabilities, out / "probabilities.nii.gz", kind="image", overwrite=ow)
     write_volume(result.uncertainty, out / "uncertainty.nii.gz", kind="image", overwrite=ow)
     write_text_atomic(out / "volumes.csv", volumes_csv(result.volumes_ml))
-    write_text_atomic(out / "segment.json", json.dumps({"image": str(args.image), **result.provenance}, indent=2) + "\n")
+    sidecar = {"image": str(args.image), **result.provenance}
+    write_text_atomic(out / "segment.json", json.dumps(sidecar, indent=2) + "\n")
     for name, ml in result.volumes_ml.items():
         print(f"{name}: {ml:.1f} mL")
     print(out / "labels.nii.gz")

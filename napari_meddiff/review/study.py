@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -193,6 +194,7 @@ def create_study(
     written: list[Path] = []
     try:
         cases, key = [], {}
+        grids: dict[str, set] = {src: set() for src in SOURCES}
         for n, (cid, idx) in enumerate(zip(ids, order)):
             source, original = drawn[idx]
             vol = read_volume(original)
@@ -203,6 +205,7 @@ def create_study(
             written.append(write_volume(Volume(array, vol.affine, {}), out / rel, description=""))
             cases.append({"id": cid, "file": rel, "contrast_limits": list(display_window(array))})
             key[cid] = {"source": source, "original": str(original.resolve())}
+            grids[source].add((array.shape, tuple(round(z, 3) for z in vol.spacing)))
             if on_case:
                 on_case(n + 1, len(order))
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -219,6 +222,9 @@ def create_study(
         if created_dir:
             _rmdir_quiet(out)
         raise
+    if not grids["real"] & grids["synthetic"]:
+        warnings.warn("real and synthetic cases are on different grids (shape or voxel size), which readers can "
+                      "see; consider resampling both sources to a common grid before creating the study", stacklevel=2)
     return Study.load(out)
 
 

@@ -187,7 +187,7 @@ def plot_realism(summary: dict[str, Any], path: Path) -> None:
                  label=f"{s} (n={pooled['realism'][s]['n']})")
     left.set(xlabel="realism (1 = clearly artificial, 5 = fully realistic)", ylabel="readings",
              title="All readers", xticks=range(1, 6))
-    left.legend(frameon=False)
+    left.legend(frameon=False, loc="upper left")
     names = list(summary["readers"]) + ["pooled"]
     groups = [*summary["readers"].values(), pooled]
     for k, s in enumerate(CALLS):

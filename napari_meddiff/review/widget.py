@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 ARTEFACT_KEYS = dict(zip(ARTEFACTS, "BNAIEO"))
 SHORTCUT_HELP = (
-    "R / S: real / synthetic  ·  1-5: realism  ·  B N A I E O: artefacts  ·  "
-    "C: comment (Esc leaves it)  ·  Enter: save + next  ·  P: previous"
+    "Keys: R / S real / synthetic · 1-5 realism<br>B N A I E O artefacts · C comment (Esc leaves it)<br>"
+    "Enter save + next · P previous"
 )
 TOOLTIP = (
     "<b>Blinded reader study</b><br>Choose the study folder and your name, then Start (resumes at your first "
@@ -154,7 +154,7 @@ class ReviewWidget(QWidget):
         root.addWidget(self.status_label)
         keys = QLabel(SHORTCUT_HELP)
         keys.setWordWrap(True)
-        keys.setStyleSheet("color: gray; font-size: 11px")
+        keys.setStyleSheet("color: gray")
         root.addWidget(keys)
 
         self.summary_button = QPushButton("Summary (all readers)")
@@ -192,7 +192,7 @@ class ReviewWidget(QWidget):
                 self._shortcut_objects.append(sc)
         esc = QShortcut(QKeySequence(Qt.Key_Escape), self.comment_edit)
         esc.setContext(Qt.WidgetShortcut)
-        esc.activated.connect(self.setFocus)
+        esc.activated.connect(self._focus_canvas)
 
     def _dispatch(self, shortcut: QShortcut, action: Callable[[], None]) -> None:
         """Run ``action``, unless a text field outside this panel has focus: then hand it the key."""
@@ -331,11 +331,13 @@ class ReviewWidget(QWidget):
         dims = self.viewer.dims
         dims.ndisplay = 2
         dims.order = tuple(range(dims.ndim))
-        if data.ndim == 3:
+        if data.ndim == 3 and dims.ndim == 3:
+            dims.axis_labels = ("axial slice", "A-P", "R-L")
             dims.set_current_step(0, data.shape[0] // 2)
         self.viewer.reset_view()
         self._fill(self.answers.get(case.case_id))
         self._update_progress()
+        self._focus_canvas()
 
     def _fill(self, answer: Answer | None) -> None:
         for group in (self.call_group, self.realism_group):
@@ -350,7 +352,6 @@ class ReviewWidget(QWidget):
             self.call_buttons[answer.real_or_synthetic].setChecked(True)
             self.realism_buttons[answer.realism - 1].setChecked(True)
         self._update_buttons()
-        self.setFocus()
 
     def _update_progress(self) -> None:
         assert self.study is not None
@@ -386,6 +387,15 @@ class ReviewWidget(QWidget):
     def _toggle(self, art: str) -> None:
         if self.study is not None:
             self.artefact_boxes[art].toggle()
+
+    def _focus_canvas(self) -> None:
+        """Give the keyboard to the image (napari's arrow keys move through slices); else to this panel."""
+        qt_viewer = getattr(self.viewer.window, "_qt_viewer", None)  # private napari API, used defensively
+        native = getattr(getattr(qt_viewer, "canvas", None), "native", None)
+        if isinstance(native, QWidget) and native.isVisible():
+            native.setFocus()
+        else:
+            self.setFocus()
 
     def _focus_comment(self) -> None:
         if self.study is not None:

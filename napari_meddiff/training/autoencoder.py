@@ -73,7 +73,7 @@ def train_autoencoder(
     scaler_g = common.grad_scaler(device, precision)
     scaler_d = common.grad_scaler(device, precision)
     ckpt_path = work_dir / "autoencoder.pt"
-    step, spent = 0, 0.0
+    step, spent, cpu_spent = 0, 0.0, 0.0
     history: dict[str, list] = {"l1": [], "kl": [], "gen_adv": [], "disc": []}
     val_psnr: list = []
     if resume and ckpt_path.is_file():
@@ -85,10 +85,11 @@ def train_autoencoder(
         sched.load_state_dict(st["lr_scheduler"])
         common.set_rng_state(gen, st["rng"])
         step, spent, history, val_psnr = int(st["step"]), float(st["minutes"]), st["history"], st["val_psnr"]
+        cpu_spent = float(st.get("cpu_minutes", 0.0))
         if dist.main:
             log.info("resumed autoencoder training at step %d (%.1f min spent)", step, spent)
     dae, ddisc = dist.wrap(ae), dist.wrap(disc)
-    budget = common.Budget(max_minutes, spent)
+    budget = common.Budget(max_minutes, spent, cpu_spent)
     total, bs = int(tc["steps"]), int(tc["batch_size"])
     last_ckpt = budget.minutes
     patch = tc.get("patch_size")
@@ -96,7 +97,7 @@ def train_autoencoder(
     def checkpoint() -> None:
         if dist.main:
             common.save_checkpoint(ckpt_path, {
-                "step": step, "minutes": budget.minutes, "history": history, "val_psnr": val_psnr,
+                "step": step, "minutes": budget.minutes, "cpu_minutes": budget.cpu_minutes, "history": history, "val_psnr": val_psnr,
                 "model": common.unwrap(ae).state_dict(), "discriminator": common.unwrap(disc).state_dict(),
                 "optimizer": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(), "lr_scheduler": sched.state_dict(),
                 "rng": common.rng_state(gen), "precision": precision,
@@ -167,7 +168,7 @@ def train_autoencoder(
     l1s = [v for _, v in history["l1"]]
     tail = l1s[-max(1, len(l1s) // 10):] if l1s else [float("nan")]
     summary = {
-        "steps": step, "minutes": round(budget.minutes, 2), "batch_size": bs, "patch_size": patch,
+        "steps": step, "minutes": round(budget.minutes, 2), "cpu_minutes": round(budget.cpu_minutes, 2), "batch_size": bs, "patch_size": patch,
         "world_size": dist.world, "lr": float(tc["lr"]), "precision": precision,
         "kl_weight": float(tc["kl_weight"]), "adv_weight": aw, "adv_warmup_steps": warm,
         "perceptual_weight": float(tc.get("perceptual_weight", 0.0)),

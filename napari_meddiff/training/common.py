@@ -190,10 +190,17 @@ def set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
 class Budget:
     """Wall-clock budget of a stage, continued across resumes (``spent`` minutes from the checkpoint)."""
 
-    def __init__(self, max_minutes: float | None, spent_minutes: float = 0.0) -> None:
+    def __init__(self, max_minutes: float | None, spent_minutes: float = 0.0, spent_cpu_minutes: float = 0.0) -> None:
         self.max_minutes = max_minutes
         self.spent0 = float(spent_minutes)
+        self.cpu0 = float(spent_cpu_minutes)
         self.t0 = time.time()
+        self.c0 = time.process_time()
+
+    @property
+    def cpu_minutes(self) -> float:
+        """CPU time of this process (all threads) spent in the stage, across resumes."""
+        return self.cpu0 + (time.process_time() - self.c0) / 60.0
 
     @property
     def minutes(self) -> float:

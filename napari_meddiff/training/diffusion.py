@@ -63,7 +63,7 @@ def train_diffusion(
     scaler = common.grad_scaler(device, precision)
     scheduler = noise_scheduler(cfg["scheduler"])
     ckpt_path = work_dir / "diffusion.pt"
-    step, spent, history = 0, 0.0, {"loss": []}
+    step, spent, cpu_spent, history = 0, 0.0, 0.0, {"loss": []}
     if resume and ckpt_path.is_file():
         st = common.load_checkpoint(ckpt_path)
         net.load_state_dict(st["model"])
@@ -73,11 +73,12 @@ def train_diffusion(
         scaler.load_state_dict(st["scaler"])
         common.set_rng_state(gen, st["rng"])
         step, spent, history = int(st["step"]), float(st["minutes"]), st["history"]
+        cpu_spent = float(st.get("cpu_minutes", 0.0))
         if dist.main:
             log.info("resumed diffusion training at step %d (%.1f min spent)", step, spent)
     ema.module.to(device)
     dnet = dist.wrap(net)
-    budget = common.Budget(max_minutes, spent)
+    budget = common.Budget(max_minutes, spent, cpu_spent)
     total = int(tc["steps"])
     bs = int(tc["batch_size"])
     last_ckpt = budget.minutes
@@ -85,7 +86,7 @@ def train_diffusion(
     def checkpoint() -> None:
         if dist.main:
             common.save_checkpoint(ckpt_path, {
-                "step": step, "minutes": budget.minutes, "history": history,
+                "step": step, "minutes": budget.minutes, "cpu_minutes": budget.cpu_minutes, "history": history,
                 "model": common.unwrap(net).state_dict(), "ema": ema.module.state_dict(),
                 "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 "rng": common.rng_state(gen), "precision": precision,
@@ -134,7 +135,7 @@ def train_diffusion(
     losses = [v for _, v in history["loss"]]
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
     summary = {
-        "steps": step, "minutes": round(budget.minutes, 2), "batch_size": bs, "world_size": dist.world,
+        "steps": step, "minutes": round(budget.minutes, 2), "cpu_minutes": round(budget.cpu_minutes, 2), "batch_size": bs, "world_size": dist.world,
         "lr": float(tc["lr"]), "ema_decay": float(tc["ema_decay"]), "precision": precision,
         "final_loss": round(sum(tail) / len(tail), 5), "first_loss": round(losses[0], 5) if losses else None,
         "objective": f"MSE on {cfg['scheduler']['prediction_type']} prediction",

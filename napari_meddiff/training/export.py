@@ -57,6 +57,7 @@ def model_config(cfg: dict[str, Any], *, scale_factor: float | None = None, late
         out["segmentation"] = copy.deepcopy(cfg["segmentation"])
     if cfg["spatial_dims"] == 2:
         out["slice_axis"] = int(cfg["data"].get("slice_axis", 2))
+        out["slice_thickness"] = float(cfg["data"].get("slice_thickness") or cfg["voxel_size"][0])
     out["weights"] = {}
     return out
 
@@ -162,7 +163,8 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
                 extra += f"; random {s['patch_size']} crops"
         else:
             extra = f", {s['objective']}, EMA {s['ema_decay']}; loss {s['first_loss']} -> {s['final_loss']}"
-        lines.append(f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])}, batch {s['batch_size']} "
+        cpu = f" ({s['cpu_minutes']:.1f} CPU-min)" if s.get("cpu_minutes") is not None else ""
+        lines.append(f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])}{cpu} wall, batch {s['batch_size']} "
                      f"x {s['world_size']} process(es), lr {s['lr']:g}, {s['precision']}{extra}.")
     lines += [
         f"- Reproduce: `meddiff train {summary.get('config_path', 'train.yaml')}` (the config is saved next to the "

@@ -133,8 +133,9 @@ class GenerateWidget(QWidget):
         self.model_picker.changed.connect(self._on_model_changed)
         self.generate_button.clicked.connect(self.run)
         self.save_button.clicked.connect(self.save_selected)
-        self._preview_layer: Layer | None = None
-        self._layers_added = 0
+        self._info: ModelInfo | None = None
+        self._pending: Layer | None = None  # the layer the running chain fills
+        self._pending_seeds: list[int] = []
         self._results: list[Layer] = []
         self._on_model_changed(self.model_picker.current())
 
@@ -171,8 +172,10 @@ class GenerateWidget(QWidget):
             generate_task, model_ref=str(info.path), device=self.device.device(), seeds=seeds,
             sampler=sampler, steps=steps, preview_every=preview_every,
         )
-        self._preview_layer, self._layers_added, self._results = None, 0, []
-        self.runner.start(task, on_event=self._on_event, on_result=self._on_result, on_stop=self._on_stop, text=f"Loading {info.name}…")
+        self._info, self._pending_seeds, self._results = info, list(seeds), []
+        # the layer for the first volume appears now (empty), so the run itself adds no layer for one sample
+        self._pending = self._add_pending(first=True)
+        self.runner.start(task, on_event=self._on_event, on_stop=self._on_stop, text=f"Loading {info.name}…")
 
     def cancel(self) -> None:
         self.runner.cancel()
@@ -181,43 +184,54 @@ class GenerateWidget(QWidget):
         if isinstance(event, PreviewEvent):
             self._show_preview(event)
         elif isinstance(event, ResultEvent):
-            self._add_result(event)
+            self._finish_volume(event)
 
-    def _add(self, event: PreviewEvent | ResultEvent, name: str, **extra: Any) -> Layer:
-        data, meta, layer_type = volume_to_layer_data(event.volume, name, layer_type="image", contrast_limits=(0.0, 1.0), **extra)
+    def _add_pending(self, first: bool = False) -> Layer:
+        """An empty layer on the model grid for the next seed; previews fill it, the result replaces it."""
+        from ...generate import to_volume
+
+        seed = self._pending_seeds[0]
+        empty = to_volume(self._info, np.zeros(self._info.image_shape, np.float32))  # the model grid, as generated
+        data, meta, layer_type = volume_to_layer_data(
+            empty, f"{self._info.name}_seed{seed} (generating…)", layer_type="image", contrast_limits=(0.0, 1.0)
+        )
+        meta["metadata"][PREVIEW_KEY] = True
         layer = self.viewer.add_layer(Layer.create(data, meta, layer_type))
-        if self._layers_added == 0:  # the first layer of a run: axial view through its middle
+        if first:  # axial view through the middle of the new volume
             show_axial(self.viewer, layer, reset_view=len(self.viewer.layers) == 1)
-        self._layers_added += 1
         return layer
 
+    def _pending_layer(self) -> Layer:
+        if self._pending is None or self._pending not in self.viewer.layers:  # e.g. deleted by the user
+            self._pending = self._add_pending()
+        return self._pending
+
     def _show_preview(self, event: PreviewEvent) -> None:
-        name = f"{event.name} (preview)"
-        layer = self._preview_layer
-        if layer is None or layer not in self.viewer.layers:
-            self._preview_layer = self._add(event, name)
-            self._preview_layer.metadata[PREVIEW_KEY] = True
-            return
-        layer.data = event.volume.array
-        layer.name = name
-        index = self.viewer.layers.index(layer)
-        if index != len(self.viewer.layers) - 1:
-            self.viewer.layers.move(index, len(self.viewer.layers))
+        layer = self._pending_layer()
+        layer.data = event.volume.array if event.volume.array.ndim == 3 else event.volume.array[..., None]
+        layer.contrast_limits = (0.0, 1.0)
 
-    def _add_result(self, event: ResultEvent) -> None:
-        self._results.append(self._add(event, event.name))
-
-    def _remove_preview(self) -> None:
-        layer, self._preview_layer = self._preview_layer, None
-        if layer is not None and layer in self.viewer.layers:
-            self.viewer.layers.remove(layer)
-
-    def _on_result(self, count: int) -> None:
-        if self._results:
-            self.viewer.layers.selection.active = self._results[-1]
+    def _finish_volume(self, event: ResultEvent) -> None:
+        """The pending layer becomes the result (data, name, provenance); a new one waits for the next seed."""
+        layer = self._pending_layer()
+        data, meta, _ = volume_to_layer_data(event.volume, event.name, layer_type="image", contrast_limits=(0.0, 1.0))
+        layer.data = data
+        layer.metadata = meta["metadata"]
+        layer.name = event.name
+        layer.contrast_limits = (0.0, 1.0)
+        self._results.append(layer)
+        self._pending = None
+        self._pending_seeds.pop(0)
+        if self._pending_seeds:
+            self._pending = self._add_pending()
 
     def _on_stop(self, outcome: str) -> None:
-        self._remove_preview()
+        """Drop the half-made layer (cancel, error) and say what was made."""
+        layer, self._pending = self._pending, None
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+        if self._results and self._results[-1] in self.viewer.layers:
+            self.viewer.layers.selection.active = self._results[-1]
         if outcome == "done":
             self.progress.label.setText(f"{len(self._results)} volume(s) generated. {self.progress.label.text()}")
         elif outcome == "cancelled" and self._results:

@@ -1,0 +1,256 @@
+"""Diffusion segmentation on held-out cohort subjects: Dice per tissue for ensembles of 1, 3, 5, 10 members,
+whether the uncertainty map finds the errors (AUC), class-volume errors, and seconds per volume.
+
+    python benchmarks/bench_segment.py [--model brain-tissue-segdiff-2d] [--subjects 5] [--ensembles 1 3 5 10]
+    python benchmarks/bench_segment.py --tiny          # smoke run on a random tiny model
+
+Subjects are `cohort.make_subject(seed, 2 mm)` for the first ``--subjects`` seeds of ``HELDOUT_SEEDS`` (never
+trained on), segmented in their own 2 mm geometry and compared with the cohort labels (0 background, 1 CSF,
+2 GM, 3 WM). Members 0..k-1 of the largest ensemble *are* the ensemble of k (per-member seeding), so the largest
+ensemble runs once per subject and the smaller ones are read off it; their time per volume is
+``prepare + k/K x (time of the K members) + combine/resample`` (all measured).
+
+Uncertainty AUC: the normalised vote entropy as a score for "this voxel is wrong", over the voxels where the
+reference or the prediction is not background (rank statistic, ties averaged; 0.5 = no better than chance;
+undefined for an ensemble of 1, whose uncertainty is 0 everywhere).
+
+Baseline: a plain MONAI UNet segmenting the same slices, when its folder exists (``--baseline``; default: the
+first of BASELINE_NAMES on the model search path). Its folder holds ``model.json`` with ``networks.unet``
+(``monai.networks.nets.UNet`` keyword arguments), the same ``image_shape``/``voxel_size``/``intensity``, and a
+safetensors weight file whose sha256 is in ``weights.unet``.
+
+Writes benchmarks/results/segment_<model>.json and prints a table. Run with nothing else heavy on the machine:
+the times are wall seconds with ``--threads`` torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, peak_rss_mb, save, table  # noqa: E402
+
+from napari_meddiff.cohort import HELDOUT_SEEDS, LABELS, make_subject  # noqa: E402
+from napari_meddiff.errors import MeddiffError  # noqa: E402
+from napari_meddiff.segment import (  # noqa: E402
+    auto_batch_size,
+    class_names,
+    combine_votes,
+    default_settings,
+    label_volumes_ml,
+    plan_segmentation,
+    run_members,
+    to_input_grid,
+)
+from napari_meddiff.zoo import find_model_dir, load_model, model_search_path, sha256_file  # noqa: E402
+
+DEFAULT_MODEL = "brain-tissue-segdiff-2d"
+BASELINE_NAMES = ("brain-tissue-unet-2d", "brain-tissue-unet-baseline-2d", "brain-tissue-monai-unet-2d")
+
+
+def dice(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
+    p, r = pred == c, ref == c
+    denom = int(p.sum()) + int(r.sum())
+    return float(2 * np.count_nonzero(p & r) / denom) if denom else float("nan")
+
+
+def auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for ``positive`` (Mann-Whitney U with average ranks for ties)."""
+    from scipy.stats import rankdata
+
+    score, positive = np.asarray(score, np.float64).ravel(), np.asarray(positive, bool).ravel()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# --- the MONAI UNet baseline ------------------------------------------------------------------------
+
+
+def find_baseline(name: str | None) -> Path | None:
+    if name == "none":
+        return None
+    if name:
+        return find_model_dir(name)
+    for root in model_search_path():
+        for candidate in BASELINE_NAMES:
+            if (root / candidate / "model.json").is_file():
+                return root / candidate
+    return None
+
+
+class Baseline:
+    """A plain MONAI UNet (image -> class logits) applied to the same model-grid slices as the diffusion model."""
+
+    def __init__(self, folder: Path, device: torch.device) -> None:
+        from monai.networks.nets import UNet
+        from safetensors.torch import load_file
+
+        self.config = json.loads((folder / "model.json").read_text())
+        self.name = str(self.config.get("name", folder.name))
+        entry = self.config["weights"]["unet"]
+        path = folder / entry["file"]
+        if sha256_file(path) != entry["sha256"]:
+            raise MeddiffError(f"{path}: sha256 does not match model.json")
+        self.net = UNet(**self.config["networks"]["unet"])
+        self.net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        self.net.eval().requires_grad_(False).to(device)
+        self.device = device
+
+    @torch.inference_mode()
+    def labels(self, tiles: np.ndarray, batch: int = 64) -> np.ndarray:
+        out = []
+        for i in range(0, len(tiles), batch):
+            x = torch.from_numpy(tiles[i : i + batch]).unsqueeze(1).to(self.device)
+            out.append(self.net(x).argmax(1).to(torch.uint8).cpu().numpy())
+        return np.concatenate(out)[None]  # one "member"
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+def evaluate(plan, member_labels, n_classes, sub, names) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    probs, unc = combine_votes(plan, member_labels, n_classes)
+    labels, _, u = to_input_grid(plan, probs, unc, sub.image)
+    post = time.perf_counter() - t0
+    ref = np.asarray(sub.labels.array)
+    row = {f"dice_{LABELS.get(c, names[c])}": dice(labels, ref, c) for c in range(1, n_classes)}
+    row["dice_mean"] = float(np.nanmean([row[f"dice_{LABELS.get(c, names[c])}"] for c in range(1, n_classes)]))
+    region = (ref > 0) | (labels > 0)
+    wrong = labels != ref
+    row["error_rate"] = float(wrong[region].mean())
+    row["uncertainty_auc"] = auc(u[region], wrong[region]) if member_labels.shape[0] > 1 else float("nan")
+    row["uncertainty_mean_wrong"] = float(u[region & wrong].mean()) if (region & wrong).any() else float("nan")
+    row["uncertainty_mean_right"] = float(u[region & ~wrong].mean()) if (region & ~wrong).any() else float("nan")
+    pred_ml = label_volumes_ml(labels, sub.image.affine, names)
+    ref_ml = label_volumes_ml(ref, sub.image.affine, names)
+    for c in range(1, n_classes):
+        key = LABELS.get(c, names[c])
+        row[f"volume_error_pct_{key}"] = 100.0 * (pred_ml[names[c]] - ref_ml[names[c]]) / max(ref_ml[names[c]], 1e-9)
+    return row, post
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--tiny", action="store_true", help="use a random tiny model (checks the script, not quality)")
+    parser.add_argument("--baseline", default=None, help="MONAI UNet baseline folder/name ('none' to skip)")
+    parser.add_argument("--subjects", type=int, default=5, help="held-out subjects (first N held-out seeds)")
+    parser.add_argument("--ensembles", type=int, nargs="+", default=[1, 3, 5, 10])
+    parser.add_argument("--sampler", default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the target is a 2-core CPU)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.tiny:
+        from napari_meddiff.testing import make_tiny_model
+
+        folder = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny-seg-2d", "segmentation", 2, image_shape=(64, 64))
+        model = load_model(folder, device=device)
+        model.config["voxel_size"] = [3.0, 3.0]
+        args.subjects = min(args.subjects, 1)
+        args.steps = args.steps or 2
+    else:
+        model = load_model(args.model, device=device)
+    settings = default_settings(model)
+    sampler = args.sampler or settings["sampler"]
+    steps = args.steps or int(settings["steps"])
+    batch = args.batch_size or auto_batch_size(model, device)
+    names = class_names(model)
+    n_classes = len(names)
+    kmax = max(args.ensembles)
+    baseline_dir = None if args.tiny else find_baseline(args.baseline)
+    baseline = Baseline(baseline_dir, device) if baseline_dir is not None else None
+    info = machine()
+    print(f"# {model.name}: {sampler} {steps} steps, ensembles {args.ensembles}, {args.subjects} held-out subjects, "
+          f"{args.threads} threads on {info['cpu']}; baseline: {baseline.name if baseline else 'none found'}")
+
+    per_subject = []
+    for seed in list(HELDOUT_SEEDS)[: args.subjects]:
+        t0 = time.perf_counter()
+        sub = make_subject(seed, resolution_mm=2.0)
+        t_subject = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = plan_segmentation(model, sub.image)
+        tiles = plan.item_images()
+        t_plan = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        members = run_members(model, tiles, list(range(kmax)), seed=args.seed, sampler=sampler, steps=steps,
+                              batch_size=batch)
+        t_members = time.perf_counter() - t0
+        entry = {"seed": seed, "has_lesion": sub.has_lesion, "slices": plan.num_items, "grid": list(plan.grid.shape),
+                 "make_subject_s": t_subject, "prepare_s": t_plan, f"members_{kmax}_s": t_members, "results": {}}
+        for k in sorted(args.ensembles):
+            row, post = evaluate(plan, members[:k], n_classes, sub, names)
+            row["seconds_per_volume"] = t_plan + t_members * k / kmax + post
+            entry["results"][f"diffusion x{k}"] = row
+        if baseline is not None:
+            t0 = time.perf_counter()
+            base_members = baseline.labels(tiles)
+            t_base = time.perf_counter() - t0
+            row, post = evaluate(plan, base_members, n_classes, sub, names)
+            row["seconds_per_volume"] = t_plan + t_base + post
+            entry["results"][f"{baseline.name} (MONAI UNet)"] = row
+        per_subject.append(entry)
+        brief = ", ".join(f"{m}: Dice {r['dice_mean']:.3f}" for m, r in entry["results"].items())
+        print(f"subject {seed} ({'lesion' if sub.has_lesion else 'no lesion'}, {plan.num_items} slices, "
+              f"{kmax} members in {t_members:.1f} s): {brief}", flush=True)
+
+    methods = list(per_subject[0]["results"])
+    keys = list(per_subject[0]["results"][methods[0]])
+    summary = []
+    for m in methods:
+        row = {"method": m}
+        for key in keys:
+            vals = np.array([s["results"][m][key] for s in per_subject], dtype=float)
+            row[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+            if key.startswith("dice_") or key == "uncertainty_auc":
+                row[key + "_sd"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
+        summary.append(row)
+    cols = ["method"] + [k for k in keys if k.startswith("dice_")]
+    cols += ["uncertainty_auc", "error_rate", "seconds_per_volume"]
+    print(table(summary, cols))
+    vol_cols = ["method"] + [k for k in keys if k.startswith("volume_error_pct_")] + ["uncertainty_mean_wrong",
+                                                                                        "uncertainty_mean_right"]
+    print(table(summary, vol_cols))
+    result = {
+        "model": model.name,
+        "tiny": bool(args.tiny),
+        "sampler": sampler,
+        "steps": steps,
+        "batch_size": batch,
+        "seed": args.seed,
+        "threads": args.threads,
+        "subjects": [s["seed"] for s in per_subject],
+        "resolution_mm": 2.0,
+        "ensembles": args.ensembles,
+        "baseline": baseline.name if baseline else None,
+        "machine": info,
+        "summary": summary,
+        "per_subject": per_subject,
+        "peak_rss_mb": peak_rss_mb(),
+        "notes": "AUC over voxels where reference or prediction is not background; seconds_per_volume for k < K "
+                 "members = prepare + k/K x measured K-member time + combine/resample.",
+    }
+    path = save("segment_tiny" if args.tiny else f"segment_{model.name}", result)
+    print(f"peak RSS {result['peak_rss_mb']:.0f} MB; written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""Evaluate the shipped models on held-out cohort subjects and write the "Measured" section of each card.
+
+    python benchmarks/evaluate_models.py                      # all three shipped models
+    python benchmarks/evaluate_models.py --models brain-ldm-3d --threads 2
+    python benchmarks/evaluate_models.py --cards-only         # re-render the cards from the JSON
+
+Data: held-out subjects (``HELDOUT_SEEDS``) of the synthetic cohort, written once to ``--heldout`` (default
+``data/cohort-heldout``) and preprocessed exactly like the model's training data (its ``train.yaml``).
+
+Measured:
+- LDM autoencoder: reconstruction PSNR and SSIM (MONAI metrics, data range 1) of held-out volumes.
+- Generators: a classifier two-sample test (C2ST: a small CNN trained on half of the held-out real and
+  generated images to tell them apart, accuracy on the other half, both ways round; ~0.5 = indistinguishable,
+  1.0 = always told apart); brain-tissue intensity statistics: CSF/GM/WM mean and SD of the real images from the
+  cohort labels, and for real and generated alike from a 3-class k-means of the brain intensities (generated
+  images have no labels), the 1-Wasserstein distance between the brain-intensity histograms, intensity
+  quantiles and the brain fraction of the field of view.
+- Segmentation: Dice per tissue against the cohort labels (mean over held-out subjects) on the model grid, and
+  the same for a plain MONAI UNet trained on the same training slices for the same process CPU time as the
+  diffusion model (``--baseline-minutes`` caps it).
+
+The JSON (``benchmarks/results/evaluation.json``) is the source of the cards' "Measured" sections; they are
+rendered from it, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from napari_meddiff.training.export import MEASURED_BEGIN, MEASURED_END  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SHIPPED = ["brain-ldm-3d", "brain-ddpm-2d", "brain-tissue-segdiff-2d"]
+TARGETS = {"ae_psnr_db": 30.0, "c2st_accuracy": 0.75, "dice": 0.85}
+TISSUES = ["CSF", "GM", "WM"]
+
+
+def machine() -> str:
+    import platform
+
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def ensure_heldout(folder: Path, num: int) -> Path:
+    from napari_meddiff.cohort import HELDOUT_SEEDS, write_cohort
+
+    write_cohort(folder, num, seed=HELDOUT_SEEDS.start, progress=False)
+    return folder
+
+
+def model_train_config(model_dir: Path) -> dict:
+    import yaml
+
+    from napari_meddiff.training.config import validate
+
+    raw = yaml.safe_load((model_dir / "train.yaml").read_text())
+    raw.setdefault("data", {})["dir"] = "."  # replaced by the caller; validation needs a value
+    return validate(raw)
+
+
+def load_split(cfg: dict, folder: Path, num: int, with_labels: bool = True):
+    """(images (N,1,*S), labels (N,*S), subject index per item, seeds) of the first ``num`` subjects."""
+    from napari_meddiff.cohort import check_split
+    from napari_meddiff.training.data import cohort_seeds, preprocess_subject
+
+    files = sorted(folder.glob(cfg["data"]["images"]))[:num]
+    seeds = cohort_seeds(folder, files)
+    imgs, labs, subj = [], [], []
+    for i, f in enumerate(files):
+        lab = f.with_name(f.name.replace(*cfg["data"]["labels_replace"])) if with_labels else None
+        im, lb = preprocess_subject(f, lab, cfg["spatial_dims"], cfg["image_shape"], cfg["voxel_size"],
+                                    cfg["intensity"], cfg["data"])
+        imgs.append(im)
+        labs.append(lb)
+        subj += [i] * len(im)
+    images = torch.from_numpy(np.concatenate(imgs)).float().unsqueeze(1)
+    labels = torch.from_numpy(np.concatenate(labs)).long() if with_labels else None
+    return images, labels, np.array(subj), seeds
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+def kmeans_1d(values: np.ndarray, k: int = 3, iters: int = 50) -> np.ndarray:
+    """Sorted cluster centres of 1D values (k-means from quantile starts)."""
+    c = np.quantile(values, np.linspace(0.15, 0.85, k))
+    for _ in range(iters):
+        a = np.argmin(np.abs(values[:, None] - c[None]), axis=1)
+        new = np.array([values[a == j].mean() if np.any(a == j) else c[j] for j in range(k)])
+        if np.allclose(new, c):
+            break
+        c = new
+    return np.sort(c)
+
+
+def tissue_stats(images: np.ndarray, labels: np.ndarray | None, threshold: float = 0.1) -> dict:
+    vals = images[images > threshold]
+    out = {
+        "brain_fraction": round(float((images > threshold).mean()), 4),
+        "quantiles_5_25_50_75_95": [round(float(q), 4) for q in np.quantile(vals, [0.05, 0.25, 0.5, 0.75, 0.95])],
+    }
+    centres = kmeans_1d(vals.astype(np.float64))
+    assign = np.argmin(np.abs(vals[:, None] - centres[None]), axis=1)
+    out["kmeans"] = {t: {"mean": round(float(vals[assign == j].mean()), 4), "sd": round(float(vals[assign == j].std()), 4)}
+                     for j, t in enumerate(TISSUES)}
+    if labels is not None:
+        out["labels"] = {t: {"mean": round(float(images[labels == j + 1].mean()), 4),
+                             "sd": round(float(images[labels == j + 1].std()), 4)} for j, t in enumerate(TISSUES)}
+    return out
+
+
+def wasserstein(a: np.ndarray, b: np.ndarray, threshold: float = 0.1) -> float:
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(a[a > threshold].ravel()[::7], b[b > threshold].ravel()[::7]))
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+        layers, c = [], 1
+        for out in (16, 32, 64):
+            layers += [conv(c, out, 3, stride=2, padding=1), torch.nn.GroupNorm(8, out), torch.nn.SiLU()]
+            c = out
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(c, 1)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.head(f.flatten(2).mean(-1)).squeeze(-1)
+
+
+def c2st(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, epochs: int = 15) -> dict:
+    """Classifier two-sample test: held-out accuracy of a small CNN (2-fold, swapped); 0.5 is best."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(len(real), len(fake))
+    real = real[torch.randperm(len(real), generator=g)[:n]]
+    fake = fake[torch.randperm(len(fake), generator=g)[:n]]
+    half = n // 2
+    accs = []
+    for fold in range(2):
+        tr = slice(0, half) if fold == 0 else slice(half, 2 * half)
+        te = slice(half, 2 * half) if fold == 0 else slice(0, half)
+        xtr = torch.cat([real[tr], fake[tr]])
+        ytr = torch.cat([torch.ones(half), torch.zeros(half)])
+        xte = torch.cat([real[te], fake[te]])
+        yte = torch.cat([torch.ones(half), torch.zeros(half)])
+        torch.manual_seed(seed + fold)
+        net = SmallCNN(real.ndim - 2)
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+        bs = 32
+        for _ in range(epochs):
+            perm = torch.randperm(len(xtr), generator=g)
+            for i in range(0, len(xtr), bs):
+                idx = perm[i : i + bs]
+                x = xtr[idx]
+                flip = torch.rand(len(idx), generator=g) < 0.5
+                x[flip] = x[flip].flip(2)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            pred = torch.cat([net(xte[i : i + 64]) for i in range(0, len(xte), 64)]) > 0
+        accs.append(float((pred.float() == yte).float().mean()))
+    return {"accuracy": round(float(np.mean(accs)), 4), "folds": [round(a, 4) for a in accs], "n_per_class": int(n),
+            "test_per_fold": int(2 * half), "epochs": epochs}
+
+
+def dice_per_subject(pred: torch.Tensor, ref: torch.Tensor, subj: np.ndarray) -> dict:
+    from napari_meddiff.training.pipeline import dice_per_class
+
+    per = np.array([dice_per_class(pred[subj == s], ref[subj == s], 4) for s in np.unique(subj)])
+    return {t: {"mean": round(float(np.nanmean(per[:, j])), 4), "sd": round(float(np.nanstd(per[:, j])), 4)}
+            for j, t in enumerate(TISSUES)}
+
+
+def train_unet_baseline(cfg: dict, train_images, train_labels, cpu_minutes: float, seed: int = 0) -> tuple:
+    """A plain MONAI UNet (Dice + CE) trained for ``cpu_minutes`` of process CPU time."""
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    from napari_meddiff.training.data import random_batch
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = UNet(spatial_dims=2, in_channels=1, out_channels=4, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+               num_res_units=1)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    c0, t0, steps = time.process_time(), time.time(), 0
+    while (time.process_time() - c0) / 60 < cpu_minutes:
+        x, y = random_batch(train_images, train_labels, 8, g, True)
+        loss = loss_fn(net(x), y[:, None])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    info = {"network": "monai.networks.nets.UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)",
+            "loss": "DiceCE", "steps": steps, "batch_size": 8, "cpu_minutes": round((time.process_time() - c0) / 60, 2),
+            "wall_minutes": round((time.time() - t0) / 60, 2),
+            "parameters": int(sum(p.numel() for p in net.parameters()))}
+    return net.eval(), info
+
+
+# --- per model ----------------------------------------------------------------------------------------------
+
+
+def save_samples(path: Path, gen: torch.Tensor, real: torch.Tensor, title: str) -> None:
+    from napari_meddiff.training.common import save_grid
+
+    k = min(6, len(gen), len(real))
+    gi = torch.linspace(0, len(gen) - 1, k).long()
+    ri = torch.linspace(0, len(real) - 1, k).long()
+    save_grid(path, [[x[0].numpy() for x in gen[gi]], [x[0].numpy() for x in real[ri]]], title)
+
+
+def evaluate(name: str, args) -> dict:
+    from napari_meddiff.generate import generate
+    from napari_meddiff.training.pipeline import segment_slices
+    from napari_meddiff.zoo import find_model_dir, load_model
+
+    model_dir = find_model_dir(name)
+    model = load_model(model_dir)
+    cfg = model_train_config(model_dir)
+    t0 = time.time()
+    num = args.num_heldout if model.kind != "segmentation" else args.seg_subjects
+    real, labels, subj, seeds = load_split(cfg, args.heldout, num)
+    res: dict = {"model": name, "kind": model.kind, "weights_sha256": model.weights_sha256,
+                 "heldout_seeds": seeds, "heldout_items": int(len(real)), "machine": machine(),
+                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if model.kind == "ldm":
+        from monai.metrics import PSNRMetric, SSIMMetric
+
+        ae = model.autoencoder
+        with torch.no_grad():
+            rec = torch.cat([ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(real[i : i + 2])) for i in range(0, len(real), 2)]).clamp(0, 1)
+        psnr = PSNRMetric(max_val=1.0)(rec, real).flatten()
+        ssim = SSIMMetric(spatial_dims=3, data_range=1.0)(rec, real).flatten()
+        res["autoencoder"] = {"psnr_db": {"mean": round(float(psnr.mean()), 3), "sd": round(float(psnr.std()), 3)},
+                              "ssim": {"mean": round(float(ssim.mean()), 4), "sd": round(float(ssim.std()), 4)},
+                              "n_volumes": int(len(real))}
+        print(f"{name}: AE PSNR {float(psnr.mean()):.2f} dB, SSIM {float(ssim.mean()):.4f}", flush=True)
+    if model.kind in ("ddpm", "ldm"):
+        n = args.num_generated or (len(real) if model.spatial_dims == 3 else min(len(real), 400))
+        t1 = time.time()
+        vols = generate(model, list(range(args.seed, args.seed + n)), batch_size=args.batch_size, device="cpu")
+        gen_seconds = time.time() - t1
+        arr = np.stack([np.squeeze(v.array, -1) if model.spatial_dims == 2 else v.array for v in vols])
+        fake = torch.from_numpy(arr).float().unsqueeze(1)
+        sampling = {k: vols[0].metadata["provenance"][k] for k in ("sampler", "steps")}
+        res["generation"] = {"n": n, **sampling, "seconds_per_sample": round(gen_seconds / n, 3)}
+        res["c2st"] = c2st(real, fake, seed=args.seed)
+        r_np, f_np = real.numpy(), fake.numpy()
+        res["intensity"] = {"real": tissue_stats(r_np, labels.numpy()), "generated": tissue_stats(f_np, None),
+                            "wasserstein_brain_intensity": round(wasserstein(r_np, f_np), 4)}
+        save_samples(RESULTS / f"samples_{name}.png", fake, real,
+                     f"{name}: top generated ({sampling['sampler']} {sampling['steps']} steps), bottom held-out real")
+        res["samples_png"] = f"benchmarks/results/samples_{name}.png"
+        print(f"{name}: C2ST accuracy {res['c2st']['accuracy']:.3f}; W1 {res['intensity']['wasserstein_brain_intensity']}", flush=True)
+    if model.kind == "segmentation":
+        steps = int(model.config["defaults"]["steps"])
+        t1 = time.time()
+        pred = segment_slices(model, real, steps=steps, sampler=model.config["defaults"]["sampler"], seed=args.seed)
+        res["segmentation"] = {"dice": dice_per_subject(pred, labels, subj), "steps": steps,
+                               "seconds_per_slice": round((time.time() - t1) / len(real), 3),
+                               "grid": f"{model.image_shape} slices at {model.voxel_size} mm (the model grid)"}
+        print(f"{name}: Dice {res['segmentation']['dice']}", flush=True)
+        budget = float(model.config["training"]["diffusion"].get("cpu_minutes") or model.config["training"]["diffusion"]["minutes"])
+        if args.baseline_minutes is not None:
+            budget = min(budget, args.baseline_minutes)
+        if budget > 0:
+            from napari_meddiff.training.data import load_dataset
+
+            tcfg = json.loads(json.dumps(cfg))
+            tcfg["data"]["dir"] = model.config["data"]["dir"]
+            tcfg["data"]["max_subjects"] = None
+            train = load_dataset(tcfg, progress=False)
+            train_seeds = set(model.config["data"]["train_seeds"])
+            keep = [i for i, s in enumerate(train.seeds) if s in train_seeds] if train.seeds else None
+            if keep is not None:  # exactly the diffusion model's training subjects
+                subs = sorted(set(train.subjects))
+                ok = {subs[i] for i in keep}
+                idx = torch.tensor([i for i, s in enumerate(train.subjects) if s in ok])
+                timgs, tlabs = train.images[idx], train.labels[idx]
+            else:
+                timgs, tlabs = train.images, train.labels
+            net, info = train_unet_baseline(cfg, timgs, tlabs, budget, seed=args.seed)
+            with torch.no_grad():
+                bpred = torch.cat([net(real[i : i + 64]).argmax(1) for i in range(0, len(real), 64)])
+            info["dice"] = dice_per_subject(bpred, labels, subj)
+            info["budget_note"] = ("same process CPU time as the diffusion model's training"
+                                   + (f", capped at {args.baseline_minutes} min" if args.baseline_minutes is not None else ""))
+            res["baseline_unet"] = info
+            print(f"{name}: baseline UNet Dice {info['dice']}", flush=True)
+    res["eval_minutes"] = round((time.time() - t0) / 60, 2)
+    return res
+
+
+# --- cards --------------------------------------------------------------------------------------------------
+
+
+def fmt_ms(d: dict, digits: int = 3) -> str:
+    return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f}"
+
+
+def render(res: dict) -> str:
+    lines = [f"Measured by `benchmarks/evaluate_models.py` on {res['date']} ({res['machine']}); "
+             f"{len(res['heldout_seeds'])} held-out cohort subjects (seeds {min(res['heldout_seeds'])}-"
+             f"{max(res['heldout_seeds'])}, never used in training), {res['heldout_items']} "
+             f"{'volumes' if res['kind'] == 'ldm' else 'slices'}; weights sha256 {res['weights_sha256'][:12]}…. "
+             "Source: `benchmarks/results/evaluation.json`.", ""]
+    miss = []
+    if "autoencoder" in res:
+        a = res["autoencoder"]
+        ok = a["psnr_db"]["mean"] >= TARGETS["ae_psnr_db"]
+        miss += [] if ok else [f"autoencoder PSNR {a['psnr_db']['mean']:.1f} dB < {TARGETS['ae_psnr_db']:.0f} dB"]
+        lines.append(f"- Autoencoder reconstruction of held-out volumes: PSNR {fmt_ms(a['psnr_db'], 2)} dB, "
+                     f"SSIM {fmt_ms(a['ssim'], 4)} (target PSNR ≥ {TARGETS['ae_psnr_db']:.0f} dB: {'met' if ok else 'NOT met'}).")
+    if "c2st" in res:
+        c = res["c2st"]
+        ok = c["accuracy"] <= TARGETS["c2st_accuracy"]
+        miss += [] if ok else [f"two-sample accuracy {c['accuracy']:.2f} > {TARGETS['c2st_accuracy']}"]
+        g = res["generation"]
+        lines.append(f"- Classifier two-sample test (small CNN, real held-out vs {g['n']} generated with {g['sampler']} "
+                     f"{g['steps']} steps; 2-fold held-out accuracy, 0.5 = indistinguishable): **{c['accuracy']:.3f}** "
+                     f"(folds {c['folds']}; target ≤ {TARGETS['c2st_accuracy']}: {'met' if ok else 'NOT met'}). "
+                     f"Sampling {g['seconds_per_sample']} s per sample on this CPU.")
+        it = res["intensity"]
+        r, gstat = it["real"], it["generated"]
+        lines.append("- Tissue intensities (normalised [0, 1]; mean ± SD). Real, from the cohort labels: " + ", ".join(
+            f"{t} {fmt_ms(r['labels'][t])}" for t in TISSUES) + ".")
+        lines.append("  3-class k-means of brain intensities (> 0.1), real vs generated: " + "; ".join(
+            f"{t} {fmt_ms(r['kmeans'][t])} vs {fmt_ms(gstat['kmeans'][t])}" for t in TISSUES) + ".")
+        lines.append(f"  Brain-intensity 1-Wasserstein distance real vs generated {it['wasserstein_brain_intensity']:.4f}; "
+                     f"quantiles 5/25/50/75/95 % real {r['quantiles_5_25_50_75_95']} vs generated "
+                     f"{gstat['quantiles_5_25_50_75_95']}; brain fraction of the field of view {r['brain_fraction']} vs "
+                     f"{gstat['brain_fraction']}.")
+        lines.append(f"- Samples: `{res['samples_png']}`.")
+    if "segmentation" in res:
+        s = res["segmentation"]
+        low = [t for t in TISSUES if s["dice"][t]["mean"] < TARGETS["dice"]]
+        miss += [f"Dice {t} {s['dice'][t]['mean']:.2f} < {TARGETS['dice']}" for t in low]
+        lines.append(f"- Dice against the cohort labels (mean ± SD over subjects; {s['grid']}; {s['steps']} steps): " + ", ".join(
+            f"{t} {fmt_ms(s['dice'][t])}" for t in TISSUES) + f" (target ≥ {TARGETS['dice']}: {'met' if not low else 'NOT met for ' + ', '.join(low)}). "
+            f"{s['seconds_per_slice']} s per slice.")
+        if "baseline_unet" in res:
+            b = res["baseline_unet"]
+            lines.append(f"- Baseline, {b['network']} with {b['loss']} loss, {b['steps']} steps in {b['cpu_minutes']} CPU-min "
+                         f"({b['budget_note']}): Dice " + ", ".join(f"{t} {fmt_ms(b['dice'][t])}" for t in TISSUES) + ".")
+        else:
+            lines.append("- Baseline UNet: not run yet.")
+    lines.append("")
+    lines.append("First targets not met: " + ("; ".join(miss) + "." if miss else "none."))
+    return "\n".join(lines)
+
+
+def update_card(model_dir: Path, res: dict) -> None:
+    card = model_dir / "MODEL_CARD.md"
+    text = card.read_text()
+    block = f"{MEASURED_BEGIN}\n{render(res)}\n{MEASURED_END}"
+    if MEASURED_BEGIN in text and MEASURED_END in text:
+        a = text.index(MEASURED_BEGIN)
+        b = text.index(MEASURED_END) + len(MEASURED_END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip() + "\n\n## Measured\n\n" + block + "\n"
+    card.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="*", default=SHIPPED)
+    p.add_argument("--heldout", type=Path, default=ROOT / "data" / "cohort-heldout")
+    p.add_argument("--num-heldout", type=int, default=40, help="held-out subjects for generators/autoencoder")
+    p.add_argument("--seg-subjects", type=int, default=20, help="held-out subjects for segmentation")
+    p.add_argument("--num-generated", type=int, default=None, help="generated samples (default: as many as real, <= 400)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--baseline-minutes", type=float, default=None, help="cap the baseline UNet's CPU minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS / "evaluation.json")
+    p.add_argument("--cards-only", action="store_true", help="only re-render the cards from the JSON")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from napari_meddiff.zoo import find_model_dir
+
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if not args.cards_only:
+        ensure_heldout(args.heldout, max(args.num_heldout, args.seg_subjects))
+        for name in args.models:
+            results[name] = evaluate(name, args)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            update_card(find_model_dir(name), results[name])
+    for name in args.models:
+        if name in results:
+            update_card(find_model_dir(name), results[name])
+            print(render(results[name]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Screenshot of the reader-study widget on a tiny study (run: ``xvfb-run -a python examples/review_screenshot.py``).
+
+"Real" cases are synthetic MNI152 subjects from ``napari_meddiff.cohort`` (smooth random blobs if that module
+is unavailable); "synthetic" ones are the same kind of image, smoothed, to stand in for a generator's output.
+Writes ``examples/screenshots/review_widget.png``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from napari_meddiff.volume import Volume, write_volume
+
+OUT = Path(__file__).resolve().parent / "screenshots" / "review_widget.png"
+
+
+def _image(seed: int) -> Volume:
+    try:
+        from napari_meddiff.cohort import make_subject
+
+        return make_subject(seed, resolution_mm=2.0, lesion=False).image
+    except Exception:  # noqa: BLE001 - the cohort module is optional here
+        rng = np.random.default_rng(seed)
+        blobs = ndimage.gaussian_filter(rng.random((64, 72, 56)), 4) * 1000
+        return Volume.from_spacing(blobs.astype(np.float32), (2.0, 2.0, 2.0))
+
+
+def build_study(root: Path) -> Path:
+    from napari_meddiff.review.study import create_study
+
+    for i, src in enumerate(("real", "synthetic") * 2):
+        vol = _image(i)
+        if src == "synthetic":
+            vol = Volume(ndimage.gaussian_filter(vol.array, 1.0).astype(np.float32), vol.affine)
+        write_volume(vol, root / src / f"{src}-{i}.nii.gz")
+    return create_study(root / "real", root / "synthetic", root / "study", seed=0).folder
+
+
+def _close_toasts(viewer) -> None:
+    """Close napari's notification pop-ups (e.g. its PyQt5 deprecation notice) so they do not cover the image."""
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+    except ImportError:
+        return
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close_with_fade = lambda *a, **k: None
+        toast.hide()
+
+
+def main() -> None:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_meddiff.review.widget import ReviewWidget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        study = build_study(Path(tmp))
+        viewer = napari.Viewer(show=True)
+        viewer.window.resize(1500, 950)
+        widget = ReviewWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Reader study", area="right")
+        widget.folder_edit.setText(str(study))
+        widget.reader_edit.setText("Dr. A. Reader")
+        widget.start()
+        widget.call_buttons["real"].setChecked(True)  # answer the first case, then half-answer the second
+        widget.realism_buttons[3].setChecked(True)
+        widget.next_case()
+        widget.call_buttons["synthetic"].setChecked(True)
+        widget.realism_buttons[2].setChecked(True)
+        widget.artefact_boxes["blur"].setChecked(True)
+        widget.comment_edit.setText("cortex too smooth")
+        for _ in range(20):
+            QApplication.processEvents()
+        _close_toasts(viewer)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        viewer.screenshot(str(OUT), canvas_only=False)
+        viewer.close()
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""The Inpaint dock widget: paint a region in a Labels layer, let a diffusion model fill it.
+
+Everything outside the painted region stays exactly as it was. Each candidate becomes a new image layer on
+the scan's world grid (pick the one you like, save it with File > Save Selected Layer). The live preview
+shows the chain's current estimate inside the mask on a copy of the scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels, Layer
+from napari.utils.notifications import show_error
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget
+
+from ...errors import MeddiffError
+from ...volume import Volume
+from ..layers import layer_to_volume, volume_to_layer_data
+from .common import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls, TaskContext, TaskRunner
+from .common import load_model_cached
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+PREVIEW_KEY = "meddiff_preview"
+AXES = ("axial", "coronal", "sagittal")
+MAX_CANDIDATES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewEvent:
+    """The current estimate of candidate ``candidate`` (0-based) inside the mask: ``patch`` goes at ``region``."""
+
+    candidate: int
+    region: tuple
+    patch: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultEvent:
+    """One finished candidate."""
+
+    name: str
+    volume: Volume
+
+
+def inpaint_defaults(info: ModelInfo) -> dict[str, int]:
+    """Jump length, jumps and feathering the core uses for this model (model.json ``inpaint`` wins)."""
+    from ...inpaint import DEFAULT_FEATHER, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N
+
+    out = {"jump_length": DEFAULT_JUMP_LENGTH, "jump_n": DEFAULT_JUMP_N, "feather_voxels": DEFAULT_FEATHER.get(info.kind, 0)}
+    out.update({k: v for k, v in info.config.get("inpaint", {}).items() if k in out})
+    return out
+
+
+def inpaint_task(
+    ctx: TaskContext,
+    *,
+    model_ref: str,
+    device: str,
+    image: Volume,
+    mask: Volume,
+    label: int | None,
+    base_name: str,
+    sampler: str,
+    steps: int,
+    seed: int,
+    candidates: int,
+    axis: str,
+    jump_length: int,
+    jump_n: int,
+    feather_voxels: int,
+    preview: bool,
+) -> int:
+    """Worker-thread body: inpaint all candidates, emitting previews and then each result."""
+    from ...inpaint import inpaint
+
+    model = load_model_cached(model_ref, device)
+    text = f"{candidates} candidate{'s' if candidates > 1 else ''}"
+
+    def on_step(info: Any) -> None:
+        ctx.progress(info.index, info.total, info.elapsed / info.index * (info.total - info.index), text)
+
+    def on_preview(p: Any) -> None:
+        ctx.emit(PreviewEvent(p.candidate, p.region, p.patch))
+
+    volumes = inpaint(
+        model, image, mask, label=label, sampler=sampler, steps=steps, seed=seed, candidates=candidates,
+        axis=axis, jump_length=jump_length, jump_n=jump_n, feather_voxels=feather_voxels, device=device,
+        on_step=on_step, on_preview=on_preview if preview else None, should_cancel=ctx.should_cancel,
+    )
+    for c, vol in enumerate(volumes):
+        ctx.emit(ResultEvent(f"{base_name} inpainted s{seed + c}", vol))
+    return len(volumes)
+
+
+class LayerCombo(QComboBox):
+    """The viewer's layers of one type, kept in sync with the layer list (selection kept by name)."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer", layer_type: type, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer, self.layer_type = viewer, layer_type
+        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
+            event.connect(self.refresh)
+        self.refresh()
+
+    def candidates(self) -> list[Layer]:
+        return [
+            layer for layer in self.viewer.layers
+            if isinstance(layer, self.layer_type) and not layer.metadata.get(PREVIEW_KEY)
+        ]
+
+    def refresh(self, *_: Any) -> None:
+        keep = self.currentText()
+        blocked = self.blockSignals(True)
+        self.clear()
+        for layer in self.candidates():
+            self.addItem(layer.name)
+            layer.events.name.disconnect(self.refresh)  # no duplicate connections
+            layer.events.name.connect(self.refresh)
+        index = self.findText(keep)
+        self.setCurrentIndex(index if index >= 0 else (self.count() - 1 if self.layer_type is Labels else 0))
+        self.blockSignals(blocked)
+        self.currentIndexChanged.emit(self.currentIndex())
+
+    def layer(self) -> Layer | None:
+        name = self.currentText()
+        return next((layer for layer in self.candidates() if layer.name == name), None)
+
+    def select(self, layer: Layer) -> None:
+        self.setCurrentIndex(self.findText(layer.name))
+
+
+class InpaintWidget(QWidget):
+    """Image, mask (labels layer + label value), model, sampler, steps, seed, candidates, preview; Inpaint / Cancel."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.image_combo = LayerCombo(napari_viewer, Image)
+        self.image_combo.setToolTip("The scan to fill")
+        self.labels_combo = LayerCombo(napari_viewer, Labels)
+        self.labels_combo.setToolTip("The Labels layer holding the region to fill (paint it with the brush)")
+        self.new_mask_button = QPushButton("New mask")
+        self.new_mask_button.setToolTip("Add an empty Labels layer on the scan's grid and start painting")
+        self.label_value = QSpinBox()
+        self.label_value.setRange(0, 2**31 - 1)
+        self.label_value.setSpecialValueText("all non-zero")
+        self.label_value.setToolTip("Which label value is the region to fill (all non-zero: every painted voxel)")
+        self.model_picker = ModelPicker(kinds=("ddpm", "ldm"))
+        self.model_summary = QLabel()
+        self.model_summary.setWordWrap(True)
+        self.model_summary.setStyleSheet("color: gray;")
+        self.sampling = SamplingControls(self)
+        self.candidates = QSpinBox()
+        self.candidates.setRange(1, MAX_CANDIDATES)
+        self.candidates.setToolTip("Fills to choose from, with seeds seed, seed+1, ...; each becomes a layer")
+        self.axis = QComboBox()
+        self.axis.addItems(AXES)
+        self.axis.setToolTip("2D models fill slice by slice along this axis (only the slices the mask touches)")
+        self.jump_n = QSpinBox()
+        self.jump_n.setRange(1, 20)
+        self.jump_n.setSpecialValueText("off")
+        self.jump_n.setToolTip("RePaint resampling: re-run each stretch of the chain this many times (slower, "
+                               "better blended); off = 1")
+        self.jump_length = QSpinBox()
+        self.jump_length.setRange(1, 100)
+        self.jump_length.setPrefix("every ")
+        self.jump_length.setSuffix(" steps")
+        self.feather = QSpinBox()
+        self.feather.setRange(0, 10)
+        self.feather.setSuffix(" voxels")
+        self.feather.setToolTip("Blend the fill's border with the original over this many voxels, inside the mask only")
+        self.device = DevicePicker()
+        self.preview = QCheckBox("live preview")
+        self.preview.setChecked(True)
+        self.preview.setToolTip("Show the current estimate while the model runs (on a copy of the scan)")
+
+        self.settings = QWidget()
+        form = QFormLayout(self.settings)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Mask", self.labels_combo)
+        form.addRow("", self.new_mask_button)
+        form.addRow("Label", self.label_value)
+        form.addRow("Model", self.model_picker)
+        form.addRow("", self.model_summary)
+        self.sampling.add_rows(form)
+        form.addRow("Candidates", self.candidates)
+        form.addRow("Slice axis", self.axis)
+        self._axis_label = form.labelForField(self.axis)
+        form.addRow("Resampling", self.jump_n)
+        form.addRow("", self.jump_length)
+        form.addRow("Feather", self.feather)
+        form.addRow("Device", self.device)
+        form.addRow("", self.preview)
+
+        self.inpaint_button = QPushButton("Inpaint")
+        self.inpaint_button.setToolTip("Fill the masked region; outside the mask nothing changes")
+        self.progress = ProgressRow()
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.settings)
+        layout.addWidget(self.inpaint_button)
+        layout.addWidget(self.progress)
+        layout.addStretch(1)
+
+        self.runner = TaskRunner(self.progress, [self.settings, self.inpaint_button], title="Inpaint", parent=self)
+        self.runner.running_changed.connect(self._sync)
+        self.model_picker.changed.connect(self._on_model_changed)
+        self.image_combo.currentIndexChanged.connect(self._sync)
+        self.labels_combo.currentIndexChanged.connect(self._sync)
+        self.jump_n.valueChanged.connect(self._sync)
+        self.new_mask_button.clicked.connect(self.new_mask)
+        self.inpaint_button.clicked.connect(self.run)
+        self._preview_layer: Layer | None = None
+        self._results: list[Layer] = []
+        self._source: Layer | None = None
+        self._on_model_changed(self.model_picker.current())
+
+    # --- settings ---
+
+    def _sync(self, *_: Any) -> None:
+        ready = (
+            self.model_picker.current() is not None
+            and self.image_combo.layer() is not None
+            and self.labels_combo.layer() is not None
+        )
+        self.inpaint_button.setEnabled(ready and not self.runner.running)
+        self.new_mask_button.setEnabled(self.image_combo.layer() is not None)
+        self.jump_length.setEnabled(self.jump_n.value() > 1)
+
+    def _on_model_changed(self, info: ModelInfo | None) -> None:
+        self._sync()
+        if info is None:
+            self.model_summary.setText("No generative model found. Use “Open model folder…” to pick one.")
+            return
+        self.model_summary.setText(info.summary())
+        self.sampling.set_defaults(info)
+        defaults = inpaint_defaults(info)
+        self.jump_length.setValue(int(defaults["jump_length"]))
+        self.jump_n.setValue(int(defaults["jump_n"]))
+        self.feather.setValue(int(defaults["feather_voxels"]))
+        is_2d = info.spatial_dims == 2
+        self.axis.setVisible(is_2d)
+        self._axis_label.setVisible(is_2d)
+
+    def new_mask(self) -> Labels | None:
+        """An empty Labels layer on the selected image's grid (same transform), selected for painting."""
+        image = self.image_combo.layer()
+        if image is None:
+            show_error("Inpaint: open a scan first")
+            return None
+        shape = np.shape(image.data)[-3:] if image.ndim >= 3 else np.shape(image.data)
+        layer = self.viewer.add_labels(
+            np.zeros(shape, np.uint8), name=f"{image.name} mask", scale=image.scale, translate=image.translate,
+            rotate=image.rotate, shear=image.shear, affine=image.affine.affine_matrix,
+            metadata={k: v for k, v in image.metadata.items() if k != PREVIEW_KEY},
+        )
+        layer.mode = "paint"
+        layer.selected_label = 1
+        self.labels_combo.select(layer)
+        return layer
+
+    # --- running ---
+
+    def run(self) -> None:
+        """Start inpainting with the current settings (no-op while a run is going)."""
+        info = self.model_picker.current()
+        image_layer, labels_layer = self.image_combo.layer(), self.labels_combo.layer()
+        if info is None or image_layer is None or labels_layer is None:
+            show_error("Inpaint: choose an image, a labels layer with the region painted, and a model")
+            return
+        if self.runner.running:
+            return
+        try:
+            image = layer_to_volume(image_layer)
+            mask = layer_to_volume(labels_layer)
+        except MeddiffError as exc:
+            show_error(f"Inpaint: {exc}")
+            return
+        # copies: the user may keep painting or editing while the model runs
+        image = Volume(np.array(image.array), image.affine, image.metadata)
+        mask = Volume(np.array(mask.array), mask.affine, {})
+        sampler, steps, seed = self.sampling.values()
+        label = self.label_value.value() or None
+        task = partial(
+            inpaint_task, model_ref=str(info.path), device=self.device.device(), image=image, mask=mask,
+            label=label, base_name=image_layer.name, sampler=sampler, steps=steps, seed=seed,
+            candidates=self.candidates.value(), axis=self.axis.currentText(), jump_length=self.jump_length.value(),
+            jump_n=self.jump_n.value(), feather_voxels=self.feather.value(), preview=self.preview.isChecked(),
+        )
+        self._preview_layer, self._results, self._source = None, [], image_layer
+        self.runner.start(task, on_event=self._on_event, on_result=self._on_result, on_stop=self._on_stop,
+                          text=f"Loading {info.name}…")
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, PreviewEvent):
+            self._show_preview(event)
+        elif isinstance(event, ResultEvent):
+            self._add_result(event)
+
+    def _layer_kwargs(self) -> dict[str, Any]:
+        source = self._source
+        if source is None or source not in self.viewer.layers:
+            return {}
+        return {"contrast_limits": tuple(source.contrast_limits), "colormap": source.colormap.name}
+
+    def _show_preview(self, event: PreviewEvent) -> None:
+        layer = self._preview_layer
+        name = f"inpaint preview (candidate {event.candidate + 1})"
+        if layer is None or layer not in self.viewer.layers:
+            source = self._source
+            if source is None or source not in self.viewer.layers:
+                return
+            data, meta, _ = source.as_layer_data_tuple()
+            meta = {k: meta[k] for k in ("scale", "translate", "rotate", "shear", "affine", "contrast_limits",
+                                         "colormap", "axis_labels", "units") if k in meta}
+            self._preview_layer = layer = self.viewer.add_image(
+                np.array(data, copy=True), name=name, metadata={PREVIEW_KEY: True}, **meta
+            )
+        data = layer.data
+        view = data[..., None] if data.ndim == 2 else data
+        view[event.region] = event.patch
+        layer.name = name
+        layer.refresh()
+
+    def _add_result(self, event: ResultEvent) -> None:
+        data, meta, layer_type = volume_to_layer_data(event.volume, event.name, layer_type="image", **self._layer_kwargs())
+        layer = self.viewer.add_layer(Layer.create(data, meta, layer_type))
+        self._results.append(layer)
+
+    def _remove_preview(self) -> None:
+        layer, self._preview_layer = self._preview_layer, None
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+
+    def _on_result(self, count: int) -> None:
+        self._remove_preview()
+        if self._results:
+            for layer in self._results[1:]:
+                layer.visible = False  # one candidate at a time; toggle to compare
+            self.viewer.layers.selection.active = self._results[0]
+
+    def _on_stop(self, outcome: str) -> None:
+        self._remove_preview()
+        if outcome == "done":
+            self.progress.label.setText(f"{len(self._results)} candidate(s) added. {self.progress.label.text()}")

@@ -1,0 +1,260 @@
+"""The Generate dock widget with tiny models: completion, cancel, errors, responsiveness, saving (xvfb-run)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    pytest.skip("napari tests need a display: run under xvfb-run -a", allow_module_level=True)
+pytest.importorskip("napari")
+
+import nibabel as nib  # noqa: E402
+from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
+
+from napari_meddiff._napari.widgets import common  # noqa: E402
+from napari_meddiff._napari.widgets.generate import PREVIEW_KEY, GenerateWidget  # noqa: E402
+
+pytestmark = pytest.mark.napari
+TIMEOUT_MS = 120_000
+
+
+def open_widget(make_napari_viewer, model_dir=None) -> tuple[object, GenerateWidget]:
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-meddiff", "Generate")
+    assert isinstance(widget, GenerateWidget)
+    if model_dir is not None:
+        widget.model_picker.add_folder(model_dir)
+    return viewer, widget
+
+
+def run_and_wait(qtbot, widget: GenerateWidget) -> None:
+    widget.generate_button.click()
+    assert widget.runner.running
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=TIMEOUT_MS)
+
+
+def assert_usable(widget: GenerateWidget) -> None:
+    assert widget.settings.isEnabled() and widget.generate_button.isEnabled() and widget.save_button.isEnabled()
+    assert not widget.progress.cancel_button.isEnabled() and not widget.runner.running
+
+
+def test_generate_to_completion(make_napari_viewer, qtbot, tiny_models):
+    from napari_meddiff import generate, load_model
+
+    viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
+    assert widget.preview_every.isVisible() or not widget.isVisible()  # 3D model: preview row shown
+    widget.sampling.sampler.setCurrentText("dpm++")
+    widget.sampling.steps.setValue(4)
+    widget.sampling.seed.setValue(7)
+    widget.num_samples.setValue(2)
+    widget.preview_every.setValue(2)
+    updates = []
+    viewer.layers.events.inserted.connect(lambda e: e.value.events.data.connect(lambda _: updates.append(e.value.name)))
+    run_and_wait(qtbot, widget)
+
+    # the chain is shown live, in place: each volume's layer gets previews at steps 2 and 4, then the result
+    assert updates == ["tiny-ldm-3d_seed7 (generating…)"] * 3 + ["tiny-ldm-3d_seed8 (generating…)"] * 3
+    assert [layer.name for layer in viewer.layers] == ["tiny-ldm-3d_seed7", "tiny-ldm-3d_seed8"]
+    assert not any(layer.metadata.get(PREVIEW_KEY) for layer in viewer.layers)
+    layer = viewer.layers["tiny-ldm-3d_seed8"]
+    assert layer.data.shape == (16, 16, 16) and tuple(layer.scale) == (4.0, 4.0, 4.0)
+    assert tuple(layer.contrast_limits) == (0.0, 1.0) and layer.colormap.name == "gray"
+    prov = layer.metadata["provenance"]
+    assert (prov["model"], prov["seed"], prov["sampler"], prov["steps"]) == ("tiny-ldm-3d", 8, "dpm++", 4)
+    # the widget only wraps the core: same seed and settings give the same volume, bit for bit
+    (ref,) = generate(load_model(tiny_models["ldm3d"]), [8], sampler="dpm++", steps=4, device="cpu")
+    np.testing.assert_array_equal(layer.data, ref.array)
+    np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), ref.affine[:3, 3])
+    # axial 2D view through the middle
+    assert viewer.dims.ndisplay == 2 and tuple(viewer.dims.order) == (2, 1, 0)
+    assert abs(viewer.dims.point[2] - np.mean(layer.extent.world[:, 2])) <= 2.0  # half a 4 mm voxel
+    assert_usable(widget)
+    assert "2 volume(s) generated" in widget.progress.label.text()
+
+
+def test_generate_2d_model(make_napari_viewer, qtbot, tiny_models):
+    viewer, widget = open_widget(make_napari_viewer, tiny_models["ddpm2d"])
+    assert widget.preview_every.isHidden()  # previews are cheap in 2D: every step
+    widget.sampling.steps.setValue(3)
+    run_and_wait(qtbot, widget)
+    (layer,) = viewer.layers
+    assert layer.name == "tiny-ddpm-2d_seed0" and layer.data.shape == (32, 32, 1)
+    assert tuple(layer.scale) == (4.0, 4.0, 1.0)
+    assert_usable(widget)
+
+
+def test_cancel_midway(make_napari_viewer, qtbot, tiny_models, monkeypatch):
+    steps_after_cancel = []
+    original = common.TaskContext.step_callback
+
+    def recording_step_callback(self, offset, total, text=""):
+        inner = original(self, offset, total, text)
+
+        def on_step(info):
+            if self.should_cancel():
+                steps_after_cancel.append(info.index)
+            inner(info)
+
+        return on_step
+
+    monkeypatch.setattr(common.TaskContext, "step_callback", recording_step_callback)
+    viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
+    widget.sampling.steps.setValue(400)
+    widget.preview_every.setValue(1)
+    widget.generate_button.click()
+    qtbot.waitUntil(lambda: widget.progress.bar.value() >= 3, timeout=TIMEOUT_MS)
+    assert [layer.name for layer in viewer.layers] == ["tiny-ldm-3d_seed0 (generating…)"]
+    widget.progress.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=TIMEOUT_MS)
+    assert len(viewer.layers) == 0, [layer.name for layer in viewer.layers]  # no preview, no half-made volume
+    assert len(steps_after_cancel) <= 1, steps_after_cancel  # stops within one step
+    assert widget.progress.label.text() == "Cancelled."
+    assert_usable(widget)
+
+
+def test_cancel_keeps_finished_volumes(make_napari_viewer, qtbot, tiny_models):
+    viewer, widget = open_widget(make_napari_viewer, tiny_models["ddpm2d"])
+    widget.sampling.steps.setValue(150)
+    widget.num_samples.setValue(3)
+    widget.generate_button.click()
+    qtbot.waitUntil(lambda: "tiny-ddpm-2d_seed0" in viewer.layers, timeout=TIMEOUT_MS)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=TIMEOUT_MS)
+    names = [layer.name for layer in viewer.layers]
+    assert names[0] == "tiny-ddpm-2d_seed0" and not any("generating" in n for n in names)
+    assert len(names) <= 2  # seed 1 may have finished before the click reached the worker; seed 2 never
+    assert_usable(widget)
+
+
+def test_error_shows_notification_and_widget_stays_usable(make_napari_viewer, qtbot, tiny_models, tmp_path):
+    from napari_meddiff.testing import make_tiny_model
+
+    broken = make_tiny_model(tmp_path / "broken-ldm", "ldm", 3)
+    weights = broken / "unet.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-64:] = bytes(64)  # corrupt the tail
+    weights.write_bytes(bytes(raw))
+
+    viewer, widget = open_widget(make_napari_viewer, broken)
+    before = len(notification_manager.records)
+    widget.sampling.steps.setValue(2)
+    run_and_wait(qtbot, widget)
+    errors = [n for n in notification_manager.records[before:] if n.severity == NotificationSeverity.ERROR]
+    assert len(errors) == 1 and "corrupt" in errors[0].message and errors[0].message.startswith("Generate failed:")
+    assert len(viewer.layers) == 0
+    assert_usable(widget)
+    assert widget.progress.label.text().startswith("Failed:")
+
+    widget.model_picker.select(tiny_models["ldm3d"])  # usable again: a good model runs
+    run_and_wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["tiny-ldm-3d_seed0"]
+
+
+def test_unexpected_error_is_reported(make_napari_viewer, qtbot, tiny_models, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated CUDA failure")  # superqt would swallow a bare RuntimeError
+
+    monkeypatch.setattr(importlib.import_module("napari_meddiff.generate"), "generate", boom)
+    viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
+    before = len(notification_manager.records)
+    run_and_wait(qtbot, widget)
+    messages = [n.message for n in notification_manager.records[before:] if n.severity == NotificationSeverity.ERROR]
+    assert messages == ["Generate failed: RuntimeError: simulated CUDA failure"]
+    assert_usable(widget)
+
+
+def test_gui_stays_responsive(make_napari_viewer, qtbot, tiny_models):
+    """A 10 ms QTimer keeps ticking while the worker generates (live preview on every step)."""
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
+    widget.sampling.steps.setValue(60)
+    widget.preview_every.setValue(1)  # worst case: a layer update every step
+    ticks: list[float] = []
+    running: list[float] = []
+    widget.runner.running_changed.connect(lambda _: running.append(time.perf_counter()))
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    qtbot.wait(200)
+    clicked = time.perf_counter()
+    run_and_wait(qtbot, widget)
+    qtbot.wait(50)
+    timer.stop()
+    t = np.array(ticks)
+    worker = np.diff(t[(t >= running[0]) & (t <= running[1])]) * 1000  # while the worker runs
+    whole = np.diff(t[max(0, np.searchsorted(t, clicked) - 1):]) * 1000  # from the click (napari adds a layer)
+    print(
+        f"\nGUI timer while generating ({running[1] - running[0]:.1f} s, {len(worker)} ticks): longest gap "
+        f"{worker.max():.1f} ms, median {np.median(worker):.1f} ms, p99 {np.percentile(worker, 99):.1f} ms; "
+        f"from the click, incl. napari creating the layer: longest gap {whole.max():.1f} ms"
+    )
+    assert len(viewer.layers) == 1 and viewer.layers[0].name == "tiny-ldm-3d_seed0"
+    assert worker.max() < 100
+
+
+def test_save_as_nifti(make_napari_viewer, qtbot, tiny_models, tmp_path, monkeypatch):
+    viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
+    widget.sampling.steps.setValue(2)
+    run_and_wait(qtbot, widget)
+    (layer,) = viewer.layers
+    target = tmp_path / "out" / "synthetic"  # no suffix: .nii.gz is added
+    monkeypatch.setattr(widget, "ask_save_path", lambda suggested: str(target))
+    asked = []
+    monkeypatch.setattr(widget, "confirm_overwrite", lambda path: asked.append(path) or False)
+    target.parent.mkdir()
+
+    widget.save_button.click()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=TIMEOUT_MS)
+    out = tmp_path / "out" / "synthetic.nii.gz"
+    img = nib.load(str(out))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), layer.data)
+    np.testing.assert_allclose(img.affine, layer._data_to_world.affine_matrix, atol=1e-6)
+    assert json.loads((tmp_path / "out" / "synthetic.json").read_text())["seed"] == 0
+    assert not asked
+
+    before = out.stat().st_mtime_ns
+    widget.save_button.click()  # exists: asked, refused -> untouched
+    assert asked == [out] and not widget.runner.running and out.stat().st_mtime_ns == before
+
+    monkeypatch.setattr(widget, "confirm_overwrite", lambda path: True)
+    layer.data = layer.data * 0.5
+    widget.save_button.click()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=TIMEOUT_MS)
+    np.testing.assert_allclose(np.asarray(nib.load(str(out)).dataobj), layer.data)
+    assert not list(out.parent.glob(".*part*"))  # atomic: no temporary files left
+
+
+def test_model_picker_states(make_napari_viewer, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "available_models", lambda: {})
+    viewer, widget = open_widget(make_napari_viewer)
+    assert widget.model_picker.current() is None and not widget.generate_button.isEnabled()
+    assert "No generative model" in widget.model_summary.text()
+
+    picker = widget.model_picker
+    before = len(notification_manager.records)
+    monkeypatch.setattr(picker, "ask_folder", lambda: str(tmp_path))  # not a model folder
+    picker.combo.activated.emit(picker.combo.findData(common.OPEN_FOLDER))
+    assert "no model.json" in notification_manager.records[-1].message and len(notification_manager.records) > before
+    assert picker.current() is None
+
+    monkeypatch.setattr(picker, "ask_folder", lambda: str(tiny_models["seg2d"]))  # wrong kind
+    picker.combo.activated.emit(picker.combo.findData(common.OPEN_FOLDER))
+    assert "segmentation model" in notification_manager.records[-1].message
+
+    monkeypatch.setattr(picker, "ask_folder", lambda: str(tiny_models["ddpm2d"]))
+    picker.combo.activated.emit(picker.combo.findData(common.OPEN_FOLDER))
+    assert picker.current().name == "tiny-ddpm-2d" and widget.generate_button.isEnabled()
+    assert widget.sampling.steps.value() == 5 and widget.sampling.sampler.currentText() == "ddim"  # model defaults
+    seed = widget.sampling.seed.value()
+    widget.sampling.random_button.click()
+    assert widget.sampling.seed.value() != seed or widget.sampling.seed.value() == 0

@@ -1,0 +1,107 @@
+"""The Segment dock widget in a real napari viewer (run under xvfb-run): results in the image's world space,
+per-member progress, the class-volume table, switching the probability class, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+from napari_meddiff._napari.layers import layer_to_volume, volume_to_layer_data
+from napari_meddiff.testing import make_tiny_model
+from napari_meddiff.volume import Volume
+
+pytestmark = pytest.mark.napari
+
+
+@pytest.fixture(scope="module")
+def seg_model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segwidget")
+    return make_tiny_model(root / "tiny-seg-2d", "segmentation", 2, image_shape=(16, 16))
+
+
+@pytest.fixture
+def widget_and_viewer(make_napari_viewer, seg_model_dir, monkeypatch, qtbot):
+    from napari.layers import Layer
+
+    from napari_meddiff._napari.widgets.segment import SegmentWidget
+
+    monkeypatch.setenv("MEDDIFF_MODELS", str(seg_model_dir.parent))
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    idx = np.indices((14, 12, 8)).astype(np.float32)
+    arr = np.where(((idx - np.array([6.5, 5.5, 3.5])[:, None, None, None]) ** 2).sum(0) < 20, 80.0, 0.0)
+    arr = (arr + rng.random(arr.shape) * 5).astype(np.float32)
+    theta = np.deg2rad(15)
+    affine = np.eye(4)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    affine[:3, :3] = rot @ np.diag([-3.0, 3.0, 4.0])
+    affine[:3, 3] = (20.0, -10.0, 5.0)
+    data, meta, kind = volume_to_layer_data(Volume(arr, affine), "scan", layer_type="image")
+    image = viewer.add_layer(Layer.create(data, meta, kind))
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    widget.model_picker.select("tiny-seg-2d")
+    widget.ensemble.setValue(3)
+    widget.sampling.sampler.setCurrentText("ddim")
+    widget.sampling.steps.setValue(2)
+    widget.sampling.seed.setValue(1)
+    return widget, viewer, image
+
+
+def test_segment_widget_results_overlay_the_image(widget_and_viewer, qtbot):
+    widget, viewer, image = widget_and_viewer
+    assert widget.image_combo.currentText() == "scan"
+    assert widget.model_picker.current().kind == "segmentation"
+    assert widget.axis.isVisibleTo(widget)  # a 2D model: slice axis shown
+    assert widget.segment_button.isEnabled()
+    qtbot.mouseClick(widget.segment_button, Qt.LeftButton)
+    assert widget.runner.running
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
+    assert widget.result is not None
+    assert widget.progress.label.text().startswith("3 member(s) × ") and "Done in" in widget.progress.label.text()
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["scan", "scan labels", "scan P(CSF)", "scan uncertainty"]
+    labels, prob, unc = viewer.layers["scan labels"], viewer.layers["scan P(CSF)"], viewer.layers["scan uncertainty"]
+    src = layer_to_volume(image)
+    for layer in (labels, prob, unc):
+        vol = layer_to_volume(layer)
+        np.testing.assert_allclose(vol.affine, src.affine, atol=1e-9)
+        assert vol.shape == src.shape
+    assert np.issubdtype(labels.data.dtype, np.integer)
+    np.testing.assert_array_equal(labels.data, widget.result.labels.array)
+    assert list(labels.features["class"]) == ["background", "CSF", "GM", "WM"]
+    assert unc.colormap.name == "magma" and tuple(unc.contrast_limits) == (0.0, 1.0)
+    np.testing.assert_array_equal(unc.data, widget.result.uncertainty.array)
+    np.testing.assert_array_equal(prob.data, widget.result.probabilities.array[..., 1])
+    # every member finished, and the table holds each class + the non-background total
+    assert len(widget.member_bars.bars) == 3 and all(b.value() == 1000 for b in widget.member_bars.bars)
+    assert widget.table.rowCount() == 5
+    table = widget.volumes_text().splitlines()
+    assert table[0].startswith("background") and table[-1].startswith("total")
+    gm_ml = float(table[2].split("\t")[1].replace(",", ""))
+    assert gm_ml == pytest.approx(widget.result.volumes_ml["GM"], abs=0.06)
+    # switch the probability layer to another class
+    widget.probability_class.setCurrentText("WM")
+    assert prob.name == "scan P(WM)"
+    np.testing.assert_array_equal(prob.data, widget.result.probabilities.array[..., 3])
+    # running again replaces the three result layers rather than piling them up
+    widget.probability_class.setCurrentText("GM")
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
+    assert [layer.name for layer in viewer.layers] == ["scan", "scan labels", "scan P(GM)", "scan uncertainty"]
+    assert widget.image_combo.count() == 1  # result images are not offered as inputs
+
+
+def test_segment_widget_cancel(widget_and_viewer, qtbot):
+    widget, viewer, _ = widget_and_viewer
+    widget.ensemble.setValue(4)
+    widget.sampling.steps.setValue(50)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.progress.bar.maximum() > 1, timeout=60_000)  # first report arrived
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert widget.progress.label.text() == "Cancelled."
+    assert [layer.name for layer in viewer.layers] == ["scan"]
+    assert widget.result is None
+    assert widget.segment_button.isEnabled()
