@@ -54,23 +54,29 @@ def pick_model(name: str, scratch: Path) -> tuple[str, str | None]:
     return str(path), note
 
 
-def bench_batch_sizes(model, sizes: list[int], num: int, device, settings: dict, scratch: Path) -> list[dict]:
+def bench_batch_sizes(model, sizes: list[int], num: int, device, settings: dict, scratch: Path,
+                      repeat: int) -> list[dict]:
+    """Best (and median) of ``repeat`` timed runs per batch size: the best is the least disturbed by other jobs."""
     rows = []
     for bs in sizes:
         seeds = list(range(1000, 1000 + num))
         generate(model, seeds[:bs], sampler=settings["sampler"], steps=2, device=str(device), batch_size=bs,
                  precision=settings["precision"])  # warm-up: allocator and oneDNN primitives for this shape
-        out = scratch / f"bs{bs}"
-        t0 = time.perf_counter()
-        report = batch.generate_subjects(
-            model, batch.seed_blocks(seeds, bs), out, sampler=settings["sampler"], steps=settings["steps"],
-            precision=settings["precision"], device=device, log=lambda msg: None,
-        )
-        seconds = time.perf_counter() - t0
-        assert len(report.written) == num
-        rows.append({"batch_size": bs, "volumes": num, "seconds": seconds, "seconds_per_volume": seconds / num,
+        times = []
+        for _ in range(repeat):
+            out = scratch / f"bs{bs}"
+            t0 = time.perf_counter()
+            report = batch.generate_subjects(
+                model, batch.seed_blocks(seeds, bs), out, sampler=settings["sampler"], steps=settings["steps"],
+                precision=settings["precision"], device=device, log=lambda msg: None,
+            )
+            times.append(time.perf_counter() - t0)
+            assert len(report.written) == num
+            shutil.rmtree(out)
+        seconds, median = min(times), sorted(times)[len(times) // 2]
+        rows.append({"batch_size": bs, "volumes": num, "repeats": repeat, "seconds": seconds,
+                     "median_seconds": median, "seconds_per_volume": seconds / num,
                      "volumes_per_min": 60 * num / seconds})
-        shutil.rmtree(out)
     return rows
 
 
@@ -115,11 +121,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--process-batch-size", type=int, default=1, help="batch size of the process runs")
     parser.add_argument("--baseline-steps", type=int, default=None,
-                        help="MONAI baseline steps actually run, of 1000 (default 50, --quick 10; 1000: no extrapolation)")
+                        help="MONAI baseline steps run, of 1000 (default 50, --quick 10; 1000: no extrapolation)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed runs per batch size, best kept (default 3, --quick 1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads in all (CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS / "batch.json")
     args = parser.parse_args()
     num = args.num or (4 if args.quick else 8)
+    repeat = args.repeat or (1 if args.quick else 3)
     baseline_steps = min(1000, args.baseline_steps or (10 if args.quick else 50))
 
     torch.set_num_threads(args.threads)
@@ -138,9 +147,14 @@ def main() -> None:
               f"{args.threads} threads, load average {load[0]:.1f}, torch {info['torch']}, device {device}")
         if note:
             print(f"# NOTE: {note}")
+        busy = load[0] > 0.5 * (info["cores"] or 1)
+        if busy:
+            print(f"# WARNING: load average {load[0]:.1f} on {info['cores']} cores: other jobs are running; timings "
+                  "are noisy, multi-threaded ones most (OpenMP threads wait for busy cores)")
 
-        sizes = bench_batch_sizes(model, args.batch_sizes, num, device, settings, scratch)
-        print(table(sizes, ["batch_size", "volumes", "seconds", "seconds_per_volume", "volumes_per_min"]))
+        sizes = bench_batch_sizes(model, args.batch_sizes, num, device, settings, scratch, repeat)
+        print(table(sizes, ["batch_size", "volumes", "repeats", "seconds", "median_seconds", "seconds_per_volume",
+                            "volumes_per_min"]))
 
         procs = bench_processes(model_arg, args.processes, num, args.process_batch_size, args.threads,
                                 args.device, scratch)
@@ -169,7 +183,7 @@ def main() -> None:
               + f"{best['seconds_per_volume']:.2f} s/volume at batch {best['batch_size']} -> "
               f"{ratio['speedup_best_batch']:.1f}x faster than the baseline")
         result = {
-            "model": model.name, "model_note": note, "machine": {**info, "load_average": load},
+            "model": model.name, "model_note": note, "machine": {**info, "load_average": load, "busy": busy},
             "device": str(device), "threads": args.threads, "settings": settings, "quick": args.quick,
             "batch_sizes": sizes, "processes": procs, "baseline": {**base, "how": how}, "ratio": ratio,
         }

@@ -276,11 +276,12 @@ def evaluate(name: str, args) -> dict:
         res["generation"] = {"n": n, **sampling, "seconds_per_sample": round(gen_seconds / n, 3)}
         res["c2st"] = c2st(real, fake, seed=args.seed)
         r_np, f_np = real.numpy(), fake.numpy()
-        res["intensity"] = {"real": tissue_stats(r_np, labels.numpy()), "generated": tissue_stats(f_np, None),
+        res["intensity"] = {"real": tissue_stats(r_np[:, 0], labels.numpy()), "generated": tissue_stats(f_np[:, 0], None),
                             "wasserstein_brain_intensity": round(wasserstein(r_np, f_np), 4)}
-        save_samples(RESULTS / f"samples_{name}.png", fake, real,
+        png = args.out.parent / f"samples_{model_dir.name}.png"
+        save_samples(png, fake, real,
                      f"{name}: top generated ({sampling['sampler']} {sampling['steps']} steps), bottom held-out real")
-        res["samples_png"] = f"benchmarks/results/samples_{name}.png"
+        res["samples_png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
         print(f"{name}: C2ST accuracy {res['c2st']['accuracy']:.3f}; W1 {res['intensity']['wasserstein_brain_intensity']}", flush=True)
     if model.kind == "segmentation":
         steps = int(model.config["defaults"]["steps"])
@@ -333,7 +334,7 @@ def render(res: dict) -> str:
              f"{len(res['heldout_seeds'])} held-out cohort subjects (seeds {min(res['heldout_seeds'])}-"
              f"{max(res['heldout_seeds'])}, never used in training), {res['heldout_items']} "
              f"{'volumes' if res['kind'] == 'ldm' else 'slices'}; weights sha256 {res['weights_sha256'][:12]}…. "
-             "Source: `benchmarks/results/evaluation.json`.", ""]
+             f"Source: `{res.get('json', 'benchmarks/results/evaluation.json')}`.", ""]
     miss = []
     if "autoencoder" in res:
         a = res["autoencoder"]
@@ -415,6 +416,7 @@ def main(argv=None) -> int:
         ensure_heldout(args.heldout, max(args.num_heldout, args.seg_subjects))
         for name in args.models:
             results[name] = evaluate(name, args)
+            results[name]["json"] = str(args.out.resolve().relative_to(ROOT)) if args.out.resolve().is_relative_to(ROOT) else str(args.out)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
             update_card(find_model_dir(name), results[name])

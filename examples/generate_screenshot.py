@@ -43,6 +43,9 @@ def main() -> None:
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 860)
     _, widget = viewer.window.add_plugin_dock_widget("napari-meddiff", "Generate")
+    for _ in range(10):  # let the window lay out before the first layer sets the view
+        app.processEvents()
+        time.sleep(0.02)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or (DEFAULT_MODEL if DEFAULT_MODEL in available_models() else None)
         if model is None:

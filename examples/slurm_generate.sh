@@ -55,4 +55,5 @@ meddiff generate --model "$MODEL" --num "$NUM" --seed "$SEED" --batch-size "$BAT
     --shard "$SHARD" --out "$OUT"
 
 # To check and index the finished cohort in a job of its own, submit after the array:
-#   sbatch --dependency=afterok:<array job id> --wrap "source $VENV/bin/activate && meddiff generate --merge-manifest $OUT"
+#   sbatch --dependency=afterok:<array job id> \
+#       --wrap "source $VENV/bin/activate && meddiff generate --merge-manifest $OUT"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ def prepare_decathlon(root: Path, task: str, out_dir: Path, channel: int = 0, do
     out_dir.mkdir(parents=True, exist_ok=True)
     for d in ds.data[:max_cases]:
         case = Path(d["image"]).name.split(".nii")[0]
-        img = read_volume(d["image"], frame=channel) if _is_4d(d["image"]) else read_volume(d["image"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "4D, using volume N": that is the point
+            img = read_volume(d["image"], frame=channel) if _is_4d(d["image"]) else read_volume(d["image"])
         write_volume(img, out_dir / f"{case}_img.nii.gz", overwrite=True)
         lab = read_volume(d["label"])
         write_volume(lab.with_array(np.asarray(lab.array).astype(np.uint8)), out_dir / f"{case}_seg.nii.gz",

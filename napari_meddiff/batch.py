@@ -204,6 +204,7 @@ def collect_rows(out: Path) -> ManifestReport:
     rows: list[dict] = []
     problems: list[str] = []
     sidecar_images = set()
+    settings: dict[str, dict[tuple, list[int]]] = {}
     for sidecar in sorted(out.glob("*.json")):
         match = SIDECAR_RE.match(sidecar.name)
         if not match or sidecar.name.startswith("."):
@@ -213,9 +214,11 @@ def collect_rows(out: Path) -> ManifestReport:
         sidecar_images.add(image.name)
         status = check_subject(out, model_name, seed)
         if not status.valid:
-            problems.append(f"{image.name}: {status.problem}")
+            problems.append(f"{image.name}: {status.problem}; left out of {MANIFEST_NAME}")
             continue
         meta = status.meta
+        key = tuple(meta.get(k) for k in SETTINGS_KEYS)
+        settings.setdefault(meta.get("model", model_name), {}).setdefault(key, []).append(seed)
         rows.append(
             {
                 "file": image.name,
@@ -227,7 +230,16 @@ def collect_rows(out: Path) -> ManifestReport:
         )
     for image in sorted(out.glob("*_seed*.nii.gz")):
         if not image.name.startswith(".") and image.name not in sidecar_images:
-            problems.append(f"{image.name}: image has no sidecar (interrupted write)")
+            problems.append(f"{image.name}: image has no sidecar (interrupted write); left out of {MANIFEST_NAME}")
+    for model_name, groups in settings.items():
+        if len(groups) > 1:
+            described = "; ".join(
+                f"seeds {min(seeds)}..{max(seeds)} ({len(seeds)}): "
+                + ", ".join(f"{k}={v}" for k, v in zip(SETTINGS_KEYS, key) if k != "model_sha256")
+                + f", weights {str(key[0])[:12]}"
+                for key, seeds in groups.items()
+            )
+            problems.append(f"{model_name}: subjects generated with different settings (all listed): {described}")
     rows.sort(key=lambda r: (r["model"], r["seed"]))
     return ManifestReport(rows, problems)
 
@@ -281,7 +293,9 @@ class GenerationReport:
     seconds: float = 0.0
 
 
-def resolved_settings(model, *, sampler: str | None, steps: int | None, eta: float, precision: str | None, device) -> dict:
+def resolved_settings(
+    model, *, sampler: str | None, steps: int | None, eta: float, precision: str | None, device
+) -> dict:
     """The settings `napari_meddiff.generate.generate` will use (same defaults), for the resume check."""
     import torch
 

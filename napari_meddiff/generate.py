@@ -82,7 +82,8 @@ def generate(
         def step_hook(info: StepInfo) -> None:
             if on_step is not None:
                 on_step(info)
-            if on_preview is not None and preview_every and (info.index % preview_every == 0 or info.index == info.total):
+            # the last step is not previewed: the final decode below replaces the preview at once
+            if on_preview is not None and preview_every and info.index % preview_every == 0 and info.index < info.total:
                 images = decode_latents(model, info.pred_x0, precision)[:, 0].clamp(0, 1).cpu().numpy()
                 on_preview(Preview(info, images))
 

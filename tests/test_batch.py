@@ -83,7 +83,8 @@ def test_partition_covers_every_seed_once_in_fixed_blocks():
         full = batch.seed_blocks(seeds, bs)
         for n in (1, 2, 3, 7):
             for world in (1, 2, 4):
-                parts = [batch.partition(seeds, bs, shard=(i, n), rank=r, world=world) for i in range(n) for r in range(world)]
+                parts = [batch.partition(seeds, bs, shard=(i, n), rank=r, world=world)
+                         for i in range(n) for r in range(world)]
                 blocks = [b for part in parts for b in part]
                 assert sorted(map(tuple, blocks)) == sorted(map(tuple, full))  # same blocks, each exactly once
     # batch size 1: the strided split of the brief, seeds[shard::n][rank::world]
@@ -243,3 +244,14 @@ def test_bad_batch_options_one_line_error(tiny_models, tmp_path, capsys, args, m
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_merge_flags_mixed_settings(tiny_models, reference, tmp_path, one_thread, capsys):
+    out = tmp_path / "mixed-merge"
+    shutil.copytree(reference, out)
+    assert main(["generate", "--model", str(tiny_models["ldm3d"]), "--num", "1", "--seed", "8", "--sampler", "ddim",
+                 "--steps", "4", "--out", str(out)]) == 0  # new seed, other steps: allowed, but flagged
+    capsys.readouterr()
+    assert main(["generate", "--merge-manifest", str(out)]) == 1
+    assert "different settings" in capsys.readouterr().err
+    assert len(batch.read_manifest(out / "cohort.csv")) == 6

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +49,7 @@ def test_generate_to_completion(make_napari_viewer, qtbot, tiny_models):
     from napari_meddiff import generate, load_model
 
     viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
-    assert widget.preview_every.isVisible() or not widget.isVisible()  # 3D model: preview row shown
+    assert widget.preview_every.isVisibleTo(widget)  # 3D model: preview setting shown
     widget.sampling.sampler.setCurrentText("dpm++")
     widget.sampling.steps.setValue(4)
     widget.sampling.seed.setValue(7)
@@ -61,7 +60,7 @@ def test_generate_to_completion(make_napari_viewer, qtbot, tiny_models):
     run_and_wait(qtbot, widget)
 
     # the chain is shown live, in place: each volume's layer gets previews at steps 2 and 4, then the result
-    assert updates == ["tiny-ldm-3d_seed7 (generating…)"] * 3 + ["tiny-ldm-3d_seed8 (generating…)"] * 3
+    assert updates == [f"tiny-ldm-3d_seed{s}{suffix}" for s in (7, 8) for suffix in (" (generating…)",) * 2 + ("",)]
     assert [layer.name for layer in viewer.layers] == ["tiny-ldm-3d_seed7", "tiny-ldm-3d_seed8"]
     assert not any(layer.metadata.get(PREVIEW_KEY) for layer in viewer.layers)
     layer = viewer.layers["tiny-ldm-3d_seed8"]
@@ -251,9 +250,19 @@ def test_model_picker_states(make_napari_viewer, tiny_models, tmp_path, monkeypa
     picker.combo.activated.emit(picker.combo.findData(common.OPEN_FOLDER))
     assert "segmentation model" in notification_manager.records[-1].message
 
+    monkeypatch.setattr(common, "available_models", lambda: {"tiny-ldm-3d": tiny_models["ldm3d"]})
+    picker.combo.showPopup()  # a model installed meanwhile shows up when the list is opened
+    picker.combo.hidePopup()
+    assert picker.current().name == "tiny-ldm-3d" and widget.generate_button.isEnabled()
+    assert widget.preview_every.isVisibleTo(widget)
+
     monkeypatch.setattr(picker, "ask_folder", lambda: str(tiny_models["ddpm2d"]))
     picker.combo.activated.emit(picker.combo.findData(common.OPEN_FOLDER))
     assert picker.current().name == "tiny-ddpm-2d" and widget.generate_button.isEnabled()
+    assert not widget.preview_every.isVisibleTo(widget)
+    assert [picker.combo.itemText(i) for i in range(picker.combo.count())] == [
+        "tiny-ldm-3d", "tiny-ddpm-2d", "", "Open model folder…"
+    ]
     assert widget.sampling.steps.value() == 5 and widget.sampling.sampler.currentText() == "ddim"  # model defaults
     seed = widget.sampling.seed.value()
     widget.sampling.random_button.click()

@@ -114,6 +114,10 @@ def test_image_and_mask_overlay(make_napari_viewer, tmp_path):
     np.testing.assert_array_equal(np.asarray(back.dataobj), mask)
     np.testing.assert_allclose(back.affine, affine, atol=1e-5)
 
+    viewer.layers.selection.active = img_layer  # File > Save without naming a plugin picks ours by extension
+    (written,) = viewer.layers.save(str(tmp_path / "image_saved.nii.gz"), selected=True)
+    np.testing.assert_allclose(nib.load(written).affine, affine, atol=1e-5)
+
 
 def test_labels_detection(tmp_path):
     few = np.zeros((8, 8, 8), np.int16)

@@ -218,9 +218,9 @@ def test_decathlon_preparation_on_fake_data(tmp_path):
     rng = np.random.default_rng(0)
     training = []
     for i in range(3):
-        img = rng.random((30, 30, 20, 4)).astype(np.float32)
-        img[10:20, 10:20, 5:15] += 2
-        lab = np.zeros((30, 30, 20), np.uint8)
+        img = rng.random((60, 60, 16, 4)).astype(np.float32)
+        img[10:50, 10:50, 3:13] += 2
+        lab = np.zeros((60, 60, 16), np.uint8)
         lab[12:16, 12:16, 8:12] = 1 + i % 3
         nib.save(nib.Nifti1Image(img, np.diag([2.0, 2.0, 2.0, 1.0])), task / "imagesTr" / f"BRATS_{i:03d}.nii.gz")
         nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 2.0, 1.0])), task / "labelsTr" / f"BRATS_{i:03d}.nii.gz")

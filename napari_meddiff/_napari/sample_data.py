@@ -72,4 +72,5 @@ def synthetic_brain() -> list[LayerDataTuple]:
     model = load_model(_sample_model(), device=device)
     steps = min(int(default_sampling(model)["steps"]), SAMPLE_MAX_STEPS)
     (vol,) = generate(model, [SAMPLE_SEED], steps=steps, device=str(device))
-    return [volume_to_layer_data(vol, f"{model.name}_seed{SAMPLE_SEED}", layer_type="image", contrast_limits=(0.0, 1.0))]
+    name = f"{model.name}_seed{SAMPLE_SEED}"
+    return [volume_to_layer_data(vol, name, layer_type="image", contrast_limits=(0.0, 1.0))]

@@ -22,8 +22,9 @@ from ..zoo import DEFAULT_MODEL, load_model
 
 EPILOG = """\
 scaling out:
-  torchrun --standalone --nproc_per_node 4 -m napari_meddiff.cli generate --num 1000 --out DIR
+  torchrun --standalone --nproc_per_node 4 -m napari_meddiff.cli -- generate --num 1000 --out DIR
       one process per GPU (cuda:LOCAL_RANK) or CPU worker (gloo); rank 0 writes cohort.csv at the end
+      (the `--` keeps torchrun from reading --num as its own --numa-binding)
   meddiff generate --num 1000 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --out DIR
       one shard of a job array; cohort.csv is written by the shard that completes the cohort
   meddiff generate --merge-manifest DIR
@@ -42,9 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="fp32, or bf16 autocast (CPU/CUDA), fp16 (CUDA)")
-    p.add_argument("--batch-size", type=int, default=1, help="samples per network evaluation")
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto; cuda:LOCAL_RANK under torchrun)")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=None, help="fp32, or bf16 autocast (CPU/CUDA), fp16 (CUDA)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1,
+        help="samples per network evaluation (consecutive seeds are batched in fixed blocks, so a seed's file is the "
+        "same however the run is split into processes or shards)",
+    )
+    p.add_argument(
+        "--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto; cuda:LOCAL_RANK under torchrun)"
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (required)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--shard", default=None, metavar="I/N", help="generate only shard I of N (0-based), for job arrays")
@@ -60,7 +69,7 @@ def merge(folder: Path) -> int:
         raise MeddiffError(f"not a folder: {folder}")
     report = batch.write_manifest(folder)
     for problem in report.problems:
-        print(f"meddiff: warning: {problem} (left out of {batch.MANIFEST_NAME})", file=sys.stderr)
+        print(f"meddiff: warning: {problem}", file=sys.stderr)
     print(f"{report.path}: {len(report.rows)} subjects", file=sys.stderr)
     return 1 if report.problems else 0
 
@@ -122,13 +131,15 @@ def run(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.close()
         if not batch.all_ok(ctx, True):
-            raise MeddiffError(f"rank {ctx.rank}: another rank failed (see its error); {batch.MANIFEST_NAME} not written")
+            raise MeddiffError(
+                f"rank {ctx.rank}: another rank failed (see its error); {batch.MANIFEST_NAME} not written"
+            )
         if not ctx.is_main:
             return 0
         if batch.all_sidecars_present(args.out, model.name, seeds):
             report = batch.write_manifest(args.out)
             for problem in report.problems:
-                print(f"meddiff: warning: {problem} (left out of {batch.MANIFEST_NAME})", file=sys.stderr)
+                print(f"meddiff: warning: {problem}", file=sys.stderr)
             print(f"{report.path}: {len(report.rows)} subjects", file=sys.stderr)
         else:
             label = " ".join(where) or "this run"

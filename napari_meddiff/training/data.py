@@ -121,7 +121,7 @@ def preprocess_subject(
         lab = np.rint(np.asarray(resample(lvol, tuple(spacing), labels=True).array)).astype(np.int64)
         if lab.shape != arr.shape:
             raise MeddiffError(f"{label_path.name} does not match the grid of {image_path.name}")
-    fg = (lab > 0) if lab is not None else (arr > 0.1)
+    fg = arr > float(data_cfg.get("foreground_threshold", 0.1))  # image foreground (labels may be lesions only)
     idx = np.argwhere(fg)
     centre = (idx.min(0) + idx.max(0)) / 2 if len(idx) else (np.array(arr.shape) - 1) / 2
     if spatial_dims == 3:
@@ -161,6 +161,9 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
             labs.append(lb)
     images = torch.from_numpy(np.concatenate(imgs)).float().unsqueeze(1)
     labels = torch.from_numpy(np.concatenate(labs)).long() if labs else None
+    if images.shape[0] == 0:
+        raise MeddiffError(f"no training items in {cfg['data']['dir']} (2D: no slice has min_brain_fraction "
+                           f"{cfg['data']['min_brain_fraction']} of foreground; lower it)")
     if labels is not None and int(labels.max()) >= int(cfg["segmentation"]["num_classes"]):
         raise MeddiffError(f"labels go up to {int(labels.max())} but num_classes is {cfg['segmentation']['num_classes']}")
     files = [str(p[0]) for p in pairs]

@@ -8,6 +8,22 @@
   ``thread_worker`` (generator style: every progress report or event is a yield), route errors to
   ``show_error`` with a one-line message, cancel within one step, and re-enable the widget afterwards.
 * `load_model_cached` - `zoo.load_model` with a small cache (loads are sha256-checked, so not free).
+
+A task widget (see ``generate.py``)::
+
+    self.model_picker = ModelPicker(kinds=("segmentation",)); self.model_picker.changed.connect(...)
+    self.sampling = SamplingControls(self); self.sampling.add_rows(form)   # + set_defaults(info), values()
+    self.device = DevicePicker()                                          # .device() -> "auto"/"cpu"/"cuda"
+    self.progress = ProgressRow()
+    self.runner = TaskRunner(self.progress, [settings, button], title="Segment", parent=self)
+
+    def task(ctx: TaskContext):                      # worker thread, no Qt
+        model = load_model_cached(ref, device)
+        ...core call with on_step=ctx.step_callback(0, steps), should_cancel=ctx.should_cancel...
+        ctx.emit(MyEvent(...))                       # -> on_event(event) in the main thread
+        return result                                # -> on_result(result)
+
+    self.runner.start(task, on_event=..., on_result=..., on_stop=lambda outcome: ..., text="Loading…")
 """
 
 from __future__ import annotations
@@ -116,20 +132,36 @@ def load_model_cached(name_or_path: str | Path, device: str = "auto") -> Diffusi
         return model
 
 
+class _RescanningCombo(QComboBox):
+    """A combo box that calls ``before_popup`` first, so models installed meanwhile show up."""
+
+    before_popup: Callable[[], None] | None = None
+
+    def showPopup(self) -> None:  # noqa: N802 - Qt name
+        if self.before_popup is not None:
+            self.before_popup()
+        super().showPopup()
+
+
 class ModelPicker(QWidget):
     """A combo box of installed models of ``kinds`` (and ``spatial_dims``), plus "Open model folder...".
 
-    ``changed`` carries the selected `ModelInfo`, or None when no model is available.
+    The list is re-scanned whenever it is opened. ``changed`` carries the selected `ModelInfo`, or None
+    when no model is available; it is emitted only when the selection really changes.
     """
 
     changed = Signal(object)
 
     def __init__(
-        self, kinds: Sequence[str] = ("ddpm", "ldm"), spatial_dims: Sequence[int] = (2, 3), parent: QWidget | None = None
+        self,
+        kinds: Sequence[str] = ("ddpm", "ldm"),
+        spatial_dims: Sequence[int] = (2, 3),
+        parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
         self.kinds, self.spatial_dims = tuple(kinds), tuple(spatial_dims)
-        self.combo = QComboBox()
+        self.combo = _RescanningCombo()
+        self.combo.before_popup = self.refresh
         self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.combo.setMinimumContentsLength(14)
         self.combo.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
@@ -140,6 +172,7 @@ class ModelPicker(QWidget):
         self._extra: dict[str, ModelInfo] = {}  # folders opened by the user, by path
         self._infos: dict[str, ModelInfo] = {}
         self._previous = 0
+        self._emitted: ModelInfo | None = None
         self.refresh()
         self.combo.activated.connect(self._on_activated)
         self.combo.currentIndexChanged.connect(self._on_index_changed)
@@ -176,7 +209,13 @@ class ModelPicker(QWidget):
         self.combo.setCurrentIndex(max(index, 0))
         self._previous = self.combo.currentIndex()
         self.combo.blockSignals(blocked)
-        self.changed.emit(self.current())
+        self._emit_if_changed()
+
+    def _emit_if_changed(self) -> None:
+        info = self.current()
+        if info != self._emitted:
+            self._emitted = info
+            self.changed.emit(info)
 
     def current(self) -> ModelInfo | None:
         return self._infos.get(self.combo.currentData())
@@ -194,7 +233,8 @@ class ModelPicker(QWidget):
         info = ModelInfo.from_path(path)
         if not self._fits(info):
             wanted = " or ".join(KIND_NAMES.get(k, k) for k in self.kinds)
-            raise MeddiffError(f"{info.name} is a {info.spatial_dims}D {KIND_NAMES.get(info.kind, info.kind)} model; this tool needs {wanted}")
+            what = f"{info.spatial_dims}D {KIND_NAMES.get(info.kind, info.kind)}"
+            raise MeddiffError(f"{info.name} is a {what} model; this tool needs {wanted}")
         self._extra[str(info.path)] = info
         self.refresh()
         self.combo.setCurrentIndex(self.combo.findData(str(info.path)))
@@ -220,7 +260,7 @@ class ModelPicker(QWidget):
         if self.combo.itemData(index) == OPEN_FOLDER:
             return
         self._previous = index
-        self.changed.emit(self.current())
+        self._emit_if_changed()
 
 
 # --- device and sampling rows --------------------------------------------------------------------------

@@ -128,7 +128,8 @@ class GenerateWidget(QWidget):
         layout.addWidget(self.save_button)
         layout.addStretch(1)
 
-        self.runner = TaskRunner(self.progress, [self.settings, self.generate_button, self.save_button], title="Generate", parent=self)
+        controls = [self.settings, self.generate_button, self.save_button]
+        self.runner = TaskRunner(self.progress, controls, title="Generate", parent=self)
         self.runner.running_changed.connect(self._sync_buttons)
         self.model_picker.changed.connect(self._on_model_changed)
         self.generate_button.clicked.connect(self.run)
@@ -215,9 +216,9 @@ class GenerateWidget(QWidget):
         """The pending layer becomes the result (data, name, provenance); a new one waits for the next seed."""
         layer = self._pending_layer()
         data, meta, _ = volume_to_layer_data(event.volume, event.name, layer_type="image", contrast_limits=(0.0, 1.0))
-        layer.data = data
-        layer.metadata = meta["metadata"]
         layer.name = event.name
+        layer.metadata = meta["metadata"]
+        layer.data = data
         layer.contrast_limits = (0.0, 1.0)
         self._results.append(layer)
         self._pending = None
@@ -232,6 +233,7 @@ class GenerateWidget(QWidget):
             self.viewer.layers.remove(layer)
         if self._results and self._results[-1] in self.viewer.layers:
             self.viewer.layers.selection.active = self._results[-1]
+        self.viewer.update_status_from_cursor()  # the status bar may still name the "(generating…)" layer
         if outcome == "done":
             self.progress.label.setText(f"{len(self._results)} volume(s) generated. {self.progress.label.text()}")
         elif outcome == "cancelled" and self._results:
