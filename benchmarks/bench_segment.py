@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--precision", default="fp32", help="fp32, or bf16 autocast (about 2x faster on a bf16 CPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the target is a 2-core CPU)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -178,8 +180,10 @@ def main() -> None:
     baseline_dir = None if args.tiny else find_baseline(args.baseline)
     baseline = Baseline(baseline_dir, device) if baseline_dir is not None else None
     info = machine()
-    print(f"# {model.name}: {sampler} {steps} steps, ensembles {args.ensembles}, {args.subjects} held-out subjects, "
-          f"{args.threads} threads on {info['cpu']}; baseline: {baseline.name if baseline else 'none found'}")
+    info["load_average_start"] = list(os.getloadavg())
+    print(f"# {model.name}: {sampler} {steps} steps {args.precision}, ensembles {args.ensembles}, "
+          f"{args.subjects} held-out subjects, {args.threads} threads on {info['cpu']}; "
+          f"baseline: {baseline.name if baseline else 'none found'}")
 
     per_subject = []
     for seed in list(HELDOUT_SEEDS)[: args.subjects]:
@@ -192,7 +196,7 @@ def main() -> None:
         t_plan = time.perf_counter() - t0
         t0 = time.perf_counter()
         members = run_members(model, tiles, list(range(kmax)), seed=args.seed, sampler=sampler, steps=steps,
-                              batch_size=batch)
+                              batch_size=batch, precision=args.precision)
         t_members = time.perf_counter() - t0
         entry = {"seed": seed, "has_lesion": sub.has_lesion, "slices": plan.num_items, "grid": list(plan.grid.shape),
                  "make_subject_s": t_subject, "prepare_s": t_plan, f"members_{kmax}_s": t_members, "results": {}}
@@ -234,6 +238,7 @@ def main() -> None:
         "tiny": bool(args.tiny),
         "sampler": sampler,
         "steps": steps,
+        "precision": args.precision,
         "batch_size": batch,
         "seed": args.seed,
         "threads": args.threads,
@@ -245,10 +250,12 @@ def main() -> None:
         "summary": summary,
         "per_subject": per_subject,
         "peak_rss_mb": peak_rss_mb(),
+        "load_average_end": list(os.getloadavg()),
         "notes": "AUC over voxels where reference or prediction is not background; seconds_per_volume for k < K "
                  "members = prepare + k/K x measured K-member time + combine/resample.",
     }
-    path = save("segment_tiny" if args.tiny else f"segment_{model.name}", result)
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    path = save(("segment_tiny" if args.tiny else f"segment_{model.name}") + suffix, result)
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB; written {path}")
 
 

@@ -54,7 +54,8 @@ def generate(
     preview_every: int = 0,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[Volume]:
-    """Sample one volume per seed. The same seed, settings and device give the same volume, bit for bit.
+    """Sample one volume per seed. The same seed, settings, batch size, thread count and device give the same
+    volume, bit for bit.
 
     ``on_preview`` receives decoded previews every ``preview_every`` steps (0: never).
     """

@@ -3,7 +3,8 @@
 Hooks: ``condition`` (channels concatenated to the UNet input), ``known`` (known-region replacement after
 each step, for inpainting), ``on_step`` (progress / preview) and ``should_cancel`` (checked before every
 network evaluation). A batch holds one sampler state and one random generator per sample, so a seed gives
-the same chain whatever the batch it runs in.
+the same chain whatever the batch it runs in (bitwise for batches of 2+; batch 1 may differ by ~1e-6 on CPU,
+where PyTorch picks another 3D convolution kernel for a single sample).
 """
 
 from __future__ import annotations

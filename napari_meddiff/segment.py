@@ -191,16 +191,28 @@ def _ramp(tile: int, several: bool) -> np.ndarray:
 
 
 def plan_segmentation(
-    model: DiffusionModel, image: Volume, *, axis: str | int | None = None, region: str = "content"
+    model: DiffusionModel,
+    image: Volume,
+    *,
+    axis: str | int | None = None,
+    region: str = "content",
+    window: tuple[float, float] | None = None,
 ) -> SegmentationPlan:
-    """Normalise ``image``, place the model grid over it and cut it into model-sized tiles."""
+    """Normalise ``image``, place the model grid over it and cut it into model-sized tiles.
+
+    ``window``: the (low, high) scanner values mapped to 0 and 1; default: the model's intensity spec.
+    """
     image = _as_3d(image)
     if region not in ("content", "full"):
         raise MeddiffError(f"region must be 'content' or 'full', not {region!r}")
     arr = np.asarray(image.array, dtype=np.float32)
     if not np.isfinite(arr).all():
         arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-    window = intensity_window(arr, model.config.get("intensity"))
+    if window is None:
+        window = intensity_window(arr, model.config.get("intensity"))
+    elif not (np.isfinite(window).all() and float(window[1]) > float(window[0])):
+        raise MeddiffError(f"intensity window must be two finite numbers low < high, not {window}")
+    window = (float(window[0]), float(window[1]))
     norm = normalise(arr, window)
     if region == "content":
         lo, hi = _content_box(norm)
@@ -224,13 +236,18 @@ def plan_segmentation(
         axis_name = None
     margin = 2.0 * max(voxel)
     flo, fhi = _world_box(image, np.zeros(3, int), np.array(norm.shape) - 1)
-    wlo, whi = np.maximum(wlo - margin, flo), np.minimum(whi + margin, fhi)  # no further than the scan itself
-    extent = np.array([whi[order[g]] - wlo[order[g]] for g in range(3)])
-    shape = [int(math.ceil(extent[g] / voxel[g] - 1e-6)) + 1 for g in range(3)]
     tiled_axes = 2 if slicing else 3
-    for g in range(tiled_axes):
-        shape[g] = max(shape[g], tile[g])
-    centre = (wlo + whi) / 2
+    shape, centre = [0, 0, 0], np.zeros(3)
+    for g in range(3):
+        w = order[g]
+        if g < tiled_axes and whi[w] - wlo[w] <= (tile[g] - 1) * voxel[g]:  # fits one tile: centre it there
+            shape[g], centre[w] = tile[g], (wlo[w] + whi[w]) / 2
+            continue
+        lo, hi = max(wlo[w] - margin, flo[w]), min(whi[w] + margin, fhi[w])  # no further than the scan itself
+        shape[g] = int(math.ceil((hi - lo) / voxel[g] - 1e-6)) + 1
+        if g < tiled_axes:
+            shape[g] = max(shape[g], tile[g])
+        centre[w] = (lo + hi) / 2
     grid = make_grid(voxel, shape, centre, order)
     grid_image = sample_on_grid(Volume(norm, image.affine), grid, default=0.0)
 
@@ -404,6 +421,7 @@ def segment(
     precision: str | None = None,
     batch_size: int | None = None,
     region: str = "content",
+    window: tuple[float, float] | None = None,
     on_step: Callable[[SegmentProgress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> SegmentationResult:
@@ -412,6 +430,8 @@ def segment(
     ``axis`` (2D models): world axis to slice along, default the model's training axis (axial).
     ``batch_size``: (member, tile) samples per network evaluation; default: as many 64^3 voxels' worth as
     fit (16 slices of 64x64 on CPU, 512 on CUDA). The result does not depend on it.
+    ``region``: ``"content"`` (the scan's bright part, plus a margin) or ``"full"`` (its whole field of view).
+    ``window``: scanner values mapped to 0 and 1 (default: the model's intensity spec, e.g. percentiles).
     ``on_step`` gets a `SegmentProgress` after every denoising step.
     """
     t0 = time.perf_counter()
@@ -434,7 +454,7 @@ def segment(
     batch_size = int(batch_size) if batch_size is not None else auto_batch_size(model, dev)
     names = class_names(model)
 
-    plan = plan_segmentation(model, image, axis=axis, region=region)
+    plan = plan_segmentation(model, image, axis=axis, region=region, window=window)
     member_labels = run_members(
         model, plan.item_images(), list(range(int(ensemble))), seed=seed, sampler=sampler, steps=steps,
         precision=precision, batch_size=batch_size, on_step=on_step, should_cancel=should_cancel,

@@ -22,7 +22,7 @@ def test_generate_writes_nifti_and_sidecar(models_env, tmp_path, capsys):
     out = tmp_path / "gen"
     assert main(["generate", "--model", "tiny-ldm-3d", "--num", "2", "--seed", "5", "--sampler", "ddim",
                  "--steps", "3", "--out", str(out)]) == 0
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.iterdir() if p.name != "cohort.csv")
     assert files == ["tiny-ldm-3d_seed5.json", "tiny-ldm-3d_seed5.nii.gz", "tiny-ldm-3d_seed6.json", "tiny-ldm-3d_seed6.nii.gz"]
     img = nib.load(str(out / "tiny-ldm-3d_seed5.nii.gz"))
     assert img.header.get_zooms() == (4.0, 4.0, 4.0)

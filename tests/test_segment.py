@@ -99,6 +99,10 @@ def test_grid_covers_content_and_tiles_large_regions(seg_models):
     assert (vox >= -1e-6).all() and (vox <= np.array(plan.grid.shape) - 1 + 1e-6).all()
     res = segment(model, big, ensemble=2, region="full", **FAST)
     check_result(res, big)
+    # content that fits in one tile (57 mm <= 15 x 4 mm) is not tiled just to make room for a margin
+    snug = Volume(np.full((20, 20, 3), 50.0, np.float32), np.diag([3.0, 3.0, 4.0, 1.0]))
+    plan = plan_segmentation(model, snug)
+    assert plan.grid.shape[:2] == (16, 16) and plan.num_items == plan.grid.shape[2]
 
 
 def test_uncertainty_zero_exactly_where_members_agree(seg_models):
@@ -134,6 +138,9 @@ def test_same_seed_same_result_other_seed_differs(seg_models):
     np.testing.assert_array_equal(a.probabilities.array, b.probabilities.array)
     np.testing.assert_array_equal(a.uncertainty.array, b.uncertainty.array)
     assert not np.array_equal(a.probabilities.array, c.probabilities.array)
+    # the model's own window, given explicitly, changes nothing
+    d = segment(seg_models["2d"], image, ensemble=2, seed=7, window=a.provenance["intensity_window"], **FAST)
+    np.testing.assert_array_equal(a.probabilities.array, d.probabilities.array)
 
 
 @pytest.mark.parametrize("dims", ["2d", "3d"])
@@ -185,6 +192,8 @@ def test_rejects_bad_models_and_arguments(seg_models, tmp_path):
         segment(seg_models["2d"], image, ensemble=0)
     with pytest.raises(MeddiffError, match="axis"):
         segment(seg_models["2d"], image, axis="oblique", **FAST)
+    with pytest.raises(MeddiffError, match="window"):
+        segment(seg_models["2d"], image, window=(5.0, 1.0), **FAST)
 
 
 def test_cohort_subject_brain_inside_model_grid(seg_models):

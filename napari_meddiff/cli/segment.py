@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default=None,
                    help="2D models: world axis to slice along (default: the model's, axial)")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="intensities mapped to 0 and 1 (default: the model's intensity normalisation)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32, or bf16 autocast (CPU/CUDA), fp16 (CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per network evaluation (default: automatic)")
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         result = segment(
             model, image, ensemble=args.ensemble, sampler=args.sampler, steps=args.steps, seed=args.seed,
             axis=args.axis, device=str(device), precision=args.precision, batch_size=args.batch_size,
-            on_step=progress,
+            window=tuple(args.window) if args.window else None, on_step=progress,
         )
     finally:
         bar.close()
