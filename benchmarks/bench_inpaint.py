@@ -6,7 +6,10 @@
 Quality: held-out cohort subjects (`cohort.HELDOUT_SEEDS`, 2 mm) with a synthetic lesion, whose lesion-free
 image is known. The mask is the lesion mask dilated by ``--dilate`` voxels (what a reader would paint: the
 lesion and its blurred rim). Inside the mask, each method's fill is compared with the lesion-free truth:
-MAE and PSNR (peak = the truth's 0.5-99.5 % foreground intensity range, the models' window). Methods:
+MAE and PSNR (peak = the truth's 0.5-99.5 % foreground intensity range, the models' window), and a texture
+ratio (high-pass std of the fill / of the truth, 2+ voxels inside the mask: 0 = smooth, 1 = the truth's texture and
+noise). A sample from a good model is not the mean of the posterior: expect a smooth fill to win on MAE/PSNR
+and lose on texture; the mean of several candidates estimates the posterior mean. Methods:
 
 * ``lesion (no fill)``: the input itself, for scale;
 * ``shell mean``: the mask filled with the mean of a 2-voxel shell of tissue around it;
@@ -21,6 +24,9 @@ Every fill is checked to leave the voxels outside the mask exactly as they were.
 Cost: a 256^3 1 mm volume (a subject resampled) with a 20^3 mask in white matter, inpainted by each model in a
 fresh process: wall time, RSS before inpainting (imports, image, mask and model loaded) and the highest RSS
 during it (sampled every 5 ms), so ``rss_added_mb`` is what inpainting itself costs.
+
+On a shared, loaded machine run it with ``OMP_NUM_THREADS=1``: with 2 threads per process against other
+work, a 25-step fill took ~80 s instead of ~4 s here.
 
 Writes ``results/inpaint.json`` (``results/inpaint_tiny.json`` with ``--tiny``) and prints tables.
 """
@@ -84,10 +90,28 @@ def gaussian_fill(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, sigma
 # --- metrics ---------------------------------------------------------------------------------------
 
 
+def high_pass_std(x: np.ndarray, mask: np.ndarray) -> float:
+    """Std of x minus its Gaussian blur (sigma 1 voxel) 2 voxels or more inside the mask (so the step at the
+    mask border does not count): texture and noise level."""
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    inner = inner if inner.sum() >= 10 else mask
+    idx = np.argwhere(mask)
+    box = tuple(slice(max(a - 4, 0), b + 5) for a, b in zip(idx.min(0), idx.max(0)))
+    crop = x[box].astype(np.float64)
+    return float((crop - ndimage.gaussian_filter(crop, 1.0))[inner[box]].std())
+
+
 def metrics(fill: np.ndarray, truth: np.ndarray, mask: np.ndarray, peak: float) -> dict:
     err = fill[mask].astype(np.float64) - truth[mask].astype(np.float64)
     mse = float((err**2).mean())
-    return {"mae": float(np.abs(err).mean()), "psnr": float(10 * np.log10(peak**2 / max(mse, 1e-12)))}
+    return {
+        "mae": float(np.abs(err).mean()),
+        "psnr": float(10 * np.log10(peak**2 / max(mse, 1e-12))),
+        # 1 = as much fine texture/noise as the lesion-free truth; 0 = perfectly smooth
+        "texture": high_pass_std(fill, mask) / max(high_pass_std(truth, mask), 1e-12),
+    }
 
 
 def data_range(truth: np.ndarray) -> float:
@@ -149,7 +173,7 @@ def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tup
                     fills.append(vol.array)
                     record(f"{label} #{c}", vol.array, seconds[-1])
                 cands = [rows.pop(f"{label} #{c}") for c in range(args.candidates)]
-                rows[label] = {k: float(np.mean([r[k] for r in cands])) for k in ("mae", "psnr", "seconds")}
+                rows[label] = {k: float(np.mean([r[k] for r in cands])) for k in ("mae", "psnr", "texture", "seconds")}
                 if args.candidates > 1:
                     record(f"{label} (mean of {args.candidates})", np.mean(fills, axis=0).astype(image.dtype), float(np.sum(seconds)))
         per_subject.append({
@@ -161,14 +185,15 @@ def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tup
         })
         print(f"subject {s}: {int(mask.sum())} voxels, " + ", ".join(f"{k} {v['mae']:.2f}" for k, v in rows.items()), flush=True)
     summary = []
-    for name in per_subject[0]["methods"]:
-        vals = {k: [p["methods"][name][k] for p in per_subject] for k in ("mae", "psnr", "seconds")}
+    for name in (per_subject[0]["methods"] if per_subject else []):
+        vals = {k: [p["methods"][name][k] for p in per_subject] for k in ("mae", "psnr", "texture", "seconds")}
         summary.append({
             "method": name,
             "mae": float(np.mean(vals["mae"])),
             "mae_sd": float(np.std(vals["mae"])),
             "psnr": float(np.mean(vals["psnr"])),
             "psnr_sd": float(np.std(vals["psnr"])),
+            "texture": float(np.mean(vals["texture"])),
             "seconds": float(np.mean(vals["seconds"])),
         })
     return per_subject, summary
@@ -280,6 +305,7 @@ def main() -> None:
     parser.add_argument("--sampler", default=None, help="sampler (default: the model's)")
     parser.add_argument("--large-size", type=int, default=256, help="edge of the cost case (0: skip)")
     parser.add_argument("--tiny", action="store_true", help="run on tiny random models (checks the script)")
+    parser.add_argument("--name", default=None, help="results/<name>.json (default inpaint, inpaint_tiny with --tiny)")
     parser.add_argument("--large-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -302,9 +328,9 @@ def main() -> None:
     models = {k: v for k, v in (("ddpm", args.ddpm), ("ldm", args.ldm)) if v}
     settings = {"ddpm": args.ddpm_settings, "ldm": args.ldm_settings}
     started = time.perf_counter()
-    per_subject, summary = quality(args, models, settings)
+    per_subject, summary = quality(args, models, settings) if args.subjects > 0 else ([], [])
     print()
-    print(table(summary, ["method", "mae", "mae_sd", "psnr", "psnr_sd", "seconds"]))
+    print(table(summary, ["method", "mae", "mae_sd", "psnr", "psnr_sd", "texture", "seconds"]))
     large = cost(models, args.steps, args.sampler, args.large_size) if args.large_size else []
     if large:
         print()
@@ -325,9 +351,10 @@ def main() -> None:
         "large_case": f"{args.large_size}^3 at 1 mm, 20^3 mask" if args.large_size else None,
         "machine": machine(),
         "load_average": os.getloadavg(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "wall_seconds": time.perf_counter() - started,
     }
-    path = save("inpaint_tiny" if args.tiny else "inpaint", payload)
+    path = save(args.name or ("inpaint_tiny" if args.tiny else "inpaint"), payload)
     print(f"\nwrote {path}")
     if tmp is not None:
         tmp.cleanup()

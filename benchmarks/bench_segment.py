@@ -156,6 +156,10 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="fp32, or bf16 autocast (about 2x faster on a bf16 CPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the target is a 2-core CPU)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mni", action="store_true",
+                        help="also segment the real MNI152 template (1 mm, noise-free) against labels derived from "
+                             "its own GM/WM/brain maps, with the model's intensity window and with low = minimum")
+    parser.add_argument("--mni-ensemble", type=int, default=5)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -216,6 +220,30 @@ def main() -> None:
         print(f"subject {seed} ({'lesion' if sub.has_lesion else 'no lesion'}, {plan.num_items} slices, "
               f"{kmax} members in {t_members:.1f} s): {brief}", flush=True)
 
+    mni_rows = []
+    if args.mni:
+        from types import SimpleNamespace
+
+        from napari_meddiff.cohort import _derive_labels, load_template
+        from napari_meddiff.intensity import intensity_window
+        from napari_meddiff.volume import Volume
+
+        tpl = load_template(1.0)
+        case = SimpleNamespace(image=Volume(np.array(tpl["t1"]), tpl["affine"]),
+                               labels=Volume(_derive_labels(tpl["gm"], tpl["wm"], tpl["mask"]), tpl["affine"]))
+        k = min(kmax, args.mni_ensemble)
+        spec = intensity_window(case.image.array, model.config.get("intensity"))
+        for what, window in (("model window", None), ("low = image minimum", (float(case.image.array.min()), spec[1]))):
+            t0 = time.perf_counter()
+            plan = plan_segmentation(model, case.image, window=window)
+            members = run_members(model, plan.item_images(), list(range(k)), seed=args.seed, sampler=sampler,
+                                  steps=steps, batch_size=batch, precision=args.precision)
+            row, _ = evaluate(plan, members, n_classes, case, names)
+            row["seconds_per_volume"] = time.perf_counter() - t0
+            row["method"] = f"MNI152 x{k} ({what}: {plan.window[0]:.3g}..{plan.window[1]:.3g})"
+            mni_rows.append(row)
+            print(f"{row['method']}: Dice {row['dice_mean']:.3f}", flush=True)
+
     methods = list(per_subject[0]["results"])
     keys = list(per_subject[0]["results"][methods[0]])
     summary = []
@@ -233,6 +261,9 @@ def main() -> None:
     vol_cols = ["method"] + [k for k in keys if k.startswith("volume_error_pct_")] + ["uncertainty_mean_wrong",
                                                                                         "uncertainty_mean_right"]
     print(table(summary, vol_cols))
+    if mni_rows:
+        print(table(mni_rows, cols))
+        print(table(mni_rows, vol_cols))
     result = {
         "model": model.name,
         "tiny": bool(args.tiny),
@@ -248,6 +279,7 @@ def main() -> None:
         "baseline": baseline.name if baseline else None,
         "machine": info,
         "summary": summary,
+        "mni152": mni_rows,
         "per_subject": per_subject,
         "peak_rss_mb": peak_rss_mb(),
         "load_average_end": list(os.getloadavg()),

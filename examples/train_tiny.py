@@ -67,7 +67,10 @@ def main(argv=None) -> int:
     png = args.out / f"{name}_samples.png"
     save_grid(png, rows, title)
     print(f"model folder {model_dir}; samples {png}; total {time.time() - t0:.0f} s")
-    print(f"next: meddiff generate --model {model_dir} --num 2 --out {args.out / 'generated'}")
+    if model.kind == "segmentation":
+        print(f"next: meddiff segment --model {model_dir} --image {cohort}/sub-000000_T1w.nii.gz --out {args.out / 'segmented'}")
+    else:
+        print(f"next: meddiff generate --model {model_dir} --num 2 --out {args.out / 'generated'}")
     return 0
 
 

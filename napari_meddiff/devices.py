@@ -26,7 +26,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

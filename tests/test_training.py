@@ -44,6 +44,8 @@ def tiny_config(tmp_path: Path, cohort: Path, kind: str, spatial_dims: int = 2) 
         "defaults": {"sampler": "dpm++", "steps": 2},
         "training": dict(FAST),
     }
+    if kind == "ddpm":
+        cfg["scheduler"] = {"prediction_type": "epsilon"}  # the default is v_prediction; cover both
     if kind == "ldm":
         cfg["networks"]["autoencoder"] = dict(TINY_AE)
         cfg["autoencoder_training"] = {**FAST, "adv_warmup_steps": 1}

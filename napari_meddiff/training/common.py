@@ -113,7 +113,13 @@ def machine_description(device: torch.device, world: int = 1) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+        except OSError:
+            pass
+        what = f"{name} CPU ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s)"
     return what + (f" x {world} processes (torchrun)" if world > 1 else "")
 
 

@@ -109,7 +109,7 @@ def fmt_minutes(m: float) -> str:
 
 def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, Any]) -> str:
     kind_text = {
-        "ddpm": "pixel-space denoising diffusion model (DDPM, epsilon prediction)",
+        "ddpm": "pixel-space denoising diffusion model (DDPM)",
         "ldm": "latent diffusion model (AutoencoderKL + diffusion UNet on scaled latents)",
         "segmentation": "image-conditioned segmentation diffusion model (denoises one-hot labels given the image)",
     }[cfg["kind"]]
@@ -136,7 +136,7 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
     sch = cfg["scheduler"]
     lines += [
         f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, beta {sch['beta_start']}-{sch['beta_end']}, "
-        f"{sch['prediction_type']} prediction. Default sampler {cfg['defaults']['sampler']} with {cfg['defaults']['steps']} steps.",
+        f"prediction type {sch['prediction_type']}. Default sampler {cfg['defaults']['sampler']} with {cfg['defaults']['steps']} steps.",
         f"- Parameters: " + ", ".join(f"{k} {v['parameters']:,}" for k, v in config.get("weights", {}).items())
         if config.get("weights") else "- Parameters: see model.json",
         f"- Weights: {summary['weights_dtype']} safetensors (fp16 check: relative output error {summary['half_check']}).",
@@ -164,8 +164,10 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         else:
             extra = f", {s['objective']}, EMA {s['ema_decay']}; loss {s['first_loss']} -> {s['final_loss']}"
         cpu = f" ({s['cpu_minutes']:.1f} CPU-min)" if s.get("cpu_minutes") is not None else ""
-        lines.append(f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])}{cpu} wall, batch {s['batch_size']} "
+        lines.append(f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])} wall{cpu}, batch {s['batch_size']} "
                      f"x {s['world_size']} process(es), lr {s['lr']:g}, {s['precision']}{extra}.")
+    for note in cfg.get("notes", []) or []:
+        lines.append(f"- Note: {note}")
     lines += [
         f"- Reproduce: `meddiff train {summary.get('config_path', 'train.yaml')}` (the config is saved next to the "
         "weights as `train.yaml`).",
@@ -223,3 +225,31 @@ def export_model(
     if config_path is not None:
         files["train.yaml"] = config_path
     return save_model_folder(out_dir, config, networks, card=card, half=half, extra_files=files, overwrite=True)
+
+
+def refresh_card(model_dir: str | Path) -> Path:
+    """Rebuild MODEL_CARD.md of a trained model folder from its model.json and train.yaml, keeping the
+    Measured section (the card is not hashed; the weights are untouched)."""
+    import json
+
+    import yaml
+
+    from .config import validate
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "model.json").read_text())
+    raw = yaml.safe_load((model_dir / "train.yaml").read_text())
+    raw.setdefault("data", {})["dir"] = config.get("data", {}).get("dir", ".")
+    cfg = validate(raw)
+    for key in ("scheduler", "defaults", "intensity", "image_shape", "voxel_size"):  # model.json is the truth
+        cfg[key] = config[key]
+    summary = {**config.get("training", {}), "data": config.get("data", {})}
+    summary.setdefault("weights_dtype", "float32")
+    summary.setdefault("half_check", "unknown")
+    card = model_card(cfg, config, summary)
+    old = (model_dir / "MODEL_CARD.md").read_text() if (model_dir / "MODEL_CARD.md").is_file() else ""
+    if MEASURED_BEGIN in old and MEASURED_END in old:
+        block = old[old.index(MEASURED_BEGIN): old.index(MEASURED_END) + len(MEASURED_END)]
+        card = card[: card.index(MEASURED_BEGIN)] + block + card[card.index(MEASURED_END) + len(MEASURED_END):]
+    (model_dir / "MODEL_CARD.md").write_text(card)
+    return model_dir / "MODEL_CARD.md"

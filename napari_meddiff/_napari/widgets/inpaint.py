@@ -51,7 +51,11 @@ def inpaint_defaults(info: ModelInfo) -> dict[str, int]:
     """Jump length, jumps and feathering the core uses for this model (model.json ``inpaint`` wins)."""
     from ...inpaint import DEFAULT_FEATHER, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N
 
-    out = {"jump_length": DEFAULT_JUMP_LENGTH, "jump_n": DEFAULT_JUMP_N, "feather_voxels": DEFAULT_FEATHER.get(info.kind, 0)}
+    out = {
+        "jump_length": DEFAULT_JUMP_LENGTH.get(info.kind, 5),
+        "jump_n": DEFAULT_JUMP_N.get(info.kind, 1),
+        "feather_voxels": DEFAULT_FEATHER.get(info.kind, 0),
+    }
     out.update({k: v for k, v in info.config.get("inpaint", {}).items() if k in out})
     return out
 
