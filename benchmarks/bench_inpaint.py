@@ -1,14 +1,15 @@
 """Lesion filling: our inpainting against two classical fills, on held-out synthetic subjects; cost at 256^3.
 
-    python benchmarks/bench_inpaint.py [--subjects 6] [--ddpm brain-ddpm-2d] [--ldm brain-ldm-3d]
+    OMP_NUM_THREADS=1 python benchmarks/bench_inpaint.py [--subjects 6] [--candidates 2] [--ddpm brain-ddpm-2d]
+        [--ldm brain-ldm-3d] [--ddpm-settings default jump_n=1] [--ldm-settings default feather_voxels=2 ...]
     python benchmarks/bench_inpaint.py --tiny        # a quick run of the script itself on tiny random models
 
 Quality: held-out cohort subjects (`cohort.HELDOUT_SEEDS`, 2 mm) with a synthetic lesion, whose lesion-free
 image is known. The mask is the lesion mask dilated by ``--dilate`` voxels (what a reader would paint: the
 lesion and its blurred rim). Inside the mask, each method's fill is compared with the lesion-free truth:
 MAE and PSNR (peak = the truth's 0.5-99.5 % foreground intensity range, the models' window), and a texture
-ratio (high-pass std of the fill / of the truth, 2+ voxels inside the mask: 0 = smooth, 1 = the truth's texture and
-noise). A sample from a good model is not the mean of the posterior: expect a smooth fill to win on MAE/PSNR
+ratio (high-pass std of the fill / of the truth, 2+ voxels inside the mask: 0 = smooth, 1 = the truth's
+texture and noise). A sample from a good model is not the mean of the posterior: expect a smooth fill to win on MAE/PSNR
 and lose on texture; the mean of several candidates estimates the posterior mean. Methods:
 
 * ``lesion (no fill)``: the input itself, for scale;
@@ -16,8 +17,8 @@ and lose on texture; the mean of several candidates estimates the posterior mean
 * ``gaussian fill``: iterative Gaussian diffusion fill (SimpleITK ``SmoothingRecursiveGaussian``, known voxels
   reset after every pass: converges to a smooth harmonic interpolation of the border);
 * each model with each setting given (RePaint jumps for the pixel model, feathering for the latent one),
-  ``--candidates`` candidates per subject (seeds 0..K-1): the mean over candidates, and the mean of the
-  candidates as one more fill.
+  ``--candidates`` candidates per subject (seeds 0..K-1): the metrics averaged over candidates, and the
+  voxel-wise mean of the candidates as one more fill ("mean of K").
 
 Every fill is checked to leave the voxels outside the mask exactly as they were.
 
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, peak_rss_mb, save, table  # noqa: E402
+from common import machine, save, table  # noqa: E402
 
 from napari_meddiff import Volume, load_model  # noqa: E402
 from napari_meddiff.inpaint import inpaint  # noqa: E402
@@ -66,7 +67,9 @@ def shell_mean_fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def gaussian_fill(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, sigma_mm: float = 2.0, passes: int = 200) -> np.ndarray:
+def gaussian_fill(
+    image: np.ndarray, mask: np.ndarray, affine: np.ndarray, sigma_mm: float = 2.0, passes: int = 200
+) -> np.ndarray:
     """Iterative Gaussian diffusion fill on the mask's bounding box (plus margin), SimpleITK smoothing."""
     import SimpleITK as sitk
 
@@ -175,7 +178,8 @@ def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tup
                 cands = [rows.pop(f"{label} #{c}") for c in range(args.candidates)]
                 rows[label] = {k: float(np.mean([r[k] for r in cands])) for k in ("mae", "psnr", "texture", "seconds")}
                 if args.candidates > 1:
-                    record(f"{label} (mean of {args.candidates})", np.mean(fills, axis=0).astype(image.dtype), float(np.sum(seconds)))
+                    mean_fill = np.mean(fills, axis=0).astype(image.dtype)
+                    record(f"{label} (mean of {args.candidates})", mean_fill, float(np.sum(seconds)))
         per_subject.append({
             "seed": s,
             "mask_voxels": int(mask.sum()),
@@ -183,7 +187,8 @@ def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tup
             "lesion_factor": subject.image.metadata.get("lesion_intensity_factor"),
             "methods": rows,
         })
-        print(f"subject {s}: {int(mask.sum())} voxels, " + ", ".join(f"{k} {v['mae']:.2f}" for k, v in rows.items()), flush=True)
+        maes = ", ".join(f"{k} {v['mae']:.2f}" for k, v in rows.items())
+        print(f"subject {s}: {int(mask.sum())} voxels, MAE: {maes}", flush=True)
     summary = []
     for name in (per_subject[0]["methods"] if per_subject else []):
         vals = {k: [p["methods"][name][k] for p in per_subject] for k in ("mae", "psnr", "texture", "seconds")}
@@ -263,7 +268,7 @@ def large_child(model_ref: str, steps: int | None, sampler: str | None, case: st
     prov = out.metadata["provenance"]
     print(json.dumps({
         "model": model.name, "seconds": seconds, "rss_before_mb": before, "rss_peak_during_mb": rss.peak,
-        "rss_added_mb": rss.peak - before, "image_mb": image.array.nbytes / 2**20, "process_peak_rss_mb": peak_rss_mb(),
+        "rss_added_mb": rss.peak - before, "image_mb": image.array.nbytes / 2**20,
         "shape": list(image.shape), "mask_voxels": int(mask.sum()), "sampler": prov["sampler"], "steps": prov["steps"],
         "network_evaluations_per_chain": prov["network_evaluations_per_chain"], "slices": prov["slices"],
     }))
@@ -294,12 +299,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ddpm", default="brain-ddpm-2d", help="pixel model ('' to skip)")
     parser.add_argument("--ldm", default="brain-ldm-3d", help="latent model ('' to skip)")
-    parser.add_argument("--ddpm-settings", nargs="+", default=["jump_n=1", "jump_length=5,jump_n=2", "jump_length=10,jump_n=2", "jump_length=2,jump_n=3"],
+    parser.add_argument("--ddpm-settings", nargs="+", default=["default", "jump_n=1"],
                         help="settings to compare for the pixel model (comma-separated key=value, or 'default')")
-    parser.add_argument("--ldm-settings", nargs="+", default=["feather_voxels=0", "feather_voxels=2", "jump_length=5,jump_n=2,feather_voxels=2"])
+    parser.add_argument("--ldm-settings", nargs="+", default=["default", "feather_voxels=2", "jump_length=5,jump_n=2"],
+                        help="settings to compare for the latent model")
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--first-subject", type=int, default=0, help="offset into the held-out seeds")
-    parser.add_argument("--candidates", type=int, default=1)
+    parser.add_argument("--candidates", type=int, default=2, help="candidates per subject (seeds 0..K-1)")
     parser.add_argument("--dilate", type=int, default=1, help="mask = lesion dilated by this many voxels")
     parser.add_argument("--steps", type=int, default=None, help="steps (default: the model's)")
     parser.add_argument("--sampler", default=None, help="sampler (default: the model's)")
@@ -334,7 +340,9 @@ def main() -> None:
     large = cost(models, args.steps, args.sampler, args.large_size) if args.large_size else []
     if large:
         print()
-        print(table(large, ["model", "seconds", "image_mb", "rss_before_mb", "rss_peak_during_mb", "rss_added_mb", "steps", "network_evaluations_per_chain", "slices"]))
+        columns = ["model", "seconds", "image_mb", "rss_before_mb", "rss_peak_during_mb", "rss_added_mb", "steps",
+                   "network_evaluations_per_chain", "slices"]
+        print(table(large, columns))
     payload = {
         "benchmark": "inpaint",
         "tiny": bool(args.tiny),

@@ -40,17 +40,30 @@ from .errors import MeddiffError
 from .generate import default_sampling
 from .geometry import ModelGrid, make_grid, slice_axis_order, slice_grid, world_axis, world_centre
 from .intensity import denormalise, intensity_window, normalise
-from .sampling import StepInfo, autocast_context, decode_latents, denoise, initial_noise, repaint_schedule, seeded_generators
+from .sampling import (
+    StepInfo,
+    autocast_context,
+    decode_latents,
+    denoise,
+    initial_noise,
+    repaint_schedule,
+    seeded_generators,
+)
 from .volume import Volume, resample_like, world_extent_overlaps
 from .zoo import DEFAULT_MODEL, DiffusionModel, load_model
 
-# Defaults per model kind, measured with benchmarks/bench_inpaint.py (results/inpaint*.json): on 6 held-out
-# lesion subjects, brain-ddpm-2d (dpm++, 25 steps) filled with MAE 6.7 without resampling, 5.2 with jumps of
-# 5 steps done twice (2x the cost), 5.2 with 5 times (5x), 5.7 with 50 steps and jumps. A model folder may
-# override these in model.json under "inpaint" (keys jump_length, jump_n, feather_voxels, sampler, steps).
+# Defaults per model kind, measured with benchmarks/bench_inpaint.py (results/inpaint_ddpm_settings.json,
+# results/inpaint.json) on 6 held-out lesion subjects (lesion filling, MAE inside the mask):
+# * brain-ddpm-2d (dpm++, 25 steps): 6.7 without resampling, 5.2 with jumps of 5 steps done twice (2x the
+#   network evaluations), 5.2 done 5 times (5x), 5.4 with 3-step jumps 3 times, 5.6 with 50 steps -> (5, 2).
+# * brain-ldm-3d: resampling did not help (10.0 vs 9.8) -> none. Feathering blends towards the original
+#   inside the mask, i.e. towards the lesion when filling one: MAE 6.9 without, 9.8 with 2 voxels, 13.4 with
+#   4 -> off by default (it is for insertions/repairs where the original at the border is valid tissue).
+# A model folder may override these in model.json under "inpaint" (keys jump_length, jump_n,
+# feather_voxels, sampler, steps).
 DEFAULT_JUMP_LENGTH = {"ddpm": 5, "ldm": 5}
 DEFAULT_JUMP_N = {"ddpm": 2, "ldm": 1}
-DEFAULT_FEATHER = {"ddpm": 0, "ldm": 2}
+DEFAULT_FEATHER = {"ddpm": 0, "ldm": 0}
 MARGIN_MODEL_VOXELS = 3  # known context kept around the mask inside the model's field of view
 MAX_WINDOW_VOXELS = 2_000_000  # intensity window estimated on a regular subsample of at most this size
 
@@ -274,7 +287,9 @@ def _grid_mask(mask: np.ndarray, affine: np.ndarray, grid: ModelGrid, inplane_on
     return out
 
 
-def _plan(model: DiffusionModel, image: Volume, mask: np.ndarray, window: tuple[float, float], axis, stride: int) -> _Plan:
+def _plan(
+    model: DiffusionModel, image: Volume, mask: np.ndarray, window: tuple[float, float], axis, stride: int
+) -> _Plan:
     lo, hi = _bbox(mask)
     mlo, mhi = _world_box(image.affine, lo - 0.5, hi - 0.5)
     centre = _foreground_centre(image, window, stride)

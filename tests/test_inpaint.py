@@ -241,7 +241,8 @@ def test_bad_labels_axes_models(tiny_models):
     with pytest.raises(MeddiffError, match="axis must be"):
         inpaint(model, image, mask, axis="oblique", steps=2)
     with pytest.raises(MeddiffError, match="single slice"):
-        inpaint(model, scan(shape=(24, 1, 20)), np.pad(np.ones((2, 1, 2)), ((10, 12), (0, 0), (8, 10))), axis="axial", steps=2)
+        one_slice = np.pad(np.ones((2, 1, 2)), ((10, 12), (0, 0), (8, 10)))
+        inpaint(model, scan(shape=(24, 1, 20)), one_slice, axis="axial", steps=2)
     with pytest.raises(MeddiffError, match="sampler"):
         inpaint(model, image, mask, sampler="euler", steps=2)
     with pytest.raises(MeddiffError, match="candidates"):

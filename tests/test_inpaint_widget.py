@@ -73,7 +73,9 @@ def test_inpaint_candidates_become_layers(make_napari_viewer, qtbot, tiny_models
     widget.candidates.setValue(2)
     widget.sampling.seed.setValue(4)
     previews = []
-    viewer.layers.events.inserted.connect(lambda e: previews.append(e.value.name) if e.value.metadata.get(PREVIEW_KEY) else None)
+    viewer.layers.events.inserted.connect(
+        lambda e: previews.append(e.value.name) if e.value.metadata.get(PREVIEW_KEY) else None
+    )
     run_and_wait(qtbot, widget)
     assert previews, "no live preview was shown"
     names = [layer.name for layer in viewer.layers]

@@ -32,18 +32,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, type=Path, help="input scan (NIfTI, or what SimpleITK reads)")
     p.add_argument("--mask", required=True, type=Path, help="mask / label image on the same scan (non-zero = fill)")
     p.add_argument("--out", required=True, type=Path, help="output .nii or .nii.gz")
-    p.add_argument("--label", type=float, default=None, help="fill only this label value of the mask (default: all non-zero)")
+    p.add_argument("--label", type=float, default=None,
+                   help="fill only this label value of the mask (default: all non-zero)")
     p.add_argument("--candidates", type=int, default=1, help="number of candidates (seeds S..S+K-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first candidate")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--jump-length", type=int, default=None, help="RePaint jump length in steps (default: the model's)")
-    p.add_argument("--jump-n", type=int, default=None, help="RePaint resamplings per jump; 1 = none (default: the model's)")
+    p.add_argument("--jump-n", type=int, default=None,
+                   help="RePaint resamplings per jump; 1 = none (default: the model's)")
     p.add_argument("--feather", type=int, default=None, help="feather the fill's border over N voxels inside the mask")
-    p.add_argument("--axis", default="axial", help="2D models: slice axis, one of axial/coronal/sagittal or 0/1/2 (default axial)")
+    p.add_argument("--axis", default="axial",
+                   help="2D models: slice axis, one of axial/coronal/sagittal or 0/1/2 (default axial)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
     p.add_argument("--batch-size", type=int, default=8, help="chains per network evaluation (slices for 2D models)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="fp32, or bf16 autocast (CPU/CUDA), fp16 (CUDA)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32, or bf16 autocast (CPU/CUDA), fp16 (CUDA)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=run)
@@ -63,7 +67,10 @@ def output_paths(out: Path, candidates: int) -> list[tuple[Path, Path]]:
     suffix = out.name[len(stem):]
     if candidates == 1:
         return [(out, out.with_name(f"{stem}.json"))]
-    return [(out.with_name(f"{stem}_cand{k}{suffix}"), out.with_name(f"{stem}_cand{k}.json")) for k in range(1, candidates + 1)]
+    return [
+        (out.with_name(f"{stem}_cand{k}{suffix}"), out.with_name(f"{stem}_cand{k}.json"))
+        for k in range(1, candidates + 1)
+    ]
 
 
 def _axis(value: str):

@@ -42,5 +42,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, num_threads=args.threads, steps=args.steps, progress=not args.no_progress,
     )
     if path is not None:
-        print(f"model written to {path}; try: meddiff generate --model {path} --out OUT")
+        from ..zoo import read_config
+
+        use = "segment --image SCAN.nii.gz" if read_config(path)["kind"] == "segmentation" else "generate"
+        print(f"model written to {path}; try: meddiff {use} --model {path} --out OUT")
     return 0

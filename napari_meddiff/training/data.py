@@ -17,7 +17,7 @@ import torch
 
 from ..errors import MeddiffError
 from ..intensity import intensity_window, normalise
-from ..volume import Volume, read_volume, resample, to_canonical
+from ..volume import read_volume, resample, to_canonical
 
 log = logging.getLogger(__name__)
 

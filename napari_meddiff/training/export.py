@@ -163,6 +163,8 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
                 extra += f"; random {s['patch_size']} crops"
         else:
             extra = f", {s['objective']}, EMA {s['ema_decay']}; loss {s['first_loss']} -> {s['final_loss']}"
+            if s.get("val_dice"):
+                extra += "; Dice on the validation subjects " + ", ".join(f"{k} {v:.3f}" for k, v in s["val_dice"].items())
         cpu = f" ({s['cpu_minutes']:.1f} CPU-min)" if s.get("cpu_minutes") is not None else ""
         lines.append(f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])} wall{cpu}, batch {s['batch_size']} "
                      f"x {s['world_size']} process(es), lr {s['lr']:g}, {s['precision']}{extra}.")

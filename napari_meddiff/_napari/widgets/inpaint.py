@@ -338,7 +338,9 @@ class InpaintWidget(QWidget):
         layer.refresh()
 
     def _add_result(self, event: ResultEvent) -> None:
-        data, meta, layer_type = volume_to_layer_data(event.volume, event.name, layer_type="image", **self._layer_kwargs())
+        data, meta, layer_type = volume_to_layer_data(
+            event.volume, event.name, layer_type="image", **self._layer_kwargs()
+        )
         layer = self.viewer.add_layer(Layer.create(data, meta, layer_type))
         self._results.append(layer)
 
