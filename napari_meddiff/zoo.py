@@ -81,16 +81,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-@dataclasses.dataclass
-class DiffusionModel:
-    """A loaded model: its config, MONAI networks (eval mode) and folder."""
+class ModelConfigView:
+    """Read-only views of a ``model.json`` dict held in ``self.config`` (shared by loaded models and pickers)."""
 
-    name: str
-    path: Path
     config: dict[str, Any]
-    unet: torch.nn.Module
-    autoencoder: torch.nn.Module | None = None
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def kind(self) -> str:
@@ -107,6 +101,18 @@ class DiffusionModel:
     @property
     def voxel_size(self) -> tuple[float, ...]:
         return tuple(float(s) for s in self.config["voxel_size"])
+
+
+@dataclasses.dataclass
+class DiffusionModel(ModelConfigView):
+    """A loaded model: its config, MONAI networks (eval mode) and folder."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    unet: torch.nn.Module
+    autoencoder: torch.nn.Module | None = None
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def scale_factor(self) -> float:

@@ -58,7 +58,7 @@ from qtpy.QtWidgets import (
 from ...devices import available_devices, resolve_device
 from ...errors import Cancelled, MeddiffError
 from ...samplers import SAMPLERS
-from ...zoo import DEFAULT_MODEL, DiffusionModel, available_models, find_model_dir, load_model, read_config
+from ...zoo import DEFAULT_MODEL, DiffusionModel, ModelConfigView, available_models, find_model_dir, load_model, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ MAX_SEED = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(ModelConfigView):
     """What a picker knows about a model folder, from ``model.json`` alone (no weights loaded)."""
 
     name: str
@@ -83,22 +83,6 @@ class ModelInfo:
         folder = find_model_dir(path).resolve()
         config = read_config(folder)
         return cls(str(config.get("name", folder.name)), folder, config)
-
-    @property
-    def kind(self) -> str:
-        return self.config["kind"]
-
-    @property
-    def spatial_dims(self) -> int:
-        return int(self.config["spatial_dims"])
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.config["image_shape"])
-
-    @property
-    def voxel_size(self) -> tuple[float, ...]:
-        return tuple(float(v) for v in self.config["voxel_size"])
 
     @property
     def defaults(self) -> dict[str, Any]:
