@@ -7,7 +7,9 @@ Two independent reference sets (seeds A and B) come from MONAI's DDPM at the ful
 distance between the two reference sets (the noise floor of this many samples). Distance: unbiased MMD^2 with an
 RBF kernel on image features (intensity histogram, gradient-magnitude histogram, coarse block means, and for
 latent models the model's own encoder latents pooled). Also the mean absolute voxel difference to the reference
-sample of the same seed (B), a paired measure that needs no large sample. Writes results/quality_<model>.json and
+sample of the same seed (B), a paired measure that needs no large sample. A setting counts as not measurably
+worse when a permutation test of its MMD^2 against reference A gives p >= 0.05 and its MMD^2 is at most the
+noise floor; the fastest such setting is printed (the rule for the model's default). Writes results/quality_<model>.json and
 results/quality_<model>.png (distance against seconds per volume).
 """
 
@@ -26,6 +28,9 @@ from common import RESULTS, machine, save, table  # noqa: E402
 
 from napari_meddiff import generate, load_model  # noqa: E402
 from napari_meddiff.sampling import encode_images  # noqa: E402
+
+
+ALPHA = 0.05  # a setting is "measurably worse" when its permutation p-value against reference A is below this
 
 
 def features(model, images: np.ndarray) -> np.ndarray:
@@ -59,6 +64,18 @@ def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
     return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
 
 
+def mmd2_pvalue(x: np.ndarray, y: np.ndarray, bandwidth: float, permutations: int = 1000, seed: int = 0) -> float:
+    """Permutation p-value of MMD^2(x, y): how often relabelling the pooled samples gives at least as large."""
+    observed = mmd2(x, y, bandwidth)
+    pooled = np.concatenate([x, y])
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(permutations):
+        order = rng.permutation(len(pooled))
+        hits += mmd2(pooled[order[: len(x)]], pooled[order[len(x):]], bandwidth) >= observed
+    return float((hits + 1) / (permutations + 1))
+
+
 def sample(model, seeds, sampler, steps, precision, batch):
     t0 = time.perf_counter()
     vols = generate(model, seeds, sampler=sampler, steps=steps, precision=precision, batch_size=batch)
@@ -88,16 +105,22 @@ def main() -> None:
     bandwidth = float(np.median(dists[dists > 0]))
     floor = mmd2(fa, fb, bandwidth)
     rows = [{"sampler": "ddpm", "steps": args.reference_steps, "precision": "fp32", "seconds": ref_secs,
-             "mmd2_to_ref": floor, "paired_mae": 0.0}]
+             "mmd2_to_ref": floor, "p_value": mmd2_pvalue(fa, fb, bandwidth), "paired_mae": 0.0}]
     for sampler in args.samplers:
         for steps in args.steps:
             for precision in args.precisions:
                 imgs, secs = sample(model, seeds_b, sampler, steps, precision, args.batch)
+                fx = features(model, imgs)
                 rows.append({"sampler": sampler, "steps": steps, "precision": precision, "seconds": secs,
-                             "mmd2_to_ref": mmd2(fa, features(model, imgs), bandwidth),
+                             "mmd2_to_ref": mmd2(fa, fx, bandwidth), "p_value": mmd2_pvalue(fa, fx, bandwidth),
                              "paired_mae": float(np.abs(imgs - ref_b).mean())})
-    print(table(rows, ["sampler", "steps", "precision", "seconds", "mmd2_to_ref", "paired_mae"]))
+    print(table(rows, ["sampler", "steps", "precision", "seconds", "mmd2_to_ref", "p_value", "paired_mae"]))
     print(f"noise floor (reference A vs reference B): MMD^2 = {floor:.4g}")
+    kept = [r for r in rows[1:] if r["p_value"] >= ALPHA and r["mmd2_to_ref"] <= floor]
+    choice = min(kept, key=lambda r: r["seconds"]) if kept else None
+    if choice:
+        print(f"fastest setting not measurably worse (p >= {ALPHA} and MMD^2 <= noise floor): "
+              f"{choice['sampler']} {choice['steps']} steps {choice['precision']}, {choice['seconds']:.3g} s/volume")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +136,9 @@ def main() -> None:
                 for r in sel:
                     ax.annotate(str(r["steps"]), (r["seconds"], r["mmd2_to_ref"]), fontsize=7)
     ax.axhline(floor, color="grey", ls="--", label="noise floor (ref vs ref)")
+    if choice:
+        ax.scatter([choice["seconds"]], [choice["mmd2_to_ref"]], s=160, facecolors="none", edgecolors="red",
+                   label="fastest not measurably worse")
     ax.scatter([ref_secs], [floor], color="k", marker="*", s=80, label=f"DDPM {args.reference_steps}")
     ax.set_xscale("log")
     ax.set_xlabel("seconds per volume (log)")
@@ -124,7 +150,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(png, dpi=120)
     path = save(f"quality_{model.name}", {"model": model.name, "machine": machine(), "num": args.num,
-                                          "noise_floor_mmd2": floor, "bandwidth": bandwidth, "rows": rows})
+                                          "noise_floor_mmd2": floor, "bandwidth": bandwidth, "alpha": ALPHA,
+                                          "fastest_not_worse": choice, "rows": rows})
     print(f"written {path} and {png}")
 
 

@@ -300,6 +300,7 @@ def resolved_settings(
     import torch
 
     from .generate import default_sampling
+    from .sampling import resolve_precision
 
     defaults = default_sampling(model)
     dev = torch.device(device)
@@ -308,7 +309,7 @@ def resolved_settings(
         "sampler": sampler or defaults["sampler"],
         "steps": int(steps if steps is not None else defaults["steps"]),
         "eta": float(eta),
-        "precision": precision or ("fp32" if dev.type == "cpu" else defaults["precision"]),
+        "precision": resolve_precision(precision or defaults["precision"], dev),
     }
 
 

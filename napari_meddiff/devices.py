@@ -31,3 +31,10 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True when ``device`` computes bf16 matrix products natively."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_supports_bf16()

@@ -12,7 +12,7 @@ import torch
 from . import __version__
 from .devices import resolve_device
 from .errors import MeddiffError
-from .sampling import StepInfo, decode_latents, denoise, initial_noise, seeded_generators
+from .sampling import StepInfo, decode_latents, denoise, initial_noise, resolve_precision, seeded_generators
 from .volume import Volume
 from .zoo import DEFAULT_MODEL, DiffusionModel, load_model
 
@@ -26,7 +26,7 @@ class Preview:
 
 
 def default_sampling(model: DiffusionModel) -> dict:
-    return {"sampler": "dpm++", "steps": 20, "precision": "fp32", **model.config.get("defaults", {})}
+    return model.sampling_defaults
 
 
 def to_volume(model: DiffusionModel, image: np.ndarray, **provenance) -> Volume:
@@ -72,7 +72,7 @@ def generate(
     defaults = default_sampling(model)
     sampler = sampler or defaults["sampler"]
     steps = int(steps if steps is not None else defaults["steps"])
-    precision = precision or ("fp32" if dev.type == "cpu" else defaults["precision"])
+    precision = resolve_precision(precision or defaults["precision"], dev)
     volumes: list[Volume] = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]

@@ -47,6 +47,7 @@ from .sampling import (
     denoise,
     initial_noise,
     repaint_schedule,
+    resolve_precision,
     seeded_generators,
 )
 from .volume import Volume, resample_like, world_extent_overlaps
@@ -561,7 +562,7 @@ def inpaint(
     feather = int(feather_voxels if feather_voxels is not None else defaults["feather_voxels"])
     if feather < 0:
         raise MeddiffError(f"feather_voxels must be >= 0, got {feather}")
-    precision = precision or ("fp32" if dev.type == "cpu" else defaults["precision"])
+    precision = resolve_precision(precision or defaults["precision"], dev)
     repaint_schedule(steps, jump_length, jump_n)  # validates
     from .samplers import make_sampler
 

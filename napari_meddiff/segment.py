@@ -40,7 +40,7 @@ from .devices import resolve_device
 from .errors import Cancelled, MeddiffError
 from .geometry import ModelGrid, grid_to_volume, make_grid, sample_on_grid, slice_axis_order, world_axis
 from .intensity import intensity_window, normalise
-from .sampling import StepInfo, denoise, initial_noise
+from .sampling import StepInfo, denoise, initial_noise, resolve_precision
 from .volume import Volume
 from .zoo import DiffusionModel, load_model
 
@@ -114,7 +114,7 @@ class SegmentationPlan:
 
 
 def default_settings(model: DiffusionModel) -> dict:
-    return {"sampler": "dpm++", "steps": 20, "precision": "fp32", **model.config.get("defaults", {})}
+    return model.sampling_defaults
 
 
 def class_names(model: DiffusionModel) -> list[str]:
@@ -450,7 +450,7 @@ def segment(
     steps = int(steps if steps is not None else defaults["steps"])
     if steps < 1:
         raise MeddiffError(f"steps must be a positive integer, got {steps}")
-    precision = precision or ("fp32" if dev.type == "cpu" else defaults["precision"])
+    precision = resolve_precision(precision or defaults["precision"], dev)
     batch_size = int(batch_size) if batch_size is not None else auto_batch_size(model, dev)
     names = class_names(model)
 

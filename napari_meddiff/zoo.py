@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .cpu_kernels import prefer_onednn
 from .errors import MeddiffError
 
 MODEL_KINDS = ("ddpm", "ldm", "segmentation")
@@ -81,6 +82,9 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+DEFAULT_SAMPLING: dict[str, Any] = {"sampler": "dpm++", "steps": 20, "precision": "auto"}
+
+
 class ModelConfigView:
     """Read-only views of a ``model.json`` dict held in ``self.config`` (shared by loaded models and pickers)."""
 
@@ -101,6 +105,11 @@ class ModelConfigView:
     @property
     def voxel_size(self) -> tuple[float, ...]:
         return tuple(float(s) for s in self.config["voxel_size"])
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Sampler, steps and precision used when not given: model.json ``defaults`` over the package's."""
+        return {**DEFAULT_SAMPLING, **self.config.get("defaults", {})}
 
 
 @dataclasses.dataclass
@@ -187,7 +196,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | to
             net.load_state_dict(state)
         except RuntimeError as exc:
             raise MeddiffError(f"{weight_file} does not fit the {net_name} config: {str(exc)[:200]}") from None
-        nets[net_name] = net.eval().requires_grad_(False)
+        nets[net_name] = prefer_onednn(net.eval().requires_grad_(False))
     model = DiffusionModel(
         name=str(config.get("name", model_dir.name)),
         path=model_dir,

@@ -84,10 +84,6 @@ class ModelInfo(ModelConfigView):
         config = read_config(folder)
         return cls(str(config.get("name", folder.name)), folder, config)
 
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return {"sampler": "dpm++", "steps": 20, **self.config.get("defaults", {})}
-
     def summary(self) -> str:
         shape = "×".join(str(s) for s in self.image_shape)
         voxel = "×".join(f"{v:g}" for v in self.voxel_size)
@@ -304,7 +300,7 @@ class SamplingControls(QObject):
         """The model's default sampler and number of steps."""
         if info is None:
             return
-        defaults = info.defaults
+        defaults = info.sampling_defaults
         if defaults["sampler"] in SAMPLERS:
             self.sampler.setCurrentText(defaults["sampler"])
         self.steps.setValue(int(defaults["steps"]))
