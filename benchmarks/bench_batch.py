@@ -3,7 +3,7 @@
     python benchmarks/bench_batch.py [--model brain-ldm-3d] [--quick]
 
 Everything goes through the real path (`napari_meddiff.batch.generate_subjects`, files written and hashed) at
-the model's default sampler and steps, fp32, on CPU unless --device says otherwise:
+the model's default sampler, steps and precision, on CPU unless --device says otherwise:
 
 - batch sizes: one process, all cores (torch's default threads), ``--num`` volumes per batch size;
 - processes: ``meddiff generate`` alone (OMP_NUM_THREADS = all threads) against ``torchrun --nproc_per_node 2``
@@ -39,6 +39,7 @@ from common import RESULTS, machine, table  # noqa: E402
 from napari_meddiff import batch  # noqa: E402
 from napari_meddiff.devices import resolve_device  # noqa: E402
 from napari_meddiff.generate import default_sampling, generate  # noqa: E402
+from napari_meddiff.sampling import resolve_precision  # noqa: E402
 from napari_meddiff.zoo import DEFAULT_MODEL, available_models, load_model  # noqa: E402
 
 
@@ -141,7 +142,7 @@ def main() -> None:
         model = load_model(model_arg, device=device)
         defaults = default_sampling(model)
         settings = {"sampler": defaults["sampler"], "steps": int(defaults["steps"]),
-                    "precision": "fp32" if device.type == "cpu" else defaults["precision"]}
+                    "precision": resolve_precision(defaults["precision"], device)}
         print(f"# {model.name} ({model.kind}, {'x'.join(map(str, model.image_shape))}), {settings['sampler']} "
               f"{settings['steps']} steps {settings['precision']}, on {info['cpu']}, {info['cores']} cores, "
               f"{args.threads} threads, load average {load[0]:.1f}, torch {info['torch']}, device {device}")

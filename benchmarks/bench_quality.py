@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, save, table  # noqa: E402
+from common import RESULTS, machine, precisions_for, save, table  # noqa: E402
 
 from napari_meddiff import generate, load_model  # noqa: E402
 from napari_meddiff.sampling import encode_images  # noqa: E402
@@ -78,7 +78,8 @@ def mmd2_pvalue(x: np.ndarray, y: np.ndarray, bandwidth: float, permutations: in
 
 def sample(model, seeds, sampler, steps, precision, batch):
     t0 = time.perf_counter()
-    vols = generate(model, seeds, sampler=sampler, steps=steps, precision=precision, batch_size=batch)
+    vols = generate(model, seeds, sampler=sampler, steps=steps, precision=precision, batch_size=batch,
+                    device=str(model.device))
     seconds = (time.perf_counter() - t0) / len(seeds)
     return np.stack([np.squeeze(v.array) for v in vols]), seconds
 
@@ -90,10 +91,12 @@ def main() -> None:
     parser.add_argument("--reference-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim", "dpm++"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", help="default: fp32, and bf16 (fp16) where native")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
+    args.precisions = args.precisions or precisions_for(model.device)
     seeds_a = list(range(10_000, 10_000 + args.num))
     seeds_b = list(range(20_000, 20_000 + args.num))
     print(f"# {model.name}: references = DDPM {args.reference_steps} steps fp32, {args.num} samples per set")
@@ -128,7 +131,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for sampler, marker in zip(["ddpm", "ddim", "dpm++"], "osd"):
-        for precision, fill in (("fp32", "full"), ("bf16", "none")):
+        for precision, fill in (("fp32", "full"), ("bf16", "none"), ("fp16", "left")):
             sel = [r for r in rows[1:] if r["sampler"] == sampler and r["precision"] == precision]
             if sel:
                 ax.plot([r["seconds"] for r in sel], [r["mmd2_to_ref"] for r in sel], marker=marker, fillstyle=fill,
@@ -143,13 +146,15 @@ def main() -> None:
     ax.set_xscale("log")
     ax.set_xlabel("seconds per volume (log)")
     ax.set_ylabel("MMD$^2$ to 1000-step DDPM samples")
-    ax.set_title(f"{model.name}: quality against time ({machine()['cpu']})", fontsize=9)
+    where = machine()["cuda"] if model.device.type == "cuda" else machine()["cpu"]
+    ax.set_title(f"{model.name}: quality against time ({where}, {args.num} samples per set)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    png = RESULTS / f"quality_{model.name}.png"
+    name = f"quality_{model.name}" + ("_cuda" if model.device.type == "cuda" else "")
+    png = RESULTS / f"{name}.png"
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(png, dpi=120)
-    path = save(f"quality_{model.name}", {"model": model.name, "machine": machine(), "num": args.num,
+    path = save(name, {"model": model.name, "device": str(model.device), "machine": machine(), "num": args.num,
                                           "noise_floor_mmd2": floor, "bandwidth": bandwidth, "alpha": ALPHA,
                                           "fastest_not_worse": choice, "rows": rows})
     print(f"written {path} and {png}")

@@ -1,134 +1,409 @@
-"""Generation speed: MONAI's own sampling path (1000-step DDPM, fp32) against ours, on the same weights.
+"""Speed: MONAI's own sampling path against ours on the same weights, for every task; how close to this
+machine's limit the networks run; memory.
 
-    python benchmarks/bench_speed.py [--model brain-ldm-3d] [--quick]
+    python benchmarks/bench_speed.py [--quick] [--threads N] [--tasks generate-3d generate-2d ...] [--compile]
 
-Prints a table and writes benchmarks/results/speed_<model>.json. The baseline is MONAI's
-`LatentDiffusionInferer.sample` (or `DiffusionInferer.sample` for pixel models) with `DDPMScheduler` at 1000 steps
-in fp32, as the MONAI tutorials do; with --quick it runs the first 50 of those 1000 steps plus the decoding and
-extrapolates linearly (reported as such). It also reports FLOPs per network evaluation and the achieved
-fraction of this machine's measured matrix-multiply peak, fp32 and bf16.
+Prints tables and writes ``benchmarks/results/speed.json``:
+
+1. **peak**: the highest dense throughput measured here per precision: a 2048x2048 matrix multiply, and a
+   3x3x3 convolution (96 channels, 4x12x14x12, oneDNN); fractions below are of the higher one.
+2. **networks**: FLOPs per evaluation (``torch.utils.flop_counter``) and achieved FLOP/s for the default 3D
+   model's UNet step (batch 1 and 4) and autoencoder decoding, under each option: PyTorch's kernel choice or
+   oneDNN (`napari_meddiff.cpu_kernels`), fp32 or bf16 autocast, contiguous or ``channels_last_3d``, 1 or 2
+   threads, and ``torch.compile`` with ``--compile``.
+3. **tasks**: seconds per volume, baseline and ours, and their ratio, each measured in a fresh process (whose
+   peak RSS, and peak GPU memory on CUDA, are reported). Baseline: MONAI's path as the MONAI tutorials run
+   it: DDPMScheduler with 1000 steps, fp32, PyTorch's kernel choice. For generation that is literally
+   ``LatentDiffusionInferer.sample`` / ``DiffusionInferer.sample``, one volume at a time; MONAI has no
+   inpainting or ensemble-segmentation call, so for those the baseline is the same task through our code
+   with MONAI's DDPM scheduler at 1000 steps (inpainting: known region replaced after every step, as in
+   MONAI's inpainting tutorial). Ours: the model's default (sampler, steps, precision ``auto``), and for
+   generation each sampler at 10/20/50 steps in fp32 and bf16. With ``--quick``, and always for the
+   segmentation ensemble (about an hour at 1000 steps), a baseline is extrapolated from runs of 20 and 50
+   steps: ``t(1000) = t(20) + (t(50) - t(20)) * 980 / 30`` (marked ``extrapolated``).
+4. **memory**: decoding a 1 mm whole-brain latent (4x49x58x47 -> 196x232x188) in one pass and in MONAI
+   ``SlidingWindowInferer`` windows: seconds, peak RSS, and the PSNR of the windowed decode against the
+   whole one.
+
+Run it with nothing else busy on the machine: all figures are wall seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import count_flops, machine, matmul_peak, peak_rss_mb, save, table, timed  # noqa: E402
+from common import count_flops, machine, matmul_peak, peak_rss_mb, precisions_for, save, table, timed  # noqa: E402
 
-from napari_meddiff import generate, load_model  # noqa: E402
-from napari_meddiff.devices import resolve_device  # noqa: E402
-from napari_meddiff.samplers import noise_scheduler  # noqa: E402
-from napari_meddiff.sampling import autocast_context  # noqa: E402
+TASKS = ("generate-3d", "generate-2d", "inpaint-3d", "inpaint-2d", "segment-5")
+TASK_MODELS = {
+    "generate-3d": "brain-ldm-3d",
+    "generate-2d": "brain-ddpm-2d",
+    "inpaint-3d": "brain-ldm-3d",
+    "inpaint-2d": "brain-ddpm-2d",
+    "segment-5": "brain-tissue-segdiff-2d",
+}
+FULL_STEPS = 1000
+QUICK_STEPS = (20, 50)
 
 
-def monai_baseline(model, steps_run: int, seed: int = 0) -> dict:
-    """MONAI inferer.sample with DDPMScheduler(1000), fp32; ``steps_run`` < 1000 is extrapolated."""
+# --- peak and networks -------------------------------------------------------------------------------
+
+
+def conv_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a large 3x3x3 convolution (oneDNN / cuDNN), a dense kernel that can beat GEMM on some CPUs."""
+    c, batch = (96, 4) if device.type == "cpu" else (256, 16)
+    conv = torch.nn.Conv3d(c, c, 3, padding=1, bias=False).to(device=device, dtype=dtype)
+    x = torch.randn(batch, c, 12, 14, 12, dtype=dtype, device=device)
+    with torch.inference_mode():
+        seconds = timed(lambda: conv(x), repeat=7, warmup=3)
+    return 2 * c * c * 27 * x[0, 0].numel() * batch / seconds
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure_peaks(device: torch.device) -> dict:
+    """Per precision: matmul and conv3d FLOP/s and the higher of the two (the 'peak' fractions refer to).
+
+    On CUDA, fp32 convolutions run on TF32 tensor cores (cuDNN's default), so the fp32 peak there is the TF32
+    matmul rate; the strict fp32 matmul rate is reported beside it."""
+    out = {}
+    n = 2048 if device.type == "cpu" else 8192
+    for name in precisions_for(device):
+        dtype = DTYPES[name]
+        mm, cv = matmul_peak(dtype, str(device), n=n), conv_peak(dtype, device)
+        out[name] = {"matmul": mm, "conv3d": cv, "peak": max(mm, cv)}
+        if device.type == "cuda" and name == "fp32":
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            out[name]["matmul_tf32"] = matmul_peak(dtype, str(device), n=n)
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            out[name]["peak"] = max(out[name]["peak"], out[name]["matmul_tf32"])
+    return out
+
+
+def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list[dict]:
+    """The UNet step and decoding under each option; FLOP/s as a fraction of this machine's peak.
+
+    FLOPs are counted on PyTorch's own convolution call (`torch.utils.flop_counter` does not see oneDNN's)."""
+    from napari_meddiff.cpu_kernels import pytorch_kernels
+    from napari_meddiff.sampling import autocast_context
+
+    device = model.device
+    precisions = precisions_for(device)
+    rows = []
+
+    def record(network, batch, option, precision, n_threads, fn, flops):
+        if device.type == "cpu":
+            torch.set_num_threads(n_threads)
+        with torch.inference_mode(), autocast_context(device, precision):
+            seconds = timed(fn, repeat=5, warmup=2)
+        peak = peaks[n_threads][precision]["peak"]
+        rows.append({"network": network, "batch": batch, "option": option, "precision": precision,
+                     "threads": n_threads if device.type == "cpu" else "-", "gflop": flops / 1e9,
+                     "ms": seconds * 1e3, "gflop_per_s": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / peak})
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+
+    def nets_for(batch, memory_format=torch.contiguous_format, compiled=False):
+        x = torch.randn((batch, *model.sample_shape), device=device).contiguous(memory_format=memory_format)
+        t = torch.full((batch,), 500, dtype=torch.long, device=device)
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs for small networks
+        unet = torch.compile(model.unet, mode=mode) if compiled else model.unet
+        out = [("unet step", model.unet, lambda: unet(x, timesteps=t))]
+        if model.kind == "ldm" and batch <= 2:
+            decode = model.autoencoder.decode_stage_2_outputs
+            decode = torch.compile(decode, mode=mode) if compiled else decode
+            out.append(("decode", model.autoencoder, lambda: decode(x)))
+        return out
+
+    batches = (1, 2, 4) if device.type == "cpu" else (1, 4, 16)
+    main_option = "oneDNN (ours)" if device.type == "cpu" else "cuDNN"
+    for batch in batches:
+        for name, net, fn in nets_for(batch):
+            with torch.inference_mode(), pytorch_kernels(net):
+                flops = count_flops(fn)
+            for n in threads:
+                for precision in precisions:
+                    record(name, batch, main_option, precision, n, fn, flops)
+                    if device.type == "cpu" and precision == "fp32":  # autocast already takes PyTorch's kernels
+                        with pytorch_kernels(net):
+                            record(name, batch, "PyTorch kernels", precision, n, fn, flops)
+            if batch == 1:
+                net.to(memory_format=torch.channels_last_3d)
+                (_, _, fn_cl), *_ = [e for e in nets_for(1, torch.channels_last_3d) if e[0] == name]
+                for precision in precisions:
+                    record(name, batch, "channels_last_3d", precision, threads[-1], fn_cl, flops)
+                net.to(memory_format=torch.contiguous_format)
+                if compile_:
+                    (_, _, fn_c), *_ = [e for e in nets_for(1, compiled=True) if e[0] == name]
+                    for precision in precisions:
+                        t0 = time.perf_counter()
+                        with torch.inference_mode(), autocast_context(device, precision):
+                            fn_c()
+                        print(f"torch.compile {name} {precision}: first call {time.perf_counter() - t0:.0f} s", flush=True)
+                        record(name, batch, "torch.compile", precision, threads[-1], fn_c, flops)
+    if device.type == "cpu":
+        torch.set_num_threads(threads[-1])
+    return rows
+
+
+# --- tasks (each measurement in a fresh process) -------------------------------------------------------
+
+
+def _case():
+    """A held-out 2 mm cohort subject with a lesion, and the lesion mask dilated by one voxel."""
+    from scipy import ndimage
+
+    from napari_meddiff.cohort import HELDOUT_SEEDS, make_subject
+
+    subject = make_subject(HELDOUT_SEEDS[0], resolution_mm=2.0, lesion=True)
+    image = subject.image
+    mask = ndimage.binary_dilation(subject.lesion_mask.array > 0, iterations=1) & (image.array > 0)
+    return image, mask.astype(np.uint8)
+
+
+def _run_task(task: str, model, settings: dict, seed: int) -> float:
+    """Seconds for one volume of ``task`` with ``settings`` (sampler/steps/precision/...; empty: defaults)."""
+    from napari_meddiff import generate, inpaint, segment
+
+    t0 = time.perf_counter()
+    if task.startswith("generate"):
+        generate(model, [seed], **settings)
+    elif task.startswith("inpaint"):
+        image, mask = _case()
+        t0 = time.perf_counter()
+        inpaint(model, image, mask, seed=seed, **settings)
+    else:
+        image, _ = _case()
+        t0 = time.perf_counter()
+        segment(model, image, ensemble=5, seed=seed, **settings)
+    return time.perf_counter() - t0
+
+
+def _monai_generate(model, steps: int, seed: int, decode: bool = True) -> float:
+    """MONAI's inferer.sample with DDPMScheduler(1000) over its first ``steps`` timesteps (+ decoding)."""
     from monai.inferers import DiffusionInferer, LatentDiffusionInferer
+
+    from napari_meddiff.samplers import noise_scheduler
 
     sched = noise_scheduler(model.config["scheduler"])
     sched.set_timesteps(sched.num_train_timesteps)
-    total = len(sched.timesteps)
-    all_timesteps = sched.timesteps
+    sched.timesteps = sched.timesteps[:steps]
     noise = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(seed)).to(model.device)
-    sched.timesteps = all_timesteps[:2]  # warm-up, as for ours
-    with torch.inference_mode():
-        DiffusionInferer(sched).sample(noise, model.unet, sched, verbose=False)
-    sched.timesteps = all_timesteps[:steps_run]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        if model.kind == "ldm":
+        if model.kind == "ldm" and decode:
             inferer = LatentDiffusionInferer(sched, scale_factor=model.scale_factor)
-            z = DiffusionInferer.sample(inferer, noise, model.unet, sched, verbose=False)
-            chain = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            model.autoencoder.decode_stage_2_outputs(z / model.scale_factor)
-            decode = time.perf_counter() - t1
+            inferer.sample(noise, model.autoencoder, model.unet, sched, verbose=False)
         else:
             DiffusionInferer(sched).sample(noise, model.unet, sched, verbose=False)
-            chain, decode = time.perf_counter() - t0, 0.0
-    per_step = chain / steps_run
-    return {
-        "seconds": per_step * total + decode,
-        "steps_run": steps_run,
-        "extrapolated": steps_run < total,
-        "seconds_per_step": per_step,
-        "decode_seconds": decode,
-    }
+    _sync(model.device)
+    return time.perf_counter() - t0
 
 
-def network_efficiency(model, peaks: dict) -> list[dict]:
-    rows = []
-    x = torch.randn((1, *model.sample_shape), device=model.device)
-    t = torch.full((1,), 500, device=model.device, dtype=torch.long)
-    nets = [("unet step", lambda: model.unet(x, timesteps=t))]
-    if model.kind == "ldm":
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def monai_baseline(model, steps_run: int, seed: int = 0) -> dict:
+    """In this process: MONAI's inferer.sample (DDPMScheduler 1000 steps, fp32, PyTorch's kernels), batch 1;
+    ``steps_run`` < 1000 runs that many steps and extrapolates per step (the decoding is run once)."""
+    from napari_meddiff.cpu_kernels import pytorch_kernels
+    from napari_meddiff.sampling import decode_latents
+
+    with pytorch_kernels(model.unet), pytorch_kernels(model.autoencoder or torch.nn.Module()):
+        _monai_generate(model, 2, seed, decode=False)  # warm-up
+        chain = _monai_generate(model, steps_run, seed + 1, decode=False)  # the decoding is timed once, below
         z = torch.randn((1, *model.sample_shape), device=model.device)
-        nets.append(("autoencoder decode", lambda: model.autoencoder.decode_stage_2_outputs(z)))
-    for name, fn in nets:
-        with torch.inference_mode():
-            flops = count_flops(fn)
-            for precision in ("fp32", "bf16"):
-                with autocast_context(model.device, precision):
-                    seconds = timed(fn, repeat=5)
-                rows.append({
-                    "network": name, "precision": precision, "gflop": flops / 1e9, "ms": seconds * 1e3,
-                    "gflop_per_s": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / peaks[precision],
-                })
+        t0 = time.perf_counter()
+        decode_latents(model, z, "fp32", window=None)
+        _sync(model.device)
+        decode = time.perf_counter() - t0 if model.kind == "ldm" else 0.0
+    per_step = chain / steps_run
+    return {"seconds": per_step * FULL_STEPS + decode, "steps_run": steps_run, "extrapolated": steps_run < FULL_STEPS,
+            "seconds_per_step": per_step, "decode_seconds": decode}
+
+
+def task_child(task: str, variant: str, threads: int, device: str, configs: list[dict] | None = None) -> dict:
+    """In a fresh process: time ``task`` as ``variant`` (``baseline``, ``baseline-quick`` or ``ours``)."""
+    torch.set_num_threads(threads)
+    from napari_meddiff import load_model
+    from napari_meddiff.cpu_kernels import pytorch_kernels
+
+    model = load_model(TASK_MODELS[task], device=device)
+    out: dict = {"task": task, "variant": variant, "model": model.name}
+    if variant.startswith("baseline"):
+        steps_list = QUICK_STEPS if variant == "baseline-quick" else (FULL_STEPS,)
+        times = {}
+        with pytorch_kernels(model.unet), pytorch_kernels(model.autoencoder or torch.nn.Module()):
+            for steps in steps_list:
+                if task.startswith("generate"):
+                    _monai_generate(model, 2, seed=0)  # warm-up
+                    times[steps] = _monai_generate(model, steps, seed=1)
+                else:
+                    settings = {"sampler": "ddpm", "steps": steps, "precision": "fp32"}
+                    if task.startswith("inpaint"):
+                        settings.update(jump_n=1)
+                    _run_task(task, model, {**settings, "steps": 2}, seed=0)
+                    times[steps] = _run_task(task, model, settings, seed=1)
+        if variant == "baseline-quick":
+            a, b = QUICK_STEPS
+            seconds = times[a] + (times[b] - times[a]) * (FULL_STEPS - a) / (b - a)
+        else:
+            seconds = times[FULL_STEPS]
+        out.update(seconds=seconds, extrapolated=variant == "baseline-quick",
+                   measured={str(k): v for k, v in times.items()})
+    else:
+        from napari_meddiff.sampling import resolve_precision
+
+        defaults = model.sampling_defaults
+        out["default"] = {**defaults, "precision": resolve_precision(defaults["precision"], model.device)}
+        rows = []
+        for settings in configs or [{}]:
+            _run_task(task, model, {**settings, "steps": 2}, seed=0)  # warm-up: allocator, kernels
+            seconds = _run_task(task, model, settings, seed=1)
+            rows.append({**settings, "seconds": seconds})
+        out["rows"] = rows
+    out["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def in_fresh_process(fn, *args):
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def task_rows(tasks: list[str], threads: int, quick: bool, device: torch.device) -> tuple[list[dict], list[dict]]:
+    summary, detail = [], []
+    for task in tasks:
+        configs = [{}]
+        if task.startswith("generate"):
+            configs += [{"sampler": s, "steps": k, "precision": p}
+                        for s in ("ddpm", "ddim", "dpm++") for k in (10, 20, 50) for p in precisions_for(device)]
+        variant = "baseline-quick" if quick or task == "segment-5" else "baseline"
+        print(f"{task}: baseline ({variant}) ...", flush=True)
+        base = in_fresh_process(task_child, task, variant, threads, str(device))
+        print(f"{task}: baseline {base['seconds']:.1f} s/volume; ours ...", flush=True)
+        ours = in_fresh_process(task_child, task, "ours", threads, str(device), configs)
+        default, resolved = ours["rows"][0], ours["default"]
+        summary.append({
+            "task": task, "model": base["model"], "baseline_s": base["seconds"],
+            "baseline": "extrapolated" if base["extrapolated"] else "measured",
+            "ours": f"{resolved['sampler']} {resolved['steps']} {resolved['precision']}",
+            "ours_s": default["seconds"], "ratio": base["seconds"] / default["seconds"],
+            "baseline_rss_mb": base["peak_rss_mb"], "ours_rss_mb": ours["peak_rss_mb"],
+            **({"baseline_gpu_mb": base["peak_gpu_mb"], "ours_gpu_mb": ours["peak_gpu_mb"]} if "peak_gpu_mb" in base else {}),
+        })
+        for r in ours["rows"][1:]:
+            detail.append({"task": task, **r, "ratio": base["seconds"] / r["seconds"]})
+        print(table(summary[-1:], list(summary[-1])), flush=True)
+    return summary, detail
+
+
+# --- memory: whole vs windowed decoding ------------------------------------------------------------------
+
+
+def decode_child(window: int | None, threads: int, device: str) -> dict:
+    torch.set_num_threads(threads)
+    from napari_meddiff import load_model
+    from napari_meddiff.cohort import HELDOUT_SEEDS, make_subject
+    from napari_meddiff.sampling import decode_latents, encode_images, resolve_precision
+
+    model = load_model("brain-ldm-3d", device=device)
+    precision = resolve_precision("auto", model.device)
+    a = np.squeeze(make_subject(HELDOUT_SEEDS[0], resolution_mm=1.0).image.array).astype(np.float32)
+    lo, hi = np.percentile(a[a > a.min()], [0.5, 99.5])
+    a = np.clip((a - lo) / (hi - lo), 0, 1).astype(np.float32)
+    a = a[tuple(slice(0, n // 4 * 4) for n in a.shape)]
+    z = encode_images(model, torch.from_numpy(a)[None, None].to(model.device), precision=precision)
+    rss_before = peak_rss_mb()
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    img = decode_latents(model, z, precision=precision, window=None if window is None else (window,) * 3)
+    _sync(model.device)
+    seconds = time.perf_counter() - t0
+    out = {"window": window, "precision": precision, "latent_shape": list(z.shape[1:]),
+           "image_shape": list(img.shape[2:]), "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+           "peak_rss_before_mb": rss_before, "image": img[0, 0].cpu().numpy()}
+    if model.device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def memory_rows(threads: int, device: torch.device) -> list[dict]:
+    rows, whole = [], None
+    for window in (None, 32, 24):
+        r = in_fresh_process(decode_child, window, threads, str(device))
+        img = r.pop("image")
+        if window is None:
+            whole = img
+            r["psnr_vs_whole_db"] = float("inf")
+        else:
+            r["psnr_vs_whole_db"] = float(10 * np.log10(1.0 / np.mean((img - whole) ** 2)))
+        r["window"] = "whole" if window is None else f"{window}^3 latent"
+        rows.append(r)
+        print(table(rows[-1:], ["window", "precision", "seconds", "peak_rss_mb", "peak_gpu_mb", "psnr_vs_whole_db"]),
+              flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="brain-ldm-3d")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="extrapolate the baseline from 50 of its 1000 steps")
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
-    parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim", "dpm++"])
+    parser.add_argument("--quick", action="store_true", help="extrapolate every baseline from 20 and 50 steps")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["networks", "tasks", "memory"])
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow first call)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the baseline runs on the same device)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from napari_meddiff import load_model
+    from napari_meddiff.devices import resolve_device
 
     device = resolve_device(args.device)
-    model = load_model(args.model, device=device)
     info = machine()
-    print(f"# {model.name} ({model.kind}, {model.spatial_dims}D {'x'.join(map(str, model.image_shape))}) on {info['cpu']}, "
-          f"{info['cores']} cores, torch {info['torch']}")
-    peaks = {"fp32": matmul_peak(torch.float32, str(device)), "bf16": matmul_peak(torch.bfloat16, str(device))}
-    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
-
-    eff = network_efficiency(model, peaks)
-    print(table(eff, ["network", "precision", "gflop", "ms", "gflop_per_s", "fraction_of_peak"]))
-
-    baseline = monai_baseline(model, 50 if args.quick else 1000)
-    print(f"baseline MONAI inferer.sample, DDPM 1000 steps fp32: {baseline['seconds']:.1f} s/volume"
-          + (f" (extrapolated from {baseline['steps_run']} steps)" if baseline["extrapolated"] else ""))
-
-    defaults = {"sampler": model.config.get("defaults", {}).get("sampler", "dpm++"),
-                "steps": model.config.get("defaults", {}).get("steps", 20),
-                "precision": model.config.get("defaults", {}).get("precision", "fp32")}
-    rows = []
-    configs = [(s, k, p) for s in args.samplers for k in args.steps for p in ("fp32", "bf16")]
-    default_cfg = (defaults["sampler"], defaults["steps"], defaults["precision"])
-    if default_cfg not in configs:
-        configs.append(default_cfg)
-    for sampler, steps, precision in configs:
-        generate(model, [0], sampler=sampler, steps=2, precision=precision)  # warm-up (allocator, kernels)
-        t0 = time.perf_counter()
-        generate(model, [1], sampler=sampler, steps=steps, precision=precision)
-        seconds = time.perf_counter() - t0
-        rows.append({"sampler": sampler, "steps": steps, "precision": precision, "seconds": seconds,
-                     "speedup_vs_baseline": baseline["seconds"] / seconds,
-                     "default": (sampler, steps, precision) == default_cfg})
-    print(table(rows, ["sampler", "steps", "precision", "seconds", "speedup_vs_baseline", "default"]))
-    result = {"model": model.name, "machine": info, "matmul_peak_flops": peaks, "network_efficiency": eff,
-              "baseline": baseline, "ours": rows, "defaults": defaults, "peak_rss_mb": peak_rss_mb()}
-    if torch.cuda.is_available():
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    print(f"peak RSS {result['peak_rss_mb']:.0f} MB; written {save(f'speed_{model.name}', result)}")
+    print(f"# {info['cpu']}, {info['cores']} cores, {args.threads} torch threads, torch {info['torch']}, "
+          f"device {device}{' (' + info['cuda'] + ')' if device.type == 'cuda' else ''}", flush=True)
+    result: dict = {"machine": info, "device": str(device), "threads": args.threads, "quick": args.quick}
+    if "networks" not in args.skip:
+        threads = sorted({1, args.threads}) if device.type == "cpu" else [args.threads]
+        peaks = {}
+        for n in threads:
+            torch.set_num_threads(n)
+            peaks[n] = measure_peaks(device)
+            for p, peak in peaks[n].items():
+                print(f"peak {p}, {n} thread(s): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()),
+                      flush=True)
+        torch.set_num_threads(args.threads)
+        model = load_model("brain-ldm-3d", device=device)
+        result["peaks"] = peaks
+        result["networks"] = network_rows(model, peaks, threads, args.compile)
+        print(table(result["networks"], ["network", "batch", "option", "precision", "threads", "gflop", "ms",
+                                         "gflop_per_s", "fraction_of_peak"]), flush=True)
+    if "tasks" not in args.skip:
+        summary, detail = task_rows(args.tasks, args.threads, args.quick, device)
+        result["tasks"], result["task_settings"] = summary, detail
+        print(table(detail, ["task", "sampler", "steps", "precision", "seconds", "ratio"]))
+        print(table(summary, ["task", "model", "baseline_s", "baseline", "ours", "ours_s", "ratio",
+                              "baseline_rss_mb", "ours_rss_mb", "baseline_gpu_mb", "ours_gpu_mb"]))
+    if "memory" not in args.skip:
+        result["memory"] = memory_rows(args.threads, device)
+    print(f"written {save('speed' if device.type == 'cpu' else 'speed_cuda', result)}")
 
 
 if __name__ == "__main__":

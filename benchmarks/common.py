@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("MEDDIFF_BENCH_RESULTS") or Path(__file__).parent / "results")  # override: elsewhere
 
 
 def machine() -> dict:
@@ -51,6 +51,16 @@ def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def precisions_for(device: torch.device) -> list[str]:
+    """Precisions worth timing on ``device``: bf16 on a CPU only where it is native (emulated bf16 convolutions
+    ran some 1000x slower than fp32 on an AVX2-only EPYC), fp16 on CUDA only."""
+    from napari_meddiff.devices import native_bf16
+
+    if device.type == "cuda":
+        return ["fp32", "bf16", "fp16"]
+    return ["fp32"] + (["bf16"] if native_bf16(device) else [])
 
 
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048) -> float:

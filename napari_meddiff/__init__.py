@@ -17,6 +17,7 @@ __all__ = [
     "Volume",
     "available_models",
     "generate",
+    "inpaint",
     "load_model",
     "read_volume",
     "segment",

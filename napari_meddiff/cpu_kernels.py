@@ -9,7 +9,9 @@ convolutions to oneDNN; bf16/fp16 autocast, CUDA and 2D convolutions keep PyTorc
 
 from __future__ import annotations
 
+import contextlib
 import types
+from typing import Iterator
 
 import torch
 
@@ -35,3 +37,14 @@ def prefer_onednn(module: torch.nn.Module) -> torch.nn.Module:
         if type(conv) is torch.nn.Conv3d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
             conv.forward = types.MethodType(_onednn_conv3d_forward, conv)
     return module
+
+
+@contextlib.contextmanager
+def pytorch_kernels(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, ``module``'s convolutions use PyTorch's own kernel choice again (for baselines)."""
+    saved = {conv: conv.__dict__.pop("forward") for conv in module.modules() if "forward" in conv.__dict__}
+    try:
+        yield module
+    finally:
+        for conv, forward in saved.items():
+            conv.forward = forward

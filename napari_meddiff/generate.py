@@ -7,7 +7,6 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from . import __version__
 from .devices import resolve_device

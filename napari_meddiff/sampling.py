@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from typing import Callable, Protocol, Sequence
 
 import torch
 
-from .devices import native_bf16
+from .devices import free_memory_bytes, native_bf16
 from .errors import Cancelled, MeddiffError
 from .samplers import make_sampler
 from .zoo import DiffusionModel
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
+PRECISION_HELP = (
+    "auto (bf16 autocast on CPUs with native bf16, else fp32), fp32, bf16 (autocast, CPU/CUDA), fp16 (CUDA); "
+    "default: the model's"
+)
 
 
 @dataclasses.dataclass
@@ -55,11 +60,13 @@ def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], d
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast where the hardware computes bf16 natively (CPUs with AVX-512 BF16 or AMX, CUDA
-    GPUs from Ampere on), else fp32. Chosen by measurement: on the shipped models bf16 sampling was not
-    measurably worse than fp32 (benchmarks/bench_quality.py) and 1.8-3x faster on such a CPU."""
+    """``auto``: bf16 autocast on CPUs that compute bf16 natively (AVX-512 BF16 or AMX), else fp32.
+
+    Chosen by measurement (benchmarks/bench_speed.py, bench_quality.py): on such a CPU bf16 sampling was
+    1.8-3x faster and not measurably worse; on CPUs without it bf16 is emulated (some 1000x slower); on an
+    H200 the shipped networks are launch-bound, and autocast's casts made bf16/fp16 steps 20-25 % slower."""
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        return "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"
     if precision not in PRECISIONS:
         raise MeddiffError(f"precision must be one of {PRECISION_CHOICES}, not {precision!r}")
     return precision
@@ -177,12 +184,46 @@ def _rewind(chain, index: int) -> None:
         chain._prev_t = None
 
 
-def decode_latents(model: DiffusionModel, z: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """Scaled latents -> image through the model's autoencoder (identity for pixel models)."""
+DECODE_WINDOW = 32  # latent voxels per side of a sliding decoding window
+DECODE_BYTES_PER_VOXEL = 300  # measured peak bytes per output voxel of a whole-volume decode (bench_speed)
+
+
+def decode_window(model: DiffusionModel, z: torch.Tensor) -> tuple[int, ...] | None:
+    """The latent window for sliding-window decoding of ``z``, or None when a whole-volume decode fits.
+
+    A whole decode is estimated at ``DECODE_BYTES_PER_VOXEL`` per output voxel; it is refused when that is over
+    half of the memory free on the device (``MemAvailable`` on CPU, free CUDA memory on a GPU).
+    """
+    factor = model.image_shape[0] / model.sample_shape[1]
+    out_voxels = z.shape[0] * math.prod(int(n * factor) for n in z.shape[2:])
+    need = out_voxels * DECODE_BYTES_PER_VOXEL
+    if need <= 0.5 * free_memory_bytes(z.device):
+        return None
+    return tuple(min(DECODE_WINDOW, int(n)) for n in z.shape[2:])
+
+
+def decode_latents(
+    model: DiffusionModel, z: torch.Tensor, precision: str = "fp32", window: str | Sequence[int] | None = "auto"
+) -> torch.Tensor:
+    """Scaled latents -> image through the model's autoencoder (identity for pixel models).
+
+    ``window``: latent size of sliding windows to decode by (MONAI `SlidingWindowInferer`, 25 % overlap,
+    Gaussian blending, as MAISI decodes large volumes), ``None`` for one whole-volume pass, or ``"auto"``:
+    windows only when a whole pass would not fit in memory (`decode_window`).
+    """
     if model.kind != "ldm":
         return z
+    roi = decode_window(model, z) if window == "auto" else window
+    z = z / model.scale_factor
     with torch.inference_mode(), autocast_context(z.device, precision):
-        img = model.autoencoder.decode_stage_2_outputs(z / model.scale_factor)
+        if roi is None:
+            img = model.autoencoder.decode_stage_2_outputs(z)
+        else:
+            from monai.inferers import SlidingWindowInferer
+
+            roi = tuple(min(int(r), int(n)) for r, n in zip(roi, z.shape[2:]))
+            inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.25, mode="gaussian")
+            img = inferer(z, model.autoencoder.decode_stage_2_outputs)
     return img.float()
 
 

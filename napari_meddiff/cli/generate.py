@@ -17,7 +17,7 @@ from ..batch import output_paths, write_json_atomic  # noqa: F401  (re-exported:
 from ..devices import DEVICES
 from ..errors import MeddiffError
 from ..samplers import SAMPLERS
-from ..sampling import PRECISION_CHOICES
+from ..sampling import PRECISION_CHOICES, PRECISION_HELP
 from ..zoo import DEFAULT_MODEL, load_model
 
 EPILOG = """\
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
     p.add_argument(
-        "--precision", choices=PRECISION_CHOICES, default=None, help="auto (bf16 where the hardware has it natively, else fp32), fp32, bf16 autocast (CPU/CUDA), fp16 (CUDA); default: the model's"
+        "--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP
     )
     p.add_argument(
         "--batch-size", type=int, default=1,

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..devices import DEVICES, resolve_device
 from ..errors import MeddiffError
 from ..samplers import SAMPLERS
-from ..sampling import PRECISION_CHOICES
+from ..sampling import PRECISION_CHOICES, PRECISION_HELP
 from ..zoo import DEFAULT_MODEL, load_model
 from .generate import write_json_atomic
 
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
     p.add_argument("--batch-size", type=int, default=8, help="chains per network evaluation (slices for 2D models)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                   help="auto (bf16 where the hardware has it natively, else fp32), fp32, bf16 autocast (CPU/CUDA), fp16 (CUDA); default: the model's")
+                   help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=run)

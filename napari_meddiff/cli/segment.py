@@ -17,7 +17,7 @@ from pathlib import Path
 from ..devices import DEVICES, resolve_device
 from ..errors import MeddiffError
 from ..samplers import SAMPLERS
-from ..sampling import PRECISION_CHOICES
+from ..sampling import PRECISION_CHOICES, PRECISION_HELP
 
 OUTPUTS = ("labels.nii.gz", "probabilities.nii.gz", "uncertainty.nii.gz", "volumes.csv", "segment.json")
 DEFAULT_SEG_MODEL = "brain-tissue-segdiff-2d"
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="intensities mapped to 0 and 1 (default: the model's intensity normalisation)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                   help="auto (bf16 where the hardware has it natively, else fp32), fp32, bf16 autocast (CPU/CUDA), fp16 (CUDA); default: the model's")
+                   help=PRECISION_HELP)
     p.add_argument("--batch-size", type=int, default=None, help="samples per network evaluation (default: automatic)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -137,7 +137,7 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
     lines += [
         f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, beta {sch['beta_start']}-{sch['beta_end']}, "
         f"prediction type {sch['prediction_type']}. Default sampler {cfg['defaults']['sampler']} with {cfg['defaults']['steps']} steps.",
-        f"- Parameters: " + ", ".join(f"{k} {v['parameters']:,}" for k, v in config.get("weights", {}).items())
+        "- Parameters: " + ", ".join(f"{k} {v['parameters']:,}" for k, v in config.get("weights", {}).items())
         if config.get("weights") else "- Parameters: see model.json",
         f"- Weights: {summary['weights_dtype']} safetensors (fp16 check: relative output error {summary['half_check']}).",
         "",

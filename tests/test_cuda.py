@@ -1,0 +1,85 @@
+"""The GPU path (run where CUDA is present; skipped elsewhere, CI included): the shipped default model samples
+on CUDA, reproducibly, in every precision, and computes what the CPU computes.
+
+CUDA and CPU random generators give different numbers for one seed, so a seed's volume differs between the
+two devices; with the same starting noise the chains agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_meddiff import generate, load_model
+from napari_meddiff.sampling import decode_latents, denoise, initial_noise, resolve_precision, seeded_generators
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def ldm():
+    return load_model("brain-ldm-3d", device="cuda")
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """Strict fp32 on CUDA (cuDNN convolutions default to TF32 tensor cores)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def _chain(model, noise: torch.Tensor, steps: int = 10, precision: str = "fp32") -> torch.Tensor:
+    """DPM-Solver++ (deterministic) from ``noise`` on the model's device, decoded to images."""
+    gens = seeded_generators(range(noise.shape[0]), model.device)
+    z = denoise(model, noise.to(model.device), steps=steps, generators=gens, precision=precision)
+    return decode_latents(model, z, precision).float().cpu()
+
+
+def test_auto_device_and_precision_pick_the_gpu(ldm):
+    (vol,) = generate(ldm, [3], steps=5, device="auto", precision="auto")
+    prov = vol.metadata["provenance"]
+    assert prov["device"].startswith("cuda")
+    assert prov["precision"] == resolve_precision("auto", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_same_seed_same_volume_on_cuda(ldm, precision):
+    a, b = (generate(ldm, [11], steps=10, device="cuda", precision=precision)[0].array for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all() and 0 <= a.min() and a.max() <= 1
+
+
+def test_cuda_chain_computes_what_the_cpu_computes(ldm, no_tf32):
+    noise = initial_noise(ldm.sample_shape, seeded_generators([5], torch.device("cpu")), torch.device("cpu"))
+    on_cuda = _chain(ldm, noise)
+    on_cpu = _chain(load_model("brain-ldm-3d"), noise)
+    assert (on_cuda - on_cpu).abs().mean() < 1e-3
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_stays_close_to_fp32_on_cuda(ldm, precision):
+    noise = initial_noise(ldm.sample_shape, seeded_generators([6], torch.device("cpu")), torch.device("cpu"))
+    full, low = _chain(ldm, noise), _chain(ldm, noise, precision=precision)
+    assert torch.isfinite(low).all()
+    assert (low - full).abs().mean() < 0.01  # bf16 on the CPU: 0.0011
+
+
+def test_batch_of_two_equals_one_at_a_time_on_cuda(ldm):
+    one = [generate(ldm, [s], steps=8, device="cuda")[0].array for s in (21, 22)]
+    two = [v.array for v in generate(ldm, [21, 22], steps=8, device="cuda", batch_size=2)]
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_windowed_decoding_on_cuda(ldm, no_tf32):
+    gens = seeded_generators([7], ldm.device)
+    z = denoise(ldm, initial_noise(ldm.sample_shape, gens, ldm.device), steps=10, generators=gens)
+    whole = decode_latents(ldm, z, window=None)
+    windowed = decode_latents(ldm, z, window=(8, 8, 8))
+    assert whole.device.type == "cuda" and whole.shape == windowed.shape == (1, 1, *ldm.image_shape)
+    # GroupNorm sees each window's statistics: close to the whole decode, not equal (24.6 dB on the CPU)
+    mse = ((whole.clamp(0, 1) - windowed.clamp(0, 1)) ** 2).mean()
+    assert 10 * torch.log10(1 / mse) > 20
+    on_cpu = decode_latents(load_model("brain-ldm-3d"), z.cpu(), window=None)
+    assert (whole.cpu() - on_cpu).abs().mean() < 1e-4

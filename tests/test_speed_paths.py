@@ -1,0 +1,71 @@
+"""The fast paths are the same computation: oneDNN convolutions, precision 'auto', windowed decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_meddiff import MeddiffError, generate, load_model
+from napari_meddiff.cpu_kernels import prefer_onednn, pytorch_kernels
+from napari_meddiff.devices import native_bf16
+from napari_meddiff.sampling import decode_latents, decode_window, resolve_precision
+
+
+def _conv_kernels(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if "conv" in e.key}
+
+
+def test_single_sample_3d_convolutions_run_on_onednn_and_agree(tiny_models):
+    model = load_model(tiny_models["ddpm3d"])
+    x = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(0))
+    t = torch.full((1,), 500)
+    with torch.inference_mode():
+        fast = model.unet(x, timesteps=t)
+        assert "aten::mkldnn_convolution" in _conv_kernels(lambda: model.unet(x, timesteps=t))
+        with pytorch_kernels(model.unet):
+            kernels = _conv_kernels(lambda: model.unet(x, timesteps=t))
+            plain = model.unet(x, timesteps=t)
+        assert "aten::slow_conv3d_forward" in kernels  # PyTorch's own choice for one small sample
+        assert "aten::mkldnn_convolution" in _conv_kernels(lambda: model.unet(x, timesteps=t))  # restored
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_prefer_onednn_keeps_gradients_and_autocast():
+    conv = prefer_onednn(torch.nn.Sequential(torch.nn.Conv3d(2, 3, 3, padding=1)))[0]
+    x = torch.randn(1, 2, 5, 6, 7, requires_grad=True)
+    y = conv(x)
+    y.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+
+
+def test_precision_auto_resolves_by_hardware(tiny_models):
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(MeddiffError, match="precision"):
+        resolve_precision("fp8", cpu)
+    model = load_model(tiny_models["ldm3d"])
+    (vol,) = generate(model, [1], steps=2, precision="auto")
+    assert vol.metadata["provenance"]["precision"] == resolve_precision("auto", cpu)
+
+
+def test_windowed_decoding_only_when_memory_is_short(tiny_models, monkeypatch):
+    model = load_model(tiny_models["ldm3d"])
+    z = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(1))
+    assert decode_window(model, z) is None  # a tiny latent fits
+    whole = decode_latents(model, z)
+    np.testing.assert_array_equal(whole.numpy(), decode_latents(model, z, window=None).numpy())
+    monkeypatch.setattr("napari_meddiff.sampling.free_memory_bytes", lambda device: 1000)
+    window = decode_window(model, z)
+    assert window == tuple(min(32, n) for n in model.sample_shape[1:])
+    small = tuple(max(2, n // 2) for n in model.sample_shape[1:])
+    windowed = decode_latents(model, z, window=small)
+    assert windowed.shape == whole.shape and torch.isfinite(windowed).all()
+    assert not torch.equal(windowed, whole)  # windows really ran (GroupNorm sees each window's statistics)
