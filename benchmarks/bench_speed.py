@@ -1,29 +1,33 @@
 """Speed: MONAI's own sampling path against ours on the same weights, for every task; how close to this
 machine's limit the networks run; memory.
 
-    python benchmarks/bench_speed.py [--quick] [--threads N] [--tasks generate-3d generate-2d ...] [--compile]
+    python benchmarks/bench_speed.py [--device cpu|cuda] [--quick] [--threads N] [--tasks generate-3d ...]
+                                     [--skip networks tasks memory] [--compile]
 
-Prints tables and writes ``benchmarks/results/speed.json``:
+Prints tables and writes ``benchmarks/results/speed.json`` (``speed_cuda.json`` on CUDA; the folder can be
+moved with ``$MEDDIFF_BENCH_RESULTS``). Precisions timed: fp32, plus bf16 on CPUs with native bf16 (emulated
+bf16 is ~1000x slower), plus bf16 and fp16 on CUDA.
 
-1. **peak**: the highest dense throughput measured here per precision: a 2048x2048 matrix multiply, and a
-   3x3x3 convolution (96 channels, 4x12x14x12, oneDNN); fractions below are of the higher one.
-2. **networks**: FLOPs per evaluation (``torch.utils.flop_counter``) and achieved FLOP/s for the default 3D
-   model's UNet step (batch 1 and 4) and autoencoder decoding, under each option: PyTorch's kernel choice or
-   oneDNN (`napari_meddiff.cpu_kernels`), fp32 or bf16 autocast, contiguous or ``channels_last_3d``, 1 or 2
-   threads, and ``torch.compile`` with ``--compile``.
+1. **peak**: the highest dense throughput measured here per precision: a square matrix multiply (2048 on CPU,
+   8192 on CUDA, also TF32 there) and a 3x3x3 convolution; fractions below are of the higher one.
+2. **networks**: FLOPs per evaluation (``torch.utils.flop_counter``, counted on PyTorch's own convolution)
+   and achieved FLOP/s for the default 3D model's UNet step (batch 1, 2, 4 on CPU; 1, 4, 16 on CUDA) and
+   autoencoder decoding, under each option: ours (CPU: oneDNN convolutions, ``channels_last_3d`` weights,
+   `napari_meddiff.cpu_kernels`; CUDA: cuDNN, contiguous), PyTorch's kernel choice with contiguous tensors,
+   the other memory layout, 1 and N threads, and ``torch.compile`` with ``--compile``.
 3. **tasks**: seconds per volume, baseline and ours, and their ratio, each measured in a fresh process (whose
    peak RSS, and peak GPU memory on CUDA, are reported). Baseline: MONAI's path as the MONAI tutorials run
-   it: DDPMScheduler with 1000 steps, fp32, PyTorch's kernel choice. For generation that is literally
-   ``LatentDiffusionInferer.sample`` / ``DiffusionInferer.sample``, one volume at a time; MONAI has no
-   inpainting or ensemble-segmentation call, so for those the baseline is the same task through our code
+   it: DDPMScheduler with 1000 steps, fp32, PyTorch's kernel choice and layout. For generation that is
+   literally ``LatentDiffusionInferer.sample`` / ``DiffusionInferer.sample``, one volume at a time; MONAI has
+   no inpainting or ensemble-segmentation call, so for those the baseline is the same task through our code
    with MONAI's DDPM scheduler at 1000 steps (inpainting: known region replaced after every step, as in
    MONAI's inpainting tutorial). Ours: the model's default (sampler, steps, precision ``auto``), and for
-   generation each sampler at 10/20/50 steps in fp32 and bf16. With ``--quick``, and always for the
+   generation each sampler at 10/20/50 steps in each precision. With ``--quick``, and always for the
    segmentation ensemble (about an hour at 1000 steps), a baseline is extrapolated from runs of 20 and 50
    steps: ``t(1000) = t(20) + (t(50) - t(20)) * 980 / 30`` (marked ``extrapolated``).
 4. **memory**: decoding a 1 mm whole-brain latent (4x49x58x47 -> 196x232x188) in one pass and in MONAI
-   ``SlidingWindowInferer`` windows: seconds, peak RSS, and the PSNR of the windowed decode against the
-   whole one.
+   ``SlidingWindowInferer`` windows: seconds, peak RSS (peak GPU memory on CUDA), and the PSNR of the
+   windowed decode against the whole one.
 
 Run it with nothing else busy on the machine: all figures are wall seconds.
 """
@@ -91,11 +95,14 @@ def measure_peaks(device: torch.device) -> dict:
     return out
 
 
+LAYOUT_NAMES = {torch.channels_last_3d: "channels_last_3d", torch.contiguous_format: "contiguous (NCDHW)"}
+
+
 def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list[dict]:
     """The UNet step and decoding under each option; FLOP/s as a fraction of this machine's peak.
 
     FLOPs are counted on PyTorch's own convolution call (`torch.utils.flop_counter` does not see oneDNN's)."""
-    from napari_meddiff.cpu_kernels import pytorch_kernels
+    from napari_meddiff.cpu_kernels import memory_format_for, pytorch_kernels
     from napari_meddiff.sampling import autocast_context
 
     device = model.device
@@ -126,7 +133,7 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
         return out
 
     batches = (1, 2, 4) if device.type == "cpu" else (1, 4, 16)
-    main_option = "oneDNN (ours)" if device.type == "cpu" else "cuDNN"
+    main_option = "ours: oneDNN, NDHWC" if device.type == "cpu" else "ours: cuDNN"
     for batch in batches:
         for name, net, fn in nets_for(batch):
             with torch.inference_mode(), pytorch_kernels(net):
@@ -136,13 +143,15 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
                     record(name, batch, main_option, precision, n, fn, flops)
                     if device.type == "cpu" and precision == "fp32":  # autocast already takes PyTorch's kernels
                         with pytorch_kernels(net):
-                            record(name, batch, "PyTorch kernels", precision, n, fn, flops)
-            if batch == 1:
-                net.to(memory_format=torch.channels_last_3d)
-                (_, _, fn_cl), *_ = [e for e in nets_for(1, torch.channels_last_3d) if e[0] == name]
+                            record(name, batch, "PyTorch kernels, NCDHW", precision, n, fn, flops)
+            if batch == 1:  # the other memory layout
+                ours = memory_format_for(net, device)
+                other = torch.contiguous_format if ours == torch.channels_last_3d else torch.channels_last_3d
+                net.to(memory_format=other)
+                (_, _, fn_other), *_ = [e for e in nets_for(1, other) if e[0] == name]
                 for precision in precisions:
-                    record(name, batch, "channels_last_3d", precision, threads[-1], fn_cl, flops)
-                net.to(memory_format=torch.contiguous_format)
+                    record(name, batch, LAYOUT_NAMES[other], precision, threads[-1], fn_other, flops)
+                net.to(memory_format=ours)
                 if compile_:
                     (_, _, fn_c), *_ = [e for e in nets_for(1, compiled=True) if e[0] == name]
                     for precision in precisions:

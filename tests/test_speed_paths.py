@@ -27,9 +27,12 @@ def test_single_sample_3d_convolutions_run_on_onednn_and_agree(tiny_models):
     with torch.inference_mode():
         fast = model.unet(x, timesteps=t)
         assert "aten::mkldnn_convolution" in _conv_kernels(lambda: model.unet(x, timesteps=t))
+        assert model.unet.out[2].conv.weight.is_contiguous(memory_format=torch.channels_last_3d)  # NDHWC on CPU
         with pytorch_kernels(model.unet):
+            assert model.unet.out[2].conv.weight.is_contiguous()  # the baseline's layout
             kernels = _conv_kernels(lambda: model.unet(x, timesteps=t))
             plain = model.unet(x, timesteps=t)
+        assert not model.unet.out[2].conv.weight.is_contiguous()  # restored
         assert "aten::slow_conv3d_forward" in kernels  # PyTorch's own choice for one small sample
         assert "aten::mkldnn_convolution" in _conv_kernels(lambda: model.unet(x, timesteps=t))  # restored
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
