@@ -12,12 +12,12 @@ bf16 is ~1000x slower), plus bf16 and fp16 on CUDA.
    8192 on CUDA, also TF32 there) and a 3x3x3 convolution; fractions below are of the higher one.
 2. **networks**: FLOPs per evaluation (``torch.utils.flop_counter``, counted on PyTorch's own convolution)
    and achieved FLOP/s for the default 3D model's UNet step (batch 1, 2, 4 on CPU; 1, 4, 16 on CUDA) and
-   autoencoder decoding, under each option: ours (CPU: oneDNN convolutions, ``channels_last_3d`` weights,
-   `napari_meddiff.cpu_kernels`; CUDA: cuDNN, contiguous), PyTorch's kernel choice with contiguous tensors,
-   the other memory layout, 1 and N threads, and ``torch.compile`` with ``--compile``.
+   autoencoder decoding, under each option: ours (CPU: oneDNN convolutions, `napari_meddiff.cpu_kernels`;
+   CUDA: cuDNN), PyTorch's kernel choice, ``channels_last_3d`` (not ours: on CPU its results depend on the
+   thread count), 1 and N threads, and ``torch.compile`` with ``--compile``.
 3. **tasks**: seconds per volume, baseline and ours, and their ratio, each measured in a fresh process (whose
    peak RSS, and peak GPU memory on CUDA, are reported). Baseline: MONAI's path as the MONAI tutorials run
-   it: DDPMScheduler with 1000 steps, fp32, PyTorch's kernel choice and layout. For generation that is
+   it: DDPMScheduler with 1000 steps, fp32, PyTorch's kernel choice. For generation that is
    literally ``LatentDiffusionInferer.sample`` / ``DiffusionInferer.sample``, one volume at a time; MONAI has
    no inpainting or ensemble-segmentation call, so for those the baseline is the same task through our code
    with MONAI's DDPM scheduler at 1000 steps (inpainting: known region replaced after every step, as in
@@ -35,6 +35,7 @@ Run it with nothing else busy on the machine: all figures are wall seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import sys
@@ -45,7 +46,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import count_flops, machine, matmul_peak, peak_rss_mb, precisions_for, save, table, timed  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS, count_flops, machine, matmul_peak, peak_rss_mb, precisions_for, reset_peak_rss, save, table, timed,
+)
 
 TASKS = ("generate-3d", "generate-2d", "inpaint-3d", "inpaint-2d", "segment-5")
 TASK_MODELS = {
@@ -95,14 +98,11 @@ def measure_peaks(device: torch.device) -> dict:
     return out
 
 
-LAYOUT_NAMES = {torch.channels_last_3d: "channels_last_3d", torch.contiguous_format: "contiguous (NCDHW)"}
-
-
 def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list[dict]:
     """The UNet step and decoding under each option; FLOP/s as a fraction of this machine's peak.
 
     FLOPs are counted on PyTorch's own convolution call (`torch.utils.flop_counter` does not see oneDNN's)."""
-    from napari_meddiff.cpu_kernels import memory_format_for, pytorch_kernels
+    from napari_meddiff.cpu_kernels import pytorch_kernels
     from napari_meddiff.sampling import autocast_context
 
     device = model.device
@@ -133,7 +133,7 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
         return out
 
     batches = (1, 2, 4) if device.type == "cpu" else (1, 4, 16)
-    main_option = "ours: oneDNN, NDHWC" if device.type == "cpu" else "ours: cuDNN"
+    main_option = "ours: oneDNN" if device.type == "cpu" else "ours: cuDNN"
     for batch in batches:
         for name, net, fn in nets_for(batch):
             with torch.inference_mode(), pytorch_kernels(net):
@@ -143,15 +143,13 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
                     record(name, batch, main_option, precision, n, fn, flops)
                     if device.type == "cpu" and precision == "fp32":  # autocast already takes PyTorch's kernels
                         with pytorch_kernels(net):
-                            record(name, batch, "PyTorch kernels, NCDHW", precision, n, fn, flops)
-            if batch == 1:  # the other memory layout
-                ours = memory_format_for(net, device)
-                other = torch.contiguous_format if ours == torch.channels_last_3d else torch.channels_last_3d
-                net.to(memory_format=other)
-                (_, _, fn_other), *_ = [e for e in nets_for(1, other) if e[0] == name]
+                            record(name, batch, "PyTorch kernels", precision, n, fn, flops)
+            if batch == 1:  # the other memory layout (not ours: on CPU its results depend on the thread count)
+                net.to(memory_format=torch.channels_last_3d)
+                (_, _, fn_cl), *_ = [e for e in nets_for(1, torch.channels_last_3d) if e[0] == name]
                 for precision in precisions:
-                    record(name, batch, LAYOUT_NAMES[other], precision, threads[-1], fn_other, flops)
-                net.to(memory_format=ours)
+                    record(name, batch, "channels_last_3d", precision, threads[-1], fn_cl, flops)
+                net.to(memory_format=torch.contiguous_format)
                 if compile_:
                     (_, _, fn_c), *_ = [e for e in nets_for(1, compiled=True) if e[0] == name]
                     for precision in precisions:
@@ -338,6 +336,7 @@ def decode_child(window: int | None, threads: int, device: str) -> dict:
     a = np.clip((a - lo) / (hi - lo), 0, 1).astype(np.float32)
     a = a[tuple(slice(0, n // 4 * 4) for n in a.shape)]
     z = encode_images(model, torch.from_numpy(a)[None, None].to(model.device), precision=precision)
+    reset_peak_rss()  # the decoding's own peak, not the encoding's before it
     rss_before = peak_rss_mb()
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -388,7 +387,12 @@ def main() -> None:
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores, {args.threads} torch threads, torch {info['torch']}, "
           f"device {device}{' (' + info['cuda'] + ')' if device.type == 'cuda' else ''}", flush=True)
-    result: dict = {"machine": info, "device": str(device), "threads": args.threads, "quick": args.quick}
+    name = "speed" if device.type == "cpu" else "speed_cuda"
+    previous = RESULTS / f"{name}.json"
+    # sections skipped in this run keep their figures from the last run (each section records its own run)
+    result: dict = json.loads(previous.read_text()) if args.skip and previous.is_file() else {}
+    result.update({"machine": info, "device": str(device), "threads": args.threads, "quick": args.quick})
+    result.setdefault("runs", {})
     if "networks" not in args.skip:
         threads = sorted({1, args.threads}) if device.type == "cpu" else [args.threads]
         peaks = {}
@@ -412,7 +416,9 @@ def main() -> None:
                               "baseline_rss_mb", "ours_rss_mb", "baseline_gpu_mb", "ours_gpu_mb"]))
     if "memory" not in args.skip:
         result["memory"] = memory_rows(args.threads, device)
-    print(f"written {save('speed' if device.type == 'cpu' else 'speed_cuda', result)}")
+    for section in {"networks", "tasks", "memory"} - set(args.skip):
+        result["runs"][section] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": info}
+    print(f"written {save(name, result)}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .cpu_kernels import memory_format_for, prefer_onednn
+from .cpu_kernels import prefer_onednn
 from .errors import MeddiffError
 
 MODEL_KINDS = ("ddpm", "ldm", "segmentation")
@@ -147,11 +147,10 @@ class DiffusionModel(ModelConfigView):
         return sum(p.numel() for net in nets for p in net.parameters())
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
-        """Move the networks to ``device``, in the memory layout measured fastest there (`memory_format_for`)."""
         self.device = torch.device(device)
-        for net in (self.unet, self.autoencoder):
-            if net is not None:
-                net.to(device=self.device, memory_format=memory_format_for(net, self.device))
+        self.unet.to(self.device)
+        if self.autoencoder is not None:
+            self.autoencoder.to(self.device)
         return self
 
 

@@ -14,11 +14,9 @@ from pathlib import Path
 
 from .. import batch
 from ..batch import output_paths, write_json_atomic  # noqa: F401  (re-exported: used by other commands)
-from ..devices import DEVICES
 from ..errors import MeddiffError
-from ..samplers import SAMPLERS
-from ..sampling import PRECISION_CHOICES, PRECISION_HELP
 from ..zoo import DEFAULT_MODEL, load_model
+from .options import add_model_option, add_sampling_options
 
 EPILOG = """\
 scaling out:
@@ -37,22 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate", help="generate synthetic volumes", description="Generate synthetic scans as NIfTI.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
+    add_model_option(p, DEFAULT_MODEL)
     p.add_argument("--num", type=int, default=1, help="number of volumes (seeds S..S+N-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
-    p.add_argument(
-        "--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP
-    )
+    add_sampling_options(p, device_help="; cuda:LOCAL_RANK under torchrun")
     p.add_argument(
         "--batch-size", type=int, default=1,
         help="samples per network evaluation (consecutive seeds are batched in fixed blocks, so a seed's file is the "
         "same however the run is split into processes or shards)",
-    )
-    p.add_argument(
-        "--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto; cuda:LOCAL_RANK under torchrun)"
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (required)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")

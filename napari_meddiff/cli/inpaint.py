@@ -10,12 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..devices import DEVICES, resolve_device
+from ..devices import resolve_device
 from ..errors import MeddiffError
-from ..samplers import SAMPLERS
-from ..sampling import PRECISION_CHOICES, PRECISION_HELP
 from ..zoo import DEFAULT_MODEL, load_model
 from .generate import write_json_atomic
+from .options import add_model_option, add_sampling_options
 
 AXES = ("axial", "coronal", "sagittal")
 
@@ -28,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "is kept exactly. Any image size or voxel size: only the region around the mask is resampled to the "
         "model. 2D models run slice by slice along --axis, on the slices the mask touches.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
+    add_model_option(p, DEFAULT_MODEL)
     p.add_argument("--image", required=True, type=Path, help="input scan (NIfTI, or what SimpleITK reads)")
     p.add_argument("--mask", required=True, type=Path, help="mask / label image on the same scan (non-zero = fill)")
     p.add_argument("--out", required=True, type=Path, help="output .nii or .nii.gz")
@@ -36,19 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fill only this label value of the mask (default: all non-zero)")
     p.add_argument("--candidates", type=int, default=1, help="number of candidates (seeds S..S+K-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first candidate")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--jump-length", type=int, default=None, help="RePaint jump length in steps (default: the model's)")
     p.add_argument("--jump-n", type=int, default=None,
                    help="RePaint resamplings per jump; 1 = none (default: the model's)")
     p.add_argument("--feather", type=int, default=None, help="feather the fill's border over N voxels inside the mask")
     p.add_argument("--axis", default="axial",
                    help="2D models: slice axis, one of axial/coronal/sagittal or 0/1/2 (default axial)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
+    add_sampling_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="chains per network evaluation (slices for 2D models)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                   help=PRECISION_HELP)
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=run)
 

@@ -14,10 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from ..devices import DEVICES, resolve_device
+from ..devices import resolve_device
 from ..errors import MeddiffError
-from ..samplers import SAMPLERS
-from ..sampling import PRECISION_CHOICES, PRECISION_HELP
+from .options import add_model_option, add_sampling_options
 
 OUTPUTS = ("labels.nii.gz", "probabilities.nii.gz", "uncertainty.nii.gz", "volumes.csv", "segment.json")
 DEFAULT_SEG_MODEL = "brain-tissue-segdiff-2d"
@@ -31,21 +30,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(majority vote), per-class probabilities (fraction of members voting each class), an uncertainty map "
         "(normalised entropy of the votes, 0..1) and class volumes in mL, all in the input's geometry.",
     )
-    p.add_argument("--model", default=DEFAULT_SEG_MODEL, help=f"model name or folder (default {DEFAULT_SEG_MODEL})")
+    add_model_option(p, DEFAULT_SEG_MODEL)
     p.add_argument("--image", required=True, type=Path, help="input scan (NIfTI, or anything SimpleITK reads)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ensemble", type=int, default=5, help="ensemble size N (default 5)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default=None,
                    help="2D models: world axis to slice along (default: the model's, axial)")
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="intensities mapped to 0 and 1 (default: the model's intensity normalisation)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                   help=PRECISION_HELP)
+    add_sampling_options(p, eta=False)
     p.add_argument("--batch-size", type=int, default=None, help="samples per network evaluation (default: automatic)")
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run)
 

@@ -1,0 +1,23 @@
+"""Command-line options shared by the commands that sample (generate, inpaint, segment)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..devices import DEVICES
+from ..samplers import SAMPLERS
+from ..sampling import PRECISION_CHOICES, PRECISION_HELP
+
+
+def add_model_option(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("--model", default=default_model, help=f"model name or folder (default {default_model})")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, *, eta: bool = True, device_help: str = "") -> None:
+    """--sampler, --steps, [--eta], --precision and --device, each defaulting to the model's / auto."""
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    if eta:
+        p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto{device_help})")
