@@ -16,7 +16,7 @@ the model's default sampler, steps and precision, on CPU unless --device says ot
 Prints a table with the machine (CPU model, cores, load) and writes benchmarks/results/batch.json. Without the
 default model on the search path it falls back to a randomly initialised tiny LDM and says so: those numbers
 measure the machinery, not the real model. On a machine shared with other jobs the numbers are noisy; the load
-average is recorded.
+average and the cores other processes kept busy just before the run are recorded.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, table  # noqa: E402
+from common import RESULTS, machine, others_cpu_use, table  # noqa: E402
 
 from napari_meddiff import batch  # noqa: E402
 from napari_meddiff.devices import resolve_device  # noqa: E402
@@ -148,10 +148,11 @@ def main() -> None:
               f"{args.threads} threads, load average {load[0]:.1f}, torch {info['torch']}, device {device}")
         if note:
             print(f"# NOTE: {note}")
-        busy = load[0] > 0.5 * (info["cores"] or 1)
+        others = others_cpu_use()
+        busy = others is not None and others > 0.25
         if busy:
-            print(f"# WARNING: load average {load[0]:.1f} on {info['cores']} cores: other jobs are running; timings "
-                  "are noisy, multi-threaded ones most (OpenMP threads wait for busy cores)")
+            print(f"# WARNING: other processes keep {others:.1f} of {info['cores']} cores busy: timings are noisy, "
+                  "multi-threaded ones most (OpenMP threads wait for busy cores)")
 
         sizes = bench_batch_sizes(model, args.batch_sizes, num, device, settings, scratch, repeat)
         print(table(sizes, ["batch_size", "volumes", "repeats", "seconds", "median_seconds", "seconds_per_volume",
@@ -184,7 +185,7 @@ def main() -> None:
               + f"{best['seconds_per_volume']:.2f} s/volume at batch {best['batch_size']} -> "
               f"{ratio['speedup_best_batch']:.1f}x faster than the baseline")
         result = {
-            "model": model.name, "model_note": note, "machine": {**info, "load_average": load, "busy": busy},
+            "model": model.name, "model_note": note, "machine": {**info, "load_average": load, "others_cpu_use": others, "busy": busy},
             "device": str(device), "threads": args.threads, "settings": settings, "quick": args.quick,
             "batch_sizes": sizes, "processes": procs, "baseline": {**base, "how": how}, "ratio": ratio,
         }

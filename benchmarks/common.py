@@ -37,6 +37,24 @@ def machine() -> dict:
     return info
 
 
+def others_cpu_use(seconds: float = 2.0) -> float | None:
+    """Cores kept busy by other processes while this one sleeps for ``seconds`` (from /proc/stat), or None.
+
+    Unlike the load average, which trails by minutes, this says whether the machine is busy now."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
     """Median wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
     for _ in range(warmup):

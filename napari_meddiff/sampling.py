@@ -185,7 +185,7 @@ def _rewind(chain, index: int) -> None:
 
 
 DECODE_WINDOW = 32  # latent voxels per side of a sliding decoding window
-DECODE_BYTES_PER_VOXEL = 380  # peak bytes per output voxel of a whole decode: 364 measured (bench_speed, 1 mm)
+DECODE_BYTES_PER_VOXEL = 450  # peak bytes per output voxel of a whole decode: 448 measured (bench_speed, 1 mm)
 
 
 def decode_window(model: DiffusionModel, z: torch.Tensor) -> tuple[int, ...] | None:
