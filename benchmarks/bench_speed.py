@@ -150,14 +150,16 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
                 for precision in precisions:
                     record(name, batch, "channels_last_3d", precision, threads[-1], fn_cl, flops)
                 net.to(memory_format=torch.contiguous_format)
-                if compile_:
-                    (_, _, fn_c), *_ = [e for e in nets_for(1, compiled=True) if e[0] == name]
-                    for precision in precisions:
-                        t0 = time.perf_counter()
-                        with torch.inference_mode(), autocast_context(device, precision):
-                            fn_c()
-                        print(f"torch.compile {name} {precision}: first call {time.perf_counter() - t0:.0f} s", flush=True)
-                        record(name, batch, "torch.compile", precision, threads[-1], fn_c, flops)
+                if compile_:  # inductor lowers the convolutions itself (it cannot trace the oneDNN route)
+                    with pytorch_kernels(net):
+                        (_, _, fn_c), *_ = [e for e in nets_for(1, compiled=True) if e[0] == name]
+                        for precision in precisions:
+                            t0 = time.perf_counter()
+                            with torch.inference_mode(), autocast_context(device, precision):
+                                fn_c()
+                            print(f"torch.compile {name} {precision}: first call {time.perf_counter() - t0:.0f} s",
+                                  flush=True)
+                            record(name, batch, "torch.compile", precision, threads[-1], fn_c, flops)
     if device.type == "cpu":
         torch.set_num_threads(threads[-1])
     return rows
