@@ -75,18 +75,17 @@ def conv_peak(dtype: torch.dtype, device: torch.device) -> float:
     return 2 * c * c * 27 * x[0, 0].numel() * batch / seconds
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def measure_peaks(device: torch.device) -> dict:
     """Per precision: matmul and conv3d FLOP/s and the higher of the two (the 'peak' fractions refer to).
 
     On CUDA, fp32 convolutions run on TF32 tensor cores (cuDNN's default), so the fp32 peak there is the TF32
     matmul rate; the strict fp32 matmul rate is reported beside it."""
+    from napari_meddiff.sampling import PRECISION_DTYPES
+
     out = {}
     n = 2048 if device.type == "cpu" else 8192
     for name in precisions_for(device):
-        dtype = DTYPES[name]
+        dtype = PRECISION_DTYPES[name]
         mm, cv = matmul_peak(dtype, str(device), n=n), conv_peak(dtype, device)
         out[name] = {"matmul": mm, "conv3d": cv, "peak": max(mm, cv)}
         if device.type == "cuda" and name == "fp32":
@@ -230,7 +229,7 @@ def monai_baseline(model, steps_run: int, seed: int = 0) -> dict:
     from napari_meddiff.cpu_kernels import pytorch_kernels
     from napari_meddiff.sampling import decode_latents
 
-    with pytorch_kernels(model.unet), pytorch_kernels(model.autoencoder or torch.nn.Module()):
+    with pytorch_kernels(model.unet, model.autoencoder):
         _monai_generate(model, 2, seed, decode=False)  # warm-up
         chain = _monai_generate(model, steps_run, seed + 1, decode=False)  # the decoding is timed once, below
         z = torch.randn((1, *model.sample_shape), device=model.device)
@@ -254,7 +253,7 @@ def task_child(task: str, variant: str, threads: int, device: str, configs: list
     if variant.startswith("baseline"):
         steps_list = QUICK_STEPS if variant == "baseline-quick" else (FULL_STEPS,)
         times = {}
-        with pytorch_kernels(model.unet), pytorch_kernels(model.autoencoder or torch.nn.Module()):
+        with pytorch_kernels(model.unet, model.autoencoder):
             for steps in steps_list:
                 if task.startswith("generate"):
                     _monai_generate(model, 2, seed=0)  # warm-up

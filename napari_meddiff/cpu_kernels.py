@@ -46,11 +46,16 @@ def prefer_onednn(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def pytorch_kernels(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Within the block, ``module``'s convolutions use PyTorch's own kernel choice again (for baselines)."""
-    saved = {conv: conv.__dict__.pop("forward") for conv in module.modules() if "forward" in conv.__dict__}
+def pytorch_kernels(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Within the block, the convolutions of ``modules`` (None skipped) use PyTorch's own kernel choice again
+    (for baselines)."""
+    saved = {
+        conv: conv.__dict__.pop("forward")
+        for module in modules if module is not None
+        for conv in module.modules() if "forward" in conv.__dict__
+    }
     try:
-        yield module
+        yield
     finally:
         for conv, forward in saved.items():
             conv.forward = forward

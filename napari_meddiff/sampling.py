@@ -22,12 +22,9 @@ from .errors import Cancelled, MeddiffError
 from .samplers import make_sampler
 from .zoo import DiffusionModel
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(PRECISION_DTYPES)
 PRECISION_CHOICES = ("auto", *PRECISIONS)
-PRECISION_HELP = (
-    "auto (bf16 autocast on CPUs with native bf16, else fp32), fp32, bf16 (autocast, CPU/CUDA), fp16 (CUDA); "
-    "default: the model's"
-)
 
 
 @dataclasses.dataclass
@@ -77,10 +74,9 @@ def autocast_context(device: torch.device, precision: str):
         raise MeddiffError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     if device.type == "cpu" and precision == "fp16":
         raise MeddiffError("fp16 is for CUDA; use bf16 on CPU")
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
 
 
 def denoise(

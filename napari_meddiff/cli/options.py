@@ -6,7 +6,12 @@ import argparse
 
 from ..devices import DEVICES
 from ..samplers import SAMPLERS
-from ..sampling import PRECISION_CHOICES, PRECISION_HELP
+from ..sampling import PRECISION_CHOICES
+
+PRECISION_HELP = (
+    "auto (bf16 autocast on CPUs with native bf16, else fp32), fp32, bf16 (autocast, CPU/CUDA), fp16 (CUDA); "
+    "default: the model's"
+)
 
 
 def add_model_option(p: argparse.ArgumentParser, default_model: str) -> None:
