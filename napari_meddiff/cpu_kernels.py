@@ -7,10 +7,10 @@ one core and from 81 to 32 ms on two (benchmarks/bench_speed.py measures it). `p
 convolutions to oneDNN; bf16/fp16 autocast, CUDA and 2D convolutions keep PyTorch's own choice.
 
 Weights and activations stay in PyTorch's default (contiguous, NCDHW) layout. ``channels_last_3d`` would let
-oneDNN run its blocked NDHWC kernels, faster on a 2-core AVX2 EPYC (decoding 204 -> 120 ms, UNet step a median
-69 -> 58 ms; benchmarks/bench_speed.py measures it), but its results then depend on the thread count (3e-5 on
-brain-ldm-3d between 1 and 2 threads), and a seed must give the same volume, bit for bit, in the napari
-widget (which leaves a core to the GUI) and on the command line. With the default layout they do.
+oneDNN run its blocked NDHWC kernels, faster on a 2-core AVX2 EPYC (decoding 198 -> 173 ms, UNet step 64 ->
+55 ms; benchmarks/bench_speed.py, results/speed.json), but its results then depend on the thread count, and a
+seed must give the same volume, bit for bit, in the napari widget (which leaves a core to the GUI) and on the
+command line (tests/test_speed_paths.py checks 1 against 2 threads). With the default layout they do.
 """
 
 from __future__ import annotations
