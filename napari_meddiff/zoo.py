@@ -207,6 +207,42 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | to
     return model.to(device)
 
 
+MODEL_FOLDER_FILES = ("model.json", "MODEL_CARD.md", "train.yaml")
+MODEL_FOLDER_SUFFIXES = (".safetensors", ".png")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Entries of ``folder`` that a model folder written by this package would not hold."""
+    return sorted(
+        p.name for p in folder.iterdir()
+        if not (p.is_file() and (p.name in MODEL_FOLDER_FILES or p.suffix in MODEL_FOLDER_SUFFIXES))
+    )
+
+
+def check_model_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a model folder target that would lose data: an existing path without ``overwrite``, a file,
+    a folder that is not a model folder, or one holding files this package did not write."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise MeddiffError(f"{out_dir} exists and is not a folder; choose another output folder")
+    if not overwrite:
+        raise MeddiffError(f"{out_dir} exists; not overwriting (choose another folder, or --overwrite to replace "
+                           "an earlier model folder)")
+    if not (out_dir / "model.json").is_file():
+        raise MeddiffError(f"{out_dir} exists and is not a model folder (no model.json); refusing to replace it")
+    foreign = foreign_files(out_dir)
+    if foreign:
+        raise MeddiffError(f"{out_dir} holds files a model folder does not ({', '.join(foreign[:5])}); "
+                           "refusing to delete them: move them or choose another folder")
+
+
 def save_model_folder(
     out_dir: str | os.PathLike,
     config: dict[str, Any],
@@ -221,11 +257,11 @@ def save_model_folder(
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise MeddiffError(f"{out_dir} exists; not overwriting")
+    check_model_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a model folder follows the umask like every output
         config = copy.deepcopy(config)
         config["weights"] = {}
         for net_name, net in networks.items():
@@ -245,6 +281,7 @@ def save_model_folder(
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         if out_dir.exists():
+            check_model_target(out_dir, overwrite)  # again: it may have changed while the weights were written
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
