@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Sequence
 
@@ -11,7 +12,9 @@ import numpy as np
 from . import __version__
 from .devices import resolve_device
 from .errors import MeddiffError
+from .memory import check_request_fits
 from .sampling import StepInfo, decode_latents, denoise, initial_noise, resolve_precision, seeded_generators
+from .seeds import check_seeds
 from .volume import Volume
 from .zoo import DEFAULT_MODEL, DiffusionModel, load_model
 
@@ -68,6 +71,9 @@ def generate(
     seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
     if batch_size < 1:
         raise MeddiffError("batch size must be at least 1")
+    seeds = check_seeds(seeds)
+    check_request_fits(model, batch=min(batch_size, len(seeds)), held_voxels=len(seeds) * math.prod(model.image_shape),
+                       what=f"{len(seeds)} volumes at batch size {batch_size}")
     defaults = default_sampling(model)
     sampler = sampler or defaults["sampler"]
     steps = int(steps if steps is not None else defaults["steps"])

@@ -1,0 +1,58 @@
+"""Memory estimates: refuse, up front and with the figures, a request that would exhaust the machine."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import MeddiffError
+
+GIB = 2**30
+
+
+def available_ram_bytes() -> int:
+    """The kernel's ``MemAvailable`` (what new allocations can get without swapping)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ValueError, OSError):
+        return 1 << 62  # unknown platform: do not refuse
+
+
+def check_fits(need_bytes: float, what: str, *, available: int | None = None, fraction: float = 0.9) -> None:
+    """Raise a `MeddiffError` naming ``what`` when ``need_bytes`` exceeds ``fraction`` of free memory."""
+    free = available_ram_bytes() if available is None else int(available)
+    if need_bytes > fraction * free:
+        raise MeddiffError(
+            f"{what} would need about {need_bytes / GIB:.1f} GiB of memory, more than the {free / GIB:.1f} GiB "
+            "free; ask for less"
+        )
+
+
+def network_bytes_per_sample(model) -> float:
+    """Working memory of one sample through the model's networks (inference, fp32), a deliberately high estimate.
+
+    UNet: the full-resolution feature maps (first level's channels over the sample grid) times 16 tensors alive
+    at once (block inputs, skips, GroupNorm/SiLU temporaries); decoding: 450 bytes per output voxel (measured,
+    benchmarks/bench_speed.py).
+    """
+    import math
+
+    unet_cfg = model.config.get("networks", {}).get("unet", {})
+    channels = unet_cfg.get("channels") or [64]
+    spatial = math.prod(int(s) for s in model.sample_shape[1:])
+    unet = 16 * 4 * int(channels[0]) * spatial
+    decode = 450 * math.prod(int(s) for s in model.image_shape) if model.autoencoder is not None else 0
+    return float(unet + decode)
+
+
+def check_request_fits(model, *, batch: int, held_voxels: float = 0.0, what: str = "this request") -> None:
+    """Refuse a request whose batch (through the networks) plus ``held_voxels`` float32 results (kept until the
+    end: candidates, ensemble members, returned volumes) would not fit in free memory."""
+    need = batch * network_bytes_per_sample(model) + 4.0 * held_voxels
+    check_fits(need, what)

@@ -1,0 +1,32 @@
+"""Seeds: non-negative integers below 2**63 (torch generators take 64 bits, but -1 would silently alias
+2**64 - 1; keeping to int64's positive range makes every seed mean one thing everywhere)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .errors import MeddiffError
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) and not (hasattr(seed, "__index__")):
+        raise MeddiffError(f"a seed must be an integer, got {seed!r}")
+    value = int(seed)  # numpy integers too
+    if not 0 <= value <= MAX_SEED:
+        raise MeddiffError(f"seed {value} is out of range: seeds are integers from 0 to 2**63-1 ({MAX_SEED})")
+    return value
+
+
+def check_seeds(seeds: Iterable[object]) -> list[int]:
+    return [check_seed(s) for s in seeds]
+
+
+def seed_range(first: int, count: int) -> list[int]:
+    """Seeds ``first .. first + count - 1``, all in range."""
+    if count < 1:
+        raise MeddiffError(f"the number of seeds must be at least 1, got {count}")
+    check_seed(first)
+    check_seed(first + count - 1)
+    return list(range(first, first + count))
