@@ -32,13 +32,13 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import MeddiffError
+from .files import write_text_atomic
 from .zoo import sha256_file
 
 MANIFEST_NAME = "cohort.csv"
@@ -96,23 +96,9 @@ def output_paths(out: Path, model_name: str, seed: int) -> tuple[Path, Path]:
     return Path(out) / f"{stem}.nii.gz", Path(out) / f"{stem}.json"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON to a temporary file in the same folder, fsync it, rename it into place."""
-    _write_text_atomic(Path(path), json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(Path(path), json.dumps(payload, indent=2) + "\n")
 
 
 def remove_stray_temps(out: Path, model_name: str, seeds: Iterable[int]) -> list[Path]:
@@ -268,7 +254,7 @@ def write_manifest(out: Path) -> ManifestReport:
                 tmp.unlink()
     report = collect_rows(out)
     report.path = out / MANIFEST_NAME
-    _write_text_atomic(report.path, manifest_text(report.rows))
+    write_text_atomic(report.path, manifest_text(report.rows))
     return report
 
 

@@ -24,13 +24,13 @@ import functools
 import json
 import os
 import sys
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MeddiffError
+from .files import write_text_atomic
 from .volume import Volume, write_volume
 
 TRAIN_SEEDS = range(0, 100_000)
@@ -365,17 +365,6 @@ def _row(seed: int, has_lesion: bool, lesion_ml: float) -> dict[str, object]:
     }
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")  # umask permissions
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_manifest(out_dir: str | os.PathLike) -> list[dict[str, str]]:
     """The rows of ``cohort.csv`` in a cohort folder (empty when there is none)."""
     path = Path(out_dir) / MANIFEST
@@ -443,7 +432,7 @@ def write_cohort(
                 f"{out} holds a cohort made with other parameters ({params_path.name}); "
                 "use another folder or overwrite"
             )
-    _write_text_atomic(params_path, json.dumps(params, indent=2) + "\n")
+    write_text_atomic(params_path, json.dumps(params, indent=2) + "\n")
 
     rows = {int(r["seed"]): r for r in ([] if overwrite else read_manifest(out)) if r.get("seed", "").isdigit()}
     bar = tqdm(seeds, desc="cohort", unit="subject", file=sys.stderr, disable=not progress)
@@ -486,5 +475,5 @@ def _write_manifest(out: Path, rows: dict[int, dict]) -> Path:
     for s in sorted(rows):
         writer.writerow({k: rows[s].get(k, "") for k in MANIFEST_FIELDS})
     path = out / MANIFEST
-    _write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
     return path

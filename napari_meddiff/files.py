@@ -98,12 +98,15 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], *, ove
 
 @contextlib.contextmanager
 def removed_if_left_empty(folder: Path) -> Iterator[None]:
-    """Create nothing, but remove ``folder`` on failure if it did not exist before and is empty."""
-    existed = folder.exists()
+    """On failure inside the block, remove the folders of ``folder``'s path that did not exist before it
+    and are still empty (a failed command leaves no empty output folder behind; a user's folder is kept)."""
+    folder = Path(folder).absolute()
+    new = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         yield
     except BaseException:
-        if not existed and folder.is_dir() and not any(folder.iterdir()):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        for p in new:  # deepest first
+            if p.is_dir() and not any(p.iterdir()):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
         raise

@@ -40,6 +40,7 @@ from .errors import MeddiffError
 from .generate import default_sampling
 from .geometry import ModelGrid, make_grid, slice_axis_order, slice_grid, world_axis, world_centre
 from .intensity import denormalise, intensity_window, normalise
+from .memory import check_request_fits
 from .sampling import (
     StepInfo,
     autocast_context,
@@ -50,6 +51,7 @@ from .sampling import (
     resolve_precision,
     seeded_generators,
 )
+from .seeds import seed_range
 from .volume import Volume, resample_like, world_extent_overlaps
 from .zoo import DEFAULT_MODEL, DiffusionModel, load_model
 
@@ -553,6 +555,7 @@ def inpaint(
     for name, value, least in (("candidates", candidates, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise MeddiffError(f"{name} must be an integer >= {least}, got {value!r}")
+    seed_range(int(seed), int(candidates))  # every candidate's seed in range
     ax = world_axis(axis)  # validates the axis for every model
     defaults = default_inpainting(model)
     sampler = sampler or defaults["sampler"]
@@ -577,9 +580,12 @@ def inpaint(
     selected = mask_on_image(img3, mask, label)
 
     stride = max(1, math.ceil((img3.array.size / MAX_WINDOW_VOXELS) ** (1 / 3)))
+    if np.issubdtype(img3.array.dtype, np.floating) and not np.isfinite(img3.array).all():
+        bad = int(img3.array.size - np.count_nonzero(np.isfinite(img3.array)))
+        raise MeddiffError(f"the image has {bad} NaN or infinite voxels (replace them first)")
+    check_request_fits(model, batch=batch_size, held_voxels=(candidates + 1) * float(img3.array.size),
+                       what=f"{candidates} candidates of a {'x'.join(map(str, img3.shape))} image (batch {batch_size})")
     sub = np.asarray(img3.array[::stride, ::stride, ::stride], dtype=np.float32)
-    if not np.isfinite(sub).all():
-        raise MeddiffError("the image contains NaN or infinite values")
     window = intensity_window(sub, model.config.get("intensity"))
     plan = _plan(model, img3, selected, window, ax if model.spatial_dims == 2 else axis, stride)
     runner = _Runner(model, plan, sampler=sampler, steps=steps, eta=eta, jump_length=jump_length, jump_n=jump_n,

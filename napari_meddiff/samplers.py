@@ -149,6 +149,13 @@ def _add_noise(scheduler: Scheduler, x0: torch.Tensor, noise: torch.Tensor, t: i
     return scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), int(t), dtype=torch.long))
 
 
+def check_eta(eta: float) -> float:
+    """DDIM's eta scales the posterior noise: 0 (deterministic) to 1 (DDPM); anything else diverges."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
+        raise MeddiffError(f"eta must be a number from 0 (deterministic DDIM) to 1 (DDPM-like), got {eta!r}")
+    return float(eta)
+
+
 def make_sampler(name: str, schedule: dict[str, Any], steps: int, eta: float = 0.0):
     """Build a fresh sampler (samplers keep state: one per chain)."""
     if name not in SAMPLERS:
@@ -158,6 +165,7 @@ def make_sampler(name: str, schedule: dict[str, Any], steps: int, eta: float = 0
         raise MeddiffError(f"steps must be a positive integer, got {steps!r}")
     if steps > num_train:
         raise MeddiffError(f"steps ({steps}) cannot exceed the model's {num_train} training timesteps")
+    check_eta(eta)
     if name == "ddpm":
         return DDPMSampler(schedule, steps)
     if name == "ddim":

@@ -40,7 +40,9 @@ from .devices import resolve_device
 from .errors import Cancelled, MeddiffError
 from .geometry import ModelGrid, grid_to_volume, make_grid, sample_on_grid, slice_axis_order, world_axis
 from .intensity import intensity_window, normalise
+from .memory import check_request_fits
 from .sampling import StepInfo, denoise, initial_noise, resolve_precision
+from .seeds import check_seed
 from .volume import Volume
 from .zoo import DiffusionModel, load_model
 
@@ -206,8 +208,10 @@ def plan_segmentation(
     if region not in ("content", "full"):
         raise MeddiffError(f"region must be 'content' or 'full', not {region!r}")
     arr = np.asarray(image.array, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise MeddiffError(f"the image has {bad} NaN or infinite voxels; segmenting them would invent labels "
+                           "(replace them first, e.g. with the background value)")
     if window is None:
         window = intensity_window(arr, model.config.get("intensity"))
     elif not (np.isfinite(window).all() and float(window[1]) > float(window[0])):
@@ -454,7 +458,14 @@ def segment(
     batch_size = int(batch_size) if batch_size is not None else auto_batch_size(model, dev)
     names = class_names(model)
 
+    seed = check_seed(seed)
     plan = plan_segmentation(model, image, axis=axis, region=region, window=window)
+    tile_voxels = float(np.prod(plan.tile_shape))
+    check_request_fits(
+        model, batch=batch_size,
+        held_voxels=int(ensemble) * len(plan.starts) * tile_voxels / 4 + (n_classes + 2) * float(np.prod(image.shape[:3])),
+        what=f"an ensemble of {int(ensemble)} members (batch {batch_size})",
+    )
     member_labels = run_members(
         model, plan.item_images(), list(range(int(ensemble))), seed=seed, sampler=sampler, steps=steps,
         precision=precision, batch_size=batch_size, on_step=on_step, should_cancel=should_cancel,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import MeddiffError
+from .files import check_output_file, write_atomic
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -66,6 +66,8 @@ class Volume:
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise MeddiffError(f"file not found: {path}")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise MeddiffError(f"cannot read {path}: permission denied")
     if path.is_dir():
         return
     if path.stat().st_size == 0:
@@ -94,12 +96,15 @@ def read_volume(path: str | os.PathLike, frame: int = 0) -> Volume:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise MeddiffError(f"{path} is not a NIfTI image")
+        _check_data_size(img, path)
         slope, inter = img.dataobj.slope, img.dataobj.inter
         data = np.asanyarray(img.dataobj)
     except MeddiffError:
         raise
+    except MemoryError:
+        raise MeddiffError(f"cannot read {path}: its image does not fit in memory") from None
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
-        raise MeddiffError(f"cannot read {path}: not a valid NIfTI file ({exc})") from None
+        raise MeddiffError(f"cannot read {path}: not a valid NIfTI file ({' '.join(str(exc).split())})") from None
     header = img.header
     scaled = not (slope in (1, None) and inter in (0, None)) or np.issubdtype(data.dtype, np.floating)
     data = data.astype(np.float32) if scaled else np.asarray(data)
@@ -119,6 +124,27 @@ def read_volume(path: str | os.PathLike, frame: int = 0) -> Volume:
         "is_label_like": bool(np.issubdtype(data.dtype, np.integer)),
     }
     return Volume(data, img.affine.copy(), meta)
+
+
+def _check_data_size(img: Any, path: Path) -> None:
+    """Refuse a header whose image cannot be in the file or in memory (before reading any voxel)."""
+    from .memory import available_ram_bytes
+
+    shape = img.header.get_data_shape()
+    if any(int(n) < 0 for n in shape):
+        raise MeddiffError(f"cannot read {path}: header has a negative dimension {shape}")
+    nbytes = int(np.prod([int(n) for n in shape], dtype=object)) * img.get_data_dtype().itemsize
+    if not path.name.lower().endswith(".gz"):
+        offset = int(img.header.get("vox_offset", 0) or 0)
+        have = path.stat().st_size
+        if offset + nbytes > have:
+            raise MeddiffError(f"cannot read {path}: truncated or damaged (header says {shape} voxels, "
+                               f"{offset + nbytes:,} bytes; the file holds {have:,})")
+    need = nbytes * (4 // min(4, img.get_data_dtype().itemsize) + 1)  # file dtype + a float32 copy
+    free = available_ram_bytes()
+    if need > free:
+        raise MeddiffError(f"cannot read {path}: header says {shape} voxels ({nbytes / 2**30:.1f} GiB), more than "
+                           f"the {free / 2**30:.1f} GiB of free memory (damaged header?)")
 
 
 def _pick_frame(data: np.ndarray, frame: int, path: Path) -> np.ndarray:
@@ -209,27 +235,27 @@ def write_volume(
     kind: str = "image",
     overwrite: bool = False,
     description: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write ``vol`` as NIfTI (``.nii`` or ``.nii.gz``) with its affine, atomically.
 
     ``kind`` is ``"image"`` (float32) or ``"labels"`` (smallest fitting integer type). An existing file is
-    never replaced unless ``overwrite``; the data go to a temporary file that is renamed into place.
+    never replaced unless ``overwrite``; the data go to a temporary file that is renamed into place. A volume
+    with NaN/Inf voxels is refused (a diverged result must not pass for a scan) unless ``allow_nonfinite``
+    (the user's own data, e.g. a napari layer).
     """
     path = Path(path)
     if not _is_nifti(path):
         raise MeddiffError(f"output must end in .nii or .nii.gz: {path}")
     if kind not in ("image", "labels"):
         raise MeddiffError(f"kind must be 'image' or 'labels', not {kind!r}")
-    if path.exists() and not overwrite:
-        raise MeddiffError(f"{path} exists; not overwriting (use --overwrite / overwrite=True)")
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MeddiffError(f"cannot create output folder {folder}: {exc.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise MeddiffError(f"output folder is not writable: {folder}")
+    check_output_file(path, overwrite)
     array = np.asarray(vol.array)
+    if not allow_nonfinite and array.dtype.kind == "f":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise MeddiffError(f"not writing {path}: {bad} voxels are NaN or Inf (the computation diverged; "
+                               "check the sampler settings)")
     if kind == "labels":
         array = np.rint(array)
     array = array.astype(_output_dtype(array, kind))
@@ -244,26 +270,7 @@ def write_volume(
     descrip = description if description is not None else vol.metadata.get("descrip", "")
     img.header["descrip"] = (descrip or "")[:79].encode("latin-1", "replace")
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=folder)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; final files follow the umask
-        nib.save(img, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if path.exists() and not overwrite:  # appeared while we were writing
-            raise MeddiffError(f"{path} appeared while writing; not overwriting")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return write_atomic(path, lambda tmp: nib.save(img, tmp), overwrite=overwrite, suffix=f".part{suffix}")
 
 
 # --- geometry helpers (resampling always through SimpleITK) ---------------------------------------

@@ -220,7 +220,7 @@ def test_torchrun_two_processes_equal_one(tiny_models, reference, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "napari_meddiff.cli", "--", "generate", "--model", str(tiny_models["ldm3d"]), *ARGS,
          "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=170,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=170,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_cohort(reference, out)

@@ -90,14 +90,14 @@ def test_resume_continues_from_checkpoint(tmp_path, cohort):
     train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
     first = load_checkpoint(tmp_path / "run" / "diffusion.pt")
     assert first["step"] == 2
-    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=4, progress=False)
+    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=4, progress=False, overwrite=True)
     second = load_checkpoint(tmp_path / "run" / "diffusion.pt")
     assert second["step"] == 4
     opt_steps = {float(s["step"]) for s in second["optimizer"]["state"].values()}
     assert opt_steps == {4.0}  # Adam's own counter continued, so its moments were restored
     assert [s for s, _ in second["history"]["loss"]] == [1, 2, 3, 4]
     # without --resume the run starts afresh
-    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False, overwrite=True)
     assert load_checkpoint(tmp_path / "run" / "diffusion.pt")["step"] == 2
 
 

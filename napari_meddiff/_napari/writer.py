@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text_atomic
 from ..volume import write_volume
 from .layers import layer_data_to_volume
 
@@ -34,13 +35,12 @@ def save_layer_data(
     """Write one layer (data + state dict) as NIfTI; a ``provenance`` in its metadata also goes to a sidecar."""
     vol = layer_data_to_volume(data, meta)
     provenance = vol.metadata.get("provenance")
-    out = write_volume(vol, path, kind=kind, overwrite=overwrite, description=_description(provenance))
+    out = write_volume(vol, path, kind=kind, overwrite=overwrite, description=_description(provenance),
+                       allow_nonfinite=True)  # the user's own layer, written as it is
     written = [str(out)]
     if provenance:
         side = sidecar_path(out)
-        tmp = side.with_name(f".{side.name}.part")
-        tmp.write_text(json.dumps({"image": out.name, **provenance}, indent=2, default=str) + "\n")
-        os.replace(tmp, side)
+        write_text_atomic(side, json.dumps({"image": out.name, **provenance}, indent=2, default=str) + "\n")
         written.append(str(side))
     return written
 

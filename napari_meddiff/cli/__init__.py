@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -14,8 +15,17 @@ from ..errors import Cancelled, MeddiffError
 COMMAND_MODULES = ["models", "generate", "train", "cohort", "review", "segment", "inpaint"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line error: ``meddiff: error: generate: --seed: ...`` (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        print(f"meddiff: error: {command}{' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="meddiff", description="Diffusion models (DDPM, LDM) for 3D medical images in NIfTI."
     )
     parser.add_argument("--version", action="version", version=f"napari-meddiff {__version__}")
@@ -34,14 +44,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MeddiffError as exc:
-        print(f"meddiff: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
     except Cancelled:
         print("meddiff: cancelled", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("meddiff: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        return error("out of memory: ask for less (fewer samples, a smaller batch or ensemble)")
+    except OSError as exc:  # a file problem the command did not foresee: still one line, never a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        return error(f"{where}{exc.strerror or exc}")
+    except Exception as exc:  # last line of defence: one line, the traceback only on request
+        if os.environ.get("MEDDIFF_DEBUG"):
+            raise
+        return error(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+                     "(please report it; MEDDIFF_DEBUG=1 shows the traceback)")
+
+
+def error(message: str) -> int:
+    """Print a one-line ``meddiff: error: ...`` and return the exit code of user errors."""
+    print(f"meddiff: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import MeddiffError
+from .options import seed_value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--num", type=int, required=True, help="number of subjects (seeds S..S+N-1)")
-    p.add_argument("--seed", type=int, default=0, help="first subject seed (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="first subject seed (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--resolution", type=float, default=2.0, choices=(1.0, 2.0), help="voxel size in mm (default 2)")
     p.add_argument(

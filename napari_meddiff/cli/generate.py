@@ -8,15 +8,16 @@ lives in `napari_meddiff.batch`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from .. import batch
 from ..batch import output_paths, write_json_atomic  # noqa: F401  (re-exported: used by other commands)
 from ..errors import MeddiffError
+from ..files import ensure_folder, removed_if_left_empty
+from ..seeds import seed_range
 from ..zoo import DEFAULT_MODEL, load_model
-from .options import add_model_option, add_sampling_options
+from .options import add_model_option, add_sampling_options, seed_value
 
 EPILOG = """\
 scaling out:
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_option(p, DEFAULT_MODEL)
     p.add_argument("--num", type=int, default=1, help="number of volumes (seeds S..S+N-1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seed", type=seed_value, default=0, help="first seed")
     add_sampling_options(p, device_help="; cuda:LOCAL_RANK under torchrun")
     p.add_argument(
         "--batch-size", type=int, default=1,
@@ -65,8 +66,6 @@ def merge(folder: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     if args.merge_manifest is not None:
         if args.out is not None:
             raise MeddiffError("--merge-manifest takes the folder itself; do not combine it with --out")
@@ -82,14 +81,16 @@ def run(args: argparse.Namespace) -> int:
     shard = batch.parse_shard(args.shard) if args.shard is not None else (0, 1)
     ctx = batch.DistContext.from_env()
     device = batch.rank_device(args.device, ctx)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MeddiffError(f"cannot create output folder {args.out}: {exc.strerror}") from None
-    if not os.access(args.out, os.W_OK):
-        raise MeddiffError(f"output folder is not writable: {args.out}")
-    seeds = list(range(args.seed, args.seed + args.num))
+    seeds = seed_range(args.seed, args.num)
     blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
+    with removed_if_left_empty(args.out):
+        ensure_folder(args.out)
+        return _generate(args, seeds, blocks, shard, ctx, device)
+
+
+def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, device) -> int:
+    from tqdm import tqdm
+
     with batch.distributed(ctx, device):
         model = load_model(args.model, device=device)
         bar = None

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import MeddiffError
+from ..files import check_output_file
 from ..zoo import DEFAULT_MODEL, load_model
 from .generate import write_json_atomic
-from .options import add_model_option, add_sampling_options
+from .options import add_model_option, add_sampling_options, seed_value
 
 AXES = ("axial", "coronal", "sagittal")
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", type=float, default=None,
                    help="fill only this label value of the mask (default: all non-zero)")
     p.add_argument("--candidates", type=int, default=1, help="number of candidates (seeds S..S+K-1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first candidate")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the first candidate")
     p.add_argument("--jump-length", type=int, default=None, help="RePaint jump length in steps (default: the model's)")
     p.add_argument("--jump-n", type=int, default=None,
                    help="RePaint resamplings per jump; 1 = none (default: the model's)")
@@ -90,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError("--batch-size must be at least 1")
     axis = _axis(args.axis)
     paths = output_paths(args.out, args.candidates)
-    existing = [str(p) for p, _ in paths if p.exists()]
-    if existing and not args.overwrite:
-        raise MeddiffError(f"{existing[0]} exists; not overwriting (use --overwrite)")
+    for image_path, sidecar in paths:  # up front, not after minutes of sampling
+        check_output_file(image_path, args.overwrite)
+        check_output_file(sidecar, args.overwrite)
     label = None
     if args.label is not None:
         label = int(args.label) if float(args.label).is_integer() else args.label

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..devices import DEVICES
+from ..errors import MeddiffError
 from ..samplers import SAMPLERS
 from ..sampling import PRECISION_CHOICES
 
@@ -12,6 +13,30 @@ PRECISION_HELP = (
     "auto (bf16 autocast on CPUs with native bf16, else fp32), fp32, bf16 (autocast, CPU/CUDA), fp16 (CUDA); "
     "default: the model's"
 )
+
+
+def seed_value(text: str) -> int:
+    """argparse type of ``--seed``: an integer from 0 to 2**63-1."""
+    from ..seeds import check_seed
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    try:
+        return check_seed(value)
+    except MeddiffError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def eta_value(text: str) -> float:
+    """argparse type of ``--eta``: a number from 0 to 1."""
+    from ..samplers import check_eta
+
+    try:
+        return check_eta(float(text))
+    except (ValueError, MeddiffError):
+        raise argparse.ArgumentTypeError(f"eta must be a number from 0 (deterministic) to 1, got {text!r}") from None
 
 
 def add_model_option(p: argparse.ArgumentParser, default_model: str) -> None:
@@ -23,6 +48,6 @@ def add_sampling_options(p: argparse.ArgumentParser, *, eta: bool = True, device
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     if eta:
-        p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
+        p.add_argument("--eta", type=eta_value, default=0.0, help="DDIM eta, 0 (deterministic, default) to 1")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto{device_help})")

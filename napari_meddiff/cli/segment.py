@@ -10,13 +10,13 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import MeddiffError
-from .options import add_model_option, add_sampling_options
+from ..files import check_output_file, ensure_folder, removed_if_left_empty, write_text_atomic
+from .options import add_model_option, add_sampling_options, seed_value
 
 OUTPUTS = ("labels.nii.gz", "probabilities.nii.gz", "uncertainty.nii.gz", "volumes.csv", "segment.json")
 DEFAULT_SEG_MODEL = "brain-tissue-segdiff-2d"
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, type=Path, help="input scan (NIfTI, or anything SimpleITK reads)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ensemble", type=int, default=5, help="ensemble size N (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default=None,
                    help="2D models: world axis to slice along (default: the model's, axial)")
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
@@ -54,17 +54,8 @@ def volumes_csv(volumes_ml: dict[str, float]) -> str:
     return buf.getvalue()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from ..segment import segment
-    from ..volume import read_volume, write_volume
+    from ..volume import read_volume
     from ..zoo import load_model
 
     if args.ensemble < 1:
@@ -73,20 +64,24 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError(f"--steps must be a positive integer, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise MeddiffError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.seed < 0:
-        raise MeddiffError(f"--seed must be non-negative, got {args.seed}")
     device = resolve_device(args.device)
-    existing = [name for name in OUTPUTS if (args.out / name).exists()]
-    if existing and not args.overwrite:
-        raise MeddiffError(f"{args.out / existing[0]} exists; not overwriting (use --overwrite)")
+    if args.out.exists() and not args.out.is_dir():
+        raise MeddiffError(f"{args.out} exists and is not a folder; --out takes a folder")
+    for name in OUTPUTS:  # up front, not after minutes of sampling
+        check_output_file(args.out / name, args.overwrite)
     image = read_volume(args.image)
     model = load_model(args.model, device=device)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MeddiffError(f"cannot create output folder {args.out}: {exc.strerror}") from None
-    if not os.access(args.out, os.W_OK):
-        raise MeddiffError(f"output folder is not writable: {args.out}")
+    with removed_if_left_empty(args.out):
+        ensure_folder(args.out)
+        return _segment(args, image, model, device)
+
+
+def _segment(args: argparse.Namespace, image, model, device) -> int:
+    from tqdm import tqdm
+
+    from ..segment import segment
+    from ..volume import write_volume
+
 
     bar = tqdm(total=1000, desc=f"{model.name} x{args.ensemble}", unit="‰", file=sys.stderr, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {elapsed}<{remaining}")

@@ -201,6 +201,7 @@ def export_model(
     latent_shape: list[int] | None = None,
     config_path: Path | None = None,
     extra_files: dict[str, Path] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     config = model_config(cfg, scale_factor=scale_factor, latent_shape=latent_shape)
     networks = {"unet": unet.float().cpu()}
@@ -226,7 +227,7 @@ def export_model(
     files = dict(extra_files or {})
     if config_path is not None:
         files["train.yaml"] = config_path
-    return save_model_folder(out_dir, config, networks, card=card, half=half, extra_files=files, overwrite=True)
+    return save_model_folder(out_dir, config, networks, card=card, half=half, extra_files=files, overwrite=overwrite)
 
 
 def refresh_card(model_dir: str | Path) -> Path:

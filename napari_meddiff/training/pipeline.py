@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import MeddiffError
+from ..zoo import check_model_target
 from . import common
 from .config import load_config
 from .data import Dataset, split_dataset
@@ -79,6 +80,18 @@ def _data_summary(train: Dataset, val: Dataset | None, cfg: dict[str, Any]) -> d
     }
 
 
+CHECKPOINT_FILES = ("autoencoder.pt", "diffusion.pt")
+
+
+def check_work_dir(work: Path, resume: bool) -> None:
+    """The work dir must be a folder; ``resume`` needs a checkpoint in it (never a silent fresh start)."""
+    if work.exists() and not work.is_dir():
+        raise MeddiffError(f"work dir {work} exists and is not a folder")
+    if resume and not any((work / f).is_file() for f in CHECKPOINT_FILES):
+        raise MeddiffError(f"--resume: no checkpoint ({' or '.join(CHECKPOINT_FILES)}) in {work} to resume from; "
+                           "run without --resume to start afresh, or give --work-dir of the earlier run")
+
+
 def train(
     config_path: str | Path,
     *,
@@ -90,6 +103,7 @@ def train(
     num_threads: int | None = None,
     steps: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path | None:
     """Train the model of a YAML config and write its model folder (returned on the main process)."""
     from ..generate import generate
@@ -101,6 +115,8 @@ def train(
     cfg = load_config(config_path)
     out = Path(out) if out is not None else Path("models") / cfg["name"]
     work = Path(work_dir) if work_dir is not None else Path("runs") / cfg["name"]
+    check_model_target(out, overwrite)  # before hours of training, not after
+    check_work_dir(work, resume)
     tc = cfg["training"]
     dev = common.setup_device(device, num_threads or tc.get("num_threads"))
     dist = common.Dist(dev)
@@ -207,7 +223,7 @@ def train(
     if dist.main:
         extra = {f.name: f for f in (work / "loss_diffusion.png", work / "loss_autoencoder.png") if f.is_file()}
         path = export_model(cfg, out, unet, autoencoder, summary, scale_factor=scale_factor, latent_shape=latent_shape,
-                            config_path=config_path, extra_files=extra)
+                            config_path=config_path, extra_files=extra, overwrite=overwrite)
         log.info("wrote %s", path)
     dist.barrier()
     dist.close()
