@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from . import __version__
 from .devices import resolve_device
@@ -29,6 +30,21 @@ class Preview:
 
 def default_sampling(model: DiffusionModel) -> dict:
     return model.sampling_defaults
+
+
+ConditionsArg = Mapping[str, float] | Sequence[Mapping[str, float]] | None
+
+
+def per_seed_conditions(model: DiffusionModel, conditions: ConditionsArg, count: int) -> list[dict[str, float]]:
+    """Every condition of the model for each of ``count`` seeds: one mapping for all, or one per seed,
+    each checked against the model's declared names and ranges and completed with its defaults."""
+    if conditions is None or isinstance(conditions, Mapping):
+        values = model.condition_values(conditions)
+        return [dict(values) for _ in range(count)]
+    conditions = list(conditions)
+    if len(conditions) != count:
+        raise MeddiffError(f"{len(conditions)} sets of conditions for {count} seeds")
+    return [model.condition_values(c) for c in conditions]
 
 
 def to_volume(model: DiffusionModel, image: np.ndarray, **provenance) -> Volume:
@@ -55,10 +71,15 @@ def generate(
     on_preview: Callable[[Preview], None] | None = None,
     preview_every: int = 0,
     should_cancel: Callable[[], bool] | None = None,
+    conditions: ConditionsArg = None,
+    guidance_scale: float = 1.0,
 ) -> list[Volume]:
     """Sample one volume per seed. The same seed, settings, batch size, thread count and device give the same
-    volume, bit for bit.
+    volume, bit for bit; another device gives the same volume up to floating-point error (noise is drawn on
+    the CPU).
 
+    ``conditions``: the model's named conditions (``model.conditions``), one mapping for every seed or one
+    per seed; missing names take their defaults. ``guidance_scale``: classifier-free guidance (1: none).
     ``on_preview`` receives decoded previews every ``preview_every`` steps (0: never).
     """
     dev = resolve_device(device)
@@ -78,9 +99,12 @@ def generate(
     sampler = sampler or defaults["sampler"]
     steps = int(steps if steps is not None else defaults["steps"])
     precision = resolve_precision(precision or defaults["precision"], dev)
+    seed_conditions = per_seed_conditions(model, conditions, len(seeds))
     volumes: list[Volume] = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
+        chunk_conditions = seed_conditions[start : start + batch_size]
+        values = torch.tensor([list(c.values()) for c in chunk_conditions], dtype=torch.float32) if model.conditions else None
         t0 = time.perf_counter()
         generators = seeded_generators(chunk, dev)
         x = initial_noise(model.sample_shape, generators, dev)
@@ -96,10 +120,11 @@ def generate(
         z = denoise(
             model, x, sampler=sampler, steps=steps, generators=generators, eta=eta,
             on_step=step_hook, should_cancel=should_cancel, precision=precision,
+            conditions=values, guidance_scale=guidance_scale,
         )
         images = decode_latents(model, z, precision)[:, 0].clamp(0, 1).cpu().numpy()
         seconds = (time.perf_counter() - t0) / len(chunk)
-        for seed, image in zip(chunk, images):
+        for seed, image, seed_values in zip(chunk, images, chunk_conditions):
             provenance = {
                 "model": model.name,
                 "model_sha256": model.weights_sha256,
@@ -113,5 +138,8 @@ def generate(
                 "package_version": __version__,
                 "seconds": round(seconds, 3),
             }
+            if model.conditions:
+                provenance["conditions"] = seed_values
+                provenance["guidance_scale"] = float(guidance_scale)
             volumes.append(to_volume(model, image, provenance=provenance))
     return volumes

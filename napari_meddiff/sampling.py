@@ -1,6 +1,7 @@
 """The one denoising loop behind every task (generate, inpaint, segment) and every sampler.
 
-Hooks: ``condition`` (channels concatenated to the UNet input), ``known`` (known-region replacement after
+Hooks: ``condition`` (channels concatenated to the UNet input), ``conditions`` / ``guidance_scale`` (a
+model's named conditions, classifier-free guidance), ``known`` (known-region replacement after
 each step, for inpainting), ``on_step`` (progress / preview) and ``should_cancel`` (checked before every
 network evaluation). A batch holds one sampler state and one random generator per sample, so a seed gives
 the same chain whatever the batch it runs in (bitwise for batches of 2+; batch 1 may differ by ~1e-6 on CPU,
@@ -47,13 +48,91 @@ class KnownRegionHook(Protocol):
         ...
 
 
-def seeded_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+def seeded_generators(seeds: Sequence[int], device: torch.device | None = None) -> list[torch.Generator]:
+    """One CPU generator per seed, whatever the device the chain runs on (``device`` is where the noise goes).
+
+    Noise is drawn on the CPU and moved to the device, as diffusers' ``randn_tensor`` does: a seed gives the
+    same initial noise, and the same noise in stochastic steps, on every device, so CPU and CUDA give the same
+    sample up to floating-point error."""
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
 
 def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
-    """Standard normal noise of ``(len(generators), *shape)``, each sample from its own generator."""
-    return torch.stack([torch.randn(tuple(shape), generator=g, device=device) for g in generators])
+    """Standard normal noise of ``(len(generators), *shape)`` on ``device``, each sample from its own generator
+    (drawn where the generator lives, then moved)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, device=g.device) for g in generators]).to(device)
+
+
+def _draws_noise(chain) -> bool:
+    """Does this sampler's step draw noise (DDPM; DDIM with eta > 0)?"""
+    from .samplers import DDPMSampler
+
+    return isinstance(chain, DDPMSampler) or float(getattr(chain, "eta", 0.0)) > 0
+
+
+def _step(chain, out: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator):
+    """One sampler step; a stochastic step runs where its generator is (the CPU), so its noise is the device's."""
+    if generator.device == x.device or not _draws_noise(chain):
+        return chain.step(out, t, x, generator)
+    prev, x0 = chain.step(out.to(generator.device), t, x.to(generator.device), generator)
+    return prev.to(x.device), x0.to(x.device)
+
+
+@dataclasses.dataclass
+class ConditionInputs:
+    """A batch's condition values as the UNet takes them (see `napari_meddiff.zoo.Conditioning`)."""
+
+    channels: torch.Tensor | None = None  # (B, N, *spatial), concatenated to the input
+    context: torch.Tensor | None = None  # (B, 1, N), cross-attention
+    class_labels: torch.Tensor | None = None  # (B,), long
+
+    def cat(self, other: "ConditionInputs") -> "ConditionInputs":
+        join = (lambda a, b: None if a is None else torch.cat([a, b]))
+        return ConditionInputs(join(self.channels, other.channels), join(self.context, other.context),
+                               join(self.class_labels, other.class_labels))
+
+
+def condition_inputs(model: DiffusionModel, values: torch.Tensor | None, x: torch.Tensor) -> ConditionInputs:
+    """Condition values ``(B, N)`` -> the UNet's extra channels / context / class labels for samples ``x``."""
+    how = model.conditioning
+    if not how.used:
+        if values is not None and values.numel():
+            raise MeddiffError(f"{model.name} takes no conditions")
+        return ConditionInputs()
+    if values is None:  # the model's defaults, e.g. for inpainting with a conditional model
+        defaults = [s.default for s in model.conditions]
+        values = torch.tensor(defaults, dtype=torch.float32).expand(x.shape[0], len(defaults))
+    values = values.to(device=x.device, dtype=torch.float32)
+    if values.ndim != 2 or values.shape != (x.shape[0], len(model.conditions)):
+        raise MeddiffError(f"conditions must be ({x.shape[0]}, {len(model.conditions)}), got {tuple(values.shape)}")
+    spatial = x.shape[2:]
+    channels = values.reshape(*values.shape, *[1] * len(spatial)).expand(*values.shape, *spatial) if how.concat else None
+    context = values.unsqueeze(1) if how.context else None
+    labels = values[:, 0].round().long() if how.class_labels else None
+    return ConditionInputs(channels, context, labels)
+
+
+def _unconditional(model: DiffusionModel, batch: int) -> torch.Tensor:
+    null = model.conditioning.null
+    if null is None:
+        raise MeddiffError(
+            f"{model.name} declares no unconditional (null) condition, so classifier-free guidance cannot be used: "
+            "it needs a model trained with condition dropout (set conditioning.null); use guidance scale 1"
+        )
+    return torch.tensor(null, dtype=torch.float32).expand(batch, len(null))
+
+
+def _predict(model: DiffusionModel, net_in: torch.Tensor, t_batch: torch.Tensor, cond: ConditionInputs,
+             precision: str) -> torch.Tensor:
+    if cond.channels is not None:
+        net_in = torch.cat([net_in, cond.channels.to(net_in.dtype)], dim=1)
+    kwargs = {}
+    if cond.context is not None:
+        kwargs["context"] = cond.context
+    if cond.class_labels is not None:
+        kwargs["class_labels"] = cond.class_labels
+    with autocast_context(net_in.device, precision):
+        return model.unet(net_in, timesteps=t_batch, **kwargs).float()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -94,8 +173,15 @@ def denoise(
     precision: str = "fp32",
     jump_length: int = 1,
     jump_n: int = 1,
+    conditions: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run the reverse diffusion chain from ``x`` (noise, shape ``(B, *model.sample_shape)``) to a clean sample.
+
+    ``condition``: image channels concatenated to the input (segmentation). ``conditions``: the model's named
+    condition values ``(B, N)`` (default: the model's defaults), given as it declares (concatenated channels,
+    cross-attention context, class labels). ``guidance_scale`` != 1: classifier-free guidance, ``uncond + s *
+    (cond - uncond)`` with the model's null condition (the two branches run as one batch).
 
     ``jump_n > 1`` adds RePaint resampling (Lugmayr et al. 2022): every ``jump_length`` steps the chain is
     re-noised ``jump_length`` steps back (forward process, noise from each sample's generator) and re-run,
@@ -103,6 +189,12 @@ def denoise(
     """
     if len(generators) != x.shape[0]:
         raise MeddiffError("one random generator per sample is needed")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise MeddiffError(f"guidance scale must be a number, got {guidance_scale!r}")
+    cond = condition_inputs(model, conditions, x)
+    guided = float(guidance_scale) != 1.0
+    if guided:
+        cond = cond.cat(condition_inputs(model, _unconditional(model, x.shape[0]), x))
     chains = [make_sampler(sampler, model.config["scheduler"], steps, eta) for _ in range(x.shape[0])]
     timesteps = chains[0].timesteps
     moves = repaint_schedule(len(timesteps), jump_length, jump_n)
@@ -125,11 +217,14 @@ def denoise(
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
             net_in = x if condition is None else torch.cat([x, condition.to(x.dtype)], dim=1)
-            t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-            with autocast_context(device, precision):
-                out = model.unet(net_in, timesteps=t_batch)
-            out = out.float()
-            stepped = [chain.step(out[b : b + 1], int(t), x[b : b + 1], gen) for b, (chain, gen) in enumerate(zip(chains, generators))]
+            if guided:
+                net_in = torch.cat([net_in, net_in])
+            t_batch = torch.full((net_in.shape[0],), int(t), device=device, dtype=torch.long)
+            out = _predict(model, net_in, t_batch, cond, precision)
+            if guided:
+                out_cond, out_uncond = out.chunk(2)
+                out = out_uncond + float(guidance_scale) * (out_cond - out_uncond)
+            stepped = [_step(chain, out[b : b + 1], int(t), x[b : b + 1], gen) for b, (chain, gen) in enumerate(zip(chains, generators))]
             x = torch.cat([s[0] for s in stepped])
             pred_x0 = torch.cat([s[1] for s in stepped])
             t_next = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None

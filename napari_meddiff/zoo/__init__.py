@@ -1,0 +1,145 @@
+"""Models: find them, read their configs, load them, whatever their format.
+
+Formats (one module each) turn a folder into the same validated config (this package's ``model.json``
+schema) and the same MONAI networks, so tasks and widgets only ever see a `DiffusionModel`:
+
+* `folder` - this package's model folders (``model.json`` + safetensors);
+* `bundle` - MONAI Model Zoo bundles (``configs/inference.json``, ``configs/metadata.json``, ``models/*.pt``),
+  read as data: no expression evaluated, no script imported, weights via ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..cpu_kernels import prefer_onednn
+from ..errors import MeddiffError
+from . import bundle, folder
+from .conditions import ConditionSpec, Conditioning
+from .folder import check_model_target, foreign_files, save_model_folder
+from .model import DEFAULT_SAMPLING, NETWORK_NAMES, DiffusionModel, ModelConfigView, build_network, count_parameters
+from .model import sha256_file
+from .schema import MODEL_KINDS
+
+__all__ = [
+    "DEFAULT_MODEL", "DEFAULT_SAMPLING", "MODEL_KINDS", "NETWORK_NAMES", "FORMATS", "BrokenModel", "ConditionSpec",
+    "Conditioning", "DiffusionModel", "ModelConfigView", "available_models", "broken_models", "build_network",
+    "count_parameters", "find_model_dir", "format_of", "load_model", "model_search_path", "read_config",
+    "check_model_target", "save_model_folder", "sha256_file",
+]
+
+DEFAULT_MODEL = "brain-ldm-3d"
+
+
+class ModelFormat(Protocol):
+    name: str
+
+    def detect(self, folder: Path) -> bool: ...
+
+    def read_config(self, folder: Path) -> dict[str, Any]: ...
+
+    def load_networks(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.nn.Module]: ...
+
+
+FORMATS: tuple[ModelFormat, ...] = (folder.FORMAT, bundle.FORMAT)
+
+
+def format_of(model_dir: Path) -> ModelFormat | None:
+    """The format of a folder, or None when it is no model."""
+    for fmt in FORMATS:
+        if fmt.detect(model_dir):
+            return fmt
+    return None
+
+
+def model_search_path() -> list[Path]:
+    """Folders searched for model names: ``$MEDDIFF_MODELS`` (os.pathsep-separated), then shipped ones."""
+    paths = [Path(p) for p in os.environ.get("MEDDIFF_MODELS", "").split(os.pathsep) if p]
+    here = Path(__file__).resolve().parent.parent
+    if (here.parent / "pyproject.toml").is_file():
+        paths.append(here.parent / "models")  # source checkout / editable install
+    paths.append(Path(sys.prefix) / "share" / "napari-meddiff" / "models")  # installed wheel (setup.py data_files)
+    return [p for p in paths if p.is_dir()]
+
+
+def _model_folders(root: Path) -> list[Path]:
+    try:
+        subs = sorted(root.iterdir())
+    except OSError:
+        return []
+    return [s for s in subs if s.is_dir() and not s.name.startswith(".") and format_of(s) is not None]
+
+
+def find_model_dir(name_or_path: str | os.PathLike) -> Path:
+    candidate = Path(name_or_path).expanduser()
+    if format_of(candidate) is not None:
+        return candidate
+    if candidate.is_dir():
+        raise MeddiffError(
+            f"{candidate} is a folder but no model: it has no model.json and is no MONAI bundle "
+            "(configs/inference.json + configs/metadata.json)"
+        )
+    for root in model_search_path():
+        if format_of(root / str(name_or_path)) is not None:
+            return root / str(name_or_path)
+    known = ", ".join(sorted(available_models())) or "none"
+    raise MeddiffError(f"unknown model {str(name_or_path)!r} (available: {known})")
+
+
+def available_models() -> dict[str, Path]:
+    """Names of all model folders on the search path (the first folder with a given name wins).
+
+    Folders are listed whether or not their config is valid: `read_config` says what is wrong with one."""
+    found: dict[str, Path] = {}
+    for root in model_search_path():
+        for sub in _model_folders(root):
+            found.setdefault(sub.name, sub)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokenModel:
+    path: Path
+    problem: str
+
+
+def broken_models() -> list[BrokenModel]:
+    """The folders of `available_models` whose config cannot be read, each with the reason."""
+    broken = []
+    for path in available_models().values():
+        try:
+            read_config(path)
+        except MeddiffError as exc:
+            broken.append(BrokenModel(path, str(exc)))
+    return broken
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The validated config of a model folder in this package's schema (a bundle's is translated)."""
+    model_dir = Path(model_dir)
+    fmt = format_of(model_dir)
+    if fmt is None:
+        raise MeddiffError(f"{model_dir} is no model folder")
+    return fmt.read_config(model_dir)
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Find a model by name (shipped, or under ``$MEDDIFF_MODELS``) or folder, verify and load it."""
+    model_dir = find_model_dir(name_or_path)
+    fmt = format_of(model_dir)
+    config = fmt.read_config(model_dir)
+    nets = {k: prefer_onednn(v.eval().requires_grad_(False)) for k, v in fmt.load_networks(model_dir, config).items()}
+    model = DiffusionModel(
+        name=str(config.get("name", model_dir.name)),
+        path=model_dir,
+        config=config,
+        unet=nets["unet"],
+        autoencoder=nets.get("autoencoder"),
+    )
+    return model.to(device)

@@ -1,0 +1,86 @@
+"""Validation of a model config (``model.json``, or the one a bundle is translated into).
+
+Every structural problem becomes ``MeddiffError("<file>: <what is wrong>")``, so a malformed file gives one
+clear line in every command and widget instead of a ``TypeError`` deep inside a task.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..errors import MeddiffError
+from .conditions import parse_conditions
+
+MODEL_KINDS = ("ddpm", "ldm", "segmentation")
+REQUIRED_KEYS = ("spatial_dims", "image_shape", "voxel_size", "networks", "scheduler", "weights")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _shape(config: dict, key: str, length: int, where: str, *, positive_numbers: bool = False) -> None:
+    value = config[key]
+    ok = isinstance(value, list) and len(value) == length
+    ok = ok and all((_is_number(v) and v > 0) if positive_numbers else (_is_int(v) and v > 0) for v in value)
+    if not ok:
+        what = "positive numbers" if positive_numbers else "positive integers"
+        raise MeddiffError(f"{where}: {key} must be a list of {length} {what}, not {value!r}")
+
+
+def _object(value: Any, key: str, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise MeddiffError(f"{where}: {key} must be an object, not {type(value).__name__} ({str(value)[:40]!r})")
+    return value
+
+
+def validate_config(config: Any, where: str) -> dict:
+    """Check the structure and types of a model config; return it unchanged."""
+    if not isinstance(config, dict):
+        raise MeddiffError(f"{where}: the file must hold a JSON object, not {type(config).__name__}")
+    kind = config.get("kind")
+    if kind not in MODEL_KINDS:
+        raise MeddiffError(f"{where}: model kind must be one of {MODEL_KINDS}, not {kind!r}")
+    for key in REQUIRED_KEYS:
+        if key not in config:
+            raise MeddiffError(f"{where} lacks {key!r}")
+    dims = config["spatial_dims"]
+    if dims not in (2, 3) or not _is_int(dims):
+        raise MeddiffError(f"{where}: spatial_dims must be 2 or 3, not {dims!r}")
+    _shape(config, "image_shape", dims, where)
+    _shape(config, "voxel_size", dims, where, positive_numbers=True)
+    networks = _object(config["networks"], "networks", where)
+    needed = ["unet"] + (["autoencoder"] if kind == "ldm" else [])
+    for name in needed:
+        if name not in networks:
+            raise MeddiffError(f"{where}: networks lacks {name!r}")
+        _object(networks[name], f"networks.{name}", where)
+    _object(config["scheduler"], "scheduler", where)
+    weights = _object(config["weights"], "weights", where)
+    for name in needed:
+        entry = weights.get(name)
+        if entry is None:
+            raise MeddiffError(f"{where} has no weights entry for {name!r}")
+        _object(entry, f"weights.{name}", where)
+        if not isinstance(entry.get("file"), str) or not entry["file"]:
+            raise MeddiffError(f"{where}: weights.{name} lacks 'file' (the weight file's name)")
+        if "sha256" in entry and not isinstance(entry["sha256"], str):
+            raise MeddiffError(f"{where}: weights.{name}.sha256 must be a string")
+    if kind == "ldm":
+        latent = _object(config.get("latent"), "latent", where)
+        channels, shape = latent.get("channels"), latent.get("shape")
+        if not _is_int(channels) or channels < 1:
+            raise MeddiffError(f"{where}: latent.channels must be a positive integer, not {channels!r}")
+        if not (isinstance(shape, list) and len(shape) == dims and all(_is_int(s) and s > 0 for s in shape)):
+            raise MeddiffError(f"{where}: latent.shape must be a list of {dims} positive integers, not {shape!r}")
+        if not _is_number(latent.get("scale_factor", 1.0)) or float(latent.get("scale_factor", 1.0)) <= 0:
+            raise MeddiffError(f"{where}: latent.scale_factor must be a positive number")
+    if "defaults" in config:
+        _object(config["defaults"], "defaults", where)
+    parse_conditions(config.get("conditioning"), where)
+    return config
