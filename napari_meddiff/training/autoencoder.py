@@ -4,7 +4,9 @@ by default (its pretrained weights would have to be downloaded)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,31 @@ def random_crop(x: torch.Tensor, size: list[int] | None, gen: torch.Generator) -
     starts = [int(torch.randint(0, n - s + 1, (1,), generator=gen)) for n, s in zip(x.shape[2:], size)]
     sl = tuple(slice(a, a + s) for a, s in zip(starts, size))
     return x[(slice(None), slice(None)) + sl]
+
+
+def generator_step_loss(ae: torch.nn.Module, x: torch.Tensor, kl_weight: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L1 + kl_weight * KL, L1, KL, reconstruction) of one autoencoder pass on ``x``."""
+    rec, z_mu, z_sigma = ae(x)
+    rec = rec.float()
+    l1 = F.l1_loss(rec, x.float())
+    kl = kl_loss(z_mu.float(), z_sigma.float())
+    return l1 + kl_weight * kl, l1, kl, rec
+
+
+def crop_schedule(tc: dict[str, Any], step: int) -> list[int] | None:
+    """The crop size of ``step``: ``patch_size`` during the first ``patch_steps`` steps (all steps when
+    that is null), whole volumes after (GroupNorm statistics of crops differ from whole volumes)."""
+    patch = tc.get("patch_size")
+    until = tc.get("patch_steps")
+    return patch if patch and (until is None or step < int(until)) else None
+
+
+def write_curve(path: Path, history: dict[str, list], val_psnr: list, extra: dict[str, Any]) -> None:
+    """The loss and validation-PSNR curve as JSON (replaced atomically)."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps({**extra, "val_psnr_db": val_psnr, **history}))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -64,6 +91,7 @@ def train_autoencoder(
     torch.manual_seed(int(tc["seed"]) + 1000 * dist.rank)
     gen = torch.Generator().manual_seed(int(tc["seed"]) * 7919 + 17 * dist.rank + 2)
     ae = build_network("autoencoder", cfg["networks"]["autoencoder"]).to(device)
+    ema = common.EMA(ae, tc["ema_decay"], tc["ema_start"]) if float(tc["ema_decay"]) > 0 else None
     disc = PatchDiscriminator(spatial_dims=nd, num_layers_d=int(tc["disc_layers"]), channels=int(tc["disc_channels"]),
                               in_channels=1, out_channels=1, norm="INSTANCE").to(device)
     adv = PatchAdversarialLoss(criterion="least_squares")
@@ -79,6 +107,8 @@ def train_autoencoder(
     if resume and ckpt_path.is_file():
         st = common.load_checkpoint(ckpt_path)
         ae.load_state_dict(st["model"])
+        if ema is not None:
+            ema.module.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
         disc.load_state_dict(st["discriminator"])
         opt_g.load_state_dict(st["optimizer"])
         opt_d.load_state_dict(st["optimizer_d"])
@@ -88,25 +118,40 @@ def train_autoencoder(
         cpu_spent = float(st.get("cpu_minutes", 0.0))
         if dist.main:
             log.info("resumed autoencoder training at step %d (%.1f min spent)", step, spent)
+    total, bs = int(tc["steps"]), int(tc["batch_size"])
+    kl_weight = float(tc["kl_weight"])
+    first = crop_schedule(tc, step) or list(images.shape[2:])
+    layout, layout_times = common.resolve_layout(
+        str(tc["memory_format"]), lambda net, x: generator_step_loss(net, x, kl_weight)[0], ae,
+        (bs, 1, *first), device, precision)
+    if dist.main:
+        log.info("autoencoder: %s, %s layout %s", precision, layout,
+                 ", ".join(f"{k} {v:.2f} s/step" for k, v in layout_times.items()) or "(as configured)")
+    ae, disc = common.to_layout(ae, layout), common.to_layout(disc, layout)
+    if ema is not None:
+        ema.module = common.to_layout(ema.module, layout)
     dae, ddisc = dist.wrap(ae), dist.wrap(disc)
     budget = common.Budget(max_minutes, spent, cpu_spent)
-    total, bs = int(tc["steps"]), int(tc["batch_size"])
     last_ckpt = budget.minutes
-    patch = tc.get("patch_size")
 
     def checkpoint() -> None:
         if dist.main:
             common.save_checkpoint(ckpt_path, {
                 "step": step, "minutes": budget.minutes, "cpu_minutes": budget.cpu_minutes, "history": history, "val_psnr": val_psnr,
                 "model": common.unwrap(ae).state_dict(), "discriminator": common.unwrap(disc).state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(), "lr_scheduler": sched.state_dict(),
-                "rng": common.rng_state(gen), "precision": precision,
+                "rng": common.rng_state(gen), "precision": precision, "memory_format": layout,
             })
+            write_curve(work_dir / "autoencoder_curve.json", history, val_psnr,
+                        {"step": step, "minutes": round(budget.minutes, 2), "cpu_minutes": round(budget.cpu_minutes, 2),
+                         "precision": precision, "memory_format": layout})
 
     def validate() -> None:
         if val_images is None:
             return
-        rec = reconstruct(common.unwrap(ae), val_images, device)
+        with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG as it was
+            rec = reconstruct(ema.module if ema is not None else common.unwrap(ae), val_images, device)
         p = float(np.mean([common.psnr(r.clamp(0, 1), v) for r, v in zip(rec, val_images)]))
         val_psnr.append((step, p))
         common.save_grid(work_dir / "previews" / f"autoencoder_step{step:06d}.png",
@@ -122,24 +167,22 @@ def train_autoencoder(
     running = None
     while step < total and not dist.any(budget.exhausted()):
         x, _ = random_batch(images, None, bs, gen, flip)
-        x = random_crop(x, patch, gen).to(device)
+        x = common.to_layout(random_crop(x, crop_schedule(tc, step), gen).to(device), layout)
         use_adv = aw > 0 and step >= warm
         with common.autocast(device, precision):
-            rec, z_mu, z_sigma = dae(x)
-            rec = rec.float()
-            l1 = F.l1_loss(rec, x)
-            kl = kl_loss(z_mu.float(), z_sigma.float())
-            loss_g = l1 + float(tc["kl_weight"]) * kl
+            loss_g, l1, kl, rec = generator_step_loss(dae, x, kl_weight)
             if use_adv:
-                logits_fake = ddisc(rec.contiguous())[-1]
+                logits_fake = ddisc(common.to_layout(rec, layout))[-1]
                 g_adv = adv(logits_fake, target_is_real=True, for_discriminator=False)
                 loss_g = loss_g + aw * g_adv
         common.clip_and_step(loss_g, dae, opt_g, scaler_g, tc["grad_clip"])
         sched.step()
+        if ema is not None:
+            ema.update(ae, step)
         if use_adv:
             with common.autocast(device, precision):
-                lf = ddisc(rec.detach().contiguous())[-1]
-                lr_ = ddisc(x.contiguous())[-1]
+                lf = ddisc(common.to_layout(rec.detach(), layout))[-1]
+                lr_ = ddisc(x)[-1]
                 loss_d = 0.5 * (adv(lf, target_is_real=False, for_discriminator=True)
                                 + adv(lr_, target_is_real=True, for_discriminator=True))
             common.clip_and_step(aw * loss_d, ddisc, opt_d, scaler_d, tc["grad_clip"])
@@ -160,7 +203,7 @@ def train_autoencoder(
             checkpoint()
             last_ckpt = budget.minutes
     bar.close()
-    if dist.main:
+    if dist.main and (not val_psnr or val_psnr[-1][0] != step):
         validate()
     checkpoint()
     if dist.main:
@@ -168,7 +211,9 @@ def train_autoencoder(
     l1s = [v for _, v in history["l1"]]
     tail = l1s[-max(1, len(l1s) // 10):] if l1s else [float("nan")]
     summary = {
-        "steps": step, "minutes": round(budget.minutes, 2), "cpu_minutes": round(budget.cpu_minutes, 2), "batch_size": bs, "patch_size": patch,
+        "steps": step, "minutes": round(budget.minutes, 2), "cpu_minutes": round(budget.cpu_minutes, 2), "batch_size": bs,
+        "patch_size": tc.get("patch_size"), "patch_steps": tc.get("patch_steps"), "memory_format": layout,
+        "ema_decay": float(tc["ema_decay"]),
         "world_size": dist.world, "lr": float(tc["lr"]), "precision": precision,
         "kl_weight": float(tc["kl_weight"]), "adv_weight": aw, "adv_warmup_steps": warm,
         "perceptual_weight": float(tc.get("perceptual_weight", 0.0)),
@@ -176,4 +221,5 @@ def train_autoencoder(
         "val_psnr_db": round(val_psnr[-1][1], 2) if val_psnr else None,
         "train_items": int(images.shape[0]),
     }
-    return common.unwrap(ae).eval(), summary
+    final = ema.module if ema is not None else common.unwrap(ae)
+    return common.to_layout(final, "contiguous").eval(), summary

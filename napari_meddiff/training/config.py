@@ -66,14 +66,17 @@ DEFAULT_AE_TRAINING = {
     "disc_layers": 2,
     "disc_channels": 16,
     "perceptual_weight": 0.0,  # needs downloadable weights; off
+    "patch_size": None,  # random crops of this size (null: whole volumes)
+    "patch_steps": None,  # crops for the first N steps only, whole volumes after (null: crops throughout)
     "precision": "auto",
+    "memory_format": "auto",  # auto (the faster, measured at start), contiguous or channels_last_3d
     "checkpoint_minutes": 3.0,
     "val_every": 200,
     "seed": 0,
     "num_threads": None,
     "log_every": 10,
     "grad_clip": 1.0,
-    "ema_decay": 0.0,
+    "ema_decay": 0.0,  # > 0: validate and export an EMA of the weights
     "ema_start": 0,
     "warmup_steps": 50,
 }

@@ -1,0 +1,108 @@
+"""Autoencoder training: a run stopped and resumed ends bit-identical to one run straight through (step
+counter, weights, EMA, Adam moments, data and sampling RNG), across the switch from crops to whole volumes
+and in either memory layout; ``memory_format: auto`` picks a layout by measurement; the loss/PSNR curve
+is written next to the checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.training import common
+from napari_meddiff.training.autoencoder import crop_schedule, train_autoencoder
+from napari_meddiff.training.config import validate
+from napari_meddiff.training.data import split_dataset
+
+TINY_AE = {"channels": [8, 8], "latent_channels": 2, "num_res_blocks": [1, 1], "attention_levels": [False, False],
+           "norm_num_groups": 8, "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from napari_meddiff.cohort import write_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    write_cohort(out, 3, seed=0, progress=False)
+    cfg = config(out, "contiguous")
+    train, val = split_dataset(cfg, progress=False)
+    return out, train.images, val.images
+
+
+def config(folder, layout: str, **ae_training) -> dict:
+    return validate({
+        "name": "t-ae", "kind": "ldm", "spatial_dims": 3, "image_shape": [16, 16, 16], "voxel_size": [10.0] * 3,
+        "data": {"dir": str(folder), "val_subjects": 1},
+        "networks": {"unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
+                              "num_head_channels": 8, "norm_num_groups": 8},
+                     "autoencoder": dict(TINY_AE)},
+        "autoencoder_training": {"steps": 4, "batch_size": 2, "patch_size": [12, 12, 12], "patch_steps": 3,
+                                 "precision": "fp32", "memory_format": layout, "ema_decay": 0.9, "ema_start": 1,
+                                 "adv_weight": 0.01, "adv_warmup_steps": 2, "val_every": 2, "log_every": 1,
+                                 "checkpoint_minutes": 100, **ae_training},
+    })
+
+
+def run(cfg, images, val, work, resume=False):
+    torch.set_num_threads(1)
+    dev = torch.device("cpu")
+    return train_autoencoder(cfg, images, val, work_dir=work, device=dev, dist=common.Dist(dev), resume=resume,
+                             max_minutes=None)
+
+
+def same_tensors(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_resumed_run_equals_straight_run(tmp_path, data, layout):
+    folder, images, val = data
+    run(config(folder, layout), images, val, tmp_path / "straight")
+    run(config(folder, layout, steps=2), images, val, tmp_path / "resumed")
+    assert common.load_checkpoint(tmp_path / "resumed" / "autoencoder.pt")["step"] == 2
+    ae, summary = run(config(folder, layout), images, val, tmp_path / "resumed", resume=True)
+    a = common.load_checkpoint(tmp_path / "straight" / "autoencoder.pt")
+    b = common.load_checkpoint(tmp_path / "resumed" / "autoencoder.pt")
+    assert a["step"] == b["step"] == summary["steps"] == 4
+    assert b["memory_format"] == layout and b["ema"] is not None
+    for key in ("model", "ema", "discriminator", "optimizer", "optimizer_d", "rng", "history", "val_psnr"):
+        assert same_tensors(a[key], b[key]), key
+    assert {float(s["step"]) for s in b["optimizer"]["state"].values()} == {4.0}
+    assert not same_tensors(b["model"], b["ema"])  # the EMA is its own average, not a copy
+    # the returned network is the EMA, contiguous (safetensors export needs contiguous tensors)
+    state = ae.state_dict()
+    assert all(v.is_contiguous() for v in state.values())
+    assert same_tensors({k: v.contiguous() for k, v in b["ema"].items()}, state)
+    curve = json.loads((tmp_path / "resumed" / "autoencoder_curve.json").read_text())
+    assert curve["step"] == 4 and [s for s, _ in curve["l1"]] == [1, 2, 3, 4]
+    assert [s for s, _ in curve["val_psnr_db"]] == [2, 4] and all(p > 5 for _, p in curve["val_psnr_db"])
+
+
+def test_auto_layout_is_measured(tmp_path, data, caplog):
+    folder, images, _ = data
+    with caplog.at_level("INFO", logger="napari_meddiff.training.autoencoder"):
+        run(config(folder, "auto", steps=1, val_every=0), images, None, tmp_path / "w")
+    chosen = common.load_checkpoint(tmp_path / "w" / "autoencoder.pt")["memory_format"]
+    assert chosen in common.LAYOUTS
+    assert "contiguous" in caplog.text and "channels_last_3d" in caplog.text and "s/step" in caplog.text
+
+
+def test_bad_layout_is_a_user_error(tmp_path, data):
+    folder, images, _ = data
+    with pytest.raises(MeddiffError, match="memory_format"):
+        run(config(folder, "nhwc", steps=1), images, None, tmp_path / "w")
+
+
+def test_crops_then_whole_volumes():
+    tc = {"patch_size": [8, 8, 8], "patch_steps": 3}
+    assert [crop_schedule(tc, s) for s in (0, 2, 3, 10)] == [[8, 8, 8], [8, 8, 8], None, None]
+    assert crop_schedule({"patch_size": [8, 8, 8], "patch_steps": None}, 10**6) == [8, 8, 8]
+    assert crop_schedule({"patch_size": None, "patch_steps": 3}, 0) is None
