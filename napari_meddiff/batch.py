@@ -42,7 +42,7 @@ from .files import write_text_atomic
 from .zoo import sha256_file
 
 MANIFEST_NAME = "cohort.csv"
-MANIFEST_COLUMNS = ("file", "seed", "model", "sha256", "seconds")
+MANIFEST_COLUMNS = ("file", "seed", "model", "sha256", "seconds", "conditions")
 #: sidecar fields that must match for an existing subject to count as part of the same cohort
 SETTINGS_KEYS = ("model_sha256", "sampler", "steps", "eta", "precision")
 SIDECAR_RE = re.compile(r"^(?P<model>.+)_seed(?P<seed>-?\d+)\.json$")
@@ -174,6 +174,19 @@ def settings_mismatch(meta: dict, settings: dict) -> str | None:
     return ", ".join(diffs) or None
 
 
+def conditions_mismatch(model, meta: dict, wanted: dict | None, guidance_scale: float) -> str | None:
+    """How an existing subject's conditions differ from those asked for; None if they agree."""
+    if not model.conditions:
+        return None
+    want = model.condition_values(wanted)
+    have = meta.get("conditions")
+    if have != want:
+        return f"conditions={have} (now {want})"
+    if float(meta.get("guidance_scale", 1.0)) != float(guidance_scale):
+        return f"guidance_scale={meta.get('guidance_scale')} (now {guidance_scale})"
+    return None
+
+
 # --- manifest ----------------------------------------------------------------------------------------------
 
 
@@ -212,6 +225,7 @@ def collect_rows(out: Path) -> ManifestReport:
                 "model": meta.get("model", model_name),
                 "sha256": meta["sha256"],
                 "seconds": meta.get("seconds", ""),
+                "conditions": conditions_text(meta),
             }
         )
     for image in sorted(out.glob("*_seed*.nii.gz")):
@@ -228,6 +242,16 @@ def collect_rows(out: Path) -> ManifestReport:
             problems.append(f"{model_name}: subjects generated with different settings (all listed): {described}")
     rows.sort(key=lambda r: (r["model"], r["seed"]))
     return ManifestReport(rows, problems)
+
+
+def conditions_text(meta: dict) -> str:
+    """A subject's conditions for the manifest: ``"age=0.7 gender=1"`` (and ``guidance=S`` when guided)."""
+    values = meta.get("conditions") or {}
+    parts = [f"{k}={v:g}" for k, v in values.items() if isinstance(v, (int, float))]
+    scale = meta.get("guidance_scale")
+    if isinstance(scale, (int, float)) and scale != 1:
+        parts.append(f"guidance={scale:g}")
+    return " ".join(parts)
 
 
 def manifest_text(rows: Sequence[dict]) -> str:
@@ -315,6 +339,8 @@ def generate_subjects(
     on_plan: Callable[[int, int], None] | None = None,
     on_written: Callable[[Path], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    conditions: Callable[[int], dict] | None = None,
+    guidance_scale: float = 1.0,
 ) -> GenerationReport:
     """Generate the subjects of ``blocks`` (this worker's share) into ``out``, skipping valid ones.
 
@@ -322,6 +348,7 @@ def generate_subjects(
     it are written: each seed keeps the batch it has in a full run. ``extra`` is added to every sidecar.
     ``on_plan(samples, steps)`` is called once the work is known (samples to compute, steps per chain);
     ``on_step(n)`` after each denoising step with the number of samples that advanced.
+    ``conditions(seed)``: the model's conditions for a seed (a cohort may sweep one); recorded in the sidecars.
     """
     import torch
 
@@ -344,7 +371,8 @@ def generate_subjects(
                 continue
             status = check_subject(out, model.name, seed)
             if status.valid:
-                mismatch = settings_mismatch(status.meta, settings)
+                mismatch = settings_mismatch(status.meta, settings) or conditions_mismatch(
+                    model, status.meta, conditions(seed) if conditions else None, guidance_scale)
                 if mismatch:
                     raise MeddiffError(
                         f"{status.image} was generated with other settings: {mismatch}; "
@@ -365,6 +393,7 @@ def generate_subjects(
         volumes = generate(
             model, block, sampler=settings["sampler"], steps=settings["steps"], device=str(device),
             precision=settings["precision"], batch_size=len(block), eta=eta,
+            conditions=[conditions(s) for s in block] if conditions else None, guidance_scale=guidance_scale,
             on_step=(lambda info, n=len(block): on_step(n)) if on_step else None,
         )
         for vol in volumes:

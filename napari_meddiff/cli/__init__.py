@@ -12,7 +12,7 @@ import warnings
 from .. import __version__
 from ..errors import Cancelled, MeddiffError
 
-COMMAND_MODULES = ["models", "generate", "train", "cohort", "review", "segment", "inpaint"]
+COMMAND_MODULES = ["models", "fetch", "generate", "train", "cohort", "review", "segment", "inpaint"]
 
 
 class Parser(argparse.ArgumentParser):

@@ -16,7 +16,8 @@ from ..batch import output_paths, write_json_atomic  # noqa: F401  (re-exported:
 from ..errors import MeddiffError
 from ..files import ensure_folder, removed_if_left_empty
 from ..seeds import seed_range
-from ..zoo import DEFAULT_MODEL, load_model
+from ..zoo import DEFAULT_MODEL, describe_model, load_model
+from .conditions import add_condition_options, seed_conditions
 from .options import add_model_option, add_sampling_options, seed_value
 
 EPILOG = """\
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=1, help="number of volumes (seeds S..S+N-1)")
     p.add_argument("--seed", type=seed_value, default=0, help="first seed")
     add_sampling_options(p, device_help="; cuda:LOCAL_RANK under torchrun")
+    add_condition_options(p)
     p.add_argument(
         "--batch-size", type=int, default=1,
         help="samples per network evaluation (consecutive seeds are batched in fixed blocks, so a seed's file is the "
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = batch.DistContext.from_env()
     device = batch.rank_device(args.device, ctx)
     seeds = seed_range(args.seed, args.num)
+    args.conditions_for = seed_conditions(describe_model(args.model), args.condition, seeds, args.guidance_scale)
     blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
     with removed_if_left_empty(args.out):
         ensure_folder(args.out)
@@ -110,6 +113,7 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
             batch.generate_subjects(
                 model, blocks, args.out, sampler=args.sampler, steps=args.steps, eta=args.eta,
                 precision=args.precision, device=device, overwrite=args.overwrite, extra=extra,
+                conditions=args.conditions_for, guidance_scale=args.guidance_scale,
                 log=lambda msg: (tqdm.write if bar else print)(msg, file=sys.stderr),
                 on_plan=on_plan,
                 on_written=lambda path: tqdm.write(str(path), file=sys.stdout),

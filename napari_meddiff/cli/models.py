@@ -1,36 +1,64 @@
-"""``meddiff models``: list the models on the search path."""
+"""``meddiff models``: list the models on the search path (this package's folders and MONAI bundles)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ..zoo import available_models, load_model
+from ..errors import MeddiffError
+from ..zoo import available_models, count_parameters, describe_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list available models", description="List shipped and user models.")
+    p = sub.add_parser(
+        "models", help="list available models",
+        description="List shipped and user models (model folders and MONAI bundles), with their conditions. "
+        "A folder that cannot be read is reported and the others are still listed.",
+    )
     p.set_defaults(func=run)
 
 
+def _parameters(config: dict) -> str:
+    known = [w.get("parameters") for w in config["weights"].values()]
+    if known and all(isinstance(n, int) for n in known):
+        return f"{sum(known) / 1e6:.2f}M"
+    try:
+        return f"{count_parameters(config) / 1e6:.2f}M"
+    except MeddiffError:
+        return "?"
+
+
+def _conditions(model) -> str:
+    return " ".join(f"{c.name}[{c.low:g},{c.high:g}]" for c in model.conditions) or "-"
+
+
 def run(args: argparse.Namespace) -> int:
-    rows = [("NAME", "KIND", "DIMS", "SHAPE", "VOXEL (mm)", "PARAMS", "PATH")]
+    rows = [("NAME", "KIND", "DIMS", "SHAPE", "VOXEL (mm)", "PARAMS", "FORMAT", "CONDITIONS", "PATH")]
+    notes: list[str] = []
+    broken: list[str] = []
     for name, path in available_models().items():
-        model = load_model(path)
-        rows.append(
-            (
-                name,
-                model.kind,
-                f"{model.spatial_dims}D",
-                "x".join(str(s) for s in model.image_shape),
-                "x".join(f"{v:g}" for v in model.voxel_size),
-                f"{model.num_parameters() / 1e6:.2f}M",
-                str(path),
-            )
-        )
-    if len(rows) == 1:
-        print("no models found (set MEDDIFF_MODELS to a folder of model folders)")
+        try:
+            model = describe_model(path)
+        except MeddiffError as exc:
+            broken.append(f"{path}: not listed, it cannot be read: {exc}")
+            continue
+        rows.append((
+            name, model.kind, f"{model.spatial_dims}D", "x".join(str(s) for s in model.image_shape),
+            "x".join(f"{v:g}" for v in model.voxel_size), _parameters(model.config), model.format,
+            _conditions(model), str(path),
+        ))
+        if model.geometry_notes:
+            notes.append(f"{name}: geometry not all stated by the model's files (override in {path}/meddiff.json):")
+            notes += [f"  - {note}" for note in model.geometry_notes]
+    if len(rows) == 1 and not broken:
+        print("no models found (set MEDDIFF_MODELS to a folder of model folders or MONAI bundles)")
         return 0
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for note in notes:
+        print(f"NOTE: {note}" if not note.startswith("  ") else note)
+    for problem in broken:
+        print(f"meddiff: warning: {problem}", file=sys.stderr)
     return 0

@@ -29,9 +29,9 @@ from .schema import MODEL_KINDS
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_SAMPLING", "MODEL_KINDS", "NETWORK_NAMES", "FORMATS", "BrokenModel", "ConditionSpec",
-    "Conditioning", "DiffusionModel", "ModelConfigView", "available_models", "broken_models", "build_network",
-    "count_parameters", "find_model_dir", "format_of", "load_model", "model_search_path", "read_config",
-    "check_model_target", "save_model_folder", "sha256_file",
+    "Conditioning", "DiffusionModel", "ModelConfigView", "ModelDescription", "available_models", "broken_models",
+    "build_network", "check_model_target", "count_parameters", "describe_model", "find_model_dir", "foreign_files",
+    "format_of", "load_model", "model_search_path", "read_config", "save_model_folder", "sha256_file",
 ]
 
 DEFAULT_MODEL = "brain-ldm-3d"
@@ -127,6 +127,22 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     if fmt is None:
         raise MeddiffError(f"{model_dir} is no model folder")
     return fmt.read_config(model_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescription(ModelConfigView):
+    """A model as its config describes it (no weights read): name, folder, validated config."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+
+
+def describe_model(name_or_path: str | os.PathLike) -> ModelDescription:
+    """Find a model and read its config only (cheap: for listings, pickers and checking options up front)."""
+    model_dir = find_model_dir(name_or_path)
+    config = read_config(model_dir)
+    return ModelDescription(str(config.get("name", model_dir.name)), model_dir, config)
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu") -> DiffusionModel:

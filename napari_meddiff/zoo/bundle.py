@@ -227,10 +227,13 @@ def _expression_defaults(cfg: BundleConfig, count: int) -> list[float] | None:
     return None
 
 
-def _weight_files(folder: Path, kind: str, defaults: dict, sidecar: dict) -> dict[str, str]:
+def _weight_files(folder: Path, kind: str, defaults: dict, sidecar: dict, listed: list[str]) -> dict[str, str]:
+    """Which file holds which network: meddiff.json, the documented defaults, else by name among
+    ``models/*.pt`` and the ``.pt`` files of large_files.yml (``*autoencoder*`` and ``model.pt``)."""
     files = {**defaults.get("weights", {}), **(sidecar.get("weights") or {})}
     if "unet" not in files or (kind == "ldm" and "autoencoder" not in files):
-        found = sorted(p.relative_to(folder).as_posix() for p in (folder / "models").glob("*.pt")) if (folder / "models").is_dir() else []
+        present = [p.relative_to(folder).as_posix() for p in (folder / "models").glob("*.pt")] if (folder / "models").is_dir() else []
+        found = sorted(set(present) | {f for f in listed if f.endswith(".pt")})
         ae = [f for f in found if "autoencoder" in Path(f).name]
         rest = [f for f in found if f not in ae]
         if kind == "ldm" and ae:
@@ -349,7 +352,7 @@ def translate_bundle(folder: Path) -> dict[str, Any]:
         config["conditioning"] = conditioning
     md5 = read_large_files(folder, defaults)
     config["weights"] = {role: {"file": f, **({"md5": md5[f]} if f in md5 else {})}
-                         for role, f in _weight_files(folder, kind, defaults, sidecar).items()}
+                         for role, f in _weight_files(folder, kind, defaults, sidecar, list(md5)).items()}
     config["geometry"] = {"orientation": "RAS", "notes": geo.notes}
     config["bundle"] = {k: metadata.get(k) for k in ("version", "name", "task", "description", "authors") if k in metadata}
     config["intensity"] = {"range": [0.0, 1.0]}

@@ -1,0 +1,112 @@
+"""``meddiff fetch NAME``: download a MONAI Model Zoo bundle (``monai.bundle.download``) and check its md5s.
+
+Only files are downloaded and hashed; nothing in the bundle is run. Offline, the error lists the files the
+bundle folder must hold and their md5 (``large_files.yml``), so they can be copied in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..errors import MeddiffError
+from ..files import ensure_folder, removed_if_left_empty
+from ..zoo.bundle import FORMAT as BUNDLE, file_digests, read_large_files
+from ..zoo.bundle_defaults import ZOO_BUNDLES, bundle_defaults
+
+SOURCES = ("monaihosting", "github", "huggingface_hub", "ngc")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    known = ", ".join(sorted(ZOO_BUNDLES))
+    p = sub.add_parser(
+        "fetch", help="download a MONAI Model Zoo bundle",
+        description=f"Download a MONAI Model Zoo bundle with monai.bundle.download into DIR/NAME and check the md5 "
+        f"of its weights (large_files.yml). Bundles with documented defaults: {known}.",
+    )
+    p.add_argument("name", help="bundle name, e.g. brain_image_synthesis_latent_diffusion_model")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="folder to put the bundle in (default: the first folder of $MEDDIFF_MODELS)")
+    p.add_argument("--version", default=None, help="bundle version (default: the latest)")
+    p.add_argument("--source", choices=SOURCES, default="monaihosting", help="where from (default monaihosting)")
+    p.set_defaults(func=run)
+
+
+def _target_dir(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg.expanduser()
+    paths = [p for p in os.environ.get("MEDDIFF_MODELS", "").split(os.pathsep) if p]
+    if not paths:
+        raise MeddiffError("give --dir DIR (or set MEDDIFF_MODELS): where to put the bundle")
+    return Path(paths[0]).expanduser()
+
+
+def check_files(bundle: Path) -> list[str]:
+    """Problems with the bundle's weight files (missing, md5 mismatch); empty when all are good."""
+    problems = []
+    for rel, md5 in read_large_files(bundle, bundle_defaults(bundle.name)).items():
+        path = bundle / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif file_digests(path)[0] != md5.lower():
+            problems.append(f"{rel}: md5 {file_digests(path)[0]} != {md5} (corrupt or another version)")
+    return problems
+
+
+def expected_files(bundle: Path) -> str:
+    files = read_large_files(bundle, bundle_defaults(bundle.name))
+    parts = ["configs/inference.json (or .yaml)", "configs/metadata.json"]
+    parts += [f"{rel} (md5 {md5})" for rel, md5 in files.items()] or ["the weight files of its large_files.yml"]
+    return f"{bundle}/ holding " + ", ".join(parts)
+
+
+def _download(name: str, root: Path, version: str | None, source: str) -> None:
+    import monai.bundle
+
+    logging.disable(logging.INFO)  # monai.bundle logs its arguments at INFO
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            monai.bundle.download(name=name, version=version, bundle_dir=str(root), source=source, progress=False)
+            if check_files(root / name):
+                monai.bundle.download_large_files(bundle_path=str(root / name))
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def run(args: argparse.Namespace) -> int:
+    root = _target_dir(args.dir)
+    bundle = root / args.name
+    if bundle.is_dir() and BUNDLE.detect(bundle) and not check_files(bundle):
+        print(f"{bundle}: already there, every weight file's md5 checked", file=sys.stderr)
+        return 0
+    with removed_if_left_empty(root):
+        ensure_folder(root)
+        _fetch(args.name, root, args.version, args.source)
+    return _verify(bundle)
+
+
+def _fetch(name: str, root: Path, version: str | None, source: str) -> None:
+    bundle = root / name
+    try:
+        _download(name, root, version, source)
+    except Exception as exc:  # network errors come from urllib, requests, huggingface_hub, ...
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise MeddiffError(
+            f"cannot download bundle {name!r} ({type(exc).__name__}: {reason}). Without internet, copy it in "
+            f"by hand: {expected_files(bundle)}; then `meddiff fetch {name} --dir {root}` checks the md5s"
+        ) from None
+
+
+def _verify(bundle: Path) -> int:
+    if not BUNDLE.detect(bundle):
+        raise MeddiffError(f"{bundle}: downloaded, but it is no bundle (no configs/inference.json + metadata.json)")
+    problems = check_files(bundle)
+    if problems:
+        raise MeddiffError(f"{bundle}: downloaded, but " + "; ".join(problems))
+    print(f"{bundle}: downloaded, every weight file's md5 checked; use it with --model {bundle}", file=sys.stderr)
+    return 0
