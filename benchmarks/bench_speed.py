@@ -234,7 +234,7 @@ def monai_baseline(model, steps_run: int, seed: int = 0) -> dict:
         chain = _monai_generate(model, steps_run, seed + 1, decode=False)  # the decoding is timed once, below
         z = torch.randn((1, *model.sample_shape), device=model.device)
         t0 = time.perf_counter()
-        decode_latents(model, z, "fp32", window=None)
+        decode_latents(model, z, "fp32", mode="whole")
         _sync(model.device)
         decode = time.perf_counter() - t0 if model.kind == "ldm" else 0.0
     per_step = chain / steps_run
@@ -342,7 +342,7 @@ def decode_child(window: int | None, threads: int, device: str) -> dict:
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    img = decode_latents(model, z, precision=precision, window=None if window is None else (window,) * 3)
+    img = decode_latents(model, z, precision=precision, mode="whole" if window is None else "tiled", tile=window)
     _sync(model.device)
     seconds = time.perf_counter() - t0
     out = {"window": window, "precision": precision, "latent_shape": list(z.shape[1:]),

@@ -275,53 +275,66 @@ def _rewind(chain, index: int) -> None:
         chain._prev_t = None
 
 
-DECODE_WINDOW = 32  # latent voxels per side of a sliding decoding window
-DECODE_BYTES_PER_VOXEL = 450  # peak bytes per output voxel of a whole decode: 448 measured (bench_speed, 1 mm)
+AUTOENCODER_PASSES = ("auto", "whole", "tiled")
+WHOLE_PASS_SHARE = 0.5  # a whole pass runs when its estimate is within this share of the free memory
 
 
-def decode_window(model: DiffusionModel, z: torch.Tensor) -> tuple[int, ...] | None:
-    """The latent window for sliding-window decoding of ``z``, or None when a whole-volume decode fits.
+def autoencoder_pass(model: DiffusionModel, x: torch.Tensor, requested: str = "auto", *, encode: bool = False) -> str:
+    """``"whole"`` or ``"tiled"``: how to run the autoencoder over ``x`` (latents, or images when ``encode``).
 
-    A whole decode is estimated at ``DECODE_BYTES_PER_VOXEL`` per output voxel; it is refused when that is over
-    half of the memory free on the device (``MemAvailable`` on CPU, free CUDA memory on a GPU).
-    """
-    factor = model.image_shape[0] / model.sample_shape[1]
-    out_voxels = z.shape[0] * math.prod(int(n * factor) for n in z.shape[2:])
-    need = out_voxels * DECODE_BYTES_PER_VOXEL
-    if need <= 0.5 * free_memory_bytes(z.device):
-        return None
-    return tuple(min(DECODE_WINDOW, int(n)) for n in z.shape[2:])
+    ``auto`` tiles when a whole pass is estimated (`tiling.whole_pass_bytes`) at more than `WHOLE_PASS_SHARE` of
+    the memory free on the device (``MemAvailable`` on CPU, free CUDA memory on a GPU)."""
+    if requested not in AUTOENCODER_PASSES:
+        raise MeddiffError(f"the autoencoder pass must be one of {', '.join(AUTOENCODER_PASSES)}, not {requested!r}")
+    if requested != "auto":
+        return requested
+    from . import tiling
+
+    ae = model.autoencoder
+    steps = tiling.encoder_steps(ae)[0] if encode else tiling.decoder_steps(ae)[0]
+    need = tiling.whole_pass_bytes(steps, x.shape[0], x.shape[2:])
+    return "whole" if need <= WHOLE_PASS_SHARE * free_memory_bytes(x.device) else "tiled"
 
 
 def decode_latents(
-    model: DiffusionModel, z: torch.Tensor, precision: str = "fp32", window: str | Sequence[int] | None = "auto"
+    model: DiffusionModel, z: torch.Tensor, precision: str = "fp32", mode: str = "auto", tile: int | None = None
 ) -> torch.Tensor:
     """Scaled latents -> image through the model's autoencoder (identity for pixel models).
 
-    ``window``: latent size of sliding windows to decode by (MONAI `SlidingWindowInferer`, 25 % overlap,
-    Gaussian blending, as MAISI decodes large volumes), ``None`` for one whole-volume pass, or ``"auto"``:
-    windows only when a whole pass would not fit in memory (`decode_window`).
-    """
+    ``mode``: ``whole`` (MONAI's one pass), ``tiled`` (`napari_meddiff.tiling`: the same result to floating-point
+    error, memory set by the tiles; ``tile`` voxels per side) or ``auto`` (tiled only when a whole pass would not
+    fit in memory, `autoencoder_pass`)."""
     if model.kind != "ldm":
         return z
-    roi = decode_window(model, z) if window == "auto" else window
+    mode = autoencoder_pass(model, z, mode)
     z = z / model.scale_factor
     with torch.inference_mode(), autocast_context(z.device, precision):
-        if roi is None:
+        if mode == "whole":
             img = model.autoencoder.decode_stage_2_outputs(z)
         else:
-            from monai.inferers import SlidingWindowInferer
+            from .tiling import tiled_decode
 
-            roi = tuple(min(int(r), int(n)) for r, n in zip(roi, z.shape[2:]))
-            inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.25, mode="gaussian")
-            img = inferer(z, model.autoencoder.decode_stage_2_outputs)
+            img = tiled_decode(model.autoencoder, z, tile=tile, ram_bytes=WHOLE_PASS_SHARE * free_memory_bytes(z.device))
     return img.float()
 
 
-def encode_images(model: DiffusionModel, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """Images (normalised) -> scaled latents (identity for pixel models)."""
+def encode_images(
+    model: DiffusionModel, images: torch.Tensor, precision: str = "fp32", *, sample: bool = True,
+    mode: str = "auto", tile: int | None = None,
+) -> torch.Tensor:
+    """Images (normalised) -> scaled latents (identity for pixel models): a posterior sample (MONAI's
+    ``encode_stage_2_inputs``), or its mean when not ``sample``. ``mode`` / ``tile`` as in `decode_latents`."""
     if model.kind != "ldm":
         return images
+    mode = autoencoder_pass(model, images, mode, encode=True)
+    ae = model.autoencoder
     with torch.inference_mode(), autocast_context(images.device, precision):
-        z = model.autoencoder.encode_stage_2_inputs(images)
+        if mode == "whole":
+            z_mu, z_sigma = ae.encode(images)
+        else:
+            from .tiling import tiled_encode
+
+            budget = WHOLE_PASS_SHARE * free_memory_bytes(images.device)
+            z_mu, z_sigma = tiled_encode(ae, images, tile=tile, ram_bytes=budget)
+        z = ae.sampling(z_mu, z_sigma) if sample else z_mu
     return z.float() * model.scale_factor

@@ -9,7 +9,7 @@ import torch
 from napari_meddiff import MeddiffError, generate, load_model
 from napari_meddiff.cpu_kernels import prefer_onednn, pytorch_kernels
 from napari_meddiff.devices import native_bf16
-from napari_meddiff.sampling import decode_latents, decode_window, resolve_precision
+from napari_meddiff.sampling import autoencoder_pass, decode_latents, resolve_precision
 
 
 def _conv_kernels(fn) -> set[str]:
@@ -56,19 +56,17 @@ def test_precision_auto_resolves_by_hardware(tiny_models):
     assert vol.metadata["provenance"]["precision"] == resolve_precision("auto", cpu)
 
 
-def test_windowed_decoding_only_when_memory_is_short(tiny_models, monkeypatch):
+def test_tiled_decoding_only_when_memory_is_short(tiny_models, monkeypatch):
     model = load_model(tiny_models["ldm3d"])
     z = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(1))
-    assert decode_window(model, z) is None  # a tiny latent fits
+    assert autoencoder_pass(model, z) == "whole"  # a tiny latent fits
     whole = decode_latents(model, z)
-    np.testing.assert_array_equal(whole.numpy(), decode_latents(model, z, window=None).numpy())
-    monkeypatch.setattr("napari_meddiff.sampling.free_memory_bytes", lambda device: 1000)
-    window = decode_window(model, z)
-    assert window == tuple(min(32, n) for n in model.sample_shape[1:])
-    small = tuple(max(2, n // 2) for n in model.sample_shape[1:])
-    windowed = decode_latents(model, z, window=small)
-    assert windowed.shape == whole.shape and torch.isfinite(windowed).all()
-    assert not torch.equal(windowed, whole)  # windows really ran (GroupNorm sees each window's statistics)
+    np.testing.assert_array_equal(whole.numpy(), decode_latents(model, z, mode="whole").numpy())
+    monkeypatch.setattr("napari_meddiff.sampling.free_memory_bytes", lambda device: 10**6)
+    assert autoencoder_pass(model, z) == "tiled"
+    tiled = decode_latents(model, z)  # auto: tiled, part of it in files (the budget is 0.5 MB)
+    assert tiled.shape == whole.shape
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-4)
 
 
 def test_same_volume_whatever_the_thread_count(tiny_models):
