@@ -4,6 +4,7 @@ classifier-free guidance; conditions declared in model.json; noise drawn on the 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -125,3 +126,31 @@ def test_cpu_and_cuda_give_the_same_sample(cond_model, sampler, eta):
     (gpu,) = generate(cond_model, [9], device="cuda", **kw)
     cond_model.to("cpu")
     np.testing.assert_allclose(gpu.array, cpu.array, atol=2e-3)
+
+
+@pytest.mark.napari
+@pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")), reason="run under xvfb-run")
+def test_generate_widget_condition_sliders(make_napari_viewer, qtbot, tmp_path):
+    from napari_meddiff.zoo.bundle_fixtures import write_bundle
+
+    bundle = write_bundle(tmp_path / "brain_image_synthesis_latent_diffusion_model", "brain_ldm")
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-meddiff", "Generate")
+    widget.model_picker.add_folder(bundle)
+    rows = widget.conditions.rows
+    assert list(rows) == ["gender", "age", "ventricular_volume", "brain_volume"] and widget.conditions.isVisibleTo(widget)
+    assert rows["age"].value() == pytest.approx(0.1) and widget.conditions.guidance is None  # no null condition
+    rows["age"].slider.setValue(700)  # the slider drives the value box
+    assert rows["age"].box.value() == pytest.approx(0.7)
+    rows["gender"].box.setValue(1.0)
+    assert rows["gender"].slider.value() == 1000
+    widget.sampling.sampler.setCurrentText("ddim")
+    widget.sampling.steps.setValue(2)
+    widget.generate_button.click()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    layer = viewer.layers[-1]
+    assert layer.metadata["provenance"]["conditions"] == {"gender": 1.0, "age": 0.7, "ventricular_volume": 0.2,
+                                                          "brain_volume": 0.4}
+    assert layer.data.shape == (16, 24, 16)
+    widget.model_picker.add_folder(write_bundle(tmp_path / "mednist_ddpm", "mednist"))
+    assert not widget.conditions.rows and not widget.conditions.isVisibleTo(widget)

@@ -65,7 +65,7 @@ class BundleFormat:
             entry = config["weights"][role]
             path = folder / entry["file"]
             entry["sha256"] = check_weight_file(path, entry.get("md5"), folder)
-            net = build_network(role, config["networks"][role])
+            net = build_network(role, config["networks"][role], str(find_config_file(folder)))
             load_weights(net, read_state_dict(path, role), path)
             nets[role] = net
         return nets

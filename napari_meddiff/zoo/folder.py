@@ -60,7 +60,7 @@ class FolderFormat:
                     f"{weight_file} is corrupt or was changed: sha256 {digest[:12]}... != {entry['sha256'][:12]}... "
                     "in model.json; refusing to load it"
                 )
-            net = build_network(net_name, config["networks"][net_name])
+            net = build_network(net_name, config["networks"][net_name], str(folder / CONFIG_NAME))
             try:
                 state = {k: v.float() for k, v in load_file(str(weight_file)).items()}
             except (SafetensorError, OSError) as exc:

@@ -117,8 +117,8 @@ class DiffusionModel(ModelConfigView):
         return self
 
 
-def build_network(name: str, net_config: dict[str, Any]) -> torch.nn.Module:
-    """Instantiate a MONAI network from its keyword arguments."""
+def build_network(name: str, net_config: dict[str, Any], where: str = "") -> torch.nn.Module:
+    """Instantiate a MONAI network from its keyword arguments (``where``: the config file, for errors)."""
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
     cls = {"unet": DiffusionModelUNet, "autoencoder": AutoencoderKL}.get(name)
@@ -126,8 +126,8 @@ def build_network(name: str, net_config: dict[str, Any]) -> torch.nn.Module:
         raise MeddiffError(f"unknown network {name!r}")
     try:
         return cls(**copy.deepcopy(net_config))
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise MeddiffError(f"bad {name} config: {exc}") from None
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        raise MeddiffError(f"{where + ': ' if where else ''}bad {name} network config: {str(exc)[:200]}") from None
 
 
 def count_parameters(config: dict[str, Any]) -> int:

@@ -60,7 +60,6 @@ def validate_config(config: Any, where: str) -> dict:
         if name not in networks:
             raise MeddiffError(f"{where}: networks lacks {name!r}")
         _object(networks[name], f"networks.{name}", where)
-    _object(config["scheduler"], "scheduler", where)
     weights = _object(config["weights"], "weights", where)
     for name in needed:
         entry = weights.get(name)
@@ -80,7 +79,50 @@ def validate_config(config: Any, where: str) -> dict:
             raise MeddiffError(f"{where}: latent.shape must be a list of {dims} positive integers, not {shape!r}")
         if not _is_number(latent.get("scale_factor", 1.0)) or float(latent.get("scale_factor", 1.0)) <= 0:
             raise MeddiffError(f"{where}: latent.scale_factor must be a positive number")
-    if "defaults" in config:
-        _object(config["defaults"], "defaults", where)
+    _check_fields(_object(config["scheduler"], "scheduler", where), SCHEDULER_FIELDS, "scheduler", where)
+    for block, fields in OPTIONAL_BLOCKS.items():
+        if block in config:
+            _check_fields(_object(config[block], block, where), fields, block, where)
+    if "name" in config and not isinstance(config["name"], str):
+        raise MeddiffError(f"{where}: name must be a string, not {config['name']!r}")
     parse_conditions(config.get("conditioning"), where)
     return config
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _check_fields(block: dict, fields: dict, name: str, where: str) -> None:
+    for key, (check, what) in fields.items():
+        if key in block and not check(block[key]):
+            raise MeddiffError(f"{where}: {name}.{key} must be {what}, not {block[key]!r}")
+
+
+SCHEDULER_FIELDS = {
+    "num_train_timesteps": (_positive_int, "a positive integer"),
+    "schedule": (lambda v: isinstance(v, str), "a MONAI schedule name"),
+    "beta_start": (_is_number, "a number"),
+    "beta_end": (_is_number, "a number"),
+    "prediction_type": (lambda v: v in ("epsilon", "v_prediction", "sample"), "epsilon, v_prediction or sample"),
+    "clip_sample": (lambda v: isinstance(v, bool), "true or false"),
+}
+OPTIONAL_BLOCKS = {
+    "defaults": {
+        "sampler": (lambda v: isinstance(v, str), "a sampler name"),
+        "steps": (_positive_int, "a positive integer"),
+        "precision": (lambda v: isinstance(v, str), "a precision name"),
+    },
+    "intensity": {
+        "method": (lambda v: isinstance(v, str), "a string"),
+        "lower": (_is_number, "a number (percentile)"),
+        "upper": (_is_number, "a number (percentile)"),
+        "foreground_only": (lambda v: isinstance(v, bool), "true or false"),
+    },
+    "segmentation": {
+        "num_classes": (_positive_int, "a positive integer"),
+        "class_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
+    },
+    "inpaint": {},
+    "geometry": {"notes": (lambda v: isinstance(v, list), "a list")},
+}
