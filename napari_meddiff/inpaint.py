@@ -586,6 +586,9 @@ def inpaint(
     check_request_fits(model, batch=batch_size, held_voxels=(candidates + 1) * float(img3.array.size),
                        what=f"{candidates} candidates of a {'x'.join(map(str, img3.shape))} image (batch {batch_size})")
     sub = np.asarray(img3.array[::stride, ::stride, ::stride], dtype=np.float32)
+    if float(img3.array.max()) == float(img3.array.min()):
+        raise MeddiffError(f"the image is constant ({float(img3.array.flat[0])} everywhere): there is no anatomy "
+                           "or intensity scale to inpaint from")
     window = intensity_window(sub, model.config.get("intensity"))
     plan = _plan(model, img3, selected, window, ax if model.spatial_dims == 2 else axis, stride)
     runner = _Runner(model, plan, sampler=sampler, steps=steps, eta=eta, jump_length=jump_length, jump_n=jump_n,

@@ -24,13 +24,14 @@ def available_ram_bytes() -> int:
         return 1 << 62  # unknown platform: do not refuse
 
 
-def check_fits(need_bytes: float, what: str, *, available: int | None = None, fraction: float = 0.9) -> None:
+def check_fits(need_bytes: float, what: str, *, available: int | None = None, fraction: float = 0.9,
+               advice: str = "ask for less") -> None:
     """Raise a `MeddiffError` naming ``what`` when ``need_bytes`` exceeds ``fraction`` of free memory."""
     free = available_ram_bytes() if available is None else int(available)
     if need_bytes > fraction * free:
         raise MeddiffError(
             f"{what} would need about {need_bytes / GIB:.1f} GiB of memory, more than the {free / GIB:.1f} GiB "
-            "free; ask for less"
+            f"free; {advice}"
         )
 
 

@@ -40,7 +40,7 @@ from .devices import resolve_device
 from .errors import Cancelled, MeddiffError
 from .geometry import ModelGrid, grid_to_volume, make_grid, sample_on_grid, slice_axis_order, world_axis
 from .intensity import intensity_window, normalise
-from .memory import check_request_fits
+from .memory import check_fits, check_request_fits
 from .sampling import StepInfo, denoise, initial_noise, resolve_precision
 from .seeds import check_seed
 from .volume import Volume
@@ -212,6 +212,9 @@ def plan_segmentation(
     if bad:
         raise MeddiffError(f"the image has {bad} NaN or infinite voxels; segmenting them would invent labels "
                            "(replace them first, e.g. with the background value)")
+    if arr.size == 0 or float(arr.max()) == float(arr.min()):
+        raise MeddiffError(f"the image is constant ({float(arr.flat[0]) if arr.size else 'empty'} everywhere): "
+                           "there is nothing to segment")
     if window is None:
         window = intensity_window(arr, model.config.get("intensity"))
     elif not (np.isfinite(window).all() and float(window[1]) > float(window[0])):
@@ -252,6 +255,9 @@ def plan_segmentation(
         if g < tiled_axes:
             shape[g] = max(shape[g], tile[g])
         centre[w] = (lo + hi) / 2
+    check_fits(4.0 * (3 + model.sample_shape[0]) * math.prod(float(n) for n in shape),
+               f"the model grid over this image ({'x'.join(map(str, shape))} voxels of {voxel} mm)",
+               advice="check the voxel size in the image's header")
     grid = make_grid(voxel, shape, centre, order)
     grid_image = sample_on_grid(Volume(norm, image.affine), grid, default=0.0)
 

@@ -281,3 +281,18 @@ def test_sidecar_json_is_valid_after_generate(env, tmp_path):
                    env=env).returncode == 0
     meta = json.loads((out / "tiny-ldm-3d_seed3.json").read_text())
     assert meta["seed"] == 3
+
+
+def test_constant_images_are_refused_not_labelled(tiny_models):
+    zeros = md.Volume(np.zeros((16, 16, 16), np.float32), np.diag([4, 4, 4, 1.0]))
+    with pytest.raises(MeddiffError, match="constant"):
+        md.segment(str(tiny_models["seg2d"]), zeros, ensemble=1, steps=1, device="cpu")
+    mask = zeros.with_array((np.indices(zeros.shape).sum(0) < 8).astype(np.uint8))
+    with pytest.raises(MeddiffError, match="constant"):
+        md.inpaint(str(tiny_models["ldm3d"]), zeros, mask, steps=1, device="cpu")
+
+
+def test_absurd_voxel_size_is_refused_before_allocating(tiny_models):
+    image = md.Volume(np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), np.diag([1e6, 1e6, 1e6, 1.0]))
+    with pytest.raises(MeddiffError, match="model grid over this image.*voxel size"):
+        md.segment(str(tiny_models["seg2d"]), image, ensemble=1, steps=1, device="cpu")
