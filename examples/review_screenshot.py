@@ -37,7 +37,7 @@ def build_study(root: Path) -> Path:
         if src == "synthetic":
             vol = Volume(ndimage.gaussian_filter(vol.array, 1.0).astype(np.float32), vol.affine)
         write_volume(vol, root / src / f"{src}-{i}.nii.gz")
-    return create_study(root / "real", root / "synthetic", root / "study", seed=0).folder
+    return create_study(root / "real", root / "synthetic", root / "study", key=root / "study-key.json", seed=0).folder
 
 
 def _close_toasts(viewer) -> None:

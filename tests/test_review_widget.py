@@ -1,18 +1,17 @@
-"""Reader study widget in a real napari viewer: buttons, keyboard shortcuts, kill and resume, summary."""
+"""Reader study widget in a real napari viewer: buttons, keyboard shortcuts, kill and resume, nothing revealed."""
 
 from __future__ import annotations
-
-import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 from qtpy import sip
 from qtpy.QtCore import QPoint, Qt
-from qtpy.QtWidgets import QApplication
+from qtpy.QtWidgets import QAbstractButton, QApplication, QLabel, QLineEdit, QPlainTextEdit
 
 from napari_meddiff.review.results import ResultsLog, read_answers
 from napari_meddiff.review.study import create_study, read_key
+from napari_meddiff.review.summary import summarize
 from napari_meddiff.review.widget import ReviewWidget
 
 pytestmark = pytest.mark.napari
@@ -27,7 +26,17 @@ def study(tmp_path):
             arr = rng.random((10, 12, 8)) * (1000 if src == "real" else 1)
             nib.save(nib.Nifti1Image(arr.astype(np.float32), np.diag([1.0, 1.0, 2.0, 1.0])),
                      str(tmp_path / src / f"{src}{i}.nii.gz"))
-    return create_study(tmp_path / "real", tmp_path / "synthetic", tmp_path / "study", seed=4)
+    return create_study(tmp_path / "real", tmp_path / "synthetic", tmp_path / "study", key=tmp_path / "key.json",
+                        seed=4)
+
+
+def _texts(widget):
+    """Every piece of text the panel shows or holds."""
+    kinds = (QLabel, QAbstractButton, QLineEdit, QPlainTextEdit)
+    out = [widget.toolTip()]
+    for w in widget.findChildren(kinds):
+        out += [w.toolTip(), w.toPlainText() if isinstance(w, QPlainTextEdit) else w.text()]
+    return " ".join(out).lower()
 
 
 def _dock(viewer, qtbot):
@@ -134,19 +143,21 @@ def test_whole_study_with_kill_and_resume(make_napari_viewer, qtbot, study):
     latest = ResultsLog(study.folder, "Ann").load()
     assert set(latest) == set(ids) and latest[ids[2]].realism == 3
 
-    # a second reader keeps a separate file; the summary button writes the files and shows the numbers
+    # a second reader keeps a separate file; nothing on the panel tells a reader how they are doing
     _start(w2, qtbot, study, "Ben")
     assert w2.index == 0 and "Starting" in w2.status_label.text()
     for _ in range(6):
         _keys(qtbot, canvas, Qt.Key_R, Qt.Key_4, Qt.Key_Return)
-    qtbot.mouseClick(w2.summary_button, Qt.LeftButton)
-    text = w2.summary_text.toPlainText()
-    assert w2.summary_text.isVisible() and "accuracy" in text and "kappa ann vs ben" in text
-    summary = json.loads((study.folder / "summary.json").read_text())
-    key = read_key(study.folder)
+    assert not hasattr(w2, "summary_button") and not hasattr(w2, "run_summary")
+    text = _texts(w2)
+    for word in ("summary", "accuracy", "correct", "%", "kappa"):
+        assert word not in text, word
+    assert not any(study.folder.glob("*summary*"))
+    # the organiser, with the key kept outside the study folder, gets the numbers
+    key = read_key(study.folder.parent / "key.json", study)
+    summary = summarize(study.folder, study.folder.parent / "key.json")
     n_real = sum(v["source"] == "real" for v in key.values())
     assert summary["readers"]["ben"]["correct"] == n_real  # Ben called everything real
-    assert (study.folder / "summary.csv").exists() and (study.folder / "realism_by_source.png").exists()
 
 
 def test_errors_and_enter_in_setup_fields(make_napari_viewer, qtbot, study, tmp_path):
@@ -166,5 +177,3 @@ def test_errors_and_enter_in_setup_fields(make_napari_viewer, qtbot, study, tmp_
     w.reader_edit.setFocus()
     _keys(qtbot, w.reader_edit, Qt.Key_Return)  # Enter in the reader field starts the study
     assert w.study is not None and len(viewer.layers) == 1
-    qtbot.mouseClick(w.summary_button, Qt.LeftButton)
-    assert "no answers yet" in w.status_label.text()

@@ -1,8 +1,9 @@
-"""``meddiff review``: set up a blinded reader study (``create``) and analyse it (``summary``)."""
+"""``meddiff review``: set up a blinded reader study (``create``) and analyse it with its key (``summary``)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import MeddiffError
@@ -17,38 +18,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="review_command", metavar="{create,summary}", required=True)
     c = rsub.add_parser(
         "create",
-        help="copy real and synthetic scans under neutral ids into a new study folder",
-        description="Draw cases from both folders, shuffle them with the seed and write them (float32 NIfTI, "
-        "headers scrubbed) under neutral ids; the key goes to STUDY/key.json, which readers must not open.",
+        help="make real and synthetic scans alike under random ids in a new study folder; key kept apart",
+        description="Resample every case onto one grid (the synthetic scans' grid, or --grid), normalise its "
+        "intensities to [0, 1] by one rule and store all alike (uint8, identical headers), under random ids "
+        "in a random order. Label maps and masks in the folders are skipped. The key (case -> source) is "
+        "written to --key, outside the study folder; the summary needs it.",
     )
     c.add_argument("--real", required=True, type=Path, help="folder of real scans")
     c.add_argument("--synthetic", required=True, type=Path, help="folder of synthetic scans")
-    c.add_argument("--out", required=True, type=Path, help="new (or empty) study folder")
+    c.add_argument("--out", required=True, type=Path, help="new (or empty) study folder, given to readers")
+    c.add_argument("--key", required=True, type=Path,
+                   help="new file for the study key, outside the study folder (never overwritten)")
+    c.add_argument("--grid", type=Path, default=None,
+                   help="image whose grid every case is resampled onto (default: the synthetic scans' grid)")
     c.add_argument("--num", type=int, default=None, help="cases per source (default: all)")
-    c.add_argument("--seed", type=int, default=0, help="random seed for drawing, order and ids (default 0)")
+    c.add_argument("--seed", type=int, default=None,
+                   help="seed for drawing, order and ids (default: a fresh random one per study, kept in the key)")
     s = rsub.add_parser(
         "summary",
-        help="accuracy vs chance, realism by source and reader agreement",
-        description="Write STUDY/summary.json, summary.csv and realism_by_source.png and print the key numbers.",
+        help="accuracy vs chance, realism by source and reader agreement (needs the key)",
+        description="Print the key numbers and write KEY-summary.json, KEY-summary.csv and "
+        "KEY-realism_by_source.png next to the key (never into the study folder).",
     )
     s.add_argument("study", type=Path, help="study folder")
+    s.add_argument("--key", required=True, type=Path, help="the study key written by review create")
     p.set_defaults(func=run)
+
+
+def _skipped(path: Path, reason: str) -> None:
+    print(f"meddiff: skipping {path}: {reason}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.review_command == "create":
         from ..review.study import create_study
 
-        study = create_study(args.real, args.synthetic, args.out, num=args.num, seed=args.seed,
+        study = create_study(args.real, args.synthetic, args.out, key=args.key, num=args.num, seed=args.seed,
+                             grid=args.grid, on_skip=_skipped,
                              on_case=lambda k, n: print(f"\rwriting case {k}/{n}", end="", flush=True))
         print(f"\nstudy with {len(study.cases)} cases written to {study.folder}")
-        print(f"the key is {study.folder / 'key.json'}: do not give it to readers")
+        print(f"key written to {args.key}: keep it from the readers; "
+              f"the summary is `meddiff review summary {study.folder} --key {args.key}`")
         return 0
     if args.review_command == "summary":
-        from ..review.summary import REALISM_PNG, SUMMARY_CSV, SUMMARY_JSON, format_summary, summarize
+        from ..review.summary import format_summary, summarize, summary_paths
 
-        summary = summarize(args.study)
-        print(format_summary(summary))
-        print(f"wrote {', '.join(str(args.study / n) for n in (SUMMARY_JSON, SUMMARY_CSV, REALISM_PNG))}")
+        print(format_summary(summarize(args.study, args.key)))
+        print(f"wrote {', '.join(str(p) for p in summary_paths(args.key))}")
         return 0
     raise MeddiffError(f"unknown review command {args.review_command!r}")

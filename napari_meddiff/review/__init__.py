@@ -6,8 +6,9 @@ without a display.
 
 from __future__ import annotations
 
-from .results import ARTEFACTS, CALLS, Answer, ResultsLog, read_answers
+from .results import ARTEFACTS, CALLS, Answer, ResultsLog, read_answers, scan_answers
 from .study import Case, Study, create_study
 from .summary import summarize
 
-__all__ = ["ARTEFACTS", "CALLS", "Answer", "Case", "ResultsLog", "Study", "create_study", "read_answers", "summarize"]
+__all__ = ["ARTEFACTS", "CALLS", "Answer", "Case", "ResultsLog", "Study", "create_study", "read_answers", "scan_answers",
+           "summarize"]

@@ -12,8 +12,9 @@ import datetime
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import MeddiffError
 
@@ -45,7 +46,7 @@ class Answer:
             raise MeddiffError(f"unknown artefacts {sorted(unknown)}; choose from {ARTEFACTS}")
         object.__setattr__(self, "artefacts", tuple(a for a in ARTEFACTS if a in self.artefacts))
 
-    def same_answer(self, other: "Answer | None") -> bool:
+    def same_answer(self, other: Answer | None) -> bool:
         """True when ``other`` says the same thing (ignoring time and reader)."""
         return other is not None and (self.real_or_synthetic, self.realism, self.artefacts, self.comment) == (
             other.real_or_synthetic, other.realism, other.artefacts, other.comment)
@@ -54,7 +55,7 @@ class Answer:
         return {**dataclasses.asdict(self), "artefacts": list(self.artefacts)}
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> "Answer":
+    def from_record(cls, rec: dict[str, Any]) -> Answer:
         return cls(str(rec["case_id"]), str(rec["reader"]), rec["real_or_synthetic"], rec["realism"],
                    tuple(rec.get("artefacts") or ()), str(rec.get("comment") or ""), str(rec.get("timestamp", "")))
 
@@ -75,21 +76,35 @@ def results_path(study: str | os.PathLike, reader: str) -> Path:
     return Path(study) / f"{RESULTS_PREFIX}{sanitise_reader(reader)}{RESULTS_SUFFIX}"
 
 
-def read_answers(path: str | os.PathLike) -> tuple[list[Answer], int]:
-    """All answers in file order, and the number of damaged lines skipped (e.g. a truncated last line)."""
+@dataclasses.dataclass
+class AnswerLines:
+    """A results file as read: every answer with its line number (1-based), and the damaged lines."""
+
+    answers: list[tuple[int, Answer]]
+    damaged_lines: list[int]
+
+
+def scan_answers(path: str | os.PathLike) -> AnswerLines:
+    """All answers in file order with their line numbers; lines that are not an answer are listed as damaged."""
     path = Path(path)
     if not path.exists():
-        return [], 0
-    answers, damaged = [], 0
+        return AnswerLines([], [])
+    answers, damaged = [], []
     with open(path, "rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                answers.append(Answer.from_record(json.loads(raw.decode("utf-8"))))
+                answers.append((number, Answer.from_record(json.loads(raw.decode("utf-8")))))
             except (ValueError, KeyError, TypeError, AttributeError, MeddiffError):
-                damaged += 1
-    return answers, damaged
+                damaged.append(number)
+    return AnswerLines(answers, damaged)
+
+
+def read_answers(path: str | os.PathLike) -> tuple[list[Answer], int]:
+    """All answers in file order, and the number of damaged lines skipped (e.g. a truncated last line)."""
+    lines = scan_answers(path)
+    return [a for _, a in lines.answers], len(lines.damaged_lines)
 
 
 def latest(answers: Iterable[Answer]) -> dict[str, Answer]:

@@ -1,15 +1,15 @@
-"""Set up a blinded study: real and synthetic scans copied under neutral IDs, the key kept apart.
+"""Set up a blinded study: real and synthetic scans made alike by one rule, under random ids; the key kept apart.
 
-Layout of a study folder::
+Layout::
 
-    STUDY/cases.json          case order, file names and display windows (what the reader's tools read)
-    STUDY/key.json            case id -> source and original path (the reader must not open it)
-    STUDY/cases/case-XXXXXX.nii.gz
-    STUDY/results-<reader>.jsonl   (written while reading, see ``results.py``)
+    STUDY/cases.json                 study id, case order, file names, one display window for all
+    STUDY/cases/case-XXXXXXXX.nii.gz every case on one grid, uint8 in [0, 1], byte-identical headers
+    STUDY/results-<reader>.jsonl     (written while reading, see ``results.py``)
+    KEY (outside STUDY)              case id -> source and original path; for the organiser only
 
-Every image is re-written through `read_volume`/`write_volume` as float32 NIfTI with a fresh header
-(empty description, no extensions, same qform/sform codes), never byte-copied, so nothing in the file
-says where it came from. Voxels and the affine are kept as they are: nothing is resampled or cropped.
+How the cases are made alike is in ``blind.py``. Case ids and order come from a fresh random seed per study
+(unless the organiser passes one); the seed is recorded in the key only. The key is written with
+``--key PATH`` outside the study folder, never over an existing file, and the summary needs it.
 """
 
 from __future__ import annotations
@@ -18,27 +18,30 @@ import dataclasses
 import datetime
 import json
 import os
+import secrets
 import tempfile
-import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ..errors import MeddiffError
-from ..volume import Volume, read_volume, to_canonical, write_volume
+from ..geometry import ModelGrid
+from ..volume import Volume, read_volume, to_canonical
+from .blind import INTENSITY_RULE, blinded_levels, common_grid, grid_centre, grid_of, write_case
+from .inputs import OnSkip, Scan, find_scans
 
 SOURCES = ("real", "synthetic")
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 CASES_FILE = "cases.json"
-KEY_FILE = "key.json"
 CASES_DIR = "cases"
-DISPLAY_RULE = {"method": "percentile", "lower": 0.5, "upper": 99.5, "foreground_only": True}
+CASE_LIMITS = (0.0, 1.0)
+DISPLAY_RULE = {"contrast_limits": list(CASE_LIMITS), "note": "every case is stored on [0, 1] by one rule"}
 KEY_NOTE = (
-    "STUDY KEY - readers must NOT open this file. It maps each neutral case id to its source "
-    "(real or synthetic) and original path; open it only for the analysis, after all readers have finished."
+    "STUDY KEY - readers must NOT see this file. It maps each case id to its source (real or synthetic) and "
+    "original path. Keep it outside the study folder; `meddiff review summary STUDY --key KEY` needs it."
 )
-STUDY_VERSION = 1
+STUDY_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,22 +59,27 @@ class Study:
 
     folder: Path
     cases: list[Case]
+    study_id: str = ""
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "Study":
+    def load(cls, folder: str | os.PathLike) -> Study:
         folder = Path(folder)
         path = folder / CASES_FILE
         if not path.is_file():
             raise MeddiffError(f"{folder} is not a review study ({CASES_FILE} missing)")
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
+            version = doc.get("version")
             cases = [Case(c["id"], c["file"], (float(c["contrast_limits"][0]), float(c["contrast_limits"][1])))
                      for c in doc["cases"]]
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise MeddiffError(f"{path} is damaged ({exc})") from None
+        if version != STUDY_VERSION:
+            raise MeddiffError(f"{folder} was made by an older meddiff whose cases were not blinded (their grids, "
+                               "intensities and key gave the source away); create it again with meddiff review create")
         if not cases:
             raise MeddiffError(f"{path} lists no cases")
-        return cls(folder, cases)
+        return cls(folder, cases, str(doc.get("study_id", "")))
 
     @property
     def ids(self) -> list[str]:
@@ -84,33 +92,6 @@ class Study:
         """The case's volume, with no metadata (nothing that could name its source)."""
         vol = read_volume(self.path(case))
         return Volume(vol.array, vol.affine, {})
-
-
-def find_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder`` (hidden and temporary files skipped), sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MeddiffError(f"not a folder: {folder}")
-    files = [p for p in folder.iterdir()
-             if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES)]
-    if not files:
-        raise MeddiffError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return sorted(files)
-
-
-def display_window(array: np.ndarray, rule: dict[str, Any] | None = None) -> tuple[float, float]:
-    """Display contrast limits by one rule for every case: percentiles of the finite (foreground) voxels."""
-    rule = {**DISPLAY_RULE, **(rule or {})}
-    values = np.asarray(array, dtype=np.float32).ravel()
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0, 1.0
-    if rule["foreground_only"]:
-        fg = values[values > values.min()]
-        values = fg if fg.size > 0.01 * values.size else values
-    lo, hi = (float(v) for v in np.percentile(values, [rule["lower"], rule["upper"]]))
-    lo, hi = float(f"{lo:.6g}"), float(f"{hi:.6g}")
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
 def display_array(vol: Volume) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -132,17 +113,22 @@ def display_array(vol: Volume) -> tuple[np.ndarray, tuple[float, ...]]:
     return np.ascontiguousarray(data), (sz, sy, sx)
 
 
+def fresh_seed() -> int:
+    """A seed nobody chose: each study gets its own order and ids."""
+    return secrets.randbits(63)
+
+
 def _neutral_ids(rng: np.random.Generator, n: int) -> list[str]:
     ids: list[str] = []
     while len(ids) < n:
-        cid = f"case-{int(rng.integers(0, 16**6)):06x}"
+        cid = f"case-{int(rng.integers(0, 16**8)):08x}"
         if cid not in ids:
             ids.append(cid)
     return ids
 
 
-def _write_json(path: Path, doc: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
+def _write_json(path: Path, doc: Any, *, exclusive: bool = False) -> None:
+    """Write JSON atomically (temporary file, fsync, rename); ``exclusive``: fail if ``path`` exists."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -150,20 +136,51 @@ def _write_json(path: Path, doc: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if exclusive:
+            os.link(tmp, path)  # atomic, and refuses to replace an existing file
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        raise MeddiffError(f"{path} exists; a study key is never overwritten") from None
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def _pick(files: list[Path], num: int | None, rng: np.random.Generator, label: str) -> list[Path]:
+def _pick(scans: list[Scan], num: int | None, rng: np.random.Generator, label: str) -> list[Scan]:
     if num is None:
-        return list(files)
+        return list(scans)
     if num < 1:
         raise MeddiffError(f"--num must be at least 1, not {num}")
-    if num > len(files):
-        raise MeddiffError(f"asked for {num} {label} cases but {label} folder has only {len(files)} images")
-    return [files[i] for i in sorted(rng.choice(len(files), size=num, replace=False))]
+    if num > len(scans):
+        raise MeddiffError(f"asked for {num} {label} cases but the {label} folder has only {len(scans)} scans")
+    return [scans[i] for i in sorted(rng.choice(len(scans), size=num, replace=False))]
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def check_key_location(key: Path, study: Path) -> None:
+    """The key must live outside the study folder (readers open that folder)."""
+    if _inside(key, study):
+        raise MeddiffError(f"the key {key} is inside the study folder {study}, which readers open; "
+                           "keep it outside (e.g. --key ~/keys/my-study.json)")
+
+
+def _check_request(real: Path, synthetic: Path, out: Path, key: Path) -> None:
+    if real.resolve() == synthetic.resolve():
+        raise MeddiffError("--real and --synthetic are the same folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MeddiffError(f"{out} exists and is not empty; choose a new study folder")
+    check_key_location(key, out)
+    if key.exists():
+        raise MeddiffError(f"{key} exists; a study key is never overwritten")
+    try:
+        key.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MeddiffError(f"cannot create the key's folder {key.parent}: {exc.strerror}") from None
+    if not os.access(key.parent, os.W_OK):
+        raise MeddiffError(f"cannot write the key: {key.parent} is not writable")
 
 
 def create_study(
@@ -171,61 +188,80 @@ def create_study(
     synthetic: str | os.PathLike,
     out: str | os.PathLike,
     *,
+    key: str | os.PathLike,
     num: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
+    grid: str | os.PathLike | None = None,
     on_case: Callable[[int, int], None] | None = None,
+    on_skip: OnSkip | None = None,
 ) -> Study:
-    """Draw ``num`` cases per source (all when None), shuffle with ``seed`` and write a blinded study to ``out``.
+    """Draw ``num`` scans per source (all when None) and write a blinded study to ``out``, its key to ``key``.
 
-    ``out`` must not exist or be an empty folder. ``on_case(done, total)`` is called after each image.
+    Every case is put on the synthetic scans' grid (or ``grid``, an image on the wanted grid) and normalised
+    and stored by one rule (``blind.py``). ``seed`` None draws a fresh one. Label maps and masks in the
+    folders are skipped and reported to ``on_skip(path, reason)``. ``out`` must not exist or be empty;
+    ``key`` must not exist and must lie outside ``out``. ``on_case(done, total)`` is called after each case.
     """
-    real, synthetic, out = Path(real), Path(synthetic), Path(out)
-    if real.resolve() == synthetic.resolve():
-        raise MeddiffError("--real and --synthetic are the same folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MeddiffError(f"{out} exists and is not empty; choose a new study folder")
+    real, synthetic, out, key = Path(real), Path(synthetic), Path(out), Path(key)
+    _check_request(real, synthetic, out, key)
+    scans = {"real": find_scans(real, on_skip), "synthetic": find_scans(synthetic, on_skip)}
+    if grid is not None:
+        target = grid_of(read_volume(grid))
+        centre = grid_centre(target)
+    else:
+        target = common_grid([s.grid for s in scans["synthetic"]])
+        centre = tuple(float(v) for v in np.mean([s.centre for s in scans["synthetic"]], axis=0))
+    seed = fresh_seed() if seed is None else int(seed)
     rng = np.random.default_rng(seed)
-    drawn = [(src, p) for src, folder in zip(SOURCES, (real, synthetic))
-             for p in _pick(find_images(folder), num, rng, src)]
+    drawn = [(src, s.path) for src in SOURCES for s in _pick(scans[src], num, rng, src)]
     order = rng.permutation(len(drawn))
     ids = _neutral_ids(rng, len(drawn))
+    study_id = f"{int(rng.integers(0, 2**62)):016x}"
     created_dir = not out.exists()
     (out / CASES_DIR).mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        cases, key = [], {}
-        grids: dict[str, set] = {src: set() for src in SOURCES}
+        cases, key_cases = [], {}
         for n, (cid, idx) in enumerate(zip(ids, order)):
             source, original = drawn[idx]
-            vol = read_volume(original)
-            if vol.array.ndim not in (2, 3):
-                raise MeddiffError(f"{original}: only 2D and 3D images can be reviewed")
-            array = np.asarray(vol.array, dtype=np.float32)
             rel = f"{CASES_DIR}/{cid}.nii.gz"
-            written.append(write_volume(Volume(array, vol.affine, {}), out / rel, description=""))
-            cases.append({"id": cid, "file": rel, "contrast_limits": list(display_window(array))})
-            key[cid] = {"source": source, "original": str(original.resolve())}
-            grids[source].add((array.shape, tuple(round(z, 3) for z in vol.spacing)))
+            written.append(write_case(blinded_levels(read_volume(original), target, centre), target, out / rel))
+            cases.append({"id": cid, "file": rel, "contrast_limits": list(CASE_LIMITS)})
+            key_cases[cid] = {"source": source, "original": str(original.resolve())}
             if on_case:
                 on_case(n + 1, len(order))
+        _same_times(written)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        written.append(out / KEY_FILE)
-        _write_json(out / KEY_FILE, {"note": KEY_NOTE, "version": STUDY_VERSION, "created": now, "seed": seed,
-                                     "num_per_source": num, "cases": key})
-        written.append(out / CASES_FILE)
-        _write_json(out / CASES_FILE, {"version": STUDY_VERSION, "created": now, "display_rule": DISPLAY_RULE,
-                                       "cases": cases})
-    except BaseException:
+        _write_json(key, {"note": KEY_NOTE, "version": STUDY_VERSION, "study_id": study_id,
+                          "study": str(out.resolve()), "created": now, "seed": seed, "num_per_source": num,
+                          "grid": _grid_doc(target, grid, centre), "intensity_rule": INTENSITY_RULE, "cases": key_cases},
+                    exclusive=True)
+        written.append(key)
+        _write_json(out / CASES_FILE, {"version": STUDY_VERSION, "study_id": study_id, "created": now,
+                                       "display_rule": DISPLAY_RULE, "cases": cases})
+    except BaseException as exc:
         for p in written:
             p.unlink(missing_ok=True)
         _rmdir_quiet(out / CASES_DIR)
         if created_dir:
             _rmdir_quiet(out)
+        if isinstance(exc, OSError):
+            raise MeddiffError(f"cannot write the study: {exc}") from None
         raise
-    if not grids["real"] & grids["synthetic"]:
-        warnings.warn("real and synthetic cases are on different grids (shape or voxel size), which readers can "
-                      "see; consider resampling both sources to a common grid before creating the study", stacklevel=2)
     return Study.load(out)
+
+
+def _grid_doc(grid: ModelGrid, reference: str | os.PathLike | None, centre: tuple) -> dict[str, Any]:
+    return {"from": str(Path(reference).resolve()) if reference is not None else "synthetic cases",
+            "shape": list(grid.shape), "affine": np.asarray(grid.affine).tolist(),
+            "foreground_centre_mm": list(centre)}
+
+
+def _same_times(paths: list[Path]) -> None:
+    """Give every case file the same time stamps, so the writing order says nothing."""
+    stamp = int(datetime.datetime.now(datetime.timezone.utc).timestamp())
+    for p in paths:
+        os.utime(p, (stamp, stamp))
 
 
 def _rmdir_quiet(path: Path) -> None:
@@ -235,16 +271,20 @@ def _rmdir_quiet(path: Path) -> None:
         pass
 
 
-def read_key(folder: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """The study key: case id -> {"source": "real"|"synthetic", "original": path}. For analysis only."""
-    path = Path(folder) / KEY_FILE
+def read_key(key: str | os.PathLike, study: Study) -> dict[str, dict[str, str]]:
+    """The key of ``study``: case id -> {"source": "real"|"synthetic", "original": path}. For analysis only."""
+    path = Path(key)
+    check_key_location(path, study.folder)
     if not path.is_file():
-        raise MeddiffError(f"{path} not found: the study key is needed for the summary")
+        raise MeddiffError(f"key not found: {path} (the summary needs the key written by review create)")
     try:
-        key = json.loads(path.read_text(encoding="utf-8"))["cases"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MeddiffError(f"{path} is damaged ({exc})") from None
-    bad = {cid for cid, v in key.items() if v.get("source") not in SOURCES}
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        cases, study_id = doc["cases"], doc.get("study_id")
+        bad = {cid for cid, v in cases.items() if v.get("source") not in SOURCES}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MeddiffError(f"{path} is damaged or not a study key ({exc})") from None
+    if study_id != study.study_id or set(cases) != set(study.ids):
+        raise MeddiffError(f"{path} is not the key of the study in {study.folder}")
     if bad:
         raise MeddiffError(f"{path}: unknown source for {', '.join(sorted(bad))}")
-    return key
+    return cases

@@ -1,5 +1,9 @@
 """Analysis of a finished (or running) study: accuracy vs chance, realism by source, reader agreement.
 
+It needs the study key (kept outside the study folder), and writes its files next to the key, never into the
+study folder the readers open. Lines of a results file that are damaged or name a case not in the study are
+not counted, and are reported (how many, which lines).
+
 "Positive" is *synthetic*: sensitivity = synthetic cases called synthetic, specificity = real cases called
 real. Accuracy has a Wilson 95% interval and a two-sided exact binomial test against 50%. Pooled numbers
 treat every reading as independent (readers see the same cases), so read them as descriptive.
@@ -17,11 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MeddiffError
-from .results import ARTEFACTS, CALLS, RESULTS_PREFIX, RESULTS_SUFFIX, Answer, latest, read_answers
+from .results import ARTEFACTS, CALLS, RESULTS_PREFIX, RESULTS_SUFFIX, Answer, AnswerLines, latest, scan_answers
 from .study import Study, read_key
 
 Z95 = 1.959963984540054
-SUMMARY_JSON, SUMMARY_CSV, REALISM_PNG = "summary.json", "summary.csv", "realism_by_source.png"
+SUMMARY_SUFFIXES = ("-summary.json", "-summary.csv", "-realism_by_source.png")
+SHOWN_LINES = 10
+
+
+def summary_paths(key: str | os.PathLike) -> list[Path]:
+    """Where the summary of the study with ``key`` goes: next to the key, named after it."""
+    key = Path(key)
+    return [key.with_name(key.name.removesuffix(".json") + suffix) for suffix in SUMMARY_SUFFIXES]
 
 
 def wilson_ci(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -85,37 +96,41 @@ def group_metrics(pairs: list[tuple[Answer, str]]) -> dict[str, Any]:
     }
 
 
-def load_readers(study: str | os.PathLike) -> dict[str, tuple[dict[str, Answer], int]]:
-    """Reader id -> (latest answer per case, damaged lines), from every results file in the study."""
+def load_readers(study: str | os.PathLike) -> dict[str, tuple[str, AnswerLines]]:
+    """Reader id -> (results file name, its answers with line numbers), for every results file in the study."""
     out = {}
     for path in sorted(Path(study).glob(f"{RESULTS_PREFIX}*{RESULTS_SUFFIX}")):
-        answers, damaged = read_answers(path)
-        out[path.name[len(RESULTS_PREFIX): -len(RESULTS_SUFFIX)]] = (latest(answers), damaged)
+        out[path.name[len(RESULTS_PREFIX): -len(RESULTS_SUFFIX)]] = (path.name, scan_answers(path))
     return out
 
 
-def summarize(study: str | os.PathLike, *, write: bool = True) -> dict[str, Any]:
-    """Compute the summary; with ``write``, save summary.json, summary.csv and realism_by_source.png."""
-    folder = Path(study)
-    ids = Study.load(folder).ids
-    truth = {cid: v["source"] for cid, v in read_key(folder).items() if cid in ids}
-    readers = load_readers(folder)
-    if not any(answers for answers, _ in readers.values()):
-        raise MeddiffError(f"no answers yet in {folder}")
+def summarize(study: str | os.PathLike, key: str | os.PathLike, *, write: bool = True) -> dict[str, Any]:
+    """Compute the summary with the study ``key``; with ``write``, save the files of `summary_paths` next to it."""
+    loaded = Study.load(study)
+    folder, ids = loaded.folder, loaded.ids
+    truth = {cid: v["source"] for cid, v in read_key(key, loaded).items()}
+    readers: dict[str, dict[str, Answer]] = {}
     per_reader: dict[str, Any] = {}
     pooled: list[tuple[Answer, str]] = []
-    for rid, (answers, damaged) in readers.items():
-        pairs = [(a, truth[cid]) for cid, a in answers.items() if cid in truth]
+    for rid, (file_name, lines) in load_readers(folder).items():
+        answers = latest(a for _, a in lines.answers if a.case_id in truth)
+        readers[rid] = answers
+        pairs = [(answers[cid], truth[cid]) for cid in ids if cid in answers]
         pooled += pairs
         names = sorted({a.reader for a in answers.values()})
-        per_reader[rid] = {"name": names[-1] if names else rid, "answered": len(pairs), "of": len(ids),
-                           "unknown_cases": len(answers) - len(pairs), "damaged_lines": damaged,
+        per_reader[rid] = {"name": names[-1] if names else rid, "file": file_name, "answered": len(pairs),
+                           "of": len(ids), "damaged_lines": lines.damaged_lines,
+                           "unknown_case_lines": [n for n, a in lines.answers if a.case_id not in truth],
                            **group_metrics(pairs)}
+    if not any(readers.values()):
+        skipped = sum(len(m["damaged_lines"]) + len(m["unknown_case_lines"]) for m in per_reader.values())
+        note = f" ({skipped} damaged or unknown-case line(s) skipped)" if skipped else ""
+        raise MeddiffError(f"no answers yet in {folder}{note}")
     agreement = []
     for r1, r2 in itertools.combinations(sorted(readers), 2):
-        common = [c for c in ids if c in readers[r1][0] and c in readers[r2][0]]
-        a = [readers[r1][0][c].real_or_synthetic for c in common]
-        b = [readers[r2][0][c].real_or_synthetic for c in common]
+        common = [c for c in ids if c in readers[r1] and c in readers[r2]]
+        a = [readers[r1][c].real_or_synthetic for c in common]
+        b = [readers[r2][c].real_or_synthetic for c in common]
         agreement.append({"readers": [r1, r2], "n": len(common), "kappa": cohen_kappa(a, b),
                           "agreement": _ratio(sum(x == y for x, y in zip(a, b)), len(common))})
     summary = {
@@ -128,10 +143,11 @@ def summarize(study: str | os.PathLike, *, write: bool = True) -> dict[str, Any]
         "pooled": {"readers": len(per_reader), **group_metrics(pooled)},
         "agreement": agreement,
         "notes": "accuracy: Wilson 95% CI, two-sided exact binomial test vs 0.5 (scipy.stats.binomtest); "
-                 "pooled treats readings as independent; kappa: Cohen's, pairwise on cases both rated.",
+                 "pooled treats readings as independent; kappa: Cohen's, pairwise on cases both rated; "
+                 "damaged lines and answers for cases not in the study are not counted (line numbers listed).",
     }
     if write:
-        write_summary(folder, summary)
+        write_summary(key, summary)
     return summary
 
 
@@ -143,6 +159,9 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
                   "specificity"):
             if k in m:
                 rows.append((scope, k, m[k]))
+        for k in ("damaged_lines", "unknown_case_lines"):
+            if k in m:
+                rows.append((scope, k, " ".join(map(str, m[k]))))
         ci = m["ci95"] or [None, None]
         rows += [(scope, "ci95_low", ci[0]), (scope, "ci95_high", ci[1])]
         for s in CALLS:
@@ -160,9 +179,9 @@ def _cell(v: Any) -> Any:
     return "" if v is None else f"{v:.6g}" if isinstance(v, float) else v
 
 
-def write_summary(folder: Path, summary: dict[str, Any]) -> list[Path]:
-    """Write summary.json, summary.csv (long format: scope, metric, value) and the realism plot."""
-    paths = [folder / SUMMARY_JSON, folder / SUMMARY_CSV, folder / REALISM_PNG]
+def write_summary(key: str | os.PathLike, summary: dict[str, Any]) -> list[Path]:
+    """Write the summary JSON, CSV (long format: scope, metric, value) and realism plot next to ``key``."""
+    paths = summary_paths(key)
     paths[0].write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     with open(paths[1], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -220,12 +239,31 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"p={m['p_value']:.3g} vs chance; sens {pct(m['sensitivity'])}, spec {pct(m['specificity'])}; "
                 f"realism real {real}, synthetic {syn}")
 
-    out = [f"{summary['n_cases']} cases ({summary['n_real']} real, {summary['n_synthetic']} synthetic), "
-           f"{len(summary['readers'])} reader(s)"]
+    head = (f"{summary['n_cases']} cases ({summary['n_real']} real, {summary['n_synthetic']} synthetic), "
+            f"{len(summary['readers'])} reader(s)")
+    out = [head]
     out += [line(f"{m['name']} [{m['answered']}/{m['of']}]", m) for m in summary["readers"].values()]
+    out += [note for m in summary["readers"].values() if (note := skipped_lines_note(m))]
     if len(summary["readers"]) > 1:
         out.append(line("pooled", summary["pooled"]))
     for ag in summary["agreement"]:
         k = "n/a" if ag["kappa"] is None else f"{ag['kappa']:.2f}"
         out.append(f"kappa {ag['readers'][0]} vs {ag['readers'][1]}: {k} (n={ag['n']})")
     return "\n".join(out)
+
+
+def _lines(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:SHOWN_LINES]))
+    more = f" and {len(numbers) - SHOWN_LINES} more" if len(numbers) > SHOWN_LINES else ""
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{more}"
+
+
+def skipped_lines_note(reader: dict[str, Any]) -> str:
+    """What was not counted in one reader's results file, with line numbers ('' when nothing was skipped)."""
+    parts = []
+    if reader["damaged_lines"]:
+        parts.append(f"{len(reader['damaged_lines'])} damaged line(s) ({_lines(reader['damaged_lines'])})")
+    if reader["unknown_case_lines"]:
+        lines = reader["unknown_case_lines"]
+        parts.append(f"{len(lines)} answer(s) for cases not in this study ({_lines(lines)})")
+    return f"WARNING {reader['file']}: skipped {' and '.join(parts)}" if parts else ""

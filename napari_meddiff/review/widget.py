@@ -1,8 +1,13 @@
-"""napari dock widget for a blinded reader study: one case at a time, every answer saved at once."""
+"""napari dock widget for a blinded reader study: one case at a time, every answer saved at once.
+
+It shows the reader nothing about the truth: no accuracy, no summary (the organiser runs
+``meddiff review summary STUDY --key KEY``, which needs the key kept outside the study folder).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from qtpy.QtCore import Qt
@@ -48,7 +53,7 @@ TOOLTIP = (
     "B blur, N noise pattern, A anatomy implausible, I intensity, E seams/edges, O other (toggle)<br>"
     "C = type a comment, Esc = leave the comment box<br>Enter = save and next case, P = previous case<br>"
     "The image is shown as axial slices (radiological: patient right on screen left); "
-    "scroll or use the slider to move through slices."
+    "scroll or use the slider to move through slices.<br><br>Results are analysed by the organiser only."
 )
 _TEXT_INPUTS = (QLineEdit, QAbstractSpinBox, QTextEdit, QPlainTextEdit)
 
@@ -56,7 +61,7 @@ _TEXT_INPUTS = (QLineEdit, QAbstractSpinBox, QTextEdit, QPlainTextEdit)
 class ReviewWidget(QWidget):
     """Reader-study panel: reader name, one blinded case at a time, forced choice and realism score."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None) -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.study: Study | None = None
@@ -157,14 +162,6 @@ class ReviewWidget(QWidget):
         keys.setStyleSheet("color: gray")
         root.addWidget(keys)
 
-        self.summary_button = QPushButton("Summary (all readers)")
-        self.summary_button.setToolTip("Compute accuracy, realism by source and agreement; writes summary.* files")
-        self.summary_button.clicked.connect(self.run_summary)
-        root.addWidget(self.summary_button)
-        self.summary_text = QPlainTextEdit()
-        self.summary_text.setReadOnly(True)
-        self.summary_text.setVisible(False)
-        root.addWidget(self.summary_text)
         root.addStretch(1)
 
         for b in [*self.call_buttons.values(), *self.realism_buttons]:
@@ -288,20 +285,6 @@ class ReviewWidget(QWidget):
         arts = tuple(a for a, cb in self.artefact_boxes.items() if cb.isChecked())
         cid = self.study.cases[self.index].case_id
         return Answer(cid, self.log.reader, call, realism, arts, self.comment_edit.text().strip())
-
-    def run_summary(self) -> None:
-        """Summarise all readers of the study and show the key numbers (writes the summary files)."""
-        from .summary import format_summary, summarize
-
-        folder = self.study.folder if self.study else self.folder_edit.text().strip()
-        try:
-            text = format_summary(summarize(folder))
-        except MeddiffError as exc:
-            self._message(str(exc), error=True)
-            return
-        self.summary_text.setPlainText(text + "\n\nWritten: summary.json, summary.csv, realism_by_source.png")
-        self.summary_text.setVisible(True)
-        self._message(f"Summary written to {folder}")
 
     # --- helpers --------------------------------------------------------------------------------------
 
