@@ -43,9 +43,9 @@ from .intensity import denormalise, intensity_window, normalise
 from .memory import check_request_fits
 from .sampling import (
     StepInfo,
-    autocast_context,
     decode_latents,
     denoise,
+    encode_images,
     initial_noise,
     repaint_schedule,
     resolve_precision,
@@ -373,10 +373,9 @@ def _known_hook(x0_known: torch.Tensor, keep: torch.Tensor):
 
 
 def _encode_mean(model: DiffusionModel, images: torch.Tensor, precision: str) -> torch.Tensor:
-    """Normalised images -> scaled mean latents (deterministic, unlike sampling from the posterior)."""
-    with torch.inference_mode(), autocast_context(images.device, precision):
-        z_mu, _ = model.autoencoder.encode(images)
-    return z_mu.float() * model.scale_factor
+    """Normalised images -> scaled mean latents (deterministic, unlike sampling from the posterior); tiled
+    (exactly) when a whole pass would not fit in memory."""
+    return encode_images(model, images, precision, sample=False)
 
 
 def _latent_keep(model: DiffusionModel, grid_mask: torch.Tensor) -> torch.Tensor:

@@ -276,14 +276,21 @@ def _rewind(chain, index: int) -> None:
 
 
 AUTOENCODER_PASSES = ("auto", "whole", "tiled")
+AUTOENCODER_PASS_ENV = "MEDDIFF_AUTOENCODER_PASS"  # the default pass of this process (`meddiff ... --decode`)
 WHOLE_PASS_SHARE = 0.5  # a whole pass runs when its estimate is within this share of the free memory
 
 
-def autoencoder_pass(model: DiffusionModel, x: torch.Tensor, requested: str = "auto", *, encode: bool = False) -> str:
+def autoencoder_pass(
+    model: DiffusionModel, x: torch.Tensor, requested: str | None = None, *, encode: bool = False
+) -> str:
     """``"whole"`` or ``"tiled"``: how to run the autoencoder over ``x`` (latents, or images when ``encode``).
 
-    ``auto`` tiles when a whole pass is estimated (`tiling.whole_pass_bytes`) at more than `WHOLE_PASS_SHARE` of
-    the memory free on the device (``MemAvailable`` on CPU, free CUDA memory on a GPU)."""
+    ``requested`` None: ``$MEDDIFF_AUTOENCODER_PASS``, else ``auto``. ``auto`` tiles when a whole pass is estimated
+    (`tiling.whole_pass_bytes`) at more than `WHOLE_PASS_SHARE` of the memory free on the device (``MemAvailable``
+    on CPU, free CUDA memory on a GPU)."""
+    import os
+
+    requested = requested or os.environ.get(AUTOENCODER_PASS_ENV) or "auto"
     if requested not in AUTOENCODER_PASSES:
         raise MeddiffError(f"the autoencoder pass must be one of {', '.join(AUTOENCODER_PASSES)}, not {requested!r}")
     if requested != "auto":
@@ -297,13 +304,13 @@ def autoencoder_pass(model: DiffusionModel, x: torch.Tensor, requested: str = "a
 
 
 def decode_latents(
-    model: DiffusionModel, z: torch.Tensor, precision: str = "fp32", mode: str = "auto", tile: int | None = None
+    model: DiffusionModel, z: torch.Tensor, precision: str = "fp32", mode: str | None = None, tile: int | None = None
 ) -> torch.Tensor:
     """Scaled latents -> image through the model's autoencoder (identity for pixel models).
 
     ``mode``: ``whole`` (MONAI's one pass), ``tiled`` (`napari_meddiff.tiling`: the same result to floating-point
     error, memory set by the tiles; ``tile`` voxels per side) or ``auto`` (tiled only when a whole pass would not
-    fit in memory, `autoencoder_pass`)."""
+    fit in memory); None: the process default (`autoencoder_pass`)."""
     if model.kind != "ldm":
         return z
     mode = autoencoder_pass(model, z, mode)
@@ -320,7 +327,7 @@ def decode_latents(
 
 def encode_images(
     model: DiffusionModel, images: torch.Tensor, precision: str = "fp32", *, sample: bool = True,
-    mode: str = "auto", tile: int | None = None,
+    mode: str | None = None, tile: int | None = None,
 ) -> torch.Tensor:
     """Images (normalised) -> scaled latents (identity for pixel models): a posterior sample (MONAI's
     ``encode_stage_2_inputs``), or its mean when not ``sample``. ``mode`` / ``tile`` as in `decode_latents`."""

@@ -7,7 +7,7 @@ import argparse
 from ..devices import DEVICES
 from ..errors import MeddiffError
 from ..samplers import SAMPLERS
-from ..sampling import PRECISION_CHOICES
+from ..sampling import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, PRECISION_CHOICES
 
 PRECISION_HELP = (
     "auto (bf16 autocast on CPUs with native bf16, else fp32), fp32, bf16 (autocast, CPU/CUDA), fp16 (CUDA); "
@@ -51,3 +51,16 @@ def add_sampling_options(p: argparse.ArgumentParser, *, eta: bool = True, device
         p.add_argument("--eta", type=eta_value, default=0.0, help="DDIM eta, 0 (deterministic, default) to 1")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto{device_help})")
+    p.add_argument("--decode", choices=AUTOENCODER_PASSES, default=None, action=_AutoencoderPassOption,
+                   help="latent models' autoencoder pass: auto (default; tiled only when a whole-volume pass would "
+                   f"not fit in memory), whole, or tiled (exact, memory set by the tiles); sets ${AUTOENCODER_PASS_ENV}")
+
+
+class _AutoencoderPassOption(argparse.Action):
+    """``--decode``: the process-wide autoencoder pass (read by `sampling.autoencoder_pass`, workers included)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import os
+
+        os.environ[AUTOENCODER_PASS_ENV] = values
+        setattr(namespace, self.dest, values)
