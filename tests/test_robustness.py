@@ -296,3 +296,29 @@ def test_absurd_voxel_size_is_refused_before_allocating(tiny_models):
     image = md.Volume(np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), np.diag([1e6, 1e6, 1e6, 1.0]))
     with pytest.raises(MeddiffError, match="model grid over this image.*voxel size"):
         md.segment(str(tiny_models["seg2d"]), image, ensemble=1, steps=1, device="cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "../../escape"}, "plain folder name"),
+    ({"spatial_dims": "two"}, "malformed training config"),
+    ({"networks": ["unet"]}, "networks must be a mapping"),
+    ({"training": {"steps": 2, "batch_size": -3}}, "training.batch_size must be positive"),
+    ({"training": {"steps": 2, "lr": "fast"}}, "training.lr must be a number"),
+])
+def test_malformed_training_configs_are_one_line_errors_and_leave_nothing(tmp_path, change, message):
+    config = tiny_train_config(tmp_path)
+    cfg = {**yaml.safe_load(config.read_text()), **change}
+    config.write_text(yaml.safe_dump(cfg))
+    proc = run_cli("train", config, "--out", tmp_path / "m", "--work-dir", tmp_path / "run")
+    assert_one_line_error(proc, message)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "run").exists()
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_failed_training_leaves_no_work_dir_with_only_the_config(tmp_path):
+    config = tiny_train_config(tmp_path)  # its data folder holds no usable slice: found after the work dir was made
+    (tmp_path / "no-data-needed").mkdir()
+    write_nifti(tmp_path / "no-data-needed" / "sub-000000_T1w.nii.gz", np.zeros((8, 8, 8)))
+    proc = run_cli("train", config, "--out", tmp_path / "m", "--work-dir", tmp_path / "run")
+    assert_one_line_error(proc, "no training items")
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,48 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return validate(raw, base_dir=path.parent)
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+POSITIVE_TRAINING_KEYS = ("steps", "batch_size", "lr", "max_minutes", "checkpoint_minutes", "disc_lr")
+NON_NEGATIVE_TRAINING_KEYS = ("warmup_steps", "ema_start", "weight_decay", "kl_weight", "adv_weight", "val_every",
+                              "val_samples", "val_steps", "adv_warmup_steps", "perceptual_weight", "grad_clip")
+
+
 def validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
     """Fill defaults and check a training config; relative data paths are resolved against the cwd
-    first, then ``base_dir`` (the config's folder)."""
+    first, then ``base_dir`` (the config's folder). Any malformed value is a `MeddiffError`."""
+    try:
+        cfg = _validate(raw, base_dir)
+        for section in ("training", "autoencoder_training"):
+            _check_numbers(section, cfg.get(section))
+        return cfg
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise MeddiffError(f"malformed training config: {type(exc).__name__}: {exc}") from None
+
+
+def _check_numbers(section: str, values: dict[str, Any] | None) -> None:
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise MeddiffError(f"{section} must be a mapping of settings")
+    for key in POSITIVE_TRAINING_KEYS + NON_NEGATIVE_TRAINING_KEYS:
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise MeddiffError(f"{section}.{key} must be a number, got {value!r}")
+        if key in POSITIVE_TRAINING_KEYS and value <= 0 or value < 0:
+            raise MeddiffError(f"{section}.{key} must be {'positive' if key in POSITIVE_TRAINING_KEYS else '>= 0'}, "
+                               f"got {value!r}")
+
+
+def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
     cfg = copy.deepcopy(raw)
+    name = cfg.get("name")
+    if name is not None and not (isinstance(name, str) and MODEL_NAME.match(name)):
+        raise MeddiffError(f"name must be a plain folder name (letters, digits, '.', '_', '-'), not {name!r}")
+    for key in ("networks", "data", "training", "intensity", "scheduler", "defaults"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise MeddiffError(f"{key} must be a mapping, not {type(cfg[key]).__name__}")
     for key in ("name", "kind", "spatial_dims", "image_shape", "voxel_size", "networks"):
         if key not in cfg:
             raise MeddiffError(f"training config lacks {key!r}")

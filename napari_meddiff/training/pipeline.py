@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -92,6 +93,20 @@ def check_work_dir(work: Path, resume: bool) -> None:
                            "run without --resume to start afresh, or give --work-dir of the earlier run")
 
 
+@contextlib.contextmanager
+def removed_unless_used(work: Path):
+    """On failure, remove a work dir this run created if it holds only the config copy (nothing to resume)."""
+    existed = work.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and work.is_dir() and {p.name for p in work.iterdir()} <= {"train.yaml"}:
+            with contextlib.suppress(OSError):
+                (work / "train.yaml").unlink(missing_ok=True)
+                work.rmdir()
+        raise
+
+
 def train(
     config_path: str | Path,
     *,
@@ -117,114 +132,115 @@ def train(
     work = Path(work_dir) if work_dir is not None else Path("runs") / cfg["name"]
     check_model_target(out, overwrite)  # before hours of training, not after
     check_work_dir(work, resume)
-    tc = cfg["training"]
-    dev = common.setup_device(device, num_threads or tc.get("num_threads"))
-    dist = common.Dist(dev)
-    if steps is not None:
-        tc["steps"] = int(steps)
-        if "autoencoder_training" in cfg:
-            cfg["autoencoder_training"]["steps"] = int(steps)
-    # budget: --max-minutes is the whole run; an LDM splits it like its stages' max_minutes
-    ae_minutes = cfg.get("autoencoder_training", {}).get("max_minutes")
-    diff_minutes = tc.get("max_minutes")
-    if max_minutes is not None:
-        if cfg["kind"] == "ldm":
-            a, d = float(ae_minutes or 1.0), float(diff_minutes or 1.0)
-            ae_minutes, diff_minutes = max_minutes * a / (a + d), max_minutes * d / (a + d)
-        else:
-            diff_minutes = max_minutes
-    if dist.main:
-        work.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(config_path, work / "train.yaml")
-        if not resume:
-            for f in ("diffusion.pt", "autoencoder.pt", "latents.pt"):
-                if (work / f).exists():
-                    log.warning("--resume not given: starting afresh, replacing %s", work / f)
-                    (work / f).unlink()
-    dist.barrier()
-    t0 = time.time()
-    train_data, val_data = split_dataset(cfg, progress=progress and dist.main)
-    if dist.main:
-        log.info("%s: %d training items from %d subjects (+%d validation subjects) in %.0f s; device %s",
-                 cfg["name"], len(train_data), len(train_data.files), len(val_data.files) if val_data else 0,
-                 time.time() - t0, dev)
-    summary: dict[str, Any] = {"data": _data_summary(train_data, val_data, cfg)}
-    flip = bool(cfg["data"].get("flip", True))
-    autoencoder = None
-    scale_factor = None
-    latent_shape = None
-
-    if cfg["kind"] == "ldm":
-        ae, ae_summary = train_autoencoder(
-            cfg, train_data.images, val_data.images if val_data is not None else None,
-            work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=ae_minutes,
-        )
-        summary["autoencoder"] = ae_summary
-        autoencoder = ae.requires_grad_(False)
-        cache = work / "latents.pt"
-        st = common.load_checkpoint(cache) if (resume and cache.is_file()) else None
-        if st is not None and st.get("ae_step") == ae_summary["steps"]:
-            latents, scale_factor = st["latents"], float(st["scale_factor"])
-        else:
-            scale_factor, z = latent_scale_factor(ae, train_data.images, dev)
-            latents = z
-            if flip:  # latents of the mirrored volumes too (a flip of a latent is not the latent of a flip)
-                _, zf = latent_scale_factor(ae, train_data.images.flip(2), dev)
-                latents = torch.cat([z, zf])
-            latents = latents * scale_factor
-            if dist.main:
-                common.save_checkpoint(cache, {"latents": latents, "scale_factor": scale_factor, "ae_step": ae_summary["steps"]})
-        latent_shape = list(latents.shape[2:])
+    with removed_unless_used(work):
+        tc = cfg["training"]
+        dev = common.setup_device(device, num_threads or tc.get("num_threads"))
+        dist = common.Dist(dev)
+        if steps is not None:
+            tc["steps"] = int(steps)
+            if "autoencoder_training" in cfg:
+                cfg["autoencoder_training"]["steps"] = int(steps)
+        # budget: --max-minutes is the whole run; an LDM splits it like its stages' max_minutes
+        ae_minutes = cfg.get("autoencoder_training", {}).get("max_minutes")
+        diff_minutes = tc.get("max_minutes")
+        if max_minutes is not None:
+            if cfg["kind"] == "ldm":
+                a, d = float(ae_minutes or 1.0), float(diff_minutes or 1.0)
+                ae_minutes, diff_minutes = max_minutes * a / (a + d), max_minutes * d / (a + d)
+            else:
+                diff_minutes = max_minutes
         if dist.main:
-            log.info("latents %s, scale factor %.4f", tuple(latents.shape), scale_factor)
-        x0_data, cond, labels, flip_batches = latents, None, None, False
-    elif cfg["kind"] == "segmentation":
-        x0_data, cond, labels, flip_batches = None, train_data.images, train_data.labels, flip
-    else:
-        x0_data, cond, labels, flip_batches = train_data.images, None, None, flip
+            work.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(config_path, work / "train.yaml")
+            if not resume:
+                for f in ("diffusion.pt", "autoencoder.pt", "latents.pt"):
+                    if (work / f).exists():
+                        log.warning("--resume not given: starting afresh, replacing %s", work / f)
+                        (work / f).unlink()
+        dist.barrier()
+        t0 = time.time()
+        train_data, val_data = split_dataset(cfg, progress=progress and dist.main)
+        if dist.main:
+            log.info("%s: %d training items from %d subjects (+%d validation subjects) in %.0f s; device %s",
+                     cfg["name"], len(train_data), len(train_data.files), len(val_data.files) if val_data else 0,
+                     time.time() - t0, dev)
+        summary: dict[str, Any] = {"data": _data_summary(train_data, val_data, cfg)}
+        flip = bool(cfg["data"].get("flip", True))
+        autoencoder = None
+        scale_factor = None
+        latent_shape = None
 
-    mcfg = model_config(cfg, scale_factor=scale_factor, latent_shape=latent_shape)
-    val_steps = int(tc["val_steps"])
-    nval = int(tc["val_samples"])
-
-    def preview(unet: torch.nn.Module, step: int, path: Path) -> None:
-        unet.eval()
-        model = as_diffusion_model(mcfg, unet, autoencoder, work, dev)
-        if cfg["kind"] == "segmentation":
-            if val_data is None:
-                return
-            idx = torch.linspace(0, len(val_data) - 1, nval).long()
-            imgs, labs = val_data.images[idx], val_data.labels[idx]
-            pred = segment_slices(model, imgs, steps=val_steps)
-            k = int(cfg["segmentation"]["num_classes"]) - 1
-            d = dice_per_class(pred, labs, k + 1)
-            common.save_grid(path, [[i[0].numpy() for i in imgs], [l.numpy() / k for l in labs], [p.numpy() / k for p in pred]],
-                             f"step {step}: image / reference / predicted; Dice " + " ".join(f"{v:.3f}" for v in d))
+        if cfg["kind"] == "ldm":
+            ae, ae_summary = train_autoencoder(
+                cfg, train_data.images, val_data.images if val_data is not None else None,
+                work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=ae_minutes,
+            )
+            summary["autoencoder"] = ae_summary
+            autoencoder = ae.requires_grad_(False)
+            cache = work / "latents.pt"
+            st = common.load_checkpoint(cache) if (resume and cache.is_file()) else None
+            if st is not None and st.get("ae_step") == ae_summary["steps"]:
+                latents, scale_factor = st["latents"], float(st["scale_factor"])
+            else:
+                scale_factor, z = latent_scale_factor(ae, train_data.images, dev)
+                latents = z
+                if flip:  # latents of the mirrored volumes too (a flip of a latent is not the latent of a flip)
+                    _, zf = latent_scale_factor(ae, train_data.images.flip(2), dev)
+                    latents = torch.cat([z, zf])
+                latents = latents * scale_factor
+                if dist.main:
+                    common.save_checkpoint(cache, {"latents": latents, "scale_factor": scale_factor, "ae_step": ae_summary["steps"]})
+            latent_shape = list(latents.shape[2:])
+            if dist.main:
+                log.info("latents %s, scale factor %.4f", tuple(latents.shape), scale_factor)
+            x0_data, cond, labels, flip_batches = latents, None, None, False
+        elif cfg["kind"] == "segmentation":
+            x0_data, cond, labels, flip_batches = None, train_data.images, train_data.labels, flip
         else:
-            vols = generate(model, list(range(nval)), sampler="dpm++", steps=val_steps, device=str(dev))
-            arrs = [np.squeeze(v.array, -1) if cfg["spatial_dims"] == 2 else v.array for v in vols]
-            real = val_data.images if val_data is not None else train_data.images
-            ridx = torch.linspace(0, real.shape[0] - 1, nval).long()
-            common.save_grid(path, [arrs, [r[0].numpy() for r in real[ridx]]],
-                             f"step {step}: top generated (dpm++ {val_steps} steps), bottom real")
+            x0_data, cond, labels, flip_batches = train_data.images, None, None, flip
 
-    unet, diff_summary = train_diffusion(
-        cfg, x0_data, work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=diff_minutes,
-        condition=cond, labels=labels, flip=flip_batches, preview=preview,
-    )
-    summary["diffusion"] = diff_summary
-    if cfg["kind"] == "segmentation" and val_data is not None and dist.main:
-        model = as_diffusion_model(mcfg, unet, None, work, dev)
-        pred = segment_slices(model, val_data.images, steps=int(cfg["defaults"]["steps"]))
-        d = dice_per_class(pred, val_data.labels, int(cfg["segmentation"]["num_classes"]))
-        summary["diffusion"]["val_dice"] = dict(zip(cfg["segmentation"]["class_names"][1:], [round(v, 4) for v in d]))
-    summary["machine"] = common.machine_description(dev, dist.world)
-    path = None
-    if dist.main:
-        extra = {f.name: f for f in (work / "loss_diffusion.png", work / "loss_autoencoder.png") if f.is_file()}
-        path = export_model(cfg, out, unet, autoencoder, summary, scale_factor=scale_factor, latent_shape=latent_shape,
-                            config_path=config_path, extra_files=extra, overwrite=overwrite)
-        log.info("wrote %s", path)
-    dist.barrier()
-    dist.close()
-    return path
+        mcfg = model_config(cfg, scale_factor=scale_factor, latent_shape=latent_shape)
+        val_steps = int(tc["val_steps"])
+        nval = int(tc["val_samples"])
+
+        def preview(unet: torch.nn.Module, step: int, path: Path) -> None:
+            unet.eval()
+            model = as_diffusion_model(mcfg, unet, autoencoder, work, dev)
+            if cfg["kind"] == "segmentation":
+                if val_data is None:
+                    return
+                idx = torch.linspace(0, len(val_data) - 1, nval).long()
+                imgs, labs = val_data.images[idx], val_data.labels[idx]
+                pred = segment_slices(model, imgs, steps=val_steps)
+                k = int(cfg["segmentation"]["num_classes"]) - 1
+                d = dice_per_class(pred, labs, k + 1)
+                common.save_grid(path, [[i[0].numpy() for i in imgs], [l.numpy() / k for l in labs], [p.numpy() / k for p in pred]],
+                                 f"step {step}: image / reference / predicted; Dice " + " ".join(f"{v:.3f}" for v in d))
+            else:
+                vols = generate(model, list(range(nval)), sampler="dpm++", steps=val_steps, device=str(dev))
+                arrs = [np.squeeze(v.array, -1) if cfg["spatial_dims"] == 2 else v.array for v in vols]
+                real = val_data.images if val_data is not None else train_data.images
+                ridx = torch.linspace(0, real.shape[0] - 1, nval).long()
+                common.save_grid(path, [arrs, [r[0].numpy() for r in real[ridx]]],
+                                 f"step {step}: top generated (dpm++ {val_steps} steps), bottom real")
+
+        unet, diff_summary = train_diffusion(
+            cfg, x0_data, work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=diff_minutes,
+            condition=cond, labels=labels, flip=flip_batches, preview=preview,
+        )
+        summary["diffusion"] = diff_summary
+        if cfg["kind"] == "segmentation" and val_data is not None and dist.main:
+            model = as_diffusion_model(mcfg, unet, None, work, dev)
+            pred = segment_slices(model, val_data.images, steps=int(cfg["defaults"]["steps"]))
+            d = dice_per_class(pred, val_data.labels, int(cfg["segmentation"]["num_classes"]))
+            summary["diffusion"]["val_dice"] = dict(zip(cfg["segmentation"]["class_names"][1:], [round(v, 4) for v in d]))
+        summary["machine"] = common.machine_description(dev, dist.world)
+        path = None
+        if dist.main:
+            extra = {f.name: f for f in (work / "loss_diffusion.png", work / "loss_autoencoder.png") if f.is_file()}
+            path = export_model(cfg, out, unet, autoencoder, summary, scale_factor=scale_factor, latent_shape=latent_shape,
+                                config_path=config_path, extra_files=extra, overwrite=overwrite)
+            log.info("wrote %s", path)
+        dist.barrier()
+        dist.close()
+        return path
