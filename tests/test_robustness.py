@@ -322,3 +322,14 @@ def test_failed_training_leaves_no_work_dir_with_only_the_config(tmp_path):
     proc = run_cli("train", config, "--out", tmp_path / "m", "--work-dir", tmp_path / "run")
     assert_one_line_error(proc, "no training items")
     assert not (tmp_path / "run").exists()
+
+
+def test_failed_review_create_leaves_no_key_folder(tmp_path):
+    (tmp_path / "real").mkdir()
+    synthetic = tmp_path / "synthetic"
+    synthetic.mkdir()
+    write_nifti(synthetic / "s.nii.gz", np.random.default_rng(0).random((8, 8, 8)))
+    proc = run_cli("review", "create", "--real", tmp_path / "real", "--synthetic", synthetic,
+                   "--out", tmp_path / "study", "--key", tmp_path / "keys" / "deep" / "key.json")
+    assert_one_line_error(proc, "no images")
+    assert not (tmp_path / "keys").exists() and not (tmp_path / "study").exists()

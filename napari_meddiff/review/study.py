@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MeddiffError
+from ..files import removed_if_left_empty
 from ..geometry import ModelGrid
 from ..volume import Volume, read_volume, to_canonical
 from .blind import INTENSITY_RULE, blinded_levels, common_grid, grid_centre, grid_of, write_case
@@ -203,7 +204,14 @@ def create_study(
     ``key`` must not exist and must lie outside ``out``. ``on_case(done, total)`` is called after each case.
     """
     real, synthetic, out, key = Path(real), Path(synthetic), Path(out), Path(key)
-    _check_request(real, synthetic, out, key)
+    with removed_if_left_empty(key.parent):  # a failed create leaves no empty key folder
+        _check_request(real, synthetic, out, key)
+        return _create(real, synthetic, out, key, num=num, seed=seed, grid=grid, on_case=on_case, on_skip=on_skip)
+
+
+def _create(real: Path, synthetic: Path, out: Path, key: Path, *, num: int | None, seed: int | None,
+            grid: str | os.PathLike | None, on_case: Callable[[int, int], None] | None,
+            on_skip: OnSkip | None) -> Study:
     scans = {"real": find_scans(real, on_skip), "synthetic": find_scans(synthetic, on_skip)}
     if grid is not None:
         target = grid_of(read_volume(grid))
