@@ -467,3 +467,23 @@ def whole_pass_bytes(steps: Sequence[ConvStep], batch: int, spatial: Sequence[in
         largest = max(largest, step.conv.out_channels * math.prod(shapes[step.out]),
                       channels_in * math.prod(2 * n for n in shapes[step.src]) if step.upsample else 0)
     return float(WHOLE_PASS_ACTIVATIONS * 4 * batch * largest)
+
+
+def tiled_store_bytes(steps: Sequence[ConvStep], spatial: Sequence[int], itemsize: int = 4) -> float:
+    """Peak bytes of the activations a tiled pass stores at once (one sample, ``itemsize`` bytes per value)."""
+    shapes = {steps[0].src: tuple(spatial)}
+    sizes = {steps[0].src: steps[0].conv.in_channels * math.prod(spatial) * itemsize}
+    last_use = {}
+    for i, step in enumerate(steps):
+        for name in (step.src, step.residual):
+            if name is not None:
+                last_use[name] = i
+    live, peak = dict(sizes), 0
+    for i, step in enumerate(steps):
+        shapes[step.out] = step.out_shape(shapes[step.src])
+        live[step.out] = step.conv.out_channels * math.prod(shapes[step.out]) * itemsize
+        peak = max(peak, sum(live.values()))
+        for name in {step.src, step.residual} - {None}:
+            if last_use[name] == i:
+                live.pop(name, None)
+    return float(peak)

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"meddiff: warning: {msg}\n"
     try:
+        from ..threads import use_free_cores
+
+        use_free_cores()  # threads for the cores other processes leave idle (MEDDIFF_THREADS)
         return int(args.func(args) or 0)
     except MeddiffError as exc:
         return error(str(exc))

@@ -1,0 +1,137 @@
+"""Exact tiled decoding of research-size autoencoders: time, peak RSS and agreement with the whole-volume pass.
+
+Random weights of the real architectures (each run in a fresh process, peak RSS from ``VmHWM``, reset after the
+model and latent are made):
+- ``brain``: the MONAI Zoo brain LDM's AutoencoderKL (channels 64/128/128/128, 2 residual blocks per level, no
+  attention), latent 3x20x28x20 -> 160x224x160; whole against tiled, fp32 and bf16;
+- ``maisi``: MAISI's AutoencoderKlMaisi as maisi_ct_generative configures it (channels 64/128/256, no attention;
+  ``norm_float16`` off: MONAI's own pass fails on the CPU with it), latent 4x64^3 -> 256^3 tiled (a whole pass is
+  estimated at 40 GB, more than this machine has), and the storage a 4x128^3 -> 512^3 decode would need.
+
+    python benchmarks/bench_tiling.py [--case brain maisi] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, others_cpu_use, peak_rss_mb, reset_peak_rss, save, table  # noqa: E402
+
+from napari_meddiff.memory import available_ram_bytes  # noqa: E402
+
+GIB = 2**30
+WHOLE_BRAIN_GB = {"fp32": 13, "bf16": 9}  # measured by issue 15 on this machine (peak RSS of the whole decode)
+
+
+def brain_autoencoder():
+    from monai.networks.nets import AutoencoderKL
+
+    return AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(64, 128, 128, 128),
+                         latent_channels=3, num_res_blocks=2, norm_num_groups=32, norm_eps=1e-6,
+                         attention_levels=(False,) * 4, with_encoder_nonlocal_attn=False,
+                         with_decoder_nonlocal_attn=False)
+
+
+def maisi_autoencoder():
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    return AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
+                              num_channels=[64, 128, 256], num_res_blocks=[2, 2, 2], norm_num_groups=32,
+                              norm_eps=1e-6, attention_levels=[False] * 3, with_encoder_nonlocal_attn=False,
+                              with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=False,
+                              norm_float16=False, num_splits=1, dim_split=1)
+
+
+def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: int, ram_gib: float | None) -> dict:
+    import torch
+
+    from napari_meddiff.sampling import autocast_context
+    from napari_meddiff.tiling import tiled_decode
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    ae = (brain_autoencoder if case == "brain" else maisi_autoencoder)().eval()
+    z = torch.randn((1, *latent), generator=torch.Generator().manual_seed(1))
+    reset_peak_rss()
+    before = peak_rss_mb()
+    t0 = time.perf_counter()
+    with torch.inference_mode(), autocast_context(z.device, precision):
+        if mode == "whole":
+            img = ae.decode_stage_2_outputs(z)
+        else:
+            img = tiled_decode(ae, z, ram_bytes=None if ram_gib is None else ram_gib * GIB)
+    seconds = time.perf_counter() - t0
+    img = img.float()[0, 0].numpy()
+    return {"case": case, "mode": mode, "precision": precision, "ram_budget_gib": ram_gib, "threads": threads,
+            "latent": list(latent), "image": list(img.shape), "seconds": round(seconds, 1),
+            "peak_rss_gb": round(peak_rss_mb() / 1024, 2), "rss_before_gb": round(before / 1024, 2),
+            "array": img}
+
+
+def in_fresh_process(fn, *args) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def plans() -> list[dict]:
+    from napari_meddiff.tiling import decoder_steps, tiled_store_bytes, whole_pass_bytes
+
+    rows = []
+    for case, make, latent in (("brain", brain_autoencoder, (20, 28, 20)), ("maisi", maisi_autoencoder, (64,) * 3),
+                               ("maisi", maisi_autoencoder, (128,) * 3)):
+        steps, _ = decoder_steps(make())
+        rows.append({"case": case, "latent": list(latent), "whole_estimate_gb": round(whole_pass_bytes(steps, 1, latent) / GIB, 1),
+                     "tiled_stores_fp32_gb": round(tiled_store_bytes(steps, latent, 4) / GIB, 1),
+                     "tiled_stores_bf16_gb": round(tiled_store_bytes(steps, latent, 2) / GIB, 1)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", nargs="+", choices=("brain", "maisi"), default=["brain", "maisi"])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    payload = {"machine": machine(), "others_busy_cores_at_start": others_cpu_use(), "plans": plans(), "runs": []}
+    print(table(payload["plans"], list(payload["plans"][0])), flush=True)
+    columns = ["case", "mode", "precision", "ram_budget_gib", "seconds", "peak_rss_gb", "max_abs_diff_vs_whole"]
+    runs = []
+    if "brain" in args.case:
+        latent = (3, 20, 28, 20)
+        for precision in ("bf16", "fp32"):
+            tiled = [in_fresh_process(decode_child, "brain", latent, "tiled", precision, args.threads, ram_gib)
+                     for ram_gib in (None, 1.0)]  # stores in memory; stores past 1 GiB in files
+            need = WHOLE_BRAIN_GB[precision] * GIB
+            if available_ram_bytes() < 1.2 * need:  # other processes hold the memory: do not push them out
+                runs.append({"case": "brain", "mode": "whole", "precision": precision,
+                             "skipped": f"{available_ram_bytes() / GIB:.1f} GiB free, {need / GIB:.0f} GB needed"})
+            else:
+                whole = in_fresh_process(decode_child, "brain", latent, "whole", precision, args.threads, None)
+                ref = whole.pop("array")
+                runs.append(whole)
+                for r in tiled:
+                    r["max_abs_diff_vs_whole"] = float(np.abs(r["array"] - ref).max())
+            for r in tiled:
+                r.pop("array")
+            runs += tiled
+            print(table(runs[-3:], columns), flush=True)
+            save("tiling", {**payload, "runs": runs})
+    if "maisi" in args.case:
+        r = in_fresh_process(decode_child, "maisi", (4, 64, 64, 64), "tiled", "bf16", args.threads, None)
+        image = r.pop("array")
+        r["image_range"] = [float(image.min()), float(image.max())]
+        runs.append(r)
+        print(table(runs[-1:], columns), flush=True)
+    payload["runs"] = runs
+    payload["others_busy_cores_at_end"] = others_cpu_use()
+    print(f"saved {save('tiling', payload)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Thread policy on a shared machine (napari_meddiff/threads.py): sleep at barriers, use the free cores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from napari_meddiff import MeddiffError, threads
+
+_CHILD = (
+    "import os, napari_meddiff, torch; from napari_meddiff.threads import use_free_cores; "
+    "print(os.environ.get('OMP_WAIT_POLICY'), use_free_cores(), torch.get_num_threads())"
+)
+
+
+def _child(**env) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", threads.THREADS_ENV)}
+    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env={**base, **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_openmp_sleeps_at_barriers_unless_the_user_chose():
+    assert _child(MEDDIFF_THREADS="1") == ["PASSIVE", "1", "1"]  # set on import, before torch loads libgomp
+    policy, chosen, n = _child(MEDDIFF_THREADS="torch")  # PyTorch's own behaviour, as before
+    assert policy == "None" and chosen == "None" and int(n) == threads.usable_cores()
+
+
+def test_thread_count_setting(monkeypatch):
+    saved = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(threads.THREADS_ENV, "3")
+        assert threads.use_free_cores() == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv(threads.THREADS_ENV, "many")
+        with pytest.raises(MeddiffError, match="MEDDIFF_THREADS"):
+            threads.use_free_cores()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice is kept
+        assert threads.use_free_cores() is None and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_a_busy_process_leaves_fewer_threads():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        threads.configure_waiting()  # the measuring window starts here
+        time.sleep(1.0)
+        assert threads.others_busy_cores() >= 0.7  # the busy loop, at least (other processes may add)
+        assert threads.free_core_threads() <= max(1, threads.usable_cores() - 1)
+    finally:
+        busy.kill()
+        busy.wait()

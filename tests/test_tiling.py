@@ -1,0 +1,169 @@
+"""Exact tiled autoencoder passes equal the whole-volume pass (napari_meddiff/tiling.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import AutoencoderKL
+
+from napari_meddiff import MeddiffError, generate, load_model
+from napari_meddiff.sampling import AUTOENCODER_PASS_ENV, decode_latents, encode_images
+from napari_meddiff.tiling import tiled_decode, tiled_encode
+
+
+def _autoencoder(dims: int, seed: int = 0, **kw) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    config = dict(spatial_dims=dims, channels=(8, 16, 16), latent_channels=3, num_res_blocks=(1, 2, 1),
+                  norm_num_groups=4, attention_levels=(False,) * 3, with_encoder_nonlocal_attn=False,
+                  with_decoder_nonlocal_attn=False)
+    return AutoencoderKL(**{**config, **kw}).eval()
+
+
+@pytest.mark.parametrize("dims,latent,tiles", [(3, (5, 7, 6), (10, 64)), (2, (9, 13), (5, 512))])
+def test_tiled_decode_equals_whole_decode(dims, latent, tiles):
+    ae = _autoencoder(dims)
+    z = torch.randn((2, 3, *latent), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        whole = ae.decode_stage_2_outputs(z)
+        for tile in tiles:
+            tiled = tiled_decode(ae, z, tile=tile)
+            assert tiled.shape == whole.shape == (2, 1, *(4 * n for n in latent))
+            assert (tiled - whole).abs().max() <= 1e-4, tile
+
+
+@pytest.mark.parametrize("dims,shape", [(3, (17, 22, 13)), (2, (37, 29))])
+def test_tiled_encode_equals_whole_encode(dims, shape):
+    ae = _autoencoder(dims, seed=2)
+    x = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        mu, sigma = ae.encode(x)
+        for tile in (4, 7):
+            t_mu, t_sigma = tiled_encode(ae, x, tile=tile)
+            assert t_mu.shape == mu.shape
+            assert (t_mu - mu).abs().max() <= 1e-4 and (t_sigma - sigma).abs().max() <= 1e-4
+
+
+def test_tiled_maisi_autoencoder_equals_whole():
+    """MAISI's autoencoder: its own GroupNorm (float32 per group) and trilinear upsampling."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    torch.manual_seed(4)
+    ae = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 16, 16],
+                            num_res_blocks=[2, 2, 2], norm_num_groups=4, attention_levels=[False] * 3,
+                            num_splits=1, dim_split=1).eval()
+    z = torch.randn((1, 4, 5, 7, 6), generator=torch.Generator().manual_seed(5))
+    x = torch.rand((1, 1, 21, 26, 23), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        assert (tiled_decode(ae, z, tile=5) - ae.decode_stage_2_outputs(z)).abs().max() <= 1e-4
+        assert (tiled_encode(ae, x, tile=6)[0] - ae.encode(x)[0]).abs().max() <= 1e-4
+
+
+def test_tiled_decode_in_bf16_is_within_bf16_rounding():
+    ae = _autoencoder(3, seed=7)
+    z = torch.randn((1, 3, 6, 5, 7), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = ae.decode_stage_2_outputs(z).float()
+        tiled = tiled_decode(ae, z, tile=8).float()
+    scale = float(whole.max() - whole.min())  # the criterion is on [0, 1] intensities
+    assert (tiled - whole).abs().max() / scale <= 1e-2
+
+
+def test_file_stores_give_the_same_result_and_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDDIFF_TILE_DIR", str(tmp_path))
+    ae = _autoencoder(3, seed=9)
+    z = torch.randn((1, 3, 4, 5, 6), generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode():
+        in_ram = tiled_decode(ae, z, tile=8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 activations are stored as their bits
+            in_ram_bf16 = tiled_decode(ae, z, tile=8)
+            in_files_bf16 = tiled_decode(ae, z, tile=8, ram_bytes=0)
+        in_files = tiled_decode(ae, z, tile=8, ram_bytes=0)  # every activation in a file
+    assert torch.equal(in_ram, in_files) and torch.equal(in_ram_bf16, in_files_bf16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_is_refused_with_a_clear_message():
+    ae = _autoencoder(3, with_decoder_nonlocal_attn=True)
+    with pytest.raises(MeddiffError, match="attention"):
+        tiled_decode(ae, torch.zeros(1, 3, 4, 4, 4))
+
+
+def test_latent_model_tiled_is_reproducible_and_equals_whole(tiny_models, monkeypatch):
+    model = load_model(tiny_models["ldm3d"])
+    z = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(11))
+    whole = decode_latents(model, z, mode="whole")
+    tiled = decode_latents(model, z, mode="tiled", tile=5)
+    assert torch.equal(tiled, decode_latents(model, z, mode="tiled", tile=5))  # bitwise, run to run
+    assert (tiled - whole).abs().max() <= 1e-4
+    images = torch.rand((1, 1, *model.image_shape), generator=torch.Generator().manual_seed(12))
+    mean = encode_images(model, images, sample=False, mode="whole")
+    assert (encode_images(model, images, sample=False, mode="tiled", tile=6) - mean).abs().max() <= 1e-4
+    with pytest.raises(MeddiffError, match="auto, whole, tiled"):
+        decode_latents(model, z, mode="sliding")
+    monkeypatch.setenv(AUTOENCODER_PASS_ENV, "tiled")  # the process default `--decode` sets
+    (vol,) = generate(model, [3], steps=2)
+    monkeypatch.setenv(AUTOENCODER_PASS_ENV, "whole")
+    (ref,) = generate(model, [3], steps=2)
+    np.testing.assert_allclose(vol.array, ref.array, atol=1e-4)
+
+
+def test_cli_decode_option(models_env, tmp_path):
+    env = {**__import__("os").environ, "MEDDIFF_MODELS": str(models_env)}
+    arrays = {}
+    for mode in ("whole", "tiled"):
+        out = tmp_path / mode
+        proc = subprocess.run([sys.executable, "-m", "napari_meddiff.cli", "generate", "--model", "tiny-ldm-3d",
+                               "--steps", "2", "--seed", "4", "--decode", mode, "--out", str(out)],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        (path,) = out.glob("*.nii.gz")
+        arrays[mode] = np.asarray(nib.load(path).dataobj)
+    np.testing.assert_allclose(arrays["tiled"], arrays["whole"], atol=1e-4)
+    bad = subprocess.run([sys.executable, "-m", "napari_meddiff.cli", "generate", "--decode", "sliding"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "--decode" in bad.stderr and "Traceback" not in bad.stderr
+
+
+_PEAK_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from monai.networks.nets import AutoencoderKL
+    from napari_meddiff.tiling import tiled_decode
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ae = AutoencoderKL(spatial_dims=3, channels=(32, 32), latent_channels=3, num_res_blocks=1, norm_num_groups=8,
+                       attention_levels=(False, False), with_encoder_nonlocal_attn=False,
+                       with_decoder_nonlocal_attn=False).eval()
+    z = torch.randn(1, 3, 40, 40, 40)
+    def status(key):
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+    def decode(z):
+        return ae.decode_stage_2_outputs(z) if sys.argv[1] == "whole" else tiled_decode(ae, z, tile=24, ram_bytes=0)
+    with torch.inference_mode():
+        decode(z[..., :8, :8, :8])  # libraries and kernels loaded before the peak is measured
+        open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+        before = status("VmRSS:")
+        out = decode(z)
+    print(json.dumps({"grew": status("VmHWM:") - before, "output": out.numel() * 4}))
+""")
+
+
+def test_tiled_decode_memory_is_bounded_by_the_tiles(tmp_path, monkeypatch):
+    """Peak RSS of a subprocess: a whole 80^3 decode through 32-channel layers against a tiled one with every
+    activation in a file (what stays in memory: the output and one tile's workspace)."""
+    monkeypatch.setenv("MEDDIFF_TILE_DIR", str(tmp_path))
+    grew = {}
+    for mode in ("whole", "tiled"):
+        proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, mode], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        grew[mode] = json.loads(proc.stdout)
+    whole, tiled = grew["whole"]["grew"], grew["tiled"]["grew"]
+    activation = 32 * 80**3 * 4  # one full-resolution activation, 65 MB
+    assert whole > 3 * activation
+    assert tiled < activation + 2 * grew["tiled"]["output"], grew
