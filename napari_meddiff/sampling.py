@@ -298,7 +298,10 @@ def autoencoder_pass(
     from . import tiling
 
     ae = model.autoencoder
-    steps = tiling.encoder_steps(ae)[0] if encode else tiling.decoder_steps(ae)[0]
+    try:
+        steps = tiling.encoder_steps(ae)[0] if encode else tiling.decoder_steps(ae)[0]
+    except MeddiffError:  # not tileable (attention): the whole pass is the only one
+        return "whole"
     need = tiling.whole_pass_bytes(steps, x.shape[0], x.shape[2:])
     return "whole" if need <= WHOLE_PASS_SHARE * free_memory_bytes(x.device) else "tiled"
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from monai.networks.nets import AutoencoderKL
 
 from napari_meddiff import MeddiffError, generate, load_model
-from napari_meddiff.sampling import AUTOENCODER_PASS_ENV, decode_latents, encode_images
+from napari_meddiff.sampling import AUTOENCODER_PASS_ENV, autoencoder_pass, decode_latents, encode_images
 from napari_meddiff.tiling import tiled_decode, tiled_encode
 
 
@@ -89,10 +90,13 @@ def test_file_stores_give_the_same_result_and_are_removed(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_attention_is_refused_with_a_clear_message():
+def test_attention_is_refused_with_a_clear_message(monkeypatch):
     ae = _autoencoder(3, with_decoder_nonlocal_attn=True)
+    z = torch.zeros(1, 3, 4, 4, 4)
     with pytest.raises(MeddiffError, match="attention"):
-        tiled_decode(ae, torch.zeros(1, 3, 4, 4, 4))
+        tiled_decode(ae, z)
+    monkeypatch.setattr("napari_meddiff.sampling.free_memory_bytes", lambda device: 0)
+    assert autoencoder_pass(types.SimpleNamespace(autoencoder=ae), z) == "whole"  # auto: the only pass there is
 
 
 def test_latent_model_tiled_is_reproducible_and_equals_whole(tiny_models, monkeypatch):
