@@ -88,8 +88,6 @@ def use_free_cores() -> int | None:
     setting = _setting()
     if setting == "torch" or os.environ.get("OMP_NUM_THREADS"):
         return None
-    import torch
-
     if setting == "auto":
         n = free_core_threads()
     else:
@@ -100,5 +98,8 @@ def use_free_cores() -> int | None:
 
             raise MeddiffError(f"{THREADS_ENV} must be auto, torch or a number of threads, not {setting!r}") from None
         n = max(1, n)
-    torch.set_num_threads(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    else:  # not loaded yet (and not loaded here, for commands that never need it): OpenMP reads this on load
+        os.environ["OMP_NUM_THREADS"] = str(n)
     return n
