@@ -212,9 +212,6 @@ def plan_segmentation(
     if bad:
         raise MeddiffError(f"the image has {bad} NaN or infinite voxels; segmenting them would invent labels "
                            "(replace them first, e.g. with the background value)")
-    if arr.size == 0 or float(arr.max()) == float(arr.min()):
-        raise MeddiffError(f"the image is constant ({float(arr.flat[0]) if arr.size else 'empty'} everywhere): "
-                           "there is nothing to segment")
     if window is None:
         window = intensity_window(arr, model.config.get("intensity"))
     elif not (np.isfinite(window).all() and float(window[1]) > float(window[0])):
@@ -465,6 +462,10 @@ def segment(
     names = class_names(model)
 
     seed = check_seed(seed)
+    arr = np.asarray(image.array)
+    if arr.size == 0 or float(np.nanmax(arr)) == float(np.nanmin(arr)):
+        raise MeddiffError(f"the image is constant ({float(arr.flat[0]) if arr.size else 'empty'} everywhere): "
+                           "there is nothing to segment")
     plan = plan_segmentation(model, image, axis=axis, region=region, window=window)
     tile_voxels = float(np.prod(plan.tile_shape))
     check_request_fits(
