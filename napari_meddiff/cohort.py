@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MeddiffError
-from .files import write_text_atomic
+from .files import ensure_folder, write_text_atomic
 from .volume import Volume, write_volume
 
 TRAIN_SEEDS = range(0, 100_000)
@@ -406,12 +406,7 @@ def write_cohort(
             raise MeddiffError(f"subject seed must be non-negative, got {s}")
         split_of(s)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MeddiffError(f"cannot create output folder {out}: {exc.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise MeddiffError(f"output folder is not writable: {out}")
+    ensure_folder(out)
 
     params = {
         "generator": "napari_meddiff.cohort",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .errors import MeddiffError
@@ -46,11 +44,6 @@ def free_memory_bytes(device: torch.device) -> int:
     """Memory free for new tensors: free CUDA memory, or the kernel's ``MemAvailable`` on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    from .memory import available_ram_bytes
+
+    return available_ram_bytes()
