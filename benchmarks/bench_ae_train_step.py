@@ -28,16 +28,18 @@ from napari_meddiff.zoo import build_network  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def time_steps(net_cfg: dict, size: list[int], batch: int, precision: str, layout: str, repeats: int) -> float:
-    """Median seconds of ``repeats`` training steps after one warm-up step."""
+def time_steps(net_cfg: dict, size: list[int], batch: int, precision: str, layout: str, repeats: int
+               ) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``repeats`` training steps after one warm-up step (on a shared machine
+    the CPU seconds of this process are the steadier figure)."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     ae = common.to_layout(build_network("autoencoder", net_cfg), layout)
     opt = torch.optim.Adam(ae.parameters(), lr=1e-4)
     x = common.to_layout(torch.rand(batch, 1, *size), layout)
-    times = []
+    times, cpu = [], []
     for i in range(repeats + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with common.autocast(device, precision):
             loss, _, _, _ = generator_step_loss(ae, x, kl_weight=1e-6)
         opt.zero_grad(set_to_none=True)
@@ -45,7 +47,8 @@ def time_steps(net_cfg: dict, size: list[int], batch: int, precision: str, layou
         opt.step()
         if i:
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+            cpu.append(time.process_time() - c0)
+    return sorted(times)[len(times) // 2], sorted(cpu)[len(cpu) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     for size in ([int(v) for v in s.split(",")] for s in args.sizes):
         for precision in precisions:
             for layout in common.LAYOUTS:
-                s = time_steps(net_cfg, size, args.batch, precision, layout, args.repeats)
-                rows.append({"size": size, "batch": args.batch, "precision": precision, "layout": layout, "seconds": round(s, 3)})
-                print(f"{'x'.join(map(str, size)):>12} b{args.batch} {precision:>5} {layout:>16}: {s:7.3f} s/step", flush=True)
+                s, c = time_steps(net_cfg, size, args.batch, precision, layout, args.repeats)
+                rows.append({"size": size, "batch": args.batch, "precision": precision, "layout": layout,
+                             "seconds": round(s, 3), "cpu_seconds": round(c, 3)})
+                print(f"{'x'.join(map(str, size)):>12} b{args.batch} {precision:>5} {layout:>16}: {s:7.3f} s/step wall, "
+                      f"{c:7.3f} s CPU", flush=True)
     out = {"config": str(args.config), "autoencoder": net_cfg, "threads": args.threads,
            "machine": common.machine_description(torch.device("cpu")), "torch": torch.__version__, "rows": rows}
     RESULTS.mkdir(exist_ok=True)

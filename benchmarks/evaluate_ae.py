@@ -2,11 +2,11 @@
 
     python benchmarks/evaluate_ae.py --config models/brain-ldm-3d/train-2mm.yaml \
         --checkpoint runs/brain-ldm-3d-2mm/autoencoder.pt [--heldout data/cohort-2mm-heldout] [--num 16]
-        [--weights ema|model|both] [--threads 1] [--json OUT.json]
+        [--weights ema|model|both] [--threads 1] [--json OUT.json] [--log CURVE.jsonl]
 
 Reads the checkpoint with ``torch.load(weights_only=True)``, preprocesses held-out cohort subjects (seeds
 100000.., written first if the folder lacks them) exactly as training does, reconstructs each whole volume
-(encoder mean, no latent sampling, fp32) and prints PSNR and SSIM (MONAI metrics, data range 1), mean ± SD.
+(encoder mean, no latent sampling, fp32 on oneDNN) and prints PSNR and SSIM (MONAI metrics, data range 1), mean ± SD.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 from evaluate_models import ensure_heldout, load_split  # noqa: E402
 
+from napari_meddiff.cpu_kernels import prefer_onednn  # noqa: E402
 from napari_meddiff.training.common import load_checkpoint  # noqa: E402
 from napari_meddiff.training.config import load_config  # noqa: E402
 from napari_meddiff.zoo import build_network  # noqa: E402
@@ -37,7 +38,7 @@ def reconstruct_mean(ae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 def scores(ae: torch.nn.Module, real: torch.Tensor) -> dict:
     from monai.metrics import PSNRMetric, SSIMMetric
 
-    rec = reconstruct_mean(ae.eval(), real)
+    rec = reconstruct_mean(prefer_onednn(ae.eval()), real)
     psnr = PSNRMetric(max_val=1.0)(rec, real).flatten()
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)(rec, real).flatten()
     return {"psnr_db": {"mean": round(float(psnr.mean()), 3), "sd": round(float(psnr.std()), 3)},
@@ -50,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=Path("runs/brain-ldm-3d-2mm/autoencoder.pt"))
     ap.add_argument("--heldout", type=Path, default=Path("data/cohort-2mm-heldout"))
     ap.add_argument("--num", type=int, default=16, help="held-out subjects (default 16)")
-    ap.add_argument("--weights", choices=("ema", "model", "both"), default="both")
+    ap.add_argument("--weights", choices=("ema", "model", "both"), default="ema",
+                    help="the EMA (default; the raw weights before ema_start), the raw weights, or both")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--log", type=Path, default=None, help="append the result as one JSON line (a held-out curve)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({len(real)} subjects, seeds {seeds[0]}-{seeds[-1]})", flush=True)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
+    if args.log:
+        with open(args.log, "a") as f:
+            f.write(json.dumps(res) + "\n")
     return 0
 
 
