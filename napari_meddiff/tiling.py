@@ -189,10 +189,9 @@ class Store:
 
     def write(self, box: Box, tile: torch.Tensor) -> None:
         """Store ``tile`` (1, C, *box) at ``box`` and add it to the channel sums."""
-        dims = tuple(range(2, tile.ndim))
-        values = tile.to(torch.float64)
-        self.sum += values.sum(dim=(0, *dims))
-        self.sumsq += values.square_().sum(dim=(0, *dims))
+        values = tile[0].reshape(tile.shape[1], -1).float()  # float32 sums per tile, float64 across tiles
+        self.sum += values.sum(1).double()
+        self.sumsq += torch.linalg.vector_norm(values, dim=1).double().square()
         self._put(box, tile[0])
 
     def group_stats(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +221,7 @@ class RamStore(Store):
         self.data = torch.empty((channels, *self.shape), dtype=dtype, device=device)
 
     def read(self, box: Box) -> torch.Tensor:
-        return self.data[_slices(box)].unsqueeze(0)
+        return self.data[_slices(box)].unsqueeze(0).contiguous()  # as a file's tile: the same kernels, same bits
 
     def _put(self, box: Box, values: torch.Tensor) -> None:
         self.data[_slices(box)] = values
@@ -276,22 +275,16 @@ class FileStore(Store):
 
 
 def _normalise(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of the tile ``x`` with whole-volume per-channel ``mean`` / ``var``, in the dtypes the module uses."""
-    view = (1, -1) + (1,) * (x.ndim - 2)
-    if hasattr(norm, "norm_float16"):  # MAISI's MaisiGroupNorm3D: fp32 (x - mean) / std [-> fp16], then affine
-        std = (var + norm.eps).sqrt().float().view(view)
-        y = (x.float() - mean.float().view(view)) / std
-        if norm.norm_float16:
-            y = y.half()
-        if norm.affine:
-            y.mul_(norm.weight.view(view)).add_(norm.bias.view(view))
-        return y
-    scale = (var + norm.eps).rsqrt()
-    shift = -mean * scale
-    if norm.affine:
-        scale = scale * norm.weight.double()
-        shift = shift * norm.weight.double() + norm.bias.double()
-    return (x.float() * scale.float().view(view) + shift.float().view(view)).to(x.dtype)
+    """GroupNorm of the tile ``x`` with whole-volume per-channel ``mean`` / ``var``, in the dtypes the module uses
+    (per channel ``x * scale + shift``, as PyTorch's GroupNorm kernel computes it, here by `F.batch_norm`)."""
+    weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
+    if hasattr(norm, "norm_float16"):  # MAISI's MaisiGroupNorm3D: float32 output [fp16, then the affine part]
+        if not norm.norm_float16:
+            return F.batch_norm(x.float(), mean.float(), var.float(), weight, bias, False, 0.0, norm.eps)
+        y = F.batch_norm(x.float(), mean.float(), var.float(), None, None, False, 0.0, norm.eps).half()
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return y.mul_(weight.view(view)).add_(bias.view(view)) if norm.affine else y
+    return F.batch_norm(x, mean.float(), var.float(), weight, bias, False, 0.0, norm.eps)
 
 
 def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
