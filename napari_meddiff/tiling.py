@@ -176,31 +176,41 @@ def _slices(box: Box) -> tuple[slice, ...]:
 
 
 class Store:
-    """One sample's activation ``(C, *shape)``, written and read by tiles, with per-channel float64 sums."""
+    """One sample's activation ``(C, *shape)``, written and read by tiles, with per-channel float64 statistics."""
 
     def __init__(self, channels: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
         self.channels, self.shape, self.dtype, self.device = channels, tuple(shape), dtype, device
-        self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.sumsq = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.count = 0  # voxels written
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)  # sum of squared deviations
 
     @property
     def nbytes(self) -> int:
         return self.channels * math.prod(self.shape) * self.dtype.itemsize
 
     def write(self, box: Box, tile: torch.Tensor) -> None:
-        """Store ``tile`` (1, C, *box) at ``box`` and add it to the channel sums."""
-        values = tile[0].reshape(tile.shape[1], -1).float()  # float32 sums per tile, float64 across tiles
-        self.sum += values.sum(1).double()
-        self.sumsq += torch.linalg.vector_norm(values, dim=1).double().square()
+        """Store ``tile`` (1, C, *box) at ``box`` and merge its channel statistics (Chan et al.'s pairwise update:
+        float32 mean and centred sum of squares per tile, float64 across tiles)."""
+        values = tile[0].reshape(tile.shape[1], -1).float()
+        n = values.shape[1]
+        tile_mean = values.mean(1, keepdim=True)
+        tile_m2 = torch.linalg.vector_norm(values - tile_mean, dim=1).double().square()
+        tile_mean = tile_mean[:, 0].double()
+        total = self.count + n
+        delta = tile_mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += tile_m2 + delta.square() * (self.count * n / total)
+        self.count = total
         self._put(box, tile[0])
 
     def group_stats(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (mean, variance) of ``norm``'s groups over the whole volume, float64."""
         per_group = self.channels // norm.num_groups
-        count = per_group * math.prod(self.shape)
-        mean = self.sum.view(norm.num_groups, per_group).sum(1) / count
-        var = (self.sumsq.view(norm.num_groups, per_group).sum(1) / count - mean.square()).clamp_min(0)
-        return mean.repeat_interleave(per_group), var.repeat_interleave(per_group)
+        means = self.mean.view(norm.num_groups, per_group)
+        group_mean = means.mean(1, keepdim=True)
+        m2 = self.m2.view(norm.num_groups, per_group).sum(1) + self.count * (means - group_mean).square().sum(1)
+        var = m2 / (per_group * self.count)
+        return group_mean[:, 0].repeat_interleave(per_group), var.repeat_interleave(per_group)
 
     def read(self, box: Box) -> torch.Tensor:
         raise NotImplementedError
@@ -263,8 +273,7 @@ class FileStore(Store):
     def _put(self, box: Box, values: torch.Tensor) -> None:
         array = values.cpu().contiguous().view(torch.int16 if self.dtype == torch.bfloat16 else self.dtype).numpy()
         mapped = self._map("r+")
-        mapped[_slices(box)] = array
-        mapped.flush()
+        mapped[_slices(box)] = array  # written back by the kernel: no sync per tile
         del mapped
 
     def close(self) -> None:
