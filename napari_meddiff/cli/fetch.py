@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..errors import MeddiffError
 from ..files import ensure_folder, removed_if_left_empty
-from ..zoo.bundle import FORMAT as BUNDLE, file_digests, read_large_files
+from ..zoo.bundle import FORMAT as BUNDLE, read_large_files
+from ..zoo.bundle_weights import file_digests
 from ..zoo.bundle_defaults import ZOO_BUNDLES, bundle_defaults
 
 SOURCES = ("monaihosting", "github", "huggingface_hub", "ngc")

@@ -19,11 +19,8 @@ recorded as a note that ``meddiff models`` prints. ``meddiff.json`` may hold::
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import dataclasses
 import inspect
-import io
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -33,19 +30,13 @@ import torch
 from ..errors import MeddiffError
 from .bundle_config import BundleConfig, find_config_file, load_data_file, read_bundle_config
 from .bundle_defaults import bundle_defaults
+from .bundle_weights import check_weight_file, load_weights, read_state_dict
 from .conditions import snake_case
 from .model import DEFAULT_SAMPLING, build_network
 from .schema import validate_config
 
 SIDECAR_NAME = "meddiff.json"
 SIDECAR_KEYS = ("name", "image_shape", "voxel_size", "latent", "defaults", "weights", "conditioning", "orientation")
-#: checkpoint keys under which nested state dicts are looked for, per network
-NESTED_KEYS = {
-    "unet": ("unet_state_dict", "diffusion_state_dict", "diffusion", "unet", "model_state_dict", "state_dict", "model",
-             "network", "net"),
-    "autoencoder": ("autoencoder_state_dict", "autoencoder", "vae", "model_state_dict", "state_dict", "model",
-                    "network", "net"),
-}
 
 
 class BundleFormat:
@@ -261,181 +252,132 @@ def read_large_files(folder: Path, defaults: dict) -> dict[str, str]:
     return md5
 
 
-def translate_bundle(folder: Path) -> dict[str, Any]:
-    """The bundle as a validated config of this package's schema (``format: "monai-bundle"``)."""
+@dataclasses.dataclass
+class _Sources:
+    """Everything a translation reads: the config, metadata.json, meddiff.json and the documented defaults."""
+
+    folder: Path
+    cfg: BundleConfig
+    metadata: dict
+    sidecar: dict
+    defaults: dict
+    dims: int
+    geo: _Geometry
+
+    @property
+    def where(self) -> str:
+        return str(self.cfg.path)
+
+    def metadata_image_shape(self) -> list[int] | None:
+        """The output shape metadata.json gives, when its output is the image (an LDM's UNet outputs latents)."""
+        _, outputs = _io_formats(self.metadata)
+        pred = next(iter(outputs.values()), {}) if outputs else {}
+        shape = _int_list(pred.get("spatial_shape")) if isinstance(pred, dict) and pred.get("type") == "image" else None
+        return shape[-self.dims:] if shape and len(shape) >= self.dims else None
+
+
+def _latent_geometry(src: _Sources, ae: dict) -> tuple[dict, list[int]]:
+    """``latent`` block and image shape of an LDM: latent shape from meddiff.json, the config's ``latent_shape``,
+    metadata's noise input, metadata's image shape / the autoencoder's downsampling, or the defaults."""
+    factor = 2 ** (len(ae.get("channels", (0, 0, 0, 0))) - 1)
+    inputs, _ = _io_formats(src.metadata)
+    meta_latent = next((v for v in inputs.values() if isinstance(v, dict) and v.get("type") == "noise"), {})
+    from_meta = _int_list(meta_latent.get("spatial_shape"))
+    literal = _int_list(src.cfg.literal("latent_shape"))
+    meta_shape = src.metadata_image_shape()
+    derived = [s // factor for s in meta_shape] if meta_shape and all(s % factor == 0 for s in meta_shape) else None
+    block = src.sidecar.get("latent") or {}
+    spatial = src.geo.pick(
+        "latent shape",
+        ("sidecar", block.get("shape")),
+        ("bundle", literal[-src.dims:] if literal and len(literal) == src.dims + 1 else None),
+        ("bundle", from_meta if from_meta and len(from_meta) == src.dims else None),
+        ("bundle", derived),
+        ("default", src.defaults.get("latent_shape", [None])[1:] or None),
+    )
+    if spatial is None:
+        raise MeddiffError(f"{src.where}: the latent shape is not stated; give \"latent\": {{\"shape\": [...]}} "
+                           f"in {src.folder / SIDECAR_NAME}")
+    image_shape = src.sidecar.get("image_shape") or [int(s) * factor for s in spatial]
+    if meta_shape and meta_shape != image_shape:
+        src.geo.notes.append(f"metadata.json gives {_show(meta_shape)} (a training patch); the model generates "
+                             f"{_show(image_shape)} (latent {_show(list(spatial))} x {factor})")
+    latent = {"channels": int(ae.get("latent_channels", 3)), "shape": [int(s) for s in spatial],
+              "scale_factor": float(block.get("scale_factor", 1.0))}
+    return latent, image_shape
+
+
+def _pixel_image_shape(src: _Sources) -> list[int]:
+    image_size = _int_list(src.cfg.literal("image_size"))
+    image_shape = src.geo.pick(
+        "image shape",
+        ("sidecar", src.sidecar.get("image_shape")),
+        ("bundle", src.metadata_image_shape()),
+        ("bundle", image_size[-src.dims:] if image_size and len(image_size) >= src.dims else None),
+        ("default", src.defaults.get("image_shape")),
+    )
+    if image_shape is None:
+        raise MeddiffError(f"{src.where}: the image shape is not stated; give \"image_shape\" in "
+                           f"{src.folder / SIDECAR_NAME}")
+    return image_shape
+
+
+def _voxel_and_orientation(src: _Sources) -> list[float]:
+    voxel = src.geo.pick(
+        "voxel size (mm)",
+        ("sidecar", src.sidecar.get("voxel_size")),
+        ("bundle", _voxel_from_text(src.metadata.get("image_classes"), src.dims)),
+        ("default", src.defaults.get("voxel_size")),
+        ("guess", [1.0] * src.dims),
+    )
+    orientation = src.geo.pick("orientation", ("sidecar", src.sidecar.get("orientation")),
+                               ("default", src.defaults.get("orientation")), ("guess", "RAS"))
+    if orientation != "RAS":
+        raise MeddiffError(f"{src.folder / SIDECAR_NAME}: only RAS orientation is supported, not {orientation!r}")
+    return voxel
+
+
+def _read_sources(folder: Path) -> tuple[_Sources, dict, dict | None, tuple | None]:
     cfg = read_bundle_config(folder)
-    where = str(cfg.path)
     metadata = load_data_file(folder / "configs" / "metadata.json")
     if not isinstance(metadata, dict):
         raise MeddiffError(f"{folder / 'configs' / 'metadata.json'}: must hold a JSON object")
-    sidecar = read_sidecar(folder)
-    defaults = bundle_defaults(folder.name)
     components = cfg.components()
     _, _, unet = _one(components, "unet", cfg.path, True)
     ae_found = _one(components, "autoencoder", cfg.path, False)
-    sched_found = (components.get("scheduler") or [None])[0]
-    ae = ae_found[2] if ae_found else None
+    dims = unet.get("spatial_dims")
+    if dims not in (2, 3) or isinstance(dims, bool):
+        raise MeddiffError(f"{cfg.path}: the UNet's spatial_dims must be 2 or 3, not {dims!r}")
+    src = _Sources(folder, cfg, metadata, read_sidecar(folder), bundle_defaults(folder.name), int(dims), _Geometry())
+    return src, unet, (ae_found[2] if ae_found else None), (components.get("scheduler") or [None])[0]
+
+
+def translate_bundle(folder: Path) -> dict[str, Any]:
+    """The bundle as a validated config of this package's schema (``format: "monai-bundle"``)."""
+    src, unet, ae, scheduler = _read_sources(folder)
     kind = "ldm" if ae is not None else "ddpm"
-    dims = int(unet.get("spatial_dims", 0))
-    if dims not in (2, 3):
-        raise MeddiffError(f"{where}: the UNet's spatial_dims must be 2 or 3, not {unet.get('spatial_dims')!r}")
-    inputs, outputs = _io_formats(metadata)
-    pred = next(iter(outputs.values()), {}) if outputs else {}
-    is_image = isinstance(pred, dict) and pred.get("type") == "image"  # an LDM's UNet outputs latents ("feature")
-    meta_shape = _int_list(pred.get("spatial_shape")) if is_image else None
-    meta_shape = meta_shape[-dims:] if meta_shape and len(meta_shape) >= dims else None
-    geo = _Geometry()
-    latent_block = sidecar.get("latent") or {}
-    config: dict[str, Any] = {
-        "name": str(sidecar.get("name", folder.name)),
-        "format": "monai-bundle",
-        "kind": kind,
-        "spatial_dims": dims,
-        "networks": {"unet": unet},
-    }
+    config: dict[str, Any] = {"name": str(src.sidecar.get("name", folder.name)), "format": "monai-bundle",
+                              "kind": kind, "spatial_dims": src.dims, "networks": {"unet": unet}}
     if kind == "ldm":
-        factor = 2 ** (len(ae.get("channels", (0, 0, 0, 0))) - 1)
-        lat_ch = int(ae.get("latent_channels", 3))
-        meta_latent = next((v for v in inputs.values() if isinstance(v, dict) and v.get("type") == "noise"), {})
-        from_meta = _int_list(meta_latent.get("spatial_shape"))
-        literal = _int_list(cfg.literal("latent_shape"))
-        derived = [s // factor for s in meta_shape] if meta_shape and all(s % factor == 0 for s in meta_shape) else None
-        spatial = geo.pick(
-            "latent shape",
-            ("sidecar", latent_block.get("shape")),
-            ("bundle", literal[-dims:] if literal and len(literal) == dims + 1 else None),
-            ("bundle", from_meta if from_meta and len(from_meta) == dims else None),
-            ("bundle", derived),
-            ("default", defaults.get("latent_shape", [None])[1:] or None),
-        )
-        if spatial is None:
-            raise MeddiffError(f"{where}: the latent shape is not stated; give \"latent\": {{\"shape\": [...]}} "
-                               f"in {folder / SIDECAR_NAME}")
-        image_shape = sidecar.get("image_shape") or [int(s) * factor for s in spatial]
-        if meta_shape and meta_shape != image_shape:
-            geo.notes.append(f"metadata.json gives {_show(meta_shape)} (a training patch); the model generates "
-                             f"{_show(image_shape)} (latent {_show(list(spatial))} x {factor})")
+        config["latent"], image_shape = _latent_geometry(src, ae)
         config["networks"]["autoencoder"] = ae
-        config["latent"] = {"channels": lat_ch, "shape": [int(s) for s in spatial],
-                            "scale_factor": float(latent_block.get("scale_factor", 1.0))}
-        sample_channels = lat_ch
+        sample_channels = config["latent"]["channels"]
     else:
-        image_size = _int_list(cfg.literal("image_size"))
-        image_shape = geo.pick(
-            "image shape",
-            ("sidecar", sidecar.get("image_shape")),
-            ("bundle", meta_shape),
-            ("bundle", image_size[-dims:] if image_size and len(image_size) >= dims else None),
-            ("default", defaults.get("image_shape")),
-        )
-        if image_shape is None:
-            raise MeddiffError(f"{where}: the image shape is not stated; give \"image_shape\" in {folder / SIDECAR_NAME}")
-        sample_channels = int(unet.get("out_channels", 1))
+        image_shape, sample_channels = _pixel_image_shape(src), int(unet.get("out_channels", 1))
     config["image_shape"] = [int(s) for s in image_shape]
-    config["voxel_size"] = [float(v) for v in geo.pick(
-        "voxel size (mm)",
-        ("sidecar", sidecar.get("voxel_size")),
-        ("bundle", _voxel_from_text(metadata.get("image_classes"), dims)),
-        ("default", defaults.get("voxel_size")),
-        ("guess", [1.0] * dims),
-    )]
-    orientation = geo.pick("orientation", ("sidecar", sidecar.get("orientation")),
-                           ("default", defaults.get("orientation")), ("guess", "RAS"))
-    if orientation != "RAS":
-        raise MeddiffError(f"{folder / SIDECAR_NAME}: only RAS orientation is supported, not {orientation!r}")
-    sched_cls, sched_kwargs = (sched_found[1], sched_found[2]) if sched_found else (None, {})
+    config["voxel_size"] = [float(v) for v in _voxel_and_orientation(src)]
+    sched_cls, sched_kwargs = (scheduler[1], scheduler[2]) if scheduler else (None, {})
     config["scheduler"] = _schedule(sched_cls, sched_kwargs)
-    config["defaults"] = {**DEFAULT_SAMPLING, **(sidecar.get("defaults") or {})}
-    config["bundle_sampling"] = _bundle_sampling(cfg, sched_cls, config["scheduler"])
-    conditioning = _condition_block(cfg, metadata, unet, sample_channels, defaults, sidecar, where)
+    config["defaults"] = {**DEFAULT_SAMPLING, **(src.sidecar.get("defaults") or {})}
+    config["bundle_sampling"] = _bundle_sampling(src.cfg, sched_cls, config["scheduler"])
+    conditioning = _condition_block(src.cfg, src.metadata, unet, sample_channels, src.defaults, src.sidecar, src.where)
     if conditioning is not None:
         config["conditioning"] = conditioning
-    md5 = read_large_files(folder, defaults)
+    md5 = read_large_files(folder, src.defaults)
     config["weights"] = {role: {"file": f, **({"md5": md5[f]} if f in md5 else {})}
-                         for role, f in _weight_files(folder, kind, defaults, sidecar, list(md5)).items()}
-    config["geometry"] = {"orientation": "RAS", "notes": geo.notes}
-    config["bundle"] = {k: metadata.get(k) for k in ("version", "name", "task", "description", "authors") if k in metadata}
+                         for role, f in _weight_files(folder, kind, src.defaults, src.sidecar, list(md5)).items()}
+    config["geometry"] = {"orientation": "RAS", "notes": src.geo.notes}
+    config["bundle"] = {k: src.metadata.get(k) for k in ("version", "name", "task", "description", "authors")
+                        if k in src.metadata}
     config["intensity"] = {"range": [0.0, 1.0]}
-    return validate_config(config, where)
-
-
-# --- weights ------------------------------------------------------------------------------------------------
-
-
-def file_digests(path: Path) -> tuple[str, str]:
-    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            md5.update(chunk)
-            sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
-
-
-def check_weight_file(path: Path, md5: str | None, folder: Path) -> str:
-    """The file's sha256, after checking it exists and matches its md5 (when the bundle gives one)."""
-    if not path.is_file():
-        expected = f" (md5 {md5})" if md5 else ""
-        raise MeddiffError(f"missing weight file {path}{expected}: run `meddiff fetch {folder.name} --dir "
-                           f"{folder.parent}` with internet, or put the file there")
-    got_md5, sha = file_digests(path)
-    if md5 and got_md5 != md5.lower():
-        raise MeddiffError(f"{path} is corrupt or not the bundle's file: md5 {got_md5} != {md5} in large_files.yml; "
-                           "refusing to load it")
-    return sha
-
-
-def read_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
-    """Tensors only (``weights_only=True``), the state dict found inside a nested checkpoint if need be."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        raise MeddiffError(
-            f"refusing {path}: it holds pickled Python objects, not only tensors, and meddiff never unpickles "
-            f"them (torch.load weights_only=True: {first[-1][:160] if first else exc})"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise MeddiffError(f"cannot read {path} as PyTorch weights: {str(exc)[:200]}") from None
-    state = _find_state_dict(obj, role)
-    if state is None:
-        raise MeddiffError(f"{path}: no state dict of tensors found (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")
-    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
-
-
-def _find_state_dict(obj: Any, role: str, depth: int = 0) -> dict | None:
-    if _is_state_dict(obj):
-        return obj
-    if not isinstance(obj, dict) or depth > 2:
-        return None
-    for key in NESTED_KEYS[role]:
-        if key in obj:
-            found = _find_state_dict(obj[key], role, depth + 1)
-            if found is not None:
-                return found
-    candidates = [v for v in obj.values() if _is_state_dict(v)]
-    return candidates[0] if len(candidates) == 1 else None
-
-
-def load_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Current MONAI key names load directly; MONAI Generative's go through MONAI's ``load_old_state_dict``."""
-    expected = net.state_dict()
-    try:
-        if set(state) == set(expected):
-            net.load_state_dict(state)
-            return
-        remaining = dict(state)
-        with contextlib.redirect_stdout(io.StringIO()):  # MONAI prints its progress
-            net.load_old_state_dict(remaining)
-    except (RuntimeError, KeyError) as exc:
-        raise MeddiffError(f"{path} does not fit the network its bundle config describes: {str(exc)[:200]}") from None
-    unused = [k for k in remaining if "proj_attn" not in k]  # proj_attn is dropped where include_fc is false
-    consumed = len(state) - len(remaining)
-    if unused or consumed < len(expected):
-        raise MeddiffError(f"{path} does not fit the network its bundle config describes: "
-                           f"{len(expected) - consumed} parameters not in the file, unused keys {unused[:3]}")
+    return validate_config(config, src.where)

@@ -1,0 +1,138 @@
+"""The MONAI Zoo brain LDM (Pinaya et al. 2022) at full size, 1 mm, one volume: its own sampling path against ours.
+
+A bundle folder with the full-size architecture of ``brain_image_synthesis_latent_diffusion_model`` (random
+weights in MONAI Generative's key format, `napari_meddiff.zoo.bundle_fixtures`) is sampled twice, each in a
+fresh process so that each peak RSS (``VmHWM``) is its own:
+
+* ``bundle``: what its ``configs/inference.json`` + ``scripts/sampler.py`` do, written out with MONAI's classes
+  (the bundle's script itself is never imported): networks from the config, ``load_old_state_dict`` of
+  ``torch.load``, its ``DDIMScheduler`` at 50 steps, noise ``(1, 3, 20, 28, 20)``, the 4 conditions concatenated
+  and as cross-attention context, fp32, one whole-volume decode;
+* ``ours``: ``load_model(bundle)`` and ``generate`` at the model's default settings.
+
+Seconds are wall time from noise to the decoded volume (loading is reported apart). Usage:
+``python benchmarks/bench_bundle.py [--threads 2] [--device cpu]`` (writes ``results/bundle.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, others_cpu_use, peak_rss_mb, save, table  # noqa: E402
+
+BUNDLE = "brain_image_synthesis_latent_diffusion_model"
+CONDITIONS = {"gender": 1.0, "age": 0.5, "ventricular_volume": 0.2, "brain_volume": 0.4}
+
+
+def latent_shape(folder: str) -> list[int]:
+    """The spatial latent shape the bundle's noise expression draws (read from metadata, as meddiff does)."""
+    from napari_meddiff.zoo import read_config
+
+    return read_config(Path(folder))["latent"]["shape"]
+
+
+def bundle_path_child(folder: str, threads: int, device: str) -> dict:
+    """The bundle's own inference (its inference.json and scripts/sampler.py), with MONAI's classes."""
+    import json
+
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+    from monai.networks.schedulers import DDIMScheduler
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    cfg = json.loads((Path(folder) / "configs" / "inference.json").read_text())
+    kwargs = (lambda d: {k: v for k, v in d.items() if not k.startswith("_")})
+    autoencoder = AutoencoderKL(**kwargs(cfg["autoencoder_def"]))
+    autoencoder.load_old_state_dict(torch.load(Path(folder) / "models" / "autoencoder.pt", weights_only=True))
+    diffusion = DiffusionModelUNet(**kwargs(cfg["diffusion_def"]))
+    diffusion.load_old_state_dict(torch.load(Path(folder) / "models" / "model.pt", weights_only=True))
+    autoencoder.to(dev).eval()
+    diffusion.to(dev).eval()
+    scheduler = DDIMScheduler(**kwargs(cfg["scheduler"]))
+    scheduler.set_timesteps(num_inference_steps=50)
+    load_s = time.perf_counter() - t0
+    conditioning = torch.tensor([[list(CONDITIONS.values())]]).to(dev)  # (1, 1, 4), as "conditioning" builds it
+    torch.manual_seed(0)
+    noise = torch.randn((1, 3, *latent_shape(folder))).to(dev)  # (1, 3, 20, 28, 20) at full size
+    t0 = time.perf_counter()
+    with torch.no_grad():  # scripts/sampler.py, Sampler.sampling_fn
+        image = noise
+        cond_concat = conditioning.squeeze(1).unsqueeze(-1).unsqueeze(-1).unsqueeze(-1)
+        cond_concat = cond_concat.expand(list(cond_concat.shape[0:2]) + list(noise.shape[2:]))
+        for t in scheduler.timesteps:
+            out = diffusion(torch.cat((image, cond_concat), dim=1), timesteps=torch.Tensor((t,)).to(dev).long(),
+                            context=conditioning)
+            image, _ = scheduler.step(out, t, image)
+        sample_s = time.perf_counter() - t0
+        sample = autoencoder.decode_stage_2_outputs(image)  # its autocast() is CUDA's: fp32 here
+    seconds = time.perf_counter() - t0
+    return {"path": "bundle", "settings": "DDIM 50 fp32, whole decode", "load_s": load_s, "seconds": seconds,
+            "denoise_s": sample_s, "decode_s": seconds - sample_s, "shape": list(sample.shape[2:]),
+            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+def ours_child(folder: str, threads: int, device: str) -> dict:
+    from napari_meddiff.generate import generate
+    from napari_meddiff.zoo import load_model
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = load_model(folder, device=device)
+    load_s = time.perf_counter() - t0
+    marks: list[float] = []
+    t0 = time.perf_counter()
+    (vol,) = generate(model, [0], device=device, conditions=CONDITIONS, on_step=lambda info: marks.append(time.perf_counter()))
+    seconds = time.perf_counter() - t0
+    prov = vol.metadata["provenance"]
+    return {"path": "ours", "settings": f"{prov['sampler']} {prov['steps']} {prov['precision']}, default decode",
+            "load_s": load_s, "seconds": seconds, "denoise_s": marks[-1] - t0, "decode_s": t0 + seconds - marks[-1],
+            "shape": list(vol.array.shape), "voxel_mm": [float(abs(vol.affine[i, i])) for i in range(3)],
+            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+def in_fresh_process(fn, *args) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths: a quick check that the script runs")
+    parser.add_argument("--keep", type=Path, default=None, help="write the bundle here (default: a temporary folder)")
+    args = parser.parse_args()
+    from napari_meddiff.zoo.bundle_fixtures import write_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = (args.keep or Path(tmp)) / BUNDLE
+        t0 = time.perf_counter()
+        if not (folder / "models" / "model.pt").is_file():
+            write_bundle(folder, "brain_ldm", full_size=not args.tiny)
+        print(f"full-size bundle with random weights in {folder} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        busy = others_cpu_use()
+        rows = []
+        for child in (bundle_path_child, ours_child):
+            rows.append(in_fresh_process(child, str(folder), args.threads, args.device))
+            print(table(rows[-1:], ["path", "settings", "seconds", "denoise_s", "decode_s", "load_s", "peak_rss_mb"]),
+                  flush=True)
+    ratio = rows[0]["seconds"] / rows[1]["seconds"]
+    print(f"ours is {ratio:.1f}x faster than the bundle's own path; peak RSS {rows[1]['peak_rss_mb'] / 1024:.1f} "
+          f"against {rows[0]['peak_rss_mb'] / 1024:.1f} GB", flush=True)
+    path = save("bundle_tiny" if args.tiny else "bundle", {"machine": machine(), "others_cpu_cores_busy_before": busy, "bundle": BUNDLE,
+                           "conditions": CONDITIONS, "rows": rows, "ratio": ratio})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
