@@ -99,7 +99,8 @@ def load_model_cached(name_or_path: str | Path, device: str = "auto") -> Diffusi
     """`load_model` on the resolved device, reusing the last few loads while the folder is unchanged."""
     folder = find_model_dir(name_or_path).resolve()
     dev = resolve_device(device)
-    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(folder.iterdir()) if f.is_file())
+    files = [*sorted(folder.iterdir()), *sorted((folder / "models").glob("*"))]  # a bundle's weights are in models/
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
     key = (str(folder), str(dev), stamp)
     with _CACHE_LOCK:
         if key in _MODEL_CACHE:
@@ -222,7 +223,7 @@ class ModelPicker(QWidget):
 
     def ask_folder(self) -> str:
         """The folder dialog (tests replace this)."""
-        return QFileDialog.getExistingDirectory(self, "Open model folder (with model.json)", str(Path.home()))
+        return QFileDialog.getExistingDirectory(self, "Open model folder (model.json or MONAI bundle)", str(Path.home()))
 
     def _on_activated(self, index: int) -> None:
         if self.combo.itemData(index) != OPEN_FOLDER:
