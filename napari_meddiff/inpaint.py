@@ -29,7 +29,7 @@ import dataclasses
 import math
 import time
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -403,8 +403,10 @@ def _fill_for_encoding(known: np.ndarray, grid_mask: np.ndarray) -> np.ndarray:
 class _Runner:
     """Runs the chains for one inpainting job: 3D grids batch candidates, 2D grids batch (candidate, slice)."""
 
-    def __init__(self, model, plan, *, sampler, steps, eta, jump_length, jump_n, precision, device, should_cancel):
+    def __init__(self, model, plan, *, sampler, steps, eta, jump_length, jump_n, precision, device, should_cancel,
+                 conditions: dict[str, float] | None = None):
         self.model, self.plan, self.device = model, plan, device
+        self.conditions = torch.tensor([list(conditions.values())], dtype=torch.float32) if conditions else None
         self.kw = dict(sampler=sampler, steps=steps, eta=eta, jump_length=jump_length, jump_n=jump_n,
                        precision=precision, should_cancel=should_cancel)
         self.precision = precision
@@ -447,7 +449,9 @@ class _Runner:
             keep = 1.0 - gmask.float()
         generators = seeded_generators([u[2] for u in units], self.device)
         x = initial_noise(model.sample_shape, generators, self.device)
-        z = denoise(model, x, generators=generators, known=_known_hook(x0_known, keep), on_step=on_step, **self.kw)
+        cond = None if self.conditions is None else self.conditions.expand(x.shape[0], -1)
+        z = denoise(model, x, generators=generators, known=_known_hook(x0_known, keep), on_step=on_step,
+                    conditions=cond, **self.kw)
         images = decode_latents(model, z, self.precision).clamp(0, 1)
         return torch.where(gmask, images, known), known, gmask
 
@@ -524,8 +528,11 @@ def inpaint(
     on_preview: Callable[[InpaintPreview], None] | None = None,
     preview_every: int | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    conditions: Mapping[str, float] | None = None,
 ) -> list[Volume]:
     """Fill the masked region of ``image`` with the model; one `Volume` per candidate, on the input's grid.
+
+    ``conditions``: a conditional model's named conditions (missing ones take their defaults).
 
     ``mask``: an array of the image's shape or a `Volume` (resampled with nearest neighbour when on another
     grid over the same region); ``label`` picks one value (None: every non-zero voxel). Voxels outside the
@@ -569,6 +576,7 @@ def inpaint(
     from .samplers import make_sampler
 
     make_sampler(sampler, model.config["scheduler"], steps, eta)  # validates sampler and steps up front
+    condition_values = model.condition_values(conditions)  # validates names and ranges up front
 
     original_ndim = image.array.ndim
     img3 = Volume(_as3d(image.array, "the image"), image.affine)
@@ -591,7 +599,7 @@ def inpaint(
     window = intensity_window(sub, model.config.get("intensity"))
     plan = _plan(model, img3, selected, window, ax if model.spatial_dims == 2 else axis, stride)
     runner = _Runner(model, plan, sampler=sampler, steps=steps, eta=eta, jump_length=jump_length, jump_n=jump_n,
-                     precision=precision, device=dev, should_cancel=should_cancel)
+                     precision=precision, device=dev, should_cancel=should_cancel, conditions=condition_values)
     paster = _Paster(img3, selected, plan.grid, window, feather)
 
     units = runner.units(candidates, seed)
@@ -657,6 +665,7 @@ def inpaint(
             "feather_voxels": feather,
             "label": None if label is None else float(label),
             "mask_voxels": int(np.count_nonzero(selected)),
+            **({"conditions": condition_values} if condition_values else {}),
             "axis": (["sagittal", "coronal", "axial"][ax] if model.spatial_dims == 2 else None),
             "slices": len(plan.slices) if model.spatial_dims == 2 else None,
             "intensity_window": [float(window[0]), float(window[1])],

@@ -217,6 +217,29 @@ def test_inpaint_with_bundle_ldm(brain_ldm):
     assert out.array.shape == image.array.shape
     assert np.array_equal(out.array[~mask], image.array[~mask])
     assert not np.allclose(out.array[mask], image.array[mask])
+    (older,) = inpaint(brain_ldm, image, mask, steps=2, sampler="ddim", device="cpu", precision="fp32",
+                       conditions={"age": 0.9})
+    assert older.metadata["provenance"]["conditions"]["age"] == 0.9
+    assert np.array_equal(older.array[~mask], image.array[~mask]) and not np.allclose(older.array[mask], out.array[mask])
+
+
+def test_cli_inpaint_bundle_with_condition(bundles, tmp_path, capsys):
+    from napari_meddiff.volume import Volume, write_volume
+
+    rng = np.random.default_rng(1)
+    image = Volume.from_spacing(rng.random((20, 26, 18)).astype(np.float32) * 50, (1.0, 1.0, 1.0))
+    mask = np.zeros(image.array.shape, np.uint8)
+    mask[8:12, 10:15, 7:11] = 1
+    write_volume(image, tmp_path / "t1.nii.gz")
+    write_volume(Volume(mask, image.affine), tmp_path / "mask.nii.gz")
+    base = ["inpaint", "--model", str(bundles["brain_ldm"]), "--image", str(tmp_path / "t1.nii.gz"), "--mask",
+            str(tmp_path / "mask.nii.gz"), "--steps", "2", "--sampler", "ddim", "--precision", "fp32"]
+    assert main([*base, "--condition", "age=0.8", "--out", str(tmp_path / "out.nii.gz")]) == 0
+    out = nib.load(tmp_path / "out.nii.gz")
+    assert out.shape == (20, 26, 18) and np.allclose(out.affine, image.affine)
+    assert json.loads((tmp_path / "out.json").read_text())["conditions"]["age"] == 0.8
+    assert main([*base, "--condition", "age=0.1:0.9", "--out", str(tmp_path / "o2.nii.gz")]) == 2
+    assert "a sweep (FROM:TO) is for cohorts" in capsys.readouterr().err
 
 
 def test_models_lists_bundles_with_conditions_and_geometry_notes(bundles, monkeypatch, capsys):

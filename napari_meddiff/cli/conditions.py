@@ -57,3 +57,17 @@ def seed_conditions(
         if stop is not None:
             model.condition_values({name: stop})
     return for_seed
+
+
+def add_fixed_condition_option(p: argparse.ArgumentParser) -> None:
+    """``--condition NAME=VALUE`` for commands that make one result (inpaint): no sweeps, no guidance."""
+    p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
+                   help="a condition of the model (repeatable; `meddiff models` lists them); others take their defaults")
+
+
+def fixed_conditions(texts: list[str]) -> dict[str, float] | None:
+    parsed = parse_condition_args(texts)
+    sweeps = [n for n, (_, stop) in parsed.items() if stop is not None]
+    if sweeps:
+        raise MeddiffError(f"--condition {sweeps[0]}: a sweep (FROM:TO) is for cohorts (`meddiff generate --num N`)")
+    return {n: start for n, (start, _) in parsed.items()} or None

@@ -14,6 +14,7 @@ from ..devices import resolve_device
 from ..errors import MeddiffError
 from ..files import check_output_file
 from ..zoo import DEFAULT_MODEL, load_model
+from .conditions import add_fixed_condition_option, fixed_conditions
 from .generate import write_json_atomic
 from .options import add_model_option, add_sampling_options, seed_value
 
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="chains per network evaluation (slices for 2D models)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    add_fixed_condition_option(p)
     p.set_defaults(func=run)
 
 
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     label = None
     if args.label is not None:
         label = int(args.label) if float(args.label).is_integer() else args.label
+    conditions = fixed_conditions(args.condition)
     device = resolve_device(args.device)
     image = read_volume(args.image)
     mask = read_volume(args.mask)
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             model, image, mask, label=label, sampler=args.sampler, steps=args.steps, seed=args.seed,
             candidates=args.candidates, axis=axis, jump_length=args.jump_length, jump_n=args.jump_n,
             feather_voxels=args.feather, eta=args.eta, batch_size=args.batch_size, device=str(device),
-            precision=args.precision, on_step=on_step,
+            precision=args.precision, on_step=on_step, conditions=conditions,
         )
     finally:
         if bar is not None:
