@@ -122,7 +122,7 @@ def test_cancel_midway(make_napari_viewer, qtbot, tiny_models, monkeypatch):
 
 def test_cancel_keeps_finished_volumes(make_napari_viewer, qtbot, tiny_models):
     viewer, widget = open_widget(make_napari_viewer, tiny_models["ddpm2d"])
-    widget.sampling.steps.setValue(150)
+    widget.sampling.steps.setValue(500)  # seconds per seed: the cancel lands mid-chain however fast the CPU
     widget.num_samples.setValue(3)
     widget.generate_button.click()
     qtbot.waitUntil(lambda: "tiny-ddpm-2d_seed0" in viewer.layers, timeout=TIMEOUT_MS)
