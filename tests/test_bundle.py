@@ -269,3 +269,36 @@ def test_fetch_existing_bundle_checks_md5_and_offline_message(bundles, tmp_path,
     assert "cannot download bundle" in err and "models/autoencoder.pt (md5 329e97b3085643ff235f11f049856242)" in err
     assert "models/model.pt (md5 21c3047556fb671caf0556f1cce6ef22)" in err and "Traceback" not in err
     assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.parametrize("sidecar", [
+    {"conditioning": [1]}, {"latent": 5}, {"latent": {"shape": "abc"}}, {"image_shape": "abc"},
+    {"voxel_size": "abc"}, {"defaults": [1]},
+])
+def test_malformed_meddiff_json_is_a_user_error_and_listing_goes_on(bundles, tmp_path, monkeypatch, capsys, sidecar):
+    folder = tmp_path / "models" / "bad-bundle"
+    shutil.copytree(bundles["brain_ldm"], folder)
+    (folder / "meddiff.json").write_text(json.dumps(sidecar))
+    with pytest.raises(MeddiffError, match="bad-bundle"):
+        load_model(folder)
+    monkeypatch.setenv("MEDDIFF_MODELS", str(tmp_path / "models"))
+    assert main(["models"]) == 0
+    assert "bad-bundle: not listed" in capsys.readouterr().err
+
+
+def test_yaml_aliases_and_exploding_references_are_refused_fast(tmp_path):
+    import time
+
+    from napari_meddiff.zoo.bundle_config import BundleConfig, load_data_file
+
+    lines = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]  # 10**9 values
+    (tmp_path / "inference.yaml").write_text("\n".join(lines))
+    with pytest.raises(MeddiffError, match="YAML aliases"):
+        load_data_file(tmp_path / "inference.yaml")
+    refs = {"network_def": {"_target_": "monai.networks.nets.DiffusionModelUNet", "channels": "@l0"}, "l40": 1}
+    refs.update({f"l{i}": [f"@l{i + 1}"] * 2 for i in range(40)})  # 2**40 values through references
+    start = time.perf_counter()
+    with pytest.raises(MeddiffError, match="references expand"):
+        BundleConfig(refs, tmp_path / "inference.json").components()
+    assert time.perf_counter() - start < 10

@@ -48,7 +48,12 @@ class BundleFormat:
         return find_config_file(folder) is not None and (folder / "configs" / "metadata.json").is_file()
 
     def read_config(self, folder: Path) -> dict[str, Any]:
-        return translate_bundle(folder)
+        try:
+            return translate_bundle(folder)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as exc:
+            # a value of the wrong type or shape in metadata.json or meddiff.json: one line, naming the folder
+            raise MeddiffError(f"{folder}: malformed bundle metadata or meddiff.json ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]})") from None
 
     def load_networks(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.nn.Module]:
         nets = {}

@@ -42,21 +42,42 @@ def find_config_file(folder: Path) -> Path | None:
     return None
 
 
+def _load_yaml(text: str) -> Any:
+    """YAML as plain data, aliases refused: ``*x`` references let a few hundred bytes expand exponentially
+    (or into a cycle), which would hang `meddiff models` on an untrusted bundle."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # type: ignore[override]
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise MeddiffError(f"YAML aliases (*{event.anchor}) are not supported in bundle configs "
+                                   f"(line {event.start_mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_data_file(path: Path) -> Any:
-    """JSON or YAML (safe loader: plain data only)."""
+    """JSON or YAML (safe loader without aliases: plain data only)."""
     try:
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(text)
+            return _load_yaml(text)
         return json.loads(text)
+    except MeddiffError as exc:
+        raise MeddiffError(f"cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise MeddiffError(f"cannot read {path}: nested too deeply") from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise MeddiffError(f"cannot read {path}: {exc}") from None
     except Exception as exc:  # yaml.YAMLError
         if type(exc).__module__.startswith("yaml"):
             raise MeddiffError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
         raise
+
+
+MAX_RESOLVED_NODES = 200_000  # a Zoo inference config resolves to a few thousand
 
 
 class BundleConfig:
@@ -67,6 +88,7 @@ class BundleConfig:
             raise MeddiffError(f"{path}: a bundle config must be a mapping, not {type(data).__name__}")
         self.data = data
         self.path = path
+        self._resolved_nodes = 0  # references can fan out exponentially: resolution has a budget
 
     def get_raw(self, ref: str) -> Any:
         """The raw value at ``a#b#0`` (no resolution)."""
@@ -82,6 +104,10 @@ class BundleConfig:
 
     def resolve(self, value: Any, key: str, seen: tuple[str, ...] = ()) -> Any:
         """``value`` with every ``@id`` replaced by its literal value; ``$``/``%`` values raise, naming ``key``."""
+        self._resolved_nodes += 1
+        if self._resolved_nodes > MAX_RESOLVED_NODES:
+            raise MeddiffError(f"{self.path}: its references expand to more than {MAX_RESOLVED_NODES:,} values "
+                               f"(at {key}); not a config meddiff reads")
         if isinstance(value, str):
             if value.startswith("$"):
                 raise MeddiffError(
