@@ -333,3 +333,18 @@ def test_failed_review_create_leaves_no_key_folder(tmp_path):
                    "--out", tmp_path / "study", "--key", tmp_path / "keys" / "deep" / "key.json")
     assert_one_line_error(proc, "no images")
     assert not (tmp_path / "keys").exists() and not (tmp_path / "study").exists()
+
+
+def test_cli_main_leaves_no_process_wide_state(env, tmp_path, monkeypatch):
+    import torch
+
+    from napari_meddiff.sampling import AUTOENCODER_PASS_ENV
+
+    monkeypatch.setenv("MEDDIFF_MODELS", env["MEDDIFF_MODELS"])
+    monkeypatch.delenv(AUTOENCODER_PASS_ENV, raising=False)
+    threads = torch.get_num_threads()
+    assert main(["generate", "--model", "tiny-ldm-3d", "--steps", "1", "--decode", "tiled",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert main(["generate", "--decode", "tiled", "--steps", "0", "--out", str(tmp_path / "p")]) == 2
+    assert AUTOENCODER_PASS_ENV not in os.environ
+    assert torch.get_num_threads() == threads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -35,7 +36,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def restored_process_state():
+    """Options that act process-wide (``--decode`` sets an environment variable for worker processes, the
+    thread count follows free cores) are undone when the command returns, so in-process calls (tests, a
+    napari session) do not inherit them."""
+    from ..sampling import AUTOENCODER_PASS_ENV
+
+    env = os.environ.get(AUTOENCODER_PASS_ENV)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop(AUTOENCODER_PASS_ENV, None)
+        else:
+            os.environ[AUTOENCODER_PASS_ENV] = env
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with restored_process_state():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
