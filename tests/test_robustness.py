@@ -348,3 +348,16 @@ def test_cli_main_leaves_no_process_wide_state(env, tmp_path, monkeypatch):
     assert main(["generate", "--decode", "tiled", "--steps", "0", "--out", str(tmp_path / "p")]) == 2
     assert AUTOENCODER_PASS_ENV not in os.environ
     assert torch.get_num_threads() == threads
+
+
+def test_review_study_files_follow_the_umask_and_the_key_stays_private(tmp_path):
+    for source in ("real", "synthetic"):
+        (tmp_path / source).mkdir()
+        for i in range(2):
+            write_nifti(tmp_path / source / f"{source}{i}.nii.gz", np.random.default_rng(i).random((8, 8, 8)))
+    proc = run_cli("review", "create", "--real", tmp_path / "real", "--synthetic", tmp_path / "synthetic",
+                   "--out", tmp_path / "study", "--key", tmp_path / "key.json", umask=0o002)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE((tmp_path / "study" / "cases.json").stat().st_mode) == 0o664
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "study" / "cases").iterdir()} == {0o664}
+    assert stat.S_IMODE((tmp_path / "key.json").stat().st_mode) == 0o600

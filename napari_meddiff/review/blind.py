@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import MeddiffError
+from ..files import current_umask
 from ..geometry import ModelGrid, sample_on_grid
 from ..intensity import normalise
 from ..volume import Volume
@@ -151,7 +152,7 @@ def write_case(levels: np.ndarray, grid: ModelGrid, path: Path) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         if path.exists():
             raise MeddiffError(f"{path} exists; not overwriting")
         os.replace(tmp, path)
@@ -161,7 +162,3 @@ def write_case(levels: np.ndarray, grid: ModelGrid, path: Path) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

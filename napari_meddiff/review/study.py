@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MeddiffError
-from ..files import removed_if_left_empty
+from ..files import current_umask, removed_if_left_empty
 from ..geometry import ModelGrid
 from ..volume import Volume, read_volume, to_canonical
 from .blind import INTENSITY_RULE, blinded_levels, common_grid, grid_centre, grid_of, write_case
@@ -129,9 +129,14 @@ def _neutral_ids(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def _write_json(path: Path, doc: Any, *, exclusive: bool = False) -> None:
-    """Write JSON atomically (temporary file, fsync, rename); ``exclusive``: fail if ``path`` exists."""
+    """Write JSON atomically (temporary file, fsync, rename); ``exclusive``: fail if ``path`` exists.
+
+    The study files follow the umask, like every output; the key (``exclusive``) stays readable by its owner
+    only (mkstemp's 0600): it is the answer sheet."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        if not exclusive:
+            os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import MeddiffError
+from ..files import current_umask
 from .model import build_network, sha256_file
 from .schema import validate_config
 
@@ -80,12 +81,6 @@ MODEL_FOLDER_FILES = ("model.json", "MODEL_CARD.md", "train.yaml")
 MODEL_FOLDER_SUFFIXES = (".safetensors", ".png")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def foreign_files(folder: Path) -> list[str]:
     """Entries of ``folder`` that a model folder written by this package would not hold."""
     return sorted(
@@ -130,7 +125,7 @@ def save_model_folder(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a model folder follows the umask like every output
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: a model folder follows the umask like every output
         config = copy.deepcopy(config)
         config["weights"] = {}
         for net_name, net in networks.items():
@@ -149,10 +144,19 @@ def save_model_folder(
         (tmp / "MODEL_CARD.md").write_text(card)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+        old = None
         if out_dir.exists():
             check_model_target(out_dir, overwrite)  # again: it may have changed while the weights were written
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            old = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
+            os.replace(out_dir, old)  # set aside, deleted only once the new folder is in place
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out_dir)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
