@@ -96,9 +96,15 @@ def test_resume_continues_from_checkpoint(tmp_path, cohort):
     opt_steps = {float(s["step"]) for s in second["optimizer"]["state"].values()}
     assert opt_steps == {4.0}  # Adam's own counter continued, so its moments were restored
     assert [s for s, _ in second["history"]["loss"]] == [1, 2, 3, 4]
-    # without --resume the run starts afresh
-    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False, overwrite=True)
+    # without --resume an earlier run's checkpoints are never discarded silently; --fresh starts again
+    with pytest.raises(MeddiffError, match="holds checkpoints of an earlier run"):
+        train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False, overwrite=True)
+    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False, overwrite=True, fresh=True)
     assert load_checkpoint(tmp_path / "run" / "diffusion.pt")["step"] == 2
+    # resuming from the run's own copy of the config (it is not copied onto itself)
+    train(tmp_path / "run" / "train.yaml", out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=3,
+          progress=False, overwrite=True)
+    assert load_checkpoint(tmp_path / "run" / "diffusion.pt")["step"] == 3
 
 
 def test_max_minutes_stops_and_exports(tmp_path, cohort):

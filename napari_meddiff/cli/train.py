@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier model folder at --out (never a folder holding other files)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in the work dir")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the checkpoints of an earlier run in the work dir and start again")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run; then export")
     p.add_argument("--steps", type=int, default=None, help="override the number of steps (each stage)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     path = train(
         args.config, out=args.out, work_dir=args.work_dir, resume=args.resume, max_minutes=args.max_minutes,
         device=args.device, num_threads=args.threads, steps=args.steps, progress=not args.no_progress,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, fresh=args.fresh,
     )
     if path is not None:
         from ..zoo import read_config

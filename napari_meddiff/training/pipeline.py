@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import MeddiffError
+from ..files import removed_if_left_empty
 from ..zoo import check_model_target
 from . import common
 from .config import load_config
@@ -84,27 +85,34 @@ def _data_summary(train: Dataset, val: Dataset | None, cfg: dict[str, Any]) -> d
 CHECKPOINT_FILES = ("autoencoder.pt", "diffusion.pt")
 
 
-def check_work_dir(work: Path, resume: bool) -> None:
-    """The work dir must be a folder; ``resume`` needs a checkpoint in it (never a silent fresh start)."""
+def check_work_dir(work: Path, resume: bool, fresh: bool = False) -> None:
+    """The work dir must be a folder; ``resume`` needs a checkpoint in it (never a silent fresh start), and
+    checkpoints already there are discarded only when ``fresh`` says so (never a silent loss of a long run)."""
     if work.exists() and not work.is_dir():
         raise MeddiffError(f"work dir {work} exists and is not a folder")
-    if resume and not any((work / f).is_file() for f in CHECKPOINT_FILES):
+    if resume and fresh:
+        raise MeddiffError("--resume and --fresh contradict each other")
+    found = [f for f in CHECKPOINT_FILES if (work / f).is_file()]
+    if resume and not found:
         raise MeddiffError(f"--resume: no checkpoint ({' or '.join(CHECKPOINT_FILES)}) in {work} to resume from; "
                            "run without --resume to start afresh, or give --work-dir of the earlier run")
+    if found and not resume and not fresh:
+        raise MeddiffError(f"{work} holds checkpoints of an earlier run ({', '.join(found)}): --resume to continue "
+                           "it, --fresh to discard them and start again, or another --work-dir")
 
 
 @contextlib.contextmanager
 def removed_unless_used(work: Path):
     """On failure, remove a work dir this run created if it holds only the config copy (nothing to resume)."""
     existed = work.exists()
-    try:
-        yield
-    except BaseException:
-        if not existed and work.is_dir() and {p.name for p in work.iterdir()} <= {"train.yaml"}:
-            with contextlib.suppress(OSError):
-                (work / "train.yaml").unlink(missing_ok=True)
-                work.rmdir()
-        raise
+    with removed_if_left_empty(work):  # then the work dir and the parents this run created (runs/), if empty
+        try:
+            yield
+        except BaseException:
+            if not existed and work.is_dir() and {p.name for p in work.iterdir()} <= {"train.yaml"}:
+                with contextlib.suppress(OSError):
+                    (work / "train.yaml").unlink(missing_ok=True)
+            raise
 
 
 def train(
@@ -119,6 +127,7 @@ def train(
     steps: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    fresh: bool = False,
 ) -> Path | None:
     """Train the model of a YAML config and write its model folder (returned on the main process)."""
     from ..generate import generate
@@ -131,7 +140,7 @@ def train(
     out = Path(out) if out is not None else Path("models") / cfg["name"]
     work = Path(work_dir) if work_dir is not None else Path("runs") / cfg["name"]
     check_model_target(out, overwrite)  # before hours of training, not after
-    check_work_dir(work, resume)
+    check_work_dir(work, resume, fresh)
     with removed_unless_used(work):
         tc = cfg["training"]
         dev = common.setup_device(device, num_threads or tc.get("num_threads"))
@@ -151,11 +160,12 @@ def train(
                 diff_minutes = max_minutes
         if dist.main:
             work.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(config_path, work / "train.yaml")
-            if not resume:
+            if config_path.resolve() != (work / "train.yaml").resolve():  # resuming from the run's own copy
+                shutil.copyfile(config_path, work / "train.yaml")
+            if fresh:
                 for f in ("diffusion.pt", "autoencoder.pt", "latents.pt"):
                     if (work / f).exists():
-                        log.warning("--resume not given: starting afresh, replacing %s", work / f)
+                        log.warning("--fresh: discarding %s", work / f)
                         (work / f).unlink()
         dist.barrier()
         t0 = time.time()
