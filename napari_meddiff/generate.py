@@ -14,7 +14,15 @@ from . import __version__
 from .devices import resolve_device
 from .errors import MeddiffError
 from .memory import check_request_fits
-from .sampling import StepInfo, decode_latents, denoise, initial_noise, resolve_precision, seeded_generators
+from .sampling import (
+    StepInfo,
+    autoencoder_pass,
+    decode_latents,
+    denoise,
+    initial_noise,
+    resolve_precision,
+    seeded_generators,
+)
 from .seeds import check_seeds
 from .volume import Volume
 from .zoo import DEFAULT_MODEL, DiffusionModel, load_model
@@ -122,7 +130,8 @@ def generate(
             on_step=step_hook, should_cancel=should_cancel, precision=precision,
             conditions=values, guidance_scale=guidance_scale,
         )
-        images = decode_latents(model, z, precision)[:, 0].clamp(0, 1).cpu().numpy()
+        decode_pass = autoencoder_pass(model, z) if model.kind == "ldm" else None  # recorded: it changes the bits
+        images = decode_latents(model, z, precision, mode=decode_pass)[:, 0].clamp(0, 1).cpu().numpy()
         seconds = (time.perf_counter() - t0) / len(chunk)
         for seed, image, seed_values in zip(chunk, images, chunk_conditions):
             provenance = {
@@ -138,6 +147,8 @@ def generate(
                 "package_version": __version__,
                 "seconds": round(seconds, 3),
             }
+            if decode_pass is not None:
+                provenance["autoencoder_pass"] = decode_pass
             if model.conditions:
                 provenance["conditions"] = seed_values
                 provenance["guidance_scale"] = float(guidance_scale)

@@ -361,3 +361,17 @@ def test_review_study_files_follow_the_umask_and_the_key_stays_private(tmp_path)
     assert stat.S_IMODE((tmp_path / "study" / "cases.json").stat().st_mode) == 0o664
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "study" / "cases").iterdir()} == {0o664}
     assert stat.S_IMODE((tmp_path / "key.json").stat().st_mode) == 0o600
+
+
+def test_the_autoencoder_pass_that_ran_is_recorded(tiny_models):
+    (whole,) = md.generate(str(tiny_models["ldm3d"]), [4], steps=2, device="cpu")
+    assert whole.metadata["provenance"]["autoencoder_pass"] == "whole"  # tiny: a whole pass fits
+    from napari_meddiff.sampling import AUTOENCODER_PASS_ENV
+
+    os.environ[AUTOENCODER_PASS_ENV] = "tiled"
+    try:
+        (tiled,) = md.generate(str(tiny_models["ldm3d"]), [4], steps=2, device="cpu")
+    finally:
+        del os.environ[AUTOENCODER_PASS_ENV]
+    assert tiled.metadata["provenance"]["autoencoder_pass"] == "tiled"
+    np.testing.assert_allclose(tiled.array, whole.array, atol=1e-4)  # the same image to floating-point error
