@@ -39,8 +39,7 @@ def network_bytes_per_sample(model) -> float:
     """Working memory of one sample through the model's networks (inference, fp32), a deliberately high estimate.
 
     UNet: the full-resolution feature maps (first level's channels over the sample grid) times 16 tensors alive
-    at once (block inputs, skips, GroupNorm/SiLU temporaries); decoding: 450 bytes per output voxel (measured,
-    benchmarks/bench_speed.py).
+    at once (block inputs, skips, GroupNorm/SiLU temporaries); decoding: `decode_bytes_per_sample`.
     """
     import math
 
@@ -48,8 +47,25 @@ def network_bytes_per_sample(model) -> float:
     channels = unet_cfg.get("channels") or [64]
     spatial = math.prod(int(s) for s in model.sample_shape[1:])
     unet = 16 * 4 * int(channels[0]) * spatial
-    decode = 450 * math.prod(int(s) for s in model.image_shape) if model.autoencoder is not None else 0
-    return float(unet + decode)
+    return float(unet + decode_bytes_per_sample(model))
+
+
+def decode_bytes_per_sample(model) -> float:
+    """Decoding one sample: 450 bytes per output voxel for a whole pass; an autoencoder that can be tiled
+    (`napari_meddiff.tiling`) runs in bounded memory, so only its output image (and a copy) counts."""
+    import math
+
+    if model.autoencoder is None:
+        return 0.0
+    voxels = math.prod(int(s) for s in model.image_shape)
+    from .errors import MeddiffError
+    from .tiling import decoder_steps
+
+    try:
+        decoder_steps(model.autoencoder)
+    except MeddiffError:  # attention blocks: whole pass only
+        return 450.0 * voxels
+    return 8.0 * voxels
 
 
 def check_request_fits(model, *, batch: int, held_voxels: float = 0.0, what: str = "this request") -> None:
