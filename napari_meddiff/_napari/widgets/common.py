@@ -99,7 +99,8 @@ def load_model_cached(name_or_path: str | Path, device: str = "auto") -> Diffusi
     """`load_model` on the resolved device, reusing the last few loads while the folder is unchanged."""
     folder = find_model_dir(name_or_path).resolve()
     dev = resolve_device(device)
-    files = [*sorted(folder.iterdir()), *sorted((folder / "models").glob("*"))]  # a bundle's weights are in models/
+    # a bundle keeps its configs in configs/ and its weights in models/
+    files = [*sorted(folder.iterdir()), *sorted((folder / "configs").glob("*")), *sorted((folder / "models").glob("*"))]
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
     key = (str(folder), str(dev), stamp)
     with _CACHE_LOCK:
