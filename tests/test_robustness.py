@@ -304,6 +304,7 @@ def test_absurd_voxel_size_is_refused_before_allocating(tiny_models):
     ({"networks": ["unet"]}, "networks must be a mapping"),
     ({"training": {"steps": 2, "batch_size": -3}}, "training.batch_size must be positive"),
     ({"training": {"steps": 2, "lr": "fast"}}, "training.lr must be a number"),
+    ({"training": {"steps": float("inf")}}, "training.steps must be a number"),
 ])
 def test_malformed_training_configs_are_one_line_errors_and_leave_nothing(tmp_path, change, message):
     config = tiny_train_config(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
         for section in ("training", "autoencoder_training"):
             _check_numbers(section, cfg.get(section))
         return cfg
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
         raise MeddiffError(f"malformed training config: {type(exc).__name__}: {exc}") from None
 
 
@@ -125,7 +126,7 @@ def _check_numbers(section: str, values: dict[str, Any] | None) -> None:
         value = values.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise MeddiffError(f"{section}.{key} must be a number, got {value!r}")
         if key in POSITIVE_TRAINING_KEYS and value <= 0 or value < 0:
             raise MeddiffError(f"{section}.{key} must be {'positive' if key in POSITIVE_TRAINING_KEYS else '>= 0'}, "
