@@ -95,9 +95,11 @@ def plans() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", nargs="+", choices=("brain", "maisi"), default=["brain", "maisi"])
+    parser.add_argument("--case", nargs="+", choices=("brain", "noise", "maisi"),
+                        default=["brain", "noise", "maisi"])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    name = "tiling" if {"brain", "maisi"} <= set(args.case) else "tiling_" + "_".join(args.case)
     payload = {"machine": machine(), "others_busy_cores_at_start": others_cpu_use(), "plans": plans(), "runs": []}
     print(table(payload["plans"], list(payload["plans"][0])), flush=True)
     columns = ["case", "mode", "precision", "ram_budget_gib", "seconds", "peak_rss_gb", "max_abs_diff_vs_whole",
@@ -124,7 +126,19 @@ def main() -> None:
                 r.pop("array")
             runs += tiled
             print(table(runs[-3:], columns), flush=True)
-            save("tiling", {**payload, "runs": runs})
+            save(name, {**payload, "runs": runs})
+    if "noise" in args.case:  # is tiled-vs-whole in bf16 more than bf16's own rounding? (half-size brain decode)
+        latent = (3, 10, 14, 10)
+        ref = in_fresh_process(decode_child, "brain", latent, "whole", "fp32", args.threads, None)["array"]
+        arrays = {m: in_fresh_process(decode_child, "brain", latent, m, "bf16", args.threads, None)["array"]
+                  for m in ("whole", "tiled")}
+        span = float(ref.max() - ref.min())
+        noise = {"case": "noise", "latent": list(latent), "image_range_fp32": span,
+                 "whole_bf16_vs_whole_fp32": float(np.abs(arrays["whole"] - ref).max()),
+                 "tiled_bf16_vs_whole_fp32": float(np.abs(arrays["tiled"] - ref).max()),
+                 "tiled_bf16_vs_whole_bf16": float(np.abs(arrays["tiled"] - arrays["whole"]).max())}
+        payload["bf16_noise"] = noise
+        print(table([noise], list(noise)), flush=True)
     if "maisi" in args.case:
         r = in_fresh_process(decode_child, "maisi", (4, 64, 64, 64), "tiled", "bf16", args.threads, None)
         image = r.pop("array")
@@ -133,7 +147,7 @@ def main() -> None:
         print(table(runs[-1:], columns), flush=True)
     payload["runs"] = runs
     payload["others_busy_cores_at_end"] = others_cpu_use()
-    print(f"saved {save('tiling', payload)}")
+    print(f"saved {save(name, payload)}")
 
 
 if __name__ == "__main__":
