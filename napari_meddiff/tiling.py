@@ -296,17 +296,19 @@ def _normalise(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: tor
     return F.batch_norm(x, mean.float(), var.float(), weight, bias, False, 0.0, norm.eps)
 
 
-def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv`` without its own padding (the caller padded), on oneDNN for fp32 3D on CPU like `cpu_kernels`."""
+def _conv(conv: nn.Module, x: torch.Tensor, padding: Sequence[int] | None = None) -> torch.Tensor:
+    """``conv`` with symmetric zero ``padding`` (default none: the caller padded), on oneDNN for fp32 3D on CPU
+    like `cpu_kernels`."""
+    padding = list(padding or [0] * (x.ndim - 2))
     if (
         x.ndim == 5 and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
     ):
         return torch.ops.aten.mkldnn_convolution(
-            x.contiguous(), conv.weight, conv.bias, [0] * 3, list(conv.stride), list(conv.dilation), conv.groups
+            x.contiguous(), conv.weight, conv.bias, padding, list(conv.stride), list(conv.dilation), conv.groups
         )
     fn = F.conv3d if x.ndim == 5 else F.conv2d
-    return fn(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    return fn(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
 
 def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats) -> torch.Tensor:
@@ -347,9 +349,10 @@ def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats) -> torch.Te
         else:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         x = x[(slice(None), *_slices(tuple(crop)))]
-    if any(z != (0, 0) for z in zeros):
-        x = F.pad(x, [p for z in reversed(zeros) for p in z])
-    y = _conv(step.conv, x)
+    if all(lo == hi for lo, hi in zeros):  # interior tiles, or both borders: the convolution pads (no copy)
+        y = _conv(step.conv, x, [lo for lo, _ in zeros])
+    else:
+        y = _conv(step.conv, F.pad(x, [p for z in reversed(zeros) for p in z]))
     if step.residual is not None:
         r = stores[step.residual].read(box)
         if step.shortcut is not None:
