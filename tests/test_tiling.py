@@ -116,6 +116,9 @@ def test_latent_model_tiled_is_reproducible_and_equals_whole(tiny_models, monkey
     monkeypatch.setenv(AUTOENCODER_PASS_ENV, "whole")
     (ref,) = generate(model, [3], steps=2)
     np.testing.assert_allclose(vol.array, ref.array, atol=1e-4)
+    assert not np.array_equal(vol.array, ref.array)  # the setting took effect: the two passes round differently
+    assert (vol.metadata["provenance"]["autoencoder_pass"], ref.metadata["provenance"]["autoencoder_pass"]) == (
+        "tiled", "whole")
 
 
 def test_cli_decode_option(models_env, tmp_path):
@@ -130,6 +133,7 @@ def test_cli_decode_option(models_env, tmp_path):
         (path,) = out.glob("*.nii.gz")
         arrays[mode] = np.asarray(nib.load(path).dataobj)
     np.testing.assert_allclose(arrays["tiled"], arrays["whole"], atol=1e-4)
+    assert not np.array_equal(arrays["tiled"], arrays["whole"])  # --decode took effect
     bad = subprocess.run([sys.executable, "-m", "napari_meddiff.cli", "generate", "--decode", "sliding"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "--decode" in bad.stderr and "Traceback" not in bad.stderr
