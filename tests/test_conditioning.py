@@ -154,3 +154,12 @@ def test_generate_widget_condition_sliders(make_napari_viewer, qtbot, tmp_path):
     assert layer.data.shape == (16, 24, 16)
     widget.model_picker.add_folder(write_bundle(tmp_path / "mednist_ddpm", "mednist"))
     assert not widget.conditions.rows and not widget.conditions.isVisibleTo(widget)
+
+
+def test_class_label_range_must_index_the_embedding(tmp_path):
+    folder = _conditional_model(tmp_path / "tiny-class", concat=False, context=False, class_labels=True)
+    config = json.loads((folder / "model.json").read_text())
+    config["conditioning"]["conditions"][0]["high"] = 5  # num_class_embeds is 3: labels 0..2
+    (folder / "model.json").write_text(json.dumps(config))
+    with pytest.raises(MeddiffError, match=r"class label grade must lie in 0\.\.2"):
+        load_model(folder)

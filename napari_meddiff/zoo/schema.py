@@ -85,8 +85,24 @@ def validate_config(config: Any, where: str) -> dict:
             _check_fields(_object(config[block], block, where), fields, block, where)
     if "name" in config and not isinstance(config["name"], str):
         raise MeddiffError(f"{where}: name must be a string, not {config['name']!r}")
-    parse_conditions(config.get("conditioning"), where)
+    conditioning, specs = parse_conditions(config.get("conditioning"), where)
+    if conditioning.class_labels:
+        _check_class_labels(config["networks"].get("unet", {}), conditioning, specs, where)
     return config
+
+
+def _check_class_labels(unet: dict, conditioning: Any, specs: list, where: str) -> None:
+    """The class-label condition (the first) and its null value must index the UNet's class embedding."""
+    n = unet.get("num_class_embeds") if isinstance(unet, dict) else None
+    if not _is_int(n) or n < 1:
+        raise MeddiffError(f"{where}: class_labels conditioning needs networks.unet.num_class_embeds (a positive "
+                           f"integer), not {n!r}")
+    first = specs[0]
+    values = [first.low, first.high] + ([conditioning.null[0]] if conditioning.null else [])
+    if any(v < 0 or v > n - 1 for v in values):
+        raise MeddiffError(f"{where}: class label {first.name} must lie in 0..{n - 1} (num_class_embeds {n}), "
+                           f"range [{first.low:g}, {first.high:g}]" + (f", null {conditioning.null[0]:g}" if
+                                                                       conditioning.null else ""))
 
 
 def _positive_int(v: Any) -> bool:
