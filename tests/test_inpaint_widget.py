@@ -125,3 +125,20 @@ def test_needs_image_and_mask(make_napari_viewer, tiny_models):
     mask.name = "renamed"  # a removed layer no longer drives the combo
     viewer.layers.remove(image_layer)
     assert widget.image_combo.count() == 0 and not widget.new_mask_button.isEnabled()
+
+
+def test_conditional_model_shows_condition_sliders_and_uses_them(make_napari_viewer, qtbot, tiny_models, tmp_path):
+    from test_conditioning import _conditional_model
+
+    viewer, widget, image_layer, mask_layer = open_widget(make_napari_viewer, tiny_models["ldm3d"])
+    assert not widget.conditions.isVisibleTo(widget)  # an unconditional model: no sliders
+    widget.model_picker.add_folder(_conditional_model(tmp_path / "tiny-cond-2d"))
+    assert widget.conditions.isVisibleTo(widget) and list(widget.conditions.rows) == ["age", "lesion_load"]
+    assert widget.conditions.guidance is None  # inpainting has no guidance
+    widget.conditions.rows["age"].set_value(0.9)
+    widget.sampling.steps.setValue(2)
+    widget.label_value.setValue(2)
+    run_and_wait(qtbot, widget)
+    result = layer_to_volume(viewer.layers["scan inpainted s0"])
+    assert result.metadata["provenance"]["conditions"] == {"age": 0.9, "lesion_load": 0.0}
+    assert_usable(widget)

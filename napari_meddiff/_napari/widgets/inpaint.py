@@ -21,6 +21,7 @@ from ...volume import Volume
 from ..layers import layer_to_volume, volume_to_layer_data
 from .common import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls, TaskContext, TaskRunner
 from .common import load_model_cached
+from .conditions import ConditionControls
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -78,6 +79,7 @@ def inpaint_task(
     jump_n: int,
     feather_voxels: int,
     preview: bool,
+    conditions: dict[str, float] | None = None,
 ) -> int:
     """Worker-thread body: inpaint all candidates, emitting previews and then each result."""
     from ...inpaint import inpaint
@@ -95,6 +97,7 @@ def inpaint_task(
         model, image, mask, label=label, sampler=sampler, steps=steps, seed=seed, candidates=candidates,
         axis=axis, jump_length=jump_length, jump_n=jump_n, feather_voxels=feather_voxels, device=device,
         on_step=on_step, on_preview=on_preview if preview else None, should_cancel=ctx.should_cancel,
+        conditions=conditions,
     )
     for c, vol in enumerate(volumes):
         ctx.emit(ResultEvent(f"{base_name} inpainted s{seed + c}", vol))
@@ -157,6 +160,7 @@ class InpaintWidget(QWidget):
         self.label_value.setSpecialValueText("all non-zero")
         self.label_value.setToolTip("Which label value is the region to fill (all non-zero: every painted voxel)")
         self.model_picker = ModelPicker(kinds=("ddpm", "ldm"))
+        self.conditions = ConditionControls(guidance=False)
         self.model_summary = QLabel()
         self.model_summary.setWordWrap(True)
         self.model_summary.setStyleSheet("color: gray;")
@@ -195,6 +199,7 @@ class InpaintWidget(QWidget):
         form.addRow("Label", self.label_value)
         form.addRow("Model", self.model_picker)
         form.addRow("", self.model_summary)
+        form.addRow(self.conditions)
         self.sampling.add_rows(form)
         form.addRow("Candidates", self.candidates)
         form.addRow("Slice axis", self.axis)
@@ -241,6 +246,7 @@ class InpaintWidget(QWidget):
 
     def _on_model_changed(self, info: ModelInfo | None) -> None:
         self._sync()
+        self.conditions.set_model(info)
         if info is None:
             self.model_summary.setText("No generative model found. Use “Open model folder…” to pick one.")
             return
@@ -265,6 +271,7 @@ class InpaintWidget(QWidget):
             np.zeros(shape, np.uint8), name=f"{image.name} mask", scale=image.scale, translate=image.translate,
             rotate=image.rotate, shear=image.shear, affine=image.affine.affine_matrix,
             metadata={k: v for k, v in image.metadata.items() if k != PREVIEW_KEY},
+            **({"units": image.units} if hasattr(image, "units") else {}),  # else napari warns of mixed units
         )
         layer.mode = "paint"
         layer.selected_label = 1
@@ -298,6 +305,7 @@ class InpaintWidget(QWidget):
             label=label, base_name=image_layer.name, sampler=sampler, steps=steps, seed=seed,
             candidates=self.candidates.value(), axis=self.axis.currentText(), jump_length=self.jump_length.value(),
             jump_n=self.jump_n.value(), feather_voxels=self.feather.value(), preview=self.preview.isChecked(),
+            conditions=self.conditions.values() or None,
         )
         self._preview_layer, self._results, self._source = None, [], image_layer
         self.runner.start(task, on_event=self._on_event, on_result=self._on_result, on_stop=self._on_stop,

@@ -1,0 +1,93 @@
+"""Condition inputs for conditional models: one slider + value box per named condition, and the guidance
+scale where the model was trained with condition dropout (shared by the Generate and Inpaint widgets)."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QHBoxLayout, QSlider, QWidget
+
+from ...zoo import ConditionSpec
+from .common import ModelInfo
+
+SLIDER_STEPS = 1000
+
+
+class ConditionRow(QWidget):
+    """A slider and a spin box, kept in step, for one named condition."""
+
+    def __init__(self, spec: ConditionSpec, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.spec = spec
+        self.slider = QSlider(Qt.Horizontal)
+        self.slider.setRange(0, SLIDER_STEPS)
+        self.box = QDoubleSpinBox()
+        self.box.setRange(spec.low, spec.high)
+        self.box.setDecimals(3)
+        self.box.setSingleStep((spec.high - spec.low) / 100)
+        tip = f"{spec.description or spec.name}: {spec.low:g} to {spec.high:g} (default {spec.default:g})"
+        self.slider.setToolTip(tip)
+        self.box.setToolTip(tip)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.slider, 1)
+        layout.addWidget(self.box)
+        self.slider.valueChanged.connect(self._from_slider)
+        self.box.valueChanged.connect(self._from_box)
+        self.set_value(spec.default)
+
+    def _from_slider(self, position: int) -> None:
+        value = self.spec.low + (self.spec.high - self.spec.low) * position / SLIDER_STEPS
+        blocked = self.box.blockSignals(True)
+        self.box.setValue(value)
+        self.box.blockSignals(blocked)
+
+    def _from_box(self, value: float) -> None:
+        span = self.spec.high - self.spec.low
+        blocked = self.slider.blockSignals(True)
+        self.slider.setValue(round((value - self.spec.low) / span * SLIDER_STEPS) if span else 0)
+        self.slider.blockSignals(blocked)
+
+    def set_value(self, value: float) -> None:
+        self.box.setValue(value)
+        self._from_box(self.box.value())
+
+    def value(self) -> float:
+        return float(self.box.value())
+
+
+class ConditionControls(QWidget):
+    """One `ConditionRow` per condition the selected model declares, and its guidance scale (hidden for a
+    model without conditions; the scale only for models trained with condition dropout)."""
+
+    def __init__(self, parent: QWidget | None = None, *, guidance: bool = True) -> None:
+        super().__init__(parent)
+        self.offers_guidance = guidance  # False where the task has no guidance (inpainting)
+        self.form = QFormLayout(self)
+        self.form.setContentsMargins(0, 0, 0, 0)
+        self.rows: dict[str, ConditionRow] = {}
+        self.guidance: QDoubleSpinBox | None = None
+        self.setVisible(False)
+
+    def set_model(self, info: ModelInfo | None) -> None:
+        while self.form.rowCount():
+            self.form.removeRow(0)  # deletes the row's widgets
+        self.rows, self.guidance = {}, None
+        specs = info.conditions if info is not None else []
+        for spec in specs:
+            row = ConditionRow(spec)
+            self.rows[spec.name] = row
+            self.form.addRow(spec.name.replace("_", " ").capitalize(), row)
+        if specs and self.offers_guidance and info.conditioning.null is not None:
+            self.guidance = QDoubleSpinBox()
+            self.guidance.setRange(0.0, 30.0)
+            self.guidance.setSingleStep(0.5)
+            self.guidance.setValue(1.0)
+            self.guidance.setToolTip("Classifier-free guidance scale (1: none)")
+            self.form.addRow("Guidance", self.guidance)
+        self.setVisible(bool(specs))
+
+    def values(self) -> dict[str, float]:
+        return {name: row.value() for name, row in self.rows.items()}
+
+    def guidance_scale(self) -> float:
+        return float(self.guidance.value()) if self.guidance is not None else 1.0
