@@ -106,3 +106,12 @@ def test_crops_then_whole_volumes():
     assert [crop_schedule(tc, s) for s in (0, 2, 3, 10)] == [[8, 8, 8], [8, 8, 8], None, None]
     assert crop_schedule({"patch_size": [8, 8, 8], "patch_steps": None}, 10**6) == [8, 8, 8]
     assert crop_schedule({"patch_size": None, "patch_steps": 3}, 0) is None
+
+
+def test_auto_layout_is_not_measured_again_on_resume(tmp_path, data, caplog):
+    folder, images, _ = data
+    run(config(folder, "channels_last_3d", steps=1, val_every=0), images, None, tmp_path / "w")
+    with caplog.at_level("INFO", logger="napari_meddiff.training.autoencoder"):
+        run(config(folder, "auto", steps=2, val_every=0), images, None, tmp_path / "w", resume=True)
+    assert common.load_checkpoint(tmp_path / "w" / "autoencoder.pt")["memory_format"] == "channels_last_3d"
+    assert "s/step" not in caplog.text  # the run's own layout, kept, not a new measurement

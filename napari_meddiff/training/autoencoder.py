@@ -104,8 +104,11 @@ def train_autoencoder(
     step, spent, cpu_spent = 0, 0.0, 0.0
     history: dict[str, list] = {"l1": [], "kl": [], "gen_adv": [], "disc": []}
     val_psnr: list = []
+    layout_request = str(tc["memory_format"])
     if resume and ckpt_path.is_file():
         st = common.load_checkpoint(ckpt_path)
+        if layout_request == "auto" and st.get("memory_format") in common.LAYOUTS:
+            layout_request = st["memory_format"]  # keep the run's layout: a switch would change its bits
         ae.load_state_dict(st["model"])
         if ema is not None:
             ema.module.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
@@ -122,7 +125,7 @@ def train_autoencoder(
     kl_weight = float(tc["kl_weight"])
     first = crop_schedule(tc, step) or list(images.shape[2:])
     layout, layout_times = common.resolve_layout(
-        str(tc["memory_format"]), lambda net, x: generator_step_loss(net, x, kl_weight)[0], ae,
+        layout_request, lambda net, x: generator_step_loss(net, x, kl_weight)[0], ae,
         (bs, 1, *first), device, precision)
     if dist.main:
         log.info("autoencoder: %s, %s layout %s", precision, layout,
