@@ -69,14 +69,15 @@ def expected_files(bundle: Path) -> str:
 def _download(name: str, root: Path, version: str | None, source: str) -> None:
     import monai.bundle
 
-    logging.disable(logging.INFO)  # monai.bundle logs its arguments at INFO
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.INFO))  # monai.bundle logs its arguments at INFO
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             monai.bundle.download(name=name, version=version, bundle_dir=str(root), source=source, progress=False)
             if check_files(root / name):
                 monai.bundle.download_large_files(bundle_path=str(root / name))
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 def run(args: argparse.Namespace) -> int:

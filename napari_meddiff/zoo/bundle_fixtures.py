@@ -250,7 +250,12 @@ def write_bundle(folder: str | Path, template: str = "brain_ldm", *, full_size: 
     (folder / "scripts").mkdir(exist_ok=True)
     (folder / "scripts" / "__init__.py").write_text(_SCRIPT)
     (folder / "scripts" / "sampler.py").write_text(_SCRIPT)
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        return _write_bundle_files(folder, template, full_size=full_size, old_keys=old_keys, nested=nested)
+
+
+def _write_bundle_files(folder: Path, template: str, *, full_size: bool, old_keys: bool, nested: str | None) -> Path:
     if template == "brain_ldm":
         inference, metadata = brain_ldm_inference(full_size), brain_ldm_metadata(full_size)
         nets = {"models/autoencoder.pt": ("autoencoder", inference["autoencoder_def"]),
