@@ -23,15 +23,13 @@ The rule, the same for every case whatever its source:
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from ..errors import MeddiffError
-from ..files import current_umask
+from ..files import write_atomic
 from ..geometry import ModelGrid, sample_on_grid
 from ..intensity import normalise
 from ..volume import Volume
@@ -146,19 +144,6 @@ def write_case(levels: np.ndarray, grid: ModelGrid, path: Path) -> Path:
         raise MeddiffError(f"internal error: case levels {levels.dtype} {levels.shape} do not fit {grid.shape}")
     raw = case_header(grid).binaryblock + b"\0" * 4 + np.asarray(levels).tobytes(order="F")
     data = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
-    fd, tmp = tempfile.mkstemp(prefix=".case.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        if path.exists():
-            raise MeddiffError(f"{path} exists; not overwriting")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data), overwrite=False)
 
 

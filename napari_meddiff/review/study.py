@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MeddiffError
-from ..files import current_umask, removed_if_left_empty
+from ..files import removed_if_left_empty, write_text_atomic
 from ..geometry import ModelGrid
 from ..volume import Volume, read_volume, to_canonical
 from .blind import INTENSITY_RULE, blinded_levels, common_grid, grid_centre, grid_of, write_case
@@ -128,24 +128,22 @@ def _neutral_ids(rng: np.random.Generator, n: int) -> list[str]:
     return ids
 
 
-def _write_json(path: Path, doc: Any, *, exclusive: bool = False) -> None:
-    """Write JSON atomically (temporary file, fsync, rename); ``exclusive``: fail if ``path`` exists.
+def _write_json(path: Path, doc: Any) -> None:
+    """Write a study file's JSON atomically (`files.write_text_atomic`: follows the umask)."""
+    write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
 
-    The study files follow the umask, like every output; the key (``exclusive``) stays readable by its owner
-    only (mkstemp's 0600): it is the answer sheet."""
+
+def _write_key(path: Path, doc: Any) -> None:
+    """Write the key's JSON atomically, never replacing a file; it stays readable by its owner only (mkstemp's
+    0600): it is the answer sheet."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
-        if not exclusive:
-            os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)  # atomic, and refuses to replace an existing file
-        else:
-            os.replace(tmp, path)
+        os.link(tmp, path)  # atomic, and refuses to replace an existing file
     except FileExistsError:
         raise MeddiffError(f"{path} exists; a study key is never overwritten") from None
     finally:
@@ -245,10 +243,9 @@ def _create(real: Path, synthetic: Path, out: Path, key: Path, *, num: int | Non
                 on_case(n + 1, len(order))
         _same_times(written)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        _write_json(key, {"note": KEY_NOTE, "version": STUDY_VERSION, "study_id": study_id,
+        _write_key(key, {"note": KEY_NOTE, "version": STUDY_VERSION, "study_id": study_id,
                           "study": str(out.resolve()), "created": now, "seed": seed, "num_per_source": num,
-                          "grid": _grid_doc(target, grid, centre), "intensity_rule": INTENSITY_RULE, "cases": key_cases},
-                    exclusive=True)
+                          "grid": _grid_doc(target, grid, centre), "intensity_rule": INTENSITY_RULE, "cases": key_cases})
         written.append(key)
         _write_json(out / CASES_FILE, {"version": STUDY_VERSION, "study_id": study_id, "created": now,
                                        "display_rule": DISPLAY_RULE, "cases": cases})
