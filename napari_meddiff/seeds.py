@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Iterable
 
 from .errors import MeddiffError
@@ -11,9 +12,9 @@ MAX_SEED = 2**63 - 1
 
 
 def check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) and not (hasattr(seed, "__index__")):
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):  # Python and numpy integers, not floats
         raise MeddiffError(f"a seed must be an integer, got {seed!r}")
-    value = int(seed)  # numpy integers too
+    value = operator.index(seed)
     if not 0 <= value <= MAX_SEED:
         raise MeddiffError(f"seed {value} is out of range: seeds are integers from 0 to 2**63-1 ({MAX_SEED})")
     return value

@@ -37,8 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise MeddiffError("--num must be at least 1")
-    if args.seed < 0:
-        raise MeddiffError("--seed must be non-negative")
     if not 0.0 <= args.lesion_fraction <= 1.0:
         raise MeddiffError(f"--lesion-fraction must be between 0 and 1, got {args.lesion_fraction}")
     manifest = write_cohort(
