@@ -247,3 +247,37 @@ def test_decathlon_preparation_on_fake_data(tmp_path):
     cfg = validate(mod.decathlon_config("d", "segmentation", out, classes, 1.0))
     data = load_dataset(cfg, progress=False)
     assert data.images.shape[1:] == (1, 64, 64) and int(data.labels.max()) <= 3
+
+
+def test_crop_pair_keeps_images_and_labels_aligned():
+    from napari_meddiff.training.diffusion import crop_pair
+
+    labels = torch.randint(0, 4, (3, 12, 10))
+    images = torch.stack([labels.float(), -labels.float()], dim=1)  # the image is the label map
+    g = torch.Generator().manual_seed(0)
+    x, y = crop_pair(images, labels, [5, 7], g)
+    assert x.shape == (3, 2, 5, 7) and y.shape == (3, 5, 7) and y.dtype == labels.dtype
+    assert torch.equal(x[:, 0].long(), y) and torch.equal(x[:, 1], -x[:, 0])
+    found = [(i, j) for i in range(12 - 5 + 1) for j in range(10 - 7 + 1)
+             if torch.equal(labels[:, i : i + 5, j : j + 7], y)]
+    assert found  # a window of the originals, not resampled
+    same_x, same_y = crop_pair(images, labels, None, g)
+    assert same_x is images and same_y is labels
+
+
+def test_segmentation_trains_on_crops_then_whole_slices(tmp_path, cohort):
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "segmentation").read_text())
+    cfg["training"].update(steps=3, patch_size=[8, 8], patch_steps=2)
+    path = tmp_path / "crops.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    model = load_model(train(path, out=tmp_path / "model", work_dir=tmp_path / "run", progress=False))
+    assert model.config["training"]["diffusion"]["steps"] == 3
+    for bad, match in (([8], "patch_size"), ([8, 64], "patch_size"), ([8, 0], "patch_size"), ("8", "patch_size")):
+        cfg["training"]["patch_size"] = bad
+        path.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(MeddiffError, match=match):
+            train(path, out=tmp_path / "model2", work_dir=tmp_path / "run2", progress=False)
+    assert not (tmp_path / "model2").exists()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..zoo import build_network
 from . import common
-from .data import random_batch
+from .data import crop_schedule, random_batch, random_crop
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,6 @@ def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     return kl.mean()
 
 
-def random_crop(x: torch.Tensor, size: list[int] | None, gen: torch.Generator) -> torch.Tensor:
-    if not size:
-        return x
-    starts = [int(torch.randint(0, n - s + 1, (1,), generator=gen)) for n, s in zip(x.shape[2:], size)]
-    sl = tuple(slice(a, a + s) for a, s in zip(starts, size))
-    return x[(slice(None), slice(None)) + sl]
-
-
 def generator_step_loss(ae: torch.nn.Module, x: torch.Tensor, kl_weight: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L1 + kl_weight * KL, L1, KL, reconstruction) of one autoencoder pass on ``x``."""
@@ -43,14 +35,6 @@ def generator_step_loss(ae: torch.nn.Module, x: torch.Tensor, kl_weight: float
     l1 = F.l1_loss(rec, x.float())
     kl = kl_loss(z_mu.float(), z_sigma.float())
     return l1 + kl_weight * kl, l1, kl, rec
-
-
-def crop_schedule(tc: dict[str, Any], step: int) -> list[int] | None:
-    """The crop size of ``step``: ``patch_size`` during the first ``patch_steps`` steps (all steps when
-    that is null), whole volumes after (GroupNorm statistics of crops differ from whole volumes)."""
-    patch = tc.get("patch_size")
-    until = tc.get("patch_steps")
-    return patch if patch and (until is None or step < int(until)) else None
 
 
 def write_curve(path: Path, history: dict[str, list], val_psnr: list, extra: dict[str, Any]) -> None:

@@ -54,6 +54,8 @@ DEFAULT_TRAINING = {
     "seed": 0,
     "num_threads": None,
     "log_every": 10,
+    "patch_size": None,  # random crops of this size (null: whole images; fully convolutional UNets only)
+    "patch_steps": None,  # crops for the first N steps only, whole images after (null: crops throughout)
 }
 
 DEFAULT_AE_TRAINING = {
@@ -112,6 +114,7 @@ def validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
         cfg = _validate(raw, base_dir)
         for section in ("training", "autoencoder_training"):
             _check_numbers(section, cfg.get(section))
+            _check_patch(section, cfg.get(section), cfg["image_shape"])
         return cfg
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
         raise MeddiffError(f"malformed training config: {type(exc).__name__}: {exc}") from None
@@ -131,6 +134,20 @@ def _check_numbers(section: str, values: dict[str, Any] | None) -> None:
         if key in POSITIVE_TRAINING_KEYS and value <= 0 or value < 0:
             raise MeddiffError(f"{section}.{key} must be {'positive' if key in POSITIVE_TRAINING_KEYS else '>= 0'}, "
                                f"got {value!r}")
+
+
+def _check_patch(section: str, values: dict[str, Any] | None, image_shape: list[int]) -> None:
+    """``patch_size``: one positive integer per image axis, no larger than ``image_shape``."""
+    patch = (values or {}).get("patch_size")
+    if patch is None:
+        return
+    if not isinstance(patch, (list, tuple)) or len(patch) != len(image_shape) or any(
+            isinstance(p, bool) or not isinstance(p, int) or not 0 < p <= n for p, n in zip(patch, image_shape)):
+        raise MeddiffError(f"{section}.patch_size must be {len(image_shape)} positive integers no larger than "
+                           f"image_shape {image_shape}, got {patch!r}")
+    steps = values.get("patch_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise MeddiffError(f"{section}.patch_steps must be a non-negative integer or null, got {steps!r}")
 
 
 def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:

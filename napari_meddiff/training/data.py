@@ -197,3 +197,20 @@ def random_batch(
             if y is not None:
                 y[f] = y[f].flip(1)
     return x, y
+
+
+def random_crop(x: torch.Tensor, size: list[int] | None, gen: torch.Generator) -> torch.Tensor:
+    """One random window of ``size`` (the same for the whole batch) of ``(B, C, *S)``; ``x`` when size is null."""
+    if not size:
+        return x
+    starts = [int(torch.randint(0, n - s + 1, (1,), generator=gen)) for n, s in zip(x.shape[2:], size)]
+    sl = tuple(slice(a, a + s) for a, s in zip(starts, size))
+    return x[(slice(None), slice(None)) + sl]
+
+
+def crop_schedule(tc: dict[str, Any], step: int) -> list[int] | None:
+    """The crop size of ``step``: ``patch_size`` during the first ``patch_steps`` steps (all steps when
+    that is null), whole images after (GroupNorm statistics of crops differ from whole images)."""
+    patch = tc.get("patch_size")
+    until = tc.get("patch_steps")
+    return patch if patch and (until is None or step < int(until)) else None

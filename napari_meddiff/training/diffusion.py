@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..samplers import noise_scheduler
 from ..zoo import build_network
 from . import common
-from .data import random_batch
+from .data import crop_schedule, random_batch, random_crop
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,17 @@ def onehot_pm1(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, *S) int labels -> (B, K, *S) one-hot mapped to {-1, 1} (what the segmentation UNet denoises)."""
     oh = F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
     return oh * 2.0 - 1.0
+
+
+def crop_pair(x: torch.Tensor, labels: torch.Tensor | None, size: list[int] | None, gen: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same random window of images ``(B, C, *S)`` and their labels ``(B, *S)`` (unchanged when size is null)."""
+    if not size:
+        return x, labels
+    if labels is None:
+        return random_crop(x, size, gen), None
+    both = random_crop(torch.cat([x, labels.unsqueeze(1).to(x.dtype)], dim=1), size, gen)
+    return both[:, :-1].contiguous(), both[:, -1].round().to(labels.dtype)
 
 
 def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -97,6 +108,7 @@ def train_diffusion(
     net.train()
     while step < total and not dist.any(budget.exhausted()):
         xb, yb = random_batch(x0_data if not seg else condition, labels, bs, gen, flip)
+        xb, yb = crop_pair(xb, yb, crop_schedule(tc, step), gen)
         if seg:
             cond, x0 = xb.to(device), onehot_pm1(yb, num_classes).to(device)
         else:
