@@ -6,7 +6,7 @@ import torch
 
 from .errors import MeddiffError
 
-DEVICES = ("auto", "cpu", "cuda")
+from .choices import DEVICES  # noqa: F401  (re-exported)
 
 
 def available_devices() -> list[str]:

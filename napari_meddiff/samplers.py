@@ -14,7 +14,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 
 from .errors import MeddiffError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+from .choices import SAMPLERS  # noqa: F401  (re-exported)
 
 
 def _evenly_strided(num_train: int, steps: int) -> torch.Tensor:

@@ -24,8 +24,7 @@ from .samplers import make_sampler
 from .zoo import DiffusionModel
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = tuple(PRECISION_DTYPES)
-PRECISION_CHOICES = ("auto", *PRECISIONS)
+from .choices import PRECISION_CHOICES, PRECISIONS  # noqa: E402,F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -275,8 +274,7 @@ def _rewind(chain, index: int) -> None:
         chain._prev_t = None
 
 
-AUTOENCODER_PASSES = ("auto", "whole", "tiled")
-AUTOENCODER_PASS_ENV = "MEDDIFF_AUTOENCODER_PASS"  # the default pass of this process (`meddiff ... --decode`)
+from .choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES  # noqa: E402,F401  (re-exported)
 WHOLE_PASS_SHARE = 0.5  # a whole pass runs when its estimate is within this share of the free memory
 
 

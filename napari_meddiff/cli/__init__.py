@@ -41,7 +41,7 @@ def restored_process_state():
     """Options that act process-wide (``--decode`` sets an environment variable for worker processes, the
     thread count follows free cores) are undone when the command returns, so in-process calls (tests, a
     napari session) do not inherit them."""
-    from ..sampling import AUTOENCODER_PASS_ENV
+    from ..choices import AUTOENCODER_PASS_ENV
 
     env = os.environ.get(AUTOENCODER_PASS_ENV)
     torch = sys.modules.get("torch")

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from .. import batch
-from ..batch import output_paths, write_json_atomic  # noqa: F401  (re-exported: used by other commands)
 from ..errors import MeddiffError
 from ..files import ensure_folder, removed_if_left_empty
 from ..seeds import seed_range

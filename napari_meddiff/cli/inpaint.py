@@ -10,12 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..devices import resolve_device
+from .. import batch
 from ..errors import MeddiffError
 from ..files import check_output_file
 from ..zoo import DEFAULT_MODEL, load_model
 from .conditions import add_fixed_condition_option, fixed_conditions
-from .generate import write_json_atomic
 from .options import add_model_option, add_sampling_options, seed_value
 
 AXES = ("axial", "coronal", "sagittal")
@@ -100,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.label is not None:
         label = int(args.label) if float(args.label).is_integer() else args.label
     conditions = fixed_conditions(args.condition)
+    from ..devices import resolve_device
+
     device = resolve_device(args.device)
     image = read_volume(args.image)
     mask = read_volume(args.mask)
@@ -127,6 +128,6 @@ def run(args: argparse.Namespace) -> int:
         prov = dict(vol.metadata["provenance"])
         prov.pop("model_grid_affine", None)
         write_volume(vol, image_path, overwrite=args.overwrite, description=vol.metadata.get("descrip"))
-        write_json_atomic(sidecar, {"file": image_path.name, "image": str(args.image), "mask": str(args.mask), **prov})
+        batch.write_json_atomic(sidecar, {"file": image_path.name, "image": str(args.image), "mask": str(args.mask), **prov})
         print(image_path)
     return 0

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..devices import DEVICES
+from ..choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, DEVICES, PRECISION_CHOICES, SAMPLERS
 from ..errors import MeddiffError
-from ..samplers import SAMPLERS
-from ..sampling import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, PRECISION_CHOICES
 
 PRECISION_HELP = (
     "auto (bf16 autocast on CPUs with native bf16, else fp32), fp32, bf16 (autocast, CPU/CUDA), fp16 (CUDA); "

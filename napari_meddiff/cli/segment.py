@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-from ..devices import resolve_device
 from ..errors import MeddiffError
 from ..files import check_output_file, ensure_folder, removed_if_left_empty, write_text_atomic
 from .options import add_model_option, add_sampling_options, seed_value
@@ -64,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError(f"--steps must be a positive integer, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise MeddiffError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from ..devices import resolve_device
+
     device = resolve_device(args.device)
     if args.out.exists() and not args.out.is_dir():
         raise MeddiffError(f"{args.out} exists and is not a folder; --out takes a folder")

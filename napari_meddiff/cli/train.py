@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..devices import DEVICES
+from ..choices import DEVICES
 from ..errors import MeddiffError
 
 

@@ -14,11 +14,8 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from ..cpu_kernels import prefer_onednn
 from ..errors import MeddiffError
 from . import bundle, folder
 from .conditions import ConditionSpec, Conditioning
@@ -26,6 +23,9 @@ from .folder import check_model_target, foreign_files, save_model_folder
 from .model import DEFAULT_SAMPLING, NETWORK_NAMES, DiffusionModel, ModelConfigView, build_network, count_parameters
 from .model import sha256_file
 from .schema import MODEL_KINDS
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_SAMPLING", "MODEL_KINDS", "NETWORK_NAMES", "FORMATS", "BrokenModel", "ConditionSpec",
@@ -147,6 +147,8 @@ def describe_model(name_or_path: str | os.PathLike) -> ModelDescription:
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu") -> DiffusionModel:
     """Find a model by name (shipped, or under ``$MEDDIFF_MODELS``) or folder, verify and load it."""
+    from ..cpu_kernels import prefer_onednn
+
     model_dir = find_model_dir(name_or_path)
     fmt = format_of(model_dir)
     config = fmt.read_config(model_dir)

@@ -23,9 +23,8 @@ import dataclasses
 import inspect
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 
 from ..errors import MeddiffError
 from .bundle_config import BundleConfig, find_config_file, load_data_file, read_bundle_config
@@ -34,6 +33,9 @@ from .bundle_weights import check_weight_file, load_weights, read_state_dict
 from .conditions import snake_case
 from .model import DEFAULT_SAMPLING, build_network
 from .schema import validate_config
+
+if TYPE_CHECKING:
+    import torch
 
 SIDECAR_NAME = "meddiff.json"
 SIDECAR_KEYS = ("name", "image_shape", "voxel_size", "latent", "defaults", "weights", "conditioning", "orientation")

@@ -9,11 +9,13 @@ import hashlib
 import io
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 
 from ..errors import MeddiffError
+
+if TYPE_CHECKING:
+    import torch
 
 #: checkpoint keys under which nested state dicts are looked for, per network
 NESTED_KEYS = {
@@ -49,6 +51,8 @@ def check_weight_file(path: Path, md5: str | None, folder: Path) -> str:
 def read_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
     """Tensors only (``weights_only=True``), the state dict found inside a nested checkpoint if need be."""
     try:
+        import torch
+
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
@@ -67,6 +71,8 @@ def read_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
 
 
 def _is_state_dict(obj: Any) -> bool:
+    import torch
+
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
 
 

@@ -12,14 +12,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 
 from ..errors import MeddiffError
 from ..files import current_umask
 from .model import build_network, sha256_file
 from .schema import validate_config
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "model.json"
 

@@ -7,9 +7,10 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import MeddiffError
 from .conditions import ConditionSpec, Conditioning, condition_values, parse_conditions
@@ -75,6 +76,12 @@ class ModelConfigView:
         return condition_values(self.conditions, values, self.name)
 
 
+
+def _torch():
+    import torch  # imported when a model is loaded, not when configs are read (`meddiff models` stays quick)
+
+    return torch
+
 @dataclasses.dataclass
 class DiffusionModel(ModelConfigView):
     """A loaded model: its config, MONAI networks (eval mode) and folder."""
@@ -84,7 +91,7 @@ class DiffusionModel(ModelConfigView):
     config: dict[str, Any]
     unet: torch.nn.Module
     autoencoder: torch.nn.Module | None = None
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = dataclasses.field(default_factory=lambda: _torch().device("cpu"))
 
     @property
     def scale_factor(self) -> float:
@@ -110,7 +117,7 @@ class DiffusionModel(ModelConfigView):
         return sum(p.numel() for net in nets for p in net.parameters())
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
-        self.device = torch.device(device)
+        self.device = _torch().device(device)
         self.unet.to(self.device)
         if self.autoencoder is not None:
             self.autoencoder.to(self.device)
@@ -133,5 +140,7 @@ def build_network(name: str, net_config: dict[str, Any], where: str = "") -> tor
 def count_parameters(config: dict[str, Any]) -> int:
     """Parameters of a config's networks, counted on the meta device (no memory, no weights read)."""
     needed = ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else [])
+    import torch
+
     with torch.device("meta"):
         return sum(p.numel() for n in needed for p in build_network(n, config["networks"][n]).parameters())
