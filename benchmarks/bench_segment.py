@@ -10,9 +10,12 @@ trained on), segmented in their own 2 mm geometry and compared with the cohort l
 ensemble runs once per subject and the smaller ones are read off it; their time per volume is
 ``prepare + k/K x (time of the K members) + combine/resample`` (all measured).
 
-Uncertainty AUC: the normalised vote entropy as a score for "this voxel is wrong", over the voxels where the
-reference or the prediction is not background (rank statistic, ties averaged; 0.5 = no better than chance;
-undefined for an ensemble of 1, whose uncertainty is 0 everywhere).
+Both ways `segment` can combine members are measured from the same members: ``votes`` (each member's
+argmax) and ``probabilities`` (the mean of the members' class probabilities, ``combine="probabilities"``).
+
+Uncertainty AUC: the uncertainty map (normalised entropy of the combined probabilities) as a score for "this
+voxel is wrong", over the voxels where the reference or the prediction is not background (rank statistic, ties
+averaged; 0.5 = no better than chance; undefined for a single member's votes, whose uncertainty is 0).
 
 Baseline: a plain MONAI UNet segmenting the same slices, when its folder exists (``--baseline``; default: the
 first of BASELINE_NAMES on the model search path). Its folder holds ``model.json`` with ``networks.unet``
@@ -44,6 +47,7 @@ from napari_meddiff.errors import MeddiffError  # noqa: E402
 from napari_meddiff.segment import (  # noqa: E402
     auto_batch_size,
     class_names,
+    combine_probabilities,
     combine_votes,
     default_settings,
     label_volumes_ml,
@@ -120,9 +124,17 @@ class Baseline:
 # --- evaluation -------------------------------------------------------------------------------------
 
 
-def evaluate(plan, member_labels, n_classes, sub, names) -> tuple[dict, float]:
+def evaluate(plan, members, n_classes, sub, names, combine: str = "votes") -> tuple[dict, float]:
+    """``members``: labels ``(M, items, *tile)``, or class probabilities ``(M, items, C, *tile)``, combined by
+    ``combine`` (``votes``: each member's argmax; ``probabilities``: their mean), as `segment` does."""
     t0 = time.perf_counter()
-    probs, unc = combine_votes(plan, member_labels, n_classes)
+    if members.ndim == len(plan.tile_shape) + 3:  # probabilities
+        if combine == "probabilities":
+            probs, unc = combine_probabilities(plan, members)
+        else:
+            probs, unc = combine_votes(plan, members.argmax(2).astype(np.uint8), n_classes)
+    else:
+        probs, unc = combine_votes(plan, members, n_classes)
     labels, _, u = to_input_grid(plan, probs, unc, sub.image)
     post = time.perf_counter() - t0
     ref = np.asarray(sub.labels.array)
@@ -131,7 +143,8 @@ def evaluate(plan, member_labels, n_classes, sub, names) -> tuple[dict, float]:
     region = (ref > 0) | (labels > 0)
     wrong = labels != ref
     row["error_rate"] = float(wrong[region].mean())
-    row["uncertainty_auc"] = auc(u[region], wrong[region]) if member_labels.shape[0] > 1 else float("nan")
+    row["uncertainty_auc"] = auc(u[region], wrong[region]) if members.shape[0] > 1 or combine == "probabilities" \
+        else float("nan")
     row["uncertainty_mean_wrong"] = float(u[region & wrong].mean()) if (region & wrong).any() else float("nan")
     row["uncertainty_mean_right"] = float(u[region & ~wrong].mean()) if (region & ~wrong).any() else float("nan")
     pred_ml = label_volumes_ml(labels, sub.image.affine, names)
@@ -200,14 +213,15 @@ def main() -> None:
         t_plan = time.perf_counter() - t0
         t0 = time.perf_counter()
         members = run_members(model, tiles, list(range(kmax)), seed=args.seed, sampler=sampler, steps=steps,
-                              batch_size=batch, precision=args.precision)
+                              batch_size=batch, precision=args.precision, probabilities=True)
         t_members = time.perf_counter() - t0
         entry = {"seed": seed, "has_lesion": sub.has_lesion, "slices": plan.num_items, "grid": list(plan.grid.shape),
                  "make_subject_s": t_subject, "prepare_s": t_plan, f"members_{kmax}_s": t_members, "results": {}}
         for k in sorted(args.ensembles):
-            row, post = evaluate(plan, members[:k], n_classes, sub, names)
-            row["seconds_per_volume"] = t_plan + t_members * k / kmax + post
-            entry["results"][f"diffusion x{k}"] = row
+            for combine in ("votes", "probabilities"):
+                row, post = evaluate(plan, members[:k], n_classes, sub, names, combine)
+                row["seconds_per_volume"] = t_plan + t_members * k / kmax + post
+                entry["results"][f"diffusion x{k} {combine}"] = row
         if baseline is not None:
             t0 = time.perf_counter()
             base_members = baseline.labels(tiles)
@@ -237,7 +251,7 @@ def main() -> None:
             t0 = time.perf_counter()
             plan = plan_segmentation(model, case.image, window=window)
             members = run_members(model, plan.item_images(), list(range(k)), seed=args.seed, sampler=sampler,
-                                  steps=steps, batch_size=batch, precision=args.precision)
+                                  steps=steps, batch_size=batch, precision=args.precision, probabilities=True)
             row, _ = evaluate(plan, members, n_classes, case, names)
             row["seconds_per_volume"] = time.perf_counter() - t0
             row["method"] = f"MNI152 x{k} ({what}: {plan.window[0]:.3g}..{plan.window[1]:.3g})"

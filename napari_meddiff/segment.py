@@ -51,8 +51,17 @@ CONTENT_THRESHOLD = 0.15  # of the normalised intensity window: what counts as "
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour when the region needs several tiles
 AUTO_BATCH_VOXELS = {"cpu": 16 * 64 * 64, "cuda": 512 * 64 * 64}  # voxels per network evaluation (auto batch);
 # on CPU small batches are faster per sample (measured: 16 slices of 64x64 beat 64 or 128)
-PROBABILITY_DEFINITION = "fraction of ensemble members voting each class (argmax of denoised channels)"
-UNCERTAINTY_DEFINITION = "entropy of the vote fractions / log(num_classes), in [0, 1]"
+COMBINE_METHODS = ("votes", "probabilities")
+DEFAULT_COMBINE = "votes"
+PROBABILITY_DEFINITIONS = {
+    "votes": "fraction of ensemble members voting each class (argmax of denoised channels)",
+    "probabilities": "mean over ensemble members of each member's class probabilities (clip((z + 1) / 2) "
+                     "of its denoised channels z, normalised)",
+}
+UNCERTAINTY_DEFINITIONS = {
+    "votes": "entropy of the vote fractions / log(num_classes), in [0, 1]",
+    "probabilities": "entropy of the mean class probabilities / log(num_classes), in [0, 1]",
+}
 
 
 @dataclasses.dataclass
@@ -309,8 +318,11 @@ def run_members(
     batch_size: int = 16,
     on_step: Callable[[SegmentProgress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    probabilities: bool = False,
 ) -> np.ndarray:
-    """Each member's label map for each normalised image tile: ``(len(members), num_items, *tile)`` uint8.
+    """Each member's label map for each normalised image tile: ``(len(members), num_items, *tile)`` uint8;
+    with ``probabilities``, each member's class probabilities instead: ``(len(members), num_items, C, *tile)``
+    float16 (`member_probabilities` of its denoised class channels).
 
     (member, item) pairs are run member-major in batches of ``batch_size`` through `sampling.denoise`.
     """
@@ -320,7 +332,10 @@ def run_members(
     items = images.shape[0]
     dev = model.device
     pairs = [(mi, i) for mi in range(len(members)) for i in range(items)]
-    out = np.zeros((len(members), items, *images.shape[1:]), np.uint8 if n_classes <= 256 else np.int16)
+    if probabilities:
+        out = np.zeros((len(members), items, n_classes, *images.shape[1:]), np.float16)
+    else:
+        out = np.zeros((len(members), items, *images.shape[1:]), np.uint8 if n_classes <= 256 else np.int16)
     batches = int(math.ceil(len(pairs) / batch_size))
     done = np.zeros(len(members), np.int64)  # finished (item, step) evaluations per member
     per_member = max(1, items * steps)
@@ -356,11 +371,41 @@ def run_members(
             model, x, sampler=sampler, steps=steps, generators=gens, condition=cond,
             on_step=hook, should_cancel=should_cancel, precision=precision,
         )
-        labels = z.argmax(1).to(torch.int16).cpu().numpy()
-        for (mi, i), lab in zip(chunk, labels):
-            out[mi, i] = lab
+        result = member_probabilities(z) if probabilities else z.argmax(1).to(torch.int16).cpu().numpy()
+        for (mi, i), value in zip(chunk, result):
+            out[mi, i] = value
         done += np.bincount(chunk_members, minlength=len(members)) * steps
     return out
+
+
+def member_probabilities(z: torch.Tensor) -> np.ndarray:
+    """A member's class probabilities from its denoised class channels ``z`` (B, C, *S) in about [-1, 1]:
+    ``clip((z + 1) / 2, 0, 1)`` normalised over classes (uniform where every channel is at -1).
+
+    A model trained to predict the one-hot map (x0, MSE) outputs the conditional mean of it, so ``(z + 1) / 2``
+    estimates each class's posterior probability; samplers ending on a sample give nearly one-hot maps."""
+    p = ((z.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
+    total = p.sum(1, keepdim=True)
+    p = torch.where(total > 1e-6, p / total.clamp_min(1e-6), torch.full_like(p, 1.0 / p.shape[1]))
+    return p.to(torch.float16).cpu().numpy()
+
+
+def combine_probabilities(plan: SegmentationPlan, member_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-member tile probabilities ``(M, items, C, *tile)`` -> (their mean ``(C, *grid)``, its normalised
+    entropy ``(*grid)``) on the model grid, tiles blended by their weights."""
+    m, _, num_classes = member_probs.shape[:3]
+    if m < 1:
+        raise MeddiffError("an ensemble needs at least one member")
+    acc = np.zeros((num_classes, *plan.grid.shape), np.float32)
+    wsum = np.zeros(plan.grid.shape, np.float32)
+    for i, start in enumerate(plan.starts):
+        idx = plan._index(start)
+        w = plan.weights[i]
+        acc[(slice(None), *idx)] += member_probs[:, i].astype(np.float32).mean(0) * w
+        wsum[idx] += w
+    probs = acc / np.maximum(wsum, 1e-12)
+    probs[0][wsum <= 0] = 1.0  # never happens: tiles cover the grid
+    return probs, normalised_entropy(probs)
 
 
 def combine_votes(plan: SegmentationPlan, member_labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -429,6 +474,7 @@ def segment(
     batch_size: int | None = None,
     region: str = "content",
     window: tuple[float, float] | None = None,
+    combine: str = DEFAULT_COMBINE,
     on_step: Callable[[SegmentProgress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> SegmentationResult:
@@ -439,6 +485,7 @@ def segment(
     fit (16 slices of 64x64 on CPU, 512 on CUDA). The result does not depend on it.
     ``region``: ``"content"`` (the scan's bright part, plus a margin) or ``"full"`` (its whole field of view).
     ``window``: scanner values mapped to 0 and 1 (default: the model's intensity spec, e.g. percentiles).
+    ``combine``: ``"votes"`` (members' label votes) or ``"probabilities"`` (members' mean class probabilities).
     ``on_step`` gets a `SegmentProgress` after every denoising step.
     """
     t0 = time.perf_counter()
@@ -452,6 +499,8 @@ def segment(
         raise MeddiffError("image must be a Volume (see napari_meddiff.read_volume)")
     if int(ensemble) < 1:
         raise MeddiffError(f"ensemble size must be at least 1, got {ensemble}")
+    if combine not in COMBINE_METHODS:
+        raise MeddiffError(f"combine must be one of {', '.join(COMBINE_METHODS)}, not {combine!r}")
     defaults = default_settings(model)
     sampler = sampler or defaults["sampler"]
     steps = int(steps if steps is not None else defaults["steps"])
@@ -470,14 +519,20 @@ def segment(
     tile_voxels = float(np.prod(plan.tile_shape))
     check_request_fits(
         model, batch=batch_size,
-        held_voxels=int(ensemble) * len(plan.starts) * tile_voxels / 4 + (n_classes + 2) * float(np.prod(image.shape[:3])),
+        # members' results held until combined: uint8 labels (1/4 of a float32 voxel) or float16 probabilities
+        held_voxels=int(ensemble) * len(plan.starts) * tile_voxels * (n_classes / 2 if combine == "probabilities" else 0.25)
+        + (n_classes + 2) * float(np.prod(image.shape[:3])),
         what=f"an ensemble of {int(ensemble)} members (batch {batch_size})",
     )
-    member_labels = run_members(
+    members = run_members(
         model, plan.item_images(), list(range(int(ensemble))), seed=seed, sampler=sampler, steps=steps,
         precision=precision, batch_size=batch_size, on_step=on_step, should_cancel=should_cancel,
+        probabilities=combine == "probabilities",
     )
-    probs, unc = combine_votes(plan, member_labels, n_classes)
+    if combine == "probabilities":
+        probs, unc = combine_probabilities(plan, members)
+    else:
+        probs, unc = combine_votes(plan, members, n_classes)
     labels, p, u = to_input_grid(plan, probs, unc, image)
     volumes = label_volumes_ml(labels, image.affine, names)
     provenance = {
@@ -498,8 +553,9 @@ def segment(
         "model_voxel_size": [float(abs(v)) for v in np.sqrt((plan.grid.affine[:3, :3] ** 2).sum(0))],
         "tiles": plan.num_items,
         "intensity_window": [float(w) for w in plan.window],
-        "probabilities": PROBABILITY_DEFINITION,
-        "uncertainty": UNCERTAINTY_DEFINITION,
+        "combine": combine,
+        "probabilities": PROBABILITY_DEFINITIONS[combine],
+        "uncertainty": UNCERTAINTY_DEFINITIONS[combine],
         "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
         "package_version": __version__,
         "seconds": round(time.perf_counter() - t0, 3),

@@ -265,3 +265,34 @@ def test_cli_errors(seg_models, tmp_path, monkeypatch, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["segment", "--model", "tiny-seg-2d", "--image", "x.nii.gz", "--out", "o", "--ensemble", "0"]) == 2
     assert "--ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dims", ["2d", "3d"])
+def test_probabilities_combine_is_the_mean_of_member_probabilities(seg_models, dims):
+    import torch
+
+    from napari_meddiff.segment import combine_probabilities, member_probabilities
+
+    z = torch.tensor([[[-1.0, 3.0]], [[1.0, -1.0]], [[0.0, -1.0]], [[-1.0, -1.0]]]).reshape(1, 4, 1, 2)
+    p = member_probabilities(z).astype(np.float32)
+    np.testing.assert_allclose(p[0, :, 0, 0], [0.0, 2 / 3, 1 / 3, 0.0], atol=1e-3)  # clipped, normalised
+    np.testing.assert_allclose(p[0, :, 0, 1], [1.0, 0.0, 0.0, 0.0], atol=1e-3)
+
+    model = seg_models[dims]
+    image = Volume(blob_image((12, 10, 6)), np.diag([4.0, 4.0, 4.0, 1.0]))
+    plan = plan_segmentation(model, image, region="full")
+    members = run_members(model, plan.item_images(), [0, 1, 2], **FAST, batch_size=64, probabilities=True)
+    assert members.dtype == np.float16 and members.shape[:3] == (3, plan.num_items, 4)
+    np.testing.assert_allclose(members.astype(np.float32).sum(2), 1.0, atol=5e-3)
+    probs, unc = combine_probabilities(plan, members)
+    one = combine_probabilities(plan, members[:1])[0]
+    assert not np.allclose(probs, one)  # members differ, and the mean is not any one of them
+    res = segment(model, image, ensemble=3, region="full", combine="probabilities", **FAST)
+    check_result(res, image)
+    assert res.provenance["combine"] == "probabilities" and "mean" in res.provenance["probabilities"]
+    again = segment(model, image, ensemble=3, region="full", combine="probabilities", batch_size=1, **FAST)
+    np.testing.assert_array_equal(res.probabilities.array, again.probabilities.array)
+    # a single member has an uncertainty of its own (its probabilities), unlike a single vote
+    assert segment(model, image, ensemble=1, region="full", combine="probabilities", **FAST).uncertainty.array.max() > 0
+    with pytest.raises(MeddiffError, match="combine"):
+        segment(model, image, combine="mean", **FAST)
