@@ -1,16 +1,25 @@
 """Diffusion segmentation with ensemble uncertainty, through the one denoising loop.
 
 A segmentation model denoises one-hot labels (``{-1, 1}`` per class) with the normalised image concatenated
-to the UNet input (``condition``). An *ensemble* runs the chain N times from independent noise; each member's
-label is the argmax of its denoised class channels. From the N votes per voxel:
+to the UNet input (``condition``). An *ensemble* runs the chain N times from independent noise. Members are
+combined one of two ways (``combine``; the model's ``defaults.combine``, else votes):
 
-- **probabilities**: the fraction of members voting each class (hard votes; they sum to 1), blended between
-  overlapping tiles and resampled *linearly* onto the input grid;
-- **labels**: argmax of the resampled probabilities (= majority vote; ties go to the lower class index), so
-  the labels overlay the image exactly;
-- **uncertainty**: the entropy of the vote fractions divided by ``log(num_classes)``, in [0, 1]: 0 where all
-  members agree, 1 only when the votes are spread evenly over all classes (so N=2 tops out at
-  ``log 2 / log C``; an ensemble of 1 has no uncertainty). Computed on the model grid, resampled linearly;
+- ``votes``: each member's label is the argmax of its denoised class channels; the probabilities are the
+  fraction of members voting each class;
+- ``probabilities``: each member's class probabilities are ``clip((z + 1) / 2, 0, 1)`` of its denoised class
+  channels ``z``, normalised (a model that predicts the one-hot map with an MSE loss outputs its conditional
+  mean, i.e. the class posteriors); the probabilities are their mean over members.
+
+Then, per voxel:
+
+- **probabilities**: as above (they sum to 1), blended between overlapping tiles and resampled *linearly* onto
+  the input grid;
+- **labels**: argmax of the resampled probabilities (with votes: the majority vote; ties go to the lower class
+  index), so the labels overlay the image exactly;
+- **uncertainty**: the entropy of the model-grid probabilities divided by ``log(num_classes)``, in [0, 1]: with
+  votes, 0 where all members agree and 1 only when the votes are spread evenly over all classes (so N=2 tops out
+  at ``log 2 / log C``; an ensemble of 1 has no uncertainty); with probabilities, also where one member is
+  unsure. Computed on the model grid, resampled linearly;
 - **volumes**: voxels of each label in the input grid times the input voxel volume, in mL.
 
 Geometry: any input (size, voxel size, orientation, obliquity) is normalised with the model's intensity spec,
@@ -474,7 +483,7 @@ def segment(
     batch_size: int | None = None,
     region: str = "content",
     window: tuple[float, float] | None = None,
-    combine: str = DEFAULT_COMBINE,
+    combine: str | None = None,
     on_step: Callable[[SegmentProgress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> SegmentationResult:
@@ -485,7 +494,8 @@ def segment(
     fit (16 slices of 64x64 on CPU, 512 on CUDA). The result does not depend on it.
     ``region``: ``"content"`` (the scan's bright part, plus a margin) or ``"full"`` (its whole field of view).
     ``window``: scanner values mapped to 0 and 1 (default: the model's intensity spec, e.g. percentiles).
-    ``combine``: ``"votes"`` (members' label votes) or ``"probabilities"`` (members' mean class probabilities).
+    ``combine``: ``"votes"`` (members' label votes) or ``"probabilities"`` (members' mean class probabilities);
+    default: the model's ``defaults.combine``, else votes.
     ``on_step`` gets a `SegmentProgress` after every denoising step.
     """
     t0 = time.perf_counter()
@@ -499,6 +509,7 @@ def segment(
         raise MeddiffError("image must be a Volume (see napari_meddiff.read_volume)")
     if int(ensemble) < 1:
         raise MeddiffError(f"ensemble size must be at least 1, got {ensemble}")
+    combine = combine or default_settings(model).get("combine") or DEFAULT_COMBINE
     if combine not in COMBINE_METHODS:
         raise MeddiffError(f"combine must be one of {', '.join(COMBINE_METHODS)}, not {combine!r}")
     defaults = default_settings(model)

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="intensities mapped to 0 and 1 (default: the model's intensity normalisation)")
     add_sampling_options(p, eta=False)
+    p.add_argument("--combine", choices=("votes", "probabilities"), default=None,
+                   help="how ensemble members are combined: label votes, or the mean of their class probabilities "
+                        "(default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per network evaluation (default: automatic)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run)
@@ -96,7 +99,7 @@ def _segment(args: argparse.Namespace, image, model, device) -> int:
         result = segment(
             model, image, ensemble=args.ensemble, sampler=args.sampler, steps=args.steps, seed=args.seed,
             axis=args.axis, device=str(device), precision=args.precision, batch_size=args.batch_size,
-            window=tuple(args.window) if args.window else None, on_step=progress,
+            window=tuple(args.window) if args.window else None, combine=args.combine, on_step=progress,
         )
     finally:
         bar.close()

@@ -128,6 +128,7 @@ OPTIONAL_BLOCKS = {
         "sampler": (lambda v: isinstance(v, str), "a sampler name"),
         "steps": (_positive_int, "a positive integer"),
         "precision": (lambda v: isinstance(v, str), "a precision name"),
+        "combine": (lambda v: v in ("votes", "probabilities"), "votes or probabilities (segmentation ensembles)"),
     },
     "intensity": {
         "method": (lambda v: isinstance(v, str), "a string"),
