@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, peak_rss_mb, save, table  # noqa: E402
 
@@ -155,6 +156,71 @@ def evaluate(plan, members, n_classes, sub, names, combine: str = "votes") -> tu
     return row, post
 
 
+TARGETS = {"dice": 0.85, "dice_csf": 0.80, "uncertainty_auc": 0.85, "seconds_per_volume": 60.0}
+TISSUE_KEYS = (("CSF", "csf"), ("GM", "grey_matter"), ("WM", "white_matter"))
+
+
+def render_card(result: dict, json_path: str, ensemble: int = 5) -> str:
+    """The "Measured" section of the model card from a result of this script (never typed by hand)."""
+    rows = {r["method"]: r for r in result["summary"]}
+    m = result["machine"]
+    lines = [f"Measured by `benchmarks/bench_segment.py` on {result['date']} ({m['cpu']}, {result['threads']} torch "
+             f"thread(s), torch {m['torch']}); {len(result['subjects'])} held-out cohort subjects (seeds "
+             f"{min(result['subjects'])}-{max(result['subjects'])}, never used in training), whole 2 mm volumes "
+             f"through `segment` ({result['sampler']}, {result['steps']} steps); Dice on each subject's own grid. "
+             f"Source: `{json_path}`.", ""]
+    miss = []
+    base = next((r for name, r in rows.items() if "MONAI UNet" in name), None)
+    for combine in ("probabilities", "votes"):
+        r = rows.get(f"diffusion x{ensemble} {combine}")
+        if r is None:
+            continue
+        dice = ", ".join(f"{t} {r[f'dice_{k}']:.3f} ± {r[f'dice_{k}_sd']:.3f}" for t, k in TISSUE_KEYS)
+        lines.append(f"- Ensemble of {ensemble}, members combined by {combine}: Dice {dice}; uncertainty AUC "
+                     f"{r['uncertainty_auc']:.3f} (errors {100 * r['error_rate']:.1f} % of the head voxels); "
+                     f"{r['seconds_per_volume']:.1f} s per volume.")
+    for name, r in rows.items():
+        if name.startswith("diffusion x1 "):
+            lines.append(f"- One member ({name.split()[-1]}): Dice " + ", ".join(
+                f"{t} {r[f'dice_{k}']:.3f}" for t, k in TISSUE_KEYS) + f"; {r['seconds_per_volume']:.1f} s per volume.")
+    if base is not None:
+        b = result.get("baseline_training", {})
+        lines.append(f"- Baseline, a plain MONAI UNet ({b.get('network', 'see the JSON')}, {b.get('loss', '')}, "
+                     f"{b.get('steps', '?')} steps in {b.get('cpu_minutes', '?')} CPU-min against the diffusion model's "
+                     f"{b.get('matched_cpu_minutes', '?')}): Dice " + ", ".join(
+                         f"{t} {base[f'dice_{k}']:.3f} ± {base[f'dice_{k}_sd']:.3f}" for t, k in TISSUE_KEYS) + ".")
+    default = rows.get(f"diffusion x{ensemble} {result.get('default_combine', 'votes')}")
+    if default is not None:
+        for t, k in TISSUE_KEYS:
+            target = TARGETS["dice_csf"] if t == "CSF" else TARGETS["dice"]
+            if default[f"dice_{k}"] < target:
+                miss.append(f"Dice {t} {default[f'dice_{k}']:.3f} < {target}")
+            if base is not None and default[f"dice_{k}"] < base[f"dice_{k}"]:
+                miss.append(f"Dice {t} below the baseline's {base[f'dice_{k}']:.3f}")
+        if default["uncertainty_auc"] < TARGETS["uncertainty_auc"]:
+            miss.append(f"uncertainty AUC {default['uncertainty_auc']:.3f} < {TARGETS['uncertainty_auc']}")
+        if default["seconds_per_volume"] > TARGETS["seconds_per_volume"]:
+            miss.append(f"{default['seconds_per_volume']:.0f} s per volume > {TARGETS['seconds_per_volume']:.0f} s")
+    lines += ["", f"Targets (issue 16: Dice ≥ 0.85, CSF ≥ 0.80, ≥ the baseline on every tissue, uncertainty AUC ≥ 0.85, "
+              f"≤ 60 s for a {ensemble}-member ensemble of a 2 mm volume on 2 cores), for the model's default "
+              f"combine ({result.get('default_combine', 'votes')}): " + ("NOT met: " + "; ".join(miss) + "." if miss
+                                                                          else "all met.")]
+    return "\n".join(lines)
+
+
+def write_card(model_dir: Path, section: str) -> None:
+    from napari_meddiff.training.export import MEASURED_BEGIN, MEASURED_END
+
+    card = model_dir / "MODEL_CARD.md"
+    text = card.read_text()
+    block = f"{MEASURED_BEGIN}\n{section}\n{MEASURED_END}"
+    if MEASURED_BEGIN in text and MEASURED_END in text:
+        text = text[: text.index(MEASURED_BEGIN)] + block + text[text.index(MEASURED_END) + len(MEASURED_END):]
+    else:
+        text = text.rstrip() + "\n\n## Measured\n\n" + block + "\n"
+    card.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -173,6 +239,8 @@ def main() -> None:
                         help="also segment the real MNI152 template (1 mm, noise-free) against labels derived from "
                              "its own GM/WM/brain maps, with the model's intensity window and with low = minimum")
     parser.add_argument("--mni-ensemble", type=int, default=5)
+    parser.add_argument("--card", action="store_true",
+                        help="write the model card's Measured section from this run (model folders only)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -280,6 +348,7 @@ def main() -> None:
         print(table(mni_rows, vol_cols))
     result = {
         "model": model.name,
+        "weights_sha256": model.weights_sha256,
         "tiny": bool(args.tiny),
         "sampler": sampler,
         "steps": steps,
@@ -291,6 +360,9 @@ def main() -> None:
         "resolution_mm": 2.0,
         "ensembles": args.ensembles,
         "baseline": baseline.name if baseline else None,
+        "baseline_training": baseline.config.get("training", {}) if baseline else None,
+        "default_combine": settings.get("combine", "votes"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": info,
         "summary": summary,
         "mni152": mni_rows,
@@ -303,6 +375,10 @@ def main() -> None:
     suffix = "" if args.precision == "fp32" else f"_{args.precision}"
     path = save(("segment_tiny" if args.tiny else f"segment_{model.name}") + suffix, result)
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB; written {path}")
+    if args.card and not args.tiny:
+        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        write_card(Path(model.path), render_card(result, str(rel), ensemble=5 if 5 in args.ensembles else kmax))
+        print(f"updated {Path(model.path) / 'MODEL_CARD.md'}")
 
 
 if __name__ == "__main__":

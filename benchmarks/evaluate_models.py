@@ -15,9 +15,9 @@ Measured:
   cohort labels, and for real and generated alike from a 3-class k-means of the brain intensities (generated
   images have no labels), the 1-Wasserstein distance between the brain-intensity histograms, intensity
   quantiles and the brain fraction of the field of view.
-- Segmentation: Dice per tissue against the cohort labels (mean over held-out subjects) on the model grid, and
-  the same for a plain MONAI UNet trained on the same training slices for the same process CPU time as the
-  diffusion model (``--baseline-minutes`` caps it).
+
+Segmentation models are measured by `bench_segment.py` (whole held-out volumes through `segment`, ensembles,
+uncertainty, the MONAI UNet baseline of `train_segmentation_baseline.py`), which writes their cards.
 
 The JSON (``benchmarks/results/evaluation.json``) is the source of the cards' "Measured" sections; they are
 rendered from it, never typed by hand.
@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 from napari_meddiff.training.export import MEASURED_BEGIN, MEASURED_END  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-SHIPPED = ["brain-ldm-3d", "brain-ddpm-2d", "brain-tissue-segdiff-2d"]
-TARGETS = {"ae_psnr_db": 30.0, "c2st_accuracy": 0.75, "dice": 0.85}
+SHIPPED = ["brain-ldm-3d", "brain-ddpm-2d"]  # brain-tissue-segdiff-2d: bench_segment.py --card
+TARGETS = {"ae_psnr_db": 30.0, "c2st_accuracy": 0.75}
 TISSUES = ["CSF", "GM", "WM"]
 
 
@@ -209,45 +209,6 @@ def diversity(x: torch.Tensor, k: int = 20) -> float:
     return float(d.sum() / (len(x) * (len(x) - 1)))
 
 
-def dice_per_subject(pred: torch.Tensor, ref: torch.Tensor, subj: np.ndarray) -> dict:
-    from napari_meddiff.training.pipeline import dice_per_class
-
-    per = np.array([dice_per_class(pred[subj == s], ref[subj == s], 4) for s in np.unique(subj)])
-    return {t: {"mean": round(float(np.nanmean(per[:, j])), 4), "sd": round(float(np.nanstd(per[:, j])), 4)}
-            for j, t in enumerate(TISSUES)}
-
-
-def train_unet_baseline(cfg: dict, train_images, train_labels, cpu_minutes: float, seed: int = 0) -> tuple:
-    """A plain MONAI UNet (Dice + CE) trained for ``cpu_minutes`` of process CPU time."""
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import UNet
-
-    from napari_meddiff.training.data import random_batch
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    net = UNet(spatial_dims=2, in_channels=1, out_channels=4, channels=(16, 32, 64, 128), strides=(2, 2, 2),
-               num_res_units=1)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    c0, t0, steps = time.process_time(), time.time(), 0
-    while (time.process_time() - c0) / 60 < cpu_minutes:
-        x, y = random_batch(train_images, train_labels, 8, g, True)
-        loss = loss_fn(net(x), y[:, None])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
-    info = {"network": "monai.networks.nets.UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)",
-            "loss": "DiceCE", "steps": steps, "batch_size": 8, "cpu_minutes": round((time.process_time() - c0) / 60, 2),
-            "wall_minutes": round((time.time() - t0) / 60, 2),
-            "parameters": int(sum(p.numel() for p in net.parameters()))}
-    return net.eval(), info
-
-
-# --- per model ----------------------------------------------------------------------------------------------
-
-
 def save_samples(path: Path, gen: torch.Tensor, real: torch.Tensor, title: str) -> None:
     from napari_meddiff.training.common import save_grid
 
@@ -259,14 +220,15 @@ def save_samples(path: Path, gen: torch.Tensor, real: torch.Tensor, title: str) 
 
 def evaluate(name: str, args) -> dict:
     from napari_meddiff.generate import generate
-    from napari_meddiff.training.pipeline import segment_slices
     from napari_meddiff.zoo import find_model_dir, load_model
 
     model_dir = find_model_dir(name)
     model = load_model(model_dir)
+    if model.kind == "segmentation":
+        raise SystemExit(f"{name} is a segmentation model: measure it with benchmarks/bench_segment.py --card")
     cfg = model_train_config(model_dir)
     t0 = time.time()
-    num = args.num_heldout if model.kind != "segmentation" else args.seg_subjects
+    num = args.num_heldout
     real, labels, subj, seeds = load_split(cfg, args.heldout, num)
     res: dict = {"model": name, "kind": model.kind, "weights_sha256": model.weights_sha256,
                  "heldout_seeds": seeds, "heldout_items": int(len(real)), "machine": machine(),
@@ -304,41 +266,6 @@ def evaluate(name: str, args) -> dict:
                      f"{name}: top generated ({sampling['sampler']} {sampling['steps']} steps), bottom held-out real")
         res["samples_png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
         print(f"{name}: C2ST accuracy {res['c2st']['accuracy']:.3f}; W1 {res['intensity']['wasserstein_brain_intensity']}", flush=True)
-    if model.kind == "segmentation":
-        steps = int(model.config["defaults"]["steps"])
-        t1 = time.time()
-        pred = segment_slices(model, real, steps=steps, sampler=model.config["defaults"]["sampler"], seed=args.seed)
-        res["segmentation"] = {"dice": dice_per_subject(pred, labels, subj), "steps": steps,
-                               "seconds_per_slice": round((time.time() - t1) / len(real), 3),
-                               "grid": f"{model.image_shape} slices at {model.voxel_size} mm (the model grid)"}
-        print(f"{name}: Dice {res['segmentation']['dice']}", flush=True)
-        budget = float(model.config["training"]["diffusion"].get("cpu_minutes") or model.config["training"]["diffusion"]["minutes"])
-        if args.baseline_minutes is not None:
-            budget = min(budget, args.baseline_minutes)
-        if budget > 0:
-            from napari_meddiff.training.data import load_dataset
-
-            tcfg = json.loads(json.dumps(cfg))
-            tcfg["data"]["dir"] = model.config["data"]["dir"]
-            tcfg["data"]["max_subjects"] = None
-            train = load_dataset(tcfg, progress=False)
-            train_seeds = set(model.config["data"]["train_seeds"])
-            keep = [i for i, s in enumerate(train.seeds) if s in train_seeds] if train.seeds else None
-            if keep is not None:  # exactly the diffusion model's training subjects
-                subs = sorted(set(train.subjects))
-                ok = {subs[i] for i in keep}
-                idx = torch.tensor([i for i, s in enumerate(train.subjects) if s in ok])
-                timgs, tlabs = train.images[idx], train.labels[idx]
-            else:
-                timgs, tlabs = train.images, train.labels
-            net, info = train_unet_baseline(cfg, timgs, tlabs, budget, seed=args.seed)
-            with torch.no_grad():
-                bpred = torch.cat([net(real[i : i + 64]).argmax(1) for i in range(0, len(real), 64)])
-            info["dice"] = dice_per_subject(bpred, labels, subj)
-            info["budget_note"] = ("same process CPU time as the diffusion model's training"
-                                   + (f", capped at {args.baseline_minutes} min" if args.baseline_minutes is not None else ""))
-            res["baseline_unet"] = info
-            print(f"{name}: baseline UNet Dice {info['dice']}", flush=True)
     res["eval_minutes"] = round((time.time() - t0) / 60, 2)
     return res
 
@@ -390,19 +317,6 @@ def render(res: dict) -> str:
             dv = res["diversity"]
             lines.append(f"- Diversity ({dv['what']}): real {dv['real']:.4f}, generated {dv['generated']:.4f}.")
         lines.append(f"- Samples: `{res['samples_png']}`.")
-    if "segmentation" in res:
-        s = res["segmentation"]
-        low = [t for t in TISSUES if s["dice"][t]["mean"] < TARGETS["dice"]]
-        miss += [f"Dice {t} {s['dice'][t]['mean']:.2f} < {TARGETS['dice']}" for t in low]
-        lines.append(f"- Dice against the cohort labels (mean ± SD over subjects; {s['grid']}; {s['steps']} steps): " + ", ".join(
-            f"{t} {fmt_ms(s['dice'][t])}" for t in TISSUES) + f" (target ≥ {TARGETS['dice']}: {'met' if not low else 'NOT met for ' + ', '.join(low)}). "
-            f"{s['seconds_per_slice']} s per slice.")
-        if "baseline_unet" in res:
-            b = res["baseline_unet"]
-            lines.append(f"- Baseline, {b['network']} with {b['loss']} loss, {b['steps']} steps in {b['cpu_minutes']} CPU-min "
-                         f"({b['budget_note']}): Dice " + ", ".join(f"{t} {fmt_ms(b['dice'][t])}" for t in TISSUES) + ".")
-        else:
-            lines.append("- Baseline UNet: not run yet.")
     lines.append("")
     lines.append("First targets not met: " + ("; ".join(miss) + "." if miss else "none."))
     return "\n".join(lines)
@@ -426,10 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", default=SHIPPED)
     p.add_argument("--heldout", type=Path, default=ROOT / "data" / "cohort-heldout")
     p.add_argument("--num-heldout", type=int, default=40, help="held-out subjects for generators/autoencoder")
-    p.add_argument("--seg-subjects", type=int, default=20, help="held-out subjects for segmentation")
     p.add_argument("--num-generated", type=int, default=None, help="generated samples (default: as many as real, <= 400)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--baseline-minutes", type=float, default=None, help="cap the baseline UNet's CPU minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS / "evaluation.json")
@@ -441,7 +353,7 @@ def main(argv=None) -> int:
 
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if not args.cards_only:
-        ensure_heldout(args.heldout, max(args.num_heldout, args.seg_subjects))
+        ensure_heldout(args.heldout, args.num_heldout)
         for name in args.models:
             res = evaluate(name, args)
             res["json"] = str(args.out.resolve().relative_to(ROOT)) if args.out.resolve().is_relative_to(ROOT) else str(args.out)

@@ -3,7 +3,7 @@ diffusion model, as a model folder that `bench_segment.py --baseline` evaluates 
 
     # train on exactly the diffusion config's training slices, a snapshot every CPU minute (it can run beside
     # the diffusion training: the budget is this process's CPU time, not wall time)
-    python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train-2mm.yaml \
+    python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train.yaml \
         --out runs/segdiff-2mm/baseline --cpu-minutes 60
     # the first snapshot with at least the diffusion model's training CPU minutes, as a baseline model folder
     python benchmarks/train_segmentation_baseline.py export --snapshots runs/segdiff-2mm/baseline \

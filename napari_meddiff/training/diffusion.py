@@ -151,6 +151,7 @@ def train_diffusion(
         "lr": float(tc["lr"]), "ema_decay": float(tc["ema_decay"]), "precision": precision,
         "final_loss": round(sum(tail) / len(tail), 5), "first_loss": round(losses[0], 5) if losses else None,
         "objective": f"MSE on {cfg['scheduler']['prediction_type']} prediction",
+        "patch_size": tc.get("patch_size"), "patch_steps": tc.get("patch_steps"),
         "train_items": int((condition if seg else x0_data).shape[0]),
     }
     return ema.module.eval(), summary

@@ -136,7 +136,8 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
     sch = cfg["scheduler"]
     lines += [
         f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, beta {sch['beta_start']}-{sch['beta_end']}, "
-        f"prediction type {sch['prediction_type']}. Default sampler {cfg['defaults']['sampler']} with {cfg['defaults']['steps']} steps.",
+        f"prediction type {sch['prediction_type']}. Default sampler {cfg['defaults']['sampler']} with {cfg['defaults']['steps']} steps"
+        + (f"; ensemble members combined by {cfg['defaults']['combine']}" if cfg["defaults"].get("combine") else "") + ".",
         "- Parameters: " + ", ".join(f"{k} {v['parameters']:,}" for k, v in config.get("weights", {}).items())
         if config.get("weights") else "- Parameters: see model.json",
         f"- Weights: {summary['weights_dtype']} safetensors (fp16 check: relative output error {summary['half_check']}).",
@@ -163,6 +164,10 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
                 extra += f"; random {s['patch_size']} crops"
         else:
             extra = f", {s['objective']}, EMA {s['ema_decay']}; loss {s['first_loss']} -> {s['final_loss']}"
+            if s.get("patch_size"):
+                until = s.get("patch_steps")
+                extra += (f"; random {'x'.join(map(str, s['patch_size']))} crops"
+                          + (" throughout" if until is None or s["steps"] <= int(until) else f" for the first {until} steps"))
             if s.get("val_dice"):
                 extra += "; Dice on the validation subjects " + ", ".join(f"{k} {v:.3f}" for k, v in s["val_dice"].items())
         cpu = f" ({s['cpu_minutes']:.1f} CPU-min)" if s.get("cpu_minutes") is not None else ""
@@ -183,7 +188,9 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         "## Measured",
         "",
         MEASURED_BEGIN,
-        "Not measured yet: run `python benchmarks/evaluate_models.py` (it fills this section from its JSON).",
+        "Not measured yet: run `python benchmarks/"
+        + ("bench_segment.py --card" if cfg["kind"] == "segmentation" else "evaluate_models.py")
+        + "` (it fills this section from its JSON).",
         MEASURED_END,
         "",
     ]
