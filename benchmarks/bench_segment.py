@@ -208,19 +208,6 @@ def render_card(result: dict, json_path: str, ensemble: int = 5) -> str:
     return "\n".join(lines)
 
 
-def write_card(model_dir: Path, section: str) -> None:
-    from napari_meddiff.training.export import MEASURED_BEGIN, MEASURED_END
-
-    card = model_dir / "MODEL_CARD.md"
-    text = card.read_text()
-    block = f"{MEASURED_BEGIN}\n{section}\n{MEASURED_END}"
-    if MEASURED_BEGIN in text and MEASURED_END in text:
-        text = text[: text.index(MEASURED_BEGIN)] + block + text[text.index(MEASURED_END) + len(MEASURED_END):]
-    else:
-        text = text.rstrip() + "\n\n## Measured\n\n" + block + "\n"
-    card.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -377,7 +364,9 @@ def main() -> None:
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB; written {path}")
     if args.card and not args.tiny:
         rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-        write_card(Path(model.path), render_card(result, str(rel), ensemble=5 if 5 in args.ensembles else kmax))
+        from napari_meddiff.training.export import write_measured_section
+
+        write_measured_section(model.path, render_card(result, str(rel), ensemble=5 if 5 in args.ensembles else kmax))
         print(f"updated {Path(model.path) / 'MODEL_CARD.md'}")
 
 

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from napari_meddiff.training.export import MEASURED_BEGIN, MEASURED_END  # noqa: E402
+from napari_meddiff.training.export import write_measured_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHIPPED = ["brain-ldm-3d", "brain-ddpm-2d"]  # brain-tissue-segdiff-2d: bench_segment.py --card
@@ -323,16 +323,7 @@ def render(res: dict) -> str:
 
 
 def update_card(model_dir: Path, res: dict) -> None:
-    card = model_dir / "MODEL_CARD.md"
-    text = card.read_text()
-    block = f"{MEASURED_BEGIN}\n{render(res)}\n{MEASURED_END}"
-    if MEASURED_BEGIN in text and MEASURED_END in text:
-        a = text.index(MEASURED_BEGIN)
-        b = text.index(MEASURED_END) + len(MEASURED_END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip() + "\n\n## Measured\n\n" + block + "\n"
-    card.write_text(text)
+    write_measured_section(model_dir, render(res))
 
 
 def main(argv=None) -> int:

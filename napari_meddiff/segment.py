@@ -399,22 +399,27 @@ def member_probabilities(z: torch.Tensor) -> np.ndarray:
     return p.to(torch.float16).cpu().numpy()
 
 
-def combine_probabilities(plan: SegmentationPlan, member_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-member tile probabilities ``(M, items, C, *tile)`` -> (their mean ``(C, *grid)``, its normalised
-    entropy ``(*grid)``) on the model grid, tiles blended by their weights."""
-    m, _, num_classes = member_probs.shape[:3]
-    if m < 1:
-        raise MeddiffError("an ensemble needs at least one member")
+def _blend_tiles(plan: SegmentationPlan, per_item, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tile class probabilities ``per_item(i) -> (C, *tile)`` blended by the tile weights into ``(C, *grid)``,
+    with their normalised entropy ``(*grid)``."""
     acc = np.zeros((num_classes, *plan.grid.shape), np.float32)
     wsum = np.zeros(plan.grid.shape, np.float32)
     for i, start in enumerate(plan.starts):
         idx = plan._index(start)
         w = plan.weights[i]
-        acc[(slice(None), *idx)] += member_probs[:, i].astype(np.float32).mean(0) * w
+        acc[(slice(None), *idx)] += per_item(i) * w
         wsum[idx] += w
     probs = acc / np.maximum(wsum, 1e-12)
     probs[0][wsum <= 0] = 1.0  # never happens: tiles cover the grid
     return probs, normalised_entropy(probs)
+
+
+def combine_probabilities(plan: SegmentationPlan, member_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-member tile probabilities ``(M, items, C, *tile)`` -> (their mean ``(C, *grid)``, its normalised
+    entropy ``(*grid)``) on the model grid, tiles blended by their weights."""
+    if member_probs.shape[0] < 1:
+        raise MeddiffError("an ensemble needs at least one member")
+    return _blend_tiles(plan, lambda i: member_probs[:, i].astype(np.float32).mean(0), member_probs.shape[2])
 
 
 def combine_votes(plan: SegmentationPlan, member_labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -422,17 +427,11 @@ def combine_votes(plan: SegmentationPlan, member_labels: np.ndarray, num_classes
     m = member_labels.shape[0]
     if m < 1:
         raise MeddiffError("an ensemble needs at least one member")
-    acc = np.zeros((num_classes, *plan.grid.shape), np.float32)
-    wsum = np.zeros(plan.grid.shape, np.float32)
-    for i, start in enumerate(plan.starts):
-        idx = plan._index(start)
-        w = plan.weights[i]
-        votes = np.stack([(member_labels[:, i] == c).sum(0) for c in range(num_classes)]).astype(np.float32) / m
-        acc[(slice(None), *idx)] += votes * w
-        wsum[idx] += w
-    probs = acc / np.maximum(wsum, 1e-12)
-    probs[0][wsum <= 0] = 1.0  # never happens: tiles cover the grid
-    return probs, normalised_entropy(probs)
+
+    def votes(i: int) -> np.ndarray:
+        return np.stack([(member_labels[:, i] == c).sum(0) for c in range(num_classes)]).astype(np.float32) / m
+
+    return _blend_tiles(plan, votes, num_classes)
 
 
 def normalised_entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -263,3 +263,17 @@ def refresh_card(model_dir: str | Path) -> Path:
         card = card[: card.index(MEASURED_BEGIN)] + block + card[card.index(MEASURED_END) + len(MEASURED_END):]
     (model_dir / "MODEL_CARD.md").write_text(card)
     return model_dir / "MODEL_CARD.md"
+
+
+def write_measured_section(model_dir: str | Path, section: str) -> Path:
+    """Replace the Measured section of a model folder's MODEL_CARD.md (between the markers) with ``section``,
+    or append one; the rest of the card is kept."""
+    card = Path(model_dir) / "MODEL_CARD.md"
+    text = card.read_text()
+    block = f"{MEASURED_BEGIN}\n{section}\n{MEASURED_END}"
+    if MEASURED_BEGIN in text and MEASURED_END in text:
+        text = text[: text.index(MEASURED_BEGIN)] + block + text[text.index(MEASURED_END) + len(MEASURED_END):]
+    else:
+        text = text.rstrip() + "\n\n## Measured\n\n" + block + "\n"
+    card.write_text(text)
+    return card
