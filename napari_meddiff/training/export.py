@@ -181,9 +181,10 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         "",
         "## Intended use and limits",
         "",
-        "Research and teaching demo of diffusion models for 3D brain MRI on CPU. Trained for minutes on a few dozen "
-        "synthetic MNI152-derived subjects: it is not a clinical tool, it has never seen real patient data, and "
-        "its samples are low-resolution.",
+        "Research and teaching demo of diffusion models for 3D brain MRI on CPU. Trained on CPU for "
+        f"{fmt_minutes(sum(float((summary.get(s) or {}).get('minutes', 0.0)) for s in ('autoencoder', 'diffusion')))} "
+        f"on {data['num_subjects']} synthetic MNI152-derived subjects: it is not a clinical tool, it has never seen "
+        "real patient data, and its samples are low-resolution.",
         "",
         "## Measured",
         "",
