@@ -115,3 +115,16 @@ def test_auto_layout_is_not_measured_again_on_resume(tmp_path, data, caplog):
         run(config(folder, "auto", steps=2, val_every=0), images, None, tmp_path / "w", resume=True)
     assert common.load_checkpoint(tmp_path / "w" / "autoencoder.pt")["memory_format"] == "channels_last_3d"
     assert "s/step" not in caplog.text  # the run's own layout, kept, not a new measurement
+
+
+def test_auto_layout_is_measured_again_on_another_processor(tmp_path, data, caplog):
+    folder, images, _ = data
+    run(config(folder, "channels_last_3d", steps=1, val_every=0), images, None, tmp_path / "w")
+    path = tmp_path / "w" / "autoencoder.pt"
+    state = common.load_checkpoint(path)
+    assert state["processor"] == common.processor_identity(torch.device("cpu"))
+    state["processor"] = "another CPU, native bf16: False"  # as if the run had started on another machine
+    common.save_checkpoint(path, state)
+    with caplog.at_level("INFO", logger="napari_meddiff.training.autoencoder"):
+        run(config(folder, "auto", steps=2, val_every=0), images, None, tmp_path / "w", resume=True)
+    assert "measuring the layout again" in caplog.text and "s/step" in caplog.text

@@ -154,6 +154,22 @@ def grad_scaler(device: torch.device, precision: str):
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
 
 
+def processor_identity(device: torch.device) -> str:
+    """What decides which memory layout is fastest: the CUDA device's name, or the CPU's model name and whether
+    it computes bf16 natively (an AVX2-only and an AVX-512 BF16 EPYC share a model name)."""
+    from ..devices import cpu_supports_bf16
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, native bf16: {cpu_supports_bf16()}"
+
+
 def machine_description(device: torch.device, world: int = 1) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)

@@ -73,7 +73,8 @@ DEFAULT_AE_TRAINING = {
     "patch_size": None,  # random crops of this size (null: whole volumes)
     "patch_steps": None,  # crops for the first N steps only, whole volumes after (null: crops throughout)
     "precision": "auto",
-    "memory_format": "auto",  # auto (the faster, measured at start), contiguous or channels_last_3d
+    # auto (the faster, measured at start; a resume on the same processor keeps it), contiguous or channels_last_3d
+    "memory_format": "auto",
     "checkpoint_minutes": 3.0,
     "val_every": 200,
     "seed": 0,
