@@ -161,26 +161,25 @@ def processor_identity(device: torch.device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"{cpu_model_name()}, native bf16: {cpu_supports_bf16()}"
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name}, native bf16: {cpu_supports_bf16()}"
+    return name
 
 
 def machine_description(device: torch.device, world: int = 1) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-        except OSError:
-            pass
-        what = f"{name} CPU ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s)"
+        what = f"{cpu_model_name()} CPU ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s)"
     return what + (f" x {world} processes (torchrun)" if world > 1 else "")
 
 
