@@ -46,6 +46,7 @@ from common import machine, peak_rss_mb, save, table  # noqa: E402
 from napari_meddiff.cohort import HELDOUT_SEEDS, LABELS, make_subject  # noqa: E402
 from napari_meddiff.errors import MeddiffError  # noqa: E402
 from napari_meddiff.segment import (  # noqa: E402
+    DEFAULT_COMBINE,
     auto_batch_size,
     class_names,
     combine_probabilities,
@@ -245,6 +246,7 @@ def main() -> None:
     settings = default_settings(model)
     sampler = args.sampler or settings["sampler"]
     steps = args.steps or int(settings["steps"])
+    default_combine = settings.get("combine") or DEFAULT_COMBINE  # as `segment` chooses
     batch = args.batch_size or auto_batch_size(model, device)
     names = class_names(model)
     n_classes = len(names)
@@ -307,7 +309,7 @@ def main() -> None:
             plan = plan_segmentation(model, case.image, window=window)
             members = run_members(model, plan.item_images(), list(range(k)), seed=args.seed, sampler=sampler,
                                   steps=steps, batch_size=batch, precision=args.precision, probabilities=True)
-            row, _ = evaluate(plan, members, n_classes, case, names)
+            row, _ = evaluate(plan, members, n_classes, case, names, default_combine)
             row["seconds_per_volume"] = time.perf_counter() - t0
             row["method"] = f"MNI152 x{k} ({what}: {plan.window[0]:.3g}..{plan.window[1]:.3g})"
             mni_rows.append(row)
@@ -348,7 +350,7 @@ def main() -> None:
         "ensembles": args.ensembles,
         "baseline": baseline.name if baseline else None,
         "baseline_training": baseline.config.get("training", {}) if baseline else None,
-        "default_combine": settings.get("combine", "votes"),
+        "default_combine": default_combine,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": info,
         "summary": summary,

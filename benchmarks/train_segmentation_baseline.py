@@ -44,7 +44,7 @@ def train_baseline(args) -> int:
     """DiceCE, Adam 1e-3, batch 8, random flips, on exactly the diffusion config's training slices."""
     from monai.losses import DiceCELoss
 
-    from napari_meddiff.files import write_atomic
+    from napari_meddiff.files import write_atomic, write_text_atomic
     from napari_meddiff.training.config import load_config
     from napari_meddiff.training.data import random_batch, split_dataset
 
@@ -58,7 +58,10 @@ def train_baseline(args) -> int:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     c0, t0, steps, next_snap = time.process_time(), time.time(), 0, 0.0
-    log = []
+    meta = {"network": f"monai.networks.nets.UNet({BASELINE_NETWORK})", "loss": "DiceCE", "batch_size": 8,
+            "lr": 1e-3, "train_slices": int(train.images.shape[0]), "train_seeds": train.seeds,
+            "config": str(args.config), "threads": args.threads, "snapshots": []}
+    log = meta["snapshots"]
     while True:
         cpu = (time.process_time() - c0) / 60
         if cpu >= next_snap:
@@ -67,11 +70,7 @@ def train_baseline(args) -> int:
             write_atomic(args.out / name, lambda p, s=state: torch.save(s, p))
             log.append({"file": name, "cpu_minutes": round(cpu, 3), "wall_minutes": round((time.time() - t0) / 60, 3),
                         "steps": steps})
-            (args.out / "snapshots.json").write_text(json.dumps({
-                "network": f"monai.networks.nets.UNet({BASELINE_NETWORK})", "loss": "DiceCE", "batch_size": 8,
-                "lr": 1e-3, "train_slices": int(train.images.shape[0]), "train_seeds": train.seeds,
-                "config": str(args.config),
-                "threads": args.threads, "snapshots": log}, indent=1))
+            write_text_atomic(args.out / "snapshots.json", json.dumps(meta, indent=1))
             next_snap += args.every
             if cpu >= args.cpu_minutes:
                 break
@@ -85,9 +84,9 @@ def train_baseline(args) -> int:
     return 0
 
 
-def baseline_snapshot(folder: Path, cpu_minutes: float) -> tuple[torch.nn.Module, dict]:
-    """The first snapshot with at least ``cpu_minutes`` of training (never less time than the diffusion model)."""
-    meta = json.loads((folder / "snapshots.json").read_text())
+def baseline_snapshot(folder: Path, meta: dict, cpu_minutes: float) -> tuple[torch.nn.Module, dict]:
+    """The first snapshot (of ``meta``, the folder's snapshots.json) with at least ``cpu_minutes`` of training
+    (never less time than the diffusion model)."""
     later = [s for s in meta["snapshots"] if s["cpu_minutes"] >= cpu_minutes]
     if not later:
         raise SystemExit(f"no baseline snapshot with {cpu_minutes:.1f} CPU minutes yet in {folder}")
@@ -110,7 +109,7 @@ def export(args) -> int:
     minutes = args.cpu_minutes
     if args.match is not None:
         minutes = float(json.loads((args.match / "model.json").read_text())["training"]["diffusion"]["cpu_minutes"])
-    net, info = baseline_snapshot(args.snapshots, minutes)
+    net, info = baseline_snapshot(args.snapshots, meta, minutes)
     cfg = load_config(meta.get("config") or args.config)
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / "unet.safetensors"
@@ -146,6 +145,8 @@ def main(argv=None) -> int:
     x.add_argument("--cpu-minutes", type=float, default=None)
     x.add_argument("--config", type=Path, default=None, help="the training config (if snapshots.json lacks it)")
     args = p.parse_args(argv)
+    if args.cmd == "export" and (args.match is None) == (args.cpu_minutes is None):
+        p.error("export: give exactly one of --match and --cpu-minutes")
     return train_baseline(args) if args.cmd == "train" else export(args)
 
 

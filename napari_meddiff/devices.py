@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import MeddiffError
-
 from .choices import DEVICES  # noqa: F401  (re-exported)
+from .errors import MeddiffError
 
 
 def available_devices() -> list[str]:

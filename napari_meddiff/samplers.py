@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 
-from .errors import MeddiffError
-
 from .choices import SAMPLERS  # noqa: F401  (re-exported)
+from .errors import MeddiffError
 
 
 def _evenly_strided(num_train: int, steps: int) -> torch.Tensor:

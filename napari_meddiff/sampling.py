@@ -18,13 +18,13 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from .choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, PRECISION_CHOICES, PRECISIONS  # noqa: F401
 from .devices import free_memory_bytes, native_bf16
 from .errors import Cancelled, MeddiffError
 from .samplers import make_sampler
 from .zoo import DiffusionModel
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-from .choices import PRECISION_CHOICES, PRECISIONS  # noqa: E402,F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -274,7 +274,6 @@ def _rewind(chain, index: int) -> None:
         chain._prev_t = None
 
 
-from .choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES  # noqa: E402,F401  (re-exported)
 WHOLE_PASS_SHARE = 0.5  # a whole pass runs when its estimate is within this share of the free memory
 
 

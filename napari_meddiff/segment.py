@@ -46,6 +46,7 @@ import torch
 
 from . import __version__
 from .devices import resolve_device
+from .choices import COMBINE_METHODS
 from .errors import Cancelled, MeddiffError
 from .geometry import ModelGrid, grid_to_volume, make_grid, sample_on_grid, slice_axis_order, world_axis
 from .intensity import intensity_window, normalise
@@ -60,7 +61,6 @@ CONTENT_THRESHOLD = 0.15  # of the normalised intensity window: what counts as "
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour when the region needs several tiles
 AUTO_BATCH_VOXELS = {"cpu": 16 * 64 * 64, "cuda": 512 * 64 * 64}  # voxels per network evaluation (auto batch);
 # on CPU small batches are faster per sample (measured: 16 slices of 64x64 beat 64 or 128)
-COMBINE_METHODS = ("votes", "probabilities")
 DEFAULT_COMBINE = "votes"
 PROBABILITY_DEFINITIONS = {
     "votes": "fraction of ensemble members voting each class (argmax of denoised channels)",
@@ -508,10 +508,10 @@ def segment(
         raise MeddiffError("image must be a Volume (see napari_meddiff.read_volume)")
     if int(ensemble) < 1:
         raise MeddiffError(f"ensemble size must be at least 1, got {ensemble}")
-    combine = combine or default_settings(model).get("combine") or DEFAULT_COMBINE
+    defaults = default_settings(model)
+    combine = combine or defaults.get("combine") or DEFAULT_COMBINE
     if combine not in COMBINE_METHODS:
         raise MeddiffError(f"combine must be one of {', '.join(COMBINE_METHODS)}, not {combine!r}")
-    defaults = default_settings(model)
     sampler = sampler or defaults["sampler"]
     steps = int(steps if steps is not None else defaults["steps"])
     if steps < 1:
@@ -527,11 +527,11 @@ def segment(
                            "there is nothing to segment")
     plan = plan_segmentation(model, image, axis=axis, region=region, window=window)
     tile_voxels = float(np.prod(plan.tile_shape))
+    # members' results held until combined: uint8 labels (1/4 of a float32 voxel) or float16 probabilities
+    member_voxels = tile_voxels * (n_classes / 2 if combine == "probabilities" else 0.25)
     check_request_fits(
         model, batch=batch_size,
-        # members' results held until combined: uint8 labels (1/4 of a float32 voxel) or float16 probabilities
-        held_voxels=int(ensemble) * len(plan.starts) * tile_voxels * (n_classes / 2 if combine == "probabilities" else 0.25)
-        + (n_classes + 2) * float(np.prod(image.shape[:3])),
+        held_voxels=int(ensemble) * len(plan.starts) * member_voxels + (n_classes + 2) * float(np.prod(image.shape[:3])),
         what=f"an ensemble of {int(ensemble)} members (batch {batch_size})",
     )
     members = run_members(

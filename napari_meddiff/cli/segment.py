@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..choices import COMBINE_METHODS
 from ..errors import MeddiffError
 from ..files import check_output_file, ensure_folder, removed_if_left_empty, write_text_atomic
 from .options import add_model_option, add_sampling_options, seed_value
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="intensities mapped to 0 and 1 (default: the model's intensity normalisation)")
     add_sampling_options(p, eta=False)
-    p.add_argument("--combine", choices=("votes", "probabilities"), default=None,
+    p.add_argument("--combine", choices=COMBINE_METHODS, default=None,
                    help="how ensemble members are combined: label votes, or the mean of their class probabilities "
                         "(default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per network evaluation (default: automatic)")

@@ -89,14 +89,15 @@ def train_autoencoder(
     history: dict[str, list] = {"l1": [], "kl": [], "gen_adv": [], "disc": []}
     val_psnr: list = []
     layout_request = str(tc["memory_format"])
+    processor = common.processor_identity(device)
     if resume and ckpt_path.is_file():
         st = common.load_checkpoint(ckpt_path)
-        same_processor = st.get("processor") in (None, common.processor_identity(device))  # None: older checkpoints
-        if layout_request == "auto" and st.get("memory_format") in common.LAYOUTS and same_processor:
-            layout_request = st["memory_format"]  # keep the run's layout: a switch would change its bits
-        elif layout_request == "auto" and dist.main:
-            log.info("resumed on another processor (%s, was %s): measuring the layout again",
-                     common.processor_identity(device), st.get("processor"))
+        if layout_request == "auto" and st.get("memory_format") in common.LAYOUTS:
+            if st.get("processor") in (None, processor):  # None: checkpoints from before it was recorded
+                layout_request = st["memory_format"]  # keep the run's layout: a switch would change its bits
+            elif dist.main:
+                log.info("resumed on another processor (%s, was %s): measuring the layout again",
+                         processor, st["processor"])
         ae.load_state_dict(st["model"])
         if ema is not None:
             ema.module.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
@@ -133,7 +134,7 @@ def train_autoencoder(
                 "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(), "lr_scheduler": sched.state_dict(),
                 "rng": common.rng_state(gen), "precision": precision, "memory_format": layout,
-                "processor": common.processor_identity(device),
+                "processor": processor,
             })
             write_curve(work_dir / "autoencoder_curve.json", history, val_psnr,
                         {"step": step, "minutes": round(budget.minutes, 2), "cpu_minutes": round(budget.cpu_minutes, 2),

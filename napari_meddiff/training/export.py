@@ -257,12 +257,11 @@ def refresh_card(model_dir: str | Path) -> Path:
     summary = {**config.get("training", {}), "data": config.get("data", {})}
     summary.setdefault("weights_dtype", "float32")
     summary.setdefault("half_check", "unknown")
-    card = model_card(cfg, config, summary)
     old = (model_dir / "MODEL_CARD.md").read_text() if (model_dir / "MODEL_CARD.md").is_file() else ""
-    if MEASURED_BEGIN in old and MEASURED_END in old:
-        block = old[old.index(MEASURED_BEGIN): old.index(MEASURED_END) + len(MEASURED_END)]
-        card = card[: card.index(MEASURED_BEGIN)] + block + card[card.index(MEASURED_END) + len(MEASURED_END):]
-    (model_dir / "MODEL_CARD.md").write_text(card)
+    (model_dir / "MODEL_CARD.md").write_text(model_card(cfg, config, summary))
+    if MEASURED_BEGIN in old and MEASURED_END in old:  # the measured figures are kept
+        kept = old[old.index(MEASURED_BEGIN) + len(MEASURED_BEGIN): old.index(MEASURED_END)]
+        write_measured_section(model_dir, kept.strip("\n"))
     return model_dir / "MODEL_CARD.md"
 
 

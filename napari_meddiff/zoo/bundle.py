@@ -25,7 +25,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from ..errors import MeddiffError
 from .bundle_config import BundleConfig, find_config_file, load_data_file, read_bundle_config
 from .bundle_defaults import bundle_defaults

@@ -11,7 +11,6 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from ..errors import MeddiffError
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from ..errors import MeddiffError
 from ..files import current_umask
 from .model import build_network, sha256_file

@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-if TYPE_CHECKING:
-    import torch
-
 from ..errors import MeddiffError
 from .conditions import ConditionSpec, Conditioning, condition_values, parse_conditions
+
+if TYPE_CHECKING:
+    import torch
 
 NETWORK_NAMES = ("unet", "autoencoder")
 DEFAULT_SAMPLING: dict[str, Any] = {"sampler": "dpm++", "steps": 20, "precision": "auto"}
@@ -76,11 +76,11 @@ class ModelConfigView:
         return condition_values(self.conditions, values, self.name)
 
 
-
 def _torch():
     import torch  # imported when a model is loaded, not when configs are read (`meddiff models` stays quick)
 
     return torch
+
 
 @dataclasses.dataclass
 class DiffusionModel(ModelConfigView):

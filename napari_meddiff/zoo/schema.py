@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..choices import COMBINE_METHODS
 from ..errors import MeddiffError
 from .conditions import parse_conditions
 
@@ -128,7 +129,7 @@ OPTIONAL_BLOCKS = {
         "sampler": (lambda v: isinstance(v, str), "a sampler name"),
         "steps": (_positive_int, "a positive integer"),
         "precision": (lambda v: isinstance(v, str), "a precision name"),
-        "combine": (lambda v: v in ("votes", "probabilities"), "votes or probabilities (segmentation ensembles)"),
+        "combine": (lambda v: v in COMBINE_METHODS, " or ".join(COMBINE_METHODS) + " (segmentation ensembles)"),
     },
     "intensity": {
         "method": (lambda v: isinstance(v, str), "a string"),
