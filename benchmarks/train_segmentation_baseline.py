@@ -5,6 +5,9 @@ diffusion model, as a model folder that `bench_segment.py --baseline` evaluates 
     # the diffusion training: the budget is this process's CPU time, not wall time)
     python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train.yaml \
         --out runs/segdiff-2mm/baseline --cpu-minutes 60
+    # later: continue to more CPU minutes (from last.pt, weights and optimiser, where the run wrote one)
+    python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train.yaml \
+        --out runs/segdiff-2mm/baseline --cpu-minutes 100 --resume
     # the first snapshot with at least the diffusion model's training CPU minutes, as a baseline model folder
     python benchmarks/train_segmentation_baseline.py export --snapshots runs/segdiff-2mm/baseline \
         --match runs/segdiff-2mm/model --out runs/segdiff-2mm/brain-tissue-unet-2d
@@ -52,30 +55,50 @@ def train_baseline(args) -> int:
     cfg = load_config(args.config)
     train, _ = split_dataset(cfg, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
     net = baseline_unet()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    c0, t0, steps, next_snap = time.process_time(), time.time(), 0, 0.0
     meta = {"network": f"monai.networks.nets.UNet({BASELINE_NETWORK})", "loss": "DiceCE", "batch_size": 8,
             "lr": 1e-3, "train_slices": int(train.images.shape[0]), "train_seeds": train.seeds,
             "config": str(args.config), "threads": args.threads, "snapshots": []}
+    spent_cpu, spent_wall, steps, next_snap, warmup = 0.0, 0.0, 0, 0.0, 0
+    state_path = args.out / "last.pt"
+    if args.resume:
+        meta = json.loads((args.out / "snapshots.json").read_text())
+        last = meta["snapshots"][-1]
+        spent_cpu, spent_wall, steps = last["cpu_minutes"], last["wall_minutes"], last["steps"]
+        next_snap = float(last["file"][len("unet_cpu"):-len(".pt")]) + args.every
+        if state_path.is_file():  # weights + optimiser of the last snapshot: an exact continuation
+            state = torch.load(state_path, weights_only=True)
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+        else:  # only the weights were kept: a fresh Adam, its learning rate warmed up over 100 steps
+            net.load_state_dict(torch.load(args.out / last["file"], weights_only=True))
+            warmup = 100
+            meta.setdefault("resumes", []).append({"at_cpu_minutes": spent_cpu, "optimiser": "fresh, 100-step warmup"})
+        print(f"baseline: resumed at {spent_cpu:.1f} CPU-min, step {steps}", flush=True)
+    torch.manual_seed(args.seed + steps)
+    g = torch.Generator().manual_seed(args.seed + steps)
+    c0, t0, first = time.process_time(), time.time(), steps
     log = meta["snapshots"]
     while True:
-        cpu = (time.process_time() - c0) / 60
-        if cpu >= next_snap:
+        cpu = spent_cpu + (time.process_time() - c0) / 60
+        if cpu >= next_snap and (steps > first or not log):
             name = f"unet_cpu{next_snap:06.2f}.pt"
             state = {k: v.clone() for k, v in net.state_dict().items()}
             write_atomic(args.out / name, lambda p, s=state: torch.save(s, p))
-            log.append({"file": name, "cpu_minutes": round(cpu, 3), "wall_minutes": round((time.time() - t0) / 60, 3),
-                        "steps": steps})
+            write_atomic(state_path, lambda p, s=state: torch.save({"net": s, "opt": opt.state_dict()}, p))
+            log.append({"file": name, "cpu_minutes": round(cpu, 3),
+                        "wall_minutes": round(spent_wall + (time.time() - t0) / 60, 3), "steps": steps})
             write_text_atomic(args.out / "snapshots.json", json.dumps(meta, indent=1))
             next_snap += args.every
             if cpu >= args.cpu_minutes:
                 break
         x, y = random_batch(train.images, train.labels, 8, g, True)
         loss = loss_fn(net(x), y[:, None])
+        if steps - first < warmup:
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (steps - first + 1) / warmup
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -138,6 +161,7 @@ def main(argv=None) -> int:
     b.add_argument("--every", type=float, default=1.0, help="CPU minutes between snapshots")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--resume", action="store_true", help="continue from the last snapshot in --out")
     x = sub.add_parser("export", help="a snapshot as a baseline model folder for bench_segment.py")
     x.add_argument("--snapshots", type=Path, required=True)
     x.add_argument("--out", type=Path, required=True)

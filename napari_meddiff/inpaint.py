@@ -38,7 +38,7 @@ from . import __version__
 from .devices import resolve_device
 from .errors import MeddiffError
 from .generate import default_sampling
-from .geometry import ModelGrid, make_grid, slice_axis_order, slice_grid, world_axis, world_centre
+from .geometry import ModelGrid, make_grid, slice_axis_order, slice_grid, snap_grid, world_axis, world_centre
 from .intensity import denormalise, intensity_window, normalise
 from .memory import check_request_fits
 from .sampling import (
@@ -302,7 +302,7 @@ def _plan(
         margin = MARGIN_MODEL_VOXELS * vox
         half = (shape - 1) / 2 * vox
         centre = _fit_centre(centre, (0, 1, 2), half, mlo - margin, mhi + margin)
-        grid = make_grid(vox, shape, centre)
+        grid = snap_grid(make_grid(vox, shape, centre), image)  # no resampling where the lattices agree
         grid_mask = _grid_mask(mask, image.affine, grid, inplane_only=False)
         slices: list[int] = []
         slice_ids: list[int] = []
@@ -319,7 +319,7 @@ def _plan(
         half = (shape - 1) / 2 * vox
         centre = _fit_centre(centre, order[:2], half, mlo - margin, mhi + margin)
         centre[a] = world_centre(image)[a]
-        full = slice_grid(image, vox, shape, axis, centre=centre)
+        full = snap_grid(slice_grid(image, vox, shape, axis, centre=centre), image)
         full_mask = _grid_mask(mask, image.affine, full, inplane_only=True)
         touched = np.flatnonzero(full_mask.any(axis=(0, 1)))
         if touched.size == 0:

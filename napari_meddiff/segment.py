@@ -48,7 +48,9 @@ from . import __version__
 from .devices import resolve_device
 from .choices import COMBINE_METHODS
 from .errors import Cancelled, MeddiffError
-from .geometry import ModelGrid, grid_to_volume, make_grid, sample_on_grid, slice_axis_order, world_axis
+from .geometry import (
+    ModelGrid, grid_to_volume, make_grid, sample_on_grid, slice_axis_order, snap_grid, world_axis,
+)
 from .intensity import intensity_window, normalise
 from .memory import check_fits, check_request_fits
 from .sampling import StepInfo, denoise, initial_noise, resolve_precision
@@ -273,7 +275,7 @@ def plan_segmentation(
     check_fits(4.0 * (3 + model.sample_shape[0]) * math.prod(float(n) for n in shape),
                f"the model grid over this image ({'x'.join(map(str, shape))} voxels of {voxel} mm)",
                advice="check the voxel size in the image's header")
-    grid = make_grid(voxel, shape, centre, order)
+    grid = snap_grid(make_grid(voxel, shape, centre, order), image)  # no resampling where the lattices agree
     grid_image = sample_on_grid(Volume(norm, image.affine), grid, default=0.0)
 
     per_axis = [_tile_starts(shape[g], tile[g]) for g in range(tiled_axes)]

@@ -289,3 +289,19 @@ def test_cli_end_to_end(tiny_models, tmp_path, capsys):
     write_volume(Volume(np.zeros(image.shape, np.uint8), image.affine), empty, kind="labels")
     assert main(args[:5] + ["--mask", str(empty), "--out", str(tmp_path / "x.nii.gz")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["ddpm2d", "ddpm3d"])
+def test_model_grid_shares_the_lattice_of_a_scan_at_the_model_voxel_size(tiny_models, kind):
+    """A scan at the model's voxel size is inpainted on its own voxel centres, not half a voxel off."""
+    from napari_meddiff.inpaint import _plan
+    from napari_meddiff.intensity import intensity_window
+
+    model = load_model(tiny_models[kind])
+    assert list(model.voxel_size) == [4.0] * model.spatial_dims
+    image = scan(shape=(21, 19, 17), spacing=(4.0, 4.0, 4.0))  # odd sizes, origin off the model's lattice
+    mask = cube_mask(image.shape, lo=(7, 6, 5), size=3).astype(bool)
+    window = intensity_window(image.array, model.config.get("intensity"))
+    plan = _plan(model, image, mask, window, "axial", 1)
+    index = np.linalg.inv(image.affine) @ plan.grid.affine
+    assert np.allclose(index[:3, 3], np.round(index[:3, 3]), atol=1e-6)

@@ -196,6 +196,47 @@ def test_rejects_bad_models_and_arguments(seg_models, tmp_path):
         segment(seg_models["2d"], image, window=(5.0, 1.0), **FAST)
 
 
+@pytest.mark.parametrize("dims", ["2d", "3d"])
+def test_grid_shares_the_lattice_of_an_input_at_the_model_voxel_size(seg_models, dims):
+    """A scan at the model's voxel size is not resampled: the model sees its voxel values, not a half-voxel blur."""
+    from napari_meddiff.intensity import normalise
+
+    model = seg_models[dims]  # 4 mm voxels
+    arr = blob_image((13, 11, 9), seed=3)  # odd sizes: the content's centre sits between voxel centres
+    for affine in (np.diag([4.0, 4.0, 4.0, 1.0]), np.diag([-4.0, 4.0, 4.0, 1.0])):
+        affine[:3, 3] = (10.3, -5.1, 2.0)
+        image = Volume(arr, affine)
+        plan = plan_segmentation(model, image)
+        index = np.linalg.inv(image.affine) @ plan.grid.affine
+        assert np.allclose(index[:3, 3], np.round(index[:3, 3]), atol=1e-6)
+        ijk = np.argwhere(np.ones(plan.grid.shape, bool))
+        src = np.round(ijk @ index[:3, :3].T + index[:3, 3]).astype(int)
+        inside = ((src >= 0) & (src < np.array(arr.shape))).all(1)
+        norm = normalise(arr, plan.window)
+        got = plan.image[tuple(ijk[inside].T)]
+        assert np.allclose(got, norm[tuple(src[inside].T)], atol=1e-5)
+
+
+def test_snap_grid_leaves_other_lattices_alone():
+    from napari_meddiff.geometry import make_grid, snap_grid
+
+    grid = make_grid((2.0, 2.0, 2.0), (8, 8, 8), (0.5, 0.3, 0.0))
+    other_spacing = Volume(np.zeros((5, 5, 5), np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert np.allclose(snap_grid(grid, other_spacing).affine, grid.affine)
+    theta = np.deg2rad(10)
+    oblique = np.diag([1.0, 1.0, 2.0, 1.0])
+    oblique[:2, :2] = 2.0 * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    snapped = snap_grid(grid, Volume(np.zeros((5, 5, 5), np.float32), oblique)).affine
+    assert np.allclose(snapped[:2, 3], grid.affine[:2, 3])  # x and y: rotated in the scan, left alone
+    assert np.isclose(snapped[2, 3] / 2.0, np.round(snapped[2, 3] / 2.0))  # z: shared, snapped
+    assert not np.isclose(grid.affine[2, 3] / 2.0, np.round(grid.affine[2, 3] / 2.0))
+    same = Volume(np.zeros((5, 5, 5), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    moved = snap_grid(grid, same).affine
+    assert np.allclose(moved[:3, :3], grid.affine[:3, :3])
+    assert np.abs(moved[:3, 3] - grid.affine[:3, 3]).max() <= 1.0 + 1e-9  # at most half a voxel
+    assert np.allclose(moved[:3, 3] / 2.0, np.round(moved[:3, 3] / 2.0))
+
+
 def test_cohort_subject_brain_inside_model_grid(seg_models):
     """The content region found from intensities alone covers the whole labelled brain of a cohort subject."""
     from napari_meddiff.cohort import HELDOUT_SEEDS, make_subject
