@@ -3,6 +3,8 @@ whether the uncertainty map finds the errors (AUC), class-volume errors, and sec
 
     python benchmarks/bench_segment.py [--model brain-tissue-segdiff-2d] [--subjects 5] [--ensembles 1 3 5 10]
     python benchmarks/bench_segment.py --tiny          # smoke run on a random tiny model
+    # choosing settings: the training split's validation subjects (never trained on, not the held-out set)
+    python benchmarks/bench_segment.py --seeds 116 117 118 119 --steps 2 --tag val-steps2 --baseline none
 
 Subjects are `cohort.make_subject(seed, 2 mm)` for the first ``--subjects`` seeds of ``HELDOUT_SEEDS`` (never
 trained on), segmented in their own 2 mm geometry and compared with the cohort labels (0 background, 1 CSF,
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, peak_rss_mb, save, table  # noqa: E402
 
-from napari_meddiff.cohort import HELDOUT_SEEDS, LABELS, make_subject  # noqa: E402
+from napari_meddiff.cohort import HELDOUT_SEEDS, LABELS, make_subject, split_of  # noqa: E402
 from napari_meddiff.errors import MeddiffError  # noqa: E402
 from napari_meddiff.segment import (  # noqa: E402
     DEFAULT_COMBINE,
@@ -61,6 +63,10 @@ from napari_meddiff.zoo import find_model_dir, load_model, model_search_path, sh
 
 DEFAULT_MODEL = "brain-tissue-segdiff-2d"
 BASELINE_NAMES = ("brain-tissue-unet-2d", "brain-tissue-unet-baseline-2d", "brain-tissue-monai-unet-2d")
+
+
+def split_of_seeds(seeds) -> set[str]:
+    return {split_of(s) for s in seeds}
 
 
 def dice(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
@@ -215,6 +221,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="use a random tiny model (checks the script, not quality)")
     parser.add_argument("--baseline", default=None, help="MONAI UNet baseline folder/name ('none' to skip)")
     parser.add_argument("--subjects", type=int, default=5, help="held-out subjects (first N held-out seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="cohort seeds instead of the held-out ones: e.g. the training split's validation subjects "
+                             "(116 117 118 119 for the 2 mm model) to choose settings without using the held-out set")
+    parser.add_argument("--tag", default=None, help="suffix of the results file (keeps a selection run apart)")
     parser.add_argument("--ensembles", type=int, nargs="+", default=[1, 3, 5, 10])
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -230,6 +240,9 @@ def main() -> None:
     parser.add_argument("--card", action="store_true",
                         help="write the model card's Measured section from this run (model folders only)")
     args = parser.parse_args()
+    seeds = list(args.seeds) if args.seeds else list(HELDOUT_SEEDS)[: args.subjects]
+    if args.card and args.seeds and split_of_seeds(seeds) != {"heldout"}:
+        parser.error("--card measures held-out subjects only; drop --seeds")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -256,11 +269,11 @@ def main() -> None:
     info = machine()
     info["load_average_start"] = list(os.getloadavg())
     print(f"# {model.name}: {sampler} {steps} steps {args.precision}, ensembles {args.ensembles}, "
-          f"{args.subjects} held-out subjects, {args.threads} threads on {info['cpu']}; "
+          f"subjects {seeds} ({'/'.join(sorted(split_of_seeds(seeds)))}), {args.threads} threads on {info['cpu']}; "
           f"baseline: {baseline.name if baseline else 'none found'}")
 
     per_subject = []
-    for seed in list(HELDOUT_SEEDS)[: args.subjects]:
+    for seed in seeds:
         t0 = time.perf_counter()
         sub = make_subject(seed, resolution_mm=2.0)
         t_subject = time.perf_counter() - t0
@@ -361,7 +374,7 @@ def main() -> None:
         "notes": "AUC over voxels where reference or prediction is not background; seconds_per_volume for k < K "
                  "members = prepare + k/K x measured K-member time + combine/resample.",
     }
-    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + (f"_{args.tag}" if args.tag else "")
     path = save(("segment_tiny" if args.tiny else f"segment_{model.name}") + suffix, result)
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB; written {path}")
     if args.card and not args.tiny:

@@ -26,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
         help="segment a scan with a diffusion model (ensemble + uncertainty)",
-        description="Segment a scan with a diffusion segmentation model. An ensemble of N samples gives the labels "
-        "(majority vote), per-class probabilities (fraction of members voting each class), an uncertainty map "
-        "(normalised entropy of the votes, 0..1) and class volumes in mL, all in the input's geometry.",
+        description="Segment a scan with a diffusion segmentation model. An ensemble of N samples gives the labels, "
+        "per-class probabilities (the members' mean class probabilities, or the fraction of members voting each "
+        "class: --combine), an uncertainty map (normalised entropy of those probabilities, 0..1) and class "
+        "volumes in mL, all in the input's geometry.",
     )
     add_model_option(p, DEFAULT_SEG_MODEL)
     p.add_argument("--image", required=True, type=Path, help="input scan (NIfTI, or anything SimpleITK reads)")
