@@ -14,3 +14,4 @@ PRECISION_CHOICES = ("auto", *PRECISIONS)
 AUTOENCODER_PASSES = ("auto", "whole", "tiled")
 AUTOENCODER_PASS_ENV = "MEDDIFF_AUTOENCODER_PASS"  # the default pass of this process (`meddiff ... --decode`)
 COMBINE_METHODS = ("votes", "probabilities")  # how a segmentation ensemble's members are combined
+DEFAULT_COMBINE = "votes"  # for models whose defaults name none

@@ -46,7 +46,7 @@ import torch
 
 from . import __version__
 from .devices import resolve_device
-from .choices import COMBINE_METHODS
+from .choices import COMBINE_METHODS, DEFAULT_COMBINE
 from .errors import Cancelled, MeddiffError
 from .geometry import (
     ModelGrid, grid_to_volume, make_grid, sample_on_grid, slice_axis_order, snap_grid, world_axis,
@@ -63,7 +63,6 @@ CONTENT_THRESHOLD = 0.15  # of the normalised intensity window: what counts as "
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour when the region needs several tiles
 AUTO_BATCH_VOXELS = {"cpu": 16 * 64 * 64, "cuda": 512 * 64 * 64}  # voxels per network evaluation (auto batch);
 # on CPU small batches are faster per sample (measured: 16 slices of 64x64 beat 64 or 128)
-DEFAULT_COMBINE = "votes"
 PROBABILITY_DEFINITIONS = {
     "votes": "fraction of ensemble members voting each class (argmax of denoised channels)",
     "probabilities": "mean over ensemble members of each member's class probabilities (clip((z + 1) / 2) "

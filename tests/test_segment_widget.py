@@ -93,6 +93,26 @@ def test_segment_widget_results_overlay_the_image(widget_and_viewer, qtbot):
     assert widget.image_combo.count() == 1  # result images are not offered as inputs
 
 
+def test_segment_widget_combine_follows_the_model_and_reaches_segment(widget_and_viewer, qtbot, tmp_path):
+    import json
+
+    widget, viewer, image = widget_and_viewer
+    assert widget.combine.currentText() == "votes"  # the tiny model names no default combine
+    folder = make_tiny_model(tmp_path / "tiny-seg-prob", "segmentation", 2, image_shape=(16, 16))
+    cfg = json.loads((folder / "model.json").read_text())
+    cfg["defaults"]["combine"] = "probabilities"
+    (folder / "model.json").write_text(json.dumps(cfg))
+    widget.model_picker.add_folder(folder)
+    assert widget.combine.currentText() == "probabilities"
+    widget.model_picker.select("tiny-seg-2d")
+    widget.combine.setCurrentText("probabilities")
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
+    assert widget.result.provenance["combine"] == "probabilities"
+    p = widget.result.probabilities.array
+    assert not np.isin(p, np.arange(4) / 3).all()  # means of probabilities, not fractions of 3 votes
+
+
 def test_segment_widget_cancel(widget_and_viewer, qtbot):
     widget, viewer, _ = widget_and_viewer
     widget.ensemble.setValue(4)

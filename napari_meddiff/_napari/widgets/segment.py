@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ...choices import COMBINE_METHODS, DEFAULT_COMBINE
 from ...errors import MeddiffError
 from ...volume import Volume
 from ..layers import layer_to_volume, show_axial, volume_to_layer_data
@@ -68,6 +69,7 @@ def segment_task(
     steps: int,
     seed: int,
     axis: str | None,
+    combine: str | None = None,
 ) -> "SegmentationResult":
     """Worker-thread body: the ensemble through `segment.segment`, reporting overall and per-member progress."""
     from ...segment import segment
@@ -84,7 +86,7 @@ def segment_task(
     ctx.progress(0, total, None, f"{ensemble} member{'s' if ensemble > 1 else ''}")
     return segment(
         model, volume, ensemble=ensemble, sampler=sampler, steps=steps, seed=seed, axis=axis, device=device,
-        on_step=on_step, should_cancel=ctx.should_cancel,
+        combine=combine, on_step=on_step, should_cancel=ctx.should_cancel,
     )
 
 
@@ -143,15 +145,20 @@ class SegmentWidget(QWidget):
         self.ensemble = QSpinBox()
         self.ensemble.setRange(1, 100)
         self.ensemble.setValue(5)
-        self.ensemble.setToolTip("Samples from independent noise: the labels are their majority vote, the uncertainty "
-                                 "their disagreement (1 = no uncertainty). Time grows linearly.")
+        self.ensemble.setToolTip("Samples from independent noise, combined into labels and probabilities; the "
+                                 "uncertainty is how spread those probabilities are (1 = no uncertainty). Time grows "
+                                 "linearly.")
+        self.combine = QComboBox()
+        self.combine.addItems(list(COMBINE_METHODS))
+        self.combine.setToolTip("How members are combined: the mean of their class probabilities, or their label "
+                                "votes (the fraction of members voting each class). Default: the model's.")
         self.sampling = SamplingControls(self)
         self.axis = QComboBox()
         self.axis.addItems(["axial", "coronal", "sagittal"])
         self.axis.setToolTip("2D models run slice by slice along this world axis")
         self.device = DevicePicker()
         self.probability_class = QComboBox()
-        self.probability_class.setToolTip("Which class the probability layer shows (fraction of members voting it)")
+        self.probability_class.setToolTip("Which class the probability layer shows")
 
         self.settings = QWidget()
         form = QFormLayout(self.settings)
@@ -161,6 +168,7 @@ class SegmentWidget(QWidget):
         form.addRow("Model", self.model_picker)
         form.addRow("", self.model_summary)
         form.addRow("Ensemble", self.ensemble)
+        form.addRow("Combine", self.combine)
         self.sampling.add_rows(form)
         form.addRow("Slices", self.axis)
         self._axis_label = form.labelForField(self.axis)
@@ -264,6 +272,7 @@ class SegmentWidget(QWidget):
         names = (info.config.get("segmentation") or {}).get("class_names") or []
         self.model_summary.setText(f"{info.summary()}\nclasses: {', '.join(map(str, names))}")
         self.sampling.set_defaults(info)
+        self.combine.setCurrentText((info.config.get("defaults") or {}).get("combine") or DEFAULT_COMBINE)
         is_2d = info.spatial_dims == 2
         self.axis.setVisible(is_2d)
         self._axis_label.setVisible(is_2d)
@@ -296,6 +305,7 @@ class SegmentWidget(QWidget):
         task = partial(
             segment_task, model_ref=str(info.path), device=self.device.device(), volume=volume, ensemble=n,
             sampler=sampler, steps=steps, seed=seed, axis=self.axis.currentText() if info.spatial_dims == 2 else None,
+            combine=self.combine.currentText(),
         )
         self._source_name = layer.name
         self.member_bars.set_count(n)
