@@ -124,7 +124,15 @@ class Baseline:
     def labels(self, tiles: np.ndarray, batch: int = 64) -> np.ndarray:
         out = []
         for i in range(0, len(tiles), batch):
-            x = torch.from_numpy(tiles[i : i + batch]).unsqueeze(1).to(self.device)
+            x = torch.from_numpy(tiles[i : i + batch])
+            x = x.unsqueeze(1) if x.ndim == len(self.config["image_shape"]) + 1 else x
+            want = int(self.config["networks"]["unet"].get("in_channels", 1))
+            if x.shape[1] != want:  # the diffusion model's context slices, the slice itself in the middle
+                if want > x.shape[1] or (x.shape[1] - want) % 2:
+                    raise MeddiffError(f"{self.name} takes {want} image channels; the tiles have {x.shape[1]}")
+                c = (x.shape[1] - want) // 2
+                x = x[:, c : c + want]
+            x = x.to(self.device)
             out.append(self.net(x).argmax(1).to(torch.uint8).cpu().numpy())
         return np.concatenate(out)[None]  # one "member"
 

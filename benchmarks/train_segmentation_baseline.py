@@ -34,10 +34,16 @@ BASELINE_NETWORK = dict(spatial_dims=2, in_channels=1, out_channels=4, channels=
                         strides=(2, 2, 2), num_res_units=1)
 
 
-def baseline_unet():
+def network_config(cfg: dict) -> dict:
+    """The baseline UNet for a diffusion config: one input channel per image channel it sees (context slices)."""
+    context = int((cfg.get("segmentation") or {}).get("context_slices") or 0)
+    return {**BASELINE_NETWORK, "in_channels": 1 + 2 * context}
+
+
+def baseline_unet(config: dict | None = None):
     from monai.networks.nets import UNet
 
-    return UNet(**BASELINE_NETWORK)
+    return UNet(**(config or BASELINE_NETWORK))
 
 
 # --- baseline training -----------------------------------------------------------------------------------------
@@ -55,14 +61,28 @@ def train_baseline(args) -> int:
     cfg = load_config(args.config)
     train, _ = split_dataset(cfg, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
-    net = baseline_unet()
+    net_cfg = network_config(cfg)
+    net = baseline_unet(net_cfg)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    meta = {"network": f"monai.networks.nets.UNet({BASELINE_NETWORK})", "loss": "DiceCE", "batch_size": 8,
-            "lr": 1e-3, "train_slices": int(train.images.shape[0]), "train_seeds": train.seeds,
+    meta = {"network": f"monai.networks.nets.UNet({net_cfg})", "network_config": net_cfg, "loss": "DiceCE",
+            "batch_size": 8, "lr": 1e-3, "train_slices": int(train.images.shape[0]), "train_seeds": train.seeds,
             "config": str(args.config), "threads": args.threads, "snapshots": []}
     spent_cpu, spent_wall, steps, next_snap, warmup = 0.0, 0.0, 0, 0.0, 0
     state_path = args.out / "last.pt"
+    if args.init_from is not None and not args.resume:  # another run's snapshot, widened to more image channels
+        from napari_meddiff.training.common import load_widened
+
+        entry = next(s for s in json.loads((args.init_from.parent / "snapshots.json").read_text())["snapshots"]
+                     if s["file"] == args.init_from.name)
+        spent_cpu, spent_wall, steps = entry["cpu_minutes"], entry["wall_minutes"], entry["steps"]
+        next_snap = float(entry["file"][len("unet_cpu"):-len(".pt")]) + args.every
+        context = (net_cfg["in_channels"] - 1) // 2
+        widened = load_widened(net, torch.load(args.init_from, weights_only=True), lambda i: i + context)
+        warmup = 100
+        meta["init_from"] = {"snapshot": str(args.init_from), **entry, "widened": widened,
+                             "optimiser": "fresh, 100-step warmup"}
+        print(f"baseline: from {args.init_from} ({spent_cpu:.1f} CPU-min, step {steps}); widened {widened}", flush=True)
     if args.resume:
         meta = json.loads((args.out / "snapshots.json").read_text())
         last = meta["snapshots"][-1]
@@ -108,15 +128,18 @@ def train_baseline(args) -> int:
 
 
 def baseline_snapshot(folder: Path, meta: dict, cpu_minutes: float) -> tuple[torch.nn.Module, dict]:
+    # (meta["network_config"]: the UNet's keyword arguments; older folders used BASELINE_NETWORK)
     """The first snapshot (of ``meta``, the folder's snapshots.json) with at least ``cpu_minutes`` of training
     (never less time than the diffusion model)."""
     later = [s for s in meta["snapshots"] if s["cpu_minutes"] >= cpu_minutes]
     if not later:
         raise SystemExit(f"no baseline snapshot with {cpu_minutes:.1f} CPU minutes yet in {folder}")
     snap = later[0]
-    net = baseline_unet()
+    net = baseline_unet(meta.get("network_config"))
     net.load_state_dict(torch.load(folder / snap["file"], weights_only=True))
     info = {k: meta[k] for k in ("network", "loss", "batch_size", "lr", "train_slices")}
+    if meta.get("init_from"):
+        info["init_from"] = meta["init_from"]
     return net.eval(), {**info, **snap}
 
 
@@ -134,14 +157,14 @@ def export(args) -> int:
         minutes = float(json.loads((args.match / "model.json").read_text())["training"]["diffusion"]["cpu_minutes"])
     net, info = baseline_snapshot(args.snapshots, meta, minutes)
     cfg = load_config(meta.get("config") or args.config)
+    net_cfg = meta.get("network_config") or BASELINE_NETWORK
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / "unet.safetensors"
     write_atomic(weights, lambda p: save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(p)))
     model = {
         "name": args.out.name, "kind": "baseline", "spatial_dims": 2,
         "image_shape": cfg["image_shape"], "voxel_size": cfg["voxel_size"], "intensity": cfg["intensity"],
-        "networks": {"unet": {**BASELINE_NETWORK, "channels": list(BASELINE_NETWORK["channels"]),
-                              "strides": list(BASELINE_NETWORK["strides"])}},
+        "networks": {"unet": {**net_cfg, "channels": list(net_cfg["channels"]), "strides": list(net_cfg["strides"])}},
         "weights": {"unet": {"file": weights.name, "sha256": sha256_file(weights)}},
         "training": {**info, "matched_cpu_minutes": minutes, "train_seeds": meta.get("train_seeds")},
     }
@@ -162,6 +185,8 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--resume", action="store_true", help="continue from the last snapshot in --out")
+    b.add_argument("--init-from", type=Path, default=None,
+                   help="start from a snapshot of another run (its CPU minutes count; input channels added at zero)")
     x = sub.add_parser("export", help="a snapshot as a baseline model folder for bench_segment.py")
     x.add_argument("--snapshots", type=Path, required=True)
     x.add_argument("--out", type=Path, required=True)

@@ -118,14 +118,23 @@ class SegmentationPlan:
     slicing: bool  # 2D model run slice by slice along grid axis 2
     axis: str | None  # world axis of the slices (2D models)
     window: tuple[float, float]  # intensity window (scanner units) mapped to [0, 1]
+    context: int = 0  # 2D: neighbouring slices on each side that go with each slice (the model's context_slices)
 
     @property
     def num_items(self) -> int:
         return len(self.starts)
 
     def item_images(self) -> np.ndarray:
-        """(num_items, *tile_shape) normalised image tiles."""
-        return np.stack([self.image[self._index(s)] for s in self.starts]).astype(np.float32)
+        """(num_items, *tile_shape) normalised image tiles; with ``context`` c, (num_items, 2c + 1, *tile_shape):
+        each slice tile with the same tile of its c neighbouring slices on either side (zeros beyond the grid)."""
+        if not self.context:
+            return np.stack([self.image[self._index(s)] for s in self.starts]).astype(np.float32)
+        out = np.zeros((self.num_items, 2 * self.context + 1, *self.tile_shape), np.float32)
+        for n, (s0, s1, k) in enumerate(self.starts):
+            for c, j in enumerate(range(k - self.context, k + self.context + 1)):
+                if 0 <= j < self.image.shape[2]:
+                    out[n, c] = self.image[self._index((s0, s1, j))]
+        return out
 
     def _index(self, start: tuple[int, ...]) -> tuple:
         t = self.tile_shape
@@ -145,15 +154,24 @@ def class_names(model: DiffusionModel) -> list[str]:
     return [str(names[c]) if c < len(names) else f"class {c}" for c in range(n)]
 
 
+def context_slices(model: DiffusionModel) -> int:
+    """Neighbouring slices on each side that a 2D model takes with its slice (extra image channels); 0 = none."""
+    return int((model.config.get("segmentation") or {}).get("context_slices") or 0)
+
+
 def check_segmentation_model(model: DiffusionModel) -> int:
     if model.kind != "segmentation":
         raise MeddiffError(f"{model.name} is a {model.kind} model, not a segmentation model")
     n = int((model.config.get("segmentation") or {}).get("num_classes", model.sample_shape[0]))
     unet = model.config["networks"]["unet"]
-    if int(unet["out_channels"]) != n or int(unet["in_channels"]) != n + 1:
+    c = context_slices(model)
+    if c and model.spatial_dims != 2:
+        raise MeddiffError(f"{model.name}: context_slices is for 2D models, this one is {model.spatial_dims}D")
+    images = 1 + 2 * c
+    if int(unet["out_channels"]) != n or int(unet["in_channels"]) != n + images:
         raise MeddiffError(
-            f"{model.name}: a segmentation UNet needs num_classes + 1 = {n + 1} input and {n} output channels, "
-            f"not {unet['in_channels']} and {unet['out_channels']}"
+            f"{model.name}: a segmentation UNet needs num_classes + {images} image channel(s) = {n + images} input "
+            f"and {n} output channels, not {unet['in_channels']} and {unet['out_channels']}"
         )
     if model.spatial_dims not in (2, 3) or len(model.image_shape) != model.spatial_dims:
         raise MeddiffError(
@@ -297,6 +315,7 @@ def plan_segmentation(
         slicing=slicing,
         axis=axis_name,
         window=window,
+        context=context_slices(model) if slicing else 0,
     )
 
 
@@ -330,7 +349,8 @@ def run_members(
     should_cancel: Callable[[], bool] | None = None,
     probabilities: bool = False,
 ) -> np.ndarray:
-    """Each member's label map for each normalised image tile: ``(len(members), num_items, *tile)`` uint8;
+    """Each member's label map for each normalised image tile (``images``: ``(num_items, *tile)``, or
+    ``(num_items, channels, *tile)`` with context slices): ``(len(members), num_items, *tile)`` uint8;
     with ``probabilities``, each member's class probabilities instead: ``(len(members), num_items, C, *tile)``
     float16 (`member_probabilities` of its denoised class channels).
 
@@ -340,24 +360,27 @@ def run_members(
         raise MeddiffError("batch size must be at least 1")
     n_classes = model.sample_shape[0]
     items = images.shape[0]
+    tile = tuple(images.shape[-len(model.image_shape):])
     dev = model.device
     pairs = [(mi, i) for mi in range(len(members)) for i in range(items)]
     if probabilities:
-        out = np.zeros((len(members), items, n_classes, *images.shape[1:]), np.float16)
+        out = np.zeros((len(members), items, n_classes, *tile), np.float16)
     else:
-        out = np.zeros((len(members), items, *images.shape[1:]), np.uint8 if n_classes <= 256 else np.int16)
+        out = np.zeros((len(members), items, *tile), np.uint8 if n_classes <= 256 else np.int16)
     batches = int(math.ceil(len(pairs) / batch_size))
     done = np.zeros(len(members), np.int64)  # finished (item, step) evaluations per member
     per_member = max(1, items * steps)
     start = time.perf_counter()
     cond_all = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    if cond_all.ndim == len(tile) + 1:  # one image channel
+        cond_all = cond_all.unsqueeze(1)
     for b in range(batches):
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         chunk = pairs[b * batch_size : (b + 1) * batch_size]
         gens = [torch.Generator(device=dev).manual_seed(member_seed(seed, members[mi], i)) for mi, i in chunk]
-        x = initial_noise((n_classes, *images.shape[1:]), gens, dev)
-        cond = cond_all[[i for _, i in chunk]].unsqueeze(1).to(dev)
+        x = initial_noise((n_classes, *tile), gens, dev)
+        cond = cond_all[[i for _, i in chunk]].to(dev)
         chunk_members = np.array([mi for mi, _ in chunk])
         before = done.copy()
 

@@ -53,8 +53,10 @@ def make_tiny_model(
     image_shape: tuple[int, ...] | None = None,
     num_classes: int = 4,
     seed: int = 0,
+    context_slices: int = 0,
 ) -> Path:
-    """Write a random-weight model folder of ``kind`` (``ddpm``, ``ldm`` or ``segmentation``)."""
+    """Write a random-weight model folder of ``kind`` (``ddpm``, ``ldm`` or ``segmentation``; a 2D segmentation
+    model can take ``context_slices`` neighbouring slices on each side)."""
     torch.manual_seed(seed)
     image_shape = tuple(image_shape or ((16, 16, 16) if spatial_dims == 3 else (32, 32)))
     config: dict = {
@@ -76,9 +78,11 @@ def make_tiny_model(
         unet = tiny_unet_config(spatial_dims, ae["latent_channels"], ae["latent_channels"])
         config["networks"] = {"unet": unet, "autoencoder": ae}
     elif kind == "segmentation":
-        unet = tiny_unet_config(spatial_dims, num_classes + 1, num_classes)
+        unet = tiny_unet_config(spatial_dims, num_classes + 1 + 2 * context_slices, num_classes)
         config["networks"] = {"unet": unet}
         config["segmentation"] = {"num_classes": num_classes, "class_names": ["background", "CSF", "GM", "WM"][:num_classes]}
+        if context_slices:
+            config["segmentation"]["context_slices"] = context_slices
     else:
         unet = tiny_unet_config(spatial_dims, 1, 1)
         config["networks"] = {"unet": unet}

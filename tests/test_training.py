@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -281,3 +282,81 @@ def test_segmentation_trains_on_crops_then_whole_slices(tmp_path, cohort):
         with pytest.raises(MeddiffError, match=match):
             train(path, out=tmp_path / "model2", work_dir=tmp_path / "run2", progress=False)
     assert not (tmp_path / "model2").exists()
+
+
+def test_segmentation_with_context_slices_trains_and_segments(tmp_path, cohort):
+    """A 2.5D model: each training slice comes with its neighbours as channels (the slice itself in the middle),
+    the UNet takes them, and `segment` gives the model the same neighbours."""
+    from napari_meddiff.segment import plan_segmentation, segment
+    from napari_meddiff.training.config import load_config
+    from napari_meddiff.training.data import load_dataset
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.volume import read_volume
+    from napari_meddiff.zoo import load_model
+
+    cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "segmentation").read_text())
+    plain = load_dataset(load_config(_write(tmp_path / "plain.yaml", cfg)), progress=False)
+    cfg["segmentation"] = {"context_slices": 1}
+    path = _write(tmp_path / "context.yaml", cfg)
+    loaded = load_config(path)
+    assert loaded["networks"]["unet"]["in_channels"] == 4 + 3
+    data = load_dataset(loaded, progress=False)
+    assert data.images.shape == (plain.images.shape[0], 3, 16, 16)
+    assert torch.equal(data.images[:, 1], plain.images[:, 0])  # the slice itself in the middle
+    first = [i for i in range(1, len(data.subjects)) if data.subjects[i] == data.subjects[i - 1]][0]
+    assert torch.equal(data.images[first, 0], plain.images[first - 1, 0])  # kept slices are consecutive here
+    model = load_model(train(path, out=tmp_path / "model", work_dir=tmp_path / "run", progress=False))
+    assert model.config["segmentation"]["context_slices"] == 1
+    image = read_volume(next(cohort.glob("*_T1w.nii.gz")))
+    plan = plan_segmentation(model, image)
+    tiles = plan.item_images()
+    assert tiles.shape == (plan.num_items, 3, 16, 16)
+    where = {s: n for n, s in enumerate(plan.starts)}  # (in-plane tile start, slice) -> item
+    for (s0, s1, k), n in where.items():
+        below = where.get((s0, s1, k - 1))
+        if below is None:
+            assert k == 0 and not tiles[n, 0].any()  # zeros beyond the grid
+        else:
+            assert np.array_equal(tiles[n, 0], tiles[below, 1]) and np.array_equal(tiles[below, 2], tiles[n, 1])
+    res = segment(model, image, ensemble=1, steps=1, sampler="ddim")
+    assert res.labels.shape == image.shape
+    cfg["spatial_dims"], cfg["image_shape"], cfg["voxel_size"] = 3, [16, 16, 16], [10.0] * 3
+    with pytest.raises(MeddiffError, match="context_slices"):
+        load_config(_write(tmp_path / "bad.yaml", cfg))
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_init_from_widens_a_single_slice_model_to_context_slices(tmp_path, cohort):
+    """init_from: a 2.5D model starts as the 2D model it grows from (same outputs whatever the neighbours), and
+    its steps and minutes carry on from the earlier run."""
+    from napari_meddiff.training.common import load_checkpoint, load_widened
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import build_network, load_model
+
+    cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "segmentation").read_text())
+    train(_write(tmp_path / "plain.yaml", cfg), out=tmp_path / "plain", work_dir=tmp_path / "run1", progress=False)
+    state = load_checkpoint(tmp_path / "run1" / "diffusion.pt")
+    cfg["segmentation"] = {"context_slices": 1}
+    cfg["training"].update(steps=3, init_from=str(tmp_path / "run1" / "diffusion.pt"))
+    model = load_model(train(_write(tmp_path / "ctx.yaml", cfg), out=tmp_path / "ctx", work_dir=tmp_path / "run2",
+                             progress=False))
+    diff = model.config["training"]["diffusion"]
+    assert diff["steps"] == 3 and diff["init_from"]["step"] == 2 and diff["init_from"]["widened"] == ["conv_in.conv.weight"]
+    assert diff["minutes"] >= diff["init_from"]["minutes"]
+
+    old_cfg = {**TINY_UNET, "spatial_dims": 2, "in_channels": 5, "out_channels": 4}
+    old, new = build_network("unet", old_cfg).eval(), build_network("unet", {**old_cfg, "in_channels": 7}).eval()
+    assert load_widened(new, state["ema"], lambda i: i if i < 4 else i + 1) == ["conv_in.conv.weight"]
+    old.load_state_dict(state["ema"])
+    x, image, t = torch.randn(2, 4, 16, 16), torch.rand(2, 1, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        want = old(torch.cat([x, image], 1), timesteps=t)
+        for neighbours in (torch.zeros(2, 2, 16, 16), torch.rand(2, 2, 16, 16)):
+            got = new(torch.cat([x, neighbours[:, :1], image, neighbours[:, 1:]], 1), timesteps=t)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(MeddiffError, match="only input channels"):
+        load_widened(build_network("unet", {**old_cfg, "out_channels": 3}), state["ema"], lambda i: i)

@@ -11,7 +11,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -232,6 +232,34 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".part")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_widened(module: torch.nn.Module, state: dict[str, torch.Tensor],
+                 channel_map: Callable[[int], int]) -> list[str]:
+    """Load ``state`` into ``module``, where a tensor may have more input channels (dim 1) than in ``state``:
+    its old channel ``i`` goes to ``channel_map(i)`` and the new channels start at zero, so the widened network
+    computes what the old one did until training moves them. Returns the names of the widened tensors."""
+    own = module.state_dict()
+    if set(own) != set(state):
+        raise MeddiffError(f"init_from: the checkpoint's network has other layers ({len(state)} tensors, this one "
+                           f"{len(own)}); it must be the same architecture")
+    widened, out = [], {}
+    for name, new in own.items():
+        old = state[name]
+        if old.shape == new.shape:
+            out[name] = old
+            continue
+        if old.ndim != new.ndim or old.ndim < 2 or old.shape[0] != new.shape[0] or old.shape[2:] != new.shape[2:] \
+                or old.shape[1] > new.shape[1]:
+            raise MeddiffError(f"init_from: {name} is {tuple(old.shape)} in the checkpoint, {tuple(new.shape)} here; "
+                               "only input channels can be added")
+        grown = torch.zeros_like(new)
+        for i in range(old.shape[1]):
+            grown[:, channel_map(i)] = old[:, i]
+        out[name] = grown
+        widened.append(name)
+    module.load_state_dict(out)
+    return widened
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -56,6 +56,7 @@ DEFAULT_TRAINING = {
     "log_every": 10,
     "patch_size": None,  # random crops of this size (null: whole images; fully convolutional UNets only)
     "patch_steps": None,  # crops for the first N steps only, whole images after (null: crops throughout)
+    "init_from": None,  # a diffusion.pt of an earlier run to start from (its EMA weights, steps and minutes)
 }
 
 DEFAULT_AE_TRAINING = {
@@ -201,8 +202,14 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
         seg = cfg.setdefault("segmentation", {})
         seg.setdefault("num_classes", 4)
         seg.setdefault("class_names", ["background", "CSF", "GM", "WM"][: seg["num_classes"]])
+        seg.setdefault("context_slices", 0)
+        context = seg["context_slices"]
+        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+            raise MeddiffError(f"segmentation.context_slices must be a non-negative integer, got {context!r}")
+        if context and nd != 2:
+            raise MeddiffError("segmentation.context_slices is for 2D models (neighbouring slices as channels)")
         n = int(seg["num_classes"])
-        unet["in_channels"], unet["out_channels"] = n + 1, n
+        unet["in_channels"], unet["out_channels"] = n + 1 + 2 * context, n
     else:
         unet["in_channels"] = unet["out_channels"] = 1
     if cfg["data"]["dir"] is None:

@@ -102,8 +102,11 @@ def preprocess_subject(
     voxel_size: Sequence[float],
     intensity: dict[str, Any],
     data_cfg: dict[str, Any],
+    context_slices: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One subject -> (images, labels): (D, *image_shape) slices for 2D or (1, *image_shape) for 3D."""
+    """One subject -> (images, labels): (D, *image_shape) slices for 2D or (1, *image_shape) for 3D; with
+    ``context_slices`` c (2D), (D, 2c + 1, *image_shape): each slice with its c neighbours on either side
+    (zeros beyond the volume), the slice itself in the middle."""
     vol = to_canonical(read_volume(image_path))
     if spatial_dims == 3:
         spacing = tuple(voxel_size)
@@ -135,7 +138,17 @@ def preprocess_subject(
     c2 = np.delete(centre, axis) + 0.5
     frac = fgm.reshape(fgm.shape[0], -1).sum(1) / float(np.prod(image_shape))
     keep = np.nonzero(frac >= float(data_cfg["min_brain_fraction"]))[0]
-    imgs = np.stack([_fit(arr[k], image_shape, c2) for k in keep]) if len(keep) else np.zeros((0, *image_shape), np.float32)
+    empty = np.zeros(tuple(image_shape), np.float32)
+
+    def neighbours(k: int) -> np.ndarray:
+        return np.stack([_fit(arr[j], image_shape, c2) if 0 <= j < arr.shape[0] else empty
+                         for j in range(k - context_slices, k + context_slices + 1)])
+
+    if context_slices:
+        imgs = np.stack([neighbours(k) for k in keep]) if len(keep) else np.zeros(
+            (0, 2 * context_slices + 1, *image_shape), np.float32)
+    else:
+        imgs = np.stack([_fit(arr[k], image_shape, c2) for k in keep]) if len(keep) else np.zeros((0, *image_shape), np.float32)
     labs = None if lab is None else (np.stack([_fit(lab[k], image_shape, c2) for k in keep]) if len(keep) else np.zeros((0, *image_shape), np.int64))
     return imgs, labs
 
@@ -153,13 +166,16 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
         iterator = tqdm(pairs, desc="loading data", unit="subject", leave=False)
     for image_path, label_path in iterator:
         im, lb = preprocess_subject(
-            image_path, label_path, cfg["spatial_dims"], cfg["image_shape"], cfg["voxel_size"], cfg["intensity"], cfg["data"]
+            image_path, label_path, cfg["spatial_dims"], cfg["image_shape"], cfg["voxel_size"], cfg["intensity"], cfg["data"],
+            context_slices=int((cfg.get("segmentation") or {}).get("context_slices") or 0),
         )
         imgs.append(im)
         subs += [image_path.name.split("_")[0]] * len(im)
         if lb is not None:
             labs.append(lb)
-    images = torch.from_numpy(np.concatenate(imgs)).float().unsqueeze(1)
+    images = torch.from_numpy(np.concatenate(imgs)).float()
+    if images.ndim == int(cfg["spatial_dims"]) + 1:  # no channel axis yet
+        images = images.unsqueeze(1)
     labels = torch.from_numpy(np.concatenate(labs)).long() if labs else None
     if images.shape[0] == 0:
         raise MeddiffError(f"no training items in {cfg['data']['dir']} (2D: no slice has min_brain_fraction "

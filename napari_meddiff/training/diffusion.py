@@ -75,6 +75,7 @@ def train_diffusion(
     scheduler = noise_scheduler(cfg["scheduler"])
     ckpt_path = work_dir / "diffusion.pt"
     step, spent, cpu_spent, history = 0, 0.0, 0.0, {"loss": []}
+    init: dict[str, Any] | None = None  # where a run started from another run's weights (init_from)
     if resume and ckpt_path.is_file():
         st = common.load_checkpoint(ckpt_path)
         net.load_state_dict(st["model"])
@@ -85,8 +86,15 @@ def train_diffusion(
         common.set_rng_state(gen, st["rng"])
         step, spent, history = int(st["step"]), float(st["minutes"]), st["history"]
         cpu_spent = float(st.get("cpu_minutes", 0.0))
+        init = st.get("init_from")
         if dist.main:
             log.info("resumed diffusion training at step %d (%.1f min spent)", step, spent)
+    elif tc.get("init_from"):
+        init = _init_from(Path(tc["init_from"]), net, ema, cfg)
+        step, spent, cpu_spent, history = init.pop("state")
+        if dist.main:
+            log.info("started from %s at step %d (%.1f min spent); widened: %s", init["checkpoint"], step, spent,
+                     ", ".join(init["widened"]) or "none")
     ema.module.to(device)
     dnet = dist.wrap(net)
     budget = common.Budget(max_minutes, spent, cpu_spent)
@@ -100,7 +108,7 @@ def train_diffusion(
                 "step": step, "minutes": budget.minutes, "cpu_minutes": budget.cpu_minutes, "history": history,
                 "model": common.unwrap(net).state_dict(), "ema": ema.module.state_dict(),
                 "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                "rng": common.rng_state(gen), "precision": precision,
+                "rng": common.rng_state(gen), "precision": precision, "init_from": init,
             })
 
     bar = common.progress_bar(total, step, f"{cfg['name']} diffusion", dist.main)
@@ -154,4 +162,26 @@ def train_diffusion(
         "patch_size": tc.get("patch_size"), "patch_steps": tc.get("patch_steps"),
         "train_items": int((condition if seg else x0_data).shape[0]),
     }
+    if init is not None:
+        summary["init_from"] = init
     return ema.module.eval(), summary
+
+
+def _init_from(path: Path, net: torch.nn.Module, ema: common.EMA, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Start from the EMA weights of an earlier run's ``diffusion.pt`` (its steps, minutes and loss history
+    carry on; a fresh optimiser warms up again). A segmentation model may take more context slices than the
+    earlier one: its image channels go to the middle, the new neighbours start at zero."""
+    st = common.load_checkpoint(path)
+    n = int(cfg.get("segmentation", {}).get("num_classes", 0))
+    new_in = int(cfg["networks"]["unet"]["in_channels"])
+    old_in = int(st["ema"]["conv_in.conv.weight"].shape[1]) if "conv_in.conv.weight" in st["ema"] else new_in
+    shift = (new_in - old_in) // 2 if cfg["kind"] == "segmentation" else 0
+
+    def channel_map(i: int) -> int:  # labels keep their channels; image channels move to the middle
+        return i if i < n else i + shift
+
+    widened = common.load_widened(net, st["ema"], channel_map)
+    ema.module.load_state_dict(net.state_dict())
+    state = (int(st["step"]), float(st["minutes"]), float(st.get("cpu_minutes", 0.0)), st["history"])
+    return {"checkpoint": str(path), "step": state[0], "minutes": round(state[1], 2), "cpu_minutes": round(state[2], 2),
+            "widened": widened, "state": state}

@@ -131,8 +131,10 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         lines.append(f"- Latent: {lat['channels']} channels x {lat['shape']}, scale factor {lat['scale_factor']:.4f} "
                      "(1/std of the training latents).")
     if cfg["kind"] == "segmentation":
+        context = int(cfg["segmentation"].get("context_slices") or 0)
         lines.append(f"- Classes: {', '.join(cfg['segmentation']['class_names'])}; applied slice by slice (axial) "
-                     "for 2D models.")
+                     "for 2D models" + (f", each slice given with its {context} neighbouring slice(s) on either side "
+                                        "as extra image channels (2.5D)" if context else "") + ".")
     sch = cfg["scheduler"]
     lines += [
         f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, beta {sch['beta_start']}-{sch['beta_end']}, "
@@ -168,6 +170,11 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
                 until = s.get("patch_steps")
                 extra += (f"; random {'x'.join(map(str, s['patch_size']))} crops"
                           + (" throughout" if until is None or s["steps"] <= int(until) else f" for the first {until} steps"))
+            if s.get("init_from"):
+                i = s["init_from"]
+                extra += (f"; started from `{i['checkpoint']}` (its EMA weights; its {i['step']} steps and "
+                          f"{i.get('cpu_minutes', '?')} CPU-min are counted here)"
+                          + (f", input channels added to {', '.join(i['widened'])} at zero" if i.get("widened") else ""))
             if s.get("val_dice"):
                 extra += "; Dice on the validation subjects " + ", ".join(f"{k} {v:.3f}" for k, v in s["val_dice"].items())
         cpu = f" ({s['cpu_minutes']:.1f} CPU-min)" if s.get("cpu_minutes") is not None else ""

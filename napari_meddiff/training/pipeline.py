@@ -34,7 +34,8 @@ def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> l
 @torch.no_grad()
 def segment_slices(model, images: torch.Tensor, *, steps: int, sampler: str = "dpm++", seed: int = 0,
                    batch: int = 16) -> torch.Tensor:
-    """Labels (N, *S) for normalised images (N, 1, *S) with a segmentation diffusion model."""
+    """Labels (N, *S) for normalised images (N, C, *S) (C: 1, or the slice and its neighbours) with a
+    segmentation diffusion model."""
     from ..sampling import denoise, initial_noise, seeded_generators
 
     n = int(model.config["segmentation"]["num_classes"])
@@ -224,7 +225,7 @@ def train(
                 pred = segment_slices(model, imgs, steps=val_steps)
                 k = int(cfg["segmentation"]["num_classes"]) - 1
                 d = dice_per_class(pred, labs, k + 1)
-                common.save_grid(path, [[i[0].numpy() for i in imgs], [l.numpy() / k for l in labs], [p.numpy() / k for p in pred]],
+                common.save_grid(path, [[i[i.shape[0] // 2].numpy() for i in imgs], [l.numpy() / k for l in labs], [p.numpy() / k for p in pred]],
                                  f"step {step}: image / reference / predicted; Dice " + " ".join(f"{v:.3f}" for v in d))
             else:
                 vols = generate(model, list(range(nval)), sampler="dpm++", steps=val_steps, device=str(dev))

@@ -140,6 +140,8 @@ OPTIONAL_BLOCKS = {
     "segmentation": {
         "num_classes": (_positive_int, "a positive integer"),
         "class_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
+        "context_slices": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                           "a non-negative integer (2D models: neighbouring slices on each side given as channels)"),
     },
     "inpaint": {},
     "geometry": {"notes": (lambda v: isinstance(v, list), "a list")},
