@@ -326,11 +326,14 @@ def decode_latents(
 
 
 def encode_images(
-    model: DiffusionModel, images: torch.Tensor, precision: str = "fp32", *, sample: bool = True,
-    mode: str | None = None, tile: int | None = None,
+    model: DiffusionModel, images: torch.Tensor, precision: str = "fp32", *, sample: bool = False,
+    generator: torch.Generator | None = None, mode: str | None = None, tile: int | None = None,
 ) -> torch.Tensor:
-    """Images (normalised) -> scaled latents (identity for pixel models): a posterior sample (MONAI's
-    ``encode_stage_2_inputs``), or its mean when not ``sample``. ``mode`` / ``tile`` as in `decode_latents`."""
+    """Images (normalised) -> scaled latents (identity for pixel models): the posterior mean, or with ``sample``
+    a posterior sample (as MONAI's ``encode_stage_2_inputs``) drawn with ``generator`` (required: the same seed
+    gives the same latents). ``mode`` / ``tile`` as in `decode_latents`."""
+    if sample and generator is None:
+        raise MeddiffError("encode_images(sample=True) needs a generator (seeded draws, never the global RNG)")
     if model.kind != "ldm":
         return images
     mode = autoencoder_pass(model, images, mode, encode=True)
@@ -343,5 +346,9 @@ def encode_images(
 
             budget = WHOLE_PASS_SHARE * free_memory_bytes(images.device)
             z_mu, z_sigma = tiled_encode(ae, images, tile=tile, ram_bytes=budget)
-        z = ae.sampling(z_mu, z_sigma) if sample else z_mu
+        if sample:
+            eps = torch.randn(z_mu.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            z = z_mu + z_sigma * eps.to(z_mu.device, z_mu.dtype)
+        else:
+            z = z_mu
     return z.float() * model.scale_factor

@@ -109,6 +109,12 @@ def test_latent_model_tiled_is_reproducible_and_equals_whole(tiny_models, monkey
     images = torch.rand((1, 1, *model.image_shape), generator=torch.Generator().manual_seed(12))
     mean = encode_images(model, images, sample=False, mode="whole")
     assert (encode_images(model, images, sample=False, mode="tiled", tile=6) - mean).abs().max() <= 1e-4
+    draws = [encode_images(model, images, sample=True, generator=torch.Generator().manual_seed(s), mode="whole")
+             for s in (5, 5, 6)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # seeded, not the global RNG
+    assert not torch.equal(draws[0], mean)
+    with pytest.raises(MeddiffError, match="generator"):
+        encode_images(model, images, sample=True)
     with pytest.raises(MeddiffError, match="auto, whole, tiled"):
         decode_latents(model, z, mode="sliding")
     monkeypatch.setenv(AUTOENCODER_PASS_ENV, "tiled")  # the process default `--decode` sets
