@@ -17,6 +17,7 @@ import os
 import sys
 
 THREADS_ENV = "MEDDIFF_THREADS"
+_omp_threads_set: str | None = None  # the OMP_NUM_THREADS value use_free_cores set itself (not the user's)
 _start: tuple[int, int, int] | None = None  # (/proc/stat busy, /proc/stat total, this process's CPU) ticks
 
 
@@ -85,8 +86,10 @@ def free_core_threads() -> int:
 
 def use_free_cores() -> int | None:
     """Set torch's intra-op threads by `MEDDIFF_THREADS` (see the module docstring); returns the count set."""
+    global _omp_threads_set
     setting = _setting()
-    if setting == "torch" or os.environ.get("OMP_NUM_THREADS"):
+    omp = os.environ.get("OMP_NUM_THREADS")
+    if setting == "torch" or (omp and omp != _omp_threads_set):  # the user's OMP_NUM_THREADS wins
         return None
     if setting == "auto":
         n = free_core_threads()
@@ -101,5 +104,5 @@ def use_free_cores() -> int | None:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
     else:  # not loaded yet (and not loaded here, for commands that never need it): OpenMP reads this on load
-        os.environ["OMP_NUM_THREADS"] = str(n)
+        os.environ["OMP_NUM_THREADS"] = _omp_threads_set = str(n)
     return n

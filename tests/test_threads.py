@@ -31,6 +31,17 @@ def test_openmp_sleeps_at_barriers_unless_the_user_chose():
     assert policy == "None" and chosen == "None" and int(n) == threads.usable_cores()
 
 
+def test_a_later_call_after_torch_loads_still_sets_the_threads():
+    """The OMP_NUM_THREADS that use_free_cores wrote before torch loaded is not mistaken for the user's."""
+    code = ("import sys; from napari_meddiff.threads import use_free_cores; a = use_free_cores(); "
+            "assert 'torch' not in sys.modules; import torch; b = use_free_cores(); print(a, b, torch.get_num_threads())")
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", threads.THREADS_ENV)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**base, threads.THREADS_ENV: "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1", "1"]
+
+
 def test_thread_count_setting(monkeypatch):
     saved = torch.get_num_threads()
     try:
