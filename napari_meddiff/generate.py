@@ -102,7 +102,8 @@ def generate(
         raise MeddiffError("batch size must be at least 1")
     seeds = check_seeds(seeds)
     check_request_fits(model, batch=min(batch_size, len(seeds)), held_voxels=len(seeds) * math.prod(model.image_shape),
-                       what=f"{len(seeds)} volumes at batch size {batch_size}")
+                       what=f"{len(seeds)} volumes at batch size {batch_size}",
+                       guided=not isinstance(guidance_scale, bool) and guidance_scale != 1)
     defaults = default_sampling(model)
     sampler = sampler or defaults["sampler"]
     steps = int(steps if steps is not None else defaults["steps"])

@@ -41,13 +41,17 @@ def network_bytes_per_sample(model) -> float:
     UNet: the full-resolution feature maps (first level's channels over the sample grid) times 16 tensors alive
     at once (block inputs, skips, GroupNorm/SiLU temporaries); decoding: `decode_bytes_per_sample`.
     """
+    return unet_bytes_per_sample(model) + decode_bytes_per_sample(model)
+
+
+def unet_bytes_per_sample(model) -> float:
+    """One sample through the UNet: see `network_bytes_per_sample`."""
     import math
 
     unet_cfg = model.config.get("networks", {}).get("unet", {})
     channels = unet_cfg.get("channels") or [64]
     spatial = math.prod(int(s) for s in model.sample_shape[1:])
-    unet = 16 * 4 * int(channels[0]) * spatial
-    return float(unet + decode_bytes_per_sample(model))
+    return float(16 * 4 * int(channels[0]) * spatial)
 
 
 def decode_bytes_per_sample(model) -> float:
@@ -68,8 +72,11 @@ def decode_bytes_per_sample(model) -> float:
     return 8.0 * voxels
 
 
-def check_request_fits(model, *, batch: int, held_voxels: float = 0.0, what: str = "this request") -> None:
+def check_request_fits(model, *, batch: int, held_voxels: float = 0.0, what: str = "this request",
+                       guided: bool = False) -> None:
     """Refuse a request whose batch (through the networks) plus ``held_voxels`` float32 results (kept until the
-    end: candidates, ensemble members, returned volumes) would not fit in free memory."""
-    need = batch * network_bytes_per_sample(model) + 4.0 * held_voxels
+    end: candidates, ensemble members, returned volumes) would not fit in free memory. ``guided``:
+    classifier-free guidance runs the conditional and unconditional branches as one batch of twice the size."""
+    need = batch * (network_bytes_per_sample(model) + (unet_bytes_per_sample(model) if guided else 0.0)) \
+        + 4.0 * held_voxels
     check_fits(need, what)

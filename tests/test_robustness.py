@@ -252,6 +252,19 @@ def test_requests_that_would_exhaust_memory_are_refused_up_front(tiny_models, tm
         md.inpaint(str(tiny_models["ldm3d"]), image, mask, candidates=10**8, steps=1, device="cpu")
 
 
+def test_guidance_counts_twice_the_unet_batch(tiny_models, monkeypatch):
+    """Classifier-free guidance runs both branches as one batch: the up-front estimate counts them."""
+    from napari_meddiff import memory
+
+    model = md.load_model(tiny_models["ldm3d"])
+    plain = 64 * memory.network_bytes_per_sample(model)
+    guided = plain + 64 * memory.unet_bytes_per_sample(model)
+    monkeypatch.setattr(memory, "available_ram_bytes", lambda: int((plain + guided) / 2 / 0.9))
+    memory.check_request_fits(model, batch=64)
+    with pytest.raises(MeddiffError, match="would need"):
+        memory.check_request_fits(model, batch=64, guided=True)
+
+
 # --- shared folders: every output follows the umask ------------------------------------------------------------------
 
 
