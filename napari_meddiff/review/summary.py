@@ -180,14 +180,22 @@ def _cell(v: Any) -> Any:
 
 
 def write_summary(key: str | os.PathLike, summary: dict[str, Any]) -> list[Path]:
-    """Write the summary JSON, CSV (long format: scope, metric, value) and realism plot next to ``key``."""
+    """Write the summary JSON, CSV (long format: scope, metric, value) and realism plot next to ``key``.
+
+    Each file is replaced atomically: a rerun with more answers refreshes them, an interrupted one leaves the
+    previous summary whole (they are derived from the answer files, which are never touched)."""
+    import io
+
+    from ..files import write_atomic, write_text_atomic
+
     paths = summary_paths(key)
-    paths[0].write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    with open(paths[1], "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["scope", "metric", "value"])
-        w.writerows((s, k, _cell(v)) for s, k, v in _rows(summary))
-    plot_realism(summary, paths[2])
+    write_text_atomic(paths[0], json.dumps(summary, indent=1) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    w.writerow(["scope", "metric", "value"])
+    w.writerows((s, k, _cell(v)) for s, k, v in _rows(summary))
+    write_text_atomic(paths[1], buf.getvalue())
+    write_atomic(paths[2], lambda tmp: plot_realism(summary, tmp), suffix=".png")
     return paths
 
 
