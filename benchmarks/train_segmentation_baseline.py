@@ -3,18 +3,23 @@ diffusion model, as a model folder that `bench_segment.py --baseline` evaluates 
 
     # train on exactly the diffusion config's training slices, a snapshot every CPU minute (it can run beside
     # the diffusion training: the budget is this process's CPU time, not wall time)
-    python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train.yaml \
+    python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train-2d.yaml \
         --out runs/segdiff-2mm/baseline --cpu-minutes 60
     # later: continue to more CPU minutes (from last.pt, weights and optimiser, where the run wrote one)
-    python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train.yaml \
+    python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train-2d.yaml \
         --out runs/segdiff-2mm/baseline --cpu-minutes 100 --resume
+    # the 2.5D baseline of train.yaml (stage 2), from the 2D baseline's snapshot at stage 1's CPU minutes
+    python benchmarks/train_segmentation_baseline.py train --config models/brain-tissue-segdiff-2d/train.yaml \
+        --out runs/segdiff-2mm-ctx/baseline --cpu-minutes 130 --init-from runs/segdiff-2mm/baseline/unet_cpu045.00.pt
     # the first snapshot with at least the diffusion model's training CPU minutes, as a baseline model folder
-    python benchmarks/train_segmentation_baseline.py export --snapshots runs/segdiff-2mm/baseline \
-        --match runs/segdiff-2mm/model --out runs/segdiff-2mm/brain-tissue-unet-2d
-    python benchmarks/bench_segment.py --model runs/segdiff-2mm/model --baseline runs/segdiff-2mm/brain-tissue-unet-2d
+    python benchmarks/train_segmentation_baseline.py export --snapshots runs/segdiff-2mm-ctx/baseline \
+        --match runs/segdiff-2mm-ctx/model --out runs/segdiff-2mm-ctx/brain-tissue-unet-2d
+    python benchmarks/bench_segment.py --model runs/segdiff-2mm-ctx/model \
+        --baseline runs/segdiff-2mm-ctx/brain-tissue-unet-2d --subjects 16 --ensembles 1 3 5
 
 Recipe (unchanged from the first baseline of `evaluate_models.py`): DiceCE, Adam 1e-3, batch 8, random
-left-right flips, ``monai.networks.nets.UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)``.
+left-right flips, ``monai.networks.nets.UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)``,
+with as many input channels as the diffusion model sees image channels (``segmentation.context_slices``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def train_baseline(args) -> int:
     train, _ = split_dataset(cfg, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     net_cfg = network_config(cfg)
+    torch.manual_seed(args.seed)  # the initial weights
     net = baseline_unet(net_cfg)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
@@ -73,8 +79,11 @@ def train_baseline(args) -> int:
     if args.init_from is not None and not args.resume:  # another run's snapshot, widened to more image channels
         from napari_meddiff.training.common import load_widened
 
-        entry = next(s for s in json.loads((args.init_from.parent / "snapshots.json").read_text())["snapshots"]
-                     if s["file"] == args.init_from.name)
+        entries = [s for s in json.loads((args.init_from.parent / "snapshots.json").read_text())["snapshots"]
+                   if s["file"] == args.init_from.name]
+        if not entries:
+            raise SystemExit(f"{args.init_from} is not listed in {args.init_from.parent / 'snapshots.json'}")
+        entry = entries[0]
         spent_cpu, spent_wall, steps = entry["cpu_minutes"], entry["wall_minutes"], entry["steps"]
         next_snap = float(entry["file"][len("unet_cpu"):-len(".pt")]) + args.every
         context = (net_cfg["in_channels"] - 1) // 2
@@ -85,11 +94,14 @@ def train_baseline(args) -> int:
         print(f"baseline: from {args.init_from} ({spent_cpu:.1f} CPU-min, step {steps}); widened {widened}", flush=True)
     if args.resume:
         meta = json.loads((args.out / "snapshots.json").read_text())
+        if meta.get("network_config", BASELINE_NETWORK) != net_cfg:
+            raise SystemExit(f"{args.out} holds a baseline of another network ({meta.get('network_config')}); "
+                             f"this config's is {net_cfg}")
         last = meta["snapshots"][-1]
         spent_cpu, spent_wall, steps = last["cpu_minutes"], last["wall_minutes"], last["steps"]
         next_snap = float(last["file"][len("unet_cpu"):-len(".pt")]) + args.every
-        if state_path.is_file():  # weights + optimiser of the last snapshot: an exact continuation
-            state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+        if state is not None and state.get("snapshot") == last:  # weights + optimiser of that snapshot: exact
             net.load_state_dict(state["net"])
             opt.load_state_dict(state["opt"])
         else:  # only the weights were kept: a fresh Adam, its learning rate warmed up over 100 steps
@@ -106,19 +118,21 @@ def train_baseline(args) -> int:
         if cpu >= next_snap and (steps > first or not log):
             name = f"unet_cpu{next_snap:06.2f}.pt"
             state = {k: v.clone() for k, v in net.state_dict().items()}
+            entry = {"file": name, "cpu_minutes": round(cpu, 3),
+                     "wall_minutes": round(spent_wall + (time.time() - t0) / 60, 3), "steps": steps}
             write_atomic(args.out / name, lambda p, s=state: torch.save(s, p))
-            write_atomic(state_path, lambda p, s=state: torch.save({"net": s, "opt": opt.state_dict()}, p))
-            log.append({"file": name, "cpu_minutes": round(cpu, 3),
-                        "wall_minutes": round(spent_wall + (time.time() - t0) / 60, 3), "steps": steps})
+            log.append(entry)
             write_text_atomic(args.out / "snapshots.json", json.dumps(meta, indent=1))
+            # the optimiser with the snapshot it belongs to: a resume uses it only when they match
+            write_atomic(state_path, lambda p, s=state, e=entry: torch.save({"net": s, "opt": opt.state_dict(),
+                                                                             "snapshot": e}, p))
             next_snap += args.every
             if cpu >= args.cpu_minutes:
                 break
         x, y = random_batch(train.images, train.labels, 8, g, True)
         loss = loss_fn(net(x), y[:, None])
-        if steps - first < warmup:
-            for group in opt.param_groups:
-                group["lr"] = 1e-3 * (steps - first + 1) / warmup
+        for group in opt.param_groups:  # 1e-3, after the warmup of a fresh optimiser
+            group["lr"] = 1e-3 * min(1.0, (steps - first + 1) / warmup) if warmup else 1e-3
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,9 +142,9 @@ def train_baseline(args) -> int:
 
 
 def baseline_snapshot(folder: Path, meta: dict, cpu_minutes: float) -> tuple[torch.nn.Module, dict]:
-    # (meta["network_config"]: the UNet's keyword arguments; older folders used BASELINE_NETWORK)
     """The first snapshot (of ``meta``, the folder's snapshots.json) with at least ``cpu_minutes`` of training
-    (never less time than the diffusion model)."""
+    (never less time than the diffusion model). ``meta["network_config"]``: the UNet's keyword arguments (older
+    folders: BASELINE_NETWORK)."""
     later = [s for s in meta["snapshots"] if s["cpu_minutes"] >= cpu_minutes]
     if not later:
         raise SystemExit(f"no baseline snapshot with {cpu_minutes:.1f} CPU minutes yet in {folder}")

@@ -119,6 +119,7 @@ class SegmentationPlan:
     axis: str | None  # world axis of the slices (2D models)
     window: tuple[float, float]  # intensity window (scanner units) mapped to [0, 1]
     context: int = 0  # 2D: neighbouring slices on each side that go with each slice (the model's context_slices)
+    context_image: np.ndarray | None = None  # with context: the image on the grid plus `context` slices either side
 
     @property
     def num_items(self) -> int:
@@ -126,14 +127,15 @@ class SegmentationPlan:
 
     def item_images(self) -> np.ndarray:
         """(num_items, *tile_shape) normalised image tiles; with ``context`` c, (num_items, 2c + 1, *tile_shape):
-        each slice tile with the same tile of its c neighbouring slices on either side (zeros beyond the grid)."""
+        each slice tile with the same tile of its c neighbouring slices on either side, read from the scan beyond
+        the grid too (zeros only beyond the scan, as in training)."""
         if not self.context:
             return np.stack([self.image[self._index(s)] for s in self.starts]).astype(np.float32)
+        wide = self.context_image
         out = np.zeros((self.num_items, 2 * self.context + 1, *self.tile_shape), np.float32)
         for n, (s0, s1, k) in enumerate(self.starts):
-            for c, j in enumerate(range(k - self.context, k + self.context + 1)):
-                if 0 <= j < self.image.shape[2]:
-                    out[n, c] = self.image[self._index((s0, s1, j))]
+            for c in range(2 * self.context + 1):  # slice k + c - context is wide's slice k + c
+                out[n, c] = wide[self._index((s0, s1, k + c))]
         return out
 
     def _index(self, start: tuple[int, ...]) -> tuple:
@@ -293,7 +295,16 @@ def plan_segmentation(
                f"the model grid over this image ({'x'.join(map(str, shape))} voxels of {voxel} mm)",
                advice="check the voxel size in the image's header")
     grid = snap_grid(make_grid(voxel, shape, centre, order), image)  # no resampling where the lattices agree
-    grid_image = sample_on_grid(Volume(norm, image.affine), grid, default=0.0)
+    context = context_slices(model) if slicing else 0
+    context_image = None
+    if context:  # the neighbours of the first and last slices come from the scan where it has them
+        below = np.eye(4)
+        below[2, 3] = -context
+        wide = ModelGrid(grid.affine @ below, (shape[0], shape[1], shape[2] + 2 * context))
+        context_image = sample_on_grid(Volume(norm, image.affine), wide, default=0.0)
+        grid_image = context_image[:, :, context:-context]
+    else:
+        grid_image = sample_on_grid(Volume(norm, image.affine), grid, default=0.0)
 
     per_axis = [_tile_starts(shape[g], tile[g]) for g in range(tiled_axes)]
     ramps = [_ramp(tile[g], len(per_axis[g]) > 1) for g in range(tiled_axes)]
@@ -315,7 +326,8 @@ def plan_segmentation(
         slicing=slicing,
         axis=axis_name,
         window=window,
-        context=context_slices(model) if slicing else 0,
+        context=context,
+        context_image=context_image,
     )
 
 

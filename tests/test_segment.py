@@ -217,6 +217,36 @@ def test_grid_shares_the_lattice_of_an_input_at_the_model_voxel_size(seg_models,
         assert np.allclose(got, norm[tuple(src[inside].T)], atol=1e-5)
 
 
+def test_context_slices_come_from_the_scan_beyond_the_grid_and_zeros_beyond_the_scan(seg_models):
+    from napari_meddiff.intensity import normalise
+
+    model = load_model(make_tiny_model(seg_models["root"] / "tiny-seg-ctx", "segmentation", 2, image_shape=(16, 16),
+                                       context_slices=2))
+    arr = np.full((14, 12, 20), 5.0, np.float32)  # a faint background in every slice (below the content threshold)
+    arr[3:11, 3:9, 8:14] = 80.0  # the content: slices 8..13
+    image = Volume(arr, np.diag([4.0, 4.0, 4.0, 1.0]))
+    plan = plan_segmentation(model, image, window=(0.0, 80.0))  # the background at 0.0625 < CONTENT_THRESHOLD
+    tiles = plan.item_images()
+    assert tiles.shape == (plan.num_items, 5, 16, 16)
+    ks = [s[2] for s in plan.starts]
+    first = ks.index(0)
+    index = np.linalg.inv(image.affine) @ plan.grid.affine
+    z0 = int(round(index[2, 3]))  # the scan's slice under grid slice 0
+    assert 2 <= z0 <= 8  # the content box plus a margin, not the whole scan
+    faint = float(normalise(np.array([5.0], np.float32), plan.window)[0])
+    for c in range(5):  # channels: grid slices -2..2 around slice 0, read from the scan where it exists
+        centre = tiles[first, c][tiles[first, c] > 0]
+        assert centre.size and np.allclose(centre.min(), faint, atol=1e-5)
+    edge = Volume(arr[:, :, 8:], np.diag([4.0, 4.0, 4.0, 1.0]))  # the content starts at the scan's first slice
+    plan = plan_segmentation(model, edge, window=(0.0, 80.0))
+    tiles = plan.item_images()
+    index = np.linalg.inv(edge.affine) @ plan.grid.affine
+    first = [s[2] for s in plan.starts].index(0)
+    below_scan = 2 - int(round(index[2, 3]))  # context channels that fall below the scan's first slice
+    assert below_scan >= 1
+    assert not tiles[first, :below_scan].any() and tiles[first, below_scan].any()
+
+
 def test_snap_grid_leaves_other_lattices_alone():
     from napari_meddiff.geometry import make_grid, snap_grid
 

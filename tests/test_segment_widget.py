@@ -109,8 +109,15 @@ def test_segment_widget_combine_follows_the_model_and_reaches_segment(widget_and
     widget.run()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
     assert widget.result.provenance["combine"] == "probabilities"
-    p = widget.result.probabilities.array
-    assert not np.isin(p, np.arange(4) / 3).all()  # means of probabilities, not fractions of 3 votes
+    from napari_meddiff.segment import segment
+
+    sampler, steps, seed = widget.sampling.values()  # the model's defaults again, after switching models
+    kwargs = dict(ensemble=widget.ensemble.value(), sampler=sampler, steps=steps, seed=seed, axis="axial", device="cpu")
+    volume = layer_to_volume(image)
+    direct = {c: segment(str(widget.model_picker.current().path), volume, combine=c, **kwargs).probabilities.array
+              for c in ("probabilities", "votes")}
+    np.testing.assert_array_equal(widget.result.probabilities.array, direct["probabilities"])
+    assert not np.array_equal(direct["probabilities"], direct["votes"])
 
 
 def test_segment_widget_cancel(widget_and_viewer, qtbot):

@@ -56,7 +56,9 @@ DEFAULT_TRAINING = {
     "log_every": 10,
     "patch_size": None,  # random crops of this size (null: whole images; fully convolutional UNets only)
     "patch_steps": None,  # crops for the first N steps only, whole images after (null: crops throughout)
-    "init_from": None,  # a diffusion.pt of an earlier run to start from (its EMA weights, steps and minutes)
+    # a diffusion.pt of an earlier run to start from: its EMA weights, steps and minutes (max_minutes and
+    # --max-minutes then count the earlier run's minutes too)
+    "init_from": None,
 }
 
 DEFAULT_AE_TRAINING = {
@@ -218,4 +220,12 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     if not d.is_absolute() and not d.exists() and (Path(base_dir) / d).exists():
         d = Path(base_dir) / d
     cfg["data"]["dir"] = str(d)
+    init = cfg["training"].get("init_from")
+    if init is not None:
+        if not isinstance(init, str) or not init:
+            raise MeddiffError(f"training.init_from must be the path of a diffusion.pt, got {init!r}")
+        p = Path(init).expanduser()
+        if not p.is_absolute() and not p.exists() and (Path(base_dir) / p).exists():
+            p = Path(base_dir) / p
+        cfg["training"]["init_from"] = str(p)
     return cfg
