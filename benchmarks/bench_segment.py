@@ -75,6 +75,13 @@ def dice(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
     return float(2 * np.count_nonzero(p & r) / denom) if denom else float("nan")
 
 
+def surface_zone(ref: np.ndarray, voxels: int = 2) -> np.ndarray:
+    """Voxels within ``voxels`` of the reference background: the brain's surface, where CSF is a thin rim."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(ref == 0, iterations=voxels)
+
+
 def auc(score: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``score`` for ``positive`` (Mann-Whitney U with average ranks for ties)."""
     from scipy.stats import rankdata
@@ -156,6 +163,10 @@ def evaluate(plan, members, n_classes, sub, names, combine: str = "votes") -> tu
     ref = np.asarray(sub.labels.array)
     row = {f"dice_{LABELS.get(c, names[c])}": dice(labels, ref, c) for c in range(1, n_classes)}
     row["dice_mean"] = float(np.nanmean([row[f"dice_{LABELS.get(c, names[c])}"] for c in range(1, n_classes)]))
+    if n_classes > 1:  # where class 1 (CSF) is missed: at the brain's surface, or deeper (ventricles, sulci)
+        rim = surface_zone(ref)
+        for zone, where in (("rim", rim), ("deep", ~rim)):
+            row[f"csf_dice_{zone}"] = dice(np.where(where, labels, 0), np.where(where, ref, 0), 1)
     region = (ref > 0) | (labels > 0)
     wrong = labels != ref
     row["error_rate"] = float(wrong[region].mean())
@@ -191,7 +202,9 @@ def render_card(result: dict, json_path: str, ensemble: int = 5) -> str:
         if r is None:
             continue
         dice = ", ".join(f"{t} {r[f'dice_{k}']:.3f} ± {r[f'dice_{k}_sd']:.3f}" for t, k in TISSUE_KEYS)
-        lines.append(f"- Ensemble of {ensemble}, members combined by {combine}: Dice {dice}; uncertainty AUC "
+        zones = (f" (CSF within 2 voxels of the background {r['csf_dice_rim']:.3f}, deeper {r['csf_dice_deep']:.3f})"
+                 if "csf_dice_rim" in r else "")
+        lines.append(f"- Ensemble of {ensemble}, members combined by {combine}: Dice {dice}{zones}; uncertainty AUC "
                      f"{r['uncertainty_auc']:.3f} (errors {100 * r['error_rate']:.1f} % of the head voxels); "
                      f"{r['seconds_per_volume']:.1f} s per volume.")
     for name, r in rows.items():
@@ -203,7 +216,9 @@ def render_card(result: dict, json_path: str, ensemble: int = 5) -> str:
         lines.append(f"- Baseline, a plain MONAI UNet ({b.get('network', 'see the JSON')}, {b.get('loss', '')}, "
                      f"{b.get('steps', '?')} steps in {b.get('cpu_minutes', '?')} CPU-min against the diffusion model's "
                      f"{b.get('matched_cpu_minutes', '?')}): Dice " + ", ".join(
-                         f"{t} {base[f'dice_{k}']:.3f} ± {base[f'dice_{k}_sd']:.3f}" for t, k in TISSUE_KEYS) + ".")
+                         f"{t} {base[f'dice_{k}']:.3f} ± {base[f'dice_{k}_sd']:.3f}" for t, k in TISSUE_KEYS)
+                     + (f" (CSF rim {base['csf_dice_rim']:.3f}, deeper {base['csf_dice_deep']:.3f})"
+                        if "csf_dice_rim" in base else "") + ".")
     default = rows.get(f"diffusion x{ensemble} {result.get('default_combine', 'votes')}")
     if default is not None:
         for t, k in TISSUE_KEYS:
@@ -348,7 +363,7 @@ def main() -> None:
                 row[key + "_sd"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else float("nan")
         summary.append(row)
     cols = ["method"] + [k for k in keys if k.startswith("dice_")]
-    cols += ["uncertainty_auc", "error_rate", "seconds_per_volume"]
+    cols += ["csf_dice_rim", "csf_dice_deep", "uncertainty_auc", "error_rate", "seconds_per_volume"]
     print(table(summary, cols))
     vol_cols = ["method"] + [k for k in keys if k.startswith("volume_error_pct_")] + ["uncertainty_mean_wrong",
                                                                                         "uncertainty_mean_right"]

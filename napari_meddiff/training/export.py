@@ -184,7 +184,9 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         lines.append(f"- Note: {note}")
     lines += [
         f"- Reproduce: `meddiff train {summary.get('config_path', 'train.yaml')}` (the config is saved next to the "
-        "weights as `train.yaml`).",
+        "weights as `train.yaml`)" + (", after the run it starts from (`training.init_from`; the config's header "
+                                      "gives both commands)" if (summary.get("diffusion") or {}).get("init_from")
+                                      else "") + ".",
         "",
         "## Intended use and limits",
         "",
