@@ -132,3 +132,12 @@ def test_segment_widget_cancel(widget_and_viewer, qtbot):
     assert [layer.name for layer in viewer.layers] == ["scan"]
     assert widget.result is None
     assert widget.segment_button.isEnabled()
+
+
+def test_model_summary_names_a_2p5d_model(tmp_path):
+    from napari_meddiff._napari.widgets.common import ModelInfo
+
+    plain = ModelInfo.from_path(make_tiny_model(tmp_path / "plain", "segmentation", 2, image_shape=(16, 16)))
+    ctx = ModelInfo.from_path(make_tiny_model(tmp_path / "ctx", "segmentation", 2, image_shape=(16, 16),
+                                              context_slices=2))
+    assert plain.summary().startswith("2D ") and ctx.summary().startswith("2.5D (each slice ±2) ")
