@@ -156,17 +156,12 @@ def class_names(model: DiffusionModel) -> list[str]:
     return [str(names[c]) if c < len(names) else f"class {c}" for c in range(n)]
 
 
-def context_slices(model: DiffusionModel) -> int:
-    """Neighbouring slices on each side that a 2D model takes with its slice (extra image channels); 0 = none."""
-    return int((model.config.get("segmentation") or {}).get("context_slices") or 0)
-
-
 def check_segmentation_model(model: DiffusionModel) -> int:
     if model.kind != "segmentation":
         raise MeddiffError(f"{model.name} is a {model.kind} model, not a segmentation model")
     n = int((model.config.get("segmentation") or {}).get("num_classes", model.sample_shape[0]))
     unet = model.config["networks"]["unet"]
-    c = context_slices(model)
+    c = model.context_slices
     if c and model.spatial_dims != 2:
         raise MeddiffError(f"{model.name}: context_slices is for 2D models, this one is {model.spatial_dims}D")
     images = 1 + 2 * c
@@ -295,16 +290,14 @@ def plan_segmentation(
                f"the model grid over this image ({'x'.join(map(str, shape))} voxels of {voxel} mm)",
                advice="check the voxel size in the image's header")
     grid = snap_grid(make_grid(voxel, shape, centre, order), image)  # no resampling where the lattices agree
-    context = context_slices(model) if slicing else 0
-    context_image = None
-    if context:  # the neighbours of the first and last slices come from the scan where it has them
-        below = np.eye(4)
-        below[2, 3] = -context
-        wide = ModelGrid(grid.affine @ below, (shape[0], shape[1], shape[2] + 2 * context))
-        context_image = sample_on_grid(Volume(norm, image.affine), wide, default=0.0)
-        grid_image = context_image[:, :, context:-context]
-    else:
-        grid_image = sample_on_grid(Volume(norm, image.affine), grid, default=0.0)
+    # with context slices, `context` more slices either side: the neighbours of the first and last slices come
+    # from the scan where it has them
+    context = model.context_slices if slicing else 0
+    below = np.eye(4)
+    below[2, 3] = -context
+    wide = ModelGrid(grid.affine @ below, (shape[0], shape[1], shape[2] + 2 * context))
+    wide_image = sample_on_grid(Volume(norm, image.affine), wide, default=0.0)
+    grid_image = wide_image[:, :, context : context + shape[2]]
 
     per_axis = [_tile_starts(shape[g], tile[g]) for g in range(tiled_axes)]
     ramps = [_ramp(tile[g], len(per_axis[g]) > 1) for g in range(tiled_axes)]
@@ -327,7 +320,7 @@ def plan_segmentation(
         axis=axis_name,
         window=window,
         context=context,
-        context_image=context_image,
+        context_image=wide_image if context else None,
     )
 
 

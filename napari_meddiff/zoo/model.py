@@ -54,6 +54,12 @@ class ModelConfigView:
         return tuple(float(s) for s in self.config["voxel_size"])
 
     @property
+    def context_slices(self) -> int:
+        """Neighbouring slices on each side that a 2D segmentation model takes with its slice (extra image
+        channels); 0 = none."""
+        return int((self.config.get("segmentation") or {}).get("context_slices") or 0)
+
+    @property
     def sampling_defaults(self) -> dict[str, Any]:
         """Sampler, steps and precision used when not given: the config's ``defaults`` over the package's."""
         return {**DEFAULT_SAMPLING, **self.config.get("defaults", {})}

@@ -87,7 +87,7 @@ class ModelInfo(ModelConfigView):
     def summary(self) -> str:
         shape = "×".join(str(s) for s in self.image_shape)
         voxel = "×".join(f"{v:g}" for v in self.voxel_size)
-        context = int((self.config.get("segmentation") or {}).get("context_slices") or 0)
+        context = self.context_slices
         dims = f"2.5D (each slice ±{context})" if context else f"{self.spatial_dims}D"
         return f"{dims} {KIND_NAMES.get(self.kind, self.kind)} · {shape} voxels of {voxel} mm"
 
