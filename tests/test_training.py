@@ -377,3 +377,36 @@ def test_init_from_widens_a_single_slice_model_to_context_slices(tmp_path, cohor
                 nb = torch.rand(2, 2 * context, 16, 16)
                 got = module(torch.cat([x, nb[:, :context], image, nb[:, context:]], 1), timesteps=t)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_a_model_folder_fine_tunes_it_at_another_image_size(tmp_path, cohort):
+    """init_from: a shipped model folder (sha256-checked safetensors) is a starting point too, for example to
+    train the same network at a finer grid; its steps and minutes carry on."""
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "ddpm").read_text())
+    first = load_model(train(_write(tmp_path / "a.yaml", cfg), out=tmp_path / "a", work_dir=tmp_path / "run1",
+                             progress=False))
+    cfg["image_shape"], cfg["voxel_size"] = [24, 20], [7.0, 7.0]
+    cfg["training"].update(steps=3, init_from=str(tmp_path / "a"))
+    path = _write(tmp_path / "b.yaml", cfg)
+    from napari_meddiff.training.common import EMA
+    from napari_meddiff.training.config import load_config
+    from napari_meddiff.training.diffusion import _init_from
+    from napari_meddiff.zoo import build_network
+
+    loaded = load_config(path)
+    net = build_network("unet", loaded["networks"]["unet"])
+    info = _init_from(tmp_path / "a", net, EMA(net, 0.9), loaded)
+    assert info["step"] == 2 and info["widened"] == []
+    for name, value in first.unet.state_dict().items():
+        assert torch.equal(net.state_dict()[name], value), name
+    second = load_model(train(path, out=tmp_path / "b", work_dir=tmp_path / "run2", progress=False))
+    diff = second.config["training"]["diffusion"]
+    assert diff["steps"] == 3 and diff["init_from"]["step"] == 2 and second.config["image_shape"] == [24, 20]
+    (tmp_path / "a" / "unet.safetensors").write_bytes(b"not weights")
+    with pytest.raises(MeddiffError, match="corrupt"):
+        _init_from(tmp_path / "a", net, EMA(net, 0.9), loaded)
+    with pytest.raises(MeddiffError, match="model.json"):
+        _init_from(tmp_path, net, EMA(net, 0.9), loaded)

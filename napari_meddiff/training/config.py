@@ -223,7 +223,7 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     init = cfg["training"].get("init_from")
     if init is not None:
         if not isinstance(init, str) or not init:
-            raise MeddiffError(f"training.init_from must be the path of a diffusion.pt, got {init!r}")
+            raise MeddiffError(f"training.init_from must be the path of a diffusion.pt or a model folder, got {init!r}")
         p = Path(init).expanduser()
         if not p.is_absolute() and not p.exists() and (Path(base_dir) / p).exists():
             p = Path(base_dir) / p

@@ -168,10 +168,10 @@ def train_diffusion(
 
 
 def _init_from(path: Path, net: torch.nn.Module, ema: common.EMA, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Start from the EMA weights of an earlier run's ``diffusion.pt`` (its steps, minutes and loss history
-    carry on; a fresh optimiser warms up again). A segmentation model may take more context slices than the
+    """Start from the EMA weights of an earlier run's ``diffusion.pt``, or from a model folder's UNet (its steps,
+    minutes and loss history carry on; a fresh optimiser warms up again). A segmentation model may take more context slices than the
     earlier one: its image channels go to the middle, the new neighbours start at zero."""
-    st = common.load_checkpoint(path)
+    st = _model_folder_state(path) if path.is_dir() else common.load_checkpoint(path)
     n = int(cfg.get("segmentation", {}).get("num_classes", 0))
     new_in = int(cfg["networks"]["unet"]["in_channels"])
     old_in = int(st["ema"]["conv_in.conv.weight"].shape[1]) if "conv_in.conv.weight" in st["ema"] else new_in
@@ -185,3 +185,19 @@ def _init_from(path: Path, net: torch.nn.Module, ema: common.EMA, cfg: dict[str,
     state = (int(st["step"]), float(st["minutes"]), float(st.get("cpu_minutes", 0.0)), st["history"])
     return {"checkpoint": str(path), "step": state[0], "minutes": round(state[1], 2), "cpu_minutes": round(state[2], 2),
             "widened": widened, "state": state}
+
+
+def _model_folder_state(folder: Path) -> dict[str, Any]:
+    """A model folder (``model.json`` + safetensors, sha256-checked) read as the parts of a ``diffusion.pt`` that
+    ``init_from`` uses: its UNet's weights and the steps and minutes its training took (no loss history: a folder
+    keeps none)."""
+    from ..errors import MeddiffError
+    from ..zoo.folder import FORMAT
+
+    if not FORMAT.detect(folder):
+        raise MeddiffError(f"init_from: {folder} has no model.json; give a diffusion.pt or a meddiff model folder")
+    config = FORMAT.read_config(folder)
+    unet = FORMAT.load_networks(folder, config)["unet"]
+    stage = (config.get("training") or {}).get("diffusion") or {}
+    return {"ema": unet.state_dict(), "step": int(stage.get("steps", 0)), "minutes": float(stage.get("minutes", 0.0)),
+            "cpu_minutes": float(stage.get("cpu_minutes", 0.0)), "history": {"loss": []}}
