@@ -20,8 +20,8 @@ voxel is wrong", over the voxels where the reference or the prediction is not ba
 averaged; 0.5 = no better than chance; undefined for a single member's votes, whose uncertainty is 0).
 
 Baseline: a plain MONAI UNet segmenting the same slices, when its folder exists (``--baseline``; default: the
-first of BASELINE_NAMES on the model search path). Its folder holds ``model.json`` with ``networks.unet``
-(``monai.networks.nets.UNet`` keyword arguments), the same ``image_shape``/``voxel_size``/``intensity``, and a
+model's ``training/baseline-unet-2d``, else the first of BASELINE_NAMES on the model search path). Its folder holds
+``model.json`` with ``networks.unet`` (``monai.networks.nets.UNet`` keyword arguments), the same ``image_shape``/``voxel_size``/``intensity``, and a
 safetensors weight file whose sha256 is in ``weights.unet``.
 
 Writes benchmarks/results/segment_<model>.json and prints a table. Run with nothing else heavy on the machine:
@@ -97,11 +97,15 @@ def auc(score: np.ndarray, positive: np.ndarray) -> float:
 # --- the MONAI UNet baseline ------------------------------------------------------------------------
 
 
-def find_baseline(name: str | None) -> Path | None:
+def find_baseline(name: str | None, model_dir: Path | None = None) -> Path | None:
+    """``name`` ('none': no baseline), else the model's own ``training/baseline-unet-2d``, else the first of
+    BASELINE_NAMES on the model search path."""
     if name == "none":
         return None
     if name:
         return find_model_dir(name)
+    if model_dir is not None and (model_dir / "training" / "baseline-unet-2d" / "model.json").is_file():
+        return model_dir / "training" / "baseline-unet-2d"
     for root in model_search_path():
         for candidate in BASELINE_NAMES:
             if (root / candidate / "model.json").is_file():
@@ -287,7 +291,7 @@ def main() -> None:
     names = class_names(model)
     n_classes = len(names)
     kmax = max(args.ensembles)
-    baseline_dir = None if args.tiny else find_baseline(args.baseline)
+    baseline_dir = None if args.tiny else find_baseline(args.baseline, Path(model.path))
     baseline = Baseline(baseline_dir, device) if baseline_dir is not None else None
     info = machine()
     info["load_average_start"] = list(os.getloadavg())

@@ -17,6 +17,9 @@ diffusion model, as a model folder that `bench_segment.py --baseline` evaluates 
     python benchmarks/bench_segment.py --model runs/segdiff-2mm-ctx/model \
         --baseline runs/segdiff-2mm-ctx/brain-tissue-unet-2d --subjects 16 --ensembles 1 3 5
 
+The shipped model's baseline, exported as above, is committed as
+``models/brain-tissue-segdiff-2d/training/baseline-unet-2d`` (``bench_segment.py`` finds it there by default).
+
 Recipe (unchanged from the first baseline of `evaluate_models.py`): DiceCE, Adam 1e-3, batch 8, random
 left-right flips, ``monai.networks.nets.UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)``,
 with as many input channels as the diffusion model sees image channels (``segmentation.context_slices``).
