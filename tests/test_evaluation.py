@@ -1,0 +1,29 @@
+"""The model evaluation's two-sample test (benchmarks/evaluate_models.py), on images whose answer is known."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import evaluate_models  # noqa: E402
+
+
+def _blobs(n: int, seed: int, sharp: bool) -> torch.Tensor:
+    """Random bright discs on a dark background; ``sharp=False`` blurs them (what an undertrained model draws)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    centre = 4 + 8 * torch.rand(n, 2, generator=g)
+    radius = 2 + 3 * torch.rand(n, generator=g)
+    d = ((yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2).sqrt()
+    img = torch.sigmoid((radius[:, None, None] - d) * (4.0 if sharp else 0.6))
+    return (img + 0.02 * torch.randn(img.shape, generator=g)).unsqueeze(1)
+
+
+def test_two_sample_test_tells_blur_apart_and_not_a_second_draw():
+    real = _blobs(120, 0, sharp=True)
+    same = evaluate_models.c2st(real, _blobs(120, 1, sharp=True), min_steps=150)
+    blurred = evaluate_models.c2st(real, _blobs(120, 2, sharp=False), min_steps=150)
+    assert blurred["accuracy"] >= 0.9, blurred
+    assert same["accuracy"] <= 0.65, same
+    assert same["n_per_class"] == 120 and len(same["folds"]) == 2
