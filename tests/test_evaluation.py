@@ -26,4 +26,4 @@ def test_two_sample_test_tells_blur_apart_and_not_a_second_draw():
     blurred = evaluate_models.c2st(real, _blobs(120, 2, sharp=False), min_steps=150)
     assert blurred["accuracy"] >= 0.9, blurred
     assert same["accuracy"] <= 0.65, same
-    assert same["n_per_class"] == 120 and len(same["folds"]) == 2
+    assert same["n_per_class"] == 120 and len(same["folds"]) == 2 and not blurred["degenerate"]

@@ -405,6 +405,29 @@ def test_init_from_a_model_folder_fine_tunes_it_at_another_image_size(tmp_path, 
     second = load_model(train(path, out=tmp_path / "b", work_dir=tmp_path / "run2", progress=False))
     diff = second.config["training"]["diffusion"]
     assert diff["steps"] == 3 and diff["init_from"]["step"] == 2 and second.config["image_shape"] == [24, 20]
+    assert diff["init_from"]["weights_sha256"] == first.config["weights"]["unet"]["sha256"]
+    # refused: another network (even one with the same tensor shapes), another noise schedule, another kind
+    for key, value, match in ((("networks", "unet", "norm_num_groups"), 4, "norm_num_groups"),
+                              (("scheduler", "prediction_type"), "v_prediction", "prediction_type"),
+                              (("kind",), "segmentation", "ddpm model")):
+        other = yaml.safe_load(yaml.safe_dump(cfg))
+        where = other
+        for k in key[:-1]:
+            where = where[k]
+        where[key[-1]] = value
+        other_cfg = load_config(_write(tmp_path / "other.yaml", other))
+        other_net = build_network("unet", other_cfg["networks"]["unet"])
+        with pytest.raises(MeddiffError, match=match):
+            _init_from(tmp_path / "a", other_net, EMA(other_net, 0.9), other_cfg)
+    # a budget the run it starts from has already spent trains nothing: refused, not exported unchanged
+    with pytest.raises(MeddiffError, match="already at step 2"):
+        train(path, out=tmp_path / "c", work_dir=tmp_path / "run3", steps=2, progress=False)
+    assert not (tmp_path / "c").exists()
+    missing = yaml.safe_load(yaml.safe_dump(cfg))
+    missing["training"]["init_from"] = str(tmp_path / "nowhere")
+    with pytest.raises(MeddiffError, match="does not exist"):
+        train(_write(tmp_path / "missing.yaml", missing), out=tmp_path / "d", work_dir=tmp_path / "run4",
+              progress=False)
     (tmp_path / "a" / "unet.safetensors").write_bytes(b"not weights")
     with pytest.raises(MeddiffError, match="corrupt"):
         _init_from(tmp_path / "a", net, EMA(net, 0.9), loaded)

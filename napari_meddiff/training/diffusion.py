@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import MeddiffError
 from ..samplers import noise_scheduler
 from ..zoo import build_network
 from . import common
@@ -76,6 +77,7 @@ def train_diffusion(
     ckpt_path = work_dir / "diffusion.pt"
     step, spent, cpu_spent, history = 0, 0.0, 0.0, {"loss": []}
     init: dict[str, Any] | None = None  # where a run started from another run's weights (init_from)
+    started_from = False  # this call starts from init_from (not a resume)
     if resume and ckpt_path.is_file():
         st = common.load_checkpoint(ckpt_path)
         net.load_state_dict(st["model"])
@@ -90,6 +92,7 @@ def train_diffusion(
         if dist.main:
             log.info("resumed diffusion training at step %d (%.1f min spent)", step, spent)
     elif tc.get("init_from"):
+        started_from = True
         init = _init_from(Path(tc["init_from"]), net, ema, cfg)
         step, spent, cpu_spent, history = init.pop("state")
         if dist.main:
@@ -99,6 +102,10 @@ def train_diffusion(
     dnet = dist.wrap(net)
     budget = common.Budget(max_minutes, spent, cpu_spent)
     total = int(tc["steps"])
+    if started_from and (step >= total or budget.exhausted()):
+        raise MeddiffError(f"init_from {init['checkpoint']} is already at step {step} after {spent:.1f} min: steps "
+                           f"({total}) and max_minutes ({max_minutes}) count the run it starts from, so nothing "
+                           "would be trained; raise them")
     bs = int(tc["batch_size"])
     last_ckpt = budget.minutes
 
@@ -169,9 +176,9 @@ def train_diffusion(
 
 def _init_from(path: Path, net: torch.nn.Module, ema: common.EMA, cfg: dict[str, Any]) -> dict[str, Any]:
     """Start from the EMA weights of an earlier run's ``diffusion.pt``, or from a model folder's UNet (its steps,
-    minutes and loss history carry on; a fresh optimiser warms up again). A segmentation model may take more context slices than the
-    earlier one: its image channels go to the middle, the new neighbours start at zero."""
-    st = _model_folder_state(path) if path.is_dir() else common.load_checkpoint(path)
+    minutes and loss history carry on; a fresh optimiser warms up again). A segmentation model may take more
+    context slices than the earlier one: its image channels go to the middle, the new neighbours start at zero."""
+    st = _model_folder_state(path, cfg) if path.is_dir() else common.load_checkpoint(path)
     n = int(cfg.get("segmentation", {}).get("num_classes", 0))
     new_in = int(cfg["networks"]["unet"]["in_channels"])
     old_in = int(st["ema"]["conv_in.conv.weight"].shape[1]) if "conv_in.conv.weight" in st["ema"] else new_in
@@ -184,20 +191,36 @@ def _init_from(path: Path, net: torch.nn.Module, ema: common.EMA, cfg: dict[str,
     ema.module.load_state_dict(net.state_dict())
     state = (int(st["step"]), float(st["minutes"]), float(st.get("cpu_minutes", 0.0)), st["history"])
     return {"checkpoint": str(path), "step": state[0], "minutes": round(state[1], 2), "cpu_minutes": round(state[2], 2),
-            "widened": widened, "state": state}
+            "widened": widened, **st.get("source", {}), "state": state}
 
 
-def _model_folder_state(folder: Path) -> dict[str, Any]:
+def _model_folder_state(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """A model folder (``model.json`` + safetensors, sha256-checked) read as the parts of a ``diffusion.pt`` that
     ``init_from`` uses: its UNet's weights and the steps and minutes its training took (no loss history: a folder
-    keeps none)."""
+    keeps none). The folder must be the same kind of model with the same UNet (but for a segmentation model's
+    input channels) and noise schedule; the image shape and voxel size may differ."""
     from ..errors import MeddiffError
     from ..zoo.folder import FORMAT
 
     if not FORMAT.detect(folder):
         raise MeddiffError(f"init_from: {folder} has no model.json; give a diffusion.pt or a meddiff model folder")
     config = FORMAT.read_config(folder)
+    where = f"init_from: {folder}"
+    if config["kind"] != cfg["kind"]:
+        raise MeddiffError(f"{where} is a {config['kind']} model; this config trains a {cfg['kind']} model")
+    if config["kind"] == "ldm":
+        raise MeddiffError(f"{where}: a latent model's UNet belongs to its own autoencoder's latent space, which "
+                           "this run would train anew; start from a ddpm or segmentation folder, or a diffusion.pt")
+    ignore = {"in_channels"} if cfg["kind"] == "segmentation" else set()
+    for part, theirs, ours in (("networks.unet", config["networks"]["unet"], cfg["networks"]["unet"]),
+                               ("scheduler", config.get("scheduler", {}), cfg.get("scheduler", {}))):
+        differ = sorted(k for k in set(theirs) & set(ours) - ignore if theirs[k] != ours[k])
+        if differ:
+            raise MeddiffError(f"{where}: its {part} differs from this config's in " + ", ".join(
+                f"{k} ({theirs[k]!r} there, {ours[k]!r} here)" for k in differ))
     unet = FORMAT.load_networks(folder, config)["unet"]
     stage = (config.get("training") or {}).get("diffusion") or {}
+    weights = config["weights"]["unet"]
     return {"ema": unet.state_dict(), "step": int(stage.get("steps", 0)), "minutes": float(stage.get("minutes", 0.0)),
-            "cpu_minutes": float(stage.get("cpu_minutes", 0.0)), "history": {"loss": []}}
+            "cpu_minutes": float(stage.get("cpu_minutes", 0.0)), "history": {"loss": []},
+            "source": {"weights_sha256": weights["sha256"], "weights_dtype": weights.get("dtype", "float32")}}

@@ -142,6 +142,10 @@ def train(
     work = Path(work_dir) if work_dir is not None else Path("runs") / cfg["name"]
     check_model_target(out, overwrite)  # before hours of training, not after
     check_work_dir(work, resume, fresh)
+    init_from = cfg["training"].get("init_from")
+    if init_from and not Path(init_from).exists() and not (resume and (work / "diffusion.pt").is_file()):
+        raise MeddiffError(f"training.init_from: {init_from} does not exist (a diffusion.pt or a model folder; a "
+                           "relative path is read from the working directory, then from the config's folder)")
     with removed_unless_used(work):
         tc = cfg["training"]
         dev = common.setup_device(device, num_threads or tc.get("num_threads"))
