@@ -391,7 +391,8 @@ def main() -> None:
     name = "speed" if device.type == "cpu" else "speed_cuda"
     previous = RESULTS / f"{name}.json"
     # sections skipped in this run keep their figures from the last run (each section records its own run)
-    result: dict = json.loads(previous.read_text()) if args.skip and previous.is_file() else {}
+    partial = bool(args.skip) or set(args.tasks) != set(TASKS)
+    result: dict = json.loads(previous.read_text()) if partial and previous.is_file() else {}
     result.update({"machine": info, "device": str(device), "threads": args.threads, "quick": args.quick})
     result.setdefault("runs", {})
     if "networks" not in args.skip:
@@ -411,7 +412,12 @@ def main() -> None:
                                          "gflop_per_s", "fraction_of_peak"]), flush=True)
     if "tasks" not in args.skip:
         summary, detail = task_rows(args.tasks, args.threads, args.quick, device)
-        result["tasks"], result["task_settings"] = summary, detail
+        when = time.strftime("%Y-%m-%d %H:%M")
+        for row in summary:
+            row["date"] = when
+        # tasks not run this time keep their rows (and their dates) from the last run
+        result["tasks"] = merge_task_rows(result.get("tasks", []), summary)
+        result["task_settings"] = merge_task_rows(result.get("task_settings", []), detail)
         print(table(detail, ["task", "sampler", "steps", "precision", "seconds", "ratio"]))
         print(table(summary, ["task", "model", "baseline_s", "baseline", "ours", "ours_s", "ratio",
                               "baseline_rss_mb", "ours_rss_mb", "baseline_gpu_mb", "ours_gpu_mb"]))
@@ -420,6 +426,13 @@ def main() -> None:
     for section in {"networks", "tasks", "memory"} - set(args.skip):
         result["runs"][section] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": info}
     print(f"written {save(name, result)}")
+
+
+def merge_task_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``new`` rows replace the ``old`` rows of their tasks; rows in TASKS order."""
+    ran = {r["task"] for r in new}
+    rows = [r for r in old if r.get("task") not in ran] + new
+    return sorted(rows, key=lambda r: TASKS.index(r["task"]) if r.get("task") in TASKS else len(TASKS))
 
 
 if __name__ == "__main__":
