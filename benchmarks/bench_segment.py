@@ -20,9 +20,9 @@ voxel is wrong", over the voxels where the reference or the prediction is not ba
 averaged; 0.5 = no better than chance; undefined for a single member's votes, whose uncertainty is 0).
 
 Baseline: a plain MONAI UNet segmenting the same slices, when its folder exists (``--baseline``; default: the
-model's ``training/baseline-unet-2d``, else the first of BASELINE_NAMES on the model search path). Its folder holds
-``model.json`` with ``networks.unet`` (``monai.networks.nets.UNet`` keyword arguments), the same ``image_shape``/``voxel_size``/``intensity``, and a
-safetensors weight file whose sha256 is in ``weights.unet``.
+model's ``training/baseline-unet-2d``, else the first of BASELINE_NAMES on the model search path). Its folder
+holds ``model.json`` with ``networks.unet`` (``monai.networks.nets.UNet`` keyword arguments), the same
+``image_shape``/``voxel_size``/``intensity``, and a safetensors weight file whose sha256 is in ``weights.unet``.
 
 Writes benchmarks/results/segment_<model>.json and prints a table. Run with nothing else heavy on the machine:
 the times are wall seconds with ``--threads`` torch threads.

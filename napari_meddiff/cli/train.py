@@ -24,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in the work dir")
     p.add_argument("--fresh", action="store_true",
                    help="discard the checkpoints of an earlier run in the work dir and start again")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run, then export (with training.init_from it counts the "
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget of the whole run, then export (with training.init_from it counts the "
                    "run it starts from, like the config's max_minutes)")
-    p.add_argument("--steps", type=int, default=None, help="override the number of steps (each stage; with training.init_from, the total including "
+    p.add_argument("--steps", type=int, default=None,
+                   help="override the number of steps (each stage; with training.init_from, the total including "
                    "the steps of the run it starts from)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")

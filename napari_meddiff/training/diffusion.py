@@ -199,7 +199,6 @@ def _model_folder_state(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     ``init_from`` uses: its UNet's weights and the steps and minutes its training took (no loss history: a folder
     keeps none). The folder must be the same kind of model with the same UNet (but for a segmentation model's
     input channels) and noise schedule; the image shape and voxel size may differ."""
-    from ..errors import MeddiffError
     from ..zoo.folder import FORMAT
 
     if not FORMAT.detect(folder):

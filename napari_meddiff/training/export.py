@@ -172,8 +172,8 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
                           + (" throughout" if until is None or s["steps"] <= int(until) else f" for the first {until} steps"))
             if s.get("init_from"):
                 i = s["init_from"]
-                what = (f"its UNet weights, {i['weights_dtype']} sha256 {i['weights_sha256'][:12]}…" if i.get("weights_sha256")
-                        else "its EMA weights")
+                what = (f"its UNet weights, {i['weights_dtype']} sha256 {i['weights_sha256'][:12]}…"
+                        if i.get("weights_sha256") else "its EMA weights")
                 extra += (f"; started from `{i['checkpoint']}` ({what}; its {i['step']} steps and "
                           f"{i.get('cpu_minutes', '?')} CPU-min are counted here)"
                           + (f", input channels added to {', '.join(i['widened'])} at zero" if i.get("widened") else ""))
