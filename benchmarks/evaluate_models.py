@@ -3,6 +3,10 @@
     python benchmarks/evaluate_models.py                      # all three shipped models
     python benchmarks/evaluate_models.py --models brain-ldm-3d --threads 2
     python benchmarks/evaluate_models.py --cards-only         # re-render the cards from the JSON
+    python benchmarks/evaluate_models.py --models runs/x/model --heldout data/cohort-2mm-heldout   # a candidate
+
+A model given as a folder outside ``models/`` is a candidate: its JSON (``evaluation.json``), samples PNG and
+"Measured" card section go into that folder, never into the shipped models' files (unless ``--out`` says so).
 
 Data: held-out subjects (``HELDOUT_SEEDS``) of the synthetic cohort, written once to ``--heldout`` (default
 ``data/cohort-heldout``) and preprocessed exactly like the model's training data (its ``train.yaml``).
@@ -256,7 +260,7 @@ def evaluate(name: str, args) -> dict:
         r_np, f_np = real.numpy(), fake.numpy()
         res["intensity"] = {"real": tissue_stats(r_np[:, 0], labels.numpy()), "generated": tissue_stats(f_np[:, 0], None),
                             "wasserstein_brain_intensity": round(wasserstein(r_np, f_np), 4)}
-        png = args.out.parent / f"samples_{model_dir.name}.png"
+        png = results_path(name, args.out).parent / f"samples_{model_dir.name}.png"
         save_samples(png, fake, real,
                      f"{name}: top generated ({sampling['sampler']} {sampling['steps']} steps), bottom held-out real")
         res["samples_png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
@@ -317,6 +321,21 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def is_candidate(model_dir: Path) -> bool:
+    """A model folder outside the shipped ``models/`` (a training run's export, say)."""
+    return not model_dir.resolve().is_relative_to((ROOT / "models").resolve())
+
+
+def results_path(name: str, out: Path | None) -> Path:
+    """Where a model's results go: ``--out`` if given, else the shipped JSON, or a candidate's own folder."""
+    from napari_meddiff.zoo import find_model_dir
+
+    if out is not None:
+        return out
+    model_dir = find_model_dir(name)
+    return model_dir / "evaluation.json" if is_candidate(model_dir) else RESULTS / "evaluation.json"
+
+
 def update_card(model_dir: Path, res: dict) -> None:
     write_measured_section(model_dir, render(res))
 
@@ -330,28 +349,29 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS / "evaluation.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default: benchmarks/results/evaluation.json; a candidate's own folder)")
     p.add_argument("--cards-only", action="store_true", help="only re-render the cards from the JSON")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from napari_meddiff.zoo import find_model_dir
 
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if not args.cards_only:
         ensure_heldout(args.heldout, args.num_heldout)
-        for name in args.models:
-            res = evaluate(name, args)
-            res["json"] = str(args.out.resolve().relative_to(ROOT)) if args.out.resolve().is_relative_to(ROOT) else str(args.out)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            # re-read before writing: other evaluations may have written their models meanwhile
-            results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-            results[name] = res
-            tmp = args.out.with_name(args.out.name + ".part")
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
-            tmp.replace(args.out)
-            update_card(find_model_dir(name), results[name])
     for name in args.models:
+        out = results_path(name, args.out)
+        if not args.cards_only:
+            res = evaluate(name, args)
+            res["json"] = str(out.resolve().relative_to(ROOT)) if out.resolve().is_relative_to(ROOT) else str(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # re-read before writing: other evaluations may have written their models meanwhile
+            results = json.loads(out.read_text()) if out.is_file() else {}
+            results[name] = res
+            tmp = out.with_name(out.name + ".part")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            tmp.replace(out)
+        results = json.loads(out.read_text()) if out.is_file() else {}
         if name in results:
             update_card(find_model_dir(name), results[name])
             print(render(results[name]))

@@ -27,3 +27,15 @@ def test_two_sample_test_tells_blur_apart_and_not_a_second_draw():
     assert blurred["accuracy"] >= 0.9, blurred
     assert same["accuracy"] <= 0.65, same
     assert same["n_per_class"] == 120 and len(same["folds"]) == 2 and not blurred["degenerate"]
+
+
+def test_a_candidate_folder_keeps_its_results_out_of_the_shipped_files(tmp_path):
+    from napari_meddiff.testing import make_tiny_model
+
+    candidate = make_tiny_model(tmp_path / "run" / "model", kind="ddpm", spatial_dims=2)
+    assert evaluate_models.is_candidate(candidate)
+    assert evaluate_models.results_path(str(candidate), None) == candidate / "evaluation.json"
+    assert evaluate_models.results_path("brain-ddpm-2d", None) == evaluate_models.RESULTS / "evaluation.json"
+    assert not evaluate_models.is_candidate(evaluate_models.ROOT / "models" / "brain-ddpm-2d")
+    chosen = tmp_path / "elsewhere.json"
+    assert evaluate_models.results_path(str(candidate), chosen) == chosen
