@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Resumable training checkpoints live on the git branch `checkpoints`, not in main's tree: they are large (tens
+# of MB each) and a device machine is sent main's working tree, which must stay under 64 MiB. The branch holds
+# one file per checkpoint (replaced, never accumulated in its tree); main's training READMEs say which.
+#
+#   bash benchmarks/checkpoints.sh list
+#   bash benchmarks/checkpoints.sh restore PATH_ON_BRANCH FILE     # refuses to overwrite FILE
+#   bash benchmarks/checkpoints.sh save FILE PATH_ON_BRANCH "message"
+#
+# `save` commits to the branch without touching the checkout, the index or the current branch.
+set -euo pipefail
+BRANCH=${MEDDIFF_CHECKPOINT_BRANCH:-checkpoints}
+ref="refs/heads/$BRANCH"
+die() { echo "checkpoints.sh: $*" >&2; exit 1; }
+
+case "${1:-}" in
+  list)
+    git rev-parse -q --verify "$ref" >/dev/null || die "no branch $BRANCH yet"
+    git ls-tree -r -l "$ref" | awk '{printf "%10.1f MB  %s\n", $4 / 1e6, $5}'
+    git log -1 --format='last saved %ci: %s' "$ref"
+    ;;
+  restore)
+    [ $# -eq 3 ] || die "usage: restore PATH_ON_BRANCH FILE"
+    [ ! -e "$3" ] || die "$3 exists: not overwritten (move it away first)"
+    git cat-file -e "$ref:$2" 2>/dev/null || die "$2 is not on branch $BRANCH"
+    mkdir -p "$(dirname "$3")"
+    git cat-file blob "$ref:$2" > "$3.part" && mv "$3.part" "$3"
+    echo "restored $BRANCH:$2 -> $3 ($(du -h "$3" | cut -f1))"
+    ;;
+  save)
+    [ $# -eq 4 ] || die "usage: save FILE PATH_ON_BRANCH MESSAGE"
+    [ -f "$2" ] || die "$2 is not a file"
+    blob=$(git hash-object -w "$2")
+    index=$(mktemp)
+    trap 'rm -f "$index"' EXIT
+    parent=()
+    if git rev-parse -q --verify "$ref" >/dev/null; then
+      GIT_INDEX_FILE=$index git read-tree "$ref"
+      parent=(-p "$(git rev-parse "$ref")")
+    else
+      GIT_INDEX_FILE=$index git read-tree --empty
+    fi
+    GIT_INDEX_FILE=$index git update-index --add --cacheinfo "100644,$blob,$3"
+    tree=$(GIT_INDEX_FILE=$index git write-tree)
+    commit=$(git commit-tree "$tree" "${parent[@]}" -m "$4")
+    git update-ref "$ref" "$commit"
+    echo "saved $2 -> $BRANCH:$3 ($(du -h "$2" | cut -f1)), commit ${commit:0:10}"
+    ;;
+  *)
+    die "usage: list | restore PATH_ON_BRANCH FILE | save FILE PATH_ON_BRANCH MESSAGE"
+    ;;
+esac
