@@ -149,6 +149,26 @@ def test_heldout_seeds_are_refused(tmp_path):
         train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
 
 
+def test_autoencoder_only_stops_after_the_autoencoder_and_resumes_from_it(tmp_path, cohort, capsys):
+    from napari_meddiff.cli import main
+    from napari_meddiff.training.common import load_checkpoint
+
+    cfg = tiny_config(tmp_path, cohort, "ldm", 3)
+    argv = ["train", str(cfg), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--no-progress",
+            "--device", "cpu"]
+    assert main([*argv, "--autoencoder-only"]) == 0
+    assert load_checkpoint(tmp_path / "r" / "autoencoder.pt")["step"] == 2
+    assert not (tmp_path / "r" / "diffusion.pt").exists() and not (tmp_path / "m").exists()
+    assert "model written" not in capsys.readouterr().out
+    assert main([*argv, "--autoencoder-only", "--resume", "--steps", "3"]) == 0
+    assert load_checkpoint(tmp_path / "r" / "autoencoder.pt")["step"] == 3
+    assert main([*argv, "--resume", "--steps", "3"]) == 0  # then the diffusion stage, from that autoencoder
+    assert load_checkpoint(tmp_path / "r" / "diffusion.pt")["step"] == 3 and (tmp_path / "m" / "model.json").is_file()
+    ddpm = tiny_config(tmp_path, cohort, "ddpm", 2)
+    assert main(["train", str(ddpm), "--autoencoder-only", "--work-dir", str(tmp_path / "d")]) == 2
+    assert "only an ldm has an autoencoder" in capsys.readouterr().err
+
+
 def test_cli_train(tmp_path, cohort, capsys):
     from napari_meddiff.cli import main
 

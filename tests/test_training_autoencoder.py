@@ -128,3 +128,34 @@ def test_auto_layout_is_measured_again_on_another_processor(tmp_path, data, capl
     with caplog.at_level("INFO", logger="napari_meddiff.training.autoencoder"):
         run(config(folder, "auto", steps=2, val_every=0), images, None, tmp_path / "w", resume=True)
     assert "measuring the layout again" in caplog.text and "s/step" in caplog.text
+
+
+def test_slim_checkpoint_resumes_from_the_ema_with_a_fresh_adam(tmp_path, data, caplog):
+    """What a GPU run is carried: the EMA weights and the counters, not the optimiser (a quarter of the size)."""
+    folder, images, val = data
+    run(config(folder, "contiguous", steps=2), images, val, tmp_path / "cpu")
+    full = tmp_path / "cpu" / "autoencoder.pt"
+    slim_path = tmp_path / "gpu" / "autoencoder.pt"
+    common.slim_checkpoint(full, slim_path)
+    slim, st = common.load_checkpoint(slim_path), common.load_checkpoint(full)
+    assert slim["slim"] and not set(common.TRAINER_STATE) & set(slim)
+    assert same_tensors(slim["model"], st["ema"]) and same_tensors(slim["ema"], st["ema"])
+    assert slim["step"] == 2 and slim["history"] == st["history"] and same_tensors(slim["rng"], st["rng"])
+    ae_bytes = sum(v.numel() * v.element_size() for v in st["ema"].values())
+    # the EMA stored once (not model + EMA), no Adam moments (two more copies)
+    assert full.stat().st_size - slim_path.stat().st_size > 2.5 * ae_bytes
+
+    with caplog.at_level("INFO", logger="napari_meddiff.training.common"):
+        _, summary = run(config(folder, "contiguous"), images, val, tmp_path / "gpu", resume=True)
+    assert "Adam and the LR warm-up start afresh" in caplog.text
+    after = common.load_checkpoint(slim_path)
+    assert summary["steps"] == after["step"] == 4 and "slim" not in after  # a full checkpoint again
+    assert {float(s["step"]) for s in after["optimizer"]["state"].values()} == {2.0}  # Adam restarted at step 2
+    assert not same_tensors(after["model"], st["ema"])  # it trained on
+
+
+def test_slim_checkpoint_needs_an_ema(tmp_path, data):
+    folder, images, val = data
+    run(config(folder, "contiguous", steps=1, ema_decay=0.0), images, val, tmp_path / "w")
+    with pytest.raises(MeddiffError, match="no EMA"):
+        common.slim_checkpoint(tmp_path / "w" / "autoencoder.pt", tmp_path / "slim.pt")

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="override the number of steps (each stage; with training.init_from, the total including "
                    "the steps of the run it starts from)")
+    p.add_argument("--autoencoder-only", action="store_true",
+                   help="an LDM: train the autoencoder stage only (all of --max-minutes) and stop; --resume later "
+                   "goes on from its checkpoint")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     path = train(
         args.config, out=args.out, work_dir=args.work_dir, resume=args.resume, max_minutes=args.max_minutes,
         device=args.device, num_threads=args.threads, steps=args.steps, progress=not args.no_progress,
-        overwrite=args.overwrite, fresh=args.fresh,
+        overwrite=args.overwrite, fresh=args.fresh, autoencoder_only=args.autoencoder_only,
     )
     if path is not None:
         from ..zoo import read_config

@@ -102,9 +102,7 @@ def train_autoencoder(
         if ema is not None:
             ema.module.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
         disc.load_state_dict(st["discriminator"])
-        opt_g.load_state_dict(st["optimizer"])
-        opt_d.load_state_dict(st["optimizer_d"])
-        sched.load_state_dict(st["lr_scheduler"])
+        common.load_trainer_state(st, {"optimizer": opt_g, "optimizer_d": opt_d, "lr_scheduler": sched}, "autoencoder")
         common.set_rng_state(gen, st["rng"])
         step, spent, history, val_psnr = int(st["step"]), float(st["minutes"]), st["history"], st["val_psnr"]
         cpu_spent = float(st.get("cpu_minutes", 0.0))

@@ -82,9 +82,7 @@ def train_diffusion(
         st = common.load_checkpoint(ckpt_path)
         net.load_state_dict(st["model"])
         ema.module.load_state_dict(st["ema"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["lr_scheduler"])
-        scaler.load_state_dict(st["scaler"])
+        common.load_trainer_state(st, {"optimizer": opt, "lr_scheduler": sched, "scaler": scaler}, "diffusion")
         common.set_rng_state(gen, st["rng"])
         step, spent, history = int(st["step"]), float(st["minutes"]), st["history"]
         cpu_spent = float(st.get("cpu_minutes", 0.0))

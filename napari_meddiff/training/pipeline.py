@@ -129,8 +129,12 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     fresh: bool = False,
+    autoencoder_only: bool = False,
 ) -> Path | None:
-    """Train the model of a YAML config and write its model folder (returned on the main process)."""
+    """Train the model of a YAML config and write its model folder (returned on the main process).
+
+    ``autoencoder_only`` (an LDM): train the autoencoder stage only, with all of ``max_minutes``, and stop
+    there (its checkpoint in the work dir; no model folder); a later ``resume`` goes on from it."""
     from ..generate import generate
     from .autoencoder import train_autoencoder
     from .diffusion import train_diffusion
@@ -138,6 +142,8 @@ def train(
 
     config_path = Path(config_path)
     cfg = load_config(config_path)
+    if autoencoder_only and cfg["kind"] != "ldm":
+        raise MeddiffError(f"autoencoder only: {config_path} is a {cfg['kind']} config; only an ldm has an autoencoder")
     out = Path(out) if out is not None else Path("models") / cfg["name"]
     work = Path(work_dir) if work_dir is not None else Path("runs") / cfg["name"]
     check_model_target(out, overwrite)  # before hours of training, not after
@@ -158,7 +164,9 @@ def train(
         ae_minutes = cfg.get("autoencoder_training", {}).get("max_minutes")
         diff_minutes = tc.get("max_minutes")
         if max_minutes is not None:
-            if cfg["kind"] == "ldm":
+            if autoencoder_only:
+                ae_minutes = max_minutes
+            elif cfg["kind"] == "ldm":
                 a, d = float(ae_minutes or 1.0), float(diff_minutes or 1.0)
                 ae_minutes, diff_minutes = max_minutes * a / (a + d), max_minutes * d / (a + d)
             else:
@@ -191,6 +199,12 @@ def train(
                 work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=ae_minutes,
             )
             summary["autoencoder"] = ae_summary
+            if autoencoder_only:
+                if dist.main:
+                    log.info("autoencoder stage stopped at step %d (%.1f min); checkpoint %s", ae_summary["steps"],
+                             ae_summary["minutes"], work / "autoencoder.pt")
+                dist.close()
+                return None
             autoencoder = ae.requires_grad_(False)
             cache = work / "latents.pt"
             st = common.load_checkpoint(cache) if (resume and cache.is_file()) else None
