@@ -64,6 +64,7 @@ def train_autoencoder(
     dist: common.Dist,
     resume: bool,
     max_minutes: float | None,
+    progress: bool = True,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     from monai.losses import PatchAdversarialLoss
     from monai.networks.nets import PatchDiscriminator
@@ -150,7 +151,7 @@ def train_autoencoder(
                          f"{cfg['name']} AE step {step}: top real, bottom reconstruction; PSNR {p:.2f} dB")
         ae.train()
 
-    bar = common.progress_bar(total, step, f"{cfg['name']} autoencoder", dist.main)
+    bar = common.progress_bar(total, step, f"{cfg['name']} autoencoder", dist.main and progress)
     ae.train()
     disc.train()
     warm = int(tc["adv_warmup_steps"])
@@ -193,6 +194,8 @@ def train_autoencoder(
         if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
             checkpoint()
             last_ckpt = budget.minutes
+            if dist.main and not progress:  # no bar: one line per checkpoint instead
+                log.info("autoencoder: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
     bar.close()
     if dist.main and (not val_psnr or val_psnr[-1][0] != step):
         validate()

@@ -54,6 +54,7 @@ def train_diffusion(
     dist: common.Dist,
     resume: bool,
     max_minutes: float | None,
+    progress: bool = True,
     condition: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     flip: bool = True,
@@ -116,7 +117,7 @@ def train_diffusion(
                 "rng": common.rng_state(gen), "precision": precision, "init_from": init,
             })
 
-    bar = common.progress_bar(total, step, f"{cfg['name']} diffusion", dist.main)
+    bar = common.progress_bar(total, step, f"{cfg['name']} diffusion", dist.main and progress)
     running = None
     net.train()
     while step < total and not dist.any(budget.exhausted()):
@@ -151,6 +152,8 @@ def train_diffusion(
         if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
             checkpoint()
             last_ckpt = budget.minutes
+            if dist.main and not progress:  # no bar: one line per checkpoint instead
+                log.info("diffusion: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
     bar.close()
     checkpoint()
     if dist.main:

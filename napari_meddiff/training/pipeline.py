@@ -197,6 +197,7 @@ def train(
             ae, ae_summary = train_autoencoder(
                 cfg, train_data.images, val_data.images if val_data is not None else None,
                 work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=ae_minutes,
+                progress=progress,
             )
             summary["autoencoder"] = ae_summary
             if autoencoder_only:
@@ -255,7 +256,7 @@ def train(
 
         unet, diff_summary = train_diffusion(
             cfg, x0_data, work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=diff_minutes,
-            condition=cond, labels=labels, flip=flip_batches, preview=preview,
+            condition=cond, labels=labels, flip=flip_batches, preview=preview, progress=progress,
         )
         summary["diffusion"] = diff_summary
         if cfg["kind"] == "segmentation" and val_data is not None and dist.main:

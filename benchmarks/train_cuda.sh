@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Train the 2 mm brain-ldm-3d autoencoder (issue 16) on a lent GPU from its committed checkpoint and bring the
+# full checkpoint back. A device machine has torch but not monai, nibabel or nilearn, is sent main's working
+# tree plus carried paths (64 MiB in all), and returns files of at most 16 MiB: hence three steps.
+#
+#   here:    bash benchmarks/train_cuda.sh prepare
+#            (wheels into .whl/, the slim checkpoint into .carry/; prints what will travel)
+#   device:  run(command="bash benchmarks/train_cuda.sh train 6", carry=[".whl", ".carry"], timeout_s=590)
+#            (writes the 200 training subjects with 16 processes, trains MINUTES=6 with --autoencoder-only,
+#            splits the full checkpoint into 15 MB parts under $OUT)
+#   here:    bash benchmarks/train_cuda.sh collect FILES_AT
+#            (joins and checks the parts, keeps the earlier checkpoint as .prev, measures held-out PSNR and
+#            saves the checkpoint to the branch `checkpoints`; then commit the curve and PSNR line on main)
+#
+# The carried checkpoint is slim (EMA weights, no Adam state: `slim_checkpoint`), so the GPU run restarts Adam
+# with its warm-up; what comes back is a full checkpoint again. A dry run on a CPU:
+#   OUT=/tmp/out MEDDIFF_DEVICE=cpu MEDDIFF_SUBJECTS=4 bash benchmarks/train_cuda.sh train 0.5
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=models/brain-ldm-3d/train-2mm.yaml
+WORK=runs/brain-ldm-3d-2mm
+CKPT=brain-ldm-3d/autoencoder-2mm.ckpt   # on the branch `checkpoints`
+export PYTHONUNBUFFERED=1
+die() { echo "train_cuda.sh: $*" >&2; exit 1; }
+
+prepare() {
+  local py=${PYTHON:-.venv/bin/python}
+  for d in /.whl/ /.carry/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+  rm -rf .whl .carry && mkdir -p .whl .carry
+  local pkgs=()
+  for p in monai nibabel nilearn; do pkgs+=("$p==$("$py" -c "import importlib.metadata as m; print(m.version('$p'))")"); done
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux2014_x86_64 --platform any -d .whl "${pkgs[@]}"
+  local full=$WORK/autoencoder.pt
+  if [ ! -f "$full" ]; then bash benchmarks/checkpoints.sh restore "$CKPT" "$full"; fi
+  "$py" - "$full" <<'EOF'
+import sys
+from pathlib import Path
+from napari_meddiff.training.common import slim_checkpoint
+st = slim_checkpoint(Path(sys.argv[1]), Path(".carry/autoencoder.pt"))
+print(f"slim checkpoint of {sys.argv[1]}: step {st['step']}, {st['minutes']:.1f} min spent")
+EOF
+  local tree carried
+  tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  carried=$(du -cb .whl .carry | tail -1 | cut -f1)
+  echo "travels: main's tree $((tree / 1000000)) MB + .whl/.carry $((carried / 1000000)) MB (limit 67 MB)"
+  [ $((tree + carried)) -lt 67108864 ] || die "over the 64 MiB a device machine is sent"
+}
+
+write_cohort() {  # DST N JOBS: the training subjects in parallel chunks, then one manifest
+  local dst=$1 n=$2 jobs=$3 per=$(( ($2 + $3 - 1) / $3 ))
+  if [ -f "$dst/cohort.csv" ] && [ $(( $(wc -l < "$dst/cohort.csv") - 1 )) -ge "$n" ]; then return; fi
+  rm -rf "$dst.parts" && mkdir -p "$dst.parts" "$dst"
+  for ((k = 0; k * per < n; k++)); do
+    local num=$(( n - k * per < per ? n - k * per : per ))
+    OMP_NUM_THREADS=1 "$PY" -m napari_meddiff.cli cohort --num "$num" --seed $((k * per)) \
+        --out "$dst.parts/$k" --quiet > /dev/null &
+  done
+  wait
+  for part in "$dst.parts"/*; do mv "$part"/sub-* "$dst"/; cp "$part/cohort.json" "$dst"/; done
+  rm -rf "$dst.parts"
+  # complete subjects are skipped: this only writes the manifest of all of them
+  OMP_NUM_THREADS=4 "$PY" -m napari_meddiff.cli cohort --num "$n" --seed 0 --out "$dst" --quiet > /dev/null
+}
+
+train() {  # on the device machine; works in a scratch folder, never in the checkout's data/ or runs/
+  local minutes=${1:?minutes of training} device=${MEDDIFF_DEVICE:-cuda} t0=$SECONDS
+  local scratch=${MEDDIFF_SCRATCH:-/tmp/meddiff-train} repo=$PWD
+  PY=${PYTHON:-python3}
+  : "${OUT:?OUT (the folder that comes back) is not set}"
+  [ -f .carry/autoencoder.pt ] || die ".carry/autoencoder.pt missing: run 'prepare' here and carry .carry"
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$repo
+  else
+    export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"; } | tee "$OUT/log.txt"
+  mkdir -p "$scratch/work" && cd "$scratch"  # the config's data/cohort-2mm-train is found here first
+  write_cohort data/cohort-2mm-train "${MEDDIFF_SUBJECTS:-200}" "${MEDDIFF_JOBS:-16}"
+  echo "cohort ready after $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
+  cp "$repo/.carry/autoencoder.pt" work/autoencoder.pt
+  local total
+  total=$("$PY" -c "import torch; print(torch.load('work/autoencoder.pt', weights_only=True)['minutes'] + $minutes)")
+  set +e
+  "$PY" -m napari_meddiff.cli train "$repo/$CONFIG" --work-dir work --autoencoder-only --resume --device "$device" \
+      --max-minutes "$total" --no-progress 2>&1 | tee -a "$OUT/log.txt"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  echo "training exited $rc after $((SECONDS - t0)) s in all" | tee -a "$OUT/log.txt"
+  (cd work && sha256sum autoencoder.pt > "$OUT/autoencoder.pt.sha256" && split -b 15000000 -d autoencoder.pt "$OUT/autoencoder.pt.part")
+  cp work/autoencoder_curve.json "$OUT/" 2>/dev/null || true
+  ls -la "$OUT"
+  return "$rc"
+}
+
+collect() {
+  local files=${1:?the folder the device files came back to (files_at)} py=${PYTHON:-.venv/bin/python}
+  local new=$WORK/autoencoder.pt.new
+  cat "$files"/autoencoder.pt.part* > "$new"
+  (cd "$WORK" && sed 's/autoencoder.pt$/autoencoder.pt.new/' "$files/autoencoder.pt.sha256" | sha256sum -c --quiet) \
+      || die "the joined checkpoint does not match its sha256"
+  "$py" -c "
+import torch, sys
+st = torch.load('$new', weights_only=True)
+assert 'optimizer' in st and not st.get('slim'), 'not a full checkpoint'
+print(f\"device checkpoint: step {st['step']}, {st['minutes']:.1f} min\")"
+  [ ! -f "$WORK/autoencoder.pt" ] || mv "$WORK/autoencoder.pt" "$WORK/autoencoder.pt.prev"
+  mv "$new" "$WORK/autoencoder.pt"
+  [ ! -f "$files/autoencoder_curve.json" ] || cp "$files/autoencoder_curve.json" models/brain-ldm-3d/training/autoencoder-2mm-curve.json
+  "$py" benchmarks/evaluate_ae.py --config "$CONFIG" --checkpoint "$WORK/autoencoder.pt" --threads 2 \
+      --num "${MEDDIFF_HELDOUT:-16}" --log models/brain-ldm-3d/training/heldout-2mm.jsonl
+  local step
+  step=$("$py" -c "import torch; print(torch.load('$WORK/autoencoder.pt', weights_only=True)['step'])")
+  bash benchmarks/checkpoints.sh save "$WORK/autoencoder.pt" "$CKPT" "2 mm AE at step $step (GPU run)"
+  echo "now: update the table in models/brain-ldm-3d/training/README.md and commit models/brain-ldm-3d/training"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  train) shift; train "$@" ;;
+  collect) shift; collect "$@" ;;
+  *) die "usage: prepare | train MINUTES | collect FILES_AT" ;;
+esac
