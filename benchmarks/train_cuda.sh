@@ -97,6 +97,7 @@ train() {  # on the device machine; works in a scratch folder, never in the chec
 collect() {
   local files=${1:?the folder the device files came back to (files_at)} py=${PYTHON:-.venv/bin/python}
   local new=$WORK/autoencoder.pt.new
+  mkdir -p "$WORK"
   cat "$files"/autoencoder.pt.part* > "$new"
   (cd "$WORK" && sed 's/autoencoder.pt$/autoencoder.pt.new/' "$files/autoencoder.pt.sha256" | sha256sum -c --quiet) \
       || die "the joined checkpoint does not match its sha256"
