@@ -11,6 +11,8 @@ from typing import Any
 from ..errors import MeddiffError
 from ..intensity import DEFAULT_INTENSITY
 from ..zoo import MODEL_KINDS
+from .conditions import unet_options as conditioning_unet_options
+from .conditions import validate_block as validate_conditioning
 
 # v-prediction by default: with minutes of CPU training, epsilon-prediction models predict the noise well but
 # their x0 estimates at high noise (alpha_bar_T ~ 1e-4, errors amplified ~80x) stay wrong for thousands of
@@ -214,6 +216,10 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
         unet["in_channels"], unet["out_channels"] = n + 1 + 2 * context, n
     else:
         unet["in_channels"] = unet["out_channels"] = 1
+    cfg["conditioning"] = validate_conditioning(cfg.get("conditioning"), cfg["kind"])
+    options = conditioning_unet_options(cfg["conditioning"])
+    unet["in_channels"] += options.pop("extra_in_channels", 0)
+    unet.update(options)
     if cfg["data"]["dir"] is None:
         raise MeddiffError("data.dir (a folder of NIfTI images) is required")
     d = Path(cfg["data"]["dir"]).expanduser()

@@ -18,6 +18,7 @@ import torch
 from ..errors import MeddiffError
 from ..intensity import intensity_window, normalise
 from ..volume import read_volume, resample, to_canonical
+from .conditions import measure_subject
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Dataset:
     subjects: list[str]  # subject id per item (a 2D item is a slice of that subject)
     files: list[str]  # source image files (one per subject)
     seeds: list[int]  # cohort seeds when known (cohort.csv), else []
+    measures: torch.Tensor | None = None  # (N, K) conditioning measures in ml per item (conditional models)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -158,7 +160,8 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
     pairs = list_subjects(cfg["data"], cfg["kind"])
     if subjects is not None:
         pairs = pairs[subjects]
-    imgs, labs, subs = [], [], []
+    imgs, labs, subs, measures = [], [], [], []
+    names = (cfg.get("conditioning") or {}).get("conditions")
     iterator = pairs
     if progress:
         from tqdm import tqdm
@@ -171,6 +174,8 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
         )
         imgs.append(im)
         subs += [image_path.name.split("_")[0]] * len(im)
+        if names:
+            measures += [measure_subject(image_path, names)] * len(im)
         if lb is not None:
             labs.append(lb)
     images = torch.from_numpy(np.concatenate(imgs)).float()
@@ -184,7 +189,8 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
         raise MeddiffError(f"labels go up to {int(labels.max())} but num_classes is {cfg['segmentation']['num_classes']}")
     files = [str(p[0]) for p in pairs]
     seeds = cohort_seeds(Path(cfg["data"]["dir"]), [p[0] for p in pairs])
-    return Dataset(images, labels, subs, files, seeds)
+    return Dataset(images, labels, subs, files, seeds,
+                   torch.tensor(measures, dtype=torch.float32) if names else None)
 
 
 def split_dataset(cfg: dict[str, Any], progress: bool = True) -> tuple[Dataset, Dataset | None]:
@@ -200,12 +206,20 @@ def split_dataset(cfg: dict[str, Any], progress: bool = True) -> tuple[Dataset, 
 
 
 def random_batch(
-    data: torch.Tensor, labels: torch.Tensor | None, batch_size: int, generator: torch.Generator, flip: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A random batch (with replacement) with random left-right flips (axis 0 of the RAS grid)."""
+    data: torch.Tensor, labels: torch.Tensor | None, batch_size: int, generator: torch.Generator, flip: bool,
+    conditions: torch.Tensor | None = None,
+):
+    """A random batch (with replacement) with random left-right flips (axis 0 of the RAS grid): ``(x, labels)``,
+    and the items' ``conditions`` as a third element when given (a flip keeps a volume's measures)."""
     idx = torch.randint(0, data.shape[0], (batch_size,), generator=generator)
     x = data[idx].clone()
     y = None if labels is None else labels[idx].clone()
+    if conditions is not None:
+        return (*_flipped(x, y, batch_size, generator, flip), conditions[idx].clone())
+    return _flipped(x, y, batch_size, generator, flip)
+
+
+def _flipped(x: torch.Tensor, y: torch.Tensor | None, batch_size: int, generator: torch.Generator, flip: bool):
     if flip:
         f = torch.rand(batch_size, generator=generator) < 0.5
         if f.any():

@@ -14,6 +14,7 @@ from ..errors import MeddiffError
 from ..samplers import noise_scheduler
 from ..zoo import build_network
 from . import common
+from .conditions import drop_conditions, network_inputs
 from .data import crop_schedule, random_batch, random_crop
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,12 @@ def train_diffusion(
     labels: torch.Tensor | None = None,
     flip: bool = True,
     preview: Callable[[torch.nn.Module, int, Path], None] | None = None,
+    conditions: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train the diffusion UNet of ``cfg`` on ``x0_data`` (images or scaled latents; for segmentation
-    ``labels`` are denoised and ``condition`` images are concatenated). Returns the EMA UNet and a summary."""
+    ``labels`` are denoised and ``condition`` images are concatenated; ``conditions``: each item's named
+    condition values in [0, 1], given to the UNet as the config's ``conditioning`` says, with condition dropout).
+    Returns the EMA UNet and a summary."""
     tc = cfg["training"]
     seg = cfg["kind"] == "segmentation"
     num_classes = int(cfg.get("segmentation", {}).get("num_classes", 0))
@@ -121,7 +125,11 @@ def train_diffusion(
     running = None
     net.train()
     while step < total and not dist.any(budget.exhausted()):
-        xb, yb = random_batch(x0_data if not seg else condition, labels, bs, gen, flip)
+        if conditions is not None:
+            xb, yb, cb = random_batch(x0_data, None, bs, gen, flip, conditions)
+            cb = drop_conditions(cb, float(cfg["conditioning"]["dropout"]), gen)
+        else:
+            xb, yb = random_batch(x0_data if not seg else condition, labels, bs, gen, flip)
         xb, yb = crop_pair(xb, yb, crop_schedule(tc, step), gen)
         if seg:
             cond, x0 = xb.to(device), onehot_pm1(yb, num_classes).to(device)
@@ -131,8 +139,11 @@ def train_diffusion(
         t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
         xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
         inp = xt if cond is None else torch.cat([xt, cond], dim=1)
+        extra: dict[str, torch.Tensor] = {}
+        if conditions is not None:
+            inp, extra = network_inputs(cfg["conditioning"], cb, inp)
         with common.autocast(device, precision):
-            pred = dnet(inp, timesteps=t)
+            pred = dnet(inp, timesteps=t, **extra)
         loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")

@@ -29,8 +29,10 @@ def latent_scale_factor(ae: torch.nn.Module, images: torch.Tensor, device: torch
     return float(1.0 / z.std()), z
 
 
-def model_config(cfg: dict[str, Any], *, scale_factor: float | None = None, latent_shape: list[int] | None = None) -> dict[str, Any]:
-    """The model.json content (zoo schema) for a training config."""
+def model_config(cfg: dict[str, Any], *, scale_factor: float | None = None, latent_shape: list[int] | None = None,
+                 conditioning: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model.json content (zoo schema) for a training config (``conditioning``: its block, for a conditional
+    model; `conditions.model_block`)."""
     out: dict[str, Any] = {
         "name": cfg["name"],
         "kind": cfg["kind"],
@@ -55,6 +57,8 @@ def model_config(cfg: dict[str, Any], *, scale_factor: float | None = None, late
         }
     if cfg["kind"] == "segmentation":
         out["segmentation"] = copy.deepcopy(cfg["segmentation"])
+    if conditioning is not None:
+        out["conditioning"] = copy.deepcopy(conditioning)
     if cfg["spatial_dims"] == 2:
         out["slice_axis"] = int(cfg["data"].get("slice_axis", 2))
         out["slice_thickness"] = float(cfg["data"].get("slice_thickness") or cfg["voxel_size"][0])
@@ -95,6 +99,8 @@ def check_half(config: dict[str, Any], networks: dict[str, torch.nn.Module]) -> 
             shape = config["latent"]["shape"] if config["kind"] == "ldm" else config["image_shape"]
             x = torch.randn(2, c, *shape)
             example = (x, torch.tensor([10, 500]))
+            if config["networks"]["unet"].get("with_conditioning"):  # cross-attention context (B, 1, N)
+                example += (torch.rand(2, 1, int(config["networks"]["unet"]["cross_attention_dim"])),)
         else:
             example = (torch.rand(1, 1, *config["image_shape"]),)
         good, err = half_is_lossless(net, example)
@@ -135,6 +141,13 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         lines.append(f"- Classes: {', '.join(cfg['segmentation']['class_names'])}; applied slice by slice (axial) "
                      "for 2D models" + (f", each slice given with its {context} neighbouring slice(s) on either side "
                                         "as extra image channels (2.5D)" if context else "") + ".")
+    if config.get("conditioning"):
+        block = config["conditioning"]
+        how = "cross-attention context" if block["context"] else "constant extra input channels"
+        lines.append(f"- Conditions ({how}; `--condition NAME=VALUE`, the Generate widget's sliders), each in [0, 1]: "
+                     + "; ".join(f"`{c['name']}` {c['description']}, default {c['default']}" for c in block["conditions"])
+                     + f". Trained with condition dropout {block.get('dropout', 0):g} (null condition "
+                     f"{block['null'][0]:g}), so classifier-free guidance (`--guidance-scale`) works.")
     sch = cfg["scheduler"]
     lines += [
         f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, beta {sch['beta_start']}-{sch['beta_end']}, "
@@ -221,8 +234,9 @@ def export_model(
     config_path: Path | None = None,
     extra_files: dict[str, Path] | None = None,
     overwrite: bool = False,
+    conditioning: dict[str, Any] | None = None,
 ) -> Path:
-    config = model_config(cfg, scale_factor=scale_factor, latent_shape=latent_shape)
+    config = model_config(cfg, scale_factor=scale_factor, latent_shape=latent_shape, conditioning=conditioning)
     networks = {"unet": unet.float().cpu()}
     if autoencoder is not None:
         networks["autoencoder"] = autoencoder.float().cpu()

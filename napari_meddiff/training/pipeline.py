@@ -16,6 +16,9 @@ from ..errors import MeddiffError
 from ..files import removed_if_left_empty
 from ..zoo import check_model_target
 from . import common
+from .conditions import fit_ranges
+from .conditions import model_block as conditioning_block
+from .conditions import scale as scale_conditions
 from .config import load_config
 from .data import Dataset, split_dataset
 
@@ -188,6 +191,13 @@ def train(
                      cfg["name"], len(train_data), len(train_data.files), len(val_data.files) if val_data else 0,
                      time.time() - t0, dev)
         summary: dict[str, Any] = {"data": _data_summary(train_data, val_data, cfg)}
+        conditioning, item_conditions = None, None
+        if cfg["conditioning"] is not None:
+            ranges = fit_ranges(train_data.measures)
+            item_conditions = scale_conditions(train_data.measures, ranges)
+            conditioning = conditioning_block(cfg["conditioning"], ranges, item_conditions)
+            if dist.main:
+                log.info("conditions %s", "; ".join(c["description"] for c in conditioning["conditions"]))
         flip = bool(cfg["data"].get("flip", True))
         autoencoder = None
         scale_factor = None
@@ -220,6 +230,8 @@ def train(
                 latents = latents * scale_factor
                 if dist.main:
                     common.save_checkpoint(cache, {"latents": latents, "scale_factor": scale_factor, "ae_step": ae_summary["steps"]})
+            if item_conditions is not None and flip:  # the mirrored latents have their volumes' measures
+                item_conditions = torch.cat([item_conditions, item_conditions])
             latent_shape = list(latents.shape[2:])
             if dist.main:
                 log.info("latents %s, scale factor %.4f", tuple(latents.shape), scale_factor)
@@ -229,7 +241,7 @@ def train(
         else:
             x0_data, cond, labels, flip_batches = train_data.images, None, None, flip
 
-        mcfg = model_config(cfg, scale_factor=scale_factor, latent_shape=latent_shape)
+        mcfg = model_config(cfg, scale_factor=scale_factor, latent_shape=latent_shape, conditioning=conditioning)
         val_steps = int(tc["val_steps"])
         nval = int(tc["val_samples"])
 
@@ -257,6 +269,7 @@ def train(
         unet, diff_summary = train_diffusion(
             cfg, x0_data, work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=diff_minutes,
             condition=cond, labels=labels, flip=flip_batches, preview=preview, progress=progress,
+            conditions=item_conditions,
         )
         summary["diffusion"] = diff_summary
         if cfg["kind"] == "segmentation" and val_data is not None and dist.main:
@@ -269,7 +282,8 @@ def train(
         if dist.main:
             extra = {f.name: f for f in (work / "loss_diffusion.png", work / "loss_autoencoder.png") if f.is_file()}
             path = export_model(cfg, out, unet, autoencoder, summary, scale_factor=scale_factor, latent_shape=latent_shape,
-                                config_path=config_path, extra_files=extra, overwrite=overwrite)
+                                config_path=config_path, extra_files=extra, overwrite=overwrite,
+                                conditioning=conditioning)
             log.info("wrote %s", path)
         dist.barrier()
         dist.close()

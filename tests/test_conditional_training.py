@@ -1,0 +1,138 @@
+"""Conditional training (issue 16): conditions measured from each subject's labels, scaled to [0, 1] on the
+training range, given to the UNet as cross-attention context or extra channels, trained with condition dropout
+so that classifier-free guidance works; the exported model declares them for `--condition` and the sliders."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.training import conditions as tc
+from napari_meddiff.training.config import validate
+
+TINY_UNET = {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
+             "norm_num_groups": 8}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from napari_meddiff.cohort import write_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    write_cohort(out, 3, seed=0, progress=False)
+    write_cohort(out, 1, seed=5, progress=False)  # seed 5 has a lesion
+    return out
+
+
+def config(tmp_path: Path, cohort: Path, how: str = "context", names=("brain_volume", "csf_volume")) -> Path:
+    cfg = {"name": f"t-cond-{how}", "kind": "ddpm", "spatial_dims": 2, "image_shape": [16, 16],
+           "voxel_size": [10.0, 10.0], "data": {"dir": str(cohort), "val_subjects": 1, "min_brain_fraction": 0.1},
+           "networks": {"unet": dict(TINY_UNET)}, "defaults": {"sampler": "ddim", "steps": 3},
+           "conditioning": {"input": how, "dropout": 0.2, "conditions": list(names)},
+           "training": {"steps": 3, "batch_size": 4, "val_every": 0, "log_every": 1, "checkpoint_minutes": 100,
+                        "num_threads": 1}}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_measures_come_from_the_subjects_label_files(cohort):
+    from napari_meddiff.volume import read_volume
+
+    image = cohort / "sub-000000_T1w.nii.gz"
+    labels = read_volume(cohort / "sub-000000_dseg.nii.gz")
+    voxel_ml = float(np.prod(labels.spacing)) / 1000
+    brain, csf_ml, lesion = tc.measure_subject(image, ["brain_volume", "csf_volume", "lesion_load"])
+    assert brain == pytest.approx(np.isin(labels.array, [2, 3]).sum() * voxel_ml)
+    assert csf_ml == pytest.approx((labels.array == 1).sum() * voxel_ml)
+    assert 1000 < brain < 2500 and 50 < csf_ml < 800 and lesion == 0.0  # no lesion file: no lesion
+    row = next(r for r in csv.DictReader(open(cohort / "cohort.csv")) if r["seed"] == "5")
+    (lesion5,) = tc.measure_subject(cohort / "sub-000005_T1w.nii.gz", ["lesion_load"])
+    assert lesion5 > 0 and lesion5 == pytest.approx(float(row["lesion_volume_ml"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("how", ["context", "concat"])
+def test_a_conditional_model_trains_and_its_conditions_steer_guided_sampling(tmp_path, cohort, how):
+    from napari_meddiff.generate import generate
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    out = train(config(tmp_path, cohort, how), out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    model = load_model(out)
+    assert [c.name for c in model.conditions] == ["brain_volume", "csf_volume"]
+    assert all(c.low == 0.0 and c.high == 1.0 and 0.0 <= c.default <= 1.0 for c in model.conditions)
+    assert model.conditioning.null == (tc.NULL_VALUE, tc.NULL_VALUE)
+    block = model.config["conditioning"]
+    assert block["context"] == (how == "context") and block["concat"] == (how == "concat")
+    lo, hi = block["conditions"][0]["unit_low"], block["conditions"][0]["unit_high"]
+    assert 1000 < lo < hi < 2500 and "ml" in block["conditions"][0]["description"]
+    unet = model.config["networks"]["unet"]
+    if how == "context":
+        assert unet["with_conditioning"] and unet["cross_attention_dim"] == 2 and unet["in_channels"] == 1
+    else:
+        assert unet["in_channels"] == 3 and not unet.get("with_conditioning")
+    small = {"brain_volume": 0.0, "csf_volume": 1.0}
+    large = {"brain_volume": 1.0, "csf_volume": 0.0}
+    (a,), (b,), (a2,) = (generate(model, [7], steps=3, device="cpu", conditions=c, guidance_scale=3.0)
+                         for c in (small, large, small))
+    assert np.array_equal(a.array, a2.array)  # same seed and conditions: the same slice
+    assert not np.array_equal(a.array, b.array)  # the conditions reach the network
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "`brain_volume` brain (grey + white matter) volume: 0 = " in card and "classifier-free guidance" in card
+
+
+def test_condition_dropout_replaces_a_share_of_the_batch_by_the_null_condition():
+    values = torch.rand(2000, 3)
+    dropped = tc.drop_conditions(values, 0.25, torch.Generator().manual_seed(0))
+    null_rows = (dropped == tc.NULL_VALUE).all(1)
+    assert 0.2 < float(null_rows.float().mean()) < 0.3
+    assert torch.equal(dropped[~null_rows], values[~null_rows]) and torch.equal(tc.drop_conditions(values, 0.0, None), values)
+
+
+def test_scaling_maps_the_training_range_to_0_1():
+    ml = torch.tensor([[1000.0, 100.0], [1200.0, 300.0], [1100.0, 200.0]])
+    ranges = tc.fit_ranges(ml)
+    assert ranges == [(1000.0, 1200.0), (100.0, 300.0)]
+    assert torch.allclose(tc.scale(ml, ranges), torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]]))
+    with pytest.raises(MeddiffError, match="nothing to condition on"):
+        tc.fit_ranges(torch.tensor([[0.0], [0.0]]))  # e.g. lesion load when no training subject has a lesion
+
+
+@pytest.mark.parametrize("block,kind,message", [
+    ({"conditions": ["age"]}, "ddpm", "out of"),
+    ({"conditions": ["brain_volume", "brain_volume"]}, "ddpm", "each once"),
+    ({"conditions": ["brain_volume"], "dropout": 1.0}, "ddpm", "dropout"),
+    ({"conditions": ["brain_volume"], "input": "film"}, "ddpm", "input"),
+    ({"conditions": ["brain_volume"], "guidance": 2}, "ddpm", "unknown keys"),
+    ({"conditions": ["brain_volume"]}, "segmentation", "generators"),
+])
+def test_bad_conditioning_blocks_are_user_errors(block, kind, message):
+    raw = {"name": "x", "kind": kind, "spatial_dims": 2, "image_shape": [16, 16], "voxel_size": [2.0, 2.0],
+           "data": {"dir": "."}, "networks": {"unet": dict(TINY_UNET)}, "conditioning": block}
+    with pytest.raises(MeddiffError, match=message):
+        validate(raw)
+
+
+def test_a_conditional_latent_model_takes_its_conditions_on_the_latents(tmp_path, cohort):
+    from napari_meddiff.generate import generate
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    raw = yaml.safe_load(config(tmp_path, cohort, "concat", names=("csf_volume",)).read_text())
+    raw.update(kind="ldm", spatial_dims=3, image_shape=[16, 16, 16], voxel_size=[10.0] * 3, name="t-cond-ldm")
+    raw["networks"]["autoencoder"] = {"channels": [8, 8], "latent_channels": 2, "num_res_blocks": [1, 1],
+                                      "attention_levels": [False, False], "norm_num_groups": 8,
+                                      "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
+    raw["autoencoder_training"] = {"steps": 2, "batch_size": 2, "val_every": 0, "checkpoint_minutes": 100}
+    (tmp_path / "ldm.yaml").write_text(yaml.safe_dump(raw))
+    out = train(tmp_path / "ldm.yaml", out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    model = load_model(out)
+    assert model.config["networks"]["unet"]["in_channels"] == 2 + 1  # latent channels + one condition
+    (a,), (b,) = (generate(model, [3], steps=3, device="cpu", conditions={"csf_volume": v}) for v in (0.0, 1.0))
+    assert a.array.shape[:3] == (16, 16, 16) and not np.array_equal(a.array, b.array)
