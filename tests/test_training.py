@@ -453,3 +453,14 @@ def test_init_from_a_model_folder_fine_tunes_it_at_another_image_size(tmp_path, 
         _init_from(tmp_path / "a", net, EMA(net, 0.9), loaded)
     with pytest.raises(MeddiffError, match="model.json"):
         _init_from(tmp_path, net, EMA(net, 0.9), loaded)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples" / "train").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_configs_are_valid(path):
+    from napari_meddiff.training.config import validate
+
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["dir"] = "."
+    cfg = validate(raw)
+    assert cfg["name"] == path.stem and cfg["kind"] in ("ddpm", "ldm", "segmentation")
