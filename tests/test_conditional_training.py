@@ -136,3 +136,40 @@ def test_a_conditional_latent_model_takes_its_conditions_on_the_latents(tmp_path
     assert model.config["networks"]["unet"]["in_channels"] == 2 + 1  # latent channels + one condition
     (a,), (b,) = (generate(model, [3], steps=3, device="cpu", conditions={"csf_volume": v}) for v in (0.0, 1.0))
     assert a.array.shape[:3] == (16, 16, 16) and not np.array_equal(a.array, b.array)
+
+
+def test_a_conditional_unet_trains_on_an_existing_models_autoencoder(tmp_path, cohort):
+    """autoencoder_training.from_model: the folder's autoencoder as it is (sha256-checked), no autoencoder stage."""
+    from safetensors.torch import load_file
+
+    from napari_meddiff.generate import generate
+    from napari_meddiff.testing import make_tiny_model
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    source = make_tiny_model(tmp_path / "shipped", kind="ldm", spatial_dims=3)
+    shipped = load_model(source)
+    raw = yaml.safe_load(config(tmp_path, cohort, "context", names=("brain_volume",)).read_text())
+    raw.update(kind="ldm", spatial_dims=3, image_shape=[16, 16, 16], voxel_size=shipped.config["voxel_size"],
+               name="t-cond-on-shipped", intensity=shipped.config["intensity"])
+    raw["networks"]["autoencoder"] = dict(shipped.config["networks"]["autoencoder"])
+    raw["autoencoder_training"] = {"from_model": str(source)}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(MeddiffError, match="no autoencoder stage"):
+        train(tmp_path / "c.yaml", work_dir=tmp_path / "r0", progress=False, autoencoder_only=True)
+    out = train(tmp_path / "c.yaml", out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "autoencoder.pt").exists()  # nothing trained for the autoencoder
+    theirs = load_file(source / shipped.config["weights"]["autoencoder"]["file"])
+    model = load_model(out)
+    ours = load_file(out / model.config["weights"]["autoencoder"]["file"])
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k].float(), ours[k].float()) for k in theirs)
+    stage = model.config["training"]["autoencoder"]
+    assert stage["from_model"] == str(source) and stage["weights_sha256"] == shipped.config["weights"]["autoencoder"]["sha256"]
+    assert "not trained in this run" in (out / "MODEL_CARD.md").read_text()
+    (a,), (b,) = (generate(model, [1], steps=3, device="cpu", conditions={"brain_volume": v}) for v in (0.0, 1.0))
+    assert not np.array_equal(a.array, b.array)
+
+    raw["voxel_size"] = [12.0, 12.0, 12.0]  # another voxel size: its latents would not be this data's
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(MeddiffError, match="voxel_size differ"):
+        train(tmp_path / "bad.yaml", out=tmp_path / "m2", work_dir=tmp_path / "r2", progress=False)

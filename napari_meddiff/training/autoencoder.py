@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import MeddiffError
 from ..zoo import build_network
 from . import common
 from .data import crop_schedule, random_batch, random_crop
@@ -52,6 +53,35 @@ def reconstruct(ae: torch.nn.Module, images: torch.Tensor, device: torch.device,
         x = images[i : i + batch].to(device)
         outs.append(ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x)).float().cpu())
     return torch.cat(outs)
+
+
+def autoencoder_from_model(folder: Path, cfg: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The autoencoder of an LDM model folder (sha256-checked safetensors) and its training summary, for a run
+    that trains only a new diffusion UNet on its latents (``autoencoder_training.from_model``; a conditional
+    model on the shipped autoencoder, say). The folder must be an ldm with this config's autoencoder network,
+    intensity normalisation and voxel size."""
+    from ..zoo.folder import FORMAT
+
+    where = f"autoencoder_training.from_model: {folder}"
+    if not FORMAT.detect(folder):
+        raise MeddiffError(f"{where} has no model.json (a meddiff ldm model folder)")
+    config = FORMAT.read_config(folder)
+    if config["kind"] != "ldm":
+        raise MeddiffError(f"{where} is a {config['kind']} model; it needs a latent diffusion model (ldm)")
+    theirs, ours = config["networks"]["autoencoder"], cfg["networks"]["autoencoder"]
+    differ = sorted(k for k in set(theirs) & set(ours) if theirs[k] != ours[k])
+    for key in ("intensity", "voxel_size"):
+        if config.get(key) != cfg[key]:
+            differ.append(key)
+    if differ:
+        raise MeddiffError(f"{where}: its " + ", ".join(differ) + " differ from this config's (the latents would "
+                           "not be the ones its autoencoder makes of this data)")
+    ae = FORMAT.load_networks(folder, config)["autoencoder"].float()
+    stage = dict((config.get("training") or {}).get("autoencoder") or {})
+    weights = config["weights"]["autoencoder"]
+    stage.update(from_model=str(folder), weights_sha256=weights["sha256"], weights_dtype=weights.get("dtype", "float32"))
+    stage.setdefault("steps", 0)
+    return ae, stage
 
 
 def train_autoencoder(

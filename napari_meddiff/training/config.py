@@ -80,6 +80,9 @@ DEFAULT_AE_TRAINING = {
     "precision": "auto",
     # auto (the faster, measured at start; a resume on the same processor keeps it), contiguous or channels_last_3d
     "memory_format": "auto",
+    # an ldm model folder whose autoencoder this run uses as it is (no autoencoder stage): e.g. a conditional
+    # diffusion UNet trained on the latents of a shipped model's autoencoder
+    "from_model": None,
     "checkpoint_minutes": 3.0,
     "val_every": 200,
     "seed": 0,
@@ -226,6 +229,14 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     if not d.is_absolute() and not d.exists() and (Path(base_dir) / d).exists():
         d = Path(base_dir) / d
     cfg["data"]["dir"] = str(d)
+    source = (cfg.get("autoencoder_training") or {}).get("from_model")
+    if source is not None:
+        if not isinstance(source, str) or not source:
+            raise MeddiffError(f"autoencoder_training.from_model must be the path of an ldm model folder, got {source!r}")
+        p = Path(source).expanduser()
+        if not p.is_absolute() and not p.exists() and (Path(base_dir) / p).exists():
+            p = Path(base_dir) / p
+        cfg["autoencoder_training"]["from_model"] = str(p)
     init = cfg["training"].get("init_from")
     if init is not None:
         if not isinstance(init, str) or not init:

@@ -171,6 +171,12 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         if not s:
             continue
         extra = ""
+        if stage == "autoencoder" and s.get("from_model"):
+            trained = (f"; its own training: {s['steps']} steps, validation PSNR {s['val_psnr_db']} dB"
+                       if s.get("val_psnr_db") is not None else "")
+            lines.append(f"- Autoencoder: taken as it is from `{s['from_model']}` ({s['weights_dtype']} sha256 "
+                         f"{s['weights_sha256'][:12]}…), not trained in this run{trained}.")
+            continue
         if stage == "autoencoder":
             extra = (f", L1 + {s['kl_weight']:g} KL + {s['adv_weight']:g} patch-adversarial (after {s['adv_warmup_steps']} steps), "
                      f"perceptual weight {s['perceptual_weight']:g}; final L1 {s['final_l1']}, validation PSNR "

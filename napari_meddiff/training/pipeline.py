@@ -139,7 +139,7 @@ def train(
     ``autoencoder_only`` (an LDM): train the autoencoder stage only, with all of ``max_minutes``, and stop
     there (its checkpoint in the work dir; no model folder); a later ``resume`` goes on from it."""
     from ..generate import generate
-    from .autoencoder import train_autoencoder
+    from .autoencoder import autoencoder_from_model, train_autoencoder
     from .diffusion import train_diffusion
     from .export import export_model, latent_scale_factor, model_config, as_diffusion_model
 
@@ -169,7 +169,7 @@ def train(
         if max_minutes is not None:
             if autoencoder_only:
                 ae_minutes = max_minutes
-            elif cfg["kind"] == "ldm":
+            elif cfg["kind"] == "ldm" and not cfg["autoencoder_training"].get("from_model"):
                 a, d = float(ae_minutes or 1.0), float(diff_minutes or 1.0)
                 ae_minutes, diff_minutes = max_minutes * a / (a + d), max_minutes * d / (a + d)
             else:
@@ -204,11 +204,21 @@ def train(
         latent_shape = None
 
         if cfg["kind"] == "ldm":
-            ae, ae_summary = train_autoencoder(
-                cfg, train_data.images, val_data.images if val_data is not None else None,
-                work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=ae_minutes,
-                progress=progress,
-            )
+            source = cfg["autoencoder_training"].get("from_model")
+            if source:
+                if autoencoder_only:
+                    raise MeddiffError("--autoencoder-only: this config takes its autoencoder from a model folder "
+                                       "(autoencoder_training.from_model); there is no autoencoder stage to train")
+                ae, ae_summary = autoencoder_from_model(Path(source), cfg)
+                ae = ae.to(dev)
+                if dist.main:
+                    log.info("autoencoder from %s (sha256 %s…), not trained here", source, ae_summary["weights_sha256"][:12])
+            else:
+                ae, ae_summary = train_autoencoder(
+                    cfg, train_data.images, val_data.images if val_data is not None else None,
+                    work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=ae_minutes,
+                    progress=progress,
+                )
             summary["autoencoder"] = ae_summary
             if autoencoder_only:
                 if dist.main:
