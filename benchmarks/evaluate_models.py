@@ -104,9 +104,14 @@ def load_split(cfg: dict, folder: Path, num: int, with_labels: bool = True):
 # --- metrics ------------------------------------------------------------------------------------------------
 
 
-def kmeans_1d(values: np.ndarray, k: int = 3, iters: int = 50) -> np.ndarray:
-    """Sorted cluster centres of 1D values (k-means from quantile starts)."""
-    c = np.quantile(values, np.linspace(0.15, 0.85, k))
+def kmeans_1d(values: np.ndarray, k: int = 3, iters: int = 50, starts: str = "quantiles") -> np.ndarray:
+    """Sorted cluster centres of 1D values: k-means from quantile starts, or (``starts="range"``) from starts
+    spread evenly over the 1-99 % range, which does not split a class that holds most of the values."""
+    if starts == "range":
+        lo, hi = np.quantile(values, [0.01, 0.99])
+        c = lo + (hi - lo) * (np.arange(k) + 0.5) / k
+    else:
+        c = np.quantile(values, np.linspace(0.15, 0.85, k))
     for _ in range(iters):
         a = np.argmin(np.abs(values[:, None] - c[None]), axis=1)
         new = np.array([values[a == j].mean() if np.any(a == j) else c[j] for j in range(k)])

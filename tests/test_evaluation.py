@@ -39,3 +39,21 @@ def test_a_candidate_folder_keeps_its_results_out_of_the_shipped_files(tmp_path)
     assert not evaluate_models.is_candidate(evaluate_models.ROOT / "models" / "brain-ddpm-2d")
     chosen = tmp_path / "elsewhere.json"
     assert evaluate_models.results_path(str(candidate), chosen) == chosen
+
+
+def test_conditioning_instrument_measures_known_tissue_volumes():
+    """evaluate_conditioning's k-means tissue volumes on a phantom: nested shells of CSF / grey / white intensity."""
+    import evaluate_conditioning
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*[np.arange(40.0)] * 3, indexing="ij")
+    r = np.sqrt((zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2)
+    for inner in (8.0, 11.0):  # two phantoms: more brain, less CSF in the second
+        img = np.where(r < inner, 0.9, np.where(r < inner + 4, 0.65, np.where(r < 16, 0.35, 0.0)))
+        img = img + 0.02 * g.standard_normal(img.shape)
+        got = evaluate_conditioning.tissue_volumes(img, voxel_ml=0.008)
+        brain = float((r < inner + 4).sum()) * 0.008
+        csf = float(((r >= inner + 4) & (r < 16)).sum()) * 0.008
+        assert abs(got["brain_ml"] - brain) < 0.02 * brain and abs(got["csf_ml"] - csf) < 0.05 * csf, (got, brain, csf)
+    assert evaluate_conditioning.pearson([1, 2, 3], [2, 4, 6.5]) > 0.99
