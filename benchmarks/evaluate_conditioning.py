@@ -74,9 +74,10 @@ def sweep(model, name: str, levels: list[float], per_level: int, guidance: float
     lo, hi = float(spec["unit_low"]), float(spec["unit_high"])
     voxel_ml = float(np.prod(model.config["voxel_size"])) / 1000.0
     seeds = list(range(seed, seed + per_level))
-    requested, measured, rows = [], [], []
+    requested, measured, rows, pictures = [], [], [], {}
     for level in levels:
         vols = generate(model, seeds, device="cpu", conditions={name: float(level)}, guidance_scale=guidance)
+        pictures[level] = [np.squeeze(v.array) for v in vols[:3]]
         got = [tissue_volumes(np.squeeze(v.array), voxel_ml)[VOLUME_CONDITIONS[name]] for v in vols]
         requested += [lo + float(level) * (hi - lo)] * len(got)
         measured += got
@@ -85,7 +86,22 @@ def sweep(model, name: str, levels: list[float], per_level: int, guidance: float
         print(f"{name}={level:g} (asked {lo + level * (hi - lo):.0f} ml): measured {np.mean(got):.1f} ± "
               f"{np.std(got):.1f} ml", flush=True)
     return {"pearson": round(pearson(requested, measured), 4), "levels": rows, "n": len(measured),
-            "range_ml": [lo, hi], "seeds": seeds}
+            "range_ml": [lo, hi], "seeds": seeds, "pictures": pictures}
+
+
+def save_pictures(path: Path, results: dict, name: str) -> None:
+    """Three orthogonal middle slices of the first seeds at the lowest and highest level of each condition
+    (the same seeds: only the condition differs)."""
+    from napari_meddiff.training.common import save_grid
+
+    rows, labels = [], []
+    for cond, r in results.items():
+        pics = r.pop("pictures")
+        for level in (min(pics), max(pics)):
+            rows.append(pics[level])
+            labels.append(f"{cond}={level:g}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(path, rows, f"{name}, same seeds per column; rows: " + ", ".join(labels))
 
 
 def main(argv=None) -> int:
@@ -121,6 +137,10 @@ def main(argv=None) -> int:
           f"{res['instrument']['brain_pearson']}, CSF {res['instrument']['csf_pearson']}", flush=True)
     res["conditions"] = {n: sweep(model, n, args.levels, args.per_level, args.guidance_scale, args.seed) for n in todo}
     res["minutes"] = round((time.time() - t0) / 60, 2)
+    png = (args.out.with_suffix(".png") if args.out else
+           ROOT / "benchmarks" / "results" / f"conditioning_{model.name}.png")
+    save_pictures(png, res["conditions"], model.name)
+    res["samples_png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
     for n, r in res["conditions"].items():
         print(f"{n}: Pearson requested vs measured {r['pearson']} over {r['n']} samples (target >= 0.8)")
     out = args.out or ROOT / "benchmarks" / "results" / f"conditioning_{model.name}.json"

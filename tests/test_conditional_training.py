@@ -173,3 +173,26 @@ def test_a_conditional_unet_trains_on_an_existing_models_autoencoder(tmp_path, c
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(MeddiffError, match="voxel_size differ"):
         train(tmp_path / "bad.yaml", out=tmp_path / "m2", work_dir=tmp_path / "r2", progress=False)
+
+
+def test_evaluate_conditioning_sweeps_and_reports(tmp_path, cohort):
+    """benchmarks/evaluate_conditioning.py end to end on a tiny conditional model (its figures mean nothing here)."""
+    import json
+    import sys
+
+    from napari_meddiff.cohort import write_cohort
+    from napari_meddiff.training.pipeline import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import evaluate_conditioning
+
+    out = train(config(tmp_path, cohort), out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    heldout = write_cohort(tmp_path / "heldout", 2, seed=100000, progress=False).parent
+    result = tmp_path / "cond.json"
+    assert evaluate_conditioning.main(["--model", str(out), "--heldout", str(heldout), "--num-heldout", "2",
+                                       "--levels", "0", "1", "--per-level", "2", "--out", str(result)]) == 0
+    res = json.loads(result.read_text())
+    assert set(res["conditions"]) == {"brain_volume", "csf_volume"} and res["instrument"]["subjects"] == 2
+    levels = res["conditions"]["brain_volume"]["levels"]
+    assert [r["level"] for r in levels] == [0.0, 1.0] and levels[0]["requested_ml"] < levels[1]["requested_ml"]
+    assert res["conditions"]["csf_volume"]["n"] == 4 and result.with_suffix(".png").is_file()
