@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Resumable training checkpoints live on the git branch `checkpoints`, not in main's tree: they are large (tens
 # of MB each) and a device machine is sent main's working tree, which must stay under 64 MiB. The branch holds
-# one file per checkpoint (replaced, never accumulated in its tree); main's training READMEs say which.
+# one file per checkpoint (replaced in its tree; git history keeps every saved version, like any commit);
+# main's training READMEs say which. The branch lives in this repository beside main (push it with main).
 #
 #   bash benchmarks/checkpoints.sh list
 #   bash benchmarks/checkpoints.sh restore PATH_ON_BRANCH FILE     # refuses to overwrite FILE
@@ -30,20 +31,22 @@ case "${1:-}" in
   save)
     [ $# -eq 4 ] || die "usage: save FILE PATH_ON_BRANCH MESSAGE"
     [ -f "$2" ] || die "$2 is not a file"
+    [ "$(git symbolic-ref -q HEAD)" != "$ref" ] || die "$BRANCH is checked out: save from another branch"
     blob=$(git hash-object -w "$2")
     index=$(mktemp)
     trap 'rm -f "$index"' EXIT
-    parent=()
+    parent=() old=""
     if git rev-parse -q --verify "$ref" >/dev/null; then
+      old=$(git rev-parse "$ref")
       GIT_INDEX_FILE=$index git read-tree "$ref"
-      parent=(-p "$(git rev-parse "$ref")")
+      parent=(-p "$old")
     else
       GIT_INDEX_FILE=$index git read-tree --empty
     fi
     GIT_INDEX_FILE=$index git update-index --add --cacheinfo "100644,$blob,$3"
     tree=$(GIT_INDEX_FILE=$index git write-tree)
     commit=$(git commit-tree "$tree" "${parent[@]}" -m "$4")
-    git update-ref "$ref" "$commit"
+    git update-ref "$ref" "$commit" "$old"  # fails if another save moved the branch meanwhile
     echo "saved $2 -> $BRANCH:$3 ($(du -h "$2" | cut -f1)), commit ${commit:0:10}"
     ;;
   *)

@@ -71,6 +71,9 @@ def sweep(model, name: str, levels: list[float], per_level: int, guidance: float
     from napari_meddiff.generate import generate
 
     spec = next(c for c in model.config["conditioning"]["conditions"] if c["name"] == name)
+    if "unit_low" not in spec or "unit_high" not in spec:
+        raise SystemExit(f"{model.name}: condition {name} declares no ml range (unit_low/unit_high, written by "
+                         "meddiff train); requested volumes cannot be compared with measured ones")
     lo, hi = float(spec["unit_low"]), float(spec["unit_high"])
     voxel_ml = float(np.prod(model.config["voxel_size"])) / 1000.0
     seeds = list(range(seed, seed + per_level))

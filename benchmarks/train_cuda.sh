@@ -5,9 +5,10 @@
 #
 #   here:    bash benchmarks/train_cuda.sh prepare
 #            (wheels into .whl/, the slim checkpoint into .carry/; prints what will travel)
-#   device:  run(command="bash benchmarks/train_cuda.sh train 6", carry=[".whl", ".carry"], timeout_s=590)
-#            (writes the 200 training subjects with 16 processes, trains MINUTES=6 with --autoencoder-only,
-#            splits the full checkpoint into 15 MB parts under $OUT)
+#   device:  run(command="bash benchmarks/train_cuda.sh train 5", carry=[".whl", ".carry"], timeout_s=590)
+#            (writes the 200 training subjects with 16 processes, trains up to MINUTES=5 with --autoencoder-only,
+#            fewer if the set-up took long: the whole command keeps within MEDDIFF_DEADLINE=560 s; splits the
+#            full checkpoint into 15 MB parts under $OUT)
 #   here:    bash benchmarks/train_cuda.sh collect FILES_AT
 #            (joins and checks the parts, keeps the earlier checkpoint as .prev, measures held-out PSNR and
 #            saves the checkpoint to the branch `checkpoints`; then commit the curve and PSNR line on main)
@@ -34,10 +35,12 @@ prepare() {
   local full=$WORK/autoencoder.pt
   if [ ! -f "$full" ]; then bash benchmarks/checkpoints.sh restore "$CKPT" "$full"; fi
   "$py" - "$full" <<'EOF'
-import sys
+import hashlib, json, sys
 from pathlib import Path
 from napari_meddiff.training.common import slim_checkpoint
 st = slim_checkpoint(Path(sys.argv[1]), Path(".carry/autoencoder.pt"))
+sha = hashlib.sha256(Path(sys.argv[1]).read_bytes()).hexdigest()
+Path(".carry/source.json").write_text(json.dumps({"file": sys.argv[1], "sha256": sha, "step": st["step"]}) + "\n")
 print(f"slim checkpoint of {sys.argv[1]}: step {st['step']}, {st['minutes']:.1f} min spent")
 EOF
   local tree carried
@@ -65,9 +68,10 @@ write_cohort() {  # DST N JOBS: the training subjects in parallel chunks, then o
 
 train() {  # on the device machine; works in a scratch folder, never in the checkout's data/ or runs/
   local minutes=${1:?minutes of training} device=${MEDDIFF_DEVICE:-cuda} t0=$SECONDS
-  local scratch=${MEDDIFF_SCRATCH:-/tmp/meddiff-train} repo=$PWD
+  local scratch=${MEDDIFF_SCRATCH:-/tmp/meddiff-train} repo=$PWD deadline=${MEDDIFF_DEADLINE:-560}
   PY=${PYTHON:-python3}
   : "${OUT:?OUT (the folder that comes back) is not set}"
+  mkdir -p "$OUT" && OUT=$(realpath "$OUT")  # a relative OUT is read from the repository root
   [ -f .carry/autoencoder.pt ] || die ".carry/autoencoder.pt missing: run 'prepare' here and carry .carry"
   if ls .whl/*.whl > /dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -76,10 +80,15 @@ train() {  # on the device machine; works in a scratch folder, never in the chec
     export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
   fi
   { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"; } | tee "$OUT/log.txt"
+  "$PY" -c "import monai, nibabel, nilearn.datasets, safetensors, yaml, napari_meddiff.training" \
+      || die "missing Python packages on this machine (see above)"
   mkdir -p "$scratch/work" && cd "$scratch"  # the config's data/cohort-2mm-train is found here first
   write_cohort data/cohort-2mm-train "${MEDDIFF_SUBJECTS:-200}" "${MEDDIFF_JOBS:-16}"
   echo "cohort ready after $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
   cp "$repo/.carry/autoencoder.pt" work/autoencoder.pt
+  # what is left of the deadline, less ~2 min for data loading, the final validation, saving and splitting
+  minutes=$("$PY" -c "print(round(max(0.5, min($minutes, ($deadline - $((SECONDS - t0)) - 120) / 60)), 2))")
+  echo "training for $minutes min" | tee -a "$OUT/log.txt"
   local total
   total=$("$PY" -c "import torch; print(torch.load('work/autoencoder.pt', weights_only=True)['minutes'] + $minutes)")
   set +e
@@ -97,16 +106,30 @@ train() {  # on the device machine; works in a scratch folder, never in the chec
 collect() {
   local files=${1:?the folder the device files came back to (files_at)} py=${PYTHON:-.venv/bin/python}
   local new=$WORK/autoencoder.pt.new
+  [ -f .carry/source.json ] || die ".carry/source.json missing: collect needs the prepare of this run"
+  if pgrep -f -- "--work-dir $WORK" > /dev/null; then die "a training process is using $WORK: stop it first"; fi
+  if [ -f "$WORK/autoencoder.pt" ]; then  # the local checkpoint must still be the one the GPU run started from
+    "$py" -c "
+import hashlib, json, sys
+src = json.load(open('.carry/source.json'))
+sys.exit(hashlib.sha256(open('$WORK/autoencoder.pt', 'rb').read()).hexdigest() != src['sha256'])" \
+      || die "$WORK/autoencoder.pt changed since prepare (a CPU run went on?): compare the steps and move one away"
+  fi
   mkdir -p "$WORK"
   cat "$files"/autoencoder.pt.part* > "$new"
   (cd "$WORK" && sed 's/autoencoder.pt$/autoencoder.pt.new/' "$files/autoencoder.pt.sha256" | sha256sum -c --quiet) \
       || die "the joined checkpoint does not match its sha256"
   "$py" -c "
-import torch, sys
+import json, sys, torch
 st = torch.load('$new', weights_only=True)
-assert 'optimizer' in st and not st.get('slim'), 'not a full checkpoint'
-print(f\"device checkpoint: step {st['step']}, {st['minutes']:.1f} min\")"
-  [ ! -f "$WORK/autoencoder.pt" ] || mv "$WORK/autoencoder.pt" "$WORK/autoencoder.pt.prev"
+carried = json.load(open('.carry/source.json'))['step']
+if 'optimizer' not in st or st.get('slim'):
+    sys.exit('not a full checkpoint')
+if st['step'] <= carried:
+    sys.exit(f'the GPU run trained nothing (step {st[\"step\"]}, carried {carried})')
+print(f\"device checkpoint: step {st['step']} (carried {carried}), {st['minutes']:.1f} min\")" \
+      || { rm -f "$new"; die "the returned checkpoint was not taken"; }
+  [ ! -f "$WORK/autoencoder.pt" ] || mv "$WORK/autoencoder.pt" "$WORK/autoencoder.pt.before-gpu-$(date +%Y%m%d-%H%M%S)"
   mv "$new" "$WORK/autoencoder.pt"
   [ ! -f "$files/autoencoder_curve.json" ] || cp "$files/autoencoder_curve.json" models/brain-ldm-3d/training/autoencoder-2mm-curve.json
   "$py" benchmarks/evaluate_ae.py --config "$CONFIG" --checkpoint "$WORK/autoencoder.pt" --threads 2 \

@@ -97,11 +97,11 @@ def test_condition_dropout_replaces_a_share_of_the_batch_by_the_null_condition()
 
 def test_scaling_maps_the_training_range_to_0_1():
     ml = torch.tensor([[1000.0, 100.0], [1200.0, 300.0], [1100.0, 200.0]])
-    ranges = tc.fit_ranges(ml)
+    ranges = tc.fit_ranges(ml, ["brain_volume", "csf_volume"])
     assert ranges == [(1000.0, 1200.0), (100.0, 300.0)]
     assert torch.allclose(tc.scale(ml, ranges), torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]]))
-    with pytest.raises(MeddiffError, match="nothing to condition on"):
-        tc.fit_ranges(torch.tensor([[0.0], [0.0]]))  # e.g. lesion load when no training subject has a lesion
+    with pytest.raises(MeddiffError, match="lesion_load: every training subject has 0 ml"):
+        tc.fit_ranges(torch.tensor([[0.0], [0.0]]), ["lesion_load"])  # no training subject has a lesion
 
 
 @pytest.mark.parametrize("block,kind,message", [
@@ -196,3 +196,24 @@ def test_evaluate_conditioning_sweeps_and_reports(tmp_path, cohort):
     levels = res["conditions"]["brain_volume"]["levels"]
     assert [r["level"] for r in levels] == [0.0, 1.0] and levels[0]["requested_ml"] < levels[1]["requested_ml"]
     assert res["conditions"]["csf_volume"]["n"] == 4 and result.with_suffix(".png").is_file()
+
+
+def test_a_resume_on_other_training_subjects_is_refused(tmp_path, cohort):
+    """The [0, 1] scale is fixed at a run's start: a resume whose data give other ranges would change its meaning."""
+    import shutil
+
+    from napari_meddiff.training.pipeline import train
+
+    data = tmp_path / "data"
+    shutil.copytree(cohort, data)
+    cfg = config(tmp_path, data)
+    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "conditions.json").is_file()
+    train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=4, overwrite=True, progress=False)
+    from napari_meddiff.volume import read_volume, write_volume
+
+    labels = read_volume(data / "sub-000001_dseg.nii.gz")  # a relabelled subject: the training range changes
+    labels.array[labels.array == 3] = 0
+    write_volume(labels, data / "sub-000001_dseg.nii.gz", kind="labels", overwrite=True)
+    with pytest.raises(MeddiffError, match="scaled on"):
+        train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=6, overwrite=True, progress=False)

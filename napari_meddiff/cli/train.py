@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override the number of steps (each stage; with training.init_from, the total including "
                    "the steps of the run it starts from)")
     p.add_argument("--autoencoder-only", action="store_true",
-                   help="an LDM: train the autoencoder stage only (all of --max-minutes) and stop; --resume later "
-                   "goes on from its checkpoint")
+                   help="an LDM: train the autoencoder stage only and stop (no model folder); --max-minutes is then "
+                   "all the autoencoder's, a total including the minutes its checkpoint has already spent; --resume "
+                   "later goes on from it")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -92,17 +92,18 @@ def measure_subject(image_path: Path, names: Sequence[str]) -> list[float]:
             vol = read_volume(path)
             cache[path] = (np.asarray(vol.array), float(np.prod(vol.spacing)) / 1000.0)
         arr, voxel_ml = cache[path]
-        out.append(float(np.isin(np.rint(arr), values).sum()) * voxel_ml)
+        counted = arr > 0 if suffix == "_lesion" else np.isin(np.rint(arr), values)  # a mask may be 1 or 255
+        out.append(float(counted.sum()) * voxel_ml)
     return out
 
 
-def fit_ranges(values: torch.Tensor) -> list[tuple[float, float]]:
+def fit_ranges(values: torch.Tensor, names: Sequence[str]) -> list[tuple[float, float]]:
     """Each measure's (low, high) in ml over the training subjects: the [0, 1] scale of the model."""
     ranges = []
-    for k in range(values.shape[1]):
+    for k, name in enumerate(names):
         lo, hi = float(values[:, k].min()), float(values[:, k].max())
         if hi <= lo:
-            raise MeddiffError(f"condition {k}: every training subject has {lo:g} ml; nothing to condition on")
+            raise MeddiffError(f"condition {name}: every training subject has {lo:g} ml; nothing to condition on")
         ranges.append((lo, hi))
     return ranges
 

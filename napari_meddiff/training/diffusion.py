@@ -110,6 +110,8 @@ def train_diffusion(
                            f"({total}) and max_minutes ({max_minutes}) count the run it starts from, so nothing "
                            "would be trained; raise them")
     bs = int(tc["batch_size"])
+    if conditions is not None and conditions.shape[0] != x0_data.shape[0]:
+        raise MeddiffError(f"{conditions.shape[0]} condition rows for {x0_data.shape[0]} training items")
     last_ckpt = budget.minutes
 
     def checkpoint() -> None:

@@ -119,6 +119,22 @@ def removed_unless_used(work: Path):
             raise
 
 
+def check_condition_ranges(path: Path, names: list[str], ranges: list[tuple[float, float]], resume: bool) -> None:
+    """Keep a conditional run's [0, 1] scale: written at its start, and a resume whose data give other ranges is
+    refused (a requested 0.8 would mean other ml than the checkpoint learnt)."""
+    import json
+
+    now = {"conditions": names, "ranges_ml": [[round(lo, 4), round(hi, 4)] for lo, hi in ranges]}
+    if resume and path.is_file():
+        before = json.loads(path.read_text())
+        if before != now:
+            raise MeddiffError(f"{path}: this run's conditions were scaled on {before}, the data now give {now}; "
+                               "resume on the same training subjects, or start a new run")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now) + "\n")
+
+
 def train(
     config_path: str | Path,
     *,
@@ -149,7 +165,8 @@ def train(
         raise MeddiffError(f"autoencoder only: {config_path} is a {cfg['kind']} config; only an ldm has an autoencoder")
     out = Path(out) if out is not None else Path("models") / cfg["name"]
     work = Path(work_dir) if work_dir is not None else Path("runs") / cfg["name"]
-    check_model_target(out, overwrite)  # before hours of training, not after
+    if not autoencoder_only:  # it writes no model folder
+        check_model_target(out, overwrite)  # before hours of training, not after
     check_work_dir(work, resume, fresh)
     init_from = cfg["training"].get("init_from")
     if init_from and not Path(init_from).exists() and not (resume and (work / "diffusion.pt").is_file()):
@@ -193,7 +210,9 @@ def train(
         summary: dict[str, Any] = {"data": _data_summary(train_data, val_data, cfg)}
         conditioning, item_conditions = None, None
         if cfg["conditioning"] is not None:
-            ranges = fit_ranges(train_data.measures)
+            ranges = fit_ranges(train_data.measures, cfg["conditioning"]["conditions"])
+            if dist.main:
+                check_condition_ranges(work / "conditions.json", cfg["conditioning"]["conditions"], ranges, resume)
             item_conditions = scale_conditions(train_data.measures, ranges)
             conditioning = conditioning_block(cfg["conditioning"], ranges, item_conditions)
             if dist.main:
@@ -229,7 +248,9 @@ def train(
             autoencoder = ae.requires_grad_(False)
             cache = work / "latents.pt"
             st = common.load_checkpoint(cache) if (resume and cache.is_file()) else None
-            if st is not None and st.get("ae_step") == ae_summary["steps"]:
+            cache_key = {"ae_step": ae_summary["steps"], "ae_sha256": ae_summary.get("weights_sha256"),
+                         "files": list(train_data.files), "flip": flip}
+            if st is not None and all(st.get(k) == v for k, v in cache_key.items()):
                 latents, scale_factor = st["latents"], float(st["scale_factor"])
             else:
                 scale_factor, z = latent_scale_factor(ae, train_data.images, dev)
@@ -239,7 +260,7 @@ def train(
                     latents = torch.cat([z, zf])
                 latents = latents * scale_factor
                 if dist.main:
-                    common.save_checkpoint(cache, {"latents": latents, "scale_factor": scale_factor, "ae_step": ae_summary["steps"]})
+                    common.save_checkpoint(cache, {"latents": latents, "scale_factor": scale_factor, **cache_key})
             if item_conditions is not None and flip:  # the mirrored latents have their volumes' measures
                 item_conditions = torch.cat([item_conditions, item_conditions])
             latent_shape = list(latents.shape[2:])
