@@ -77,6 +77,7 @@ def autoencoder_from_model(folder: Path, cfg: dict[str, Any]) -> tuple[torch.nn.
         raise MeddiffError(f"{where}: its " + ", ".join(differ) + " differ from this config's (the latents would "
                            "not be the ones its autoencoder makes of this data)")
     ae = FORMAT.load_networks(folder, config)["autoencoder"].float()
+    cfg["networks"]["autoencoder"] = dict(theirs)  # the exported model.json then describes these weights exactly
     stage = dict((config.get("training") or {}).get("autoencoder") or {})
     weights = config["weights"]["autoencoder"]
     stage.update(from_model=str(folder), weights_sha256=weights["sha256"], weights_dtype=weights.get("dtype", "float32"))
