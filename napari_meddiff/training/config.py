@@ -225,24 +225,20 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     unet.update(options)
     if cfg["data"]["dir"] is None:
         raise MeddiffError("data.dir (a folder of NIfTI images) is required")
-    d = Path(cfg["data"]["dir"]).expanduser()
-    if not d.is_absolute() and not d.exists() and (Path(base_dir) / d).exists():
-        d = Path(base_dir) / d
-    cfg["data"]["dir"] = str(d)
-    source = (cfg.get("autoencoder_training") or {}).get("from_model")
-    if source is not None:
-        if not isinstance(source, str) or not source:
-            raise MeddiffError(f"autoencoder_training.from_model must be the path of an ldm model folder, got {source!r}")
-        p = Path(source).expanduser()
-        if not p.is_absolute() and not p.exists() and (Path(base_dir) / p).exists():
-            p = Path(base_dir) / p
-        cfg["autoencoder_training"]["from_model"] = str(p)
-    init = cfg["training"].get("init_from")
-    if init is not None:
-        if not isinstance(init, str) or not init:
-            raise MeddiffError(f"training.init_from must be the path of a diffusion.pt or a model folder, got {init!r}")
-        p = Path(init).expanduser()
-        if not p.is_absolute() and not p.exists() and (Path(base_dir) / p).exists():
-            p = Path(base_dir) / p
-        cfg["training"]["init_from"] = str(p)
+    cfg["data"]["dir"] = _resolve(cfg["data"]["dir"], base_dir)
+    for section, key, what in (("autoencoder_training", "from_model", "an ldm model folder"),
+                               ("training", "init_from", "a diffusion.pt or a model folder")):
+        value = (cfg.get(section) or {}).get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise MeddiffError(f"{section}.{key} must be the path of {what}, got {value!r}")
+            cfg[section][key] = _resolve(value, base_dir)
     return cfg
+
+
+def _resolve(path: str, base_dir: str | Path) -> str:
+    """A relative path from the working directory, else from the config's folder when it exists there."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (Path(base_dir) / p).exists():
+        p = Path(base_dir) / p
+    return str(p)
