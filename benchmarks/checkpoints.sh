@@ -13,19 +13,24 @@ set -euo pipefail
 BRANCH=${MEDDIFF_CHECKPOINT_BRANCH:-checkpoints}
 ref="refs/heads/$BRANCH"
 die() { echo "checkpoints.sh: $*" >&2; exit 1; }
+# a fresh clone has the branch as origin's only: read from there (and save on top of it)
+from=$ref
+if ! git rev-parse -q --verify "$ref" >/dev/null && git rev-parse -q --verify "refs/remotes/origin/$BRANCH" >/dev/null; then
+  from="refs/remotes/origin/$BRANCH"
+fi
 
 case "${1:-}" in
   list)
-    git rev-parse -q --verify "$ref" >/dev/null || die "no branch $BRANCH yet"
-    git ls-tree -r -l "$ref" | awk '{printf "%10.1f MB  %s\n", $4 / 1e6, $5}'
-    git log -1 --format='last saved %ci: %s' "$ref"
+    git rev-parse -q --verify "$from" >/dev/null || die "no branch $BRANCH yet"
+    git ls-tree -r -l "$from" | awk '{printf "%10.1f MB  %s\n", $4 / 1e6, $5}'
+    git log -1 --format='last saved %ci: %s' "$from"
     ;;
   restore)
     [ $# -eq 3 ] || die "usage: restore PATH_ON_BRANCH FILE"
     [ ! -e "$3" ] || die "$3 exists: not overwritten (move it away first)"
-    git cat-file -e "$ref:$2" 2>/dev/null || die "$2 is not on branch $BRANCH"
+    git cat-file -e "$from:$2" 2>/dev/null || die "$2 is not on branch $BRANCH"
     mkdir -p "$(dirname "$3")"
-    git cat-file blob "$ref:$2" > "$3.part" && mv "$3.part" "$3"
+    git cat-file blob "$from:$2" > "$3.part" && mv "$3.part" "$3"
     echo "restored $BRANCH:$2 -> $3 ($(du -h "$3" | cut -f1))"
     ;;
   save)
@@ -36,10 +41,10 @@ case "${1:-}" in
     index=$(mktemp)
     trap 'rm -f "$index"' EXIT
     parent=() old=""
-    if git rev-parse -q --verify "$ref" >/dev/null; then
-      old=$(git rev-parse "$ref")
-      GIT_INDEX_FILE=$index git read-tree "$ref"
-      parent=(-p "$old")
+    if git rev-parse -q --verify "$from" >/dev/null; then
+      [ "$from" = "$ref" ] && old=$(git rev-parse "$ref")
+      GIT_INDEX_FILE=$index git read-tree "$from"
+      parent=(-p "$(git rev-parse "$from")")
     else
       GIT_INDEX_FILE=$index git read-tree --empty
     fi

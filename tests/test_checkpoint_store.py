@@ -61,3 +61,17 @@ def test_restore_refuses_to_overwrite_and_names_a_missing_checkpoint(repo):
     assert r.returncode != 0 and "not overwritten" in r.stderr and ckpt.read_bytes() == b"weights"
     r = _store(repo, "restore", "other.ckpt", str(repo / "x.pt"))
     assert r.returncode != 0 and "not on branch" in r.stderr and not (repo / "x.pt").exists()
+
+
+def test_a_fresh_clone_reads_and_extends_the_branch_from_origin(repo, tmp_path):
+    ckpt = repo / "ae.pt"
+    ckpt.write_bytes(b"step 10")
+    assert _store(repo, "save", str(ckpt), "ae.ckpt", "step 10").returncode == 0
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    r = _store(clone, "restore", "ae.ckpt", str(clone / "runs" / "ae.pt"))
+    assert r.returncode == 0, r.stderr
+    assert (clone / "runs" / "ae.pt").read_bytes() == b"step 10"
+    (clone / "new.pt").write_bytes(b"step 20")
+    assert _store(clone, "save", str(clone / "new.pt"), "ae.ckpt", "step 20").returncode == 0
+    assert _git(clone, "rev-list", "--count", "checkpoints") == "2"  # on top of origin's history
