@@ -23,6 +23,7 @@ from .devices import free_memory_bytes, native_bf16
 from .errors import Cancelled, MeddiffError
 from .samplers import make_sampler
 from .zoo import DiffusionModel
+from .zoo.conditions import Conditioning
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,14 +102,32 @@ def condition_inputs(model: DiffusionModel, values: torch.Tensor | None, x: torc
     if values is None:  # the model's defaults, e.g. for inpainting with a conditional model
         defaults = [s.default for s in model.conditions]
         values = torch.tensor(defaults, dtype=torch.float32).expand(x.shape[0], len(defaults))
-    values = values.to(device=x.device, dtype=torch.float32)
     if values.ndim != 2 or values.shape != (x.shape[0], len(model.conditions)):
         raise MeddiffError(f"conditions must be ({x.shape[0]}, {len(model.conditions)}), got {tuple(values.shape)}")
+    return network_conditions(how, values, x)
+
+
+def network_conditions(how: Conditioning, values: torch.Tensor, x: torch.Tensor) -> ConditionInputs:
+    """Checked condition values ``(B, N)`` in the form ``how`` says the UNet takes them, for inputs ``x``
+    (sampling and training alike)."""
+    values = values.to(device=x.device, dtype=torch.float32)
     spatial = x.shape[2:]
     channels = values.reshape(*values.shape, *[1] * len(spatial)).expand(*values.shape, *spatial) if how.concat else None
     context = values.unsqueeze(1) if how.context else None
     labels = values[:, 0].round().long() if how.class_labels else None
     return ConditionInputs(channels, context, labels)
+
+
+def unet_inputs(net_in: torch.Tensor, cond: ConditionInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(input with the condition channels concatenated, the UNet's context / class-label keyword arguments)."""
+    if cond.channels is not None:
+        net_in = torch.cat([net_in, cond.channels.to(net_in.dtype)], dim=1)
+    kwargs = {}
+    if cond.context is not None:
+        kwargs["context"] = cond.context
+    if cond.class_labels is not None:
+        kwargs["class_labels"] = cond.class_labels
+    return net_in, kwargs
 
 
 def _unconditional(model: DiffusionModel, batch: int) -> torch.Tensor:
@@ -123,13 +142,7 @@ def _unconditional(model: DiffusionModel, batch: int) -> torch.Tensor:
 
 def _predict(model: DiffusionModel, net_in: torch.Tensor, t_batch: torch.Tensor, cond: ConditionInputs,
              precision: str) -> torch.Tensor:
-    if cond.channels is not None:
-        net_in = torch.cat([net_in, cond.channels.to(net_in.dtype)], dim=1)
-    kwargs = {}
-    if cond.context is not None:
-        kwargs["context"] = cond.context
-    if cond.class_labels is not None:
-        kwargs["class_labels"] = cond.class_labels
+    net_in, kwargs = unet_inputs(net_in, cond)
     with autocast_context(net_in.device, precision):
         return model.unet(net_in, timesteps=t_batch, **kwargs).float()
 

@@ -26,6 +26,8 @@ from ..errors import MeddiffError
 if TYPE_CHECKING:
     import torch
 
+    from ..zoo.conditions import Conditioning
+
 NULL_VALUE = -1.0
 INPUTS = ("context", "concat")
 # name -> (description, label file suffix replacing "_T1w", label values counted); tissue labels of the cohort:
@@ -129,15 +131,12 @@ def drop_conditions(values: torch.Tensor, dropout: float, gen: torch.Generator) 
     return out
 
 
-def network_inputs(block: dict[str, Any], values: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(UNet input, extra keyword arguments) for ``values`` (B, N) and the noisy input ``x``, as sampling does."""
-    import torch
+def network_conditioning(block: dict[str, Any]) -> "Conditioning":
+    """How the UNet takes a config's conditions, as sampling reads it from the exported model."""
+    from ..zoo.conditions import Conditioning
 
-    values = values.to(device=x.device, dtype=x.dtype)
-    if block["input"] == "context":
-        return x, {"context": values.unsqueeze(1)}
-    channels = values.reshape(*values.shape, *[1] * (x.ndim - 2)).expand(*values.shape, *x.shape[2:])
-    return torch.cat([x, channels], dim=1), {}
+    return Conditioning(concat=block["input"] == "concat", context=block["input"] == "context",
+                        null=(NULL_VALUE,) * len(block["conditions"]))
 
 
 def model_block(block: dict[str, Any], ranges: Sequence[tuple[float, float]], train_scaled: torch.Tensor) -> dict:
@@ -151,5 +150,6 @@ def model_block(block: dict[str, Any], ranges: Sequence[tuple[float, float]], tr
             "unit": "ml", "unit_low": round(lo, 2), "unit_high": round(hi, 2),
             "description": f"{what}: 0 = {lo:.0f} ml, 1 = {hi:.0f} ml (the training subjects' range)",
         })
-    return {"concat": block["input"] == "concat", "context": block["input"] == "context", "class_labels": False,
-            "null": [NULL_VALUE] * len(conditions), "dropout": block["dropout"], "conditions": conditions}
+    how = network_conditioning(block)
+    return {"concat": how.concat, "context": how.context, "class_labels": how.class_labels, "null": list(how.null),
+            "dropout": block["dropout"], "conditions": conditions}

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from ..errors import MeddiffError
 from ..samplers import noise_scheduler
+from ..sampling import network_conditions, unet_inputs
 from ..zoo import build_network
 from . import common
-from .conditions import drop_conditions, network_inputs
+from .conditions import drop_conditions, network_conditioning
 from .data import crop_schedule, random_batch, random_crop
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def train_diffusion(
     bs = int(tc["batch_size"])
     if conditions is not None and conditions.shape[0] != x0_data.shape[0]:
         raise MeddiffError(f"{conditions.shape[0]} condition rows for {x0_data.shape[0]} training items")
+    how = network_conditioning(cfg["conditioning"]) if conditions is not None else None
     last_ckpt = budget.minutes
 
     def checkpoint() -> None:
@@ -142,8 +144,8 @@ def train_diffusion(
         xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
         inp = xt if cond is None else torch.cat([xt, cond], dim=1)
         extra: dict[str, torch.Tensor] = {}
-        if conditions is not None:
-            inp, extra = network_inputs(cfg["conditioning"], cb, inp)
+        if conditions is not None:  # as sampling gives them to the UNet
+            inp, extra = unet_inputs(inp, network_conditions(how, cb, inp))
         with common.autocast(device, precision):
             pred = dnet(inp, timesteps=t, **extra)
         loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t))
