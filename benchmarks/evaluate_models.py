@@ -376,7 +376,8 @@ def main(argv=None) -> int:
             tmp = out.with_name(out.name + ".part")
             tmp.write_text(json.dumps(results, indent=2) + "\n")
             tmp.replace(out)
-        results = json.loads(out.read_text()) if out.is_file() else {}
+        else:
+            results = json.loads(out.read_text()) if out.is_file() else {}
         if name in results:
             update_card(find_model_dir(name), results[name])
             print(render(results[name]))
