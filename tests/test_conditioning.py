@@ -17,7 +17,8 @@ from napari_meddiff.testing import TINY_SCHEDULE, tiny_unet_config
 from napari_meddiff.zoo import build_network, load_model, save_model_folder
 
 CONDITIONS = [
-    {"name": "age", "low": 0.0, "high": 1.0, "default": 0.5, "description": "age, scaled"},
+    {"name": "age", "low": 0.0, "high": 1.0, "default": 0.5, "description": "age, scaled", "unit": "years",
+     "unit_low": 20.0, "unit_high": 90.0},
     {"name": "lesion_load", "low": -1.0, "high": 1.0, "default": 0.0},
 ]
 
@@ -57,6 +58,18 @@ def test_conditions_declared_in_model_json(cond_model):
     assert [c.name for c in cond_model.conditions] == ["age", "lesion_load"]
     assert cond_model.conditioning.concat and cond_model.conditioning.context
     assert cond_model.condition_values({"lesion_load": 0.3}) == {"age": 0.5, "lesion_load": 0.3}
+    age, lesion = cond_model.conditions
+    assert age.in_units(0.5) == pytest.approx(55.0) and age.unit == "years" and lesion.in_units(0.5) is None
+    assert (age.label, lesion.label) == ("Age", "Lesion load")
+
+
+def test_condition_units_need_both_ends(tmp_path):
+    folder = _conditional_model(tmp_path / "units")
+    config = json.loads((folder / "model.json").read_text())
+    del config["conditioning"]["conditions"][0]["unit_high"]
+    (folder / "model.json").write_text(json.dumps(config))
+    with pytest.raises(MeddiffError, match="unit_high"):
+        load_model(folder)
 
 
 def _chain(model, seeds, values, scale=1.0):
@@ -154,6 +167,21 @@ def test_generate_widget_condition_sliders(make_napari_viewer, qtbot, tmp_path):
     assert layer.data.shape == (16, 24, 16)
     widget.model_picker.add_folder(write_bundle(tmp_path / "mednist_ddpm", "mednist"))
     assert not widget.conditions.rows and not widget.conditions.isVisibleTo(widget)
+
+
+@pytest.mark.napari
+@pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")), reason="run under xvfb-run")
+def test_condition_rows_show_the_declared_unit(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-meddiff", "Generate")
+    widget.model_picker.add_folder(_conditional_model(tmp_path / "tiny-cond-2d"))
+    rows = widget.conditions.rows
+    assert rows["age"].unit.text() == "≈ 55 years"  # the default 0.5 of 20-90 years
+    rows["age"].slider.setValue(1000)
+    assert rows["age"].unit.text() == "≈ 90 years"
+    assert rows["lesion_load"].unit.text() == ""
+    labels = [widget.conditions.form.labelForField(rows[n]).text() for n in ("age", "lesion_load")]
+    assert labels == ["Age", "Lesion load"]
 
 
 def test_class_label_range_must_index_the_embedding(tmp_path):

@@ -389,3 +389,24 @@ def test_the_autoencoder_pass_that_ran_is_recorded(tiny_models):
         del os.environ[AUTOENCODER_PASS_ENV]
     assert tiled.metadata["provenance"]["autoencoder_pass"] == "tiled"
     np.testing.assert_allclose(tiled.array, whole.array, atol=1e-4)  # the same image to floating-point error
+
+
+def test_saved_model_folder_is_readable_by_the_group(tmp_path):
+    import os
+
+
+    from napari_meddiff.testing import TINY_SCHEDULE, tiny_unet_config
+    from napari_meddiff.zoo import build_network, save_model_folder
+
+    unet = tiny_unet_config(2, 1, 1)
+    config = {"name": "shared", "kind": "ddpm", "spatial_dims": 2, "image_shape": [16, 16], "voxel_size": [2.0, 2.0],
+              "scheduler": TINY_SCHEDULE, "networks": {"unet": unet},
+              "defaults": {"sampler": "ddim", "steps": 2, "precision": "fp32"}}
+    old = os.umask(0o002)
+    try:
+        folder = save_model_folder(tmp_path / "shared", config, {"unet": build_network("unet", unet)}, card="# x\n")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert set(modes.values()) == {0o664}, modes  # safetensors itself writes 0600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o775

@@ -3,12 +3,14 @@
 Declared in ``model.json`` as a ``conditioning`` block (or derived from a MONAI bundle's metadata)::
 
     "conditioning": {"concat": true, "context": true, "class_labels": false, "null": null,
-                     "conditions": [{"name": "age", "low": 0, "high": 1, "default": 0.5, "description": "..."}]}
+                     "conditions": [{"name": "age", "low": 0, "high": 1, "default": 0.5, "description": "...",
+                                     "unit": "years", "unit_low": 20, "unit_high": 90}]}
 
 ``concat``: the values broadcast over the sample and concatenated as extra input channels; ``context``: the
 values as cross-attention context ``(B, 1, N)``; ``class_labels``: the first value as an integer class label;
 ``null``: the values meaning "no condition" for classifier-free guidance (models trained with condition
-dropout), or null when the model was not.
+dropout), or null when the model was not. ``unit`` / ``unit_low`` / ``unit_high`` (optional): the physical
+values ``low`` and ``high`` stand for, shown beside the sliders.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import MeddiffError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+ACRONYMS = {"csf", "gm", "wm", "ct", "mri", "t1", "t2", "flair", "suv", "hu"}
 
 
 def snake_case(text: str) -> str:
@@ -37,6 +40,21 @@ class ConditionSpec:
     high: float
     default: float
     description: str = ""
+    unit: str = ""  # a physical unit the [low, high] scale maps onto linearly (e.g. "ml"), where declared
+    unit_low: float | None = None  # the unit's value at ``low``
+    unit_high: float | None = None  # ... and at ``high``
+
+    @property
+    def label(self) -> str:
+        """``"csf_volume"`` -> ``"CSF volume"``: for forms and plots."""
+        words = [w.upper() if w in ACRONYMS else w for w in self.name.split("_")]
+        return " ".join(words)[:1].upper() + " ".join(words)[1:]
+
+    def in_units(self, value: float) -> float | None:
+        """The physical value a condition value stands for (None where the model declares no unit scale)."""
+        if self.unit_low is None or self.unit_high is None or self.high == self.low:
+            return None
+        return self.unit_low + (float(value) - self.low) / (self.high - self.low) * (self.unit_high - self.unit_low)
 
     def check(self, value: float) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
@@ -91,7 +109,11 @@ def parse_conditions(block: Any, where: str) -> tuple[Conditioning, list[Conditi
         default = _number(item, "default", where) if "default" in item else (low + high) / 2
         if not low <= default <= high:
             raise MeddiffError(f"{where}: condition {name}: default {default:g} is outside [{low:g}, {high:g}]")
-        specs.append(ConditionSpec(name, low, high, default, str(item.get("description", ""))))
+        units = {}
+        if "unit_low" in item or "unit_high" in item:
+            units = {"unit": str(item.get("unit", "")), "unit_low": _number(item, "unit_low", where),
+                     "unit_high": _number(item, "unit_high", where)}
+        specs.append(ConditionSpec(name, low, high, default, str(item.get("description", "")), **units))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise MeddiffError(f"{where}: condition names repeat: {names}")

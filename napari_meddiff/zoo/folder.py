@@ -135,6 +135,7 @@ def save_model_folder(
                 state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
             file_name = f"{net_name}.safetensors"
             save_file(state, str(tmp / file_name))
+            os.chmod(tmp / file_name, 0o666 & ~current_umask())  # safetensors writes 0600: others could not read it
             config["weights"][net_name] = {
                 "file": file_name,
                 "sha256": sha256_file(tmp / file_name),

@@ -4,7 +4,7 @@ scale where the model was trained with condition dropout (shared by the Generate
 from __future__ import annotations
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QHBoxLayout, QSlider, QWidget
+from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QSlider, QWidget
 
 from ...zoo import ConditionSpec
 from .common import ModelInfo
@@ -13,7 +13,8 @@ SLIDER_STEPS = 1000
 
 
 class ConditionRow(QWidget):
-    """A slider and a spin box, kept in step, for one named condition."""
+    """A slider and a spin box, kept in step, for one named condition, and what the value stands for in the
+    model's unit (e.g. "1790 ml") where it declares one."""
 
     def __init__(self, spec: ConditionSpec, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -27,12 +28,19 @@ class ConditionRow(QWidget):
         tip = f"{spec.description or spec.name}: {spec.low:g} to {spec.high:g} (default {spec.default:g})"
         self.slider.setToolTip(tip)
         self.box.setToolTip(tip)
+        self.unit = QLabel("")
+        self.unit.setToolTip(tip)
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.slider, 1)
         layout.addWidget(self.box)
+        if spec.in_units(spec.low) is not None:
+            widest = max(abs(spec.in_units(spec.low)), abs(spec.in_units(spec.high)))
+            self.unit.setMinimumWidth(self.unit.fontMetrics().horizontalAdvance(self._unit_text(-widest)))
+            layout.addWidget(self.unit)
         self.slider.valueChanged.connect(self._from_slider)
         self.box.valueChanged.connect(self._from_box)
+        self.box.valueChanged.connect(self._show_unit)
         self.set_value(spec.default)
 
     def _from_slider(self, position: int) -> None:
@@ -40,6 +48,7 @@ class ConditionRow(QWidget):
         blocked = self.box.blockSignals(True)
         self.box.setValue(value)
         self.box.blockSignals(blocked)
+        self._show_unit(self.box.value())
 
     def _from_box(self, value: float) -> None:
         span = self.spec.high - self.spec.low
@@ -47,9 +56,18 @@ class ConditionRow(QWidget):
         self.slider.setValue(round((value - self.spec.low) / span * SLIDER_STEPS) if span else 0)
         self.slider.blockSignals(blocked)
 
+    def _unit_text(self, physical: float) -> str:
+        digits = 0 if abs(self.spec.unit_high - self.spec.unit_low) >= 50 else 1
+        return f"≈ {physical:.{digits}f} {self.spec.unit}".rstrip()
+
+    def _show_unit(self, value: float) -> None:
+        physical = self.spec.in_units(value)
+        self.unit.setText("" if physical is None else self._unit_text(physical))
+
     def set_value(self, value: float) -> None:
         self.box.setValue(value)
         self._from_box(self.box.value())
+        self._show_unit(self.box.value())
 
     def value(self) -> float:
         return float(self.box.value())
@@ -76,7 +94,7 @@ class ConditionControls(QWidget):
         for spec in specs:
             row = ConditionRow(spec)
             self.rows[spec.name] = row
-            self.form.addRow(spec.name.replace("_", " ").capitalize(), row)
+            self.form.addRow(spec.label, row)
         if specs and self.offers_guidance and info.conditioning.null is not None:
             self.guidance = QDoubleSpinBox()
             self.guidance.setRange(0.0, 30.0)
