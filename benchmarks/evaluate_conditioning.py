@@ -1,15 +1,22 @@
-"""Does a conditional model make what is asked? (issue 16: Pearson >= 0.8 for brain and CSF volume)
+"""Does a conditional model make what is asked? (issue 16: Pearson >= 0.8 for brain and CSF volume, and how
+often a requested lesion appears)
 
     python benchmarks/evaluate_conditioning.py --model runs/ldm-4mm-cond/model --heldout data/cohort-2mm-heldout
+        [--instrument segdiff|kmeans] [--lesion-detector benchmarks/instruments/lesion-4mm]
         [--levels 0 0.25 0.5 0.75 1] [--per-level 8] [--guidance-scale 1] [--threads 2] [--out JSON]
 
-For each volume condition (``brain_volume``, ``csf_volume``) the script generates ``--per-level`` samples at each
-requested level (the other conditions at their defaults, the same seeds at every level), segments every sample
-into CSF / grey / white matter by a 3-class k-means of its brain intensities, and reports the Pearson correlation
-of the requested volume (ml, from the model's declared range) against the measured one, with the mean measured
-volume per level. The instrument is checked first on held-out real subjects (preprocessed like training):
-k-means volumes against the cohort's label volumes on the same grid (its Pearson is printed; a requested-vs-
-measured correlation is only as good as it). Lesion load is not measured yet (no lesion detector).
+For each condition the script generates ``--per-level`` samples at each requested level (the other conditions at
+their defaults, the same seeds at every level), measures each sample and reports the Pearson correlation of the
+requested value (ml, from the model's declared range) against the measured one, with the mean per level.
+
+Instruments (each checked first on held-out real subjects preprocessed like training, as they are and encoded +
+decoded by the model's autoencoder, against the volumes of their label files: a requested-vs-measured
+correlation is only as good as its instrument):
+- brain (grey + white matter) and CSF volume: ``segdiff`` (default), the shipped 2 mm segmentation model
+  (``brain-tissue-segdiff-2d``, one member) on the sample; volumes are sums of its class probabilities, so partial
+  voxels count partly; or ``kmeans``, a 3-class k-means of the brain intensities (fast; poor for CSF at 4 mm);
+- lesion load: the detector of ``benchmarks/lesion_detector.py`` trained on the model's grid (``--lesion-detector``;
+  skipped without one); a lesion *appears* when the detected load reaches the detector's threshold.
 Writes ``benchmarks/results/conditioning_<model>.json`` (or ``--out``) and prints a summary.
 """
 
@@ -32,6 +39,7 @@ from common import machine  # noqa: E402
 from evaluate_models import kmeans_1d, load_split, model_train_config  # noqa: E402
 
 VOLUME_CONDITIONS = {"brain_volume": "brain_ml", "csf_volume": "csf_ml"}
+SEGMENTATION_INSTRUMENT = "brain-tissue-segdiff-2d"
 
 
 def tissue_volumes(image: np.ndarray, voxel_ml: float, threshold: float = 0.1) -> dict[str, float]:
@@ -52,44 +60,109 @@ def pearson(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def instrument_check(cfg: dict, heldout: Path, num: int, voxel_ml: float) -> dict:
-    """k-means volumes of held-out real subjects against their label volumes on the model grid."""
-    images, labels, _, seeds = load_split(cfg, heldout, num)
-    est = [tissue_volumes(im[0].numpy(), voxel_ml) for im in images]
-    truth_brain = [float(np.isin(lb.numpy(), (2, 3)).sum()) * voxel_ml for lb in labels]
-    truth_csf = [float((lb.numpy() == 1).sum()) * voxel_ml for lb in labels]
-    return {"subjects": len(seeds),
-            "brain_pearson": round(pearson(truth_brain, [e["brain_ml"] for e in est]), 4),
-            "csf_pearson": round(pearson(truth_csf, [e["csf_ml"] for e in est]), 4),
-            "brain_ml_labels_mean": round(float(np.mean(truth_brain)), 1),
-            "brain_ml_kmeans_mean": round(float(np.mean([e["brain_ml"] for e in est])), 1),
-            "csf_ml_labels_mean": round(float(np.mean(truth_csf)), 1),
-            "csf_ml_kmeans_mean": round(float(np.mean([e["csf_ml"] for e in est])), 1)}
+class Instruments:
+    """What measures a sample (a [0, 1] array on the model grid ``affine``): tissue volumes and lesion load."""
+
+    def __init__(self, kind: str, affine: np.ndarray, lesion_detector: Path | None = None) -> None:
+        self.kind, self.affine = kind, np.asarray(affine, float)
+        self.voxel_ml = abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+        self.segmenter = None
+        if kind == "segdiff":
+            from napari_meddiff.zoo import load_model
+
+            self.segmenter = load_model(SEGMENTATION_INSTRUMENT, device="cpu")
+        self.detector = self.lesion_threshold = None
+        if lesion_detector is not None:
+            from lesion_detector import load_detector
+
+            self.detector, meta = load_detector(lesion_detector)
+            self.lesion_threshold = float(meta["threshold_ml"])
+
+    def volumes(self, image: np.ndarray) -> dict[str, float]:
+        if self.segmenter is None:
+            return tissue_volumes(image, self.voxel_ml)
+        from napari_meddiff.segment import segment
+        from napari_meddiff.volume import Volume
+
+        r = segment(self.segmenter, Volume(np.asarray(image, np.float32), self.affine), ensemble=1, device="cpu")
+        p, names = np.asarray(r.probabilities.array), [n.lower() for n in r.class_names]
+        soft = {n: float(p[..., k].sum()) * self.voxel_ml for k, n in enumerate(names)}
+        return {"csf_ml": soft["csf"], "brain_ml": soft["gm"] + soft["wm"]}
+
+    def lesion_ml(self, images: list[np.ndarray]) -> np.ndarray:
+        from lesion_detector import lesion_load_ml
+
+        x = torch.from_numpy(np.stack([np.asarray(i, np.float32) for i in images]))[:, None]
+        return lesion_load_ml(self.detector, x, self.voxel_ml)
 
 
-def sweep(model, name: str, levels: list[float], per_level: int, guidance: float, seed: int) -> dict:
+def instrument_check(cfg: dict, heldout: list[Path], num: int, instruments: Instruments, model) -> dict:
+    """The instruments on held-out real subjects (as they are, and through the model's autoencoder) against
+    the volumes of their label files (ml at the files' own resolution, as training measures the conditions)."""
+    from lesion_detector import detection_summary, load_subjects, through_autoencoder
+    from napari_meddiff.training.conditions import measure_subject
+
+    images, _, _, seeds = load_split(cfg, heldout[0], num, with_labels=False)
+    files = sorted(heldout[0].glob(cfg["data"]["images"]))[:num]
+
+    truth = np.array([measure_subject(f, ["brain_volume", "csf_volume"]) for f in files])
+    out = {"subjects": len(seeds), "instrument": instruments.kind,
+           "brain_ml_labels_mean": round(float(truth[:, 0].mean()), 1),
+           "csf_ml_labels_mean": round(float(truth[:, 1].mean()), 1)}
+    passes = {"real": images}
+    if model.kind == "ldm":
+        passes["through_autoencoder"] = through_autoencoder(model, images)
+    for name, ims in passes.items():
+        est = [instruments.volumes(im[0].numpy()) for im in ims]
+        out[name] = {"brain_pearson": round(pearson(truth[:, 0], [e["brain_ml"] for e in est]), 4),
+                     "csf_pearson": round(pearson(truth[:, 1], [e["csf_ml"] for e in est]), 4),
+                     "brain_ml_mean": round(float(np.mean([e["brain_ml"] for e in est])), 1),
+                     "csf_ml_mean": round(float(np.mean([e["csf_ml"] for e in est])), 1)}
+    if instruments.detector is not None:
+        grid = {k: cfg[k] for k in ("spatial_dims", "image_shape", "voxel_size", "intensity", "data")}
+        lims, _, loads, _ = load_subjects(grid, heldout, split="heldout")
+        out["lesion"] = {"subjects": len(loads), "threshold_ml": instruments.lesion_threshold}
+        lesion_passes = {"real": lims}
+        if model.kind == "ldm":
+            lesion_passes["through_autoencoder"] = through_autoencoder(model, lims)
+        for name, ims in lesion_passes.items():
+            measured = instruments.lesion_ml([im[0].numpy() for im in ims])
+            out["lesion"][name] = detection_summary(measured, loads, instruments.lesion_threshold)
+    return out
+
+
+def measure(instruments: Instruments, name: str, images: list[np.ndarray]) -> list[float]:
+    if name == "lesion_load":
+        return instruments.lesion_ml(images).tolist()
+    return [instruments.volumes(im)[VOLUME_CONDITIONS[name]] for im in images]
+
+
+def sweep(model, name: str, levels: list[float], per_level: int, guidance: float, seed: int,
+          instruments: Instruments) -> dict:
     from napari_meddiff.generate import generate
 
-    spec = next(c for c in model.config["conditioning"]["conditions"] if c["name"] == name)
-    if "unit_low" not in spec or "unit_high" not in spec:
+    spec = next(c for c in model.conditions if c.name == name)
+    if spec.in_units(spec.low) is None:
         raise SystemExit(f"{model.name}: condition {name} declares no ml range (unit_low/unit_high, written by "
                          "meddiff train); requested volumes cannot be compared with measured ones")
-    lo, hi = float(spec["unit_low"]), float(spec["unit_high"])
-    voxel_ml = float(np.prod(model.config["voxel_size"])) / 1000.0
     seeds = list(range(seed, seed + per_level))
     requested, measured, rows, pictures = [], [], [], {}
     for level in levels:
         vols = generate(model, seeds, device="cpu", conditions={name: float(level)}, guidance_scale=guidance)
         pictures[level] = [np.squeeze(v.array) for v in vols[:3]]
-        got = [tissue_volumes(np.squeeze(v.array), voxel_ml)[VOLUME_CONDITIONS[name]] for v in vols]
-        requested += [lo + float(level) * (hi - lo)] * len(got)
+        got = measure(instruments, name, [np.squeeze(v.array) for v in vols])
+        asked = spec.in_units(level)
+        requested += [asked] * len(got)
         measured += got
-        rows.append({"level": level, "requested_ml": round(lo + level * (hi - lo), 1),
-                     "measured_ml_mean": round(float(np.mean(got)), 1), "measured_ml_sd": round(float(np.std(got)), 1)})
-        print(f"{name}={level:g} (asked {lo + level * (hi - lo):.0f} ml): measured {np.mean(got):.1f} ± "
-              f"{np.std(got):.1f} ml", flush=True)
+        row = {"level": level, "requested_ml": round(asked, 2), "measured_ml_mean": round(float(np.mean(got)), 2),
+               "measured_ml_sd": round(float(np.std(got)), 2)}
+        if name == "lesion_load":
+            row["lesion_appears"] = round(float(np.mean(np.array(got) >= instruments.lesion_threshold)), 3)
+        rows.append(row)
+        print(f"{name}={level:g} (asked {asked:.1f} ml): measured {np.mean(got):.1f} ± {np.std(got):.1f} ml"
+              + (f", lesion in {row['lesion_appears']:.0%}" if "lesion_appears" in row else ""), flush=True)
     return {"pearson": round(pearson(requested, measured), 4), "levels": rows, "n": len(measured),
-            "range_ml": [lo, hi], "seeds": seeds, "pictures": pictures}
+            "range_ml": [spec.unit_low, spec.unit_high], "seeds": seeds, "pictures": pictures}
 
 
 def save_pictures(path: Path, results: dict, name: str) -> None:
@@ -110,7 +183,10 @@ def save_pictures(path: Path, results: dict, name: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--heldout", type=Path, default=ROOT / "data" / "cohort-2mm-heldout")
+    p.add_argument("--heldout", type=Path, nargs="+", default=[ROOT / "data" / "cohort-2mm-heldout"],
+                   help="held-out cohort folders; the first checks the volume instruments, all the lesion detector")
+    p.add_argument("--instrument", choices=("segdiff", "kmeans"), default="segdiff")
+    p.add_argument("--lesion-detector", type=Path, default=None, help="a benchmarks/lesion_detector.py folder")
     p.add_argument("--num-heldout", type=int, default=20)
     p.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--per-level", type=int, default=8)
@@ -121,24 +197,31 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from napari_meddiff.generate import generate
     from napari_meddiff.zoo import find_model_dir, load_model
 
     model_dir = find_model_dir(args.model)
     model = load_model(model_dir)
+    if model.spatial_dims != 3:
+        raise SystemExit(f"{args.model} is a {model.spatial_dims}D model: its conditions are a subject's volumes, "
+                         "measured here on whole 3D samples")
     names = [c.name for c in model.conditions]
-    todo = [n for n in VOLUME_CONDITIONS if n in names]
+    measurable = list(VOLUME_CONDITIONS) + (["lesion_load"] if args.lesion_detector else [])
+    todo = [n for n in measurable if n in names]
     if not todo:
-        raise SystemExit(f"{args.model} has no volume conditions (its conditions: {names or 'none'})")
+        raise SystemExit(f"{args.model}: none of its conditions ({names or 'none'}) can be measured here")
     t0 = time.time()
-    voxel_ml = float(np.prod(model.config["voxel_size"])) / 1000.0
+    affine = generate(model, [args.seed], device="cpu")[0].affine  # the model grid the samples come on
+    instruments = Instruments(args.instrument, affine, args.lesion_detector)
     res = {"model": str(args.model), "weights_sha256": model.weights_sha256, "machine": machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "guidance_scale": args.guidance_scale, "sampler": model.config["defaults"]["sampler"],
            "steps": model.config["defaults"]["steps"], "target_pearson": 0.8}
-    res["instrument"] = instrument_check(model_train_config(model_dir), args.heldout, args.num_heldout, voxel_ml)
-    print(f"instrument (k-means vs labels, {res['instrument']['subjects']} held-out subjects): Pearson brain "
-          f"{res['instrument']['brain_pearson']}, CSF {res['instrument']['csf_pearson']}", flush=True)
-    res["conditions"] = {n: sweep(model, n, args.levels, args.per_level, args.guidance_scale, args.seed) for n in todo}
+    res["instrument"] = instrument_check(model_train_config(model_dir), args.heldout, args.num_heldout,
+                                         instruments, model)
+    print(f"instruments on held-out subjects: {json.dumps(res['instrument'])}", flush=True)
+    res["conditions"] = {n: sweep(model, n, args.levels, args.per_level, args.guidance_scale, args.seed,
+                                  instruments) for n in todo}
     res["minutes"] = round((time.time() - t0) / 60, 2)
     png = (args.out.with_suffix(".png") if args.out else
            ROOT / "benchmarks" / "results" / f"conditioning_{model.name}.png")

@@ -175,8 +175,9 @@ def test_a_conditional_unet_trains_on_an_existing_models_autoencoder(tmp_path, c
         train(tmp_path / "bad.yaml", out=tmp_path / "m2", work_dir=tmp_path / "r2", progress=False)
 
 
-def test_evaluate_conditioning_sweeps_and_reports(tmp_path, cohort):
-    """benchmarks/evaluate_conditioning.py end to end on a tiny conditional model (its figures mean nothing here)."""
+def test_evaluate_conditioning_sweeps_and_reports(tmp_path):
+    """benchmarks/evaluate_conditioning.py end to end on a tiny 3D conditional model, with the k-means volume
+    instrument and a lesion detector trained for a few steps (their figures mean nothing here)."""
     import json
     import sys
 
@@ -185,17 +186,52 @@ def test_evaluate_conditioning_sweeps_and_reports(tmp_path, cohort):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import evaluate_conditioning
+    import lesion_detector
 
-    out = train(config(tmp_path, cohort), out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    data = tmp_path / "data"  # at fraction 0.5, of seeds 0-3 seed 1 has a lesion (3 is the validation subject)
+    write_cohort(data, 4, seed=0, lesion_fraction=0.5, progress=False)
+    raw = yaml.safe_load(config(tmp_path, data, names=("brain_volume", "csf_volume", "lesion_load")).read_text())
+    raw.update(spatial_dims=3, image_shape=[16, 16, 16], voxel_size=[12.0, 12.0, 12.0])
+    (tmp_path / "3d.yaml").write_text(yaml.safe_dump(raw))
+    out = train(tmp_path / "3d.yaml", out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    detector = tmp_path / "detector"
+    assert lesion_detector.main(["train", "--grid-of", str(out), "--data", str(data), "--out", str(detector),
+                                 "--minutes", "0.02"]) == 0
+    meta = json.loads((detector / "detector.json").read_text())
+    assert meta["steps"] >= 1 and meta["threshold_ml"] >= lesion_detector.MIN_THRESHOLD_ML
     heldout = write_cohort(tmp_path / "heldout", 2, seed=100000, progress=False).parent
     result = tmp_path / "cond.json"
     assert evaluate_conditioning.main(["--model", str(out), "--heldout", str(heldout), "--num-heldout", "2",
-                                       "--levels", "0", "1", "--per-level", "2", "--out", str(result)]) == 0
+                                       "--instrument", "kmeans", "--lesion-detector", str(detector), "--levels", "0", "1", "--per-level", "2",
+                                       "--out", str(result)]) == 0
     res = json.loads(result.read_text())
-    assert set(res["conditions"]) == {"brain_volume", "csf_volume"} and res["instrument"]["subjects"] == 2
+    assert set(res["conditions"]) == {"brain_volume", "csf_volume", "lesion_load"}
+    check = res["instrument"]
+    assert check["subjects"] == 2 and check["instrument"] == "kmeans" and check["real"]["brain_ml_mean"] > 0
+    assert check["lesion"]["subjects"] == 2 and "sensitivity" in check["lesion"]["real"]
     levels = res["conditions"]["brain_volume"]["levels"]
     assert [r["level"] for r in levels] == [0.0, 1.0] and levels[0]["requested_ml"] < levels[1]["requested_ml"]
+    assert all(0 <= r["lesion_appears"] <= 1 for r in res["conditions"]["lesion_load"]["levels"])
     assert res["conditions"]["csf_volume"]["n"] == 4 and result.with_suffix(".png").is_file()
+
+
+def test_segmentation_instrument_measures_a_real_subject_on_a_coarse_grid(cohort):
+    """The segdiff instrument (soft volumes of the shipped 2 mm segmentation model) on a subject resampled to the
+    4 mm grid of a 3D generator: close to the volumes of its label files."""
+    import sys
+
+    from napari_meddiff.intensity import intensity_window, normalise
+    from napari_meddiff.volume import read_volume, resample, to_canonical
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import evaluate_conditioning
+
+    image = resample(to_canonical(read_volume(cohort / "sub-000000_T1w.nii.gz")), (4.0, 4.0, 4.0))
+    arr = np.asarray(image.array, np.float32)
+    arr = normalise(arr, intensity_window(arr, {"mode": "percentile", "low": 0.5, "high": 99.5}))
+    got = evaluate_conditioning.Instruments("segdiff", image.affine).volumes(arr)
+    brain, csf_ml = tc.measure_subject(cohort / "sub-000000_T1w.nii.gz", ["brain_volume", "csf_volume"])
+    assert got["brain_ml"] == pytest.approx(brain, rel=0.05) and got["csf_ml"] == pytest.approx(csf_ml, rel=0.35)
 
 
 def test_a_resume_on_other_training_subjects_is_refused(tmp_path, cohort):
