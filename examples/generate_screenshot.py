@@ -1,7 +1,8 @@
 """Screenshot of the Generate widget after a run (``xvfb-run -a python examples/generate_screenshot.py``).
 
 Uses the shipped default model (``brain-ldm-3d``) when it is installed, else a tiny random model (whose
-output is noise). Writes ``examples/screenshots/generate_widget.png``.
+output is noise). Writes ``examples/screenshots/generate_widget.png``. A conditional model's sliders:
+``--model runs/brain-ldm-3d-conditional --condition brain_volume=0.9 --out examples/screenshots/generate_conditional.png``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model name or folder (default: brain-ldm-3d if installed)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a condition slider of a conditional model (repeatable)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
@@ -55,6 +58,9 @@ def main() -> None:
         if args.steps:
             widget.sampling.steps.setValue(args.steps)
         widget.sampling.seed.setValue(args.seed)
+        for item in args.condition:
+            name, _, value = item.partition("=")
+            widget.conditions.rows[name].set_value(float(value))
         t0 = time.perf_counter()
         widget.run()
         while widget.runner.running:
