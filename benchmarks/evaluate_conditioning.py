@@ -186,6 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", type=Path, nargs="+", default=[ROOT / "data" / "cohort-2mm-heldout"],
                    help="held-out cohort folders; the first checks the volume instruments, all the lesion detector")
     p.add_argument("--instrument", choices=("segdiff", "kmeans"), default="segdiff")
+    p.add_argument("--conditions", nargs="+", default=None, help="only these conditions (default: all measurable)")
     p.add_argument("--lesion-detector", type=Path, default=None, help="a benchmarks/lesion_detector.py folder")
     p.add_argument("--num-heldout", type=int, default=20)
     p.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
                          "measured here on whole 3D samples")
     names = [c.name for c in model.conditions]
     measurable = list(VOLUME_CONDITIONS) + (["lesion_load"] if args.lesion_detector else [])
-    todo = [n for n in measurable if n in names]
+    todo = [n for n in measurable if n in names and (args.conditions is None or n in args.conditions)]
     if not todo:
         raise SystemExit(f"{args.model}: none of its conditions ({names or 'none'}) can be measured here")
     t0 = time.time()
