@@ -121,7 +121,7 @@ def train(args) -> int:
         masks, loads = torch.cat([masks, masks]), np.concatenate([loads, loads])
         print(f"+ the same through the autoencoder of {args.autoencoder_of} ({time.time() - t:.0f} s)", flush=True)
     net = build_network()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     # lesions are ~0.03 % of the voxels: Dice of the lesion class only, and lesion voxels weighted in the CE
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=False,
                          weight=torch.tensor([1.0, LESION_CE_WEIGHT]))
@@ -150,7 +150,7 @@ def train(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "detector.safetensors"))
-    meta = {"network": NETWORK, "grid": grid, "threshold_ml": round(threshold, 4), "steps": step,
+    meta = {"network": NETWORK, "lr": args.lr, "grid": grid, "threshold_ml": round(threshold, 4), "steps": step,
             "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(float(np.mean(losses[-100:])), 4),
             "training_subjects": len(names), "training_with_lesion": int((loads[:len(names)] > 0).sum()),
             "training_folders": [str(d) for d in args.data], "autoencoder_of": args.autoencoder_of,
@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--minutes", type=float, default=15.0)
     t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=1e-3)
     c = sub.add_parser("check")
     c.add_argument("--detector", type=Path, required=True)
     c.add_argument("--heldout", type=Path, nargs="+", required=True)
