@@ -2,7 +2,7 @@
 often a requested lesion appears)
 
     python benchmarks/evaluate_conditioning.py --model runs/ldm-4mm-cond/model --heldout data/cohort-2mm-heldout
-        [--instrument segdiff|kmeans] [--lesion-detector benchmarks/instruments/lesion-4mm]
+        [--instrument segdiff|kmeans] [--lesion-detector runs/lesion-4mm]
         [--levels 0 0.25 0.5 0.75 1] [--per-level 8] [--guidance-scale 1] [--threads 2] [--out JSON]
 
 For each condition the script generates ``--per-level`` samples at each requested level (the other conditions at
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import machine  # noqa: E402
-from evaluate_models import kmeans_1d, load_split, model_train_config  # noqa: E402
+from evaluate_models import kmeans_1d  # noqa: E402
 
 VOLUME_CONDITIONS = {"brain_volume": "brain_ml", "csf_volume": "csf_ml"}
 SEGMENTATION_INSTRUMENT = "brain-tissue-segdiff-2d"
@@ -96,38 +96,33 @@ class Instruments:
         return lesion_load_ml(self.detector, x, self.voxel_ml)
 
 
-def instrument_check(cfg: dict, heldout: list[Path], num: int, instruments: Instruments, model) -> dict:
+def instrument_check(grid: dict, heldout: list[Path], num: int, instruments: Instruments, model) -> dict:
     """The instruments on held-out real subjects (as they are, and through the model's autoencoder) against
-    the volumes of their label files (ml at the files' own resolution, as training measures the conditions)."""
-    from lesion_detector import detection_summary, load_subjects, through_autoencoder
+    the volumes of their label files (ml at the files' own resolution, as training measures the conditions):
+    the volumes on the first ``num`` subjects of the first folder, the lesion detector on every subject."""
+    from lesion_detector import detection_summaries, load_subjects, through_autoencoder
     from napari_meddiff.training.conditions import measure_subject
 
-    images, _, _, seeds = load_split(cfg, heldout[0], num, with_labels=False)
-    files = sorted(heldout[0].glob(cfg["data"]["images"]))[:num]
-
-    truth = np.array([measure_subject(f, ["brain_volume", "csf_volume"]) for f in files])
-    out = {"subjects": len(seeds), "instrument": instruments.kind,
-           "brain_ml_labels_mean": round(float(truth[:, 0].mean()), 1),
-           "csf_ml_labels_mean": round(float(truth[:, 1].mean()), 1)}
+    folders, limit = (heldout, None) if instruments.detector is not None else (heldout[:1], num)
+    images, _, loads, paths = load_subjects(grid, folders, split="heldout", limit=limit)
     passes = {"real": images}
     if model.kind == "ldm":
         passes["through_autoencoder"] = through_autoencoder(model, images)
+    first = [k for k, f in enumerate(paths) if f.parent == Path(heldout[0])][:num]
+    truth = np.array([measure_subject(paths[k], ["brain_volume", "csf_volume"]) for k in first])
+    out = {"subjects": len(first), "instrument": instruments.kind,
+           "brain_ml_labels_mean": round(float(truth[:, 0].mean()), 1),
+           "csf_ml_labels_mean": round(float(truth[:, 1].mean()), 1)}
     for name, ims in passes.items():
-        est = [instruments.volumes(im[0].numpy()) for im in ims]
+        est = [instruments.volumes(ims[k, 0].numpy()) for k in first]
         out[name] = {"brain_pearson": round(pearson(truth[:, 0], [e["brain_ml"] for e in est]), 4),
                      "csf_pearson": round(pearson(truth[:, 1], [e["csf_ml"] for e in est]), 4),
                      "brain_ml_mean": round(float(np.mean([e["brain_ml"] for e in est])), 1),
                      "csf_ml_mean": round(float(np.mean([e["csf_ml"] for e in est])), 1)}
     if instruments.detector is not None:
-        grid = {k: cfg[k] for k in ("spatial_dims", "image_shape", "voxel_size", "intensity", "data")}
-        lims, _, loads, _ = load_subjects(grid, heldout, split="heldout")
-        out["lesion"] = {"subjects": len(loads), "threshold_ml": instruments.lesion_threshold}
-        lesion_passes = {"real": lims}
-        if model.kind == "ldm":
-            lesion_passes["through_autoencoder"] = through_autoencoder(model, lims)
-        for name, ims in lesion_passes.items():
-            measured = instruments.lesion_ml([im[0].numpy() for im in ims])
-            out["lesion"][name] = detection_summary(measured, loads, instruments.lesion_threshold)
+        out["lesion"] = {"subjects": len(loads), "threshold_ml": instruments.lesion_threshold,
+                         **detection_summaries(instruments.detector, instruments.lesion_threshold,
+                                               instruments.voxel_ml, passes, loads)}
     return out
 
 
@@ -198,7 +193,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from napari_meddiff.generate import generate
+    from lesion_detector import grid_config
+    from napari_meddiff.generate import to_volume
     from napari_meddiff.zoo import find_model_dir, load_model
 
     model_dir = find_model_dir(args.model)
@@ -212,13 +208,13 @@ def main(argv=None) -> int:
     if not todo:
         raise SystemExit(f"{args.model}: none of its conditions ({names or 'none'}) can be measured here")
     t0 = time.time()
-    affine = generate(model, [args.seed], device="cpu")[0].affine  # the model grid the samples come on
+    affine = to_volume(model, np.zeros(model.image_shape, np.float32)).affine  # the grid the samples come on
     instruments = Instruments(args.instrument, affine, args.lesion_detector)
     res = {"model": str(args.model), "weights_sha256": model.weights_sha256, "machine": machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "guidance_scale": args.guidance_scale, "sampler": model.config["defaults"]["sampler"],
            "steps": model.config["defaults"]["steps"], "target_pearson": 0.8}
-    res["instrument"] = instrument_check(model_train_config(model_dir), args.heldout, args.num_heldout,
+    res["instrument"] = instrument_check(grid_config(model_dir), args.heldout, args.num_heldout,
                                          instruments, model)
     print(f"instruments on held-out subjects: {json.dumps(res['instrument'])}", flush=True)
     res["conditions"] = {n: sweep(model, n, args.levels, args.per_level, args.guidance_scale, args.seed,

@@ -5,9 +5,9 @@
     # also seen through that LDM's autoencoder, so the detector works on decoded images like the samples
     python benchmarks/lesion_detector.py train --grid-of runs/ldm-4mm-cond/model \
         --data data/cohort-2mm-train data/cohort-2mm-lesions \
-        --out benchmarks/instruments/lesion-4mm --minutes 15
+        --out runs/lesion-4mm --minutes 15
     # check it on held-out subjects, as they are and through the autoencoder
-    python benchmarks/lesion_detector.py check --detector benchmarks/instruments/lesion-4mm \
+    python benchmarks/lesion_detector.py check --detector runs/lesion-4mm \
         --heldout data/cohort-2mm-heldout data/cohort-2mm-heldout-lesions --autoencoder-of runs/ldm-4mm-cond/model
 
 The detector is a plain MONAI UNet (3D, 2 classes, DiceCE over the batch: Dice of the lesion class, CE with lesion
@@ -53,15 +53,16 @@ def grid_config(model_dir: Path) -> dict:
     return {k: cfg[k] for k in ("spatial_dims", "image_shape", "voxel_size", "intensity", "data")}
 
 
-def load_subjects(grid: dict, folders: list[Path], split: str | None = None):
-    """(images (N,1,*S) in [0, 1], lesion masks (N,1,*S), true load in ml at the files' own resolution, names)."""
+def load_subjects(grid: dict, folders: list[Path], split: str | None = None, limit: int | None = None):
+    """(images (N,1,*S) in [0, 1], lesion masks (N,1,*S), true load in ml at the files' own resolution, image
+    paths) of the first ``limit`` subjects of each folder (default: all), folder after folder."""
     from napari_meddiff.cohort import check_split
     from napari_meddiff.training.conditions import measure_subject
     from napari_meddiff.training.data import cohort_seeds, preprocess_subject
 
-    images, masks, loads, names = [], [], [], []
+    images, masks, loads, paths = [], [], [], []
     for folder in folders:
-        files = sorted(Path(folder).glob(grid["data"]["images"]))
+        files = sorted(Path(folder).glob(grid["data"]["images"]))[:limit]
         if split:
             check_split(cohort_seeds(Path(folder), files), split)
         for f in files:
@@ -71,22 +72,20 @@ def load_subjects(grid: dict, folders: list[Path], split: str | None = None):
             images.append(im)
             masks.append(lb if lb is not None else np.zeros_like(im, dtype=np.int64))
             loads.append(measure_subject(f, ["lesion_load"])[0])
-            names.append(f.name)
+            paths.append(f)
     as_tensor = lambda a, dt: torch.from_numpy(np.stack(a)).to(dt)  # noqa: E731
-    return as_tensor(images, torch.float32), (as_tensor(masks, torch.int64) > 0).long(), np.array(loads), names
+    return as_tensor(images, torch.float32), (as_tensor(masks, torch.int64) > 0).long(), np.array(loads), paths
 
 
-def through_autoencoder(model, images: torch.Tensor, batch: int = 4) -> torch.Tensor:
+def through_autoencoder(model, images: torch.Tensor) -> torch.Tensor:
     """Each image encoded and decoded by an LDM's autoencoder (posterior mean), clipped to [0, 1]; ``model``: a
     loaded model or its folder."""
-    from napari_meddiff.sampling import decode_latents, encode_images
+    from evaluate_ae import reconstruct_mean
     from napari_meddiff.zoo import DiffusionModel, load_model
 
     if not isinstance(model, DiffusionModel):
         model = load_model(model, device="cpu")
-    out = [decode_latents(model, encode_images(model, images[i:i + batch])).clamp(0, 1)
-           for i in range(0, len(images), batch)]
-    return torch.cat(out)
+    return reconstruct_mean(model.autoencoder.eval(), images)
 
 
 def build_network(config: dict | None = None) -> torch.nn.Module:
@@ -113,7 +112,7 @@ def train(args) -> int:
 
     torch.manual_seed(0)
     grid = grid_config(Path(args.grid_of))
-    images, masks, loads, names = load_subjects(grid, args.data, split="train")
+    images, masks, loads, paths = load_subjects(grid, args.data, split="train")
     print(f"{len(images)} training subjects, {int((loads > 0).sum())} with a lesion", flush=True)
     if args.autoencoder_of:
         t = time.time()
@@ -152,7 +151,7 @@ def train(args) -> int:
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "detector.safetensors"))
     meta = {"network": NETWORK, "lr": args.lr, "grid": grid, "threshold_ml": round(threshold, 4), "steps": step,
             "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(float(np.mean(losses[-100:])), 4),
-            "training_subjects": len(names), "training_with_lesion": int((loads[:len(names)] > 0).sum()),
+            "training_subjects": len(paths), "training_with_lesion": int((loads[:len(paths)] > 0).sum()),
             "training_folders": [str(d) for d in args.data], "autoencoder_of": args.autoencoder_of,
             "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     (out / "detector.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -180,19 +179,25 @@ def detection_summary(measured: np.ndarray, truth: np.ndarray, threshold: float)
             "mean_abs_error_ml": round(float(np.abs(measured - truth).mean()), 3)}
 
 
+def detection_summaries(net: torch.nn.Module, threshold: float, voxel_ml: float, passes: dict[str, torch.Tensor],
+                        truth: np.ndarray) -> dict:
+    """`detection_summary` of each named set of the same subjects' images (e.g. real, through an autoencoder)."""
+    return {name: detection_summary(lesion_load_ml(net, images, voxel_ml), truth, threshold)
+            for name, images in passes.items()}
+
+
 def check(args) -> int:
     net, meta = load_detector(Path(args.detector))
     images, _, truth, _ = load_subjects(meta["grid"], args.heldout, split="heldout")
     voxel_ml = float(np.prod(meta["grid"]["voxel_size"])) / 1000.0
-    res = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "heldout": [str(d) for d in args.heldout], "threshold_ml": meta["threshold_ml"]}
-    res["real"] = detection_summary(lesion_load_ml(net, images, voxel_ml), truth, meta["threshold_ml"])
+    passes = {"real": images}
     if args.autoencoder_of:
-        rec = through_autoencoder(Path(args.autoencoder_of), images)
-        res["through_autoencoder"] = detection_summary(lesion_load_ml(net, rec, voxel_ml), truth, meta["threshold_ml"])
-    for k in ("real", "through_autoencoder"):
-        if k in res:
-            print(f"{k}: {res[k]}")
+        passes["through_autoencoder"] = through_autoencoder(Path(args.autoencoder_of), images)
+    res = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "heldout": [str(d) for d in args.heldout], "threshold_ml": meta["threshold_ml"],
+           **detection_summaries(net, meta["threshold_ml"], voxel_ml, passes, truth)}
+    for k in passes:
+        print(f"{k}: {res[k]}")
     (Path(args.detector) / "check.json").write_text(json.dumps(res, indent=2) + "\n")
     return 0
 
