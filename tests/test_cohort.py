@@ -97,6 +97,18 @@ def test_lesion_subject(lesion_subject):
     assert np.array_equal(plain.image.array, s.lesion_free.array)
 
 
+def test_noise_free_subject_differs_by_rician_noise_only(subject0):
+    """``noise=False``: the same anatomy, labels and geometry; the difference is zero-mean in the brain (Rician
+    noise is nearly Gaussian there) and positive in the background (magnitudes of noise)."""
+    clean = make_subject(0, lesion=False, noise=False)
+    assert np.array_equal(clean.labels.array, subject0.labels.array)
+    np.testing.assert_array_equal(clean.image.affine, subject0.image.affine)
+    diff = subject0.image.array - clean.image.array
+    brain, background = clean.image.array > 40, clean.image.array == 0
+    assert 0 < diff[brain].std() <= 2.5 + 0.1 and abs(diff[brain].mean()) < 0.1 * diff[brain].std() + 0.01
+    assert diff[background].mean() > 0 and (diff[background] >= 0).all()
+
+
 def test_lesion_decided_by_seed():
     flags = [subject_has_lesion(s, 0.3) for s in range(400)]
     assert 0.2 < np.mean(flags) < 0.4

@@ -199,6 +199,11 @@ def test_evaluate_conditioning_sweeps_and_reports(tmp_path):
                                  "--minutes", "0.02"]) == 0
     meta = json.loads((detector / "detector.json").read_text())
     assert meta["steps"] >= 1 and meta["threshold_ml"] >= lesion_detector.MIN_THRESHOLD_ML
+    resumed = tmp_path / "detector-resumed"  # resuming adds its steps to the first run's
+    assert lesion_detector.main(["train", "--grid-of", str(out), "--data", str(data), "--out", str(resumed),
+                                 "--minutes", "0.01", "--resume", str(detector)]) == 0
+    again = json.loads((resumed / "detector.json").read_text())
+    assert again["steps"] > meta["steps"] and again["resumed_from"] == str(detector)
     heldout = write_cohort(tmp_path / "heldout", 2, seed=100000, progress=False).parent
     result = tmp_path / "cond.json"
     assert evaluate_conditioning.main(["--model", str(out), "--heldout", str(heldout), "--num-heldout", "2",

@@ -57,3 +57,21 @@ def test_conditioning_instrument_measures_known_tissue_volumes():
         csf = float(((r >= inner + 4) & (r < 16)).sum()) * 0.008
         assert abs(got["brain_ml"] - brain) < 0.02 * brain and abs(got["csf_ml"] - csf) < 0.05 * csf, (got, brain, csf)
     assert evaluate_conditioning.pearson([1, 2, 3], [2, 4, 6.5]) > 0.99
+
+
+def test_psnr_ceiling_is_the_noise_variance_of_a_real_subject():
+    """The noise ceiling of benchmarks/psnr_ceiling.py: its closed-form Rician variance against scipy's, and on
+    a cohort subject a ceiling above what a perfect denoiser (the noise-free image) reaches."""
+    import numpy as np
+    from scipy import stats
+
+    import psnr_ceiling
+
+    a = np.array([0.0, 0.3, 1.0, 4.0, 20.0])
+    expected = [2 - np.pi / 2] + [stats.rice(b=v).var() for v in a[1:]]
+    np.testing.assert_allclose(psnr_ceiling.rician_variance(a, 1.0), expected, rtol=1e-6)
+    cfg = {"voxel_size": [2.0, 2.0, 2.0], "image_shape": [96, 112, 96],
+           "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5, "foreground_only": True}, "data": {}}
+    row = psnr_ceiling.subject_ceiling(100001, cfg)  # seed 100001: noise sd ~0.9 % of the window
+    assert 0.003 < row["noise_sd"] < 0.03
+    assert 30 < row["psnr_clean_db"] < row["ceiling_db"] < 60
