@@ -100,7 +100,7 @@ def instrument_check(grid: dict, heldout: list[Path], num: int, instruments: Ins
     """The instruments on held-out real subjects (as they are, and through the model's autoencoder) against
     the volumes of their label files (ml at the files' own resolution, as training measures the conditions):
     the volumes on the first ``num`` subjects of the first folder, the lesion detector on every subject."""
-    from lesion_detector import detection_summaries, load_subjects, through_autoencoder
+    from lesion_detector import detection_summaries, lesion_contrast, load_subjects, through_autoencoder
     from napari_meddiff.training.conditions import measure_subject
 
     folders, limit = (heldout, None) if instruments.detector is not None else (heldout[:1], num)
@@ -122,7 +122,7 @@ def instrument_check(grid: dict, heldout: list[Path], num: int, instruments: Ins
     if instruments.detector is not None:
         out["lesion"] = {"subjects": len(loads), "threshold_ml": instruments.lesion_threshold,
                          **detection_summaries(instruments.detector, instruments.lesion_threshold,
-                                               instruments.voxel_ml, passes, loads)}
+                                               instruments.voxel_ml, passes, loads, lesion_contrast(paths))}
     return out
 
 
@@ -162,15 +162,16 @@ def sweep(model, name: str, levels: list[float], per_level: int, guidance: float
 
 def save_pictures(path: Path, results: dict, name: str) -> None:
     """Three orthogonal middle slices of the first seeds at the lowest and highest level of each condition
-    (the same seeds: only the condition differs)."""
+    (the same seeds: only the condition differs), and their difference (mid-grey: unchanged, lighter: brighter
+    at the highest level)."""
     from napari_meddiff.training.common import save_grid
 
     rows, labels = [], []
     for cond, r in results.items():
         pics = r.pop("pictures")
-        for level in (min(pics), max(pics)):
-            rows.append(pics[level])
-            labels.append(f"{cond}={level:g}")
+        low, high = min(pics), max(pics)
+        rows += [pics[low], pics[high], [np.clip(0.5 + h - lo, 0, 1) for lo, h in zip(pics[low], pics[high])]]
+        labels += [f"{cond}={low:g}", f"{cond}={high:g}", "difference"]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(path, rows, f"{name}, same seeds per column; rows: " + ", ".join(labels))
 

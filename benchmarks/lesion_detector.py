@@ -18,7 +18,7 @@ load reaches the detector's threshold, fixed after training on the training subj
 ``--threshold-quantile`` quantile of the loads it finds in lesion-free training subjects, default 0.95, so that
 one odd subject cannot set it; at least 0.1 ml). The learning rate decays to zero over ``--minutes`` (cosine);
 ``--resume`` starts from another detector's weights. `check` reports detection sensitivity (all lesions and
-lesions of at least 1 ml), specificity and the Pearson correlation of measured against true load (ml at the
+lesions of at least 1 ml, hypo- and hyperintense lesions), specificity and the Pearson correlation of measured against true load (ml at the
 cohort's 2 mm) on held-out subjects; `check` writes ``check.json`` next to the detector.
 """
 
@@ -77,6 +77,23 @@ def load_subjects(grid: dict, folders: list[Path], split: str | None = None, lim
             paths.append(f)
     as_tensor = lambda a, dt: torch.from_numpy(np.stack(a)).to(dt)  # noqa: E731
     return as_tensor(images, torch.float32), (as_tensor(masks, torch.int64) > 0).long(), np.array(loads), paths
+
+
+def lesion_contrast(paths: list[Path]) -> np.ndarray:
+    """Per cohort image: its mean inside the lesion mask over the lesion-free image's there (< 1: a hypointense
+    lesion, > 1: hyperintense), NaN where the subject has no lesion (or no lesion-free file)."""
+    from napari_meddiff.volume import read_volume
+
+    out = []
+    for f in paths:
+        mask_file, free_file = (f.with_name(f.name.replace("_T1w", s)) for s in ("_lesion", "_T1w-lesionfree"))
+        if not (mask_file.is_file() and free_file.is_file()):
+            out.append(np.nan)
+            continue
+        inside = read_volume(mask_file).array > 0
+        out.append(float(read_volume(f).array[inside].mean() / read_volume(free_file).array[inside].mean())
+                   if inside.any() else np.nan)
+    return np.array(out)
 
 
 def through_autoencoder(model, images: torch.Tensor) -> torch.Tensor:
@@ -179,35 +196,42 @@ def load_detector(folder: Path) -> tuple[torch.nn.Module, dict]:
     return net.eval(), meta
 
 
-def detection_summary(measured: np.ndarray, truth: np.ndarray, threshold: float) -> dict:
+def detection_summary(measured: np.ndarray, truth: np.ndarray, threshold: float,
+                      contrast: np.ndarray | None = None) -> dict:
+    """Sensitivity (all lesions, lesions >= 1 ml and, given ``lesion_contrast``, hypo- and hyperintense ones),
+    specificity, and how well the measured load follows the true one."""
     from evaluate_conditioning import pearson
 
     has, large, found = truth > 0, truth >= 1.0, measured >= threshold
+    rate = lambda sel: round(float(found[sel].mean()), 3) if sel.any() else None  # noqa: E731
+    kinds = {}
+    if contrast is not None:
+        kinds = {f"sensitivity_{k}": rate(has & sel) for k, sel in (("hypo", contrast < 1), ("hyper", contrast > 1))}
+        kinds.update(with_lesion_hyper=int((has & (contrast > 1)).sum()))
     return {"subjects": int(len(truth)), "with_lesion": int(has.sum()), "with_lesion_ge_1ml": int(large.sum()),
-            "sensitivity": round(float(found[has].mean()), 3) if has.any() else None,
-            "sensitivity_ge_1ml": round(float(found[large].mean()), 3) if large.any() else None,
+            "sensitivity": rate(has), "sensitivity_ge_1ml": rate(large), **kinds,
             "specificity": round(float((~found[~has]).mean()), 3) if (~has).any() else None,
             "pearson_load": round(pearson(truth, measured), 4),
             "mean_abs_error_ml": round(float(np.abs(measured - truth).mean()), 3)}
 
 
 def detection_summaries(net: torch.nn.Module, threshold: float, voxel_ml: float, passes: dict[str, torch.Tensor],
-                        truth: np.ndarray) -> dict:
+                        truth: np.ndarray, contrast: np.ndarray | None = None) -> dict:
     """`detection_summary` of each named set of the same subjects' images (e.g. real, through an autoencoder)."""
-    return {name: detection_summary(lesion_load_ml(net, images, voxel_ml), truth, threshold)
+    return {name: detection_summary(lesion_load_ml(net, images, voxel_ml), truth, threshold, contrast)
             for name, images in passes.items()}
 
 
 def check(args) -> int:
     net, meta = load_detector(Path(args.detector))
-    images, _, truth, _ = load_subjects(meta["grid"], args.heldout, split="heldout")
+    images, _, truth, paths = load_subjects(meta["grid"], args.heldout, split="heldout")
     voxel_ml = float(np.prod(meta["grid"]["voxel_size"])) / 1000.0
     passes = {"real": images}
     if args.autoencoder_of:
         passes["through_autoencoder"] = through_autoencoder(Path(args.autoencoder_of), images)
     res = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "heldout": [str(d) for d in args.heldout], "threshold_ml": meta["threshold_ml"],
-           **detection_summaries(net, meta["threshold_ml"], voxel_ml, passes, truth)}
+           **detection_summaries(net, meta["threshold_ml"], voxel_ml, passes, truth, lesion_contrast(paths))}
     for k in passes:
         print(f"{k}: {res[k]}")
     (Path(args.detector) / "check.json").write_text(json.dumps(res, indent=2) + "\n")

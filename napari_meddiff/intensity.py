@@ -10,7 +10,11 @@ DEFAULT_INTENSITY = {"method": "percentile", "lower": 0.5, "upper": 99.5, "foreg
 
 
 def intensity_window(array: np.ndarray, spec: dict[str, Any] | None = None) -> tuple[float, float]:
-    """The (low, high) scanner values that map to 0 and 1 for this image."""
+    """The (low, high) scanner values that map to 0 and 1 for this image.
+
+    The ``lower`` percentile maps to 0 and the ``upper`` one to ``upper_value`` (default 1). An ``upper_value``
+    below 1 leaves headroom: voxels brighter than the upper percentile (a hyperintense lesion, which is only a
+    fraction of a percent of the voxels) keep their contrast up to 1 instead of all clipping at it."""
     spec = {**DEFAULT_INTENSITY, **(spec or {})}
     values = np.asarray(array, dtype=np.float32)
     if spec.get("foreground_only", True):
@@ -20,7 +24,16 @@ def intensity_window(array: np.ndarray, spec: dict[str, Any] | None = None) -> t
     hi = float(np.percentile(values, spec["upper"]))
     if not np.isfinite([lo, hi]).all() or hi <= lo:
         hi = lo + 1.0
-    return lo, hi
+    return lo, lo + (hi - lo) / check_upper_value(spec.get("upper_value", 1.0))
+
+
+def check_upper_value(value: Any) -> float:
+    """``intensity.upper_value``: a number in (0, 1]."""
+    from .errors import MeddiffError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise MeddiffError(f"intensity.upper_value must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 def normalise(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:

@@ -194,3 +194,22 @@ def test_one_mm_subject():
     assert s.image.shape == (197, 233, 189)
     np.testing.assert_allclose(np.diag(s.image.affine), [1, 1, 1, 1])
     assert s.lesion_mask.array.any()
+
+
+def test_hyperintense_lesion_saturates_without_headroom_and_keeps_contrast_with_it():
+    """The default window (upper percentile -> 1, clipped) flattens a bright lesion to 1.0 like the brightest
+    white matter; ``upper_value: 0.8`` keeps it brighter than white matter and below 1, and denormalise inverts it."""
+    from napari_meddiff.intensity import denormalise, intensity_window, normalise
+    s = make_subject(1007, lesion=True)  # seed 1007: a hyperintense lesion
+    arr, lesion = s.image.array, s.lesion_mask.array > 0
+    wm = (s.labels.array == 3) & ~ndimage.binary_dilation(lesion, iterations=3)
+    assert arr[lesion].mean() > 1.1 * s.lesion_free.array[lesion].mean()
+    clipped = normalise(arr, intensity_window(arr))
+    assert np.median(clipped[lesion]) == 1.0
+    window = intensity_window(arr, {"upper_value": 0.8})
+    kept = normalise(arr, window)
+    assert np.median(kept[wm]) < np.median(kept[lesion]) < 1.0 and (kept[lesion] < 1.0).mean() > 0.5
+    inside = (arr >= window[0]) & (arr <= window[1])
+    np.testing.assert_allclose(denormalise(kept, window)[inside], arr[inside], rtol=1e-4, atol=1e-3)
+    with pytest.raises(MeddiffError, match="upper_value"):
+        intensity_window(arr, {"upper_value": 1.5})

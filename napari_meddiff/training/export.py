@@ -130,7 +130,9 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         f"- Kind: {kind_text}.",
         f"- Spatial dims: {cfg['spatial_dims']}D, image shape {config['image_shape']} at voxel size "
         f"{config['voxel_size']} mm (RAS), intensities normalised to [0, 1] "
-        f"(foreground percentiles {cfg['intensity'].get('lower')}-{cfg['intensity'].get('upper')}).",
+        f"(foreground percentiles {cfg['intensity'].get('lower')}-{cfg['intensity'].get('upper')}"
+        + (f", the upper one mapped to {cfg['intensity']['upper_value']} to keep bright voxels' contrast"
+           if cfg["intensity"].get("upper_value", 1.0) != 1.0 else "") + ").",
     ]
     if cfg["kind"] == "ldm":
         lat = config["latent"]

@@ -135,6 +135,7 @@ OPTIONAL_BLOCKS = {
         "method": (lambda v: isinstance(v, str), "a string"),
         "lower": (_is_number, "a number (percentile)"),
         "upper": (_is_number, "a number (percentile)"),
+        "upper_value": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (what the upper percentile maps to)"),
         "foreground_only": (lambda v: isinstance(v, bool), "true or false"),
     },
     "segmentation": {
