@@ -129,6 +129,8 @@ def train(args) -> int:
     from monai.losses import DiceCELoss
     from safetensors.torch import save_file
 
+    from napari_meddiff.files import current_umask
+
     torch.manual_seed(0)
     grid = grid_config(Path(args.grid_of))
     images, masks, loads, paths = load_subjects(grid, args.data, split="train")
@@ -174,6 +176,7 @@ def train(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "detector.safetensors"))
+    (out / "detector.safetensors").chmod(0o666 & ~current_umask())  # safetensors writes 0600
     meta = {"network": NETWORK, "lr": args.lr, "grid": grid, "threshold_ml": round(threshold, 4),
             "threshold_quantile": args.threshold_quantile, "steps": steps_before + step, "resumed_from":
             str(args.resume) if args.resume else None,
