@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_INTENSITY = {"method": "percentile", "lower": 0.5, "upper": 99.5, "foreground_only": True}
+INTENSITY_KEYS = frozenset(DEFAULT_INTENSITY) | {"upper_value"}
 
 
 def intensity_window(array: np.ndarray, spec: dict[str, Any] | None = None) -> tuple[float, float]:

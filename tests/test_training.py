@@ -132,6 +132,8 @@ def test_config_errors_are_user_errors(tmp_path, cohort):
         validate({**good, "image_shape": [16, 16, 16]})
     with pytest.raises(MeddiffError, match="upper_value"):
         validate({**good, "intensity": {"upper_value": 0}})
+    with pytest.raises(MeddiffError, match="unknown key"):
+        validate({**good, "intensity": {"high": 99.5}})
     with pytest.raises(MeddiffError, match="does not exist"):
         from napari_meddiff.training.data import list_subjects
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MeddiffError
-from ..intensity import DEFAULT_INTENSITY, check_upper_value
+from ..intensity import DEFAULT_INTENSITY, INTENSITY_KEYS, check_upper_value
 from ..zoo import MODEL_KINDS
 from .conditions import unet_options as conditioning_unet_options
 from .conditions import validate_block as validate_conditioning
@@ -181,6 +181,9 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     cfg["image_shape"] = [int(s) for s in cfg["image_shape"]]
     cfg["voxel_size"] = [float(s) for s in cfg["voxel_size"]]
     cfg["intensity"] = {**DEFAULT_INTENSITY, **cfg.get("intensity", {})}
+    unknown = sorted(set(cfg["intensity"]) - INTENSITY_KEYS)
+    if unknown:
+        raise MeddiffError(f"intensity: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(INTENSITY_KEYS))})")
     check_upper_value(cfg["intensity"].get("upper_value", 1.0))
     cfg["scheduler"] = {**DEFAULT_SCHEDULER, **cfg.get("scheduler", {})}
     if cfg["scheduler"]["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
