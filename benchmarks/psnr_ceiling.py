@@ -46,17 +46,16 @@ def noise_free_and_noisy(seed: int, resolution: float = 2.0) -> tuple[np.ndarray
 def on_grid(arrays: list[np.ndarray], affine: np.ndarray, cfg: dict) -> tuple[list[np.ndarray], float, float]:
     """``arrays`` (one grid; the last is the noisy image) cut to the model grid around the noisy image's centre,
     in scanner units, and the noisy image's intensity window (lo, hi), as ``preprocess_subject`` prepares it."""
-    from napari_meddiff.intensity import intensity_window
-    from napari_meddiff.training.data import _fit
+    from napari_meddiff.intensity import intensity_window, normalise
+    from napari_meddiff.training.data import _fit, foreground_centre
     from napari_meddiff.volume import Volume, resample, to_canonical
 
     out = [np.asarray(resample(to_canonical(Volume(a.astype(np.float32), affine)), tuple(cfg["voxel_size"])).array,
                       np.float64) for a in arrays]
-    lo, hi = intensity_window(out[-1].astype(np.float32), cfg["intensity"])
-    fg = np.clip((out[-1] - lo) / (hi - lo), 0, 1) > float(cfg["data"].get("foreground_threshold", 0.1))
-    idx = np.argwhere(fg)
-    centre = (idx.min(0) + idx.max(0)) / 2 + 0.5
-    return [_fit(a, cfg["image_shape"], centre) for a in out], lo, hi
+    window = intensity_window(out[-1].astype(np.float32), cfg["intensity"])
+    fg = normalise(out[-1], window) > float(cfg["data"].get("foreground_threshold", 0.1))
+    centre = foreground_centre(fg) + 0.5
+    return [_fit(a, cfg["image_shape"], centre) for a in out], *window
 
 
 def rician_variance(signal: np.ndarray, sd: float) -> np.ndarray:

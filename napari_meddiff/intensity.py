@@ -28,11 +28,16 @@ def intensity_window(array: np.ndarray, spec: dict[str, Any] | None = None) -> t
     return lo, lo + (hi - lo) / check_upper_value(spec.get("upper_value", 1.0))
 
 
+def is_upper_value(value: Any) -> bool:
+    """Whether ``value`` can be ``intensity.upper_value``: a number in (0, 1]."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 < float(value) <= 1.0
+
+
 def check_upper_value(value: Any) -> float:
-    """``intensity.upper_value``: a number in (0, 1]."""
+    """``intensity.upper_value`` as a float, or a MeddiffError."""
     from .errors import MeddiffError
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+    if not is_upper_value(value):
         raise MeddiffError(f"intensity.upper_value must be a number in (0, 1], got {value!r}")
     return float(value)
 

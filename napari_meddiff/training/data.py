@@ -96,6 +96,12 @@ def _fit(array: np.ndarray, shape: Sequence[int], centre: Sequence[float], fill:
     return out
 
 
+def foreground_centre(foreground: np.ndarray) -> np.ndarray:
+    """Voxel coordinates of the centre of the foreground's bounding box (of the array without foreground)."""
+    idx = np.argwhere(foreground)
+    return (idx.min(0) + idx.max(0)) / 2 if len(idx) else (np.array(foreground.shape) - 1) / 2
+
+
 def preprocess_subject(
     image_path: Path,
     label_path: Path | None,
@@ -127,8 +133,7 @@ def preprocess_subject(
         if lab.shape != arr.shape:
             raise MeddiffError(f"{label_path.name} does not match the grid of {image_path.name}")
     fg = arr > float(data_cfg.get("foreground_threshold", 0.1))  # image foreground (labels may be lesions only)
-    idx = np.argwhere(fg)
-    centre = (idx.min(0) + idx.max(0)) / 2 if len(idx) else (np.array(arr.shape) - 1) / 2
+    centre = foreground_centre(fg)
     if spatial_dims == 3:
         out = _fit(arr, image_shape, centre + 0.5)[None]
         lab_out = None if lab is None else _fit(lab, image_shape, centre + 0.5)[None]

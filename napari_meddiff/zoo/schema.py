@@ -11,6 +11,7 @@ from typing import Any
 
 from ..choices import COMBINE_METHODS
 from ..errors import MeddiffError
+from ..intensity import is_upper_value
 from .conditions import parse_conditions
 
 MODEL_KINDS = ("ddpm", "ldm", "segmentation")
@@ -135,7 +136,7 @@ OPTIONAL_BLOCKS = {
         "method": (lambda v: isinstance(v, str), "a string"),
         "lower": (_is_number, "a number (percentile)"),
         "upper": (_is_number, "a number (percentile)"),
-        "upper_value": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (what the upper percentile maps to)"),
+        "upper_value": (is_upper_value, "a number in (0, 1] (what the upper percentile maps to)"),
         "foreground_only": (lambda v: isinstance(v, bool), "true or false"),
     },
     "segmentation": {
