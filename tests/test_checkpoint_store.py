@@ -1,4 +1,4 @@
-"""benchmarks/checkpoints.sh: training checkpoints on their own branch, off main's tree and index."""
+"""benchmarks/checkpoints.sh: training checkpoints in main's history, never in its working tree or index."""
 
 import os
 import subprocess
@@ -29,21 +29,25 @@ def repo(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_save_and_restore_keep_main_untouched_and_replace_not_accumulate(repo):
+def test_save_and_restore_keep_the_tree_and_index_untouched_and_replace_not_accumulate(repo):
     ckpt = repo / "runs" / "ae.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(os.urandom(5000))
+    (repo / "code.py").write_text("x = 2\n")
+    _git(repo, "add", "code.py")  # a staged change stays staged
     head, status = _git(repo, "rev-parse", "HEAD"), _git(repo, "status", "--porcelain")
     r = _store(repo, "save", str(ckpt), "brain/ae.ckpt", "step 10")
     assert r.returncode == 0, r.stderr
-    assert _git(repo, "rev-parse", "HEAD") == head and _git(repo, "status", "--porcelain") == status
-    assert _git(repo, "ls-files") == "code.py"  # nothing staged on main
+    assert _git(repo, "rev-parse", "HEAD~2") == head and _git(repo, "status", "--porcelain") == status
+    assert _git(repo, "rev-parse", "HEAD^{tree}") == _git(repo, "rev-parse", f"{head}^{{tree}}")
+    assert _git(repo, "ls-files") == "code.py"
+    assert _git(repo, "ls-tree", "-r", "--name-only", "HEAD~1") == ".checkpoints/brain/ae.ckpt\ncode.py"
 
     first = ckpt.read_bytes()
     ckpt.write_bytes(os.urandom(6000))
     assert _store(repo, "save", str(ckpt), "brain/ae.ckpt", "step 20").returncode == 0
-    assert _git(repo, "ls-tree", "-r", "--name-only", "checkpoints") == "brain/ae.ckpt"
-    assert _git(repo, "rev-list", "--count", "checkpoints") == "2"
+    assert _git(repo, "rev-list", "--count", "HEAD") == "5"
+    assert _git(repo, "ls-tree", "-r", "--name-only", "HEAD") == "code.py"
 
     out = repo / "restored" / "ae.pt"
     r = _store(repo, "restore", "brain/ae.ckpt", str(out))
@@ -51,27 +55,27 @@ def test_save_and_restore_keep_main_untouched_and_replace_not_accumulate(repo):
     assert out.read_bytes() == ckpt.read_bytes() != first
     listing = _store(repo, "list")
     assert listing.returncode == 0 and "brain/ae.ckpt" in listing.stdout and "step 20" in listing.stdout
+    assert "0.0 MB" in listing.stdout and listing.stdout.count("\n") == 1
 
 
 def test_restore_refuses_to_overwrite_and_names_a_missing_checkpoint(repo):
     ckpt = repo / "ae.pt"
     ckpt.write_bytes(b"weights")
+    assert _store(repo, "list").returncode != 0
     assert _store(repo, "save", str(ckpt), "ae.ckpt", "first").returncode == 0
     r = _store(repo, "restore", "ae.ckpt", str(ckpt))
     assert r.returncode != 0 and "not overwritten" in r.stderr and ckpt.read_bytes() == b"weights"
     r = _store(repo, "restore", "other.ckpt", str(repo / "x.pt"))
-    assert r.returncode != 0 and "not on branch" in r.stderr and not (repo / "x.pt").exists()
+    assert r.returncode != 0 and "not in this branch's history" in r.stderr and not (repo / "x.pt").exists()
 
 
-def test_a_fresh_clone_reads_and_extends_the_branch_from_origin(repo, tmp_path):
+def test_a_fresh_clone_of_main_alone_restores_it(repo, tmp_path):
     ckpt = repo / "ae.pt"
     ckpt.write_bytes(b"step 10")
     assert _store(repo, "save", str(ckpt), "ae.ckpt", "step 10").returncode == 0
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    subprocess.run(["git", "clone", "-q", "--single-branch", "-b", "main", str(repo), str(clone)], check=True)
+    assert not (clone / ".checkpoints").exists()
     r = _store(clone, "restore", "ae.ckpt", str(clone / "runs" / "ae.pt"))
     assert r.returncode == 0, r.stderr
     assert (clone / "runs" / "ae.pt").read_bytes() == b"step 10"
-    (clone / "new.pt").write_bytes(b"step 20")
-    assert _store(clone, "save", str(clone / "new.pt"), "ae.ckpt", "step 20").returncode == 0
-    assert _git(clone, "rev-list", "--count", "checkpoints") == "2"  # on top of origin's history
