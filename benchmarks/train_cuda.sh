@@ -11,7 +11,7 @@
 #            full checkpoint into 15 MB parts under $OUT)
 #   here:    bash benchmarks/train_cuda.sh collect FILES_AT
 #            (joins and checks the parts, keeps the earlier checkpoint as .prev, measures held-out PSNR and
-#            saves the checkpoint to the branch `checkpoints`; then commit the curve and PSNR line on main)
+#            saves the checkpoint to main's history (checkpoints.sh); then commit the curve and PSNR line on main)
 #
 # The carried checkpoint is slim (EMA weights, no Adam state: `slim_checkpoint`), so the GPU run restarts Adam
 # with its warm-up; what comes back is a full checkpoint again. A dry run on a CPU:
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=models/brain-ldm-3d/train-2mm.yaml
 WORK=runs/brain-ldm-3d-2mm
-CKPT=brain-ldm-3d/autoencoder-2mm.ckpt   # on the branch `checkpoints`
+CKPT=brain-ldm-3d/autoencoder-2mm.ckpt   # in main's history (benchmarks/checkpoints.sh)
 export PYTHONUNBUFFERED=1
 die() { echo "train_cuda.sh: $*" >&2; exit 1; }
 
