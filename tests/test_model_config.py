@@ -27,6 +27,8 @@ BREAKAGES = {
     "weights_without_file": (lambda c: c["weights"]["unet"].pop("file"), "weights.unet lacks 'file'"),
     "steps_string": (lambda c: c["scheduler"].update(num_train_timesteps="1000"),
                      "scheduler.num_train_timesteps must be a positive integer"),
+    "intensity_misspelt_key": (lambda c: c.update(intensity={"uper_value": 0.8}),
+                               "intensity: unknown key(s) uper_value"),
     "bad_network_kwargs": (lambda c: c["networks"]["unet"].update(channels="wide"), "bad unet network config"),
     "spatial_dims_string": (lambda c: c.clear() or c.update(kind="ddpm", spatial_dims="2", image_shape=[1], voxel_size=[1],
                                                        networks={}, scheduler={}, weights={}),

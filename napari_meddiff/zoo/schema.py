@@ -85,6 +85,10 @@ def validate_config(config: Any, where: str) -> dict:
     for block, fields in OPTIONAL_BLOCKS.items():
         if block in config:
             _check_fields(_object(config[block], block, where), fields, block, where)
+            unknown = sorted(set(config[block]) - set(fields)) if block in CLOSED_BLOCKS else []
+            if unknown:
+                raise MeddiffError(f"{where}: {block}: unknown key(s) {', '.join(unknown)} "
+                                   f"(known: {', '.join(fields)})")
     if "name" in config and not isinstance(config["name"], str):
         raise MeddiffError(f"{where}: name must be a string, not {config['name']!r}")
     conditioning, specs = parse_conditions(config.get("conditioning"), where)
@@ -125,6 +129,8 @@ SCHEDULER_FIELDS = {
     "prediction_type": (lambda v: v in ("epsilon", "v_prediction", "sample"), "epsilon, v_prediction or sample"),
     "clip_sample": (lambda v: isinstance(v, bool), "true or false"),
 }
+# blocks whose unknown keys are refused: a misspelt key would silently fall back to a default
+CLOSED_BLOCKS = ("intensity",)
 OPTIONAL_BLOCKS = {
     "defaults": {
         "sampler": (lambda v: isinstance(v, str), "a sampler name"),
@@ -138,6 +144,8 @@ OPTIONAL_BLOCKS = {
         "upper": (_is_number, "a number (percentile)"),
         "upper_value": (is_upper_value, "a number in (0, 1] (what the upper percentile maps to)"),
         "foreground_only": (lambda v: isinstance(v, bool), "true or false"),
+        "range": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v),
+                  "[low, high] (the model's intensity range; informative)"),
     },
     "segmentation": {
         "num_classes": (_positive_int, "a positive integer"),
