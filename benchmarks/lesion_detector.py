@@ -140,10 +140,10 @@ def train(args) -> int:
         images = torch.cat([images, through_autoencoder(Path(args.autoencoder_of), images)])
         masks, loads = torch.cat([masks, masks]), np.concatenate([loads, loads])
         print(f"+ the same through the autoencoder of {args.autoencoder_of} ({time.time() - t:.0f} s)", flush=True)
-    net, steps_before = build_network(), 0
+    net, steps_before, minutes_before = build_network(), 0, 0.0
     if args.resume:
         net, before = load_detector(Path(args.resume))
-        steps_before = before["steps"]
+        steps_before, minutes_before = before["steps"], float(before["minutes"])
         print(f"resuming from {args.resume} ({steps_before} steps)", flush=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     # lesions are ~0.03 % of the voxels: Dice of the lesion class only, and lesion voxels weighted in the CE
@@ -180,7 +180,8 @@ def train(args) -> int:
     meta = {"network": NETWORK, "lr": args.lr, "grid": grid, "threshold_ml": round(threshold, 4),
             "threshold_quantile": args.threshold_quantile, "steps": steps_before + step, "resumed_from":
             str(args.resume) if args.resume else None,
-            "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(float(np.mean(losses[-100:])), 4),
+            "minutes": round(minutes_before + (time.time() - t0) / 60, 2),  # all runs, as "steps"
+            "final_loss": round(float(np.mean(losses[-100:])), 4),
             "training_subjects": len(paths), "training_with_lesion": int((loads[:len(paths)] > 0).sum()),
             "training_folders": [str(d) for d in args.data], "autoencoder_of": args.autoencoder_of,
             "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

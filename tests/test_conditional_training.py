@@ -204,6 +204,7 @@ def test_evaluate_conditioning_sweeps_and_reports(tmp_path):
                                  "--minutes", "0.01", "--resume", str(detector)]) == 0
     again = json.loads((resumed / "detector.json").read_text())
     assert again["steps"] > meta["steps"] and again["resumed_from"] == str(detector)
+    assert again["minutes"] > meta["minutes"] > 0
     heldout = write_cohort(tmp_path / "heldout", 2, seed=100000, progress=False).parent
     result = tmp_path / "cond.json"
     assert evaluate_conditioning.main(["--model", str(out), "--heldout", str(heldout), "--num-heldout", "2",
