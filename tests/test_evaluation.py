@@ -75,3 +75,23 @@ def test_psnr_ceiling_is_the_noise_variance_of_a_real_subject():
     row = psnr_ceiling.subject_ceiling(100001, cfg)  # seed 100001: noise sd ~0.9 % of the window
     assert 0.003 < row["noise_sd"] < 0.03
     assert 30 < row["psnr_clean_db"] < row["ceiling_db"] < 60
+
+
+def test_ae_curve_plot_takes_the_last_heldout_line_per_step(tmp_path):
+    import json
+
+    import plot_ae_curve
+
+    curve = {"step": 30, "minutes": 2.0, "l1": [[10, 0.3], [20, 0.2], [30, 0.1]], "val_psnr_db": [[20, 21.0]]}
+    (tmp_path / "curve.json").write_text(json.dumps(curve))
+    lines = [{"step": 10, "ema": {"psnr_db": {"mean": 18.0, "sd": 1.0}}}, {"step": 10},  # no EMA yet: skipped
+             {"step": 30, "ema": {"psnr_db": {"mean": 20.0, "sd": 1.0}}},
+             {"step": 30, "ema": {"psnr_db": {"mean": 22.5, "sd": 0.5}}}]  # evaluated again: the last counts
+    (tmp_path / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert plot_ae_curve.heldout_points(tmp_path / "heldout.jsonl") == [(10, 18.0, 1.0), (30, 22.5, 0.5)]
+    out = tmp_path / "curve.png"
+    assert plot_ae_curve.main(["--curve", str(tmp_path / "curve.json"), "--heldout", str(tmp_path / "heldout.jsonl"),
+                               "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 500
