@@ -184,6 +184,46 @@ def test_cli_train(tmp_path, cohort, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind,dims,stage,signum", [("ldm", 3, "autoencoder", "SIGTERM"),
+                                                   ("ddpm", 2, "diffusion", "SIGINT")])
+def test_a_signal_checkpoints_the_step_reached_and_resume_goes_on(tmp_path, cohort, capsys, monkeypatch, kind,
+                                                                   dims, stage, signum):
+    """Ctrl-C or SIGTERM (a session's end, a job scheduler) mid-training: the loop ends after the current step,
+    writes its checkpoint (not the one of up to checkpoint_minutes before) and exits 128 + the signal; no model
+    folder is written. The process's own handlers are back afterwards."""
+    import signal
+
+    from napari_meddiff.cli import main
+    from napari_meddiff.training import common
+    from napari_meddiff.training.common import load_checkpoint
+
+    sig = getattr(signal, signum)
+    real_step, calls = common.clip_and_step, []
+
+    def step_then_signal(*args, **kwargs):  # the signal arrives during the third optimiser step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), sig)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(common, "clip_and_step", step_then_signal)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cfg = tiny_config(tmp_path, cohort, kind, dims)
+    argv = ["train", str(cfg), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--no-progress",
+            "--device", "cpu", "--steps", "50"]
+    assert main(argv) == 128 + sig
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "r" / f"{stage}.pt"
+    # the third optimiser step is step 3, or step 2 where the discriminator takes a step of its own
+    reached = 3 if stage == "diffusion" else 2
+    assert f"{stage} training stopped at step {reached} ({signum})" in err and "--resume" in err
+    assert load_checkpoint(ckpt)["step"] == reached and not (tmp_path / "m").exists()  # checkpoint_minutes: 100
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    monkeypatch.setattr(common, "clip_and_step", real_step)
+    assert main([*argv[:-1], str(reached + 1), "--resume"]) == 0
+    assert load_checkpoint(ckpt)["step"] == reached + 1 and (tmp_path / "m" / "model.json").is_file()
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, cohort):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))

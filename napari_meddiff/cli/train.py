@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..choices import DEVICES
@@ -49,11 +50,17 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError("--max-minutes must be positive")
     if args.steps is not None and args.steps < 1:
         raise MeddiffError("--steps must be at least 1")
-    path = train(
-        args.config, out=args.out, work_dir=args.work_dir, resume=args.resume, max_minutes=args.max_minutes,
-        device=args.device, num_threads=args.threads, steps=args.steps, progress=not args.no_progress,
-        overwrite=args.overwrite, fresh=args.fresh, autoencoder_only=args.autoencoder_only,
-    )
+    from ..training.common import STOP, TrainingStopped
+
+    try:
+        path = train(
+            args.config, out=args.out, work_dir=args.work_dir, resume=args.resume, max_minutes=args.max_minutes,
+            device=args.device, num_threads=args.threads, steps=args.steps, progress=not args.no_progress,
+            overwrite=args.overwrite, fresh=args.fresh, autoencoder_only=args.autoencoder_only,
+        )
+    except TrainingStopped as stop:
+        print(f"meddiff train: {stop}", file=sys.stderr)
+        return 128 + int(STOP.signal or 2)  # as a shell reports a process ended by that signal
     if path is not None:
         from ..zoo import read_config
 

@@ -188,7 +188,7 @@ def train_autoencoder(
     warm = int(tc["adv_warmup_steps"])
     aw = float(tc["adv_weight"])
     running = None
-    while step < total and not dist.any(budget.exhausted()):
+    while step < total and not dist.any(budget.exhausted() or common.STOP.requested):
         x, _ = random_batch(images, None, bs, gen, flip)
         x = common.to_layout(random_crop(x, crop_schedule(tc, step), gen).to(device), layout)
         use_adv = aw > 0 and step >= warm
@@ -228,6 +228,9 @@ def train_autoencoder(
             if dist.main and not progress:  # no bar: one line per checkpoint instead
                 log.info("autoencoder: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
     bar.close()
+    if common.STOP.requested:
+        checkpoint()
+        raise common.stopped("autoencoder training", step, ckpt_path)
     if dist.main and (not val_psnr or val_psnr[-1][0] != step):
         validate()
     checkpoint()

@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -332,6 +334,57 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.max_minutes is not None and self.minutes >= float(self.max_minutes)
+
+
+class TrainingStopped(Exception):
+    """Training was asked to stop (Ctrl-C, SIGTERM): the stage's checkpoint was written first; ``--resume``
+    goes on from it."""
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM during training: the first one asks the loops to stop after the current step and
+    checkpoint (a checkpoint every ``checkpoint_minutes`` would otherwise lose up to that much); a second one
+    acts at once, as without it. Handlers are installed only from the main thread, for the ``with`` block."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._before: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # the second: what the process did before
+            before = self._before.get(signum)
+            if callable(before):
+                before(signum, frame)
+                return
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signal = signum
+        log.warning("%s: stopping after this step and writing a checkpoint (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopRequest":
+        self.signal = None
+        if threading.current_thread() is threading.main_thread():
+            self._before = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, before in self._before.items():
+            signal.signal(s, before)
+        self._before = {}
+
+
+STOP = StopRequest()
+
+
+def stopped(stage: str, step: int, path: Path) -> TrainingStopped:
+    return TrainingStopped(f"{stage} stopped at step {step} ({signal.Signals(STOP.signal).name}); checkpoint "
+                           f"{path}: the same command with --resume goes on from it")
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):

@@ -128,7 +128,7 @@ def train_diffusion(
     bar = common.progress_bar(total, step, f"{cfg['name']} diffusion", dist.main and progress)
     running = None
     net.train()
-    while step < total and not dist.any(budget.exhausted()):
+    while step < total and not dist.any(budget.exhausted() or common.STOP.requested):
         if conditions is not None:
             xb, yb, cb = random_batch(x0_data, None, bs, gen, flip, conditions)
             cb = drop_conditions(cb, float(cfg["conditioning"]["dropout"]), gen)
@@ -171,6 +171,8 @@ def train_diffusion(
                 log.info("diffusion: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
     bar.close()
     checkpoint()
+    if common.STOP.requested:
+        raise common.stopped("diffusion training", step, ckpt_path)
     if dist.main:
         common.save_loss_curve(work_dir / "loss_diffusion.png", history, f"{cfg['name']} diffusion ({precision})")
         if preview is not None:
