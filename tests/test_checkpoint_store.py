@@ -79,3 +79,28 @@ def test_a_fresh_clone_of_main_alone_restores_it(repo, tmp_path):
     r = _store(clone, "restore", "ae.ckpt", str(clone / "runs" / "ae.pt"))
     assert r.returncode == 0, r.stderr
     assert (clone / "runs" / "ae.pt").read_bytes() == b"step 10"
+
+
+def test_found_through_a_merge_and_from_a_subfolder_and_names_are_exact(repo):
+    _git(repo, "checkout", "-q", "-b", "side")
+    ckpt = repo / "ae.pt"
+    ckpt.write_bytes(b"side")
+    r = _store(repo, "save", str(ckpt), "brain/ae.ckpt", "on a side branch")
+    assert r.returncode == 0 and "not main" in r.stderr
+    _git(repo, "checkout", "-q", "main")
+    (repo / "other.py").write_text("y = 1\n")
+    _git(repo, "add", "other.py")
+    _git(repo, "commit", "-qm", "other")
+    _git(repo, "merge", "-q", "--no-ff", "-m", "merge side", "side")
+    sub = repo / "pkg"
+    sub.mkdir()
+    r = subprocess.run(["bash", str(SCRIPT), "restore", "brain/ae.ckpt", "out.pt"], cwd=sub, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert (sub / "out.pt").read_bytes() == b"side"
+    for name in ("brain", "brain/*", "../x"):  # a folder, a glob, outside the store
+        r = _store(repo, "restore", name, str(repo / "x.pt"))
+        assert r.returncode != 0 and not (repo / "x.pt").exists() and not (repo / "x.pt.part").exists(), name
+    for name in ("a b.ckpt", "../up.ckpt", "./x.ckpt"):
+        r = _store(repo, "save", str(ckpt), name, "bad name")
+        assert r.returncode != 0 and "bad checkpoint name" in r.stderr, name
