@@ -198,12 +198,13 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_goes_on(tmp_path, coho
     from napari_meddiff.training.common import load_checkpoint
 
     sig = getattr(signal, signum)
-    real_step, calls = common.clip_and_step, []
+    real_step, calls, after_first = common.clip_and_step, [], []
 
     def step_then_signal(*args, **kwargs):  # the signal arrives during the third optimiser step
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), sig)
+            after_first.append(signal.getsignal(sig))  # a second one would act as without the stop request
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(common, "clip_and_step", step_then_signal)
@@ -219,9 +220,26 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_goes_on(tmp_path, coho
     assert f"{stage} training stopped at step {reached} ({signum})" in err and "--resume" in err
     assert load_checkpoint(ckpt)["step"] == reached and not (tmp_path / "m").exists()  # checkpoint_minutes: 100
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert after_first == [before[0] if sig == signal.SIGTERM else before[1]]
     monkeypatch.setattr(common, "clip_and_step", real_step)
     assert main([*argv[:-1], str(reached + 1), "--resume"]) == 0
     assert load_checkpoint(ckpt)["step"] == reached + 1 and (tmp_path / "m" / "model.json").is_file()
+
+
+def test_the_stop_request_leaves_an_ignored_signal_ignored():
+    import signal
+
+    from napari_meddiff.training.common import STOP
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with STOP:
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) == STOP._handle
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored: no stop asked
+        assert not STOP.requested and signal.getsignal(signal.SIGINT) != STOP._handle
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.mark.slow

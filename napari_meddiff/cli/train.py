@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError("--max-minutes must be positive")
     if args.steps is not None and args.steps < 1:
         raise MeddiffError("--steps must be at least 1")
-    from ..training.common import STOP, TrainingStopped
+    from ..training.common import TrainingStopped
 
     try:
         path = train(
@@ -59,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, fresh=args.fresh, autoencoder_only=args.autoencoder_only,
         )
     except TrainingStopped as stop:
-        print(f"meddiff train: {stop}", file=sys.stderr)
-        return 128 + int(STOP.signal or 2)  # as a shell reports a process ended by that signal
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, not one per process
+            print(f"meddiff train: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # as a shell reports a process ended by that signal
     if path is not None:
         from ..zoo import read_config
 

@@ -188,47 +188,48 @@ def train_autoencoder(
     warm = int(tc["adv_warmup_steps"])
     aw = float(tc["adv_weight"])
     running = None
-    while step < total and not dist.any(budget.exhausted() or common.STOP.requested):
-        x, _ = random_batch(images, None, bs, gen, flip)
-        x = common.to_layout(random_crop(x, crop_schedule(tc, step), gen).to(device), layout)
-        use_adv = aw > 0 and step >= warm
-        with common.autocast(device, precision):
-            loss_g, l1, kl, rec = generator_step_loss(dae, x, kl_weight)
-            if use_adv:
-                logits_fake = ddisc(common.to_layout(rec, layout))[-1]
-                g_adv = adv(logits_fake, target_is_real=True, for_discriminator=False)
-                loss_g = loss_g + aw * g_adv
-        common.clip_and_step(loss_g, dae, opt_g, scaler_g, tc["grad_clip"])
-        sched.step()
-        if ema is not None:
-            ema.update(ae, step)
-        if use_adv:
+    with common.STOP:
+        while step < total and not dist.any(budget.exhausted() or common.STOP.requested):
+            x, _ = random_batch(images, None, bs, gen, flip)
+            x = common.to_layout(random_crop(x, crop_schedule(tc, step), gen).to(device), layout)
+            use_adv = aw > 0 and step >= warm
             with common.autocast(device, precision):
-                lf = ddisc(common.to_layout(rec.detach(), layout))[-1]
-                lr_ = ddisc(x)[-1]
-                loss_d = 0.5 * (adv(lf, target_is_real=False, for_discriminator=True)
-                                + adv(lr_, target_is_real=True, for_discriminator=True))
-            common.clip_and_step(aw * loss_d, ddisc, opt_d, scaler_d, tc["grad_clip"])
-        step += 1
-        l1v = float(l1.detach())
-        running = l1v if running is None else 0.98 * running + 0.02 * l1v
-        if step % int(tc["log_every"]) == 0 or step == 1:
-            history["l1"].append((step, dist.mean(l1v)))
-            history["kl"].append((step, float(kl.detach())))
+                loss_g, l1, kl, rec = generator_step_loss(dae, x, kl_weight)
+                if use_adv:
+                    logits_fake = ddisc(common.to_layout(rec, layout))[-1]
+                    g_adv = adv(logits_fake, target_is_real=True, for_discriminator=False)
+                    loss_g = loss_g + aw * g_adv
+            common.clip_and_step(loss_g, dae, opt_g, scaler_g, tc["grad_clip"])
+            sched.step()
+            if ema is not None:
+                ema.update(ae, step)
             if use_adv:
-                history["gen_adv"].append((step, float(g_adv.detach())))
-                history["disc"].append((step, float(loss_d.detach())))
-        bar.update(1)
-        bar.set_postfix(l1=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)
-        if dist.main and tc["val_every"] and step % int(tc["val_every"]) == 0:
-            validate()
-        if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
-            checkpoint()
-            last_ckpt = budget.minutes
-            if dist.main and not progress:  # no bar: one line per checkpoint instead
-                log.info("autoencoder: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
+                with common.autocast(device, precision):
+                    lf = ddisc(common.to_layout(rec.detach(), layout))[-1]
+                    lr_ = ddisc(x)[-1]
+                    loss_d = 0.5 * (adv(lf, target_is_real=False, for_discriminator=True)
+                                    + adv(lr_, target_is_real=True, for_discriminator=True))
+                common.clip_and_step(aw * loss_d, ddisc, opt_d, scaler_d, tc["grad_clip"])
+            step += 1
+            l1v = float(l1.detach())
+            running = l1v if running is None else 0.98 * running + 0.02 * l1v
+            if step % int(tc["log_every"]) == 0 or step == 1:
+                history["l1"].append((step, dist.mean(l1v)))
+                history["kl"].append((step, float(kl.detach())))
+                if use_adv:
+                    history["gen_adv"].append((step, float(g_adv.detach())))
+                    history["disc"].append((step, float(loss_d.detach())))
+            bar.update(1)
+            bar.set_postfix(l1=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)
+            if dist.main and tc["val_every"] and step % int(tc["val_every"]) == 0:
+                validate()
+            if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
+                checkpoint()
+                last_ckpt = budget.minutes
+                if dist.main and not progress:  # no bar: one line per checkpoint instead
+                    log.info("autoencoder: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
     bar.close()
-    if common.STOP.requested:
+    if common.stop_agreed(dist):
         checkpoint()
         raise common.stopped("autoencoder training", step, ckpt_path)
     if dist.main and (not val_psnr or val_psnr[-1][0] != step):

@@ -34,6 +34,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.enabled = self.world > 1
+        self.device = device  # NCCL reduces CUDA tensors only
         if self.enabled and not torch.distributed.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
@@ -51,14 +52,14 @@ class Dist:
         """True on every rank when ``flag`` is true on some rank (keeps the ranks in step)."""
         if not self.enabled:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item() > 0)
 
     def mean(self, value: float) -> float:
         if not self.enabled:
             return value
-        t = torch.tensor([float(value)])
+        t = torch.tensor([float(value)], device=self.device)
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world
 
@@ -336,55 +337,68 @@ class Budget:
         return self.max_minutes is not None and self.minutes >= float(self.max_minutes)
 
 
-class TrainingStopped(Exception):
-    """Training was asked to stop (Ctrl-C, SIGTERM): the stage's checkpoint was written first; ``--resume``
-    goes on from it."""
+class TrainingStopped(BaseException):
+    """Training was asked to stop (Ctrl-C, SIGTERM) and wrote its checkpoint first; ``--resume`` goes on from it.
+    A BaseException, as KeyboardInterrupt is: an ``except Exception`` does not swallow the stop."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM during training: the first one asks the loops to stop after the current step and
-    checkpoint (a checkpoint every ``checkpoint_minutes`` would otherwise lose up to that much); a second one
-    acts at once, as without it. Handlers are installed only from the main thread, for the ``with`` block."""
+    """Ctrl-C / SIGTERM during a training loop (the ``with`` block): the first one asks the loop to stop after
+    the current step and checkpoint (a checkpoint every ``checkpoint_minutes`` would otherwise lose up to that
+    much) and puts the previous handlers back, so a second one acts as it would have without this. Outside the
+    loops (data loading, export) signals act as usual. Installed only from the main thread, and never over a
+    signal the process ignores."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.signal: int | None = None
+        self.signal: int | None = None  # kept after the block, for the code after the loop
         self._before: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
         return self.signal is not None
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:  # the second: what the process did before
-            before = self._before.get(signum)
-            if callable(before):
-                before(signum, frame)
-                return
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+    def _handle(self, signum: int, frame: Any) -> None:  # only sets state: no I/O in a signal handler
         self.signal = signum
-        log.warning("%s: stopping after this step and writing a checkpoint (again to stop at once)",
-                    signal.Signals(signum).name)
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, before in self._before.items():
+            signal.signal(s, before)
+        self._before = {}
 
     def __enter__(self) -> "StopRequest":
         self.signal = None
         if threading.current_thread() is threading.main_thread():
-            self._before = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                before = signal.getsignal(s)
+                if before is not None and before != signal.SIG_IGN:  # None: a handler set from C, left alone
+                    self._before[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for s, before in self._before.items():
-            signal.signal(s, before)
-        self._before = {}
+        self._restore()
 
 
 STOP = StopRequest()
 
 
+def stop_agreed(dist: "Dist") -> bool:
+    """After a loop left through ``STOP``: whether any rank was asked to stop (every rank calls this)."""
+    return dist.any(STOP.requested)
+
+
 def stopped(stage: str, step: int, path: Path) -> TrainingStopped:
-    return TrainingStopped(f"{stage} stopped at step {step} ({signal.Signals(STOP.signal).name}); checkpoint "
-                           f"{path}: the same command with --resume goes on from it")
+    signum = STOP.signal or signal.SIGTERM  # a rank that got no signal stops with the one that did
+    name = signal.Signals(signum).name if STOP.signal else "a stop on another rank"
+    log.warning("%s: %s stopped at step %d, checkpoint written", name, stage, step)
+    return TrainingStopped(f"{stage} stopped at step {step} ({name}); checkpoint {path}: the same command with "
+                           "--resume goes on from it", signum)
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):

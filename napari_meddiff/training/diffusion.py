@@ -128,50 +128,51 @@ def train_diffusion(
     bar = common.progress_bar(total, step, f"{cfg['name']} diffusion", dist.main and progress)
     running = None
     net.train()
-    while step < total and not dist.any(budget.exhausted() or common.STOP.requested):
-        if conditions is not None:
-            xb, yb, cb = random_batch(x0_data, None, bs, gen, flip, conditions)
-            cb = drop_conditions(cb, float(cfg["conditioning"]["dropout"]), gen)
-        else:
-            xb, yb = random_batch(x0_data if not seg else condition, labels, bs, gen, flip)
-        xb, yb = crop_pair(xb, yb, crop_schedule(tc, step), gen)
-        if seg:
-            cond, x0 = xb.to(device), onehot_pm1(yb, num_classes).to(device)
-        else:
-            cond, x0 = None, xb.to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
-        xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-        inp = xt if cond is None else torch.cat([xt, cond], dim=1)
-        extra: dict[str, torch.Tensor] = {}
-        if conditions is not None:  # as sampling gives them to the UNet
-            inp, extra = unet_inputs(inp, network_conditions(how, cb, inp))
-        with common.autocast(device, precision):
-            pred = dnet(inp, timesteps=t, **extra)
-        loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}")
-        common.clip_and_step(loss, dnet, opt, scaler, tc["grad_clip"])
-        sched.step()
-        step += 1
-        ema.update(net, step)
-        lv = float(loss.detach())
-        running = lv if running is None else 0.98 * running + 0.02 * lv
-        if step % int(tc["log_every"]) == 0 or step == 1:
-            history["loss"].append((step, dist.mean(lv)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)
-        if dist.main and preview is not None and tc["val_every"] and step % int(tc["val_every"]) == 0:
-            preview(ema.module, step, work_dir / "previews" / f"diffusion_step{step:06d}.png")
-            net.train()
-        if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
-            checkpoint()
-            last_ckpt = budget.minutes
-            if dist.main and not progress:  # no bar: one line per checkpoint instead
-                log.info("diffusion: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
+    with common.STOP:
+        while step < total and not dist.any(budget.exhausted() or common.STOP.requested):
+            if conditions is not None:
+                xb, yb, cb = random_batch(x0_data, None, bs, gen, flip, conditions)
+                cb = drop_conditions(cb, float(cfg["conditioning"]["dropout"]), gen)
+            else:
+                xb, yb = random_batch(x0_data if not seg else condition, labels, bs, gen, flip)
+            xb, yb = crop_pair(xb, yb, crop_schedule(tc, step), gen)
+            if seg:
+                cond, x0 = xb.to(device), onehot_pm1(yb, num_classes).to(device)
+            else:
+                cond, x0 = None, xb.to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
+            xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+            inp = xt if cond is None else torch.cat([xt, cond], dim=1)
+            extra: dict[str, torch.Tensor] = {}
+            if conditions is not None:  # as sampling gives them to the UNet
+                inp, extra = unet_inputs(inp, network_conditions(how, cb, inp))
+            with common.autocast(device, precision):
+                pred = dnet(inp, timesteps=t, **extra)
+            loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            common.clip_and_step(loss, dnet, opt, scaler, tc["grad_clip"])
+            sched.step()
+            step += 1
+            ema.update(net, step)
+            lv = float(loss.detach())
+            running = lv if running is None else 0.98 * running + 0.02 * lv
+            if step % int(tc["log_every"]) == 0 or step == 1:
+                history["loss"].append((step, dist.mean(lv)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)
+            if dist.main and preview is not None and tc["val_every"] and step % int(tc["val_every"]) == 0:
+                preview(ema.module, step, work_dir / "previews" / f"diffusion_step{step:06d}.png")
+                net.train()
+            if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
+                checkpoint()
+                last_ckpt = budget.minutes
+                if dist.main and not progress:  # no bar: one line per checkpoint instead
+                    log.info("diffusion: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
     bar.close()
     checkpoint()
-    if common.STOP.requested:
+    if common.stop_agreed(dist):
         raise common.stopped("diffusion training", step, ckpt_path)
     if dist.main:
         common.save_loss_curve(work_dir / "loss_diffusion.png", history, f"{cfg['name']} diffusion ({precision})")

@@ -172,7 +172,7 @@ def train(
     if init_from and not Path(init_from).exists() and not (resume and (work / "diffusion.pt").is_file()):
         raise MeddiffError(f"training.init_from: {init_from} does not exist (a diffusion.pt or a model folder; a "
                            "relative path is read from the working directory, then from the config's folder)")
-    with removed_unless_used(work), common.STOP:
+    with removed_unless_used(work):
         tc = cfg["training"]
         dev = common.setup_device(device, num_threads or tc.get("num_threads"))
         dist = common.Dist(dev)
