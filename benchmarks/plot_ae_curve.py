@@ -3,7 +3,8 @@
 issue's target and the cohort's noise ceiling (``results/psnr_ceiling_2mm.json``) drawn in.
 
     python benchmarks/plot_ae_curve.py [--curve models/brain-ldm-3d/training/autoencoder-2mm-curve.json]
-        [--heldout models/brain-ldm-3d/training/heldout-2mm.jsonl] [--out models/brain-ldm-3d/training/autoencoder-2mm-curve.png]
+        [--heldout models/brain-ldm-3d/training/heldout-2mm.jsonl] [--config models/brain-ldm-3d/train-2mm.yaml]
+        [--out models/brain-ldm-3d/training/autoencoder-2mm-curve.png]
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ def plot(curve: dict, heldout: list[tuple[int, float, float]], ceiling_db: float
     steps, l1 = np.array(curve["l1"], dtype=float).T
     k = max(1, len(l1) // 40)
     smooth = np.convolve(l1, np.ones(k) / k, mode="valid")
-    ax_l1.plot(steps, l1, color="0.8", lw=0.8, label="every 10 steps")
+    ax_l1.plot(steps, l1, color="0.8", lw=0.8, label="as logged")
     ax_l1.plot(steps[k - 1:], smooth, color="C0", label=f"mean of {k}")
     ax_l1.set_yscale("log")
     ax_l1.set(xlabel="step", ylabel="training L1", title="training L1 (crops, then whole volumes)")
     if curve["val_psnr_db"]:
         vs, vdb = np.array(curve["val_psnr_db"], dtype=float).T
-        ax_db.plot(vs, vdb, "o-", color="C1", label="validation (4 training-seed subjects)")
+        ax_db.plot(vs, vdb, "o-", color="C1", label="validation (training-seed subjects)")
     if heldout:
         hs, hdb, hsd = np.array(heldout, dtype=float).T
-        ax_db.errorbar(hs, hdb, yerr=hsd, fmt="s-", color="C2", capsize=3, label="held-out (16 subjects), mean ± sd")
+        ax_db.errorbar(hs, hdb, yerr=hsd, fmt="s-", color="C2", capsize=3, label="held-out subjects, mean ± sd")
     ax_db.axhline(TARGET_DB, color="k", ls="--", lw=1, label=f"target {TARGET_DB:g} dB")
     if ceiling_db is not None:
         ax_db.axhline(ceiling_db, color="C3", ls=":", lw=1, label=f"noise ceiling {ceiling_db:.1f} dB")
@@ -71,10 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve", type=Path, default=TRAINING / "autoencoder-2mm-curve.json")
     ap.add_argument("--heldout", type=Path, default=TRAINING / "heldout-2mm.jsonl")
     ap.add_argument("--ceiling", type=Path, default=HERE / "results" / "psnr_ceiling_2mm.json")
-    ap.add_argument("--patch-steps", type=int, default=4000, help="where the crop phase ended (a vertical line)")
+    ap.add_argument("--config", type=Path, default=HERE.parent / "models" / "brain-ldm-3d" / "train-2mm.yaml",
+                    help="the training config (its autoencoder_training.patch_steps: where the crop phase ends)")
     ap.add_argument("--out", type=Path, default=TRAINING / "autoencoder-2mm-curve.png")
     args = ap.parse_args(argv)
-    curve = {**json.loads(args.curve.read_text()), "patch_steps": args.patch_steps}
+    import yaml
+
+    patch_steps = yaml.safe_load(args.config.read_text())["autoencoder_training"].get("patch_steps")
+    curve = {**json.loads(args.curve.read_text()), "patch_steps": patch_steps}
+    if not curve.get("l1"):
+        raise SystemExit(f"{args.curve}: no training loss logged yet")
     ceiling = json.loads(args.ceiling.read_text()) if args.ceiling.is_file() else None
     ceiling_db = ceiling["summary"]["ceiling_db"]["mean"] if ceiling else None
     heldout = heldout_points(args.heldout)

@@ -90,7 +90,9 @@ def test_ae_curve_plot_takes_the_last_heldout_line_per_step(tmp_path):
     (tmp_path / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     assert plot_ae_curve.heldout_points(tmp_path / "heldout.jsonl") == [(10, 18.0, 1.0), (30, 22.5, 0.5)]
     out = tmp_path / "curve.png"
+    (tmp_path / "train.yaml").write_text("autoencoder_training: {patch_steps: 20}\n")
     assert plot_ae_curve.main(["--curve", str(tmp_path / "curve.json"), "--heldout", str(tmp_path / "heldout.jsonl"),
+                               "--config", str(tmp_path / "train.yaml"), "--ceiling", str(tmp_path / "none.json"),
                                "--out", str(out)]) == 0
     from PIL import Image
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..choices import COMBINE_METHODS
 from ..errors import MeddiffError
-from ..intensity import is_upper_value
+from ..intensity import INTENSITY_KEYS, is_upper_value
 from .conditions import parse_conditions
 
 MODEL_KINDS = ("ddpm", "ldm", "segmentation")
@@ -85,10 +85,11 @@ def validate_config(config: Any, where: str) -> dict:
     for block, fields in OPTIONAL_BLOCKS.items():
         if block in config:
             _check_fields(_object(config[block], block, where), fields, block, where)
-            unknown = sorted(set(config[block]) - set(fields)) if block in CLOSED_BLOCKS else []
+            known = CLOSED_BLOCKS.get(block)
+            unknown = sorted(set(config[block]) - known) if known is not None else []
             if unknown:
                 raise MeddiffError(f"{where}: {block}: unknown key(s) {', '.join(unknown)} "
-                                   f"(known: {', '.join(fields)})")
+                                   f"(known: {', '.join(sorted(known))})")
     if "name" in config and not isinstance(config["name"], str):
         raise MeddiffError(f"{where}: name must be a string, not {config['name']!r}")
     conditioning, specs = parse_conditions(config.get("conditioning"), where)
@@ -129,8 +130,9 @@ SCHEDULER_FIELDS = {
     "prediction_type": (lambda v: v in ("epsilon", "v_prediction", "sample"), "epsilon, v_prediction or sample"),
     "clip_sample": (lambda v: isinstance(v, bool), "true or false"),
 }
-# blocks whose unknown keys are refused: a misspelt key would silently fall back to a default
-CLOSED_BLOCKS = ("intensity",)
+# blocks whose unknown keys are refused, and the keys they take: a misspelt key would silently fall back to a
+# default (the intensity keys the training configs take, and bundles' informative "range")
+CLOSED_BLOCKS = {"intensity": INTENSITY_KEYS | {"range"}}
 OPTIONAL_BLOCKS = {
     "defaults": {
         "sampler": (lambda v: isinstance(v, str), "a sampler name"),
