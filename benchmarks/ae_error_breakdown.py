@@ -9,7 +9,6 @@ what Gaussian blurs of the real image score (how sharp a reconstruction must be 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -20,13 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_models import load_split  # noqa: E402
 from napari_meddiff.cpu_kernels import prefer_onednn  # noqa: E402
-from napari_meddiff.training.common import load_checkpoint  # noqa: E402
+from napari_meddiff.training.common import load_checkpoint, psnr  # noqa: E402
 from napari_meddiff.training.config import load_config  # noqa: E402
 from napari_meddiff.zoo import build_network  # noqa: E402
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return -10 * math.log10(float(((a - b) ** 2).mean()))
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
