@@ -83,6 +83,35 @@ def test_two_steps_write_a_loadable_model(tmp_path, cohort, kind, dims):
         assert (tmp_path / "run" / "latents.pt").is_file()
 
 
+def test_decoder_only_resume_keeps_the_cached_latents(tmp_path, cohort):
+    """An LDM run resumed with ``freeze_encoder``: the autoencoder trains on (its decoder), the latent cache is
+    used as it is (its key is the encoder's digest; recomputing would draw other posterior samples), the
+    diffusion UNet resumes, and the exported autoencoder has the new decoder and the old encoder."""
+    from napari_meddiff.training.common import load_checkpoint
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    path = tiny_config(tmp_path, cohort, "ldm", 3)
+    train(path, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    before = load_checkpoint(tmp_path / "run" / "latents.pt")
+    ae_before = load_model(tmp_path / "m").autoencoder.state_dict()
+    cfg = yaml.safe_load(path.read_text())
+    cfg["autoencoder_training"].update(steps=4, freeze_encoder=True)
+    cfg["training"]["steps"] = 3
+    path.write_text(yaml.safe_dump(cfg))
+    train(path, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, progress=False, overwrite=True)
+    after = load_checkpoint(tmp_path / "run" / "latents.pt")
+    assert torch.equal(before["latents"], after["latents"]) and before["encoder_sha256"] == after["encoder_sha256"]
+    assert load_checkpoint(tmp_path / "run" / "autoencoder.pt")["step"] == 4
+    assert load_checkpoint(tmp_path / "run" / "diffusion.pt")["step"] == 3
+    model = load_model(tmp_path / "m")
+    assert model.config["training"]["autoencoder"]["freeze_encoder"] is True
+    ae_after = model.autoencoder.state_dict()
+    enc = [k for k in ae_after if k.startswith(("encoder.", "quant_conv_mu.", "quant_conv_log_sigma."))]
+    assert enc and all(torch.equal(ae_before[k], ae_after[k]) for k in enc)
+    assert any(not torch.equal(ae_before[k], ae_after[k]) for k in ae_after if k.startswith("decoder."))
+
+
 def test_resume_continues_from_checkpoint(tmp_path, cohort):
     from napari_meddiff.training.common import load_checkpoint
     from napari_meddiff.training.pipeline import train

@@ -159,3 +159,33 @@ def test_slim_checkpoint_needs_an_ema(tmp_path, data):
     run(config(folder, "contiguous", steps=1, ema_decay=0.0), images, val, tmp_path / "w")
     with pytest.raises(MeddiffError, match="no EMA"):
         common.slim_checkpoint(tmp_path / "w" / "autoencoder.pt", tmp_path / "slim.pt")
+
+
+def test_freeze_encoder_trains_the_decoder_and_keeps_the_latents(tmp_path, data):
+    """Decoder-only training (``freeze_encoder``) resumed from a whole-AE run: the encoder, live and EMA, ends
+    as the earlier run's EMA encoder bit for bit, so the latents (and their cache key) do not change, while
+    the decoder does."""
+    from napari_meddiff.training.autoencoder import encoder_sha256, encoder_state
+
+    folder, images, val = data
+    work = tmp_path / "run"
+    ae_before, before = run(config(folder, "contiguous"), images, val, work)
+    ckpt = common.load_checkpoint(work / "autoencoder.pt")
+    assert not same_tensors(ckpt["model"], ckpt["ema"])  # the live encoder is not the EMA's yet
+    ae_after, after = run(config(folder, "contiguous", steps=7, freeze_encoder=True), images, val, work, resume=True)
+    assert after["steps"] == 7 and after["freeze_encoder"] and not before["freeze_encoder"]
+    assert before["encoder_sha256"] == after["encoder_sha256"] == encoder_sha256(ae_before)
+    st = common.load_checkpoint(work / "autoencoder.pt")
+    enc = encoder_state(ae_before)
+    assert enc and all(torch.equal(st["model"][k], v) and torch.equal(st["ema"][k], v) for k, v in enc.items())
+    assert any(not torch.equal(st["ema"][k], ckpt["ema"][k]) for k in st["ema"] if k.startswith("decoder."))
+    x = images[:1]
+    with torch.no_grad():
+        (mu_a, sigma_a), (mu_b, sigma_b) = ae_before.encode(x), ae_after.encode(x)
+        assert torch.equal(mu_a, mu_b) and torch.equal(sigma_a, sigma_b)
+        assert not torch.equal(ae_before.decode(mu_a), ae_after.decode(mu_a))
+
+
+def test_freeze_encoder_must_be_a_boolean(tmp_path, data):
+    with pytest.raises(MeddiffError, match="freeze_encoder"):
+        config(data[0], "contiguous", freeze_encoder="yes")

@@ -55,6 +55,41 @@ def reconstruct(ae: torch.nn.Module, images: torch.Tensor, device: torch.device,
     return torch.cat(outs)
 
 
+ENCODER_PARTS = ("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")  # what makes the latents (AutoencoderKL)
+
+
+def encoder_state(ae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers that make an AutoencoderKL's latents."""
+    return {k: v for k, v in common.unwrap(ae).state_dict().items() if k.startswith(ENCODER_PARTS)}
+
+
+def encoder_sha256(ae: torch.nn.Module) -> str:
+    """A digest of what makes the latents: equal digests, equal latents (the latent cache's key)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(encoder_state(ae).items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def freeze_encoder(ae: torch.nn.Module, ema: common.EMA | None) -> int:
+    """Freeze the encoder for decoder-only training: the live encoder takes the EMA's (the one whose latents
+    the diffusion UNet learnt), and neither changes again (no gradients; the EMA skips frozen parameters).
+    Returns the number of frozen tensors."""
+    if ema is not None:
+        common.unwrap(ae).load_state_dict(encoder_state(ema.module), strict=False)
+    frozen = 0
+    for name, p in common.unwrap(ae).named_parameters():
+        if name.startswith(ENCODER_PARTS):
+            p.requires_grad_(False)
+            frozen += 1
+    if not frozen:
+        raise MeddiffError("freeze_encoder: this autoencoder has no encoder parameters to freeze")
+    return frozen
+
+
 def autoencoder_from_model(folder: Path, cfg: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The autoencoder of an LDM model folder (sha256-checked safetensors) and its training summary, for a run
     that trains only a new diffusion UNet on its latents (``autoencoder_training.from_model``; a conditional
@@ -82,6 +117,7 @@ def autoencoder_from_model(folder: Path, cfg: dict[str, Any]) -> tuple[torch.nn.
     weights = config["weights"]["autoencoder"]
     stage.update(from_model=str(folder), weights_sha256=weights["sha256"], weights_dtype=weights.get("dtype", "float32"))
     stage.setdefault("steps", 0)
+    stage["encoder_sha256"] = encoder_sha256(ae)
     return ae, stage
 
 
@@ -140,6 +176,11 @@ def train_autoencoder(
         cpu_spent = float(st.get("cpu_minutes", 0.0))
         if dist.main:
             log.info("resumed autoencoder training at step %d (%.1f min spent)", step, spent)
+    if tc["freeze_encoder"]:
+        n = freeze_encoder(ae, ema)
+        if dist.main:
+            log.info("autoencoder: decoder only (%d encoder tensors frozen, encoder sha256 %s…)", n,
+                     encoder_sha256(ae)[:12])
     total, bs = int(tc["steps"]), int(tc["batch_size"])
     kl_weight = float(tc["kl_weight"])
     first = crop_schedule(tc, step) or list(images.shape[2:])
@@ -246,9 +287,11 @@ def train_autoencoder(
         "world_size": dist.world, "lr": float(tc["lr"]), "precision": precision,
         "kl_weight": float(tc["kl_weight"]), "adv_weight": aw, "adv_warmup_steps": warm,
         "perceptual_weight": float(tc.get("perceptual_weight", 0.0)),
+        "freeze_encoder": bool(tc["freeze_encoder"]),
         "final_l1": round(sum(tail) / len(tail), 5),
         "val_psnr_db": round(val_psnr[-1][1], 2) if val_psnr else None,
         "train_items": int(images.shape[0]),
     }
     final = ema.module if ema is not None else common.unwrap(ae)
+    summary["encoder_sha256"] = encoder_sha256(final)
     return common.to_layout(final, "contiguous").eval(), summary

@@ -202,7 +202,8 @@ class EMA:
         src = unwrap(net)
         d = 0.0 if step < self.start else min(self.decay, (1 + step - self.start) / (10 + step - self.start))
         for e, p in zip(self.module.parameters(), src.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
+            if p.requires_grad:  # a frozen part keeps its average as it is (the lerp would drift it)
+                e.lerp_(p.detach(), 1.0 - d)
         for e, b in zip(self.module.buffers(), src.buffers()):
             e.copy_(b)
 

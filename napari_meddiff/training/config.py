@@ -83,6 +83,10 @@ DEFAULT_AE_TRAINING = {
     # an ldm model folder whose autoencoder this run uses as it is (no autoencoder stage): e.g. a conditional
     # diffusion UNet trained on the latents of a shipped model's autoencoder
     "from_model": None,
+    # train the decoder only: the encoder (and its quant convs) stays as the checkpoint's EMA has it, so the
+    # latents, and a diffusion UNet trained on them, stay valid while reconstructions improve (as Stability's
+    # ft-MSE VAE decoders were fine-tuned for Stable Diffusion)
+    "freeze_encoder": False,
     "checkpoint_minutes": 3.0,
     "val_every": 200,
     "seed": 0,
@@ -209,6 +213,8 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
         if any(s % down for s in cfg["image_shape"]):
             raise MeddiffError(f"image_shape must be divisible by {down} for this autoencoder")
         cfg["autoencoder_training"] = {**DEFAULT_AE_TRAINING, **cfg.get("autoencoder_training", {})}
+        if not isinstance(cfg["autoencoder_training"]["freeze_encoder"], bool):
+            raise MeddiffError("autoencoder_training.freeze_encoder must be true or false")
     elif cfg["kind"] == "segmentation":
         seg = cfg.setdefault("segmentation", {})
         seg.setdefault("num_classes", 4)

@@ -248,8 +248,8 @@ def train(
             autoencoder = ae.requires_grad_(False)
             cache = work / "latents.pt"
             st = common.load_checkpoint(cache) if (resume and cache.is_file()) else None
-            cache_key = {"ae_step": ae_summary["steps"], "ae_sha256": ae_summary.get("weights_sha256"),
-                         "files": list(train_data.files), "flip": flip}
+            # the latents depend on the encoder only: a decoder-only run (freeze_encoder) keeps them
+            cache_key = {"encoder_sha256": ae_summary["encoder_sha256"], "files": list(train_data.files), "flip": flip}
             if st is not None and all(st.get(k) == v for k, v in cache_key.items()):
                 latents, scale_factor = st["latents"], float(st["scale_factor"])
             else:
