@@ -222,6 +222,26 @@ def save_samples(path: Path, gen: torch.Tensor, real: torch.Tensor, title: str) 
     save_grid(path, [[x[0].numpy() for x in gen[gi]], [x[0].numpy() for x in real[ri]]], title)
 
 
+def heldout_conditions(model, files: list[Path], n: int) -> list[dict[str, float]] | None:
+    """A conditional model's conditions for ``n`` samples: sample i takes those of held-out subject i (in turn;
+    ``files``: their images), measured from its label files as training measures them, on the model's scale
+    (clipped to its range), so the generated set has the real set's spread of brain, CSF and lesion volume."""
+    from napari_meddiff.training.conditions import MEASURES, measure_subject
+
+    specs = list(model.conditions or [])
+    if not specs:
+        return None
+    unknown = [s.name for s in specs if s.name not in MEASURES or s.unit_low is None or s.unit_high is None]
+    if unknown:
+        raise SystemExit(f"{model.name}: conditions {unknown} have no measure in ml to take from held-out subjects")
+    per_subject = []
+    for f in files:
+        ml = measure_subject(f, [s.name for s in specs])
+        per_subject.append({s.name: min(s.high, max(s.low, s.low + (v - s.unit_low) / (s.unit_high - s.unit_low)
+                                                      * (s.high - s.low))) for s, v in zip(specs, ml)})
+    return [per_subject[i % len(per_subject)] for i in range(n)]
+
+
 def evaluate(name: str, args) -> dict:
     from napari_meddiff.generate import generate
     from napari_meddiff.zoo import find_model_dir, load_model
@@ -252,12 +272,17 @@ def evaluate(name: str, args) -> dict:
     if model.kind in ("ddpm", "ldm"):
         n = args.num_generated or (len(real) if model.spatial_dims == 3 else min(len(real), 400))
         t1 = time.time()
-        vols = generate(model, list(range(args.seed, args.seed + n)), batch_size=args.batch_size, device="cpu")
+        conditions = heldout_conditions(model, sorted(args.heldout.glob(cfg["data"]["images"]))[:num], n)
+        vols = generate(model, list(range(args.seed, args.seed + n)), batch_size=args.batch_size, device="cpu",
+                        conditions=conditions)
         gen_seconds = time.time() - t1
         arr = np.stack([np.squeeze(v.array, -1) if model.spatial_dims == 2 else v.array for v in vols])
         fake = torch.from_numpy(arr).float().unsqueeze(1)
         sampling = {k: vols[0].metadata["provenance"][k] for k in ("sampler", "steps")}
         res["generation"] = {"n": n, **sampling, "seconds_per_sample": round(gen_seconds / n, 3)}
+        if conditions is not None:
+            res["generation"]["conditions"] = ("each sample those of a held-out subject (in turn), measured from its "
+                                               "label files and put on the model's scale")
         res["c2st"] = c2st(real, fake, seed=args.seed, min_steps=400 if model.spatial_dims == 2 else 200)
         ridx = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:20]
         res["diversity"] = {"real": round(diversity(real[ridx]), 4), "generated": round(diversity(fake), 4),

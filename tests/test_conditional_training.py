@@ -259,3 +259,29 @@ def test_a_resume_on_other_training_subjects_is_refused(tmp_path, cohort):
     write_volume(labels, data / "sub-000001_dseg.nii.gz", kind="labels", overwrite=True)
     with pytest.raises(MeddiffError, match="scaled on"):
         train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=6, overwrite=True, progress=False)
+
+
+def test_two_sample_test_samples_take_the_real_subjects_conditions(tmp_path, cohort):
+    """evaluate_models.py gives a conditional generator the conditions of the held-out subjects in turn (their
+    measures put on the model's scale), so the generated set has the real set's spread of volumes."""
+    import sys
+
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import evaluate_models
+
+    model = load_model(train(config(tmp_path, cohort), out=tmp_path / "m", work_dir=tmp_path / "run", progress=False))
+    files = sorted(cohort.glob("*_T1w.nii.gz"))[:2]
+    got = evaluate_models.heldout_conditions(model, files, 5)
+    assert len(got) == 5 and got[0] == got[2] == got[4] and got[1] == got[3] and got[0] != got[1]
+    for values, f in zip(got, files):
+        for spec, ml in zip(model.conditions, tc.measure_subject(f, [s.name for s in model.conditions])):
+            assert spec.low <= values[spec.name] <= spec.high
+            if spec.unit_low <= ml <= spec.unit_high:
+                assert spec.in_units(values[spec.name]) == pytest.approx(ml)
+    from napari_meddiff.testing import make_tiny_model
+
+    unconditional = load_model(make_tiny_model(tmp_path / "plain", kind="ddpm", spatial_dims=2))
+    assert evaluate_models.heldout_conditions(unconditional, files, 5) is None
