@@ -16,22 +16,49 @@
 # The carried checkpoint is slim (EMA weights, no Adam state: `slim_checkpoint`), so the GPU run restarts Adam
 # with its warm-up; what comes back is a full checkpoint again. A dry run on a CPU:
 #   OUT=/tmp/out MEDDIFF_DEVICE=cpu MEDDIFF_SUBJECTS=4 bash benchmarks/train_cuda.sh train 0.5
+#
+# The conditional 2 mm diffusion UNet (models/brain-ldm-3d/training/train-2mm-conditional.yaml) the same way:
+#   here:    bash benchmarks/train_cuda.sh prepare-ldm
+#            (wheels, and the slim frozen autoencoder of runs/ldm-2mm-cond into .carry/ldm/)
+#   device:  run(command="bash benchmarks/train_cuda.sh train-ldm 6", carry=[".whl", ".carry"], timeout_s=590)
+#            (a diffusion UNet from scratch at batch MEDDIFF_BATCH=32: the CPU run's checkpoint (133 MB full, 33 MB
+#            slim) does not fit beside the tree, the wheels and the autoencoder in the 64 MiB a device machine is
+#            sent; brings back its slim checkpoint in 15 MB parts)
+#   here:    bash benchmarks/train_cuda.sh collect-ldm FILES_AT
+#            (joins and checks it, keeps the CPU run's diffusion.pt as .before-gpu-*, exports runs/ldm-2mm-cond/model)
+# Dry run: OUT=/tmp/out MEDDIFF_DEVICE=cpu MEDDIFF_SUBJECTS=4 MEDDIFF_BATCH=2 bash benchmarks/train_cuda.sh train-ldm 0.3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=models/brain-ldm-3d/train-2mm.yaml
 WORK=runs/brain-ldm-3d-2mm
 CKPT=brain-ldm-3d/autoencoder-2mm.ckpt   # in main's history (benchmarks/checkpoints.sh)
+LDM_CONFIG=models/brain-ldm-3d/training/train-2mm-conditional.yaml
+LDM_WORK=runs/ldm-2mm-cond
+LDM_CKPT=brain-ldm-3d-2mm-conditional/diffusion.ckpt   # slim, in main's history
 export PYTHONUNBUFFERED=1
 die() { echo "train_cuda.sh: $*" >&2; exit 1; }
 
-prepare() {
-  local py=${PYTHON:-.venv/bin/python}
+wheels() {  # .whl/ (monai, nibabel, nilearn at this venv's versions) and an empty .carry/
+  local py=$1
   for d in /.whl/ /.carry/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
   rm -rf .whl .carry && mkdir -p .whl .carry
   local pkgs=()
   for p in monai nibabel nilearn; do pkgs+=("$p==$("$py" -c "import importlib.metadata as m; print(m.version('$p'))")"); done
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux2014_x86_64 --platform any -d .whl "${pkgs[@]}"
+}
+
+check_travel() {
+  local tree carried
+  tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  carried=$(du -cb .whl .carry | tail -1 | cut -f1)
+  echo "travels: main's tree $((tree / 1000000)) MB + .whl/.carry $((carried / 1000000)) MB (limit 67 MB)"
+  [ $((tree + carried)) -lt 67108864 ] || die "over the 64 MiB a device machine is sent"
+}
+
+prepare() {
+  local py=${PYTHON:-.venv/bin/python}
+  wheels "$py"
   local full=$WORK/autoencoder.pt
   if [ ! -f "$full" ]; then bash benchmarks/checkpoints.sh restore "$CKPT" "$full"; fi
   "$py" - "$full" <<'EOF'
@@ -43,12 +70,36 @@ sha = hashlib.sha256(Path(sys.argv[1]).read_bytes()).hexdigest()
 Path(".carry/source.json").write_text(json.dumps({"file": sys.argv[1], "sha256": sha, "step": st["step"]}) + "\n")
 print(f"slim checkpoint of {sys.argv[1]}: step {st['step']}, {st['minutes']:.1f} min spent")
 EOF
-  local tree carried
-  tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-  carried=$(du -cb .whl .carry | tail -1 | cut -f1)
-  echo "travels: main's tree $((tree / 1000000)) MB + .whl/.carry $((carried / 1000000)) MB (limit 67 MB)"
-  [ $((tree + carried)) -lt 67108864 ] || die "over the 64 MiB a device machine is sent"
+  check_travel
 }
+
+prepare_ldm() {
+  local py=${PYTHON:-.venv/bin/python}
+  wheels "$py"
+  mkdir -p .carry/ldm
+  local ae=$LDM_WORK/autoencoder.pt
+  if [ ! -f "$ae" ]; then bash benchmarks/checkpoints.sh restore "$CKPT" "$ae"; fi
+  "$py" - "$ae" "$LDM_CONFIG" <<'EOF'
+import json, sys
+from pathlib import Path
+from napari_meddiff.training.autoencoder import encoder_sha256
+from napari_meddiff.training.common import slim_checkpoint
+from napari_meddiff.training.config import load_config
+from napari_meddiff.zoo import build_network
+cfg = load_config(sys.argv[2])
+st = slim_checkpoint(Path(sys.argv[1]), Path(".carry/ldm/autoencoder.pt"))
+if st["step"] != cfg["autoencoder_training"]["steps"]:
+    sys.exit(f"{sys.argv[1]} is at step {st['step']}; {sys.argv[2]} freezes the autoencoder at "
+             f"{cfg['autoencoder_training']['steps']}")
+ae = build_network("autoencoder", cfg["networks"]["autoencoder"])
+ae.load_state_dict(st["ema"])
+digest = encoder_sha256(ae)
+Path(".carry/ldm/source.json").write_text(json.dumps({"step": st["step"], "encoder_sha256": digest}) + "\n")
+print(f"slim autoencoder of {sys.argv[1]}: step {st['step']}, encoder sha256 {digest[:12]}")
+EOF
+  check_travel
+}
+
 
 write_cohort() {  # DST N JOBS: the training subjects in parallel chunks, then one manifest
   local dst=$1 n=$2 jobs=$3 per=$(( ($2 + $3 - 1) / $3 ))
@@ -66,13 +117,8 @@ write_cohort() {  # DST N JOBS: the training subjects in parallel chunks, then o
   OMP_NUM_THREADS=4 "$PY" -m napari_meddiff.cli cohort --num "$n" --seed 0 --out "$dst" --quiet > /dev/null
 }
 
-train() {  # on the device machine; works in a scratch folder, never in the checkout's data/ or runs/
-  local minutes=${1:?minutes of training} device=${MEDDIFF_DEVICE:-cuda} t0=$SECONDS
-  local scratch=${MEDDIFF_SCRATCH:-/tmp/meddiff-train} repo=$PWD deadline=${MEDDIFF_DEADLINE:-560}
-  PY=${PYTHON:-python3}
-  : "${OUT:?OUT (the folder that comes back) is not set}"
-  mkdir -p "$OUT" && OUT=$(realpath "$OUT")  # a relative OUT is read from the repository root
-  [ -f .carry/autoencoder.pt ] || die ".carry/autoencoder.pt missing: run 'prepare' here and carry .carry"
+setup_python() {  # the carried wheels, the repository on PYTHONPATH, the GPU named in $OUT/log.txt
+  local repo=$1
   if ls .whl/*.whl > /dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$repo
@@ -82,6 +128,89 @@ train() {  # on the device machine; works in a scratch folder, never in the chec
   { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"; } | tee "$OUT/log.txt"
   "$PY" -c "import monai, nibabel, nilearn.datasets, safetensors, yaml, napari_meddiff.training" \
       || die "missing Python packages on this machine (see above)"
+}
+
+train_ldm() {  # on the device machine: a conditional diffusion UNet from scratch on the frozen autoencoder
+  local minutes=${1:?minutes of training} device=${MEDDIFF_DEVICE:-cuda} t0=$SECONDS
+  local scratch=${MEDDIFF_SCRATCH:-/tmp/meddiff-train-ldm} repo=$PWD deadline=${MEDDIFF_DEADLINE:-560}
+  local batch=${MEDDIFF_BATCH:-32}
+  PY=${PYTHON:-python3}
+  : "${OUT:?OUT (the folder that comes back) is not set}"
+  mkdir -p "$OUT" && OUT=$(realpath "$OUT")
+  [ -f .carry/ldm/autoencoder.pt ] || die ".carry/ldm/autoencoder.pt missing: run 'prepare-ldm' here and carry .carry"
+  setup_python "$repo"
+  mkdir -p "$scratch/work" && cd "$scratch"
+  write_cohort data/cohort-2mm-train "${MEDDIFF_SUBJECTS:-200}" "${MEDDIFF_JOBS:-16}"
+  echo "cohort ready after $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
+  rm -f work/diffusion.pt work/latents.pt work/conditions.json
+  cp "$repo/.carry/ldm/autoencoder.pt" work/autoencoder.pt
+  # what is left of the deadline, less ~3 min for data loading, encoding the latents, the export and splitting
+  minutes=$("$PY" -c "print(round(max(0.3, min($minutes, ($deadline - $((SECONDS - t0)) - 180) / 60)), 2))")
+  "$PY" - "$repo/$LDM_CONFIG" work/train-gpu.yaml "$minutes" "$batch" <<'EOF'
+import sys
+import yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+cfg["training"].update(max_minutes=float(sys.argv[3]), batch_size=int(sys.argv[4]), val_every=0,
+                       checkpoint_minutes=2, num_threads=4)
+yaml.safe_dump(cfg, open(sys.argv[2], "w"))
+EOF
+  echo "training for $minutes min at batch $batch" | tee -a "$OUT/log.txt"
+  set +e
+  "$PY" -m napari_meddiff.cli train work/train-gpu.yaml --work-dir work --out work/model --resume \
+      --device "$device" --no-progress 2>&1 | tee -a "$OUT/log.txt"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  echo "training exited $rc after $((SECONDS - t0)) s in all" | tee -a "$OUT/log.txt"
+  [ -f work/diffusion.pt ] || die "no diffusion checkpoint was written (see $OUT/log.txt)"
+  "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
+from pathlib import Path
+from napari_meddiff.training.common import slim_checkpoint
+st = slim_checkpoint(Path("work/diffusion.pt"), Path("work/diffusion-slim.pt"))
+print(f"slim diffusion checkpoint: step {st['step']}, {st['minutes']:.1f} min")
+EOF
+  (cd work && sha256sum diffusion-slim.pt > "$OUT/diffusion-slim.pt.sha256" \
+      && split -b 15000000 -d diffusion-slim.pt "$OUT/diffusion-slim.pt.part")
+  cp work/loss_diffusion.png "$OUT/" 2>/dev/null || true
+  ls -la "$OUT"
+  return "$rc"
+}
+
+collect_ldm() {
+  local files=${1:?the folder the device files came back to (files_at)} py=${PYTHON:-.venv/bin/python}
+  local new=$LDM_WORK/diffusion.pt.new
+  [ -f .carry/ldm/source.json ] || die ".carry/ldm/source.json missing: collect-ldm needs the prepare-ldm of this run"
+  if pgrep -f -- "--work-dir $LDM_WORK" > /dev/null; then die "a training process is using $LDM_WORK: stop it first"; fi
+  mkdir -p "$LDM_WORK"
+  cat "$files"/diffusion-slim.pt.part* > "$new"
+  (cd "$LDM_WORK" && sed 's/diffusion-slim.pt$/diffusion.pt.new/' "$files/diffusion-slim.pt.sha256" | sha256sum -c --quiet) \
+      || die "the joined checkpoint does not match its sha256"
+  local step
+  step=$("$py" -c "
+import sys, torch
+st = torch.load('$new', weights_only=True)
+if not st.get('slim') or st.get('ema') is None:
+    sys.exit('not a slim diffusion checkpoint')
+print(st['step'])") || { rm -f "$new"; die "the returned checkpoint was not taken"; }
+  [ ! -f "$LDM_WORK/diffusion.pt" ] || mv "$LDM_WORK/diffusion.pt" "$LDM_WORK/diffusion.pt.before-gpu-$(date +%Y%m%d-%H%M%S)"
+  mv "$new" "$LDM_WORK/diffusion.pt"
+  [ ! -f "$files/loss_diffusion.png" ] || cp "$files/loss_diffusion.png" "$LDM_WORK/loss_diffusion.png"
+  # the model folder of it (the autoencoder stage is at its step; the latents cached here, or encoded again)
+  "$py" -m napari_meddiff.cli train "$LDM_CONFIG" --work-dir "$LDM_WORK" --out "$LDM_WORK/model" --resume \
+      --steps "$step" --overwrite --threads 2 --no-progress
+  echo "now: python benchmarks/evaluate_models.py --models $LDM_WORK/model --heldout data/cohort-2mm-heldout;" \
+       "bash benchmarks/checkpoints.sh save $LDM_WORK/diffusion.pt $LDM_CKPT \"step $step (GPU run)\";" \
+       "then the tables in models/brain-ldm-3d/training/README.md"
+}
+
+
+train() {  # on the device machine; works in a scratch folder, never in the checkout's data/ or runs/
+  local minutes=${1:?minutes of training} device=${MEDDIFF_DEVICE:-cuda} t0=$SECONDS
+  local scratch=${MEDDIFF_SCRATCH:-/tmp/meddiff-train} repo=$PWD deadline=${MEDDIFF_DEADLINE:-560}
+  PY=${PYTHON:-python3}
+  : "${OUT:?OUT (the folder that comes back) is not set}"
+  mkdir -p "$OUT" && OUT=$(realpath "$OUT")  # a relative OUT is read from the repository root
+  [ -f .carry/autoencoder.pt ] || die ".carry/autoencoder.pt missing: run 'prepare' here and carry .carry"
+  setup_python "$repo"
   mkdir -p "$scratch/work" && cd "$scratch"  # the config's data/cohort-2mm-train is found here first
   write_cohort data/cohort-2mm-train "${MEDDIFF_SUBJECTS:-200}" "${MEDDIFF_JOBS:-16}"
   echo "cohort ready after $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
@@ -144,5 +273,8 @@ case "${1:-}" in
   prepare) prepare ;;
   train) shift; train "$@" ;;
   collect) shift; collect "$@" ;;
-  *) die "usage: prepare | train MINUTES | collect FILES_AT" ;;
+  prepare-ldm) prepare_ldm ;;
+  train-ldm) shift; train_ldm "$@" ;;
+  collect-ldm) shift; collect_ldm "$@" ;;
+  *) die "usage: prepare | train MINUTES | collect FILES_AT | prepare-ldm | train-ldm MINUTES | collect-ldm FILES_AT" ;;
 esac
