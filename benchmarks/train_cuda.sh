@@ -117,6 +117,16 @@ write_cohort() {  # DST N JOBS: the training subjects in parallel chunks, then o
   OMP_NUM_THREADS=4 "$PY" -m napari_meddiff.cli cohort --num "$n" --seed 0 --out "$dst" --quiet > /dev/null
 }
 
+send_back() {  # FILE of work/: its sha256 and 15 MB parts into $OUT (a device machine returns files of <= 16 MiB)
+  (cd work && sha256sum "$1" > "$OUT/$1.sha256" && split -b 15000000 -d "$1" "$OUT/$1.part")
+}
+
+join_back() {  # FILES_AT NAME DST: the parts of NAME joined into DST, checked against their sha256
+  cat "$1/$2".part* > "$3"
+  (cd "$(dirname "$3")" && sed "s/$2\$/$(basename "$3")/" "$1/$2.sha256" | sha256sum -c --quiet) \
+      || die "the joined checkpoint does not match its sha256"
+}
+
 setup_python() {  # the carried wheels, the repository on PYTHONPATH, the GPU named in $OUT/log.txt
   local repo=$1
   if ls .whl/*.whl > /dev/null 2>&1; then
@@ -168,8 +178,7 @@ from napari_meddiff.training.common import slim_checkpoint
 st = slim_checkpoint(Path("work/diffusion.pt"), Path("work/diffusion-slim.pt"))
 print(f"slim diffusion checkpoint: step {st['step']}, {st['minutes']:.1f} min")
 EOF
-  (cd work && sha256sum diffusion-slim.pt > "$OUT/diffusion-slim.pt.sha256" \
-      && split -b 15000000 -d diffusion-slim.pt "$OUT/diffusion-slim.pt.part")
+  send_back diffusion-slim.pt
   cp work/loss_diffusion.png "$OUT/" 2>/dev/null || true
   ls -la "$OUT"
   return "$rc"
@@ -181,9 +190,7 @@ collect_ldm() {
   [ -f .carry/ldm/source.json ] || die ".carry/ldm/source.json missing: collect-ldm needs the prepare-ldm of this run"
   if pgrep -f -- "--work-dir $LDM_WORK" > /dev/null; then die "a training process is using $LDM_WORK: stop it first"; fi
   mkdir -p "$LDM_WORK"
-  cat "$files"/diffusion-slim.pt.part* > "$new"
-  (cd "$LDM_WORK" && sed 's/diffusion-slim.pt$/diffusion.pt.new/' "$files/diffusion-slim.pt.sha256" | sha256sum -c --quiet) \
-      || die "the joined checkpoint does not match its sha256"
+  join_back "$files" diffusion-slim.pt "$new"
   local step
   step=$("$py" -c "
 import sys, torch
@@ -226,7 +233,7 @@ train() {  # on the device machine; works in a scratch folder, never in the chec
   local rc=${PIPESTATUS[0]}
   set -e
   echo "training exited $rc after $((SECONDS - t0)) s in all" | tee -a "$OUT/log.txt"
-  (cd work && sha256sum autoencoder.pt > "$OUT/autoencoder.pt.sha256" && split -b 15000000 -d autoencoder.pt "$OUT/autoencoder.pt.part")
+  send_back autoencoder.pt
   cp work/autoencoder_curve.json "$OUT/" 2>/dev/null || true
   ls -la "$OUT"
   return "$rc"
@@ -245,9 +252,7 @@ sys.exit(hashlib.sha256(open('$WORK/autoencoder.pt', 'rb').read()).hexdigest() !
       || die "$WORK/autoencoder.pt changed since prepare (a CPU run went on?): compare the steps and move one away"
   fi
   mkdir -p "$WORK"
-  cat "$files"/autoencoder.pt.part* > "$new"
-  (cd "$WORK" && sed 's/autoencoder.pt$/autoencoder.pt.new/' "$files/autoencoder.pt.sha256" | sha256sum -c --quiet) \
-      || die "the joined checkpoint does not match its sha256"
+  join_back "$files" autoencoder.pt "$new"
   "$py" -c "
 import json, sys, torch
 st = torch.load('$new', weights_only=True)
