@@ -112,6 +112,41 @@ def test_decoder_only_resume_keeps_the_cached_latents(tmp_path, cohort):
     assert any(not torch.equal(ae_before[k], ae_after[k]) for k in ae_after if k.startswith("decoder."))
 
 
+def test_latents_mean_trains_on_the_encoder_means(tmp_path, cohort):
+    """``training.latents: mean``: the UNet's data are the scaled posterior means of the training volumes (and of
+    their mirror images), not draws; switching a run from draws to means re-encodes instead of reusing the cache."""
+    from napari_meddiff.training.common import load_checkpoint
+    from napari_meddiff.training.data import load_dataset
+    from napari_meddiff.training.config import load_config
+    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.zoo import load_model
+
+    path = tiny_config(tmp_path, cohort, "ldm", 3)
+    train(path, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
+    drawn = load_checkpoint(tmp_path / "run" / "latents.pt")
+    assert drawn["latent_kind"] == "sample"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["training"].update(latents="mean", steps=3)
+    path.write_text(yaml.safe_dump(cfg))
+    train(path, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, progress=False, overwrite=True)
+    cache = load_checkpoint(tmp_path / "run" / "latents.pt")
+    assert cache["latent_kind"] == "mean" and cache["encoder_sha256"] == drawn["encoder_sha256"]
+    model = load_model(tmp_path / "m")
+    assert model.config["training"]["diffusion"]["latents"] == "posterior means of the autoencoder"
+    images = load_dataset(load_config(path), subjects=slice(0, 2), progress=False).images
+    with torch.no_grad():
+        ae = model.autoencoder.eval()
+        means = torch.cat([ae.encode(images)[0], ae.encode(images.flip(2))[0]])
+    scale = cache["scale_factor"]
+    assert scale == pytest.approx(1.0 / float(means[: len(images)].std()), rel=1e-5)  # from the unmirrored
+    torch.testing.assert_close(cache["latents"], means * scale, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(drawn["latents"], cache["latents"], atol=1e-3)  # the draws were other latents
+    cfg["training"]["latents"] = "mode"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(MeddiffError, match="training.latents must be one of sample, mean"):
+        load_config(path)
+
+
 def test_resume_continues_from_checkpoint(tmp_path, cohort):
     from napari_meddiff.training.common import load_checkpoint
     from napari_meddiff.training.pipeline import train

@@ -38,6 +38,8 @@ DEFAULT_DATA = {
     "flip": True,  # random left-right flips
 }
 
+LATENT_KINDS = ("sample", "mean")
+
 DEFAULT_TRAINING = {
     "steps": 100_000,
     "max_minutes": 30.0,
@@ -49,6 +51,10 @@ DEFAULT_TRAINING = {
     "ema_decay": 0.999,
     "ema_start": 200,
     "precision": "auto",  # auto: bf16 autocast on a bf16 CPU / fp16 on CUDA; fp32; bf16; fp16
+    # ldm: what the UNet learns of each image's latent posterior: "sample" (a draw, as MONAI's
+    # LatentDiffusionInferer) or "mean" (its mean: for an autoencoder whose unused latent channels have collapsed
+    # to the prior, a draw is mostly noise that no UNet can learn)
+    "latents": "sample",
     "checkpoint_minutes": 3.0,
     "val_every": 500,
     "val_samples": 4,
@@ -215,6 +221,9 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
         cfg["autoencoder_training"] = {**DEFAULT_AE_TRAINING, **cfg.get("autoencoder_training", {})}
         if not isinstance(cfg["autoencoder_training"]["freeze_encoder"], bool):
             raise MeddiffError("autoencoder_training.freeze_encoder must be true or false")
+        if cfg["training"].get("latents", "sample") not in LATENT_KINDS:
+            raise MeddiffError(f"training.latents must be one of {', '.join(LATENT_KINDS)}, "
+                               f"not {cfg['training'].get('latents')!r}")
     elif cfg["kind"] == "segmentation":
         seg = cfg.setdefault("segmentation", {})
         seg.setdefault("num_classes", 4)

@@ -21,11 +21,17 @@ MEASURED_END = "<!-- measured:end -->"
 
 
 @torch.no_grad()
-def latent_scale_factor(ae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 4) -> tuple[float, torch.Tensor]:
-    """1 / std of the encoder latents over ``images`` (MONAI tutorials) and the unscaled latents (drawn from the
-    posterior, as MONAI's ``encode_stage_2_inputs`` and its LatentDiffusionInferer give them in training)."""
+def latent_scale_factor(ae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 4,
+                        kind: str = "sample") -> tuple[float, torch.Tensor]:
+    """1 / std of the encoder latents over ``images`` (MONAI tutorials) and the unscaled latents: drawn from the
+    posterior (``kind="sample"``, as MONAI's ``encode_stage_2_inputs`` and its LatentDiffusionInferer give them in
+    training) or its mean (``kind="mean"``)."""
     ae.eval()
-    zs = [ae.encode_stage_2_inputs(images[i : i + batch].to(device)).float().cpu() for i in range(0, images.shape[0], batch)]
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return ae.encode_stage_2_inputs(x) if kind == "sample" else ae.encode(x)[0]
+
+    zs = [encode(images[i : i + batch].to(device)).float().cpu() for i in range(0, images.shape[0], batch)]
     z = torch.cat(zs)
     return float(1.0 / z.std()), z
 

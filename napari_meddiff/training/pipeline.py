@@ -249,14 +249,17 @@ def train(
             cache = work / "latents.pt"
             st = common.load_checkpoint(cache) if (resume and cache.is_file()) else None
             # the latents depend on the encoder only: a decoder-only run (freeze_encoder) keeps them
-            cache_key = {"encoder_sha256": ae_summary["encoder_sha256"], "files": list(train_data.files), "flip": flip}
-            if st is not None and all(st.get(k) == v for k, v in cache_key.items()):
+            kind = tc["latents"]
+            cache_key = {"encoder_sha256": ae_summary["encoder_sha256"], "files": list(train_data.files), "flip": flip,
+                         "latent_kind": kind}
+            if st is not None and all(st.get(k, "sample" if k == "latent_kind" else None) == v
+                                      for k, v in cache_key.items()):  # caches before latent_kind: samples
                 latents, scale_factor = st["latents"], float(st["scale_factor"])
             else:
-                scale_factor, z = latent_scale_factor(ae, train_data.images, dev)
+                scale_factor, z = latent_scale_factor(ae, train_data.images, dev, kind=kind)
                 latents = z
                 if flip:  # latents of the mirrored volumes too (a flip of a latent is not the latent of a flip)
-                    _, zf = latent_scale_factor(ae, train_data.images.flip(2), dev)
+                    _, zf = latent_scale_factor(ae, train_data.images.flip(2), dev, kind=kind)
                     latents = torch.cat([z, zf])
                 latents = latents * scale_factor
                 if dist.main:
@@ -265,7 +268,7 @@ def train(
                 item_conditions = torch.cat([item_conditions, item_conditions])
             latent_shape = list(latents.shape[2:])
             if dist.main:
-                log.info("latents %s, scale factor %.4f", tuple(latents.shape), scale_factor)
+                log.info("latents %s (posterior %ss), scale factor %.4f", tuple(latents.shape), kind, scale_factor)
             x0_data, cond, labels, flip_batches = latents, None, None, False
         elif cfg["kind"] == "segmentation":
             x0_data, cond, labels, flip_batches = None, train_data.images, train_data.labels, flip
@@ -303,6 +306,8 @@ def train(
             conditions=item_conditions,
         )
         summary["diffusion"] = diff_summary
+        if cfg["kind"] == "ldm":
+            summary["diffusion"]["latents"] = f"posterior {tc['latents']}s of the autoencoder"
         if cfg["kind"] == "segmentation" and val_data is not None and dist.main:
             model = as_diffusion_model(mcfg, unet, None, work, dev)
             pred = segment_slices(model, val_data.images, steps=int(cfg["defaults"]["steps"]))
