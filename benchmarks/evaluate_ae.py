@@ -2,11 +2,17 @@
 
     python benchmarks/evaluate_ae.py --config models/brain-ldm-3d/train-2mm.yaml \
         --checkpoint runs/brain-ldm-3d-2mm/autoencoder.pt [--heldout data/cohort-2mm-heldout] [--num 16]
-        [--weights ema|model|both] [--threads 1] [--json OUT.json] [--log CURVE.jsonl]
+        [--weights ema|model|both] [--threads 1] [--json OUT.json] [--log CURVE.jsonl] [--latents]
 
 Reads the checkpoint with ``torch.load(weights_only=True)``, preprocesses held-out cohort subjects (seeds
 100000.., written first if the folder lacks them) exactly as training does, reconstructs each whole volume
 (encoder mean, no latent sampling, fp32 on oneDNN) and prints PSNR and SSIM (MONAI metrics, data range 1), mean ± SD.
+
+``--latents`` also prints the posterior per latent channel: the SD of its mean over voxels and subjects, its mean
+sigma, and the share of a posterior draw's variance that is the draw's noise (sigma^2 / (var(mean) + sigma^2));
+and the PSNR of reconstructions decoded from one draw against those from the mean. A channel whose sigma is
+near 1 and whose mean is near constant has collapsed to the prior: it carries no information, and a diffusion
+UNet trained on draws (``training.latents: sample``) learns noise there; train on means instead.
 """
 
 from __future__ import annotations
@@ -35,6 +41,32 @@ def reconstruct_mean(ae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([ae.decode(ae.encode(x[None])[0]) for x in images]).clamp(0, 1)
 
 
+@torch.no_grad()
+def latent_stats(ae: torch.nn.Module, real: torch.Tensor, seed: int = 0) -> dict:
+    """Per-channel posterior statistics of ``real`` (see the module docstring) and PSNR from a draw vs the mean."""
+    from monai.metrics import PSNRMetric
+
+    ae = prefer_onednn(ae.eval())
+    gen = torch.Generator().manual_seed(seed)
+    mus, sigmas, psnr_mean, psnr_draw = [], [], [], []
+    for x in real:
+        mu, sigma = ae.encode(x[None])
+        draw = mu + sigma * torch.randn(mu.shape, generator=gen)
+        for z, out in ((mu, psnr_mean), (draw, psnr_draw)):
+            out.append(float(PSNRMetric(max_val=1.0)(ae.decode(z).clamp(0, 1), x[None]).mean()))
+        mus.append(mu)
+        sigmas.append(sigma)
+    mu, sigma = torch.cat(mus), torch.cat(sigmas)
+    var_mu = mu.transpose(0, 1).flatten(1).var(dim=1)
+    var_noise = (sigma ** 2).transpose(0, 1).flatten(1).mean(dim=1)
+    share = var_noise / (var_mu + var_noise)
+    return {"channels": [{"mean_sd": round(float(var_mu[c].sqrt()), 4), "sigma_mean": round(float(sigma[:, c].mean()), 4),
+                          "noise_share": round(float(share[c]), 4)} for c in range(mu.shape[1])],
+            "noise_share_all": round(float(var_noise.sum() / (var_mu + var_noise).sum()), 4),
+            "psnr_db_from_mean": round(sum(psnr_mean) / len(psnr_mean), 3),
+            "psnr_db_from_draw": round(sum(psnr_draw) / len(psnr_draw), 3)}
+
+
 def scores(ae: torch.nn.Module, real: torch.Tensor) -> dict:
     from monai.metrics import PSNRMetric, SSIMMetric
 
@@ -56,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--log", type=Path, default=None, help="append the result as one JSON line (a held-out curve)")
+    ap.add_argument("--latents", action="store_true", help="also the posterior per latent channel (collapse check)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -74,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step {res['step']} ({which}): held-out PSNR {res[which]['psnr_db']['mean']:.2f} ± "
               f"{res[which]['psnr_db']['sd']:.2f} dB, SSIM {res[which]['ssim']['mean']:.4f} "
               f"({len(real)} subjects, seeds {seeds[0]}-{seeds[-1]})", flush=True)
+        if args.latents:
+            res[which]["latents"] = lat = latent_stats(ae, real)
+            for c, ch in enumerate(lat["channels"]):
+                print(f"  latent channel {c}: mean SD {ch['mean_sd']:.3f}, sigma {ch['sigma_mean']:.3f}, "
+                      f"noise share of a draw {ch['noise_share']:.3f}")
+            print(f"  all channels: noise share of a draw {lat['noise_share_all']:.3f}; PSNR decoded from the mean "
+                  f"{lat['psnr_db_from_mean']:.2f} dB, from one draw {lat['psnr_db_from_draw']:.2f} dB", flush=True)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     if args.log:

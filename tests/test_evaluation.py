@@ -97,3 +97,30 @@ def test_ae_curve_plot_takes_the_last_heldout_line_per_step(tmp_path):
     from PIL import Image
 
     assert Image.open(out).size[0] > 500
+
+
+def test_latent_stats_tell_a_collapsed_channel_from_an_informative_one():
+    """`evaluate_ae.latent_stats`: a channel whose sigma is 1 and whose mean is constant is all noise (share 1);
+    one with a tiny sigma is all signal (share near 0)."""
+    import evaluate_ae
+
+    from napari_meddiff.zoo import build_network
+
+    torch.manual_seed(0)
+    ae = build_network("autoencoder", {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [8, 8],
+                                       "latent_channels": 2, "num_res_blocks": [1, 1],
+                                       "attention_levels": [False, False], "norm_num_groups": 8,
+                                       "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False})
+    with torch.no_grad():
+        ae.quant_conv_mu.conv.weight[1] = 0  # channel 1: mean 0 everywhere ...
+        ae.quant_conv_mu.conv.bias[1] = 0
+        ae.quant_conv_log_sigma.conv.weight.zero_()  # ... and sigma exp(0 / 2) = 1: the prior
+        ae.quant_conv_log_sigma.conv.bias[:] = torch.tensor([-20.0, 0.0])  # channel 0: sigma exp(-10)
+    real = torch.rand(3, 1, 16, 16, 16)
+    stats = evaluate_ae.latent_stats(ae, real)
+    informative, collapsed = stats["channels"]
+    assert collapsed["noise_share"] == 1.0 and collapsed["mean_sd"] == 0.0
+    assert abs(collapsed["sigma_mean"] - 1.0) < 1e-4
+    assert informative["noise_share"] < 1e-6 and informative["mean_sd"] > 0
+    assert 0.4 < stats["noise_share_all"] < 1.0
+    assert stats["psnr_db_from_mean"] > 0 and stats["psnr_db_from_draw"] > 0
