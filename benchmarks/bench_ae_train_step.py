@@ -50,9 +50,9 @@ def time_steps(network: str, net_cfg: dict, size: list[int], batch: int, precisi
     the CPU seconds of this process are the steadier figure)."""
     torch.manual_seed(0)
     device = torch.device("cpu")
-    ae = common.to_layout(build_network(network, net_cfg), layout)
-    opt = torch.optim.Adam(ae.parameters(), lr=1e-4)
-    loss_of = step_loss(network, ae, net_cfg, batch, size, layout)
+    net = common.to_layout(build_network(network, net_cfg), layout)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    loss_of = step_loss(network, net, net_cfg, batch, size, layout)
     times, cpu = [], []
     for i in range(repeats + 1):
         t0, c0 = time.perf_counter(), time.process_time()

@@ -221,9 +221,9 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
         cfg["autoencoder_training"] = {**DEFAULT_AE_TRAINING, **cfg.get("autoencoder_training", {})}
         if not isinstance(cfg["autoencoder_training"]["freeze_encoder"], bool):
             raise MeddiffError("autoencoder_training.freeze_encoder must be true or false")
-        if cfg["training"].get("latents", "sample") not in LATENT_KINDS:
+        if cfg["training"]["latents"] not in LATENT_KINDS:
             raise MeddiffError(f"training.latents must be one of {', '.join(LATENT_KINDS)}, "
-                               f"not {cfg['training'].get('latents')!r}")
+                               f"not {cfg['training']['latents']!r}")
     elif cfg["kind"] == "segmentation":
         seg = cfg.setdefault("segmentation", {})
         seg.setdefault("num_classes", 4)

@@ -248,12 +248,13 @@ def train(
             autoencoder = ae.requires_grad_(False)
             cache = work / "latents.pt"
             st = common.load_checkpoint(cache) if (resume and cache.is_file()) else None
+            if st is not None:
+                st.setdefault("latent_kind", "sample")  # caches written before latent_kind hold draws
             # the latents depend on the encoder only: a decoder-only run (freeze_encoder) keeps them
             kind = tc["latents"]
             cache_key = {"encoder_sha256": ae_summary["encoder_sha256"], "files": list(train_data.files), "flip": flip,
                          "latent_kind": kind}
-            if st is not None and all(st.get(k, "sample" if k == "latent_kind" else None) == v
-                                      for k, v in cache_key.items()):  # caches before latent_kind: samples
+            if st is not None and all(st.get(k) == v for k, v in cache_key.items()):
                 latents, scale_factor = st["latents"], float(st["scale_factor"])
             else:
                 scale_factor, z = latent_scale_factor(ae, train_data.images, dev, kind=kind)
