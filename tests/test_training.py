@@ -182,6 +182,34 @@ def test_max_minutes_stops_and_exports(tmp_path, cohort):
     assert 1 <= steps < 10_000
 
 
+def test_a_non_finite_gradient_skips_the_step_and_leaves_the_weights_finite():
+    from napari_meddiff.training.common import clip_and_step, grad_scaler
+
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss = (net(torch.ones(1, 3)) * float("inf")).sum()
+    gnorm = clip_and_step(loss, net, opt, grad_scaler(torch.device("cpu"), "fp32"), 1.0)
+    assert not np.isfinite(gnorm)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    clip_and_step(net(torch.ones(1, 3)).sum(), net, opt, grad_scaler(torch.device("cpu"), "fp32"), None)
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # a finite one steps, unclipped
+
+
+def test_a_diverging_run_stops_with_a_one_line_diagnosis(tmp_path, cohort, capsys):
+    from napari_meddiff.cli import main
+
+    cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "ddpm", 2).read_text())
+    cfg["training"].update(lr=1e30, steps=4, grad_clip=None)  # the first step throws the weights to 1e30
+    path = tmp_path / "diverge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    argv = ["train", str(path), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "training diverged: non-finite" in err and "at step 1" in err and "unexpected" not in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_config_errors_are_user_errors(tmp_path, cohort):
     from napari_meddiff.training.config import load_config, validate
 

@@ -240,6 +240,7 @@ def train_autoencoder(
                     logits_fake = ddisc(common.to_layout(rec, layout))[-1]
                     g_adv = adv(logits_fake, target_is_real=True, for_discriminator=False)
                     loss_g = loss_g + aw * g_adv
+            common.check_finite(loss_g, "autoencoder loss", step, precision)
             common.clip_and_step(loss_g, dae, opt_g, scaler_g, tc["grad_clip"])
             sched.step()
             if ema is not None:
@@ -250,6 +251,7 @@ def train_autoencoder(
                     lr_ = ddisc(x)[-1]
                     loss_d = 0.5 * (adv(lf, target_is_real=False, for_discriminator=True)
                                     + adv(lr_, target_is_real=True, for_discriminator=True))
+                common.check_finite(loss_d, "discriminator loss", step, precision)
                 common.clip_and_step(aw * loss_d, ddisc, opt_d, scaler_d, tc["grad_clip"])
             step += 1
             l1v = float(l1.detach())

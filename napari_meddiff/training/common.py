@@ -215,13 +215,31 @@ def lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
 
+class TrainingDiverged(MeddiffError):
+    """A loss or the data a stage trains on became non-finite (NaN or infinite)."""
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, precision: str) -> None:
+    """Raise `TrainingDiverged` unless every element of ``value`` is finite."""
+    if not bool(torch.isfinite(value).all()):
+        hint = "precision: fp32 or a lower lr" if precision != "fp32" else "a lower lr or grad_clip"
+        raise TrainingDiverged(f"training diverged: non-finite {what} at step {step} ({precision}); nothing after "
+                               f"the last checkpoint was saved: set {hint} in the config (--resume continues "
+                               "from that checkpoint)")
+
+
 def clip_and_step(loss: torch.Tensor, net: torch.nn.Module, opt, scaler, clip: float | None) -> float:
+    """Backward, clip the gradient norm to ``clip`` and step; the gradient norm is returned. A non-finite
+    gradient skips the step (as a GradScaler does in fp16), so one overflowing batch cannot make the weights NaN."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    gnorm = float("nan")
-    if clip:
+    if scaler.is_enabled():
         scaler.unscale_(opt)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
+    gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip else math.inf))
+    if not math.isfinite(gnorm) and not scaler.is_enabled():
+        log.warning("non-finite gradient norm: optimizer step skipped")
+        opt.zero_grad(set_to_none=True)
+        return gnorm
     scaler.step(opt)
     scaler.update()
     return gnorm

@@ -150,8 +150,11 @@ def train_diffusion(
             with common.autocast(device, precision):
                 pred = dnet(inp, timesteps=t, **extra)
             loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}")
+            if not torch.isfinite(loss):  # name what went wrong: the data, the network or the loss
+                common.check_finite(x0, "training data (latents)" if cfg["kind"] == "ldm" else "training data",
+                                    step, precision)
+                common.check_finite(pred, "network output", step, precision)
+                common.check_finite(loss, "loss", step, precision)
             common.clip_and_step(loss, dnet, opt, scaler, tc["grad_clip"])
             sched.step()
             step += 1

@@ -263,6 +263,12 @@ def train(
                     _, zf = latent_scale_factor(ae, train_data.images.flip(2), dev, kind=kind)
                     latents = torch.cat([z, zf])
                 latents = latents * scale_factor
+                if not bool(torch.isfinite(latents).all()):
+                    from .common import TrainingDiverged
+
+                    raise TrainingDiverged("the autoencoder encodes the training volumes to non-finite latents "
+                                           f"(scale factor {scale_factor:g}): retrain it, with precision: fp32 or a "
+                                           "lower lr in autoencoder_training")
                 if dist.main:
                     common.save_checkpoint(cache, {"latents": latents, "scale_factor": scale_factor, **cache_key})
             if item_conditions is not None and flip:  # the mirrored latents have their volumes' measures
