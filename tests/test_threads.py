@@ -44,6 +44,7 @@ def test_a_later_call_after_torch_loads_still_sets_the_threads():
 
 def test_thread_count_setting(monkeypatch):
     saved = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # a shell's own setting would win (as it should)
     try:
         monkeypatch.setenv(threads.THREADS_ENV, "3")
         assert threads.use_free_cores() == 3 and torch.get_num_threads() == 3

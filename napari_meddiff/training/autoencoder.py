@@ -274,7 +274,7 @@ def train_autoencoder(
     bar.close()
     if common.stop_agreed(dist):
         checkpoint()
-        raise common.stopped("autoencoder training", step, ckpt_path)
+        raise common.stopped("autoencoder training", step, ckpt_path, dist.main)
     if dist.main and (not val_psnr or val_psnr[-1][0] != step):
         validate()
     checkpoint()

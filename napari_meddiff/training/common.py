@@ -412,10 +412,12 @@ def stop_agreed(dist: "Dist") -> bool:
     return dist.any(STOP.requested)
 
 
-def stopped(stage: str, step: int, path: Path) -> TrainingStopped:
+def stopped(stage: str, step: int, path: Path, main: bool = True) -> TrainingStopped:
+    """The exception that ends a stopped stage; only the main rank (``main``) logs the stop."""
     signum = STOP.signal or signal.SIGTERM  # a rank that got no signal stops with the one that did
     name = signal.Signals(signum).name if STOP.signal else "a stop on another rank"
-    log.warning("%s: %s stopped at step %d, checkpoint written", name, stage, step)
+    if main:
+        log.warning("%s: %s stopped at step %d, checkpoint written", name, stage, step)
     return TrainingStopped(f"{stage} stopped at step {step} ({name}); checkpoint {path}: the same command with "
                            "--resume goes on from it", signum)
 

@@ -176,7 +176,7 @@ def train_diffusion(
     bar.close()
     checkpoint()
     if common.stop_agreed(dist):
-        raise common.stopped("diffusion training", step, ckpt_path)
+        raise common.stopped("diffusion training", step, ckpt_path, dist.main)
     if dist.main:
         common.save_loss_curve(work_dir / "loss_diffusion.png", history, f"{cfg['name']} diffusion ({precision})")
         if preview is not None:
