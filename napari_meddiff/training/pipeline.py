@@ -264,9 +264,7 @@ def train(
                     latents = torch.cat([z, zf])
                 latents = latents * scale_factor
                 if not bool(torch.isfinite(latents).all()):
-                    from .common import TrainingDiverged
-
-                    raise TrainingDiverged("the autoencoder encodes the training volumes to non-finite latents "
+                    raise common.TrainingDiverged("the autoencoder encodes the training volumes to non-finite latents "
                                            f"(scale factor {scale_factor:g}): retrain it, with precision: fp32 or a "
                                            "lower lr in autoencoder_training")
                 if dist.main:
