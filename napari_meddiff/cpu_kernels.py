@@ -6,11 +6,15 @@ networks of diffusion models oneDNN is 2-3x faster there: brain-ldm-3d's UNet st
 one core and from 81 to 32 ms on two (benchmarks/bench_speed.py measures it). `prefer_onednn` routes such
 convolutions to oneDNN; bf16/fp16 autocast, CUDA and 2D convolutions keep PyTorch's own choice.
 
-Weights and activations stay in PyTorch's default (contiguous, NCDHW) layout. ``channels_last_3d`` would let
-oneDNN run its blocked NDHWC kernels, faster on a 2-core AVX2 EPYC (decoding 198 -> 173 ms, UNet step 64 ->
-55 ms; benchmarks/bench_speed.py, results/speed.json), but its results then depend on the thread count, and a
-seed must give the same volume, bit for bit, in the napari widget (which leaves a core to the GUI) and on the
-command line (tests/test_speed_paths.py checks 1 against 2 threads). With the default layout they do.
+Layout: on CPUs that compute bf16 natively (AVX-512 BF16, AMX) `prefer_channels_last` stores the 3D
+convolution weights in ``channels_last_3d``, so that activations follow and oneDNN runs its blocked NDHWC kernels
+(AMX tiles under bf16 autocast; several times faster than the default layout there, benchmarks/bench_layout.py).
+Its convolutions give the same bits whatever the thread count, but PyTorch's channels-last GroupNorm sums
+per-thread partial statistics, so a seed would give a slightly different volume in the napari widget (which
+leaves a core to the GUI) and on the command line. `prefer_channels_last` therefore computes every GroupNorm of
+a channels-last activation in one thread (as fast as two here, since GroupNorm is bound by memory, and
+seven times faster than normalising a default-layout copy): results then do not depend on the thread count (tests/test_speed_paths.py checks 1 against 2 threads). Elsewhere
+(AVX2-only CPUs, where fp32 is used) weights stay in the default layout.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import types
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 
 def _onednn_conv3d_forward(self: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +64,43 @@ def pytorch_kernels(*modules: torch.nn.Module | None) -> Iterator[None]:
     finally:
         for conv, forward in saved.items():
             conv.forward = forward
+
+
+def _thread_invariant_group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    channels_last = x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    if x.device.type != "cpu" or not channels_last:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread's partial sums: the same bits whatever the caller's thread count
+    try:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _channels_last_input(forward):
+    def conv_forward(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5 and not x.is_contiguous(memory_format=torch.channels_last_3d):
+            x = x.contiguous(memory_format=torch.channels_last_3d)  # once, at a network's first convolution
+        return forward(x)
+
+    return conv_forward
+
+
+def prefer_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """``channels_last_3d`` weights and inputs for every `Conv3d` of ``module`` (after `prefer_onednn`, if used)
+    and thread-invariant GroupNorms (in place)."""
+    for sub in module.modules():
+        if type(sub) is torch.nn.Conv3d:
+            sub.weight.data = sub.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            sub.forward = _channels_last_input(sub.forward)
+        elif type(sub) is torch.nn.GroupNorm:
+            sub.forward = types.MethodType(_thread_invariant_group_norm, sub)
+    return module
+
+
+def uses_channels_last(module: torch.nn.Module) -> bool:
+    """True when ``module``'s 3D convolution weights are stored channels-last (`prefer_channels_last`)."""
+    weights = [m.weight for m in module.modules() if type(m) is torch.nn.Conv3d]
+    return any(not w.is_contiguous() for w in weights) and all(
+        w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_meddiff import MeddiffError, generate, load_model
-from napari_meddiff.cpu_kernels import prefer_onednn, pytorch_kernels
+from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn, pytorch_kernels, uses_channels_last
 from napari_meddiff.devices import native_bf16
 from napari_meddiff.sampling import autoencoder_pass, decode_latents, resolve_precision
 
@@ -81,3 +81,40 @@ def test_same_volume_whatever_the_thread_count(tiny_models):
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(volumes[0], volumes[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_group_norm_gives_the_same_bits_for_any_thread_count(dtype):
+    """PyTorch's channels-last GroupNorm sums per-thread partials; `prefer_channels_last`'s does not."""
+    net = torch.nn.Sequential(torch.nn.Conv3d(4, 32, 3, padding=1), torch.nn.GroupNorm(8, 32)).to(dtype)
+    x = torch.randn(1, 4, 24, 40, 24, generator=torch.Generator().manual_seed(0)).to(dtype)
+    threads = torch.get_num_threads()
+
+    def per_thread_count(fn):
+        try:
+            outs = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                outs.append(fn())
+            return outs
+        finally:
+            torch.set_num_threads(threads)
+
+    with torch.inference_mode():
+        h = net[0](x).contiguous(memory_format=torch.channels_last_3d)
+        native = per_thread_count(lambda: net[1](h))
+        prefer_channels_last(prefer_onednn(net))  # as load_model
+        assert uses_channels_last(net) and net[0](x).is_contiguous(memory_format=torch.channels_last_3d)
+        ours = per_thread_count(lambda: net[1](h))
+        end_to_end = per_thread_count(lambda: net(x))
+    assert not torch.equal(*native)  # what the patch is for (PyTorch 2.13's kernel)
+    assert torch.equal(*ours) and ours[0].is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(ours[0], native[0])  # PyTorch's own one-thread result
+    assert torch.equal(*end_to_end)
+
+
+def test_3d_models_use_channels_last_where_the_cpu_has_native_bf16(tiny_models):
+    model = load_model(tiny_models["ldm3d"])
+    expected = native_bf16(torch.device("cpu"))
+    assert uses_channels_last(model.unet) == expected and uses_channels_last(model.autoencoder) == expected
+    assert not uses_channels_last(load_model(tiny_models["ddpm2d"]).unet)  # 2D networks: no 3D convolutions

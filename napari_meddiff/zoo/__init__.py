@@ -147,7 +147,8 @@ def describe_model(name_or_path: str | os.PathLike) -> ModelDescription:
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu") -> DiffusionModel:
     """Find a model by name (shipped, or under ``$MEDDIFF_MODELS``) or folder, verify and load it."""
-    from ..cpu_kernels import prefer_onednn
+    from ..cpu_kernels import prefer_channels_last, prefer_onednn
+    from ..devices import native_bf16
 
     model_dir = find_model_dir(name_or_path)
     fmt = format_of(model_dir)
@@ -159,5 +160,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | to
         config=config,
         unet=nets["unet"],
         autoencoder=nets.get("autoencoder"),
-    )
-    return model.to(device)
+    ).to(device)
+    if model.device.type == "cpu" and model.spatial_dims == 3 and native_bf16(model.device):
+        for net in nets.values():
+            prefer_channels_last(net)  # oneDNN's blocked (AMX) kernels; the same bits for any thread count
+    return model

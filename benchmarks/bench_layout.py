@@ -1,0 +1,136 @@
+"""CPU memory layout for the big 3D networks (issue 15, item 2): PyTorch's default NCDHW layout against ours.
+
+The full-size MONAI Zoo brain LDM architecture (``brain_image_synthesis_latent_diffusion_model``: UNet
+[256, 512, 768] on a 3x20x28x20 latent with its 4 conditions as context; AutoencoderKL [64, 128, 128, 128]
+decoding to 160x224x160), random weights, batch 1. Options, each on the same weights:
+
+* ``default``: what `load_model` gave before: NCDHW, fp32 convolutions routed to oneDNN (`prefer_onednn`);
+* ``ours``: `prefer_channels_last` as well (channels_last_3d weights and activations, thread-invariant
+  GroupNorm): what `load_model` does on a CPU with native bf16.
+
+Printed per network and precision: wall seconds, GFLOP/s (FLOPs counted by `torch.utils.flop_counter` on
+PyTorch's own convolutions) and the fraction of this machine's 3x3x3 convolution peak for that precision (a
+128-channel convolution, the faster of both layouts); the ratio default/ours; and whether ours gives the
+same bits with 1 and N threads (the napari widget leaves a core to the GUI). Usage:
+
+    python benchmarks/bench_layout.py [--threads 2] [--full-decode-precisions bf16] [--skip-full-decode]
+
+Writes ``results/layout.json``. Run it with nothing else busy on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import count_flops, machine, others_cpu_use, peak_rss_mb, precisions_for, save, table, timed  # noqa: E402
+
+
+def conv_peak(dtype: torch.dtype) -> dict:
+    """FLOP/s of a 128-channel 3x3x3 convolution (1x128x24x32x24) in each layout, and the higher one."""
+    conv = torch.nn.Conv3d(128, 128, 3, padding=1, bias=False).to(dtype)
+    x = torch.randn(1, 128, 24, 32, 24, dtype=dtype)
+    flops = 2 * 128 * 128 * 27 * x[0, 0].numel()
+    out = {}
+    with torch.inference_mode():
+        out["contiguous"] = flops / timed(lambda: conv(x), repeat=5, warmup=2)
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        xc = x.contiguous(memory_format=torch.channels_last_3d)
+        out["channels_last_3d"] = flops / timed(lambda: conv(xc), repeat=5, warmup=2)
+    out["peak"] = max(out.values())
+    return out
+
+
+def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.zoo.bundle_fixtures import brain_ldm_inference
+
+    cfg = brain_ldm_inference(full_size=True)
+    kwargs = (lambda d: {k: v for k, v in d.items() if not k.startswith("_")})
+    torch.manual_seed(0)
+    unet = DiffusionModelUNet(**kwargs(cfg["diffusion_def"])).eval().requires_grad_(False)
+    ae = AutoencoderKL(**kwargs(cfg["autoencoder_def"])).eval().requires_grad_(False)
+    for net in (unet, ae):
+        prefer_onednn(net)
+        if layout == "ours":
+            prefer_channels_last(net)
+    return unet, ae
+
+
+def main() -> None:
+    from napari_meddiff.cpu_kernels import pytorch_kernels
+    from napari_meddiff.sampling import PRECISION_DTYPES, autocast_context
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--full-decode-precisions", nargs="+", default=["bf16"])
+    ap.add_argument("--skip-full-decode", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    precisions = precisions_for(cpu)
+    busy = others_cpu_use()
+    print(f"other processes were using {busy:.1f} cores", flush=True)
+    peaks = {p: conv_peak(PRECISION_DTYPES[p]) for p in precisions}
+    for p, v in peaks.items():
+        print(f"{p} 3x3x3 conv peak: {v['contiguous'] / 1e9:.0f} GFLOP/s NCDHW, "
+              f"{v['channels_last_3d'] / 1e9:.0f} GFLOP/s channels_last_3d", flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 3, 20, 28, 20, generator=gen)
+    half_latent = torch.randn(1, 3, 10, 14, 10, generator=gen)
+    context = torch.rand(1, 1, 4, generator=gen)
+    t = torch.tensor([500])
+    nets = {layout: networks(layout) for layout in ("default", "ours")}
+    unet0, ae0 = nets["default"]
+    with torch.inference_mode(), pytorch_kernels(unet0, ae0):
+        flops = {"unet step": count_flops(lambda: unet0(latent, timesteps=t, context=context)),
+                 "decode 80x112x80": count_flops(lambda: ae0.decode_stage_2_outputs(half_latent))}
+    flops["decode 160x224x160"] = flops["decode 80x112x80"] * 8  # the same layers on 8x the voxels
+
+    def cases(layout):
+        unet, ae = nets[layout]
+        return {"unet step": (lambda: unet(latent, timesteps=t, context=context), 3, 1),
+                "decode 80x112x80": (lambda: ae.decode_stage_2_outputs(half_latent), 2, 1),
+                "decode 160x224x160": (lambda: ae.decode_stage_2_outputs(latent), 1, 0)}
+
+    rows, outputs = [], {}
+    for network in flops:
+        for precision in precisions:
+            if network == "decode 160x224x160" and (args.skip_full_decode or precision not in args.full_decode_precisions):
+                continue
+            row = {"network": network, "precision": precision, "gflop": flops[network] / 1e9}
+            for layout in ("default", "ours"):
+                fn, repeat, warmup = cases(layout)[network]
+                with torch.inference_mode(), autocast_context(cpu, precision):
+                    seconds = timed(fn, repeat=repeat, warmup=warmup)
+                    if network != "decode 160x224x160":
+                        outputs[(network, precision, layout, args.threads)] = fn().float()
+                row[f"{layout}_s"] = seconds
+                row[f"{layout}_fraction_of_conv_peak"] = flops[network] / seconds / peaks[precision]["peak"]
+            row["speedup"] = row["default_s"] / row["ours_s"]
+            row["ours_gflop_per_s"] = flops[network] / row["ours_s"] / 1e9
+            if network != "decode 160x224x160":  # ours with 1 thread: the same bits?
+                torch.set_num_threads(1)
+                fn = cases("ours")[network][0]
+                with torch.inference_mode(), autocast_context(cpu, precision):
+                    one = fn().float()
+                torch.set_num_threads(args.threads)
+                row["ours_same_bits_1_vs_n_threads"] = bool(torch.equal(one, outputs[(network, precision, "ours", args.threads)]))
+                row["max_abs_diff_ours_vs_default"] = float(
+                    (outputs[(network, precision, "ours", args.threads)] - outputs[(network, precision, "default", args.threads)]).abs().max())
+            rows.append(row)
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+    path = save("layout", {"machine": machine(), "threads": args.threads, "others_cpu_cores_busy_before": busy,
+                           "conv_peak_flop_per_s": peaks, "rows": rows, "peak_rss_mb": peak_rss_mb()})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
