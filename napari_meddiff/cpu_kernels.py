@@ -104,3 +104,63 @@ def uses_channels_last(module: torch.nn.Module) -> bool:
     weights = [m.weight for m in module.modules() if type(m) is torch.nn.Conv3d]
     return any(not w.is_contiguous() for w in weights) and all(
         w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
+
+
+AMX_INPUT_CHUNK = 256  # input channels per convolution on AMX (see `bf16_weights_once`)
+
+
+def _input_split_conv3d(self: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution as a sum over input-channel chunks (bf16 partials added in fp32, rounded once)."""
+    out = None
+    for start, weight in zip(range(0, self.in_channels, AMX_INPUT_CHUNK), self._meddiff_weight_chunks):
+        part = F.conv3d(x[:, start:start + AMX_INPUT_CHUNK].to(torch.bfloat16), weight,
+                        self.bias if out is None else None, self.stride, self.padding, self.dilation).float()
+        out = part if out is None else out.add_(part)
+    return out.to(torch.bfloat16)
+
+
+@contextlib.contextmanager
+def bf16_weights_once(module: torch.nn.Module, precision: str, device: torch.device) -> Iterator[None]:
+    """Within the block, ``module``'s convolutions and linear layers hold bf16 copies of their fp32 weights (CPU,
+    ``precision`` bf16; otherwise a no-op), and on AMX CPUs 3D convolutions of more than 256 input channels
+    run as sums over 256-channel chunks.
+
+    Autocast casts every fp32 weight to bf16 at every call (it caches casts only of weights that require
+    gradients): 16 % of a Zoo brain LDM UNet step on an AMX Xeon. The copies are the same round-to-nearest casts,
+    so the results are bitwise those of autocast; they cost half the weights' memory while the block lasts.
+    oneDNN's AMX convolution ran 1.3-3.5x slower on 512-1536 input channels than the same work in 256-channel
+    chunks (512 -> 512 channels on 20x28x20: 513 against 148 ms; benchmarks/bench_layout.py): those sums differ
+    from one convolution by bf16 rounding only, and like it do not depend on the thread count."""
+    if device.type != "cpu" or precision != "bf16":
+        yield
+        return
+    from .devices import cpu_has_amx
+
+    split = cpu_has_amx()
+    saved, split_convs = [], []
+    for sub in module.modules():
+        if isinstance(sub, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)):
+            for name in ("weight", "bias"):
+                p = sub._parameters.get(name)
+                if p is not None and p.dtype == torch.float32:
+                    saved.append((sub, name, p))
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+        if (split and type(sub) is torch.nn.Conv3d and sub.in_channels > AMX_INPUT_CHUNK and sub.groups == 1
+                and sub.padding_mode == "zeros" and not isinstance(sub.padding, str)):
+            fmt = torch.channels_last_3d if uses_channels_last(sub) else torch.contiguous_format
+            sub._meddiff_weight_chunks = [sub.weight[:, i:i + AMX_INPUT_CHUNK].contiguous(memory_format=fmt)
+                                          for i in range(0, sub.in_channels, AMX_INPUT_CHUNK)]
+            split_convs.append((sub, sub.__dict__.get("forward")))
+            sub.forward = _channels_last_input(types.MethodType(_input_split_conv3d, sub)) if fmt != \
+                torch.contiguous_format else types.MethodType(_input_split_conv3d, sub)
+    try:
+        yield
+    finally:
+        for sub, name, p in saved:
+            sub._parameters[name] = p
+        for sub, forward in split_convs:
+            del sub._meddiff_weight_chunks
+            if forward is None:
+                del sub.forward
+            else:
+                sub.forward = forward

@@ -19,6 +19,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from .choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, PRECISION_CHOICES, PRECISIONS  # noqa: F401
+from .cpu_kernels import bf16_weights_once
 from .devices import free_memory_bytes, native_bf16
 from .errors import Cancelled, MeddiffError
 from .samplers import make_sampler
@@ -215,7 +216,7 @@ def denoise(
     device = x.device
     start = time.perf_counter()
     done = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), bf16_weights_once(model.unet, precision, device):
         for i, i_to in moves:
             if i_to < i:  # RePaint jump: x at timesteps[i] (clean when i == len) -> x at timesteps[i_to]
                 a_from = alphas_cumprod[int(timesteps[i])] if i < len(timesteps) else torch.tensor(1.0)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
-from napari_meddiff import MeddiffError, generate, load_model
+from napari_meddiff import MeddiffError, generate, load_model, sampling
 from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn, pytorch_kernels, uses_channels_last
 from napari_meddiff.devices import native_bf16
 from napari_meddiff.sampling import autoencoder_pass, decode_latents, resolve_precision
@@ -118,3 +120,38 @@ def test_3d_models_use_channels_last_where_the_cpu_has_native_bf16(tiny_models):
     expected = native_bf16(torch.device("cpu"))
     assert uses_channels_last(model.unet) == expected and uses_channels_last(model.autoencoder) == expected
     assert not uses_channels_last(load_model(tiny_models["ddpm2d"]).unet)  # 2D networks: no 3D convolutions
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="bf16 is emulated (some 1000x slower) on this CPU")
+@pytest.mark.parametrize("name", ["ldm3d", "ddpm2d"])
+def test_bf16_weights_cast_once_give_autocasts_bits(tiny_models, monkeypatch, name):
+    model = load_model(tiny_models[name])
+    weights = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    (once,) = generate(model, [3], steps=3, precision="bf16")
+    assert all(torch.equal(v, weights[k]) and v.dtype == torch.float32 for k, v in model.unet.state_dict().items())
+    monkeypatch.setattr(sampling, "bf16_weights_once", lambda *a: contextlib.nullcontext())
+    (every_call,) = generate(model, [3], steps=3, precision="bf16")
+    np.testing.assert_array_equal(once.array, every_call.array)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_input_channel_chunks_are_one_convolution_to_bf16_rounding(monkeypatch, channels_last):
+    from napari_meddiff import devices
+    from napari_meddiff.cpu_kernels import bf16_weights_once
+
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)  # the chunks are for AMX; their sums anywhere
+    net = prefer_onednn(torch.nn.Sequential(torch.nn.Conv3d(600, 8, 3, padding=1), torch.nn.SiLU()))
+    if channels_last:
+        prefer_channels_last(net)
+    x = torch.randn(1, 600, 6, 7, 5, generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = net(x).float()
+        with bf16_weights_once(net, "bf16", cpu):
+            assert len(net[0]._meddiff_weight_chunks) == 3 and net[0].weight.dtype == torch.bfloat16
+            chunked = net(x)
+            assert chunked.dtype == torch.bfloat16
+        assert net[0].weight.dtype == torch.float32 and "_meddiff_weight_chunks" not in net[0].__dict__
+        torch.testing.assert_close(net(x).float(), whole, rtol=0, atol=0)  # restored
+    torch.testing.assert_close(chunked.float(), whole, rtol=2e-2, atol=2e-2 * float(whole.abs().max()))
+    assert not torch.equal(chunked.float(), whole)  # they are different sums
