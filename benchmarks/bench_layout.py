@@ -1,12 +1,14 @@
 """CPU memory layout for the big 3D networks (issue 15, item 2): PyTorch's default NCDHW layout against ours.
 
 The full-size MONAI Zoo brain LDM architecture (``brain_image_synthesis_latent_diffusion_model``: UNet
-[256, 512, 768] on a 3x20x28x20 latent with its 4 conditions as context; AutoencoderKL [64, 128, 128, 128]
+[256, 512, 768] on a 3x20x28x20 latent with its 4 conditions as channels and as context; AutoencoderKL [64, 128, 128, 128]
 decoding to 160x224x160), random weights, batch 1. Options, each on the same weights:
 
 * ``default``: what `load_model` gave before: NCDHW, fp32 convolutions routed to oneDNN (`prefer_onednn`);
 * ``ours``: `prefer_channels_last` as well (channels_last_3d weights and activations, thread-invariant
-  GroupNorm): what `load_model` does on a CPU with native bf16.
+  GroupNorm): what `load_model` does on a CPU with native bf16; and for the UNet in bf16, `bf16_weights_once`
+  (bf16 weight copies made once; on AMX, convolutions of more than 256 input channels in 256-channel chunks),
+  as the denoising loop runs it.
 
 Printed per network and precision: wall seconds, GFLOP/s (FLOPs counted by `torch.utils.flop_counter` on
 PyTorch's own convolutions) and the fraction of this machine's 3x3x3 convolution peak for that precision (a
@@ -21,6 +23,7 @@ Writes ``results/layout.json``. Run it with nothing else busy on the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -57,6 +60,9 @@ def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     unet = DiffusionModelUNet(**kwargs(cfg["diffusion_def"])).eval().requires_grad_(False)
     ae = AutoencoderKL(**kwargs(cfg["autoencoder_def"])).eval().requires_grad_(False)
     for net in (unet, ae):
+        for param in net.parameters():  # MONAI zero-initialises output convolutions (the UNet's output would be 0)
+            if not param.any() and param.ndim > 1:
+                torch.nn.init.normal_(param, std=0.02)
         prefer_onednn(net)
         if layout == "ours":
             prefer_channels_last(net)
@@ -64,7 +70,7 @@ def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def main() -> None:
-    from napari_meddiff.cpu_kernels import pytorch_kernels
+    from napari_meddiff.cpu_kernels import bf16_weights_once, pytorch_kernels
     from napari_meddiff.sampling import PRECISION_DTYPES, autocast_context
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,17 +92,18 @@ def main() -> None:
     latent = torch.randn(1, 3, 20, 28, 20, generator=gen)
     half_latent = torch.randn(1, 3, 10, 14, 10, generator=gen)
     context = torch.rand(1, 1, 4, generator=gen)
+    unet_in = torch.cat([latent, context.reshape(1, 4, 1, 1, 1).expand(1, 4, 20, 28, 20)], 1)  # + conditions as channels
     t = torch.tensor([500])
     nets = {layout: networks(layout) for layout in ("default", "ours")}
     unet0, ae0 = nets["default"]
     with torch.inference_mode(), pytorch_kernels(unet0, ae0):
-        flops = {"unet step": count_flops(lambda: unet0(latent, timesteps=t, context=context)),
+        flops = {"unet step": count_flops(lambda: unet0(unet_in, timesteps=t, context=context)),
                  "decode 80x112x80": count_flops(lambda: ae0.decode_stage_2_outputs(half_latent))}
     flops["decode 160x224x160"] = flops["decode 80x112x80"] * 8  # the same layers on 8x the voxels
 
     def cases(layout):
         unet, ae = nets[layout]
-        return {"unet step": (lambda: unet(latent, timesteps=t, context=context), 3, 1),
+        return {"unet step": (lambda: unet(unet_in, timesteps=t, context=context), 3, 1),
                 "decode 80x112x80": (lambda: ae.decode_stage_2_outputs(half_latent), 2, 1),
                 "decode 160x224x160": (lambda: ae.decode_stage_2_outputs(latent), 1, 0)}
 
@@ -108,7 +115,9 @@ def main() -> None:
             row = {"network": network, "precision": precision, "gflop": flops[network] / 1e9}
             for layout in ("default", "ours"):
                 fn, repeat, warmup = cases(layout)[network]
-                with torch.inference_mode(), autocast_context(cpu, precision):
+                loop = (bf16_weights_once(nets["ours"][0], precision, cpu) if layout == "ours" and network == "unet step"
+                        else contextlib.nullcontext())
+                with torch.inference_mode(), autocast_context(cpu, precision), loop:
                     seconds = timed(fn, repeat=repeat, warmup=warmup)
                     if network != "decode 160x224x160":
                         outputs[(network, precision, layout, args.threads)] = fn().float()
@@ -119,7 +128,8 @@ def main() -> None:
             if network != "decode 160x224x160":  # ours with 1 thread: the same bits?
                 torch.set_num_threads(1)
                 fn = cases("ours")[network][0]
-                with torch.inference_mode(), autocast_context(cpu, precision):
+                loop = bf16_weights_once(nets["ours"][0], precision, cpu) if network == "unet step" else contextlib.nullcontext()
+                with torch.inference_mode(), autocast_context(cpu, precision), loop:
                     one = fn().float()
                 torch.set_num_threads(args.threads)
                 row["ours_same_bits_1_vs_n_threads"] = bool(torch.equal(one, outputs[(network, precision, "ours", args.threads)]))

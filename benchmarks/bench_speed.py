@@ -13,8 +13,8 @@ bf16 is ~1000x slower), plus bf16 and fp16 on CUDA.
 2. **networks**: FLOPs per evaluation (``torch.utils.flop_counter``, counted on PyTorch's own convolution)
    and achieved FLOP/s for the default 3D model's UNet step (batch 1, 2, 4 on CPU; 1, 4, 16 on CUDA) and
    autoencoder decoding, under each option: ours (CPU: oneDNN convolutions, `napari_meddiff.cpu_kernels`;
-   CUDA: cuDNN), PyTorch's kernel choice, ``channels_last_3d`` (not ours: on CPU its results depend on the
-   thread count), 1 and N threads, and ``torch.compile`` with ``--compile``.
+   CUDA: cuDNN), PyTorch's kernel choice, ``channels_last_3d`` (ours on CPUs with native bf16; timed apart
+   elsewhere), 1 and N threads, and ``torch.compile`` with ``--compile``.
 3. **tasks**: seconds per volume, baseline and ours, and their ratio, each measured in a fresh process (whose
    peak RSS, and peak GPU memory on CUDA, are reported). Baseline: MONAI's path as the MONAI tutorials run
    it: DDPMScheduler with 1000 steps, fp32, PyTorch's kernel choice. For generation that is
@@ -101,7 +101,7 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
     """The UNet step and decoding under each option; FLOP/s as a fraction of this machine's peak.
 
     FLOPs are counted on PyTorch's own convolution call (`torch.utils.flop_counter` does not see oneDNN's)."""
-    from napari_meddiff.cpu_kernels import pytorch_kernels
+    from napari_meddiff.cpu_kernels import pytorch_kernels, uses_channels_last
     from napari_meddiff.sampling import autocast_context
 
     device = model.device
@@ -143,7 +143,8 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
                     if device.type == "cpu" and precision == "fp32":  # autocast already takes PyTorch's kernels
                         with pytorch_kernels(net):
                             record(name, batch, "PyTorch kernels", precision, n, fn, flops)
-            if batch == 1:  # the other memory layout (not ours: on CPU its results depend on the thread count)
+            # the other memory layout (ours already on CPUs with native bf16: `cpu_kernels.prefer_channels_last`)
+            if batch == 1 and not uses_channels_last(net):
                 net.to(memory_format=torch.channels_last_3d)
                 (_, _, fn_cl), *_ = [e for e in nets_for(1, torch.channels_last_3d) if e[0] == name]
                 for precision in precisions:

@@ -8,12 +8,13 @@ convolutions to oneDNN; bf16/fp16 autocast, CUDA and 2D convolutions keep PyTorc
 
 Layout: on CPUs that compute bf16 natively (AVX-512 BF16, AMX) `prefer_channels_last` stores the 3D
 convolution weights in ``channels_last_3d``, so that activations follow and oneDNN runs its blocked NDHWC kernels
-(AMX tiles under bf16 autocast; several times faster than the default layout there, benchmarks/bench_layout.py).
+(AMX tiles under bf16 autocast: the Zoo brain LDM's decoding 2.6-2.8x and, with `bf16_weights_once`, its UNet
+step 1.7x faster than in the default layout on an AMX Xeon, benchmarks/bench_layout.py; fp32 was 0.84-0.89x).
 Its convolutions give the same bits whatever the thread count, but PyTorch's channels-last GroupNorm sums
 per-thread partial statistics, so a seed would give a slightly different volume in the napari widget (which
 leaves a core to the GUI) and on the command line. `prefer_channels_last` therefore computes every GroupNorm of
-a channels-last activation in one thread (as fast as two here, since GroupNorm is bound by memory, and
-seven times faster than normalising a default-layout copy): results then do not depend on the thread count (tests/test_speed_paths.py checks 1 against 2 threads). Elsewhere
+a channels-last activation in one thread (GroupNorm is bound by memory: on a busy 2-core AMX Xeon one thread was
+no slower than PyTorch's two, and seven times faster than normalising a default-layout copy): results then do not depend on the thread count (tests/test_speed_paths.py checks 1 against 2 threads). Elsewhere
 (AVX2-only CPUs, where fp32 is used) weights stay in the default layout.
 """
 

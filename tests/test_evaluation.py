@@ -124,3 +124,24 @@ def test_latent_stats_tell_a_collapsed_channel_from_an_informative_one():
     assert informative["noise_share"] < 1e-6 and informative["mean_sd"] > 0
     assert 0.4 < stats["noise_share_all"] < 1.0
     assert stats["psnr_db_from_mean"] > 0 and stats["psnr_db_from_draw"] > 0
+
+
+def _balls(n: int, seed: int, sharp: bool) -> torch.Tensor:
+    """3D: random bright balls in 20x24x20 volumes, blurred when not ``sharp``."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(torch.arange(20.0), torch.arange(24.0), torch.arange(20.0), indexing="ij"))
+    centre = torch.tensor([10.0, 12.0, 10.0]) + 2 * torch.randn(n, 3, generator=g)
+    radius = 5 + 2 * torch.rand(n, generator=g)
+    d = ((grid[None] - centre[:, :, None, None, None]) ** 2).sum(1).sqrt()
+    img = torch.sigmoid((radius[:, None, None, None] - d) * (4.0 if sharp else 0.7))
+    return (img + 0.02 * torch.randn(img.shape, generator=g)).unsqueeze(1)
+
+
+def test_slice_two_sample_test_tells_blurred_volumes_apart_with_few_volumes():
+    real = _balls(24, 0, sharp=True)
+    blurred = evaluate_models.c2st_slices(real, _balls(24, 2, sharp=False), steps=150, per_volume=8)
+    same = evaluate_models.c2st_slices(real, _balls(24, 1, sharp=True), steps=150, per_volume=8)
+    assert blurred["accuracy"] >= 0.9 and not blurred["degenerate"], blurred
+    assert same["accuracy"] <= 0.7, same
+    assert blurred["n_per_class"] == 24 and blurred["test_per_fold"] == 24
+    assert evaluate_models.axial_slices(real, 8).shape == (24, 8, 1, 20, 24)
