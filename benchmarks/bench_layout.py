@@ -6,7 +6,7 @@ decoding to 160x224x160), random weights, batch 1. Options, each on the same wei
 
 * ``default``: what `load_model` gave before: NCDHW, fp32 convolutions routed to oneDNN (`prefer_onednn`);
 * ``ours``: `prefer_channels_last` as well (channels_last_3d weights and activations, thread-invariant
-  GroupNorm): what `load_model` does on a CPU with native bf16; and for the UNet in bf16, `bf16_weights_once`
+  GroupNorm, linear layers in one thread): what `load_model` does on a CPU with native bf16; and for the UNet in bf16, `bf16_weights_once`
   (bf16 weight copies made once; on AMX, convolutions of more than 256 input channels in 256-channel chunks),
   as the denoising loop runs it.
 
@@ -51,7 +51,7 @@ def conv_peak(dtype: torch.dtype) -> dict:
 def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn, thread_invariant_linear
     from napari_meddiff.zoo.bundle_fixtures import brain_ldm_inference
 
     cfg = brain_ldm_inference(full_size=True)
@@ -65,7 +65,7 @@ def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
                 torch.nn.init.normal_(param, std=0.02)
         prefer_onednn(net)
         if layout == "ours":
-            prefer_channels_last(net)
+            prefer_channels_last(thread_invariant_linear(net))
     return unet, ae
 
 

@@ -3,6 +3,7 @@
     python benchmarks/evaluate_ae.py --config models/brain-ldm-3d/train-2mm.yaml \
         --checkpoint runs/brain-ldm-3d-2mm/autoencoder.pt [--heldout data/cohort-2mm-heldout] [--num 16]
         [--weights ema|model|both] [--threads 1] [--json OUT.json] [--log CURVE.jsonl] [--latents]
+        [--two-sample]
 
 Reads the checkpoint with ``torch.load(weights_only=True)``, preprocesses held-out cohort subjects (seeds
 100000.., written first if the folder lacks them) exactly as training does, reconstructs each whole volume
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate_models import ensure_heldout, load_split  # noqa: E402
+from evaluate_models import ensure_heldout, load_split, two_sample_test  # noqa: E402
 
 from napari_meddiff.cpu_kernels import prefer_onednn  # noqa: E402
 from napari_meddiff.training.common import load_checkpoint  # noqa: E402
@@ -67,14 +68,17 @@ def latent_stats(ae: torch.nn.Module, real: torch.Tensor, seed: int = 0) -> dict
             "psnr_db_from_draw": round(sum(psnr_draw) / len(psnr_draw), 3)}
 
 
-def scores(ae: torch.nn.Module, real: torch.Tensor) -> dict:
+def scores(ae: torch.nn.Module, real: torch.Tensor, two_sample: bool = False) -> dict:
     from monai.metrics import PSNRMetric, SSIMMetric
 
     rec = reconstruct_mean(prefer_onednn(ae.eval()), real)
     psnr = PSNRMetric(max_val=1.0)(rec, real).flatten()
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)(rec, real).flatten()
-    return {"psnr_db": {"mean": round(float(psnr.mean()), 3), "sd": round(float(psnr.std()), 3)},
-            "ssim": {"mean": round(float(ssim.mean()), 4), "sd": round(float(ssim.std()), 4)}}
+    out = {"psnr_db": {"mean": round(float(psnr.mean()), 3), "sd": round(float(psnr.std()), 3)},
+           "ssim": {"mean": round(float(ssim.mean()), 4), "sd": round(float(ssim.std()), 4)}}
+    if two_sample:  # the floor for any diffusion model on this autoencoder (evaluate_models.py's test)
+        out["c2st_reconstructions"] = two_sample_test(real, rec)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--log", type=Path, default=None, help="append the result as one JSON line (a held-out curve)")
     ap.add_argument("--latents", action="store_true", help="also the posterior per latent channel (collapse check)")
+    ap.add_argument("--two-sample", action="store_true",
+                    help="also evaluate_models.py's two-sample test of the reconstructions against the real volumes "
+                         "(the best a diffusion model on this autoencoder could reach; use --num 40)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -103,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ae = build_network("autoencoder", cfg["networks"]["autoencoder"])
         ae.load_state_dict({k: v.float() for k, v in st[which].items()})
-        res[which] = scores(ae, real)
+        res[which] = scores(ae, real, args.two_sample)
         print(f"step {res['step']} ({which}): held-out PSNR {res[which]['psnr_db']['mean']:.2f} ± "
               f"{res[which]['psnr_db']['sd']:.2f} dB, SSIM {res[which]['ssim']['mean']:.4f} "
               f"({len(real)} subjects, seeds {seeds[0]}-{seeds[-1]})", flush=True)
+        if args.two_sample:
+            c = res[which]["c2st_reconstructions"]
+            print(f"  two-sample test, reconstructions vs real: {c['accuracy']:.3f} (folds {c['folds']}; "
+                  f"3D CNN {c['volume_cnn']['accuracy']:.3f})", flush=True)
         if args.latents:
             res[which]["latents"] = lat = latent_stats(ae, real)
             for c, ch in enumerate(lat["channels"]):

@@ -8,8 +8,8 @@ convolutions to oneDNN; bf16/fp16 autocast, CUDA and 2D convolutions keep PyTorc
 
 Layout: on CPUs that compute bf16 natively (AVX-512 BF16, AMX) `prefer_channels_last` stores the 3D
 convolution weights in ``channels_last_3d``, so that activations follow and oneDNN runs its blocked NDHWC kernels
-(AMX tiles under bf16 autocast: the Zoo brain LDM's decoding 2.6-2.8x and, with `bf16_weights_once`, its UNet
-step 1.7x faster than in the default layout on an AMX Xeon, benchmarks/bench_layout.py; fp32 was 0.84-0.89x).
+(AMX tiles under bf16 autocast: the Zoo brain LDM's decoding 2.4-2.5x and, with `bf16_weights_once`, its UNet
+step 1.3x faster than in the default layout on an AMX Xeon, benchmarks/bench_layout.py).
 Its convolutions give the same bits whatever the thread count, but PyTorch's channels-last GroupNorm sums
 per-thread partial statistics, so a seed would give a slightly different volume in the napari widget (which
 leaves a core to the GUI) and on the command line. `prefer_channels_last` therefore computes every GroupNorm of
@@ -86,6 +86,29 @@ def _channels_last_input(forward):
         return forward(x)
 
     return conv_forward
+
+
+def _one_thread_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cpu":
+        return F.linear(x, self.weight, self.bias)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a product over few rows splits its sums across threads: one thread, the same bits
+    try:
+        return F.linear(x, self.weight, self.bias)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def thread_invariant_linear(module: torch.nn.Module) -> torch.nn.Module:
+    """Every `nn.Linear` of ``module`` computes in one thread on CPU (in place).
+
+    Matrix products with few rows and long sums are split along the sum across threads (oneDNN/MKL), so their
+    results depend on the thread count: the Zoo brain LDM's transformer feed-forward (175 tokens x 3072 -> 768)
+    gave different bits with 1 and 2 threads, in bf16 and in fp32. Its linear layers are a few % of a step."""
+    for sub in module.modules():
+        if type(sub) is torch.nn.Linear:
+            sub.forward = types.MethodType(_one_thread_linear, sub)
+    return module
 
 
 def prefer_channels_last(module: torch.nn.Module) -> torch.nn.Module:

@@ -155,3 +155,27 @@ def test_input_channel_chunks_are_one_convolution_to_bf16_rounding(monkeypatch, 
         torch.testing.assert_close(net(x).float(), whole, rtol=0, atol=0)  # restored
     torch.testing.assert_close(chunked.float(), whole, rtol=2e-2, atol=2e-2 * float(whole.abs().max()))
     assert not torch.equal(chunked.float(), whole)  # they are different sums
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_layers_give_the_same_bits_for_any_thread_count(dtype):
+    """The Zoo brain LDM's feed-forward shape (175 tokens, 3072 -> 768), whose sums oneDNN/MKL split by thread."""
+    from napari_meddiff.cpu_kernels import thread_invariant_linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(3072, 768).to(dtype)
+    x = torch.randn(1, 175, 3072, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        try:
+            torch.set_num_threads(1)
+            reference = lin(x)
+            thread_invariant_linear(lin)
+            outs = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                outs.append(lin(x))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(outs[0], reference) and torch.equal(outs[1], reference)
+    assert torch.get_num_threads() == threads

@@ -147,13 +147,14 @@ def describe_model(name_or_path: str | os.PathLike) -> ModelDescription:
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu") -> DiffusionModel:
     """Find a model by name (shipped, or under ``$MEDDIFF_MODELS``) or folder, verify and load it."""
-    from ..cpu_kernels import prefer_channels_last, prefer_onednn
+    from ..cpu_kernels import prefer_channels_last, prefer_onednn, thread_invariant_linear
     from ..devices import native_bf16
 
     model_dir = find_model_dir(name_or_path)
     fmt = format_of(model_dir)
     config = fmt.read_config(model_dir)
-    nets = {k: prefer_onednn(v.eval().requires_grad_(False)) for k, v in fmt.load_networks(model_dir, config).items()}
+    nets = {k: thread_invariant_linear(prefer_onednn(v.eval().requires_grad_(False)))
+            for k, v in fmt.load_networks(model_dir, config).items()}
     model = DiffusionModel(
         name=str(config.get("name", model_dir.name)),
         path=model_dir,
