@@ -161,6 +161,24 @@ class SmallCNN(torch.nn.Module):
         return self.head(f.flatten(2).mean(-1)).squeeze(-1)
 
 
+def train_classifier(dims: int, xtr: torch.Tensor, ytr: torch.Tensor, steps: int, bs: int, g: torch.Generator,
+                     seed: int) -> SmallCNN:
+    """A `SmallCNN` trained on ``xtr``/``ytr`` (batches drawn with replacement, random left-right flips); in eval mode."""
+    torch.manual_seed(seed)
+    net = SmallCNN(dims)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xtr), (bs,), generator=g)
+        x = xtr[idx].clone()
+        flip = torch.rand(bs, generator=g) < 0.5
+        x[flip] = x[flip].flip(2)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
 def c2st(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, min_steps: int = 400, epochs: int = 15) -> dict:
     """Classifier two-sample test: held-out accuracy of a small CNN (2-fold, swapped); 0.5 is best.
 
@@ -182,19 +200,7 @@ def c2st(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, min_steps: int =
         ytr = torch.cat([torch.ones(half), torch.zeros(half)])
         xte = torch.cat([real[te], fake[te]])
         yte = torch.cat([torch.ones(half), torch.zeros(half)])
-        torch.manual_seed(seed + fold)
-        net = SmallCNN(real.ndim - 2)
-        opt = torch.optim.Adam(net.parameters(), 1e-3)
-        for _ in range(steps):
-            idx = torch.randint(0, len(xtr), (bs,), generator=g)
-            x = xtr[idx].clone()
-            flip = torch.rand(bs, generator=g) < 0.5
-            x[flip] = x[flip].flip(2)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.eval()
+        net = train_classifier(real.ndim - 2, xtr, ytr, steps, bs, g, seed + fold)
         with torch.no_grad():
             pred = torch.cat([net(xte[i : i + 64]) for i in range(0, len(xte), 64)]) > 0
             ptr = torch.cat([net(xtr[i : i + 64]) for i in range(0, len(xtr), 64)]) > 0
@@ -234,19 +240,7 @@ def c2st_slices(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, steps: in
         ytr = torch.cat([torch.ones(half), torch.zeros(half)]).repeat_interleave(per_volume)
         xte = torch.cat([real[te], fake[te]])
         yte = torch.cat([torch.ones(half), torch.zeros(half)])
-        torch.manual_seed(seed + fold)
-        net = SmallCNN(2)
-        opt = torch.optim.Adam(net.parameters(), 1e-3)
-        for _ in range(steps):
-            idx = torch.randint(0, len(xtr), (bs,), generator=g)
-            x = xtr[idx].clone()
-            flip = torch.rand(bs, generator=g) < 0.5
-            x[flip] = x[flip].flip(2)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.eval()
+        net = train_classifier(2, xtr, ytr, steps, bs, g, seed + fold)
         with torch.no_grad():
             logits = torch.stack([net(v) for v in xte])  # (volumes, slices)
             ptr = torch.cat([net(xtr[i : i + 256]) for i in range(0, len(xtr), 256)]) > 0
