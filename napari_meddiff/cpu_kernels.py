@@ -14,8 +14,9 @@ Its convolutions give the same bits whatever the thread count, but PyTorch's cha
 per-thread partial statistics, so a seed would give a slightly different volume in the napari widget (which
 leaves a core to the GUI) and on the command line. `prefer_channels_last` therefore computes every GroupNorm of
 a channels-last activation in one thread (GroupNorm is bound by memory: on a busy 2-core AMX Xeon one thread was
-no slower than PyTorch's two, and seven times faster than normalising a default-layout copy): results then do not depend on the thread count (tests/test_speed_paths.py checks 1 against 2 threads). Elsewhere
-(AVX2-only CPUs, where fp32 is used) weights stay in the default layout.
+no slower than PyTorch's two, and seven times faster than normalising a default-layout copy): results then do not
+depend on the thread count (tests/test_speed_paths.py checks 1 against 2 threads). Elsewhere (AVX2-only CPUs,
+where fp32 is used) weights stay in the default layout.
 """
 
 from __future__ import annotations
@@ -67,16 +68,23 @@ def pytorch_kernels(*modules: torch.nn.Module | None) -> Iterator[None]:
             conv.forward = forward
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """PyTorch's intra-op work in the calling thread only, within the block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _thread_invariant_group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     channels_last = x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
     if x.device.type != "cpu" or not channels_last:
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread's partial sums: the same bits whatever the caller's thread count
-    try:
+    with one_thread():  # one thread's partial sums: the same bits whatever the caller's thread count
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _channels_last_input(forward):
@@ -91,12 +99,8 @@ def _channels_last_input(forward):
 def _one_thread_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.linear(x, self.weight, self.bias)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a product over few rows splits its sums across threads: one thread, the same bits
-    try:
+    with one_thread():  # a product over few rows splits its sums across threads: one thread, the same bits
         return F.linear(x, self.weight, self.bias)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def thread_invariant_linear(module: torch.nn.Module) -> torch.nn.Module:
@@ -163,20 +167,22 @@ def bf16_weights_once(module: torch.nn.Module, precision: str, device: torch.dev
     split = cpu_has_amx()
     saved, split_convs = [], []
     for sub in module.modules():
-        if isinstance(sub, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)):
-            for name in ("weight", "bias"):
-                p = sub._parameters.get(name)
-                if p is not None and p.dtype == torch.float32:
-                    saved.append((sub, name, p))
-                    sub._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
-        if (split and type(sub) is torch.nn.Conv3d and sub.in_channels > AMX_INPUT_CHUNK and sub.groups == 1
-                and sub.padding_mode == "zeros" and not isinstance(sub.padding, str)):
+        if not isinstance(sub, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        chunked = (split and type(sub) is torch.nn.Conv3d and sub.in_channels > AMX_INPUT_CHUNK and sub.groups == 1
+                   and sub.padding_mode == "zeros" and not isinstance(sub.padding, str))
+        if chunked:  # the chunks replace the whole bf16 weight (its forward reads only them)
             fmt = torch.channels_last_3d if uses_channels_last(sub) else torch.contiguous_format
-            sub._meddiff_weight_chunks = [sub.weight[:, i:i + AMX_INPUT_CHUNK].contiguous(memory_format=fmt)
+            sub._meddiff_weight_chunks = [sub.weight[:, i:i + AMX_INPUT_CHUNK].to(torch.bfloat16).contiguous(memory_format=fmt)
                                           for i in range(0, sub.in_channels, AMX_INPUT_CHUNK)]
             split_convs.append((sub, sub.__dict__.get("forward")))
-            sub.forward = _channels_last_input(types.MethodType(_input_split_conv3d, sub)) if fmt != \
-                torch.contiguous_format else types.MethodType(_input_split_conv3d, sub)
+            forward = types.MethodType(_input_split_conv3d, sub)
+            sub.forward = _channels_last_input(forward) if fmt == torch.channels_last_3d else forward
+        for name in ("bias",) if chunked else ("weight", "bias"):
+            p = sub._parameters.get(name)
+            if p is not None and p.dtype == torch.float32:
+                saved.append((sub, name, p))
+                sub._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
     try:
         yield
     finally:

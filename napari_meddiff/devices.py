@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .choices import DEVICES  # noqa: F401  (re-exported)
@@ -22,7 +24,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> str:
+    """/proc/cpuinfo, read once (asked at every sampling call)."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()

@@ -148,7 +148,8 @@ def test_input_channel_chunks_are_one_convolution_to_bf16_rounding(monkeypatch, 
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         whole = net(x).float()
         with bf16_weights_once(net, "bf16", cpu):
-            assert len(net[0]._meddiff_weight_chunks) == 3 and net[0].weight.dtype == torch.bfloat16
+            assert len(net[0]._meddiff_weight_chunks) == 3 and net[0].bias.dtype == torch.bfloat16
+            assert all(w.dtype == torch.bfloat16 for w in net[0]._meddiff_weight_chunks)
             chunked = net(x)
             assert chunked.dtype == torch.bfloat16
         assert net[0].weight.dtype == torch.float32 and "_meddiff_weight_chunks" not in net[0].__dict__
