@@ -16,6 +16,7 @@ PyTorch's own convolutions) and the fraction of this machine's 3x3x3 convolution
 same bits with 1 and N threads (the napari widget leaves a core to the GUI). Usage:
 
     python benchmarks/bench_layout.py [--threads 2] [--full-decode-precisions bf16] [--skip-full-decode]
+    python benchmarks/bench_layout.py --convs-only   # bf16 convolutions: one against 256-channel chunks
 
 Writes ``results/layout.json``. Run it with nothing else busy on the machine.
 """
@@ -48,6 +49,38 @@ def conv_peak(dtype: torch.dtype) -> dict:
     return out
 
 
+CONV_SHAPES = [(256, 256, (20, 28, 20)), (448, 448, (20, 28, 20)), (512, 512, (20, 28, 20)),
+               (1280, 512, (10, 14, 10)), (1536, 768, (5, 7, 5))]  # (in, out, spatial): the Zoo UNet's, and 448
+
+
+def conv_rows() -> list[dict]:
+    """bf16 channels_last_3d 3x3x3 convolutions of the Zoo UNet's widths: one convolution against the same work
+    in 256-input-channel chunks (`cpu_kernels.bf16_weights_once` on AMX)."""
+    from napari_meddiff import devices
+    from napari_meddiff.cpu_kernels import bf16_weights_once, prefer_channels_last, prefer_onednn
+
+    rows = []
+    for cin, cout, shape in CONV_SHAPES:
+        conv = prefer_channels_last(prefer_onednn(torch.nn.Sequential(torch.nn.Conv3d(cin, cout, 3, padding=1))))
+        x = torch.randn(1, cin, *shape).contiguous(memory_format=torch.channels_last_3d)
+        flops = 2 * cin * cout * 27 * x[0, 0].numel()
+        row = {"in": cin, "out": cout, "spatial": "x".join(map(str, shape))}
+        for option in ("one convolution", "256-channel chunks"):
+            saved = devices.cpu_has_amx
+            devices.cpu_has_amx = lambda: option != "one convolution"
+            try:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), \
+                        bf16_weights_once(conv, "bf16", torch.device("cpu")):
+                    seconds = timed(lambda: conv(x), repeat=3, warmup=1)
+            finally:
+                devices.cpu_has_amx = saved
+            row[f"{option} ms"] = seconds * 1e3
+            row[f"{option} GFLOP/s"] = flops / seconds / 1e9
+        rows.append(row)
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+    return rows
+
+
 def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
@@ -77,6 +110,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full-decode-precisions", nargs="+", default=["bf16"])
     ap.add_argument("--skip-full-decode", action="store_true")
+    ap.add_argument("--convs-only", action="store_true", help="only the per-convolution rows (results/layout_convs.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -87,6 +121,13 @@ def main() -> None:
     for p, v in peaks.items():
         print(f"{p} 3x3x3 conv peak: {v['contiguous'] / 1e9:.0f} GFLOP/s NCDHW, "
               f"{v['channels_last_3d'] / 1e9:.0f} GFLOP/s channels_last_3d", flush=True)
+
+    if args.convs_only:
+        if "bf16" in precisions:
+            path = save("layout_convs", {"machine": machine(), "threads": args.threads, "others_cpu_cores_busy_before": busy,
+                                         "conv_peak_flop_per_s": peaks, "rows": conv_rows()})
+            print(f"written {path}")
+        return
 
     gen = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 3, 20, 28, 20, generator=gen)

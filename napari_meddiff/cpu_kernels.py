@@ -156,9 +156,10 @@ def bf16_weights_once(module: torch.nn.Module, precision: str, device: torch.dev
     Autocast casts every fp32 weight to bf16 at every call (it caches casts only of weights that require
     gradients): 16 % of a Zoo brain LDM UNet step on an AMX Xeon. The copies are the same round-to-nearest casts,
     so the results are bitwise those of autocast; they cost half the weights' memory while the block lasts.
-    oneDNN's AMX convolution ran 1.3-3.5x slower on 512-1536 input channels than the same work in 256-channel
-    chunks (512 -> 512 channels on 20x28x20: 513 against 148 ms; benchmarks/bench_layout.py): those sums differ
-    from one convolution by bf16 rounding only, and like it do not depend on the thread count."""
+    oneDNN's AMX convolution ran the Zoo UNet's 512-1536 input channels 1.8-3.5x slower than the same work in
+    256-channel chunks (512 -> 512 channels on 20x28x20: 275 against 79 ms; `bench_layout.py --convs-only`,
+    results/layout_convs.json; 448 channels, a width no shipped or Zoo network has, lost 0.83-0.95x in two runs): those sums
+    differ from one convolution by bf16 rounding only, and like it do not depend on the thread count."""
     if device.type != "cpu" or precision != "bf16":
         yield
         return
