@@ -6,8 +6,11 @@ Rows (median of ``--repeat`` fresh processes each):
 - ``python``: the interpreter alone (the floor);
 - ``import torch``, ``import monai.networks.nets``: what a command that runs a network must import
   (``monai.networks`` imports ``monai`` whole: apps, data, transforms and their optional dependencies);
+- ``lean import monai.networks.nets``: the same through `napari_meddiff.lean_imports` (MONAI without matplotlib,
+  pandas, scikit-learn and scipy.signal), as the model-running commands import it;
 - ``meddiff --help``, ``meddiff models``: commands that read no weights (they import neither);
-- ``meddiff generate --num 1``: the shipped default model, seed 0, written to a temporary folder.
+- ``meddiff generate --num 1``: the shipped default model, seed 0, written to a temporary folder; and the same
+  with ``MEDDIFF_LEAN_IMPORTS=0`` (the plain import, the baseline of this run).
 
 Prints each row, its ratio to ``import monai.networks.nets`` and the other cores' load while it ran (a busy
 machine inflates every row); writes ``benchmarks/results/startup.json``.
@@ -45,24 +48,28 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     meddiff = [sys.executable, "-m", "napari_meddiff.cli"]
     out = Path(tempfile.mkdtemp(prefix="meddiff-startup-"))
-    commands = {
-        "python": [sys.executable, "-c", "pass"],
-        "import torch": [sys.executable, "-c", "import torch"],
-        "import monai.networks.nets": [sys.executable, "-c", "import monai.networks.nets"],
-        "meddiff --help": [*meddiff, "--help"],
-        "meddiff models": [*meddiff, "models"],
-        "meddiff generate --num 1": None,  # a new output folder each run
+    lean = "from napari_meddiff.lean_imports import import_monai_lean; import_monai_lean(); import monai.networks.nets"
+    plain = {"MEDDIFF_LEAN_IMPORTS": "0"}
+    commands = {  # name: (command, extra environment); None: generate, a new output folder each run
+        "python": ([sys.executable, "-c", "pass"], {}),
+        "import torch": ([sys.executable, "-c", "import torch"], {}),
+        "import monai.networks.nets": ([sys.executable, "-c", "import monai.networks.nets"], {}),
+        "lean import monai.networks.nets": ([sys.executable, "-c", lean], {}),
+        "meddiff --help": ([*meddiff, "--help"], {}),
+        "meddiff models": ([*meddiff, "models"], {}),
+        "meddiff generate --num 1": (None, {}),
+        "meddiff generate --num 1 (MEDDIFF_LEAN_IMPORTS=0)": (None, plain),
     }
-    for cmd in commands.values():  # warm the file cache (the first process after a boot reads from disk)
+    for cmd, extra in commands.values():  # warm the file cache (the first process after a boot reads from disk)
         if cmd is not None:
-            wall(cmd, env)
+            wall(cmd, {**env, **extra})
     rows = []
-    for name, cmd in commands.items():
+    for name, (cmd, extra) in commands.items():
         times = []
         load = others_cpu_use(1.0)
         for i in range(args.repeat):
-            run = cmd or [*meddiff, "generate", "--num", "1", "--seed", "0", "--out", str(out / f"g{i}")]
-            times.append(wall(run, env))
+            run = cmd or [*meddiff, "generate", "--num", "1", "--seed", "0", "--out", str(out / f"{len(rows)}-{i}")]
+            times.append(wall(run, {**env, **extra}))
         rows.append({"command": name, "median_s": round(statistics.median(times), 3),
                      "min_s": round(min(times), 3), "others_cores_busy": None if load is None else round(load, 2)})
     ref = next(r["median_s"] for r in rows if r["command"] == "import monai.networks.nets")
