@@ -17,8 +17,10 @@ same bits with 1 and N threads (the napari widget leaves a core to the GUI). Usa
 
     python benchmarks/bench_layout.py [--threads 2] [--full-decode-precisions bf16] [--skip-full-decode]
     python benchmarks/bench_layout.py --convs-only   # bf16 convolutions: one against 256-channel chunks
+    python benchmarks/bench_layout.py --linears      # the UNet step's linear layers: one thread against N
 
-Writes ``results/layout.json``. Run it with nothing else busy on the machine.
+Writes ``results/layout.json`` (``--convs-only``: ``results/layout_convs.json``; ``--linears``:
+``results/layout_linears.json``). Run it with nothing else busy on the machine.
 """
 
 from __future__ import annotations
@@ -81,6 +83,43 @@ def conv_rows() -> list[dict]:
     return rows
 
 
+ZOO_UNET_LINEARS = [  # (input shape, in, out, calls per UNet step) of the Zoo brain LDM's UNet, batch 1
+    ((1, 175, 768), 768, 768, 36), ((1, 1400, 512), 512, 512, 30), ((1, 175, 768), 768, 6144, 6),
+    ((1, 175, 3072), 3072, 768, 6), ((1, 1400, 512), 512, 4096, 5), ((1, 1400, 2048), 2048, 512, 5)]
+
+
+def linear_rows(threads: int, repeat: int = 4) -> list[dict]:
+    """bf16 seconds per UNet step spent in its (token) linear layers: `thread_invariant_linear` (one thread)
+    against PyTorch's own ``threads`` threads (whose sums, and so bits, depend on the thread count);
+    alternated ``repeat`` times, medians."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    from napari_meddiff.cpu_kernels import thread_invariant_linear
+
+    layers = [(torch.nn.Linear(i, o).bfloat16(), torch.randn(*shape).bfloat16(), n) for shape, i, o, n in ZOO_UNET_LINEARS]
+    invariant = [(thread_invariant_linear(torch.nn.Linear(i, o).bfloat16()), x, n) for (lin, x, n), (_, i, o, _) in
+                 zip(layers, ZOO_UNET_LINEARS)]
+
+    def step(which):
+        for lin, x, n in which:
+            for _ in range(n):
+                lin(x) if which is invariant else F.linear(x, lin.weight, lin.bias)
+
+    times = {"one thread (ours)": [], f"PyTorch, {threads} threads": []}
+    with torch.inference_mode():
+        for _ in range(repeat):
+            for name, which in zip(times, (invariant, layers)):
+                step(which)
+                t = time.perf_counter()
+                step(which)
+                times[name].append(time.perf_counter() - t)
+    return [{"linear layers of one UNet step (bf16)": name, "median_s": statistics.median(v), "min_s": min(v)}
+            for name, v in times.items()]
+
+
 def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
@@ -111,6 +150,7 @@ def main() -> None:
     ap.add_argument("--full-decode-precisions", nargs="+", default=["bf16"])
     ap.add_argument("--skip-full-decode", action="store_true")
     ap.add_argument("--convs-only", action="store_true", help="only the per-convolution rows (results/layout_convs.json)")
+    ap.add_argument("--linears", action="store_true", help="only the UNet step's linear layers (results/layout_linears.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -122,6 +162,11 @@ def main() -> None:
         print(f"{p} 3x3x3 conv peak: {v['contiguous'] / 1e9:.0f} GFLOP/s NCDHW, "
               f"{v['channels_last_3d'] / 1e9:.0f} GFLOP/s channels_last_3d", flush=True)
 
+    if args.linears:
+        rows = linear_rows(args.threads)
+        print(table(rows, list(rows[0])))
+        print(f"written {save('layout_linears', {'machine': machine(), 'threads': args.threads, 'others_cpu_cores_busy_before': busy, 'rows': rows})}")
+        return
     if args.convs_only:
         if "bf16" in precisions:
             path = save("layout_convs", {"machine": machine(), "threads": args.threads, "others_cpu_cores_busy_before": busy,
