@@ -15,6 +15,8 @@ This script scores each on its own, on the same subjects (the cohort rebuilds ea
   after decoding.
 
     python benchmarks/two_sample_controls.py --num 40 --json benchmarks/results/two_sample_controls_2mm.json
+    python benchmarks/two_sample_controls.py --figure models/brain-ldm-3d/training/two-sample-controls.png \
+        --json benchmarks/results/two_sample_controls_2mm.json   # one subject's controls, with those accuracies
 """
 
 from __future__ import annotations
@@ -58,6 +60,32 @@ def subject_variants(seed: int, cfg: dict) -> dict[str, np.ndarray]:
     return out
 
 
+FIGURE_CONTROLS = ["new noise draw", "noise removed", "blurred s=0.5, new noise draw", "blurred s=1.0, new noise draw"]
+
+
+def figure(path: Path, variants: dict[str, np.ndarray], seed: int, accuracies: dict[str, float]) -> None:
+    """An axial slice of subject ``seed`` and its controls (top) and a 4x zoom (bottom), all on [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["real", *FIGURE_CONTROLS]
+    fig, ax = plt.subplots(2, len(keys), figsize=(4 * len(keys), 9))
+    z = variants["real"].shape[2] // 2 + 6
+    for i, k in enumerate(keys):
+        sl = np.rot90(variants[k][:, :, z])
+        ax[0, i].imshow(sl, cmap="gray", vmin=0, vmax=1)
+        ax[1, i].imshow(sl[20:70, 25:75], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        note = f"held-out subject {seed}" if k == "real" else f"two-sample {accuracies.get(k, float('nan')):.3f}"
+        ax[0, i].set_title(f"{k}\n{note}", fontsize=11)
+    for a in ax.flat:
+        a.axis("off")
+    fig.suptitle("What the slice two-sample test sees (axial, 2 mm; bottom: 4x zoom, same scale)", fontsize=13)
+    fig.tight_layout()
+    fig.savefig(path, dpi=60)
+
+
 def main(argv: list[str] | None = None) -> int:
     from napari_meddiff.training.config import load_config
 
@@ -65,9 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=ROOT / "models/brain-ldm-3d/training/train-2mm-conditional.yaml")
     ap.add_argument("--num", type=int, default=40)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="only draw one subject's controls, titled with the accuracies in --json")
+    ap.add_argument("--figure-seed", type=int, default=HELDOUT_SEED + 4)
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     cfg = {k: cfg[k] for k in ("voxel_size", "image_shape", "intensity", "data")}
+    if args.figure:
+        rows = json.loads(args.json.read_text())["rows"] if args.json and args.json.exists() else []
+        figure(args.figure, subject_variants(args.figure_seed, cfg), args.figure_seed,
+               {r["control"]: r["accuracy"] for r in rows})
+        print(f"written {args.figure}")
+        return 0
     t0 = time.perf_counter()
     subjects = [subject_variants(s, cfg) for s in range(HELDOUT_SEED, HELDOUT_SEED + args.num)]
     stack = {k: torch.from_numpy(np.stack([s[k] for s in subjects]))[:, None] for k in subjects[0]}
