@@ -92,29 +92,27 @@ def linear_rows(threads: int, repeat: int = 4) -> list[dict]:
     """bf16 seconds per UNet step spent in its (token) linear layers: `thread_invariant_linear` (one thread)
     against PyTorch's own ``threads`` threads (whose sums, and so bits, depend on the thread count);
     alternated ``repeat`` times, medians."""
+    import copy
     import statistics
     import time
 
-    import torch.nn.functional as F
-
     from napari_meddiff.cpu_kernels import thread_invariant_linear
 
-    layers = [(torch.nn.Linear(i, o).bfloat16(), torch.randn(*shape).bfloat16(), n) for shape, i, o, n in ZOO_UNET_LINEARS]
-    invariant = [(thread_invariant_linear(torch.nn.Linear(i, o).bfloat16()), x, n) for (lin, x, n), (_, i, o, _) in
-                 zip(layers, ZOO_UNET_LINEARS)]
+    plain = [(torch.nn.Linear(i, o).bfloat16(), torch.randn(*shape).bfloat16(), n) for shape, i, o, n in ZOO_UNET_LINEARS]
+    invariant = [(thread_invariant_linear(copy.deepcopy(lin)), x, n) for lin, x, n in plain]
 
-    def step(which):
-        for lin, x, n in which:
+    def step(layers):
+        for lin, x, n in layers:
             for _ in range(n):
-                lin(x) if which is invariant else F.linear(x, lin.weight, lin.bias)
+                lin(x)
 
     times = {"one thread (ours)": [], f"PyTorch, {threads} threads": []}
     with torch.inference_mode():
         for _ in range(repeat):
-            for name, which in zip(times, (invariant, layers)):
-                step(which)
+            for name, layers in zip(times, (invariant, plain)):
+                step(layers)
                 t = time.perf_counter()
-                step(which)
+                step(layers)
                 times[name].append(time.perf_counter() - t)
     return [{"linear layers of one UNet step (bf16)": name, "median_s": statistics.median(v), "min_s": min(v)}
             for name, v in times.items()]
@@ -157,16 +155,16 @@ def main() -> None:
     precisions = precisions_for(cpu)
     busy = others_cpu_use()
     print(f"other processes were using {busy:.1f} cores", flush=True)
-    peaks = {p: conv_peak(PRECISION_DTYPES[p]) for p in precisions}
-    for p, v in peaks.items():
-        print(f"{p} 3x3x3 conv peak: {v['contiguous'] / 1e9:.0f} GFLOP/s NCDHW, "
-              f"{v['channels_last_3d'] / 1e9:.0f} GFLOP/s channels_last_3d", flush=True)
-
     if args.linears:
         rows = linear_rows(args.threads)
         print(table(rows, list(rows[0])))
         print(f"written {save('layout_linears', {'machine': machine(), 'threads': args.threads, 'others_cpu_cores_busy_before': busy, 'rows': rows})}")
         return
+    peaks = {p: conv_peak(PRECISION_DTYPES[p]) for p in precisions}
+    for p, v in peaks.items():
+        print(f"{p} 3x3x3 conv peak: {v['contiguous'] / 1e9:.0f} GFLOP/s NCDHW, "
+              f"{v['channels_last_3d'] / 1e9:.0f} GFLOP/s channels_last_3d", flush=True)
+
     if args.convs_only:
         if "bf16" in precisions:
             path = save("layout_convs", {"machine": machine(), "threads": args.threads, "others_cpu_cores_busy_before": busy,

@@ -43,6 +43,12 @@ def noise_free_and_noisy(seed: int, resolution: float = 2.0) -> tuple[np.ndarray
     return clean.image.array, noisy.image.array, noisy.image.affine
 
 
+def subject_noise_sd(clean: np.ndarray, noisy: np.ndarray) -> float:
+    """The subject's noise std in scanner units, from the brain (where Rician noise is nearly Gaussian)."""
+    brain = clean > 0.5 * np.percentile(clean[clean > 0], 50)
+    return max(float((noisy - clean)[brain].std()), 1e-9)
+
+
 def on_grid(arrays: list[np.ndarray], affine: np.ndarray, cfg: dict) -> tuple[list[np.ndarray], float, float]:
     """``arrays`` (one grid; the last is the noisy image) cut to the model grid around the noisy image's centre,
     in scanner units, and the noisy image's intensity window (lo, hi), as ``preprocess_subject`` prepares it."""
@@ -75,8 +81,7 @@ def subject_ceiling(seed: int, cfg: dict) -> dict:
     if any(float(v) != COHORT_MM for v in cfg["voxel_size"]):  # resampling would average the noise
         raise SystemExit(f"psnr_ceiling works on grids at the cohort's {COHORT_MM} mm, got {cfg['voxel_size']}")
     clean, noisy, affine = noise_free_and_noisy(seed, COHORT_MM)
-    brain = clean > 0.5 * np.percentile(clean[clean > 0], 50)
-    sd = max(float((noisy - clean)[brain].std()), 1e-9)  # scanner units
+    sd = subject_noise_sd(clean, noisy)  # scanner units
     var = rician_variance(clean, sd)  # per voxel, of the noisy value given the noise-free one
     (clean_g, var_g, noisy_g), lo, hi = on_grid([clean, var, noisy], affine, cfg)
     width = hi - lo

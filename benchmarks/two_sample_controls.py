@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import machine  # noqa: E402
 from evaluate_models import c2st_slices  # noqa: E402
-from psnr_ceiling import COHORT_MM, HELDOUT_SEED, noise_free_and_noisy, on_grid  # noqa: E402
+from psnr_ceiling import COHORT_MM, HELDOUT_SEED, noise_free_and_noisy, on_grid, subject_noise_sd  # noqa: E402
 
 
 def subject_variants(seed: int, cfg: dict) -> dict[str, np.ndarray]:
@@ -43,8 +43,7 @@ def subject_variants(seed: int, cfg: dict) -> dict[str, np.ndarray]:
     from scipy.ndimage import gaussian_filter
 
     clean, noisy, affine = noise_free_and_noisy(seed, COHORT_MM)
-    brain = clean > 0.5 * np.percentile(clean[clean > 0], 50)
-    sd = max(float((noisy - clean)[brain].std()), 1e-9)
+    sd = subject_noise_sd(clean, noisy)
     rng = np.random.default_rng(seed + 7_000_000)
     rician = lambda a: np.sqrt((a + rng.normal(0, sd, a.shape)) ** 2 + rng.normal(0, sd, a.shape) ** 2)  # noqa: E731
     blurs = (0.5, 1.0, 1.5)
