@@ -3,9 +3,10 @@
 ``import monai`` imports nearly every MONAI subpackage (``monai.utils.module.load_submodules``), and with them,
 where they are installed, matplotlib (``monai.utils.jupyter_utils``), pandas (``monai.utils.profiling``),
 scikit-learn (``monai.metrics.embedding_collapse``) and ``scipy.signal``
-(``monai.data.ultrasound_confidence_map``): 1.1 s of the 1.9 s that ``import monai.networks.nets`` took on a
-2-core Xeon (``benchmarks/bench_startup.py``; hiding scikit-image and ``scipy.optimize`` too saved 0.04 s more,
-not worth hiding label post-processing). MONAI imports each of them through ``optional_import`` or a
+(``monai.data.ultrasound_confidence_map``): with them hidden, ``import monai.networks.nets`` took 2.32 s
+instead of 3.43 s on a 2-core Xeon (``benchmarks/bench_startup.py``, torch included). scikit-image and
+``scipy.optimize`` stay visible: hiding them too gained little in a quick check, not worth hiding MONAI's label
+post-processing. MONAI imports each of them through ``optional_import`` or a
 ``try/except ImportError``, so while they are hidden (``None`` in ``sys.modules``, Python's own "not importable"
 mark) it records them as missing and goes on. They are visible again as soon as MONAI is in: code that imports
 them itself gets them as usual; only those few MONAI helpers (plotting, profiling tables, embedding-collapse
