@@ -134,6 +134,30 @@ def uses_channels_last(module: torch.nn.Module) -> bool:
         w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
 
 
+WEIGHT_LAYERS = (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)  # whose weights bf16 autocast casts
+
+
+def hold_bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace the fp32 weights and biases of ``module``'s convolutions and linear layers by bf16 ones (in place;
+    memory layout kept; the fp32 tensors are released).
+
+    bf16 autocast casts exactly these to bf16 (round to nearest) at every call, so under autocast the module
+    computes the same bits as before, with half the weights' memory: the Zoo brain LDM's UNet holds 1.1 GB
+    instead of 2.2 GB. Norms keep fp32 weights (autocast runs them in fp32). Such a module is for bf16 only."""
+    for sub in module.modules():
+        if isinstance(sub, WEIGHT_LAYERS):
+            for name in ("weight", "bias"):
+                p = sub._parameters.get(name)
+                if p is not None and p.dtype == torch.float32:
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+    return module
+
+
+def holds_bf16_weights(module: torch.nn.Module) -> bool:
+    """True when `hold_bf16_weights` converted ``module``."""
+    return any(isinstance(sub, WEIGHT_LAYERS) and sub.weight.dtype == torch.bfloat16 for sub in module.modules())
+
+
 AMX_INPUT_CHUNK = 256  # input channels per convolution on AMX (see `bf16_weights_once`)
 
 
@@ -168,7 +192,7 @@ def bf16_weights_once(module: torch.nn.Module, precision: str, device: torch.dev
     split = cpu_has_amx()
     saved, split_convs = [], []
     for sub in module.modules():
-        if not isinstance(sub, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Linear)):
+        if not isinstance(sub, WEIGHT_LAYERS):
             continue
         chunked = (split and type(sub) is torch.nn.Conv3d and sub.in_channels > AMX_INPUT_CHUNK and sub.groups == 1
                    and sub.padding_mode == "zeros" and not isinstance(sub.padding, str))

@@ -204,6 +204,12 @@ def denoise(
         raise MeddiffError("one random generator per sample is needed")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise MeddiffError(f"guidance scale must be a number, got {guidance_scale!r}")
+    if model.unet_precision is not None and precision != model.unet_precision:
+        raise MeddiffError(
+            f"{model.name} was loaded to sample in {model.unet_precision} only (its UNet weights are held in "
+            f"{model.unet_precision}, half the memory); load it with load_model(..., precision={precision!r}) "
+            f"to sample in {precision}"
+        )
     cond = condition_inputs(model, conditions, x)
     guided = float(guidance_scale) != 1.0
     if guided:

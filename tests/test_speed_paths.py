@@ -134,6 +134,28 @@ def test_bf16_weights_cast_once_give_autocasts_bits(tiny_models, monkeypatch, na
     np.testing.assert_array_equal(once.array, every_call.array)
 
 
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="bf16 is emulated (some 1000x slower) on this CPU")
+@pytest.mark.parametrize("name", ["ldm3d", "ddpm2d"])
+def test_model_loaded_for_bf16_holds_bf16_weights_and_gives_the_same_bits(tiny_models, name):
+    plain = load_model(tiny_models[name])
+    held = load_model(tiny_models[name], precision="auto")  # bf16 on this CPU
+    assert held.unet_precision == "bf16" and plain.unet_precision is None
+    convs = [m for m in held.unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear))]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    norms = [m for m in held.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # autocast runs norms in fp32
+    nbytes = (lambda net: sum(p.numel() * p.element_size() for p in net.parameters()))
+    assert nbytes(held.unet) < 0.6 * nbytes(plain.unet)
+    assert uses_channels_last(held.unet) == uses_channels_last(plain.unet)
+    (a,) = generate(plain, [4], steps=3, precision="bf16")
+    (b,) = generate(held, [4], steps=3, precision="bf16")
+    np.testing.assert_array_equal(a.array, b.array)
+    with pytest.raises(MeddiffError, match="loaded to sample in bf16 only"):
+        generate(held, [4], steps=3, precision="fp32")
+    fp32 = load_model(tiny_models[name], precision="fp32")
+    assert fp32.unet_precision is None and all(p.dtype == torch.float32 for p in fp32.unet.parameters())
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_input_channel_chunks_are_one_convolution_to_bf16_rounding(monkeypatch, channels_last):
     from napari_meddiff import devices

@@ -15,9 +15,9 @@ from .. import batch
 from ..errors import MeddiffError
 from ..files import ensure_folder, removed_if_left_empty
 from ..seeds import seed_range
-from ..zoo import DEFAULT_MODEL, describe_model, load_model
+from ..zoo import DEFAULT_MODEL, describe_model
 from .conditions import add_condition_options, seed_conditions
-from .options import add_model_option, add_sampling_options, seed_value
+from .options import add_model_option, add_sampling_options, load_model_for, seed_value
 
 EPILOG = """\
 scaling out:
@@ -94,7 +94,9 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
     from tqdm import tqdm
 
     with batch.distributed(ctx, device):
-        model = load_model(args.model, device=device)
+        from ..generate import default_sampling
+
+        model = load_model_for(args.model, device, args.precision, default_sampling)
         bar = None
 
         def on_plan(samples: int, steps: int) -> None:

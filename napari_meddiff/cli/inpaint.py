@@ -13,9 +13,9 @@ from pathlib import Path
 from .. import batch
 from ..errors import MeddiffError
 from ..files import check_output_file
-from ..zoo import DEFAULT_MODEL, load_model
+from ..zoo import DEFAULT_MODEL
 from .conditions import add_fixed_condition_option, fixed_conditions
-from .options import add_model_option, add_sampling_options, seed_value
+from .options import add_model_option, add_sampling_options, load_model_for, seed_value
 
 AXES = ("axial", "coronal", "sagittal")
 
@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     image = read_volume(args.image)
     mask = read_volume(args.mask)
-    model = load_model(args.model, device=device)
+    from ..inpaint import default_inpainting
+
+    model = load_model_for(args.model, device, args.precision, default_inpainting)
 
     bar = None
 

@@ -62,3 +62,13 @@ class _AutoencoderPassOption(argparse.Action):
 
         os.environ[AUTOENCODER_PASS_ENV] = values
         setattr(namespace, self.dest, values)
+
+
+def load_model_for(model: str, device, precision: str | None, task_defaults):
+    """Load ``model`` for one command: its UNet held at the precision the command samples at (``--precision``,
+    else ``task_defaults(model)["precision"]``; bf16 on CPU halves the weights' memory, `zoo.load_model`)."""
+    from ..sampling import resolve_precision
+    from ..zoo import describe_model, load_model
+
+    chosen = resolve_precision(precision or task_defaults(describe_model(model))["precision"], device)
+    return load_model(model, device=device, precision=chosen)

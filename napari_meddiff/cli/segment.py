@@ -16,7 +16,7 @@ from pathlib import Path
 from ..choices import COMBINE_METHODS
 from ..errors import MeddiffError
 from ..files import check_output_file, ensure_folder, removed_if_left_empty, write_text_atomic
-from .options import add_model_option, add_sampling_options, seed_value
+from .options import add_model_option, add_sampling_options, load_model_for, seed_value
 
 OUTPUTS = ("labels.nii.gz", "probabilities.nii.gz", "uncertainty.nii.gz", "volumes.csv", "segment.json")
 DEFAULT_SEG_MODEL = "brain-tissue-segdiff-2d"
@@ -60,7 +60,6 @@ def volumes_csv(volumes_ml: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..volume import read_volume
-    from ..zoo import load_model
 
     if args.ensemble < 1:
         raise MeddiffError(f"--ensemble must be at least 1, got {args.ensemble}")
@@ -76,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     for name in OUTPUTS:  # up front, not after minutes of sampling
         check_output_file(args.out / name, args.overwrite)
     image = read_volume(args.image)
-    model = load_model(args.model, device=device)
+    from ..segment import default_settings
+
+    model = load_model_for(args.model, device, args.precision, default_settings)
     with removed_if_left_empty(args.out):
         ensure_folder(args.out)
         return _segment(args, image, model, device)

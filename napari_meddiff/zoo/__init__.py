@@ -145,9 +145,15 @@ def describe_model(name_or_path: str | os.PathLike) -> ModelDescription:
     return ModelDescription(str(config.get("name", model_dir.name)), model_dir, config)
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Find a model by name (shipped, or under ``$MEDDIFF_MODELS``) or folder, verify and load it."""
-    from ..cpu_kernels import prefer_channels_last, prefer_onednn, thread_invariant_linear
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu", *,
+               precision: str | None = None) -> DiffusionModel:
+    """Find a model by name (shipped, or under ``$MEDDIFF_MODELS``) or folder, verify and load it.
+
+    ``precision``: the one precision this model will sample at (``auto`` resolved as the tasks resolve it), for
+    a process that runs one task (the CLI); None (default): any. With ``bf16`` on CPU the UNet's convolution
+    and linear weights are held in bf16 (`cpu_kernels.hold_bf16_weights`: the same results, half the memory)
+    and the model then samples in bf16 only."""
+    from ..cpu_kernels import hold_bf16_weights, prefer_channels_last, prefer_onednn, thread_invariant_linear
     from ..devices import native_bf16
 
     model_dir = find_model_dir(name_or_path)
@@ -162,6 +168,12 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | to
         unet=nets["unet"],
         autoencoder=nets.get("autoencoder"),
     ).to(device)
+    if precision is not None:
+        from ..sampling import resolve_precision
+
+        if resolve_precision(precision, model.device) == "bf16" and model.device.type == "cpu":
+            hold_bf16_weights(model.unet)  # before the layout change: it then copies half the bytes
+            model.unet_precision = "bf16"
     if model.device.type == "cpu" and model.spatial_dims == 3 and native_bf16(model.device):
         for net in nets.values():
             prefer_channels_last(net)  # oneDNN's blocked (AMX) kernels; the same bits for any thread count

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import MeddiffError
 from .bundle_config import BundleConfig, find_config_file, load_data_file, read_bundle_config
 from .bundle_defaults import bundle_defaults
-from .bundle_weights import check_weight_file, load_weights, read_state_dict
+from .bundle_weights import check_weight_file, load_network, read_state_dict
 from .conditions import snake_case
-from .model import DEFAULT_SAMPLING, build_network
+from .model import DEFAULT_SAMPLING
 from .schema import validate_config
 
 if TYPE_CHECKING:
@@ -62,9 +62,8 @@ class BundleFormat:
             entry = config["weights"][role]
             path = folder / entry["file"]
             entry["sha256"] = check_weight_file(path, entry.get("md5"), folder)
-            net = build_network(role, config["networks"][role], str(find_config_file(folder)))
-            load_weights(net, read_state_dict(path, role), path)
-            nets[role] = net
+            nets[role] = load_network(role, config["networks"][role], read_state_dict(path, role), path,
+                                      str(find_config_file(folder)))
         return nets
 
 

@@ -1,17 +1,17 @@
-"""A bundle's weight files: md5 (``large_files.yml``) and sha256 in one pass, tensors only
+"""A bundle's weight files: md5 (``large_files.yml``) and sha256 in one pass (remembered, `digests`), tensors only
 (``torch.load(weights_only=True)``), the state dict found inside nested checkpoints, and MONAI Generative's old
 key names converted by MONAI's own ``load_old_state_dict``."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MeddiffError
+from .digests import weight_digests
 
 if TYPE_CHECKING:
     import torch
@@ -26,12 +26,10 @@ NESTED_KEYS = {
 
 
 def file_digests(path: Path) -> tuple[str, str]:
-    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            md5.update(chunk)
-            sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
+    """(md5, sha256) of a file, hashed now (for checking a download)."""
+    from .digests import hash_file
+
+    return hash_file(path)
 
 
 def check_weight_file(path: Path, md5: str | None, folder: Path) -> str:
@@ -40,7 +38,7 @@ def check_weight_file(path: Path, md5: str | None, folder: Path) -> str:
         expected = f" (md5 {md5})" if md5 else ""
         raise MeddiffError(f"missing weight file {path}{expected}: run `meddiff fetch {folder.name} --dir "
                            f"{folder.parent}` with internet, or put the file there")
-    got_md5, sha = file_digests(path)
+    got_md5, sha = weight_digests(path)
     if md5 and got_md5 != md5.lower():
         raise MeddiffError(f"{path} is corrupt or not the bundle's file: md5 {got_md5} != {md5} in large_files.yml; "
                            "refusing to load it")
@@ -89,20 +87,25 @@ def _find_state_dict(obj: Any, role: str, depth: int = 0) -> dict | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
-def load_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Current MONAI key names load directly; MONAI Generative's go through MONAI's ``load_old_state_dict``."""
-    expected = net.state_dict()
+def load_network(role: str, net_config: dict[str, Any], state: dict[str, torch.Tensor], path: Path,
+                 where: str) -> torch.nn.Module:
+    """The ``role`` network of ``net_config`` holding the weights ``state`` read from ``path``: current MONAI key
+    names load directly, MONAI Generative's are renamed by MONAI's ``load_old_state_dict``; every parameter must
+    come from the file."""
+    from .model import build_loaded_network
+
+    remaining = dict(state)
     try:
-        if set(state) == set(expected):
-            net.load_state_dict(state)
-            return
-        remaining = dict(state)
         with contextlib.redirect_stdout(io.StringIO()):  # MONAI prints its progress
-            net.load_old_state_dict(remaining)
+            net = build_loaded_network(role, net_config, remaining, where, old_keys=True)
     except (RuntimeError, KeyError) as exc:
         raise MeddiffError(f"{path} does not fit the network its bundle config describes: {str(exc)[:200]}") from None
+    expected = net.state_dict()
+    if set(state) == set(expected):
+        return net
     unused = [k for k in remaining if "proj_attn" not in k]  # proj_attn is dropped where include_fc is false
     consumed = len(state) - len(remaining)
     if unused or consumed < len(expected):
         raise MeddiffError(f"{path} does not fit the network its bundle config describes: "
                            f"{len(expected) - consumed} parameters not in the file, unused keys {unused[:3]}")
+    return net

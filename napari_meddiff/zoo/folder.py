@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import MeddiffError
 from ..files import current_umask
-from .model import build_network, sha256_file
+from .digests import weight_digests
+from .model import build_loaded_network, sha256_file
 from .schema import validate_config
 
 if TYPE_CHECKING:
@@ -56,20 +57,19 @@ class FolderFormat:
                 raise MeddiffError(f"{weight_file}: only .safetensors weights are loaded")
             if not isinstance(entry.get("sha256"), str):
                 raise MeddiffError(f"{folder / CONFIG_NAME}: weights.{net_name} lacks 'sha256'")
-            digest = sha256_file(weight_file)
+            digest = weight_digests(weight_file)[1]
             if digest != entry["sha256"]:
                 raise MeddiffError(
                     f"{weight_file} is corrupt or was changed: sha256 {digest[:12]}... != {entry['sha256'][:12]}... "
                     "in model.json; refusing to load it"
                 )
-            net = build_network(net_name, config["networks"][net_name], str(folder / CONFIG_NAME))
             try:
                 state = {k: v.float() for k, v in load_file(str(weight_file)).items()}
             except (SafetensorError, OSError) as exc:
                 raise MeddiffError(f"cannot read {weight_file}: {exc}") from None
             try:
-                net.load_state_dict(state)
-            except RuntimeError as exc:
+                net = build_loaded_network(net_name, config["networks"][net_name], state, str(folder / CONFIG_NAME))
+            except (RuntimeError, KeyError) as exc:
                 raise MeddiffError(f"{weight_file} does not fit the {net_name} config: {str(exc)[:200]}") from None
             nets[net_name] = net
         return nets
