@@ -183,7 +183,9 @@ def bf16_weights_once(module: torch.nn.Module, precision: str, device: torch.dev
     oneDNN's AMX convolution ran the Zoo UNet's 512-1536 input channels 1.8-3.5x slower than the same work in
     256-channel chunks (512 -> 512 channels on 20x28x20: 275 against 79 ms; `bench_layout.py --convs-only`,
     results/layout_convs.json; 448 channels, a width no shipped or Zoo network has, lost 0.83-0.95x in two runs): those sums
-    differ from one convolution by bf16 rounding only, and like it do not depend on the thread count."""
+    differ from one convolution by bf16 rounding only, and like it do not depend on the thread count. Weights
+    already held in bf16 (`hold_bf16_weights`) are released while their chunks stand in for them and rebuilt from
+    the chunks afterwards (the same values): no second copy of the Zoo UNet's 1.1 GB."""
     if device.type != "cpu" or precision != "bf16":
         yield
         return
@@ -200,7 +202,12 @@ def bf16_weights_once(module: torch.nn.Module, precision: str, device: torch.dev
             fmt = torch.channels_last_3d if uses_channels_last(sub) else torch.contiguous_format
             sub._meddiff_weight_chunks = [sub.weight[:, i:i + AMX_INPUT_CHUNK].to(torch.bfloat16).contiguous(memory_format=fmt)
                                           for i in range(0, sub.in_channels, AMX_INPUT_CHUNK)]
-            split_convs.append((sub, sub.__dict__.get("forward")))
+            held = sub.weight.dtype == torch.bfloat16  # `hold_bf16_weights`: the chunks stand in for it meanwhile
+            split_convs.append((sub, sub.__dict__.get("forward"), sub._parameters["weight"] if held else None, fmt))
+            if held:
+                with torch.inference_mode(False):
+                    sub.weight.data = torch.empty(0, dtype=torch.bfloat16)
+                sub._parameters["weight"] = None
             forward = types.MethodType(_input_split_conv3d, sub)
             sub.forward = _channels_last_input(forward) if fmt == torch.channels_last_3d else forward
         for name in ("bias",) if chunked else ("weight", "bias"):
@@ -213,7 +220,11 @@ def bf16_weights_once(module: torch.nn.Module, precision: str, device: torch.dev
     finally:
         for sub, name, p in saved:
             sub._parameters[name] = p
-        for sub, forward in split_convs:
+        for sub, forward, held, fmt in split_convs:
+            if held is not None:  # the same values, from the chunks (the held tensor was released meanwhile)
+                with torch.inference_mode(False):
+                    held.data = torch.cat(sub._meddiff_weight_chunks, dim=1).contiguous(memory_format=fmt)
+                sub._parameters["weight"] = held
             del sub._meddiff_weight_chunks
             if forward is None:
                 del sub.forward

@@ -24,6 +24,27 @@ def available_ram_bytes() -> int:
         return 1 << 62  # unknown platform: do not refuse
 
 
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere a no-op, False).
+
+    glibc keeps much of what a big network's denoising freed mapped to the process, and the decoding that
+    follows would add its own peak on top of it."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return bool(_LIBC) and bool(_LIBC.malloc_trim(0))
+
+
+_LIBC = None
+
+
 def check_fits(need_bytes: float, what: str, *, available: int | None = None, fraction: float = 0.9,
                advice: str = "ask for less") -> None:
     """Raise a `MeddiffError` naming ``what`` when ``need_bytes`` exceeds ``fraction`` of free memory."""

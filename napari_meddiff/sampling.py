@@ -333,6 +333,10 @@ def decode_latents(
     fit in memory); None: the process default (`autoencoder_pass`)."""
     if model.kind != "ldm":
         return z
+    if z.device.type == "cpu":
+        from .memory import release_free_heap
+
+        release_free_heap()  # what denoising freed, before decoding allocates its own
     mode = autoencoder_pass(model, z, mode)
     z = z / model.scale_factor
     with torch.inference_mode(), autocast_context(z.device, precision):

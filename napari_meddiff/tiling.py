@@ -10,8 +10,9 @@ statistics of the whole volume: every stored activation accumulates per-channel 
 whole-volume pass to floating-point error (under bf16 autocast, each tile's arithmetic runs in the same dtypes
 as the whole pass).
 
-Memory: at most three activations are stored at once (a residual block's input, its first convolution's output
-and its output; MONAI's whole pass holds 5-7 such tensors in fp32, plus temporaries), in the dtype the
+Memory: a residual block stores its input and its first convolution's output, and writes its output over its
+input, tile by tile, where the two have the same channels (three activations where it changes the channels; MONAI's
+whole pass holds 5-7 such tensors in fp32, plus temporaries), in the dtype the
 convolutions produce (bf16 under bf16 autocast), plus one tile's workspace. Stores that would take the memory
 over ``ram_bytes`` are written to files instead (memory-mapped one tile at a time): peak memory is then about
 ``ram_bytes`` plus a tile's workspace, whatever the volume. Whole-volume self-attention cannot be tiled exactly:
@@ -229,6 +230,12 @@ class Store:
         self.count = total
         self._put(box, tile)
 
+    def reset_stats(self) -> None:
+        """Forget the statistics (the store is about to be overwritten, tile by tile)."""
+        self.count = 0
+        self.mean.zero_()
+        self.m2.zero_()
+
     def group_stats(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (mean, variance) of ``norm``'s groups over the whole volume, float64."""
         per_group = self.channels // norm.num_groups
@@ -415,7 +422,8 @@ class _Stores:
         self.folder: Path | None = None
 
     def ram_in_use(self) -> int:
-        return sum(s.nbytes for s in self.stores.values() if isinstance(s, RamStore))
+        distinct = {id(s): s for s in self.stores.values()}.values()  # a store written over has two names
+        return sum(s.nbytes for s in distinct if isinstance(s, RamStore))
 
     def new(self, name: str, channels: int, shape, dtype) -> Store:
         size = channels * math.prod(shape) * dtype.itemsize
@@ -437,6 +445,26 @@ class _Stores:
             self.free(name)
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _reuses_residual(step: ConvStep, i: int, last_use: dict[str, int], outputs: Sequence[str]) -> bool:
+    """Whether ``step`` may write its output over its residual's store: each output tile adds the residual at
+    the same box only (read before the write), and this step is the residual's last use."""
+    r = step.residual
+    return r is not None and r != step.src and r not in outputs and last_use.get(r) == i
+
+
+def _residual_store(step: ConvStep, i: int, pool: "_Stores", last_use, outputs, y: torch.Tensor, shape) -> Store | None:
+    """The residual's store, emptied of statistics and renamed ``step.out``, when the output can take its place
+    (`_reuses_residual`, and the same channels, shape and dtype); else None."""
+    if not _reuses_residual(step, i, last_use, outputs):
+        return None
+    store = pool.stores[step.residual]
+    if (store.channels, store.shape, store.dtype) != (y.shape[1], tuple(shape), y.dtype):
+        return None
+    store.reset_stats()
+    pool.stores[step.out] = store  # both names until the step ends (its tiles read the residual's name)
+    return store
 
 
 def run_steps(
@@ -463,11 +491,16 @@ def run_steps(
             for box in tiles(shape, tile):
                 y = _tile(step, pool.stores, box, stats)
                 if out is None:
-                    out = pool.new(step.out, y.shape[1], shape, y.dtype)
+                    out = _residual_store(step, i, pool, last_use, outputs, y, shape)
+                    if out is None:
+                        out = pool.new(step.out, y.shape[1], shape, y.dtype)
                 out.write(box, y)
             for name in {step.src, step.residual} - {None}:
                 if last_use.get(name) == i and name not in outputs:
-                    pool.free(name)
+                    if pool.stores[name] is out:  # written over: only the name goes
+                        del pool.stores[name]
+                    else:
+                        pool.free(name)
         return [pool.stores[name].tensor() for name in outputs]
     finally:
         pool.close()
@@ -526,7 +559,11 @@ def tiled_store_bytes(steps: Sequence[ConvStep], spatial: Sequence[int], itemsiz
     live, peak = dict(sizes), 0
     for i, step in enumerate(steps):
         shapes[step.out] = step.out_shape(shapes[step.src])
-        live[step.out] = step.conv.out_channels * math.prod(shapes[step.out]) * itemsize
+        size = step.conv.out_channels * math.prod(shapes[step.out]) * itemsize
+        if _reuses_residual(step, i, last_use, ()) and live.get(step.residual) == size:
+            live[step.out] = live.pop(step.residual)  # written over the residual's store
+        else:
+            live[step.out] = size
         peak = max(peak, sum(live.values()))
         for name in {step.src, step.residual} - {None}:
             if last_use[name] == i:

@@ -180,6 +180,35 @@ def test_input_channel_chunks_are_one_convolution_to_bf16_rounding(monkeypatch, 
     assert not torch.equal(chunked.float(), whole)  # they are different sums
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_held_bf16_weights_are_released_for_their_chunks_and_rebuilt(monkeypatch, channels_last):
+    from napari_meddiff import devices
+    from napari_meddiff.cpu_kernels import bf16_weights_once, hold_bf16_weights
+
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)
+    net = prefer_onednn(torch.nn.Sequential(torch.nn.Conv3d(600, 8, 3, padding=1), torch.nn.SiLU()))
+    if channels_last:
+        prefer_channels_last(net)
+    hold_bf16_weights(net)
+    original = net[0].weight.detach().clone()
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(1, 600, 6, 7, 5, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16_weights_once(net, "bf16", cpu):
+            assert net[0].weight is None  # no second copy while the chunks stand in
+            chunked = net(x)
+        after = net(x)
+        with bf16_weights_once(net, "bf16", cpu):
+            again = net(x)
+    weight = net[0].weight
+    assert isinstance(weight, torch.nn.Parameter) and weight.dtype == torch.bfloat16
+    assert weight.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(weight, original, rtol=0, atol=0)
+    torch.testing.assert_close(again, chunked, rtol=0, atol=0)
+    assert after.shape == chunked.shape and "_meddiff_weight_chunks" not in net[0].__dict__
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_layers_give_the_same_bits_for_any_thread_count(dtype):
     """The Zoo brain LDM's feed-forward shape (175 tokens, 3072 -> 768), whose sums oneDNN/MKL split by thread."""

@@ -90,6 +90,29 @@ def test_file_stores_give_the_same_result_and_are_removed(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_residual_blocks_write_over_their_input_and_the_estimate_is_the_peak(monkeypatch):
+    from napari_meddiff import tiling
+
+    ae = _autoencoder(3, seed=11)
+    z = torch.randn((1, 3, 5, 4, 6), generator=torch.Generator().manual_seed(12))
+    peaks, new = [], tiling._Stores.new
+
+    def recording_new(self, *args):
+        store = new(self, *args)
+        peaks.append(self.ram_in_use())
+        return store
+
+    monkeypatch.setattr(tiling._Stores, "new", recording_new)
+    with torch.inference_mode():
+        tiled = tiled_decode(ae, z, tile=7)
+        whole = ae.decode_stage_2_outputs(z)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-4)
+    steps = tiling.decoder_steps(ae)[0]
+    assert max(peaks) == tiling.tiled_store_bytes(steps, z.shape[2:])
+    reuses = [s for i, s in enumerate(steps) if s.residual and s.shortcut is None]
+    assert reuses and len(peaks) == len(steps) + 1 - len(reuses)  # no new store for those blocks' outputs
+
+
 def test_attention_is_refused_with_a_clear_message(monkeypatch):
     ae = _autoencoder(3, with_decoder_nonlocal_attn=True)
     z = torch.zeros(1, 3, 4, 4, 4)
