@@ -8,7 +8,8 @@ fresh process so that each peak RSS (``VmHWM``) is its own:
   (the bundle's script itself is never imported): networks from the config, ``load_old_state_dict`` of
   ``torch.load``, its ``DDIMScheduler`` at 50 steps, noise ``(1, 3, 20, 28, 20)``, the 4 conditions concatenated
   and as cross-attention context, fp32, one whole-volume decode;
-* ``ours``: ``load_model(bundle)`` and ``generate`` at the model's default settings (in-process: where time goes);
+* ``ours``: the model loaded as ``meddiff generate`` loads it (weights held at the default precision) and
+  ``generate`` at the model's default settings (in-process: where time goes);
 * ``meddiff generate --model BUNDLE --num 1`` as a user runs it, fresh process, start to exit (imports, weight
   loading, writing the NIfTI), with ``--decode auto`` (the default) and ``--decode whole``.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, others_cpu_use, peak_rss_mb, save, table  # noqa: E402
+from common import machine, others_cpu_use, peak_rss_mb, reset_peak_rss, save, table  # noqa: E402
 
 BUNDLE = "brain_image_synthesis_latent_diffusion_model"
 CONDITIONS = {"gender": 1.0, "age": 0.5, "ventricular_volume": 0.2, "brain_volume": 0.4}
@@ -79,26 +80,38 @@ def bundle_path_child(folder: str, threads: int, device: str) -> dict:
     seconds = time.perf_counter() - t0
     return {"path": "bundle", "settings": "DDIM 50 fp32, whole decode", "load_s": load_s, "seconds": seconds,
             "denoise_s": sample_s, "decode_s": seconds - sample_s, "shape": list(sample.shape[2:]),
-            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+            "peak_rss_mb": 1024 * max(phase_peaks.values()), "phase_peak_rss_gb": phase_peaks,
+            "threads": torch.get_num_threads()}
 
 
 def ours_child(folder: str, threads: int, device: str) -> dict:
-    from napari_meddiff.generate import generate
-    from napari_meddiff.zoo import load_model
+    from napari_meddiff.cli.options import load_model_for
+    from napari_meddiff.generate import default_sampling, generate
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = load_model(folder, device=device)
+    model = load_model_for(folder, torch.device(device), None, default_sampling)  # held as the CLI holds it
     load_s = time.perf_counter() - t0
+    phase_peaks = {"load_gb": peak_rss_mb() / 1024}  # each phase's own peak RSS (VmHWM reset between phases)
+    reset_peak_rss()
     marks: list[float] = []
+
+    def on_step(info) -> None:
+        marks.append(time.perf_counter())
+        if info.index == info.total:
+            phase_peaks["denoise_gb"] = peak_rss_mb() / 1024
+            reset_peak_rss()
+
     t0 = time.perf_counter()
-    (vol,) = generate(model, [0], device=device, conditions=CONDITIONS, on_step=lambda info: marks.append(time.perf_counter()))
+    (vol,) = generate(model, [0], device=device, conditions=CONDITIONS, on_step=on_step)
     seconds = time.perf_counter() - t0
+    phase_peaks["decode_gb"] = peak_rss_mb() / 1024
     prov = vol.metadata["provenance"]
     return {"path": "ours", "settings": f"{prov['sampler']} {prov['steps']} {prov['precision']}, default decode",
             "load_s": load_s, "seconds": seconds, "denoise_s": marks[-1] - t0, "decode_s": t0 + seconds - marks[-1],
             "shape": list(vol.array.shape), "voxel_mm": [float(abs(vol.affine[i, i])) for i in range(3)],
-            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+            "peak_rss_mb": 1024 * max(phase_peaks.values()), "phase_peak_rss_gb": phase_peaks,
+            "threads": torch.get_num_threads()}
 
 
 CLI_WITH_PEAK = (  # `meddiff` itself (its console-script entry point), reporting its VmHWM as it exits

@@ -6,9 +6,11 @@ model and latent are made):
   attention), latent 3x20x28x20 -> 160x224x160; whole against tiled, fp32 and bf16;
 - ``maisi``: MAISI's AutoencoderKlMaisi as maisi_ct_generative configures it (channels 64/128/256, no attention;
   ``norm_float16`` off: MONAI's own pass fails on the CPU with it), latent 4x64^3 -> 256^3 tiled (a whole pass is
-  estimated at 40 GB, more than this machine has), and the storage a 4x128^3 -> 512^3 decode would need.
+  estimated at 40 GB, more than this machine has), and the storage a 4x128^3 -> 512^3 decode would need;
+- ``maisi512`` (not in the default run: about an hour): that 512^3 decode, bf16, activations past ``--ram-gib``
+  in files.
 
-    python benchmarks/bench_tiling.py [--case brain maisi] [--threads 1]
+    python benchmarks/bench_tiling.py [--case brain maisi maisi512] [--threads 1] [--ram-gib 6]
 """
 
 from __future__ import annotations
@@ -49,11 +51,22 @@ def maisi_autoencoder():
                               norm_float16=False, num_splits=1, dim_split=1)
 
 
-def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: int, ram_gib: float | None) -> dict:
+def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: int, ram_gib: float | None,
+                 keep_array: bool = True) -> dict:
     import torch
 
+    from napari_meddiff import tiling
     from napari_meddiff.sampling import autocast_context
     from napari_meddiff.tiling import tiled_decode
+
+    if not keep_array:  # a long run: say when each step's store is made (one per convolution)
+        made, start = tiling._Stores.new, time.perf_counter()
+
+        def new(self, name, *args):
+            print(f"  {time.perf_counter() - start:7.0f} s: {name} {args[:2]}", flush=True)
+            return made(self, name, *args)
+
+        tiling._Stores.new = new
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -69,10 +82,15 @@ def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: i
             img = tiled_decode(ae, z, ram_bytes=None if ram_gib is None else ram_gib * GIB)
     seconds = time.perf_counter() - t0
     img = img.float()[0, 0].numpy()
-    return {"case": case, "mode": mode, "precision": precision, "ram_budget_gib": ram_gib, "threads": threads,
-            "latent": list(latent), "image": list(img.shape), "seconds": round(seconds, 1),
-            "peak_rss_gb": round(peak_rss_mb() / 1024, 2), "rss_before_gb": round(before / 1024, 2),
-            "array": img}
+    row = {"case": case, "mode": mode, "precision": precision, "ram_budget_gib": ram_gib, "threads": threads,
+           "latent": list(latent), "image": list(img.shape), "seconds": round(seconds, 1),
+           "peak_rss_gb": round(peak_rss_mb() / 1024, 2), "rss_before_gb": round(before / 1024, 2)}
+    if keep_array:
+        row["array"] = img
+    else:
+        row["image_range"] = [float(img.min()), float(img.max())]
+        row["finite"] = bool(np.isfinite(img).all())
+    return row
 
 
 def in_fresh_process(fn, *args) -> dict:
@@ -95,9 +113,11 @@ def plans() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", nargs="+", choices=("brain", "noise", "maisi"),
+    parser.add_argument("--case", nargs="+", choices=("brain", "noise", "maisi", "maisi512"),
                         default=["brain", "noise", "maisi"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ram-gib", type=float, default=6.0,
+                        help="maisi512: activations past this many GiB go to files ($MEDDIFF_TILE_DIR or the temp dir)")
     args = parser.parse_args()
     name = "tiling" if {"brain", "maisi"} <= set(args.case) else "tiling_" + "_".join(args.case)
     payload = {"machine": machine(), "others_busy_cores_at_start": others_cpu_use(), "plans": plans(), "runs": []}
@@ -145,6 +165,11 @@ def main() -> None:
         r["image_range"] = [float(image.min()), float(image.max())]
         runs.append(r)
         print(table(runs[-1:], columns), flush=True)
+    if "maisi512" in args.case:  # issue 15's MAISI-size target: 4x128^3 -> 512^3, bf16, on this machine
+        r = in_fresh_process(decode_child, "maisi", (4, 128, 128, 128), "tiled", "bf16", args.threads,
+                             args.ram_gib, False)
+        runs.append(r)
+        print(table(runs[-1:], columns + ["image_range", "finite"]), flush=True)
     payload["runs"] = runs
     payload["others_busy_cores_at_end"] = others_cpu_use()
     print(f"saved {save(name, payload)}")
