@@ -80,8 +80,7 @@ def bundle_path_child(folder: str, threads: int, device: str) -> dict:
     seconds = time.perf_counter() - t0
     return {"path": "bundle", "settings": "DDIM 50 fp32, whole decode", "load_s": load_s, "seconds": seconds,
             "denoise_s": sample_s, "decode_s": seconds - sample_s, "shape": list(sample.shape[2:]),
-            "peak_rss_mb": 1024 * max(phase_peaks.values()), "phase_peak_rss_gb": phase_peaks,
-            "threads": torch.get_num_threads()}
+            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
 
 
 def ours_child(folder: str, threads: int, device: str) -> dict:

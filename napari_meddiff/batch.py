@@ -341,6 +341,7 @@ def generate_subjects(
     on_step: Callable[[int], None] | None = None,
     conditions: Callable[[int], dict] | None = None,
     guidance_scale: float = 1.0,
+    release_unet: bool = False,
 ) -> GenerationReport:
     """Generate the subjects of ``blocks`` (this worker's share) into ``out``, skipping valid ones.
 
@@ -349,6 +350,7 @@ def generate_subjects(
     ``on_plan(samples, steps)`` is called once the work is known (samples to compute, steps per chain);
     ``on_step(n)`` after each denoising step with the number of samples that advanced.
     ``conditions(seed)``: the model's conditions for a seed (a cohort may sweep one); recorded in the sidecars.
+    ``release_unet``: free the model's UNet before the last block's decoding (`generate`'s option).
     """
     import torch
 
@@ -389,12 +391,13 @@ def generate_subjects(
     if on_plan is not None:
         on_plan(sum(len(block) for block, _ in plan), settings["steps"])
     host = socket.gethostname()
-    for block, needed in plan:
+    for i, (block, needed) in enumerate(plan):
         volumes = generate(
             model, block, sampler=settings["sampler"], steps=settings["steps"], device=str(device),
             precision=settings["precision"], batch_size=len(block), eta=eta,
             conditions=[conditions(s) for s in block] if conditions else None, guidance_scale=guidance_scale,
             on_step=(lambda info, n=len(block): on_step(n)) if on_step else None,
+            release_unet=release_unet and i == len(plan) - 1,
         )
         for vol in volumes:
             prov = vol.metadata["provenance"]

@@ -81,6 +81,7 @@ def generate(
     should_cancel: Callable[[], bool] | None = None,
     conditions: ConditionsArg = None,
     guidance_scale: float = 1.0,
+    release_unet: bool = False,
 ) -> list[Volume]:
     """Sample one volume per seed. The same seed, settings, batch size, thread count and device give the same
     volume, bit for bit; another device gives the same volume up to floating-point error (noise is drawn on
@@ -88,7 +89,9 @@ def generate(
 
     ``conditions``: the model's named conditions (``model.conditions``), one mapping for every seed or one
     per seed; missing names take their defaults. ``guidance_scale``: classifier-free guidance (1: none).
-    ``on_preview`` receives decoded previews every ``preview_every`` steps (0: never).
+    ``on_preview`` receives decoded previews every ``preview_every`` steps (0: never). ``release_unet``: free
+    the model's UNet once the last batch is denoised, before its decoding (`DiffusionModel.release_unet`; for
+    a process that samples no more: the command line); the same volumes.
     """
     dev = resolve_device(device)
     if not isinstance(model, DiffusionModel):
@@ -131,6 +134,8 @@ def generate(
             on_step=step_hook, should_cancel=should_cancel, precision=precision,
             conditions=values, guidance_scale=guidance_scale,
         )
+        if release_unet and start + batch_size >= len(seeds):
+            model.release_unet()
         decode_pass = autoencoder_pass(model, z) if model.kind == "ldm" else None  # recorded: it changes the bits
         images = decode_latents(model, z, precision, mode=decode_pass)[:, 0].clamp(0, 1).cpu().numpy()
         seconds = (time.perf_counter() - t0) / len(chunk)

@@ -202,6 +202,8 @@ def denoise(
     """
     if len(generators) != x.shape[0]:
         raise MeddiffError("one random generator per sample is needed")
+    if model.unet is None:
+        raise MeddiffError(f"{model.name}'s UNet was released after its last sample (release_unet); load it again")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise MeddiffError(f"guidance scale must be a number, got {guidance_scale!r}")
     if model.unet_precision is not None and precision != model.unet_precision:

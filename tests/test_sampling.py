@@ -102,3 +102,15 @@ def test_bad_sampler_and_steps(tiny_models):
         generate(model, [0], sampler="ddim", steps=0)
     with pytest.raises(MeddiffError, match="segmentation"):
         generate(load_model(tiny_models["seg2d"]), [0])
+
+
+def test_release_unet_after_the_last_batch_gives_the_same_volumes(tiny_models):
+    """What `meddiff generate` does: the UNet goes before the last batch's decoding, the volumes stay the same."""
+    kept = generate(load_model(tiny_models["ldm3d"]), [3, 4, 5], steps=3, batch_size=2)
+    model = load_model(tiny_models["ldm3d"])
+    released = generate(model, [3, 4, 5], steps=3, batch_size=2, release_unet=True)
+    assert model.unet is None and model.autoencoder is not None
+    for a, b in zip(kept, released):
+        np.testing.assert_array_equal(a.array, b.array)
+    with pytest.raises(MeddiffError, match="released"):
+        generate(model, [3], steps=3)

@@ -119,6 +119,7 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
                 on_plan=on_plan,
                 on_written=lambda path: tqdm.write(str(path), file=sys.stdout),
                 on_step=(lambda n: bar.update(n) if bar else None),
+                release_unet=True,  # this process samples no more after its last block: decode without it
             )
         except Exception:
             batch.all_ok(ctx, False)  # let the other ranks know, so none waits for us

@@ -96,7 +96,7 @@ class DiffusionModel(ModelConfigView):
     name: str
     path: Path
     config: dict[str, Any]
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None  # None once `release_unet` freed it
     autoencoder: torch.nn.Module | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: _torch().device("cpu"))
     unet_precision: str | None = None  # the one precision the UNet samples at (bf16-held weights); None: any
@@ -121,12 +121,21 @@ class DiffusionModel(ModelConfigView):
         return hashlib.sha256("".join(parts).encode()).hexdigest()
 
     def num_parameters(self) -> int:
-        nets = [self.unet] + ([self.autoencoder] if self.autoencoder is not None else [])
+        nets = [n for n in (self.unet, self.autoencoder) if n is not None]
         return sum(p.numel() for net in nets for p in net.parameters())
+
+    def release_unet(self) -> None:
+        """Free the diffusion UNet (the model can decode, but no longer sample): for a process that has denoised
+        its last sample, so that decoding does not hold the UNet's weights too (the Zoo brain LDM's: 1.1 GB)."""
+        import gc
+
+        self.unet = None
+        gc.collect()  # its convolutions' bound `forward` overrides (`cpu_kernels`) are reference cycles
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
         self.device = _torch().device(device)
-        self.unet.to(self.device)
+        if self.unet is not None:
+            self.unet.to(self.device)
         if self.autoencoder is not None:
             self.autoencoder.to(self.device)
         return self
