@@ -7,8 +7,8 @@ model and latent are made):
 - ``maisi``: MAISI's AutoencoderKlMaisi as maisi_ct_generative configures it (channels 64/128/256, no attention;
   ``norm_float16`` off: MONAI's own pass fails on the CPU with it), latent 4x64^3 -> 256^3 tiled (a whole pass is
   estimated at 40 GB, more than this machine has), and the storage a 4x128^3 -> 512^3 decode would need;
-- ``maisi512`` (not in the default run: about an hour): that 512^3 decode, bf16, activations past ``--ram-gib``
-  in files.
+- ``maisi512`` (not in the default run: about an hour): that 512^3 decode, bf16, in ``channels_last_3d`` where
+  the CPU has native bf16 (as `load_model` lays 3D networks out), activations past ``--ram-gib`` in files.
 
     python benchmarks/bench_tiling.py [--case brain maisi maisi512] [--threads 1] [--ram-gib 6]
 """
@@ -52,7 +52,7 @@ def maisi_autoencoder():
 
 
 def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: int, ram_gib: float | None,
-                 keep_array: bool = True) -> dict:
+                 keep_array: bool = True, layout: str = "default") -> dict:
     import torch
 
     from napari_meddiff import tiling
@@ -71,6 +71,10 @@ def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: i
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     ae = (brain_autoencoder if case == "brain" else maisi_autoencoder)().eval()
+    if layout == "channels_last":
+        from napari_meddiff.cpu_kernels import prefer_channels_last
+
+        prefer_channels_last(ae)
     z = torch.randn((1, *latent), generator=torch.Generator().manual_seed(1))
     reset_peak_rss()
     before = peak_rss_mb()
@@ -82,7 +86,8 @@ def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: i
             img = tiled_decode(ae, z, ram_bytes=None if ram_gib is None else ram_gib * GIB)
     seconds = time.perf_counter() - t0
     img = img.float()[0, 0].numpy()
-    row = {"case": case, "mode": mode, "precision": precision, "ram_budget_gib": ram_gib, "threads": threads,
+    row = {"case": case, "mode": mode, "precision": precision, "layout": layout, "ram_budget_gib": ram_gib,
+           "threads": threads,
            "latent": list(latent), "image": list(img.shape), "seconds": round(seconds, 1),
            "peak_rss_gb": round(peak_rss_mb() / 1024, 2), "rss_before_gb": round(before / 1024, 2)}
     if keep_array:
@@ -166,8 +171,13 @@ def main() -> None:
         runs.append(r)
         print(table(runs[-1:], columns), flush=True)
     if "maisi512" in args.case:  # issue 15's MAISI-size target: 4x128^3 -> 512^3, bf16, on this machine
+        import torch
+
+        from napari_meddiff.devices import native_bf16
+
+        layout = "channels_last" if native_bf16(torch.device("cpu")) else "default"  # as load_model lays it out
         r = in_fresh_process(decode_child, "maisi", (4, 128, 128, 128), "tiled", "bf16", args.threads,
-                             args.ram_gib, False)
+                             args.ram_gib, False, layout)
         runs.append(r)
         print(table(runs[-1:], columns + ["image_range", "finite"]), flush=True)
     payload["runs"] = runs

@@ -455,7 +455,7 @@ def _reuses_residual(step: ConvStep, i: int, last_use: dict[str, int], outputs: 
 
 
 def _residual_store(step: ConvStep, i: int, pool: "_Stores", last_use, outputs, y: torch.Tensor, shape) -> Store | None:
-    """The residual's store, emptied of statistics and renamed ``step.out``, when the output can take its place
+    """The residual's store, emptied of statistics and also named ``step.out``, when the output can take its place
     (`_reuses_residual`, and the same channels, shape and dtype); else None."""
     if not _reuses_residual(step, i, last_use, outputs):
         return None
