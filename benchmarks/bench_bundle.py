@@ -20,7 +20,6 @@ Seconds of the first two rows are wall time from noise to the decoded volume (lo
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, others_cpu_use, peak_rss_mb, reset_peak_rss, save, table  # noqa: E402
+from common import in_fresh_process, machine, others_cpu_use, peak_rss_mb, reset_peak_rss, save, table  # noqa: E402
 
 BUNDLE = "brain_image_synthesis_latent_diffusion_model"
 CONDITIONS = {"gender": 1.0, "age": 0.5, "ventricular_volume": 0.2, "brain_volume": 0.4}
@@ -148,10 +147,6 @@ def cli_row(folder: str, threads: int, device: str, decode: str) -> dict:
                 "files_written": len(written)}
 
 
-def in_fresh_process(fn, *args) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(fn, args)
 
 
 def main() -> None:

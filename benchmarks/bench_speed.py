@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    in_fresh_process,
     RESULTS, count_flops, machine, matmul_peak, peak_rss_mb, precisions_for, reset_peak_rss, save, table, timed,
 )
 
@@ -289,10 +289,6 @@ def task_child(task: str, variant: str, threads: int, device: str, configs: list
     return out
 
 
-def in_fresh_process(fn, *args):
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(fn, args)
 
 
 def task_rows(tasks: list[str], threads: int, quick: bool, device: torch.device) -> tuple[list[dict], list[dict]]:

@@ -16,7 +16,6 @@ model and latent are made):
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, others_cpu_use, peak_rss_mb, reset_peak_rss, save, table  # noqa: E402
+from common import in_fresh_process, machine, others_cpu_use, peak_rss_mb, reset_peak_rss, save, table  # noqa: E402
 
 from napari_meddiff.memory import available_ram_bytes  # noqa: E402
 
@@ -98,9 +97,6 @@ def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: i
     return row
 
 
-def in_fresh_process(fn, *args) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
 
 
 def plans() -> list[dict]:

@@ -137,3 +137,23 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def _die_with_parent() -> None:
+    """In a child: be sent SIGTERM when the parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing),
+    so that a killed benchmark does not leave its child computing on the cores the next run measures."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a fresh (spawned) process, which dies with this one; its return value."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_die_with_parent) as pool:
+        return pool.apply(fn, args)
