@@ -147,8 +147,6 @@ def cli_row(folder: str, threads: int, device: str, decode: str) -> dict:
                 "files_written": len(written)}
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)

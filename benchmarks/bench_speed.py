@@ -46,8 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    in_fresh_process,
-    RESULTS, count_flops, machine, matmul_peak, peak_rss_mb, precisions_for, reset_peak_rss, save, table, timed,
+    RESULTS, count_flops, in_fresh_process, machine, matmul_peak, peak_rss_mb, precisions_for, reset_peak_rss,
+    save, table, timed,
 )
 
 TASKS = ("generate-3d", "generate-2d", "inpaint-3d", "inpaint-2d", "segment-5")
@@ -287,8 +287,6 @@ def task_child(task: str, variant: str, threads: int, device: str, configs: list
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
-
-
 
 
 def task_rows(tasks: list[str], threads: int, quick: bool, device: torch.device) -> tuple[list[dict], list[dict]]:

@@ -97,8 +97,6 @@ def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: i
     return row
 
 
-
-
 def plans() -> list[dict]:
     from napari_meddiff.tiling import decoder_steps, tiled_store_bytes, whole_pass_bytes
 

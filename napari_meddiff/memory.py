@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from .errors import MeddiffError
@@ -29,20 +30,22 @@ def release_free_heap() -> bool:
 
     glibc keeps much of what a big network's denoising freed mapped to the process, and the decoding that
     follows would add its own peak on top of it."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+@functools.cache
+def _glibc():
+    """glibc with ``malloc_trim``, or None."""
     import ctypes
     import ctypes.util
 
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    return bool(_LIBC) and bool(_LIBC.malloc_trim(0))
-
-
-_LIBC = None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def check_fits(need_bytes: float, what: str, *, available: int | None = None, fraction: float = 0.9,

@@ -254,6 +254,10 @@ def denoise(
             done += 1
             if on_step is not None:
                 on_step(StepInfo(done, total, int(t), pred_x0, time.perf_counter() - start))
+    if device.type == "cpu":
+        from .memory import release_free_heap
+
+        release_free_heap()  # what the chain freed (its bf16 weight copies too), before a decoding allocates its own
     return x
 
 
@@ -335,10 +339,6 @@ def decode_latents(
     fit in memory); None: the process default (`autoencoder_pass`)."""
     if model.kind != "ldm":
         return z
-    if z.device.type == "cpu":
-        from .memory import release_free_heap
-
-        release_free_heap()  # what denoising freed, before decoding allocates its own
     mode = autoencoder_pass(model, z, mode)
     z = z / model.scale_factor
     with torch.inference_mode(), autocast_context(z.device, precision):

@@ -129,8 +129,11 @@ class DiffusionModel(ModelConfigView):
         its last sample, so that decoding does not hold the UNet's weights too (the Zoo brain LDM's: 1.1 GB)."""
         import gc
 
+        from ..memory import release_free_heap
+
         self.unet = None
         gc.collect()  # its convolutions' bound `forward` overrides (`cpu_kernels`) are reference cycles
+        release_free_heap()
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
         self.device = _torch().device(device)
