@@ -14,7 +14,8 @@ fresh process so that each peak RSS (``VmHWM``) is its own:
   loading, writing the NIfTI), with ``--decode auto`` (the default) and ``--decode whole``.
 
 Seconds of the first two rows are wall time from noise to the decoded volume (loading is reported apart). Usage:
-``python benchmarks/bench_bundle.py [--threads 2] [--device cpu]`` (writes ``results/bundle.json``).
+``python benchmarks/bench_bundle.py [--threads 2] [--device cpu]`` (writes ``results/bundle.json``);
+``--cli-repeats N`` runs only the default CLI row N times (its run-to-run spread, ``results/bundle_cli_repeats.json``).
 """
 
 from __future__ import annotations
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny widths: a quick check that the script runs")
     parser.add_argument("--keep", type=Path, default=None, help="write the bundle here (default: a temporary folder)")
+    parser.add_argument("--cli-repeats", type=int, default=0, metavar="N",
+                        help="only the `--decode auto` CLI row, N times: its spread (results/bundle_cli_repeats.json)")
     args = parser.parse_args()
     from napari_meddiff.zoo.bundle_fixtures import write_bundle
 
@@ -163,6 +166,11 @@ def main() -> None:
             write_bundle(folder, "brain_ldm", full_size=not args.tiny)
         print(f"full-size bundle with random weights in {folder} ({time.perf_counter() - t0:.0f} s)", flush=True)
         busy = others_cpu_use()
+        if args.cli_repeats:
+            rows = [cli_row(str(folder), args.threads, args.device, "auto") for _ in range(args.cli_repeats)]
+            print(table(rows, ["path", "seconds", "peak_rss_mb", "files_written"]), flush=True)
+            print(f"wrote {save('bundle_cli_repeats', {'machine': machine(), 'others_cpu_cores_busy_before': busy, 'rows': rows})}")
+            return
         rows = []
         for child in (bundle_path_child, ours_child):
             rows.append(in_fresh_process(child, str(folder), args.threads, args.device))
