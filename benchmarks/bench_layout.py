@@ -16,11 +16,14 @@ PyTorch's own convolutions) and the fraction of this machine's 3x3x3 convolution
 same bits with 1 and N threads (the napari widget leaves a core to the GUI). Usage:
 
     python benchmarks/bench_layout.py [--threads 2] [--full-decode-precisions bf16] [--skip-full-decode]
+    python benchmarks/bench_layout.py --networks "decode 160x224x160" "decode 160x224x160 tiled"   # some rows
     python benchmarks/bench_layout.py --convs-only   # bf16 convolutions: one against 256-channel chunks
     python benchmarks/bench_layout.py --linears      # the UNet step's linear layers: one thread against N
 
 Writes ``results/layout.json`` (``--convs-only``: ``results/layout_convs.json``; ``--linears``:
-``results/layout_linears.json``). Run it with nothing else busy on the machine.
+``results/layout_linears.json``; ``--networks``: ``results/layout_<rows>.json``). The full-size decode is timed
+as one whole pass and as the exact tiled pass (`napari_meddiff.tiling`, default tile) that ``meddiff generate``
+runs where a whole pass would not fit in half the free memory. Run it with nothing else busy on the machine.
 """
 
 from __future__ import annotations
@@ -142,11 +145,14 @@ def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 def main() -> None:
     from napari_meddiff.cpu_kernels import bf16_weights_once, pytorch_kernels
     from napari_meddiff.sampling import PRECISION_DTYPES, autocast_context
+    from napari_meddiff.tiling import tiled_decode
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full-decode-precisions", nargs="+", default=["bf16"])
     ap.add_argument("--skip-full-decode", action="store_true")
+    ap.add_argument("--networks", nargs="+", choices=("unet step", "decode 80x112x80", "decode 160x224x160",
+                                                       "decode 160x224x160 tiled"), help="only these rows")
     ap.add_argument("--convs-only", action="store_true", help="only the per-convolution rows (results/layout_convs.json)")
     ap.add_argument("--linears", action="store_true", help="only the UNet step's linear layers (results/layout_linears.json)")
     args = ap.parse_args()
@@ -184,17 +190,22 @@ def main() -> None:
         flops = {"unet step": count_flops(lambda: unet0(unet_in, timesteps=t, context=context)),
                  "decode 80x112x80": count_flops(lambda: ae0.decode_stage_2_outputs(half_latent))}
     flops["decode 160x224x160"] = flops["decode 80x112x80"] * 8  # the same layers on 8x the voxels
+    flops["decode 160x224x160 tiled"] = flops["decode 160x224x160"]  # what `--decode auto` runs on this machine
 
     def cases(layout):
         unet, ae = nets[layout]
         return {"unet step": (lambda: unet(unet_in, timesteps=t, context=context), 3, 1),
                 "decode 80x112x80": (lambda: ae.decode_stage_2_outputs(half_latent), 2, 1),
-                "decode 160x224x160": (lambda: ae.decode_stage_2_outputs(latent), 1, 0)}
+                "decode 160x224x160": (lambda: ae.decode_stage_2_outputs(latent), 1, 0),
+                "decode 160x224x160 tiled": (lambda: tiled_decode(ae, latent), 1, 0)}
 
     rows, outputs = [], {}
     for network in flops:
+        if args.networks and network not in args.networks:
+            continue
         for precision in precisions:
-            if network == "decode 160x224x160" and (args.skip_full_decode or precision not in args.full_decode_precisions):
+            if network.startswith("decode 160x224x160") and (
+                    args.skip_full_decode or precision not in args.full_decode_precisions):
                 continue
             row = {"network": network, "precision": precision, "gflop": flops[network] / 1e9}
             for layout in ("default", "ours"):
@@ -203,13 +214,13 @@ def main() -> None:
                         else contextlib.nullcontext())
                 with torch.inference_mode(), autocast_context(cpu, precision), loop:
                     seconds = timed(fn, repeat=repeat, warmup=warmup)
-                    if network != "decode 160x224x160":
+                    if not network.startswith("decode 160x224x160"):
                         outputs[(network, precision, layout, args.threads)] = fn().float()
                 row[f"{layout}_s"] = seconds
                 row[f"{layout}_fraction_of_conv_peak"] = flops[network] / seconds / peaks[precision]["peak"]
             row["speedup"] = row["default_s"] / row["ours_s"]
             row["ours_gflop_per_s"] = flops[network] / row["ours_s"] / 1e9
-            if network != "decode 160x224x160":  # ours with 1 thread: the same bits?
+            if not network.startswith("decode 160x224x160"):  # ours with 1 thread: the same bits?
                 torch.set_num_threads(1)
                 fn = cases("ours")[network][0]
                 loop = bf16_weights_once(nets["ours"][0], precision, cpu) if network == "unet step" else contextlib.nullcontext()
@@ -221,7 +232,8 @@ def main() -> None:
                     (outputs[(network, precision, "ours", args.threads)] - outputs[(network, precision, "default", args.threads)]).abs().max())
             rows.append(row)
             print(table(rows[-1:], list(rows[-1])), flush=True)
-    path = save("layout", {"machine": machine(), "threads": args.threads, "others_cpu_cores_busy_before": busy,
+    name = "layout" if not args.networks else "layout_" + "_".join(n.replace(" ", "_") for n in args.networks)
+    path = save(name, {"machine": machine(), "threads": args.threads, "others_cpu_cores_busy_before": busy,
                            "conv_peak_flop_per_s": peaks, "rows": rows, "peak_rss_mb": peak_rss_mb()})
     print(f"written {path}")
 

@@ -10,6 +10,12 @@ statistics of the whole volume: every stored activation accumulates per-channel 
 whole-volume pass to floating-point error (under bf16 autocast, each tile's arithmetic runs in the same dtypes
 as the whole pass).
 
+Per tile, a channels-last activation in memory (`load_model`'s layout on bf16 CPUs) is normalised slab by slab
+straight into one reused, zero-bordered input buffer (no padded copy, no fresh pages per tile), an identity
+residual is added from its store in place, and the statistics are reduced in cache-sized chunks: fresh
+tile-sized tensors (page faults on every tile) and passes through memory had cost the Zoo brain LDM's full-size
+decode as much as half its convolutions' time (`benchmarks/bench_layout.py` times it against the whole pass).
+
 Memory: a residual block stores its input and its first convolution's output, and writes its output over its
 input, tile by tile, where the two have the same channels (three activations where it changes the channels; MONAI's
 whole pass holds 5-7 such tensors in fp32, plus temporaries), in the dtype the
@@ -21,6 +27,7 @@ networks with attention blocks are refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -35,10 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_kernels import one_thread
 from .errors import MeddiffError
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per spatial axis
-DEFAULT_TILE = {2: 512, 3: 64}  # output voxels per side of a tile
+DEFAULT_TILE = {2: 512, 3: 48}  # output voxels per side of a tile (3D: 48 decoded the Zoo brain LDM as fast as 64,
+# with 40 % of its per-tile temporaries)
 WHOLE_PASS_ACTIVATIONS = 5  # a whole pass peaks at about this many of its largest activation, in fp32
 
 
@@ -176,25 +185,41 @@ def _slices(box: Box) -> tuple[slice, ...]:
     return (slice(None),) + tuple(slice(a, b) for a, b in box)
 
 
-def _channel_stats(tile: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel float32 mean and centred sum of squares of one tile (1, C, *box), as float64, and its voxels.
+STATS_CHUNK_BYTES = 1 << 20  # float32 bytes of one chunk of `_channel_stats` (about a core's L2 cache)
 
-    A channels-last tile is viewed as (voxels, C) and summed by matrix products with a ones vector: PyTorch's
-    reductions over the outer axis of that view ran 4-7x slower than over a channel-first copy, and the copy
-    itself costs as much again."""
+
+def _channel_stats(tile: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and centred sum of squares of one tile (1, C, *box), as float64, and its voxels.
+
+    The tile is taken as (voxels, C) (a view for a channels-last tile; a channel-first one is transposed in
+    chunks) and reduced in chunks of `STATS_CHUNK_BYTES`: each chunk's float32 copy, mean (a matrix product with
+    a ones vector: reductions over the outer axis ran 4-7x slower) and centred squares stay in cache, where a
+    float32 copy of the whole tile (134 MB for a 64^3 x 128 bf16 tile) was a fresh allocation, page faults and
+    three passes through memory: 126 ms against 19 ms per such tile on a 2-core EPYC. The chunks' (mean, M2) are
+    merged in float64 (Chan et al.). One thread: the same bits for any thread count, and faster (a second thread
+    woken for each small chunk cost more than it gave)."""
     channels = tile.shape[1]
     if channels_last:
-        values = tile.permute(0, *range(2, tile.ndim), 1).reshape(-1, channels).float()
-        n = values.shape[0]
-        ones = torch.ones(1, n, dtype=values.dtype, device=values.device)
-        mean = (ones @ values) / n
-        shares = values.untyped_storage().data_ptr() == tile.untyped_storage().data_ptr()  # fp32: a view
-        values = (values - mean if shares else values.sub_(mean)).square_()
-        return mean[0].double(), (ones @ values)[0].double(), n
-    values = tile[0].reshape(channels, -1).float()
-    mean = values.mean(1, keepdim=True)
-    m2 = torch.linalg.vector_norm(values - mean, dim=1).double().square()
-    return mean[:, 0].double(), m2, values.shape[1]
+        values = tile.permute(0, *range(2, tile.ndim), 1).reshape(-1, channels)
+    else:
+        values = tile[0].reshape(channels, -1).t()
+    n = values.shape[0]
+    rows = max(1, min(n, STATS_CHUNK_BYTES // (4 * channels)))
+    starts = range(0, n, rows)
+    means = torch.empty(len(starts), channels, dtype=torch.float32, device=tile.device)
+    m2s = torch.empty_like(means)
+    ones = torch.ones(1, rows, dtype=torch.float32, device=tile.device)
+    with one_thread() if tile.device.type == "cpu" else contextlib.nullcontext():
+        for k, a in enumerate(starts):
+            chunk = values[a : a + rows].to(torch.float32, copy=True)  # a copy even of float32: changed in place
+            r = chunk.shape[0]
+            mean = torch.mm(ones[:, :r], chunk, out=means[k : k + 1]).div_(r)
+            torch.mm(ones[:, :r], chunk.sub_(mean).square_(), out=m2s[k : k + 1])
+    counts = torch.tensor([min(rows, n - a) for a in starts], dtype=torch.float64, device=tile.device)[:, None]
+    means64 = means.double()
+    mean = (means64 * counts).sum(0) / n
+    m2 = m2s.double().sum(0) + (counts * (means64 - mean).square()).sum(0)
+    return mean, m2, n
 
 
 class Store:
@@ -355,11 +380,28 @@ def _conv(conv: nn.Module, x: torch.Tensor, padding: Sequence[int] | None = None
     return fn(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
 
-def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats) -> torch.Tensor:
-    """The step's output on ``box`` (output coordinates), computed from the stores."""
-    src = stores[step.src]
+class Workspace:
+    """One reusable buffer for the convolutions' padded input tiles (channels-last 3D): allocated once at the
+    largest size a pass needs, so that its pages are touched once, not at every tile (a fresh 70 MB tensor per
+    tile cost as much in page faults as a third of its convolution)."""
+
+    def __init__(self) -> None:
+        self.flat: torch.Tensor | None = None
+
+    def padded_input(self, channels: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised (1, C, *shape) channels_last_3d tensor on the buffer."""
+        numel = channels * math.prod(shape)
+        if self.flat is None or self.flat.numel() < numel or self.flat.dtype != dtype or self.flat.device != device:
+            self.flat = None
+            self.flat = torch.empty(numel, dtype=dtype, device=device)
+        return self.flat[:numel].view(1, *shape, channels).permute(0, 4, 1, 2, 3)
+
+
+def _input_range(step: ConvStep, box: Box, src_shape: Sequence[int]):
+    """Per spatial axis: the source box to read, the replicated edge (linear upsampling), the crop of the
+    upsampled tile, and the zeros (before, after) the convolution's input needs at the volume's borders."""
     src_box, edge, crop, zeros = [], [], [], []
-    for (a, b), n, k, s, (lo, _) in zip(box, src.shape, step.conv.kernel_size, step.conv.stride, step.pad):
+    for (a, b), n, k, s, (lo, _) in zip(box, src_shape, step.conv.kernel_size, step.conv.stride, step.pad):
         c, d = a * s - lo, (b - 1) * s - lo + k  # the convolution's input range (before its padding)
         n_pre = 2 * n if step.upsample else n
         c0, d0 = max(c, 0), min(d, n_pre)
@@ -378,7 +420,54 @@ def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats) -> torch.Te
             src_box.append((c0, d0))
             edge.append((0, 0))
             crop.append((0, d0 - c0))
-    x = src.read(tuple(src_box))
+    return tuple(src_box), edge, crop, zeros
+
+
+def _normalised_input(step: ConvStep, src: "RamStore", src_box: Box, zeros, stats, workspace: Workspace) -> torch.Tensor:
+    """``silu(norm(src))`` on ``src_box`` with its zero padding, written slab by slab (one plane of the first
+    axis: it stays in cache) into the workspace: the convolution's whole input, in one pass through memory."""
+    mean, var = stats[step.src]
+    sizes = [b - a for a, b in src_box]
+    padded = [n + lo + hi for n, (lo, hi) in zip(sizes, zeros)]
+    region = src.data[(slice(None),) + _slices(src_box)]  # (1, C, *sizes): a view of the store
+    x = None
+    for i in range(sizes[0]):
+        slab = _normalise(step.norm, region[:, :, i : i + 1], mean, var)
+        if x is None:  # the normalised dtype (MAISI's norm may change it): the workspace's dtype
+            x = _zero_bordered(workspace.padded_input(src.channels, padded, slab.dtype, slab.device), zeros)
+        (lo0, _), (lo1, _), (lo2, _) = zeros
+        inner = x[:, :, lo0 + i : lo0 + i + 1, lo1 : lo1 + sizes[1], lo2 : lo2 + sizes[2]]
+        if step.silu:
+            torch.ops.aten.silu.out(slab, out=inner)
+        else:
+            inner.copy_(slab)
+    return x
+
+
+def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats, workspace: Workspace | None = None) -> torch.Tensor:
+    """The step's output on ``box`` (output coordinates), computed from the stores."""
+    src = stores[step.src]
+    src_box, edge, crop, zeros = _input_range(step, box, src.shape)
+    if (workspace is not None and step.norm is not None and step.upsample is None and isinstance(src, RamStore)
+            and src.channels_last and all(s > 0 for s in [b - a for a, b in src_box])):
+        y = _conv(step.conv, _normalised_input(step, src, src_box, zeros, stats, workspace))
+    else:
+        y = _conv_from_tile(step, src.read(src_box), edge, crop, zeros, stats, workspace)
+    if step.residual is not None:
+        residual = stores[step.residual]
+        if step.shortcut is None and isinstance(residual, RamStore) and residual.dtype == y.dtype:
+            y.add_(residual.data[(slice(None),) + _slices(box)])  # r + y, without copying the tile of r
+        else:
+            r = residual.read(box)
+            if step.shortcut is not None:
+                r = _conv(step.shortcut, r)
+            y = y.add_(r) if r.dtype == y.dtype else r + y
+    return y
+
+
+def _conv_from_tile(step: ConvStep, x: torch.Tensor, edge, crop, zeros, stats,
+                    workspace: Workspace | None = None) -> torch.Tensor:
+    """The convolution of ``x``, the source tile read from its store, after its norm, SiLU and upsampling."""
     if step.norm is not None:
         x = _normalise(step.norm, x, *stats[step.src])
         if step.silu:
@@ -394,15 +483,23 @@ def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats) -> torch.Te
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         x = x[(slice(None), *_slices(tuple(crop)))]
     if all(lo == hi for lo, hi in zeros):  # interior tiles, or both borders: the convolution pads (no copy)
-        y = _conv(step.conv, x, [lo for lo, _ in zeros])
-    else:
-        y = _conv(step.conv, F.pad(x, [p for z in reversed(zeros) for p in z]))
-    if step.residual is not None:
-        r = stores[step.residual].read(box)
-        if step.shortcut is not None:
-            r = _conv(step.shortcut, r)
-        y = r + y
-    return y
+        return _conv(step.conv, x, [lo for lo, _ in zeros])
+    if workspace is not None and x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], zeros)]
+        buffer = _zero_bordered(workspace.padded_input(x.shape[1], padded, x.dtype, x.device), zeros)
+        buffer[(slice(None), slice(None)) + tuple(slice(lo, lo + n) for n, (lo, _) in zip(x.shape[2:], zeros))] = x
+        return _conv(step.conv, buffer)  # F.pad's zero-filled new tensor took 4x as long as the copy
+    return _conv(step.conv, F.pad(x, [p for z in reversed(zeros) for p in z]))
+
+
+def _zero_bordered(x: torch.Tensor, zeros) -> torch.Tensor:
+    """``x`` with its ``zeros`` (before, after) border planes on each spatial axis set to zero (in place)."""
+    for axis, (lo, hi) in enumerate(zeros):
+        if lo:
+            x.narrow(axis + 2, 0, lo).zero_()
+        if hi:
+            x.narrow(axis + 2, x.shape[axis + 2] - hi, hi).zero_()
+    return x
 
 
 def tiles(shape: Sequence[int], tile: int) -> Iterator[Box]:
@@ -480,6 +577,7 @@ def run_steps(
     channels_last = x.ndim == 5 and bool(spatial_convs) and all(  # the convolutions' layout (`cpu_kernels`)
         not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last_3d) for w in spatial_convs)
     pool = _Stores(ram_bytes, x.device, channels_last)
+    workspace = Workspace()
     try:
         first = pool.new(src, x.shape[1], x.shape[2:], x.dtype)
         first.write(tuple((0, n) for n in x.shape[2:]), x)
@@ -489,7 +587,7 @@ def run_steps(
             shape = step.out_shape(source.shape)
             out: Store | None = None
             for box in tiles(shape, tile):
-                y = _tile(step, pool.stores, box, stats)
+                y = _tile(step, pool.stores, box, stats, workspace)
                 if out is None:
                     out = _residual_store(step, i, pool, last_use, outputs, y, shape)
                     if out is None:

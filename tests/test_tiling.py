@@ -76,6 +76,56 @@ def test_tiled_decode_in_bf16_is_within_bf16_rounding():
     assert (tiled - whole).abs().max() / scale <= 1e-2
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_channels_last_tiles_equal_the_whole_pass_for_any_thread_count(monkeypatch, tmp_path, precision):
+    """The channels-last path of `load_model` on bf16 CPUs: normalised slabs written into a reused, zero-bordered
+    workspace and identity residuals added from the store in place; equal to the whole pass to rounding, and the
+    same bits with 1 and 2 threads (the widget leaves a core to the GUI)."""
+    from napari_meddiff import tiling
+    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.sampling import autocast_context
+
+    slabs = []
+    normalised = tiling._normalised_input
+    monkeypatch.setattr(tiling, "_normalised_input", lambda *a: slabs.append(1) or normalised(*a))
+    ae = prefer_channels_last(prefer_onednn(_autoencoder(3, seed=13)))
+    z = torch.randn((1, 3, 5, 7, 6), generator=torch.Generator().manual_seed(14))
+    threads = torch.get_num_threads()
+    with torch.inference_mode(), autocast_context(z.device, precision):
+        whole = ae.decode_stage_2_outputs(z).float()
+        scale = float(whole.max() - whole.min())
+        monkeypatch.setenv("MEDDIFF_TILE_DIR", str(tmp_path))
+        for tile, ram_bytes in ((5, None), (8, None), (64, None), (5, 0)):  # one-sided and two-sided borders, one
+            tiled = tiled_decode(ae, z, tile=tile, ram_bytes=ram_bytes).float()  # tile for all, stores in files
+            assert (tiled - whole).abs().max() / scale <= (1e-4 if precision == "fp32" else 1e-2), tile
+        try:
+            torch.set_num_threads(1)
+            one = tiled_decode(ae, z, tile=5)
+            torch.set_num_threads(2)
+            two = tiled_decode(ae, z, tile=5)
+        finally:
+            torch.set_num_threads(threads)
+    assert slabs and torch.equal(one, two)
+
+
+def test_channels_last_maisi_norm_changes_the_workspace_dtype():
+    """MAISI's GroupNorm returns float32 from bf16 activations: the workspace follows the normalised dtype."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+
+    torch.manual_seed(15)
+    ae = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 16, 16],
+                            num_res_blocks=[1, 1, 1], norm_num_groups=4, attention_levels=[False] * 3,
+                            num_splits=1, dim_split=1, norm_float16=False).eval()
+    prefer_channels_last(prefer_onednn(ae))
+    z = torch.randn((1, 4, 4, 5, 6), generator=torch.Generator().manual_seed(16))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = ae.decode_stage_2_outputs(z).float()
+        tiled = tiled_decode(ae, z, tile=6).float()
+    assert (tiled - whole).abs().max() / float(whole.max() - whole.min()) <= 1e-2
+
+
 def test_file_stores_give_the_same_result_and_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDDIFF_TILE_DIR", str(tmp_path))
     ae = _autoencoder(3, seed=9)
