@@ -13,7 +13,9 @@ fresh process so that each peak RSS (``VmHWM``) is its own:
 * ``meddiff generate --model BUNDLE --num 1`` as a user runs it, fresh process, start to exit (imports, weight
   loading, writing the NIfTI), with ``--decode auto`` (the default) and ``--decode whole``.
 
-Seconds of the first two rows are wall time from noise to the decoded volume (loading is reported apart). Usage:
+Seconds of the first two rows are wall time from noise to the decoded volume (loading is reported apart). On the
+CPU it also prints the arithmetic of the default settings (FLOPs of the UNet steps and the decoding) and the least
+time this machine's measured convolution peak allows for it (``arithmetic_floor``). Usage:
 ``python benchmarks/bench_bundle.py [--threads 2] [--device cpu]`` (writes ``results/bundle.json``);
 ``--cli-repeats N`` runs only the default CLI row N times (its run-to-run spread, ``results/bundle_cli_repeats.json``).
 """
@@ -83,6 +85,33 @@ def bundle_path_child(folder: str, threads: int, device: str) -> dict:
             "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
 
 
+def arithmetic_floor_child(threads: int, steps: int, precision: str) -> dict:
+    """What the default settings cost in arithmetic and the least time this machine can do it in: FLOPs of one
+    UNet step and of the decoding (`torch.utils.flop_counter`, as bench_layout counts them) at the convolution
+    peak measured here for ``precision``. No kernel beats that peak; only less arithmetic (fewer steps) could."""
+    from bench_layout import conv_peak
+    from common import count_flops
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    from napari_meddiff.sampling import PRECISION_DTYPES
+    from napari_meddiff.zoo.bundle_fixtures import brain_ldm_inference
+
+    torch.set_num_threads(threads)
+    cfg = brain_ldm_inference(full_size=True)
+    kwargs = (lambda d: {k: v for k, v in d.items() if not k.startswith("_")})
+    with torch.device("meta"), torch.inference_mode():  # shapes only: FLOPs are counted without computing
+        unet = DiffusionModelUNet(**kwargs(cfg["diffusion_def"])).eval()
+        ae = AutoencoderKL(**kwargs(cfg["autoencoder_def"])).eval()
+        unet_in, context = torch.zeros(1, 7, 20, 28, 20), torch.zeros(1, 1, 4)
+        unet_flops = count_flops(lambda: unet(unet_in, timesteps=torch.tensor([500]), context=context))
+        decode_flops = count_flops(lambda: ae.decode_stage_2_outputs(torch.zeros(1, 3, 20, 28, 20)))
+    peak = conv_peak(PRECISION_DTYPES[precision])["peak"]
+    total = steps * unet_flops + decode_flops
+    return {"precision": precision, "steps": steps, "unet_step_tflop": unet_flops / 1e12,
+            "decode_tflop": decode_flops / 1e12, "total_tflop": total / 1e12, "conv_peak_gflop_per_s": peak / 1e9,
+            "floor_s": total / peak, "peak_needed_for_30_s_gflop_per_s": total / 30 / 1e9}
+
+
 def ours_child(folder: str, threads: int, device: str) -> dict:
     from napari_meddiff.cli.options import load_model_for
     from napari_meddiff.generate import default_sampling, generate
@@ -107,6 +136,7 @@ def ours_child(folder: str, threads: int, device: str) -> dict:
     phase_peaks["decode_gb"] = peak_rss_mb() / 1024
     prov = vol.metadata["provenance"]
     return {"path": "ours", "settings": f"{prov['sampler']} {prov['steps']} {prov['precision']}, default decode",
+            "steps": prov["steps"], "precision": prov["precision"], "autoencoder_pass": prov.get("autoencoder_pass"),
             "load_s": load_s, "seconds": seconds, "denoise_s": marks[-1] - t0, "decode_s": t0 + seconds - marks[-1],
             "shape": list(vol.array.shape), "voxel_mm": [float(abs(vol.affine[i, i])) for i in range(3)],
             "peak_rss_mb": 1024 * max(phase_peaks.values()), "phase_peak_rss_gb": phase_peaks,
@@ -186,9 +216,19 @@ def main() -> None:
               f"(imports not counted for the bundle); peak RSS {row['peak_rss_mb'] / 1024:.1f} against "
               f"{rows[0]['peak_rss_mb'] / 1024:.1f} GB", flush=True)
     ratio = rows[0]["seconds"] / rows[1]["seconds"]
+    floor = None
+    if args.device == "cpu" and not args.tiny:
+        floor = in_fresh_process(arithmetic_floor_child, args.threads, rows[1]["steps"], rows[1]["precision"])
+        ours = rows[1]["denoise_s"] + rows[1]["decode_s"]
+        floor["ours_in_process_fraction_of_floor"] = floor["floor_s"] / ours
+        print(f"arithmetic at default settings: {floor['steps']} UNet steps x {floor['unet_step_tflop']:.2f} + decoding "
+              f"{floor['decode_tflop']:.2f} = {floor['total_tflop']:.1f} TFLOP; at this machine's {floor['precision']} "
+              f"convolution peak ({floor['conv_peak_gflop_per_s']:.0f} GFLOP/s) no less than {floor['floor_s']:.0f} s "
+              f"(ours in-process: {ours:.0f} s, {100 * floor['ours_in_process_fraction_of_floor']:.0f} % of peak); "
+              f"30 s would need {floor['peak_needed_for_30_s_gflop_per_s']:.0f} GFLOP/s", flush=True)
     path = save("bundle_tiny" if args.tiny else "bundle", {"machine": machine(), "others_cpu_cores_busy_before": busy, "bundle": BUNDLE,
                            "conditions": CONDITIONS, "rows": rows, "ratio_in_process_sampling": ratio,
-                           "ratio_cli_vs_bundle_with_loading": ratios})
+                           "ratio_cli_vs_bundle_with_loading": ratios, "arithmetic_floor": floor})
     print(f"wrote {path}")
 
 

@@ -21,7 +21,7 @@ same bits with 1 and N threads (the napari widget leaves a core to the GUI). Usa
     python benchmarks/bench_layout.py --linears      # the UNet step's linear layers: one thread against N
 
 Writes ``results/layout.json`` (``--convs-only``: ``results/layout_convs.json``; ``--linears``:
-``results/layout_linears.json``; ``--networks``: ``results/layout_<rows>.json``). The full-size decode is timed
+``results/layout_linears.json``; ``--networks``: ``results/layout_<rows>.json``, e.g. ``layout_unet_full_full_tiled.json``). The full-size decode is timed
 as one whole pass and as the exact tiled pass (`napari_meddiff.tiling`, default tile) that ``meddiff generate``
 runs where a whole pass would not fit in half the free memory. Run it with nothing else busy on the machine.
 """
@@ -232,7 +232,9 @@ def main() -> None:
                     (outputs[(network, precision, "ours", args.threads)] - outputs[(network, precision, "default", args.threads)]).abs().max())
             rows.append(row)
             print(table(rows[-1:], list(rows[-1])), flush=True)
-    name = "layout" if not args.networks else "layout_" + "_".join(n.replace(" ", "_") for n in args.networks)
+    short = {"unet step": "unet", "decode 80x112x80": "half", "decode 160x224x160": "full",
+             "decode 160x224x160 tiled": "full_tiled"}
+    name = "layout" if not args.networks else "layout_" + "_".join(short[n] for n in args.networks)
     path = save(name, {"machine": machine(), "threads": args.threads, "others_cpu_cores_busy_before": busy,
                            "conv_peak_flop_per_s": peaks, "rows": rows, "peak_rss_mb": peak_rss_mb()})
     print(f"written {path}")

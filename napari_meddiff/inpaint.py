@@ -434,8 +434,9 @@ class _Runner:
             m = np.stack([gmask[:, :, u[1]] for u in units])
         return (torch.from_numpy(k[:, None]).to(self.device), torch.from_numpy(m[:, None]).to(self.device))
 
-    def run(self, units, on_step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample a batch; returns (images in [0, 1] composited with the known grid, known, generated mask)."""
+    def run(self, units, on_step, release_unet: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample a batch; returns (images in [0, 1] composited with the known grid, known, generated mask).
+        ``release_unet``: free the UNet before decoding (the last batch of a process that samples no more)."""
         model = self.model
         known, gmask = self._arrays(units)
         if model.kind == "ldm":
@@ -452,6 +453,8 @@ class _Runner:
         cond = None if self.conditions is None else self.conditions.expand(x.shape[0], -1)
         z = denoise(model, x, generators=generators, known=_known_hook(x0_known, keep), on_step=on_step,
                     conditions=cond, **self.kw)
+        if release_unet:
+            model.release_unet()
         images = decode_latents(model, z, self.precision).clamp(0, 1)
         return torch.where(gmask, images, known), known, gmask
 
@@ -529,10 +532,13 @@ def inpaint(
     preview_every: int | None = None,
     should_cancel: Callable[[], bool] | None = None,
     conditions: Mapping[str, float] | None = None,
+    release_unet: bool = False,
 ) -> list[Volume]:
     """Fill the masked region of ``image`` with the model; one `Volume` per candidate, on the input's grid.
 
     ``conditions``: a conditional model's named conditions (missing ones take their defaults).
+    ``release_unet``: free the model's UNet once the last batch is denoised, before its decoding
+    (`DiffusionModel.release_unet`, as `generate`'s option: for a process that samples no more); the same result.
 
     ``mask``: an array of the image's shape or a `Volume` (resampled with nearest neighbour when on another
     grid over the same region); ``label`` picks one value (None: every non-zero voxel). Voxels outside the
@@ -620,7 +626,7 @@ def inpaint(
             on_preview(InpaintPreview(info, c, paster.region, paster.patch(grid_img)))
 
     done = 0
-    for batch in batches:
+    for number, batch in enumerate(batches, 1):
         state: dict = {}
 
         def step_hook(info: StepInfo, batch=batch, base=done) -> None:
@@ -633,7 +639,7 @@ def inpaint(
 
         if on_preview is not None:
             state["arrays"] = runner._arrays(batch)
-        images, _, _ = runner.run(batch, step_hook)
+        images, _, _ = runner.run(batch, step_hook, release_unet=release_unet and number == len(batches))
         images = images[:, 0].cpu().numpy()
         for i, (c, k, _) in enumerate(batch):
             if k is None:

@@ -103,6 +103,19 @@ def test_seed_reproducible_candidates_distinct(tiny_models):
     assert [v.metadata["provenance"]["candidate_seed"] for v in a] == [5, 6]
 
 
+def test_release_unet_after_the_last_batch_gives_the_same_candidates(tiny_models):
+    """What `meddiff inpaint` does: the UNet goes before the last batch's decoding; the candidates stay the same."""
+    image, mask = scan(), cube_mask(scan().shape)
+    kept = inpaint(load_model(tiny_models["ldm3d"]), image, mask, steps=2, seed=3, candidates=3, batch_size=2)
+    model = load_model(tiny_models["ldm3d"])
+    released = inpaint(model, image, mask, steps=2, seed=3, candidates=3, batch_size=2, release_unet=True)
+    assert model.unet is None and model.autoencoder is not None
+    for a, b in zip(kept, released):
+        np.testing.assert_array_equal(a.array, b.array)
+    with pytest.raises(MeddiffError, match="released"):
+        inpaint(model, image, mask, steps=2)
+
+
 def test_2d_slicewise_batch_invariance_and_axis(tiny_models):
     model = load_model(tiny_models["ddpm2d"])
     image = scan()

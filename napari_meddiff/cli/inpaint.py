@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             candidates=args.candidates, axis=axis, jump_length=args.jump_length, jump_n=args.jump_n,
             feather_voxels=args.feather, eta=args.eta, batch_size=args.batch_size, device=str(device),
             precision=args.precision, on_step=on_step, conditions=conditions,
+            release_unet=True,  # this process samples no more after its last batch: decode without the UNet
         )
     finally:
         if bar is not None:
