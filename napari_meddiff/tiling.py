@@ -204,18 +204,19 @@ def _channel_stats(tile: torch.Tensor, channels_last: bool) -> tuple[torch.Tenso
     else:
         values = tile[0].reshape(channels, -1).t()
     n = values.shape[0]
-    rows = max(1, min(n, STATS_CHUNK_BYTES // (4 * channels)))
+    rows = max(1, min(n, STATS_CHUNK_BYTES // (4 * channels))) if tile.device.type == "cpu" else n  # GPU: one go
     starts = range(0, n, rows)
     means = torch.empty(len(starts), channels, dtype=torch.float32, device=tile.device)
     m2s = torch.empty_like(means)
     ones = torch.ones(1, rows, dtype=torch.float32, device=tile.device)
-    with one_thread() if tile.device.type == "cpu" else contextlib.nullcontext():
+    threads = one_thread() if tile.device.type == "cpu" else contextlib.nullcontext()
+    with threads, torch.autocast(tile.device.type, enabled=False):  # float32 sums, also under bf16 autocast
         for k, a in enumerate(starts):
             chunk = values[a : a + rows].to(torch.float32, copy=True)  # a copy even of float32: changed in place
             r = chunk.shape[0]
             mean = torch.mm(ones[:, :r], chunk, out=means[k : k + 1]).div_(r)
             torch.mm(ones[:, :r], chunk.sub_(mean).square_(), out=m2s[k : k + 1])
-    counts = torch.tensor([min(rows, n - a) for a in starts], dtype=torch.float64, device=tile.device)[:, None]
+    counts = torch.tensor([min(rows, n - a) for a in starts], dtype=torch.float64)[:, None].to(tile.device)
     means64 = means.double()
     mean = (means64 * counts).sum(0) / n
     m2 = m2s.double().sum(0) + (counts * (means64 - mean).square()).sum(0)
@@ -381,9 +382,9 @@ def _conv(conv: nn.Module, x: torch.Tensor, padding: Sequence[int] | None = None
 
 
 class Workspace:
-    """One reusable buffer for the convolutions' padded input tiles (channels-last 3D): allocated once at the
-    largest size a pass needs, so that its pages are touched once, not at every tile (a fresh 70 MB tensor per
-    tile cost as much in page faults as a third of its convolution)."""
+    """One reusable buffer for the convolutions' padded input tiles (channels-last 3D), grown to the largest tile
+    asked for and made anew only when the dtype changes (MAISI: float32 normalised inputs, bf16 upsampled ones),
+    so that its pages are touched once per pass, not at every tile."""
 
     def __init__(self) -> None:
         self.flat: torch.Tensor | None = None
@@ -423,24 +424,24 @@ def _input_range(step: ConvStep, box: Box, src_shape: Sequence[int]):
     return tuple(src_box), edge, crop, zeros
 
 
-def _normalised_input(step: ConvStep, src: "RamStore", src_box: Box, zeros, stats, workspace: Workspace) -> torch.Tensor:
-    """``silu(norm(src))`` on ``src_box`` with its zero padding, written slab by slab (one plane of the first
-    axis: it stays in cache) into the workspace: the convolution's whole input, in one pass through memory."""
+def _normalised_input(step: ConvStep, region: torch.Tensor, zeros, stats, workspace: Workspace) -> torch.Tensor:
+    """``silu(norm(region))`` with its zero padding, written slab by slab (one plane of the first axis: it stays
+    in cache) into the workspace: the convolution's whole input, in one pass through memory. ``region`` (1, C,
+    *sizes) is a view of a store in memory or a tile read from a file: the same slabs, the same bits."""
     mean, var = stats[step.src]
-    sizes = [b - a for a, b in src_box]
+    sizes = list(region.shape[2:])
     padded = [n + lo + hi for n, (lo, hi) in zip(sizes, zeros)]
-    region = src.data[(slice(None),) + _slices(src_box)]  # (1, C, *sizes): a view of the store
     x = None
-    for i in range(sizes[0]):
-        slab = _normalise(step.norm, region[:, :, i : i + 1], mean, var)
+    for i in range(sizes[0]):  # a dense slab: the channels-last kernel `read` gives file stores (the same bits)
+        plane = region[:, :, i : i + 1].contiguous(memory_format=torch.channels_last_3d)
+        slab = _normalise(step.norm, plane, mean, var)
         if x is None:  # the normalised dtype (MAISI's norm may change it): the workspace's dtype
-            x = _zero_bordered(workspace.padded_input(src.channels, padded, slab.dtype, slab.device), zeros)
+            x = _zero_bordered(workspace.padded_input(region.shape[1], padded, slab.dtype, slab.device), zeros)
         (lo0, _), (lo1, _), (lo2, _) = zeros
         inner = x[:, :, lo0 + i : lo0 + i + 1, lo1 : lo1 + sizes[1], lo2 : lo2 + sizes[2]]
-        if step.silu:
-            torch.ops.aten.silu.out(slab, out=inner)
-        else:
-            inner.copy_(slab)
+        if step.silu:  # on the dense slab: into a strided view, SiLU runs PyTorch's scalar loop (other bits)
+            slab = F.silu(slab, inplace=True)
+        inner.copy_(slab)
     return x
 
 
@@ -448,11 +449,13 @@ def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats, workspace: 
     """The step's output on ``box`` (output coordinates), computed from the stores."""
     src = stores[step.src]
     src_box, edge, crop, zeros = _input_range(step, box, src.shape)
-    if (workspace is not None and step.norm is not None and step.upsample is None and isinstance(src, RamStore)
-            and src.channels_last and all(s > 0 for s in [b - a for a, b in src_box])):
-        y = _conv(step.conv, _normalised_input(step, src, src_box, zeros, stats, workspace))
+    if (workspace is not None and step.norm is not None and step.upsample is None and src.channels_last
+            and all(b > a for a, b in src_box)):
+        region = src.data[(slice(None),) + _slices(src_box)] if isinstance(src, RamStore) else src.read(src_box)
+        y = _conv(step.conv, _normalised_input(step, region, zeros, stats, workspace))  # no copy of a RAM tile
     else:
-        y = _conv_from_tile(step, src.read(src_box), edge, crop, zeros, stats, workspace)
+        y = _conv_from_tile(step, src.read(src_box), edge, crop, zeros, stats,
+                            workspace if src.channels_last else None)
     if step.residual is not None:
         residual = stores[step.residual]
         if step.shortcut is None and isinstance(residual, RamStore) and residual.dtype == y.dtype:
@@ -482,13 +485,13 @@ def _conv_from_tile(step: ConvStep, x: torch.Tensor, edge, crop, zeros, stats,
         else:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         x = x[(slice(None), *_slices(tuple(crop)))]
+    if workspace is not None and x.ndim == 5:  # channels-last: into the zero-bordered buffer, as `_normalised_input`
+        padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], zeros)]  # (every tile's convolution, from RAM or
+        buffer = _zero_bordered(workspace.padded_input(x.shape[1], padded, x.dtype, x.device), zeros)  # a file,
+        buffer[(slice(None), slice(None)) + tuple(slice(lo, lo + n) for n, (lo, _) in zip(x.shape[2:], zeros))] = x
+        return _conv(step.conv, buffer)  # pads nothing itself: the same kernel, the same bits; F.pad was slower)
     if all(lo == hi for lo, hi in zeros):  # interior tiles, or both borders: the convolution pads (no copy)
         return _conv(step.conv, x, [lo for lo, _ in zeros])
-    if workspace is not None and x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], zeros)]
-        buffer = _zero_bordered(workspace.padded_input(x.shape[1], padded, x.dtype, x.device), zeros)
-        buffer[(slice(None), slice(None)) + tuple(slice(lo, lo + n) for n, (lo, _) in zip(x.shape[2:], zeros))] = x
-        return _conv(step.conv, buffer)  # F.pad's zero-filled new tensor took 4x as long as the copy
     return _conv(step.conv, F.pad(x, [p for z in reversed(zeros) for p in z]))
 
 

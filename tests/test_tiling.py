@@ -108,6 +108,58 @@ def test_channels_last_tiles_equal_the_whole_pass_for_any_thread_count(monkeypat
     assert slabs and torch.equal(one, two)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_channels_last_ram_and_file_stores_give_the_same_bits(tmp_path, monkeypatch, precision):
+    """Whether stores spill to files depends on free memory: it must not change a single bit. Trained norms
+    (not MONAI's initial weight 1, bias 0), where a strided and a dense normalisation kernel round differently."""
+    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.sampling import autocast_context
+
+    monkeypatch.setenv("MEDDIFF_TILE_DIR", str(tmp_path))
+    ae = _autoencoder(3, seed=17)
+    generator = torch.Generator().manual_seed(18)
+    with torch.no_grad():
+        for norm in (m for m in ae.modules() if isinstance(m, torch.nn.GroupNorm)):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=generator) + 0.5)
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=generator))
+    prefer_channels_last(prefer_onednn(ae))
+    z = torch.randn((1, 3, 5, 6, 4), generator=torch.Generator().manual_seed(19))
+    with torch.inference_mode(), autocast_context(z.device, precision):
+        in_ram = tiled_decode(ae, z, tile=7)
+        in_files = tiled_decode(ae, z, tile=7, ram_bytes=0)
+    assert torch.equal(in_ram, in_files)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channel_stats_are_exact_and_thread_invariant(dtype, channels_last):
+    """Per-channel mean and centred sum of squares of a tile of many chunks, against float64; the same bits with 1
+    and 2 threads; float32 sums under bf16 autocast too; the tile untouched."""
+    from napari_meddiff.tiling import _channel_stats
+
+    tile = (3 * torch.randn(1, 2048, 16, 16, 16, generator=torch.Generator().manual_seed(20)) + 5).to(dtype)
+    if channels_last:
+        tile = tile.contiguous(memory_format=torch.channels_last_3d)
+    before = tile.clone()
+    reference = tile[0].double().reshape(2048, -1)
+    mean = reference.mean(1)
+    m2 = (reference - mean[:, None]).square().sum(1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                results.append(_channel_stats(tile, channels_last))
+    finally:
+        torch.set_num_threads(threads)
+    (got_mean, got_m2, count), again = results
+    assert count == 16**3 and torch.equal(got_mean, again[0]) and torch.equal(got_m2, again[1])
+    assert (got_mean - mean).abs().max() <= 1e-5 and ((got_m2 - m2) / m2).abs().max() <= 1e-5
+    assert torch.equal(tile, before)
+
+
 def test_channels_last_maisi_norm_changes_the_workspace_dtype():
     """MAISI's GroupNorm returns float32 from bf16 activations: the workspace follows the normalised dtype."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
