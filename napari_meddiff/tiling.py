@@ -10,9 +10,10 @@ statistics of the whole volume: every stored activation accumulates per-channel 
 whole-volume pass to floating-point error (under bf16 autocast, each tile's arithmetic runs in the same dtypes
 as the whole pass).
 
-Per tile, a channels-last activation in memory (`load_model`'s layout on bf16 CPUs) is normalised slab by slab
-straight into one reused, zero-bordered input buffer (no padded copy, no fresh pages per tile), an identity
-residual is added from its store in place, and the statistics are reduced in cache-sized chunks: fresh
+Per tile, a channels-last activation (`load_model`'s layout on bf16 CPUs; a view of its store in memory, or the
+tile read from its file: the same slabs, the same bits) is normalised slab by slab straight into one reused,
+zero-bordered input buffer (no padded copy, no fresh pages per tile), an identity residual is added from its
+store in place, and the statistics are reduced in cache-sized chunks: fresh
 tile-sized tensors (page faults on every tile) and passes through memory had cost the Zoo brain LDM's full-size
 decode as much as half its convolutions' time (`benchmarks/bench_layout.py` times it against the whole pass).
 
