@@ -196,7 +196,7 @@ def _channel_stats(tile: torch.Tensor, channels_last: bool) -> tuple[torch.Tenso
     chunks) and reduced in chunks of `STATS_CHUNK_BYTES`: each chunk's float32 copy, mean (a matrix product with
     a ones vector: reductions over the outer axis ran 4-7x slower) and centred squares stay in cache, where a
     float32 copy of the whole tile (134 MB for a 64^3 x 128 bf16 tile) was a fresh allocation, page faults and
-    three passes through memory: 126 ms against 19 ms per such tile on a 2-core EPYC. The chunks' (mean, M2) are
+    three passes through memory (several times slower in hand timings). The chunks' (mean, M2) are
     merged in float64 (Chan et al.). One thread: the same bits for any thread count, and faster (a second thread
     woken for each small chunk cost more than it gave)."""
     channels = tile.shape[1]
@@ -291,11 +291,15 @@ class RamStore(Store):
         super().__init__(channels, shape, dtype, device, channels_last)
         self.data = torch.empty((1, channels, *self.shape), dtype=dtype, device=device, memory_format=self.memory_format)
 
+    def view(self, box: Box) -> torch.Tensor:
+        """The store's values on ``box``, (1, C, *box), without a copy."""
+        return self.data[(slice(None),) + _slices(box)]
+
     def read(self, box: Box) -> torch.Tensor:  # a copy, as a file's tile: the same kernels, the same bits
-        return self.data[(slice(None),) + _slices(box)].contiguous(memory_format=self.memory_format)
+        return self.view(box).contiguous(memory_format=self.memory_format)
 
     def _put(self, box: Box, values: torch.Tensor) -> None:
-        self.data[(slice(None),) + _slices(box)] = values
+        self.view(box)[...] = values
 
     def close(self) -> None:
         self.data = None
@@ -390,13 +394,22 @@ class Workspace:
     def __init__(self) -> None:
         self.flat: torch.Tensor | None = None
 
-    def padded_input(self, channels: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised (1, C, *shape) channels_last_3d tensor on the buffer."""
-        numel = channels * math.prod(shape)
+    def padded_input(self, channels: int, sizes: Sequence[int], zeros, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (1, C, *padded) channels_last_3d tensor on the buffer whose ``zeros`` (before, after) border planes on
+        each spatial axis are zero, and its uninitialised interior (1, C, *sizes), for the caller to fill."""
+        padded = [n + lo + hi for n, (lo, hi) in zip(sizes, zeros)]
+        numel = channels * math.prod(padded)
         if self.flat is None or self.flat.numel() < numel or self.flat.dtype != dtype or self.flat.device != device:
             self.flat = None
             self.flat = torch.empty(numel, dtype=dtype, device=device)
-        return self.flat[:numel].view(1, *shape, channels).permute(0, 4, 1, 2, 3)
+        x = self.flat[:numel].view(1, *padded, channels).permute(0, 4, 1, 2, 3)
+        for axis, (lo, hi) in enumerate(zeros):
+            if lo:
+                x.narrow(axis + 2, 0, lo).zero_()
+            if hi:
+                x.narrow(axis + 2, padded[axis] - hi, hi).zero_()
+        return x, x[(slice(None), slice(None)) + tuple(slice(lo, lo + n) for n, (lo, _) in zip(sizes, zeros))]
 
 
 def _input_range(step: ConvStep, box: Box, src_shape: Sequence[int]):
@@ -429,20 +442,16 @@ def _normalised_input(step: ConvStep, region: torch.Tensor, zeros, stats, worksp
     """``silu(norm(region))`` with its zero padding, written slab by slab (one plane of the first axis: it stays
     in cache) into the workspace: the convolution's whole input, in one pass through memory. ``region`` (1, C,
     *sizes) is a view of a store in memory or a tile read from a file: the same slabs, the same bits."""
-    mean, var = stats[step.src]
-    sizes = list(region.shape[2:])
-    padded = [n + lo + hi for n, (lo, hi) in zip(sizes, zeros)]
-    x = None
-    for i in range(sizes[0]):  # a dense slab: the channels-last kernel `read` gives file stores (the same bits)
+    mean, var = (s.float() for s in stats[step.src])  # once, not at every slab
+    x = inner = None
+    for i in range(region.shape[2]):  # a dense slab: the channels-last kernel `read` gives file stores (same bits)
         plane = region[:, :, i : i + 1].contiguous(memory_format=torch.channels_last_3d)
         slab = _normalise(step.norm, plane, mean, var)
         if x is None:  # the normalised dtype (MAISI's norm may change it): the workspace's dtype
-            x = _zero_bordered(workspace.padded_input(region.shape[1], padded, slab.dtype, slab.device), zeros)
-        (lo0, _), (lo1, _), (lo2, _) = zeros
-        inner = x[:, :, lo0 + i : lo0 + i + 1, lo1 : lo1 + sizes[1], lo2 : lo2 + sizes[2]]
+            x, inner = workspace.padded_input(region.shape[1], region.shape[2:], zeros, slab.dtype, slab.device)
         if step.silu:  # on the dense slab: into a strided view, SiLU runs PyTorch's scalar loop (other bits)
             slab = F.silu(slab, inplace=True)
-        inner.copy_(slab)
+        inner[:, :, i : i + 1] = slab
     return x
 
 
@@ -452,7 +461,7 @@ def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats, workspace: 
     src_box, edge, crop, zeros = _input_range(step, box, src.shape)
     if (workspace is not None and step.norm is not None and step.upsample is None and src.channels_last
             and all(b > a for a, b in src_box)):
-        region = src.data[(slice(None),) + _slices(src_box)] if isinstance(src, RamStore) else src.read(src_box)
+        region = src.view(src_box) if isinstance(src, RamStore) else src.read(src_box)
         y = _conv(step.conv, _normalised_input(step, region, zeros, stats, workspace))  # no copy of a RAM tile
     else:
         y = _conv_from_tile(step, src.read(src_box), edge, crop, zeros, stats,
@@ -460,7 +469,7 @@ def _tile(step: ConvStep, stores: dict[str, Store], box: Box, stats, workspace: 
     if step.residual is not None:
         residual = stores[step.residual]
         if step.shortcut is None and isinstance(residual, RamStore) and residual.dtype == y.dtype:
-            y.add_(residual.data[(slice(None),) + _slices(box)])  # r + y, without copying the tile of r
+            y.add_(residual.view(box))  # r + y, without copying the tile of r
         else:
             r = residual.read(box)
             if step.shortcut is not None:
@@ -486,24 +495,15 @@ def _conv_from_tile(step: ConvStep, x: torch.Tensor, edge, crop, zeros, stats,
         else:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         x = x[(slice(None), *_slices(tuple(crop)))]
-    if workspace is not None and x.ndim == 5:  # channels-last: into the zero-bordered buffer, as `_normalised_input`
-        padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[2:], zeros)]  # (every tile's convolution, from RAM or
-        buffer = _zero_bordered(workspace.padded_input(x.shape[1], padded, x.dtype, x.device), zeros)  # a file,
-        buffer[(slice(None), slice(None)) + tuple(slice(lo, lo + n) for n, (lo, _) in zip(x.shape[2:], zeros))] = x
-        return _conv(step.conv, buffer)  # pads nothing itself: the same kernel, the same bits; F.pad was slower)
+    if workspace is not None and x.ndim == 5:
+        # channels-last: into the zero-bordered buffer, as `_normalised_input`, so that every tile's convolution
+        # (from RAM or a file) pads nothing itself: the same kernel, the same bits (and F.pad was slower)
+        buffer, inner = workspace.padded_input(x.shape[1], x.shape[2:], zeros, x.dtype, x.device)
+        inner.copy_(x)
+        return _conv(step.conv, buffer)
     if all(lo == hi for lo, hi in zeros):  # interior tiles, or both borders: the convolution pads (no copy)
         return _conv(step.conv, x, [lo for lo, _ in zeros])
     return _conv(step.conv, F.pad(x, [p for z in reversed(zeros) for p in z]))
-
-
-def _zero_bordered(x: torch.Tensor, zeros) -> torch.Tensor:
-    """``x`` with its ``zeros`` (before, after) border planes on each spatial axis set to zero (in place)."""
-    for axis, (lo, hi) in enumerate(zeros):
-        if lo:
-            x.narrow(axis + 2, 0, lo).zero_()
-        if hi:
-            x.narrow(axis + 2, x.shape[axis + 2] - hi, hi).zero_()
-    return x
 
 
 def tiles(shape: Sequence[int], tile: int) -> Iterator[Box]:
