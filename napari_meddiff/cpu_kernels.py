@@ -68,6 +68,15 @@ def pytorch_kernels(*modules: torch.nn.Module | None) -> Iterator[None]:
             conv.forward = forward
 
 
+def drop_kernel_choices(module: torch.nn.Module) -> None:
+    """Remove every per-instance ``forward`` override of ``module`` (the choices made here, in place).
+
+    Each override is a reference cycle (module -> bound method -> module): without them a module that is no
+    longer referenced is freed at once, with no full garbage collection (0.19 s with torch and MONAI imported)."""
+    for sub in module.modules():
+        sub.__dict__.pop("forward", None)
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """PyTorch's intra-op work in the calling thread only, within the block."""

@@ -114,3 +114,24 @@ def test_release_unet_after_the_last_batch_gives_the_same_volumes(tiny_models):
         np.testing.assert_array_equal(a.array, b.array)
     with pytest.raises(MeddiffError, match="released"):
         generate(model, [3], steps=3)
+
+
+def test_released_unet_is_freed_without_a_garbage_collection(tiny_models, monkeypatch):
+    """The kernel choices' `forward` overrides are reference cycles; releasing the UNet drops them, so its memory
+    goes back at once rather than at a full collection (0.19 s of every `meddiff generate`)."""
+    import gc
+    import weakref
+
+    model = load_model(tiny_models["ldm3d"])
+    overridden = [m for m in model.unet.modules() if "forward" in m.__dict__]
+    assert overridden, "the loaded UNet has no kernel choices: this test checks nothing"
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(a) or 0)
+    unet = weakref.ref(model.unet)
+    gc.disable()
+    try:
+        model.release_unet()
+        assert unet() is None and model.unet is None
+    finally:
+        gc.enable()
+    assert collections == []

@@ -128,11 +128,18 @@ class DiffusionModel(ModelConfigView):
         """Free the diffusion UNet (the model can decode, but no longer sample): for a process that has denoised
         its last sample, so that decoding does not hold the UNet's weights too (the Zoo brain LDM's: 1.1 GB)."""
         import gc
+        import weakref
 
+        from ..cpu_kernels import drop_kernel_choices
         from ..memory import release_free_heap
 
+        if self.unet is None:
+            return
+        drop_kernel_choices(self.unet)  # the reference cycles that would keep it until a garbage collection
+        unet = weakref.ref(self.unet)
         self.unet = None
-        gc.collect()  # its convolutions' bound `forward` overrides (`cpu_kernels`) are reference cycles
+        if unet() is not None:  # another cycle still holds it
+            gc.collect()
         release_free_heap()
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
