@@ -6,7 +6,7 @@ decoding to 160x224x160), random weights, batch 1. Options, each on the same wei
 
 * ``default``: what `load_model` gave before: NCDHW, fp32 convolutions routed to oneDNN (`prefer_onednn`);
 * ``ours``: `prefer_channels_last` as well (channels_last_3d weights and activations, thread-invariant
-  GroupNorm, linear layers in one thread): what `load_model` does on a CPU with native bf16; and for the UNet in bf16, `bf16_weights_once`
+  GroupNorm, thread-invariant linear layers): what `load_model` does on a CPU with native bf16; and for the UNet in bf16, `bf16_weights_once`
   (bf16 weight copies made once; on AMX, convolutions of more than 256 input channels in 256-channel chunks),
   as the denoising loop runs it.
 
@@ -18,7 +18,7 @@ same bits with 1 and N threads (the napari widget leaves a core to the GUI). Usa
     python benchmarks/bench_layout.py [--threads 2] [--full-decode-precisions bf16] [--skip-full-decode]
     python benchmarks/bench_layout.py --networks "decode 160x224x160" "decode 160x224x160 tiled"   # some rows
     python benchmarks/bench_layout.py --convs-only   # bf16 convolutions: one against 256-channel chunks
-    python benchmarks/bench_layout.py --linears      # the UNet step's linear layers: one thread against N
+    python benchmarks/bench_layout.py --linears      # the UNet step's linear layers: ours, one thread, PyTorch's N
 
 Writes ``results/layout.json`` (``--convs-only``: ``results/layout_convs.json``; ``--linears``:
 ``results/layout_linears.json``; ``--networks``: ``results/layout_<rows>.json``, e.g. ``layout_unet_full_full_tiled.json``). The full-size decode is timed
@@ -92,30 +92,34 @@ ZOO_UNET_LINEARS = [  # (input shape, in, out, calls per UNet step) of the Zoo b
 
 
 def linear_rows(threads: int, repeat: int = 4) -> list[dict]:
-    """bf16 seconds per UNet step spent in its (token) linear layers: `thread_invariant_linear` (one thread)
-    against PyTorch's own ``threads`` threads (whose sums, and so bits, depend on the thread count);
-    alternated ``repeat`` times, medians."""
+    """bf16 seconds per UNet step spent in its (token) linear layers: `thread_invariant_linear` (the same bits for
+    any thread count: one thread each, large products as two fixed halves on two threads) against all of them
+    in one thread and against PyTorch's own ``threads`` threads (whose sums, and so bits, depend on the thread
+    count); alternated ``repeat`` times, medians."""
     import copy
     import statistics
     import time
 
-    from napari_meddiff.cpu_kernels import thread_invariant_linear
+    from napari_meddiff.cpu_kernels import one_thread, thread_invariant_linear
 
     plain = [(torch.nn.Linear(i, o).bfloat16(), torch.randn(*shape).bfloat16(), n) for shape, i, o, n in ZOO_UNET_LINEARS]
     invariant = [(thread_invariant_linear(copy.deepcopy(lin)), x, n) for lin, x, n in plain]
 
-    def step(layers):
-        for lin, x, n in layers:
-            for _ in range(n):
-                lin(x)
+    def step(layers, context=contextlib.nullcontext):
+        with context():
+            for lin, x, n in layers:
+                for _ in range(n):
+                    lin(x)
 
-    times = {"one thread (ours)": [], f"PyTorch, {threads} threads": []}
+    runs = {"thread-invariant (ours)": (invariant, contextlib.nullcontext), "one thread": (plain, one_thread),
+            f"PyTorch, {threads} threads": (plain, contextlib.nullcontext)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(repeat):
-            for name, layers in zip(times, (invariant, plain)):
-                step(layers)
+            for name, (layers, context) in runs.items():
+                step(layers, context)
                 t = time.perf_counter()
-                step(layers)
+                step(layers, context)
                 times[name].append(time.perf_counter() - t)
     return [{"linear layers of one UNet step (bf16)": name, "median_s": statistics.median(v), "min_s": min(v)}
             for name, v in times.items()]

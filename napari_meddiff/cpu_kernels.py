@@ -22,7 +22,9 @@ where fp32 is used) weights stay in the default layout.
 from __future__ import annotations
 
 import contextlib
+import os
 import types
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -105,22 +107,74 @@ def _channels_last_input(forward):
     return conv_forward
 
 
-def _one_thread_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+LINEAR_SPLIT_MIN_MACS = 1 << 25  # smaller products stay whole: handing half to a second thread costs more
+_linear_worker: ThreadPoolExecutor | None = None
+
+
+def _second_thread() -> ThreadPoolExecutor:
+    global _linear_worker
+    if _linear_worker is None:  # one thread whose own intra-op work is one thread (its OpenMP setting is its own)
+        _linear_worker = ThreadPoolExecutor(1, "meddiff-linear", initializer=torch.set_num_threads, initargs=(1,))
+    return _linear_worker
+
+
+def _forget_second_thread() -> None:  # a forked child has no such thread
+    global _linear_worker
+    _linear_worker = None
+
+
+os.register_at_fork(after_in_child=_forget_second_thread)
+
+
+def _linear_halves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """``F.linear`` as two fixed halves of its output features, each a one-thread product: the halves depend on
+    the shapes only, so the bits do not depend on ``threads``; with two or more the second half runs on a second
+    thread (as fast as PyTorch's own two threads). Autocast, thread-local, is applied here as it would cast."""
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    half = (weight.shape[0] + 1) // 2
+    parts = [(weight[:half], None if bias is None else bias[:half]),
+             (weight[half:], None if bias is None else bias[half:])]
+    with torch.autocast("cpu", enabled=False):
+        if threads < 2:
+            outs = [F.linear(x, w, b) for w, b in parts]
+        else:
+            inference = torch.is_inference_mode_enabled()
+
+            def second() -> torch.Tensor:
+                with torch.inference_mode(inference), torch.no_grad():
+                    return F.linear(x, *parts[1])
+
+            pending = _second_thread().submit(second)
+            outs = [F.linear(x, *parts[0]), pending.result()]
+    return torch.cat(outs, dim=-1)
+
+
+def _thread_invariant_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.linear(x, self.weight, self.bias)
+    threads = torch.get_num_threads()
     with one_thread():  # a product over few rows splits its sums across threads: one thread, the same bits
-        return F.linear(x, self.weight, self.bias)
+        if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or (
+                x.numel() * self.out_features < LINEAR_SPLIT_MIN_MACS or self.out_features < 128):
+            return F.linear(x, self.weight, self.bias)
+        return _linear_halves(x, self.weight, self.bias, threads)
 
 
 def thread_invariant_linear(module: torch.nn.Module) -> torch.nn.Module:
-    """Every `nn.Linear` of ``module`` computes in one thread on CPU (in place).
+    """Every `nn.Linear` of ``module`` computes the same bits whatever the CPU thread count (in place).
 
     Matrix products with few rows and long sums are split along the sum across threads (oneDNN/MKL), so their
     results depend on the thread count: the Zoo brain LDM's transformer feed-forward (175 tokens x 3072 -> 768)
-    gave different bits with 1 and 2 threads, in bf16 and in fp32. Its linear layers are a few % of a step."""
+    gave different bits with 1 and 2 threads, in bf16 and in fp32. Here every product runs in one thread, and a
+    large one (no gradient recorded) as two fixed halves of its output features on two threads when the caller
+    has them (``benchmarks/bench_layout.py --linears`` times the Zoo UNet's linear layers this way against
+    PyTorch's own threads)."""
     for sub in module.modules():
         if type(sub) is torch.nn.Linear:
-            sub.forward = types.MethodType(_one_thread_linear, sub)
+            sub.forward = types.MethodType(_thread_invariant_linear_forward, sub)
     return module
 
 

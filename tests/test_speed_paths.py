@@ -210,24 +210,80 @@ def test_held_bf16_weights_are_released_for_their_chunks_and_rebuilt(monkeypatch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_layers_give_the_same_bits_for_any_thread_count(dtype):
-    """The Zoo brain LDM's feed-forward shape (175 tokens, 3072 -> 768), whose sums oneDNN/MKL split by thread."""
+@pytest.mark.parametrize("shape", [(175, 3072, 768), (1400, 512, 4096), (64, 64, 4)])
+def test_linear_layers_give_the_same_bits_for_any_thread_count(dtype, shape):
+    """The Zoo brain LDM's feed-forward shapes, whose sums oneDNN/MKL split by thread (the first two large enough
+    to run as two halves on two threads), and a small one that stays whole; under bf16 autocast too."""
     from napari_meddiff.cpu_kernels import thread_invariant_linear
 
+    tokens, features, out_features = shape
     g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(3072, 768).to(dtype)
-    x = torch.randn(1, 175, 3072, generator=g).to(dtype)
+    lin = torch.nn.Linear(features, out_features).to(dtype)
+    x = torch.randn(1, tokens, features, generator=g).to(dtype)
     threads = torch.get_num_threads()
     with torch.inference_mode():
+        plain = lin(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            autocast_plain = lin(x)
+        thread_invariant_linear(lin)
+        outs, autocast_outs = [], []
         try:
-            torch.set_num_threads(1)
-            reference = lin(x)
-            thread_invariant_linear(lin)
-            outs = []
-            for n in (1, 2):
+            for n in (1, 2, 1):
                 torch.set_num_threads(n)
                 outs.append(lin(x))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+                    autocast_outs.append(lin(x))
         finally:
             torch.set_num_threads(threads)
-    assert torch.equal(outs[0], reference) and torch.equal(outs[1], reference)
+    for out, ref in ((outs, plain), (autocast_outs, autocast_plain)):
+        assert all(torch.equal(o, out[0]) for o in out[1:])
+        assert out[0].dtype == ref.dtype and out[0].shape == ref.shape
+        torch.testing.assert_close(out[0], ref, **({} if ref.dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
     assert torch.get_num_threads() == threads
+
+
+def test_thread_invariant_linear_keeps_gradients():
+    """Training records the autograd graph through the whole one-thread product (no second thread)."""
+    from napari_meddiff.cpu_kernels import thread_invariant_linear
+
+    lin = torch.nn.Linear(512, 4096)
+    x = torch.randn(1400, 512, requires_grad=True)
+    expected = torch.autograd.grad(lin(x).square().sum(), x)[0]
+    thread_invariant_linear(lin)
+    got = torch.autograd.grad(lin(x).square().sum(), x)[0]
+    torch.testing.assert_close(got, expected)
+
+
+def test_thread_invariant_linear_runs_fixed_halves_each_in_one_thread(monkeypatch):
+    """What makes the bits thread-invariant on CPUs whose oneDNN splits sums by thread (the AMX Xeon's did; this
+    check does not depend on the CPU): the same two halves for 1 and 2 caller threads, each computed with one
+    intra-op thread, the second on its own thread only when the caller has two."""
+    import threading
+
+    from napari_meddiff import cpu_kernels
+
+    calls = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        calls.append((threading.current_thread().name.split("_")[0], torch.get_num_threads(), tuple(weight.shape)))
+        return real_linear(x, weight, bias)
+
+    lin = cpu_kernels.thread_invariant_linear(torch.nn.Linear(512, 4096))
+    x = torch.randn(1400, 512)
+    monkeypatch.setattr(cpu_kernels.F, "linear", spy)
+    threads = torch.get_num_threads()
+    seen = {}
+    try:
+        with torch.inference_mode():
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                calls.clear()
+                lin(x)
+                seen[n] = sorted(calls)
+                assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    main = threading.main_thread().name
+    assert seen[1] == [(main, 1, (2048, 512)), (main, 1, (2048, 512))]
+    assert seen[2] == sorted([(main, 1, (2048, 512)), ("meddiff-linear", 1, (2048, 512))])
