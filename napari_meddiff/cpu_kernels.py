@@ -130,10 +130,10 @@ def _linear_halves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``F.linear`` as two fixed halves of its output features, each a one-thread product: the halves depend on
     the shapes only, so the bits do not depend on ``threads``; with two or more the second half runs on a second
     thread (as fast as PyTorch's own two threads). Autocast, thread-local, is applied here as it would cast."""
-    if torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu"):  # autocast casts floating tensors other than float64
         dtype = torch.get_autocast_dtype("cpu")
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias = (t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype)
+                           for t in (x, weight, bias))
     half = (weight.shape[0] + 1) // 2
     parts = [(weight[:half], None if bias is None else bias[:half]),
              (weight[half:], None if bias is None else bias[half:])]

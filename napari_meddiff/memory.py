@@ -34,6 +34,26 @@ def release_free_heap() -> bool:
     return libc is not None and bool(libc.malloc_trim(0))
 
 
+MADV_DONTNEED = 4  # Linux: the pages of a private anonymous mapping are dropped (zero if touched again)
+
+
+def release_pages(address: int, length: int) -> int:
+    """Give the whole pages inside ``[address, address + length)`` of private anonymous memory back to the
+    system at once (``madvise(MADV_DONTNEED)``; Linux only); their contents are lost. Returns the bytes
+    released (0 where it cannot: other systems, or no whole page inside)."""
+    import mmap
+    import sys
+
+    libc = _glibc()
+    if libc is None or not sys.platform.startswith("linux"):
+        return 0
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (address + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop <= start:
+        return 0
+    return stop - start if libc.madvise(start, stop - start, MADV_DONTNEED) == 0 else 0
+
+
 @functools.cache
 def _glibc():
     """glibc with ``malloc_trim``, or None."""
@@ -43,6 +63,7 @@ def _glibc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):
         return None
     return libc

@@ -18,9 +18,11 @@ tile-sized tensors (page faults on every tile) and passes through memory had cos
 decode as much as half its convolutions' time (`benchmarks/bench_layout.py` times it against the whole pass).
 
 Memory: a residual block stores its input and its first convolution's output, and writes its output over its
-input, tile by tile, where the two have the same channels (three activations where it changes the channels; MONAI's
-whole pass holds 5-7 such tensors in fp32, plus temporaries), in the dtype the
-convolutions produce (bf16 under bf16 autocast), plus one tile's workspace. Stores that would take the memory
+input, tile by tile, where the two have the same channels; where it changes the channels, its 1x1 shortcut is
+computed beside the first convolution, so that the block's input goes before the second (MONAI's whole pass
+holds 5-7 such tensors in fp32, plus temporaries), in the dtype the convolutions produce (bf16 under bf16
+autocast), plus one tile's workspace. Tiles go in C order, so a channels-last store in memory gives back the
+planes of its first axis that no later tile of its last reader needs, while that step's output grows. Stores that would take the memory
 over ``ram_bytes`` are written to files instead (memory-mapped one tile at a time): peak memory is then about
 ``ram_bytes`` plus a tile's workspace, whatever the volume. Whole-volume self-attention cannot be tiled exactly:
 networks with attention blocks are refused.
@@ -54,7 +56,9 @@ WHOLE_PASS_ACTIVATIONS = 5  # a whole pass peaks at about this many of its large
 
 @dataclasses.dataclass
 class ConvStep:
-    """``out = shortcut(residual) + conv(zero_pad(upsample(silu(norm(src)))))``, each part optional."""
+    """``out = shortcut(residual) + conv(zero_pad(upsample(silu(norm(src)))))``, each part optional; with
+    ``side``, also ``side_out = side(src)`` on the same boxes (a residual block's 1x1 shortcut, computed while the
+    block's input is still held, so that the input can go before the block's second convolution)."""
 
     conv: nn.Module  # an nn.Conv2d / nn.Conv3d (its own padding is replaced by ``pad``)
     src: str
@@ -65,6 +69,8 @@ class ConvStep:
     upsample: str | None = None  # "nearest" or "linear" (align_corners=False), scale 2
     residual: str | None = None
     shortcut: nn.Module | None = None  # 1x1 convolution of the residual (None: identity)
+    side: nn.Module | None = None  # 1x1 convolution of ``src`` (stride 1, no upsampling: the same boxes)
+    side_out: str | None = None
 
     def out_shape(self, src_shape: Sequence[int]) -> tuple[int, ...]:
         pre = [2 * n if self.upsample else n for n in src_shape]
@@ -126,9 +132,16 @@ def network_steps(blocks: Sequence[nn.Module], src: str, prefix: str) -> tuple[l
             conv1, conv2 = _inner_conv(block.conv1), _inner_conv(block.conv2)
             shortcut = None if isinstance(block.nin_shortcut, nn.Identity) else _inner_conv(block.nin_shortcut)
             h, out = next(names), next(names)
-            steps.append(ConvStep(conv1, src, h, _same_pad(conv1), norm=block.norm1, silu=True))
-            steps.append(ConvStep(conv2, h, out, _same_pad(conv2), norm=block.norm2, silu=True,
-                                  residual=src, shortcut=shortcut))
+            if shortcut is None:
+                steps.append(ConvStep(conv1, src, h, _same_pad(conv1), norm=block.norm1, silu=True))
+                steps.append(ConvStep(conv2, h, out, _same_pad(conv2), norm=block.norm2, silu=True, residual=src))
+            else:  # the shortcut beside conv1: the block's input is not needed after it (`run_steps` frees it)
+                if any(s != 1 for s in conv1.stride):
+                    raise MeddiffError("exact tiling expects a residual block's first convolution to keep the size")
+                skip = next(names)
+                steps.append(ConvStep(conv1, src, h, _same_pad(conv1), norm=block.norm1, silu=True,
+                                      side=shortcut, side_out=skip))
+                steps.append(ConvStep(conv2, h, out, _same_pad(conv2), norm=block.norm2, silu=True, residual=skip))
         elif hasattr(block, "pad") and hasattr(block, "conv"):  # AEKLDownsample / MaisiDownsample: pad (0, 1)
             conv = _inner_conv(block.conv)
             out = next(names)
@@ -282,6 +295,9 @@ class Store:
     def tensor(self) -> torch.Tensor:
         return self.read(tuple((0, n) for n in self.shape))
 
+    def release_below(self, index: int) -> None:
+        """The values before ``index`` on the first spatial axis will not be read again (memory may go now)."""
+
     def close(self) -> None:
         pass
 
@@ -290,10 +306,26 @@ class RamStore(Store):
     def __init__(self, channels, shape, dtype, device, channels_last: bool = False) -> None:
         super().__init__(channels, shape, dtype, device, channels_last)
         self.data = torch.empty((1, channels, *self.shape), dtype=dtype, device=device, memory_format=self.memory_format)
+        self.released_below = 0  # first-axis planes before this were given back (`release_below`)
 
     def view(self, box: Box) -> torch.Tensor:
         """The store's values on ``box``, (1, C, *box), without a copy."""
+        if box[0][0] < self.released_below:
+            raise RuntimeError(f"tiling: planes before {self.released_below} were released, {box} was asked for")
         return self.data[(slice(None),) + _slices(box)]
+
+    def release_below(self, index: int) -> None:
+        """Give back the pages of the planes before ``index`` where they are whole pages of their own: 3D
+        channels-last stores on the CPU, whose first spatial axis is outermost in memory."""
+        index = min(int(index), self.shape[0])
+        if not self.channels_last or self.device.type != "cpu" or index <= self.released_below:
+            return
+        from .memory import release_pages
+
+        plane = self.data.stride(2) * self.data.element_size()
+        start = self.data.data_ptr() + self.released_below * plane
+        release_pages(start, (index - self.released_below) * plane)
+        self.released_below = index
 
     def read(self, box: Box) -> torch.Tensor:  # a copy, as a file's tile: the same kernels, the same bits
         return self.view(box).contiguous(memory_format=self.memory_format)
@@ -568,6 +600,23 @@ def _residual_store(step: ConvStep, i: int, pool: "_Stores", last_use, outputs, 
     return store
 
 
+def _release_read(step: ConvStep, pool: "_Stores", names: Sequence[str], next_box: Box, keep) -> None:
+    """In the stores ``names`` that ``step`` reads for the last time, release the planes (first spatial axis)
+    that no tile from ``next_box`` on reads: tiles go in C order, so a store's consumed planes can go while the
+    step's output grows (the Zoo brain LDM's full-size decoding peaked at its 128-channel upsampled input plus two
+    64-channel activations held whole)."""
+    for name in names:
+        store = pool.stores.get(name)
+        if store is None or any(store is k for k in keep):
+            continue
+        needed = []
+        if name == step.src:
+            needed += [_input_range(step, next_box, store.shape)[0][0][0], next_box[0][0] if step.side else math.inf]
+        if name == step.residual:
+            needed.append(next_box[0][0])
+        store.release_below(min(needed))
+
+
 def run_steps(
     steps: Sequence[ConvStep], x: torch.Tensor, src: str, outputs: Sequence[str], *, tile: int, ram_bytes: float
 ) -> list[torch.Tensor]:
@@ -590,13 +639,22 @@ def run_steps(
             stats = {step.src: source.group_stats(step.norm)} if step.norm is not None else {}
             shape = step.out_shape(source.shape)
             out: Store | None = None
-            for box in tiles(shape, tile):
+            side: Store | None = None
+            done = [n for n in {step.src, step.residual} - {None} if last_use.get(n) == i and n not in outputs]
+            boxes = list(tiles(shape, tile))
+            for k, box in enumerate(boxes):
                 y = _tile(step, pool.stores, box, stats, workspace)
                 if out is None:
                     out = _residual_store(step, i, pool, last_use, outputs, y, shape)
                     if out is None:
                         out = pool.new(step.out, y.shape[1], shape, y.dtype)
                 out.write(box, y)
+                if step.side is not None:
+                    s = _conv(step.side, source.read(box))
+                    side = side or pool.new(step.side_out, s.shape[1], shape, s.dtype)
+                    side.write(box, s)
+                if k + 1 < len(boxes) and boxes[k + 1][0] != box[0]:  # the next row of tiles starts
+                    _release_read(step, pool, done, boxes[k + 1], keep=(out, side))
             for name in {step.src, step.residual} - {None}:
                 if last_use.get(name) == i and name not in outputs:
                     if pool.stores[name] is out:  # written over: only the name goes
@@ -666,6 +724,8 @@ def tiled_store_bytes(steps: Sequence[ConvStep], spatial: Sequence[int], itemsiz
             live[step.out] = live.pop(step.residual)  # written over the residual's store
         else:
             live[step.out] = size
+        if step.side is not None:
+            live[step.side_out] = step.side.out_channels * math.prod(shapes[step.out]) * itemsize
         peak = max(peak, sum(live.values()))
         for name in {step.src, step.residual} - {None}:
             if last_use[name] == i:

@@ -212,7 +212,8 @@ def test_residual_blocks_write_over_their_input_and_the_estimate_is_the_peak(mon
     steps = tiling.decoder_steps(ae)[0]
     assert max(peaks) == tiling.tiled_store_bytes(steps, z.shape[2:])
     reuses = [s for i, s in enumerate(steps) if s.residual and s.shortcut is None]
-    assert reuses and len(peaks) == len(steps) + 1 - len(reuses)  # no new store for those blocks' outputs
+    sides = [s for s in steps if s.side is not None]  # a channel-changing block's shortcut: a store of its own
+    assert reuses and sides and len(peaks) == len(steps) + 1 - len(reuses) + len(sides)  # no new store for outputs
 
 
 def test_attention_is_refused_with_a_clear_message(monkeypatch):
@@ -282,8 +283,19 @@ _PEAK_CHILD = textwrap.dedent("""
     z = torch.randn(1, 3, 40, 40, 40)
     def status(key):
         return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+    if sys.argv[1].startswith("ram"):  # channels-last stores in memory, as on a bf16 CPU
+        from napari_meddiff import tiling
+        from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+        ae = AutoencoderKL(spatial_dims=3, channels=(16, 32), latent_channels=3, num_res_blocks=1, norm_num_groups=8,
+                           attention_levels=(False, False), with_encoder_nonlocal_attn=False,
+                           with_decoder_nonlocal_attn=False).eval()
+        prefer_channels_last(prefer_onednn(ae))
+        if sys.argv[1] == "ram-kept":
+            tiling.RamStore.release_below = lambda self, index: None
     def decode(z):
-        return ae.decode_stage_2_outputs(z) if sys.argv[1] == "whole" else tiled_decode(ae, z, tile=24, ram_bytes=0)
+        if sys.argv[1] == "whole":
+            return ae.decode_stage_2_outputs(z)
+        return tiled_decode(ae, z, tile=24, ram_bytes=None if sys.argv[1].startswith("ram") else 0)
     with torch.inference_mode():
         decode(z[..., :8, :8, :8])  # libraries and kernels loaded before the peak is measured
         open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
@@ -306,3 +318,40 @@ def test_tiled_decode_memory_is_bounded_by_the_tiles(tmp_path, monkeypatch):
     activation = 32 * 80**3 * 4  # one full-resolution activation, 65 MB
     assert whole > 3 * activation
     assert tiled < activation + 2 * grew["tiled"]["output"], grew
+
+
+def test_tiled_decode_gives_back_the_planes_it_has_read(monkeypatch):
+    """Channels-last stores in memory release the planes no later tile reads (a channel-changing block's shortcut
+    is computed beside its first convolution, so its input goes then): the same bits as with every store kept
+    whole, and the peak RSS of a subprocess lower by most of the 32-channel upsampled activation (65 MB)."""
+    from napari_meddiff import memory, tiling
+    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+
+    ae = prefer_channels_last(prefer_onednn(_autoencoder(3, seed=17)))
+    z = torch.randn((1, 3, 8, 16, 16), generator=torch.Generator().manual_seed(18))
+    released, real = [], memory.release_pages
+    monkeypatch.setattr(memory, "release_pages", lambda address, length: released.append(real(address, length)))
+    with torch.inference_mode():
+        whole = ae.decode_stage_2_outputs(z)
+        tiled = tiled_decode(ae, z, tile=8)
+        monkeypatch.setattr(tiling.RamStore, "release_below", lambda self, index: None)
+        kept = tiled_decode(ae, z, tile=8)
+    assert sum(released) > 0 and torch.equal(tiled, kept)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-4)
+    peaks = {}
+    for mode in ("ram", "ram-kept"):
+        proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, mode], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        peaks[mode] = json.loads(proc.stdout)["grew"]
+    assert peaks["ram"] < peaks["ram-kept"] - 0.4 * 32 * 80**3 * 4, peaks
+
+
+def test_released_planes_cannot_be_read():
+    from napari_meddiff.tiling import RamStore
+
+    store = RamStore(4, (64, 32, 32), torch.float32, torch.device("cpu"), channels_last=True)
+    store.release_below(10)
+    assert store.released_below == 10
+    store.view(((10, 20), (0, 32), (0, 32)))
+    with pytest.raises(RuntimeError, match="released"):
+        store.view(((9, 20), (0, 32), (0, 32)))
