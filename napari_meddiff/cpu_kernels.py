@@ -144,10 +144,14 @@ def _linear_halves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             inference = torch.is_inference_mode_enabled()
 
             def second() -> torch.Tensor:
+                torch.set_num_threads(1)  # this thread's own setting, whatever another thread set meanwhile
                 with torch.inference_mode(inference), torch.no_grad():
                     return F.linear(x, *parts[1])
 
-            pending = _second_thread().submit(second)
+            try:
+                pending = _second_thread().submit(second)
+            except RuntimeError:  # the interpreter is shutting down: no new threads
+                return torch.cat([F.linear(x, w, b) for w, b in parts], dim=-1)
             outs = [F.linear(x, *parts[0]), pending.result()]
     return torch.cat(outs, dim=-1)
 
@@ -157,10 +161,17 @@ def _thread_invariant_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> 
         return F.linear(x, self.weight, self.bias)
     threads = torch.get_num_threads()
     with one_thread():  # a product over few rows splits its sums across threads: one thread, the same bits
-        if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or (
-                x.numel() * self.out_features < LINEAR_SPLIT_MIN_MACS or self.out_features < 128):
+        if not _plain_inference(x, self) or x.numel() * self.out_features < LINEAR_SPLIT_MIN_MACS \
+                or self.out_features < 128:
             return F.linear(x, self.weight, self.bias)
         return _linear_halves(x, self.weight, self.bias, threads)
+
+
+def _plain_inference(x: torch.Tensor, layer: torch.nn.Linear) -> bool:
+    """True under inference mode (nothing records gradients) with plain tensors, not traced: a second thread,
+    whose autograd, tracing and transform states are its own, may compute part of the call."""
+    return torch.is_inference_mode_enabled() and not torch.jit.is_tracing() and not any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, layer.weight, layer.bias))
 
 
 def thread_invariant_linear(module: torch.nn.Module) -> torch.nn.Module:
@@ -169,7 +180,7 @@ def thread_invariant_linear(module: torch.nn.Module) -> torch.nn.Module:
     Matrix products with few rows and long sums are split along the sum across threads (oneDNN/MKL), so their
     results depend on the thread count: the Zoo brain LDM's transformer feed-forward (175 tokens x 3072 -> 768)
     gave different bits with 1 and 2 threads, in bf16 and in fp32. Here every product runs in one thread, and a
-    large one (no gradient recorded) as two fixed halves of its output features on two threads when the caller
+    large one under inference mode (nothing recorded, traced or transformed) as two fixed halves of its output features on two threads when the caller
     has them (``benchmarks/bench_layout.py --linears`` times the Zoo UNet's linear layers this way against
     PyTorch's own threads)."""
     for sub in module.modules():

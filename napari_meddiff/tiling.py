@@ -259,9 +259,13 @@ class Store:
     def nbytes(self) -> int:
         return self.channels * math.prod(self.shape) * self.dtype.itemsize
 
-    def write(self, box: Box, tile: torch.Tensor) -> None:
+    def write(self, box: Box, tile: torch.Tensor, stats: bool = True) -> None:
         """Store ``tile`` (1, C, *box) at ``box`` and merge its channel statistics (Chan et al.'s pairwise update:
-        float32 mean and centred sum of squares per tile, float64 across tiles)."""
+        float32 mean and centred sum of squares per tile, float64 across tiles); ``stats=False``: only store it
+        (an activation no norm reads)."""
+        if not stats:
+            self._put(box, tile)
+            return
         tile_mean, tile_m2, n = _channel_stats(tile, self.channels_last and tile.ndim == 5)
         total = self.count + n
         delta = tile_mean - self.mean
@@ -370,8 +374,10 @@ class FileStore(Store):
         mapped = self._map("r")
         values = torch.from_numpy(np.array(mapped[self._index(box)])).view(self.dtype)
         del mapped
-        if self.channels_last:  # (*box, C) in memory: a channels_last_3d view
-            values = values.permute(3, 0, 1, 2)
+        if self.channels_last:  # (*box, C) in memory: a channels_last_3d view with the strides a RAM tile has
+            d, h, w, c = values.shape  # (unsqueeze's batch stride would be C: trilinear upsampling then takes
+            values = values.as_strided((1, c, d, h, w), (d * h * w * c, 1, h * w * c, w * c, c))  # another kernel)
+            return values.to(self.device)
         return values.unsqueeze(0).to(self.device)
 
     def _put(self, box: Box, values: torch.Tensor) -> None:
@@ -652,7 +658,7 @@ def run_steps(
                 if step.side is not None:
                     s = _conv(step.side, source.read(box))
                     side = side or pool.new(step.side_out, s.shape[1], shape, s.dtype)
-                    side.write(box, s)
+                    side.write(box, s, stats=False)  # a residual only: no norm reads it
                 if k + 1 < len(boxes) and boxes[k + 1][0] != box[0]:  # the next row of tiles starts
                     _release_read(step, pool, done, boxes[k + 1], keep=(out, side))
             for name in {step.src, step.residual} - {None}:

@@ -242,15 +242,24 @@ def test_linear_layers_give_the_same_bits_for_any_thread_count(dtype, shape):
     assert torch.get_num_threads() == threads
 
 
-def test_thread_invariant_linear_keeps_gradients():
-    """Training records the autograd graph through the whole one-thread product (no second thread)."""
+@pytest.mark.parametrize("trainable", ["input", "bias"])
+def test_thread_invariant_linear_keeps_gradients(trainable):
+    """Outside inference mode the product stays whole (no second thread), so the autograd graph covers all of
+    it: with 2 threads too, also when only the bias is trained."""
     from napari_meddiff.cpu_kernels import thread_invariant_linear
 
     lin = torch.nn.Linear(512, 4096)
-    x = torch.randn(1400, 512, requires_grad=True)
-    expected = torch.autograd.grad(lin(x).square().sum(), x)[0]
+    lin.weight.requires_grad_(False)
+    x = torch.randn(1400, 512, requires_grad=trainable == "input")
+    wrt = x if trainable == "input" else lin.bias
+    expected = torch.autograd.grad(lin(x).square().sum(), wrt)[0]
     thread_invariant_linear(lin)
-    got = torch.autograd.grad(lin(x).square().sum(), x)[0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = torch.autograd.grad(lin(x).square().sum(), wrt)[0]
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(got, expected)
 
 

@@ -131,6 +131,30 @@ def test_channels_last_ram_and_file_stores_give_the_same_bits(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_channels_last_maisi_ram_and_file_stores_give_the_same_bits(tmp_path, monkeypatch):
+    """MAISI's trilinear upsampling picks its kernel by strides: a tile read from a file has a RAM tile's."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+
+    monkeypatch.setenv("MEDDIFF_TILE_DIR", str(tmp_path))
+    torch.manual_seed(3)
+    ae = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 16, 16],
+                            num_res_blocks=[2, 2, 2], norm_num_groups=4, attention_levels=[False] * 3,
+                            num_splits=1, dim_split=1).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for norm in (m for m in ae.modules() if isinstance(m, torch.nn.GroupNorm)):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=generator) + 0.5)
+            norm.bias.copy_(torch.rand(norm.bias.shape, generator=generator) * 0.6 - 0.3)
+    prefer_channels_last(prefer_onednn(ae))
+    z = torch.randn((1, 4, 5, 4, 3), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for tile in (3, 7):
+            assert torch.equal(tiled_decode(ae, z, tile=tile), tiled_decode(ae, z, tile=tile, ram_bytes=0)), tile
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channel_stats_are_exact_and_thread_invariant(dtype, channels_last):
