@@ -633,8 +633,9 @@ def run_steps(
             if name is not None:
                 last_use[name] = i
     spatial_convs = [s.conv.weight for s in steps if math.prod(s.conv.kernel_size) > 1]
-    channels_last = x.ndim == 5 and bool(spatial_convs) and all(  # the convolutions' layout (`cpu_kernels`)
-        not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last_3d) for w in spatial_convs)
+    channels_last = (x.ndim == 5 and any(not w.is_contiguous() for w in spatial_convs)  # the layout (`cpu_kernels`;
+                     and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in spatial_convs))  # a
+    # 1-channel input's weights are both layouts at once: they neither decide nor veto)
     pool = _Stores(ram_bytes, x.device, channels_last)
     workspace = Workspace()
     try:

@@ -379,3 +379,30 @@ def test_released_planes_cannot_be_read():
     store.view(((10, 20), (0, 32), (0, 32)))
     with pytest.raises(RuntimeError, match="released"):
         store.view(((9, 20), (0, 32), (0, 32)))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_channels_last_tiled_encode_of_one_channel_images_equals_whole(precision, monkeypatch):
+    """A 1-channel image's first convolution weights are contiguous in both layouts: the pass still runs on
+    channels-last stores (they release what they have read) and equals the whole encoder."""
+    from napari_meddiff import tiling
+    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.sampling import autocast_context
+
+    ae = prefer_channels_last(prefer_onednn(_autoencoder(3, seed=21)))
+    x = torch.rand((1, 1, 40, 24, 28), generator=torch.Generator().manual_seed(22))
+    layouts = []
+    real_new = tiling._Stores.new
+
+    def new(self, *args):
+        layouts.append(self.channels_last)
+        return real_new(self, *args)
+
+    monkeypatch.setattr(tiling._Stores, "new", new)
+    with torch.inference_mode(), autocast_context(x.device, precision):
+        tiled_mu, tiled_sigma = tiled_encode(ae, x, tile=8)
+        whole_mu, whole_sigma = ae.encode(x)
+    assert layouts and all(layouts)
+    atol = 1e-4 if precision == "fp32" else 0.05
+    torch.testing.assert_close(tiled_mu.float(), whole_mu.float(), rtol=0, atol=atol)
+    torch.testing.assert_close(tiled_sigma.float(), whole_sigma.float(), rtol=0, atol=atol)
