@@ -55,14 +55,14 @@ def bundle_path_child(folder: str, threads: int, device: str) -> dict:
     dev = torch.device(device)
     t0 = time.perf_counter()
     cfg = json.loads((Path(folder) / "configs" / "inference.json").read_text())
-    kwargs = (lambda d: {k: v for k, v in d.items() if not k.startswith("_")})
-    autoencoder = AutoencoderKL(**kwargs(cfg["autoencoder_def"]))
+    network_kwargs = (lambda d: {k: v for k, v in d.items() if not k.startswith("_")})  # not ours: no meddiff import
+    autoencoder = AutoencoderKL(**network_kwargs(cfg["autoencoder_def"]))
     autoencoder.load_old_state_dict(torch.load(Path(folder) / "models" / "autoencoder.pt", weights_only=True))
-    diffusion = DiffusionModelUNet(**kwargs(cfg["diffusion_def"]))
+    diffusion = DiffusionModelUNet(**network_kwargs(cfg["diffusion_def"]))
     diffusion.load_old_state_dict(torch.load(Path(folder) / "models" / "model.pt", weights_only=True))
     autoencoder.to(dev).eval()
     diffusion.to(dev).eval()
-    scheduler = DDIMScheduler(**kwargs(cfg["scheduler"]))
+    scheduler = DDIMScheduler(**network_kwargs(cfg["scheduler"]))
     scheduler.set_timesteps(num_inference_steps=50)
     load_s = time.perf_counter() - t0
     conditioning = torch.tensor([[list(CONDITIONS.values())]]).to(dev)  # (1, 1, 4), as "conditioning" builds it
@@ -94,14 +94,13 @@ def arithmetic_floor_child(threads: int, steps: int, precision: str) -> dict:
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
     from napari_meddiff.sampling import PRECISION_DTYPES
-    from napari_meddiff.zoo.bundle_fixtures import brain_ldm_inference
+    from napari_meddiff.zoo.bundle_fixtures import brain_ldm_inference, network_kwargs
 
     torch.set_num_threads(threads)
     cfg = brain_ldm_inference(full_size=True)
-    kwargs = (lambda d: {k: v for k, v in d.items() if not k.startswith("_")})
     with torch.device("meta"), torch.inference_mode():  # shapes only: FLOPs are counted without computing
-        unet = DiffusionModelUNet(**kwargs(cfg["diffusion_def"])).eval()
-        ae = AutoencoderKL(**kwargs(cfg["autoencoder_def"])).eval()
+        unet = DiffusionModelUNet(**network_kwargs(cfg["diffusion_def"])).eval()
+        ae = AutoencoderKL(**network_kwargs(cfg["autoencoder_def"])).eval()
         unet_in, context = torch.zeros(1, 7, 20, 28, 20), torch.zeros(1, 1, 4)
         unet_flops = count_flops(lambda: unet(unet_in, timesteps=torch.tensor([500]), context=context))
         decode_flops = count_flops(lambda: ae.decode_stage_2_outputs(torch.zeros(1, 3, 20, 28, 20)))

@@ -129,13 +129,12 @@ def networks(layout: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
     from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn, thread_invariant_linear
-    from napari_meddiff.zoo.bundle_fixtures import brain_ldm_inference
+    from napari_meddiff.zoo.bundle_fixtures import brain_ldm_inference, network_kwargs
 
     cfg = brain_ldm_inference(full_size=True)
-    kwargs = (lambda d: {k: v for k, v in d.items() if not k.startswith("_")})
     torch.manual_seed(0)
-    unet = DiffusionModelUNet(**kwargs(cfg["diffusion_def"])).eval().requires_grad_(False)
-    ae = AutoencoderKL(**kwargs(cfg["autoencoder_def"])).eval().requires_grad_(False)
+    unet = DiffusionModelUNet(**network_kwargs(cfg["diffusion_def"])).eval().requires_grad_(False)
+    ae = AutoencoderKL(**network_kwargs(cfg["autoencoder_def"])).eval().requires_grad_(False)
     for net in (unet, ae):
         for param in net.parameters():  # MONAI zero-initialises output convolutions (the UNet's output would be 0)
             if not param.any() and param.ndim > 1:

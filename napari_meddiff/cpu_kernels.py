@@ -58,11 +58,8 @@ def prefer_onednn(module: torch.nn.Module) -> torch.nn.Module:
 def pytorch_kernels(*modules: torch.nn.Module | None) -> Iterator[None]:
     """Within the block, the convolutions of ``modules`` (None skipped) use PyTorch's own kernel choice again
     (for baselines)."""
-    saved = {
-        conv: conv.__dict__.pop("forward")
-        for module in modules if module is not None
-        for conv in module.modules() if "forward" in conv.__dict__
-    }
+    saved = {sub: forward for module in modules if module is not None
+             for sub, forward in drop_kernel_choices(module).items()}
     try:
         yield
     finally:
@@ -70,13 +67,14 @@ def pytorch_kernels(*modules: torch.nn.Module | None) -> Iterator[None]:
             conv.forward = forward
 
 
-def drop_kernel_choices(module: torch.nn.Module) -> None:
-    """Remove every per-instance ``forward`` override of ``module`` (the choices made here, in place).
+def drop_kernel_choices(module: torch.nn.Module) -> dict[torch.nn.Module, object]:
+    """Remove every per-instance ``forward`` override of ``module`` (the choices made here, in place); returns
+    them, by submodule, for whoever puts them back.
 
     Each override is a reference cycle (module -> bound method -> module): without them a module that is no
-    longer referenced is freed at once, with no full garbage collection (0.19 s with torch and MONAI imported)."""
-    for sub in module.modules():
-        sub.__dict__.pop("forward", None)
+    longer referenced is freed at once, with no full garbage collection (which walks every object torch and
+    MONAI created)."""
+    return {sub: sub.__dict__.pop("forward") for sub in module.modules() if "forward" in sub.__dict__}
 
 
 @contextlib.contextmanager
@@ -113,8 +111,8 @@ _linear_worker: ThreadPoolExecutor | None = None
 
 def _second_thread() -> ThreadPoolExecutor:
     global _linear_worker
-    if _linear_worker is None:  # one thread whose own intra-op work is one thread (its OpenMP setting is its own)
-        _linear_worker = ThreadPoolExecutor(1, "meddiff-linear", initializer=torch.set_num_threads, initargs=(1,))
+    if _linear_worker is None:
+        _linear_worker = ThreadPoolExecutor(1, "meddiff-linear")
     return _linear_worker
 
 
@@ -137,23 +135,22 @@ def _linear_halves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     half = (weight.shape[0] + 1) // 2
     parts = [(weight[:half], None if bias is None else bias[:half]),
              (weight[half:], None if bias is None else bias[half:])]
+    inference = torch.is_inference_mode_enabled()
+
+    def second() -> torch.Tensor:
+        torch.set_num_threads(1)  # the worker's own setting (OpenMP's is per thread), whatever was set meanwhile
+        with torch.inference_mode(inference), torch.no_grad():
+            return F.linear(x, *parts[1])
+
+    pending = None
+    if threads >= 2:
+        try:
+            pending = _second_thread().submit(second)
+        except RuntimeError:  # the interpreter is shutting down: no new threads, both halves here
+            pass
     with torch.autocast("cpu", enabled=False):
-        if threads < 2:
-            outs = [F.linear(x, w, b) for w, b in parts]
-        else:
-            inference = torch.is_inference_mode_enabled()
-
-            def second() -> torch.Tensor:
-                torch.set_num_threads(1)  # this thread's own setting, whatever another thread set meanwhile
-                with torch.inference_mode(inference), torch.no_grad():
-                    return F.linear(x, *parts[1])
-
-            try:
-                pending = _second_thread().submit(second)
-            except RuntimeError:  # the interpreter is shutting down: no new threads
-                return torch.cat([F.linear(x, w, b) for w, b in parts], dim=-1)
-            outs = [F.linear(x, *parts[0]), pending.result()]
-    return torch.cat(outs, dim=-1)
+        first = F.linear(x, *parts[0])
+        return torch.cat([first, pending.result() if pending is not None else F.linear(x, *parts[1])], dim=-1)
 
 
 def _thread_invariant_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

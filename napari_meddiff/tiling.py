@@ -616,22 +616,23 @@ def _release_read(step: ConvStep, pool: "_Stores", names: Sequence[str], next_bo
         if store is None or any(store is k for k in keep):
             continue
         needed = []
-        if name == step.src:
-            needed += [_input_range(step, next_box, store.shape)[0][0][0], next_box[0][0] if step.side else math.inf]
+        if name == step.src:  # (a side output reads ``next_box`` of it: inside the input range, stride 1)
+            needed.append(_input_range(step, next_box, store.shape)[0][0][0])
         if name == step.residual:
             needed.append(next_box[0][0])
         store.release_below(min(needed))
+
+
+def _last_uses(steps: Sequence[ConvStep]) -> dict[str, int]:
+    """Store name -> index of the last step that reads it (as its source or residual)."""
+    return {name: i for i, step in enumerate(steps) for name in (step.src, step.residual) if name is not None}
 
 
 def run_steps(
     steps: Sequence[ConvStep], x: torch.Tensor, src: str, outputs: Sequence[str], *, tile: int, ram_bytes: float
 ) -> list[torch.Tensor]:
     """Run ``steps`` on one sample ``x`` (1, C, *spatial) held in store ``src``; the ``outputs`` stores as tensors."""
-    last_use: dict[str, int] = {}
-    for i, step in enumerate(steps):
-        for name in (step.src, step.residual):
-            if name is not None:
-                last_use[name] = i
+    last_use = _last_uses(steps)
     spatial_convs = [s.conv.weight for s in steps if math.prod(s.conv.kernel_size) > 1]
     channels_last = (x.ndim == 5 and any(not w.is_contiguous() for w in spatial_convs)  # the layout (`cpu_kernels`;
                      and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in spatial_convs))  # a
@@ -662,12 +663,11 @@ def run_steps(
                     side.write(box, s, stats=False)  # a residual only: no norm reads it
                 if k + 1 < len(boxes) and boxes[k + 1][0] != box[0]:  # the next row of tiles starts
                     _release_read(step, pool, done, boxes[k + 1], keep=(out, side))
-            for name in {step.src, step.residual} - {None}:
-                if last_use.get(name) == i and name not in outputs:
-                    if pool.stores[name] is out:  # written over: only the name goes
-                        del pool.stores[name]
-                    else:
-                        pool.free(name)
+            for name in done:
+                if pool.stores[name] is out:  # written over: only the name goes
+                    del pool.stores[name]
+                else:
+                    pool.free(name)
         return [pool.stores[name].tensor() for name in outputs]
     finally:
         pool.close()
@@ -718,11 +718,7 @@ def tiled_store_bytes(steps: Sequence[ConvStep], spatial: Sequence[int], itemsiz
     """Peak bytes of the activations a tiled pass stores at once (one sample, ``itemsize`` bytes per value)."""
     shapes = {steps[0].src: tuple(spatial)}
     sizes = {steps[0].src: steps[0].conv.in_channels * math.prod(spatial) * itemsize}
-    last_use = {}
-    for i, step in enumerate(steps):
-        for name in (step.src, step.residual):
-            if name is not None:
-                last_use[name] = i
+    last_use = _last_uses(steps)
     live, peak = dict(sizes), 0
     for i, step in enumerate(steps):
         shapes[step.out] = step.out_shape(shapes[step.src])

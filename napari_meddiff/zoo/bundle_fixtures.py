@@ -227,7 +227,8 @@ def old_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return old
 
 
-def _network_kwargs(component: dict) -> dict:
+def network_kwargs(component: dict) -> dict:
+    """A bundle config's network component as keyword arguments (its ``_target_``-style keys dropped)."""
     return {k: v for k, v in component.items() if not k.startswith("_")}
 
 
@@ -282,7 +283,7 @@ def _write_bundle_files(folder: Path, template: str, *, full_size: bool, old_key
     (folder / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
     large = []
     for rel, (role, component) in nets.items():
-        net = build_network(role, _resolve_literals(_network_kwargs(component), inference))
+        net = build_network(role, _resolve_literals(network_kwargs(component), inference))
         with torch.no_grad():  # MONAI zero-initialises output convolutions: perturb all, so inputs matter
             for param in net.parameters():
                 param.add_(torch.randn_like(param) * 0.05)
