@@ -18,17 +18,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_models import load_split  # noqa: E402
-from napari_meddiff.cpu_kernels import prefer_onednn  # noqa: E402
-from napari_meddiff.training.common import load_checkpoint, psnr  # noqa: E402
+
+from napari_meddiff.models import build_network  # noqa: E402
+from napari_meddiff.runtime.cpu_kernels import prefer_onednn  # noqa: E402
+from napari_meddiff.training.checkpoints import load_checkpoint
 from napari_meddiff.training.config import load_config  # noqa: E402
-from napari_meddiff.zoo import build_network  # noqa: E402
+from napari_meddiff.training.reporting import psnr  # noqa: E402
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of a (1, 1, D, H, W) volume, sigma in voxels, edges replicated."""
     r = int(3 * sigma) + 1
     t = torch.arange(-r, r + 1).float()
-    k = torch.exp(-t**2 / (2 * sigma * sigma))
+    k = torch.exp(-(t**2) / (2 * sigma * sigma))
     k /= k.sum()
     for d in range(3):
         shape = [1, 1, 1, 1, 1]
@@ -67,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             gain, offset = torch.linalg.lstsq(a, x[fg][:, None]).solution.flatten().tolist()
             fit = rec.clone()
             fit[fg] = rec[fg] * gain + offset
-            print(f"seed {seed}: whole {psnr(rec, x):.2f} dB; centre crop alone {psnr(rec_crop, crop):.2f}, the same "
-                  f"region of the whole pass {psnr(rec[region], crop):.2f}; brain bias {float((rec - x)[fg].mean()):+.4f};"
-                  f" intensity fit ({gain:.3f}x{offset:+.3f}) {psnr(fit, x):.2f}; real blurred, sigma 0.5 / 0.75 / 1 "
-                  f"voxel: {psnr(blur(x, 0.5), x):.2f} / {psnr(blur(x, 0.75), x):.2f} / {psnr(blur(x, 1.0), x):.2f}",
-                  flush=True)
+            print(
+                f"seed {seed}: whole {psnr(rec, x):.2f} dB; centre crop alone {psnr(rec_crop, crop):.2f}, the same "
+                f"region of the whole pass {psnr(rec[region], crop):.2f}; brain bias {float((rec - x)[fg].mean()):+.4f};"
+                f" intensity fit ({gain:.3f}x{offset:+.3f}) {psnr(fit, x):.2f}; real blurred, sigma 0.5 / 0.75 / 1 "
+                f"voxel: {psnr(blur(x, 0.5), x):.2f} / {psnr(blur(x, 0.75), x):.2f} / {psnr(blur(x, 1.0), x):.2f}",
+                flush=True,
+            )
     return 0
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from napari_meddiff.devices import cpu_supports_bf16  # noqa: E402
-from napari_meddiff.training import common  # noqa: E402
+from napari_meddiff.models import build_network  # noqa: E402
+from napari_meddiff.runtime.devices import cpu_supports_bf16  # noqa: E402
 from napari_meddiff.training.autoencoder import generator_step_loss  # noqa: E402
 from napari_meddiff.training.config import load_config  # noqa: E402
-from napari_meddiff.zoo import build_network  # noqa: E402
+from napari_meddiff.training.device_setup import LAYOUTS, autocast, machine_description, to_layout
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,29 +34,33 @@ RESULTS = Path(__file__).parent / "results"
 def step_loss(network: str, net: torch.nn.Module, net_cfg: dict, batch: int, size: list[int], layout: str):
     """A function computing one training loss of ``net`` on fixed random input."""
     if network == "autoencoder":
-        x = common.to_layout(torch.rand(batch, 1, *size), layout)
+        x = to_layout(torch.rand(batch, 1, *size), layout)
         return lambda: generator_step_loss(net, x, kl_weight=1e-6)[0]
-    x = common.to_layout(torch.randn(batch, int(net_cfg["in_channels"]), *size), layout)
+    x = to_layout(torch.randn(batch, int(net_cfg["in_channels"]), *size), layout)
     t = torch.randint(0, 1000, (batch,))
-    extra = {"context": torch.rand(batch, 1, int(net_cfg["cross_attention_dim"]))} \
-        if net_cfg.get("with_conditioning") else {}
+    extra = (
+        {"context": torch.rand(batch, 1, int(net_cfg["cross_attention_dim"]))}
+        if net_cfg.get("with_conditioning")
+        else {}
+    )
     target = torch.randn(batch, int(net_cfg["out_channels"]), *size)
     return lambda: torch.nn.functional.mse_loss(net(x, timesteps=t, **extra).float(), target)
 
 
-def time_steps(network: str, net_cfg: dict, size: list[int], batch: int, precision: str, layout: str,
-               repeats: int) -> tuple[float, float]:
+def time_steps(
+    network: str, net_cfg: dict, size: list[int], batch: int, precision: str, layout: str, repeats: int
+) -> tuple[float, float]:
     """Median (wall, CPU) seconds of ``repeats`` training steps after one warm-up step (on a shared machine
     the CPU seconds of this process are the steadier figure)."""
     torch.manual_seed(0)
     device = torch.device("cpu")
-    net = common.to_layout(build_network(network, net_cfg), layout)
+    net = to_layout(build_network(network, net_cfg), layout)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     loss_of = step_loss(network, net, net_cfg, batch, size, layout)
     times, cpu = [], []
     for i in range(repeats + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        with common.autocast(device, precision):
+        with autocast(device, precision):
             loss = loss_of()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,14 +87,32 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in ([int(v) for v in s.split(",")] for s in args.sizes):
         for precision in precisions:
-            for layout in common.LAYOUTS:
+            for layout in LAYOUTS:
                 s, c = time_steps(args.network, net_cfg, size, args.batch, precision, layout, args.repeats)
-                rows.append({"size": size, "batch": args.batch, "precision": precision, "layout": layout,
-                             "seconds": round(s, 3), "cpu_seconds": round(c, 3)})
-                print(f"{'x'.join(map(str, size)):>12} b{args.batch} {precision:>5} {layout:>16}: {s:7.3f} s/step wall, "
-                      f"{c:7.3f} s CPU", flush=True)
-    out = {"config": str(args.config), "network": args.network, args.network: net_cfg, "threads": args.threads,
-           "machine": common.machine_description(torch.device("cpu")), "torch": torch.__version__, "rows": rows}
+                rows.append(
+                    {
+                        "size": size,
+                        "batch": args.batch,
+                        "precision": precision,
+                        "layout": layout,
+                        "seconds": round(s, 3),
+                        "cpu_seconds": round(c, 3),
+                    }
+                )
+                print(
+                    f"{'x'.join(map(str, size)):>12} b{args.batch} {precision:>5} {layout:>16}: {s:7.3f} s/step wall, "
+                    f"{c:7.3f} s CPU",
+                    flush=True,
+                )
+    out = {
+        "config": str(args.config),
+        "network": args.network,
+        args.network: net_cfg,
+        "threads": args.threads,
+        "machine": machine_description(torch.device("cpu")),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     RESULTS.mkdir(exist_ok=True)
     name = "ae_train_step.json" if args.network == "autoencoder" else "unet_train_step.json"
     (RESULTS / name).write_text(json.dumps(out, indent=1))

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_batch.py [--model brain-ldm-3d] [--quick]
 
-Everything goes through the real path (`napari_meddiff.batch.generate_subjects`, files written and hashed) at
+Everything goes through the real path (`napari_meddiff.tasks.batch.generate_subjects`, files written and hashed) at
 the model's default sampler, steps and precision, on CPU unless --device says otherwise:
 
 - batch sizes: one process, all cores (torch's default threads), ``--num`` volumes per batch size;
@@ -36,65 +36,113 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, others_cpu_use, table  # noqa: E402
 
-from napari_meddiff import batch  # noqa: E402
-from napari_meddiff.devices import resolve_device  # noqa: E402
-from napari_meddiff.generate import default_sampling, generate  # noqa: E402
-from napari_meddiff.sampling import resolve_precision  # noqa: E402
-from napari_meddiff.zoo import DEFAULT_MODEL, available_models, load_model  # noqa: E402
+from napari_meddiff.models import DEFAULT_MODEL, available_models, load_model  # noqa: E402
+from napari_meddiff.runtime.devices import resolve_device  # noqa: E402
+from napari_meddiff.runtime.precision import resolve_precision  # noqa: E402
+from napari_meddiff.tasks import batch  # noqa: E402
+from napari_meddiff.tasks.generate import default_sampling, generate  # noqa: E402
 
 
 def pick_model(name: str, scratch: Path) -> tuple[str, str | None]:
     """The model to measure (name or folder) and a note when it had to fall back to a tiny one."""
     if Path(name).is_dir() or name in available_models():
         return name, None
-    from napari_meddiff.testing import make_tiny_model
+    from napari_meddiff.testing.tiny_models import make_tiny_model
 
     path = make_tiny_model(scratch / "tiny-ldm-3d", "ldm", 3)
-    note = (f"{name} not found on the model search path: measured on a randomly initialised tiny LDM "
-            f"(16x16x16, {path.name}); these numbers measure the machinery, not the real model")
+    note = (
+        f"{name} not found on the model search path: measured on a randomly initialised tiny LDM "
+        f"(16x16x16, {path.name}); these numbers measure the machinery, not the real model"
+    )
     return str(path), note
 
 
-def bench_batch_sizes(model, sizes: list[int], num: int, device, settings: dict, scratch: Path,
-                      repeat: int) -> list[dict]:
+def bench_batch_sizes(
+    model, sizes: list[int], num: int, device, settings: dict, scratch: Path, repeat: int
+) -> list[dict]:
     """Best (and median) of ``repeat`` timed runs per batch size: the best is the least disturbed by other jobs."""
     rows = []
     for bs in sizes:
         seeds = list(range(1000, 1000 + num))
-        generate(model, seeds[:bs], sampler=settings["sampler"], steps=2, device=str(device), batch_size=bs,
-                 precision=settings["precision"])  # warm-up: allocator and oneDNN primitives for this shape
+        generate(
+            model,
+            seeds[:bs],
+            sampler=settings["sampler"],
+            steps=2,
+            device=str(device),
+            batch_size=bs,
+            precision=settings["precision"],
+        )  # warm-up: allocator and oneDNN primitives for this shape
         times = []
         for _ in range(repeat):
             out = scratch / f"bs{bs}"
             t0 = time.perf_counter()
             report = batch.generate_subjects(
-                model, batch.seed_blocks(seeds, bs), out, sampler=settings["sampler"], steps=settings["steps"],
-                precision=settings["precision"], device=device, log=lambda msg: None,
+                model,
+                batch.seed_blocks(seeds, bs),
+                out,
+                sampler=settings["sampler"],
+                steps=settings["steps"],
+                precision=settings["precision"],
+                device=device,
+                log=lambda msg: None,
             )
             times.append(time.perf_counter() - t0)
             assert len(report.written) == num
             shutil.rmtree(out)
         seconds, median = min(times), sorted(times)[len(times) // 2]
-        rows.append({"batch_size": bs, "volumes": num, "repeats": repeat, "seconds": seconds,
-                     "median_seconds": median, "seconds_per_volume": seconds / num,
-                     "volumes_per_min": 60 * num / seconds})
+        rows.append(
+            {
+                "batch_size": bs,
+                "volumes": num,
+                "repeats": repeat,
+                "seconds": seconds,
+                "median_seconds": median,
+                "seconds_per_volume": seconds / num,
+                "volumes_per_min": 60 * num / seconds,
+            }
+        )
     return rows
 
 
-def bench_processes(model_arg: str, counts: list[int], num: int, bs: int, threads: int, device: str,
-                    scratch: Path) -> list[dict]:
+def bench_processes(
+    model_arg: str, counts: list[int], num: int, bs: int, threads: int, device: str, scratch: Path
+) -> list[dict]:
     rows = []
     for nproc in counts:
         out = scratch / f"proc{nproc}"
         per = max(1, threads // nproc)
         env = {**os.environ, "OMP_NUM_THREADS": str(per)}
-        gen = ["generate", "--model", model_arg, "--num", str(num), "--seed", "2000", "--batch-size", str(bs),
-               "--device", device, "--out", str(out)]
+        gen = [
+            "generate",
+            "--model",
+            model_arg,
+            "--num",
+            str(num),
+            "--seed",
+            "2000",
+            "--batch-size",
+            str(bs),
+            "--device",
+            device,
+            "--out",
+            str(out),
+        ]
         if nproc == 1:
             cmd = [sys.executable, "-m", "napari_meddiff.cli", *gen]
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   "-m", "napari_meddiff.cli", "--", *gen]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(nproc),
+                "-m",
+                "napari_meddiff.cli",
+                "--",
+                *gen,
+            ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0
@@ -105,9 +153,18 @@ def bench_processes(model_arg: str, counts: list[int], num: int, bs: int, thread
             meta = json.loads(sidecar.read_text())
             busy[meta["rank"]] = busy.get(meta["rank"], 0.0) + float(meta["seconds"])
         steady = max(busy.values())
-        rows.append({"processes": nproc, "threads_per_process": per, "batch_size": bs, "volumes": num,
-                     "wall_seconds": wall, "volumes_per_min_end_to_end": 60 * num / wall,
-                     "volumes_per_min_steady": 60 * num / steady, "startup_seconds": wall - steady})
+        rows.append(
+            {
+                "processes": nproc,
+                "threads_per_process": per,
+                "batch_size": bs,
+                "volumes": num,
+                "wall_seconds": wall,
+                "volumes_per_min_end_to_end": 60 * num / wall,
+                "volumes_per_min_steady": 60 * num / steady,
+                "startup_seconds": wall - steady,
+            }
+        )
         shutil.rmtree(out)
     return rows
 
@@ -121,10 +178,15 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--process-batch-size", type=int, default=1, help="batch size of the process runs")
-    parser.add_argument("--baseline-steps", type=int, default=None,
-                        help="MONAI baseline steps run, of 1000 (default 50, --quick 10; 1000: no extrapolation)")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="timed runs per batch size, best kept (default 3, --quick 1)")
+    parser.add_argument(
+        "--baseline-steps",
+        type=int,
+        default=None,
+        help="MONAI baseline steps run, of 1000 (default 50, --quick 10; 1000: no extrapolation)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="timed runs per batch size, best kept (default 3, --quick 1)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads in all (CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS / "batch.json")
     args = parser.parse_args()
@@ -141,27 +203,60 @@ def main() -> None:
         model_arg, note = pick_model(args.model, scratch)
         model = load_model(model_arg, device=device)
         defaults = default_sampling(model)
-        settings = {"sampler": defaults["sampler"], "steps": int(defaults["steps"]),
-                    "precision": resolve_precision(defaults["precision"], device)}
-        print(f"# {model.name} ({model.kind}, {'x'.join(map(str, model.image_shape))}), {settings['sampler']} "
-              f"{settings['steps']} steps {settings['precision']}, on {info['cpu']}, {info['cores']} cores, "
-              f"{args.threads} threads, load average {load[0]:.1f}, torch {info['torch']}, device {device}")
+        settings = {
+            "sampler": defaults["sampler"],
+            "steps": int(defaults["steps"]),
+            "precision": resolve_precision(defaults["precision"], device),
+        }
+        print(
+            f"# {model.name} ({model.kind}, {'x'.join(map(str, model.image_shape))}), {settings['sampler']} "
+            f"{settings['steps']} steps {settings['precision']}, on {info['cpu']}, {info['cores']} cores, "
+            f"{args.threads} threads, load average {load[0]:.1f}, torch {info['torch']}, device {device}"
+        )
         if note:
             print(f"# NOTE: {note}")
         others = others_cpu_use()
         busy = others is not None and others > 0.25
         if busy:
-            print(f"# WARNING: other processes keep {others:.1f} of {info['cores']} cores busy: timings are noisy, "
-                  "multi-threaded ones most (OpenMP threads wait for busy cores)")
+            print(
+                f"# WARNING: other processes keep {others:.1f} of {info['cores']} cores busy: timings are noisy, "
+                "multi-threaded ones most (OpenMP threads wait for busy cores)"
+            )
 
         sizes = bench_batch_sizes(model, args.batch_sizes, num, device, settings, scratch, repeat)
-        print(table(sizes, ["batch_size", "volumes", "repeats", "seconds", "median_seconds", "seconds_per_volume",
-                            "volumes_per_min"]))
+        print(
+            table(
+                sizes,
+                [
+                    "batch_size",
+                    "volumes",
+                    "repeats",
+                    "seconds",
+                    "median_seconds",
+                    "seconds_per_volume",
+                    "volumes_per_min",
+                ],
+            )
+        )
 
-        procs = bench_processes(model_arg, args.processes, num, args.process_batch_size, args.threads,
-                                args.device, scratch)
-        print(table(procs, ["processes", "threads_per_process", "batch_size", "volumes", "wall_seconds",
-                            "volumes_per_min_end_to_end", "volumes_per_min_steady", "startup_seconds"]))
+        procs = bench_processes(
+            model_arg, args.processes, num, args.process_batch_size, args.threads, args.device, scratch
+        )
+        print(
+            table(
+                procs,
+                [
+                    "processes",
+                    "threads_per_process",
+                    "batch_size",
+                    "volumes",
+                    "wall_seconds",
+                    "volumes_per_min_end_to_end",
+                    "volumes_per_min_steady",
+                    "startup_seconds",
+                ],
+            )
+        )
 
         from bench_speed import monai_baseline
 
@@ -176,18 +271,34 @@ def main() -> None:
             "best_batch_size": best["batch_size"],
             "speedup_best_batch": base["seconds"] / best["seconds_per_volume"],
         }
-        how = (f"extrapolated from {base['steps_run']} of 1000 steps ({base['seconds_per_step'] * 1e3:.1f} ms/step) "
-               f"+ decode {base['decode_seconds']:.2f} s" if base["extrapolated"] else "all 1000 steps run")
-        print(f"MONAI baseline (LatentDiffusionInferer.sample, DDPMScheduler 1000 steps, fp32, batch 1): "
-              f"{base['seconds']:.1f} s/volume, {how}")
-        print(f"ours ({settings['sampler']} {settings['steps']} steps, files written): "
-              + (f"{ours_bs1:.2f} s/volume at batch 1 -> {ratio['speedup_batch1']:.1f}x faster; " if ours_bs1 else "")
-              + f"{best['seconds_per_volume']:.2f} s/volume at batch {best['batch_size']} -> "
-              f"{ratio['speedup_best_batch']:.1f}x faster than the baseline")
+        how = (
+            f"extrapolated from {base['steps_run']} of 1000 steps ({base['seconds_per_step'] * 1e3:.1f} ms/step) "
+            f"+ decode {base['decode_seconds']:.2f} s"
+            if base["extrapolated"]
+            else "all 1000 steps run"
+        )
+        print(
+            f"MONAI baseline (LatentDiffusionInferer.sample, DDPMScheduler 1000 steps, fp32, batch 1): "
+            f"{base['seconds']:.1f} s/volume, {how}"
+        )
+        print(
+            f"ours ({settings['sampler']} {settings['steps']} steps, files written): "
+            + (f"{ours_bs1:.2f} s/volume at batch 1 -> {ratio['speedup_batch1']:.1f}x faster; " if ours_bs1 else "")
+            + f"{best['seconds_per_volume']:.2f} s/volume at batch {best['batch_size']} -> "
+            f"{ratio['speedup_best_batch']:.1f}x faster than the baseline"
+        )
         result = {
-            "model": model.name, "model_note": note, "machine": {**info, "load_average": load, "others_cpu_use": others, "busy": busy},
-            "device": str(device), "threads": args.threads, "settings": settings, "quick": args.quick,
-            "batch_sizes": sizes, "processes": procs, "baseline": {**base, "how": how}, "ratio": ratio,
+            "model": model.name,
+            "model_note": note,
+            "machine": {**info, "load_average": load, "others_cpu_use": others, "busy": busy},
+            "device": str(device),
+            "threads": args.threads,
+            "settings": settings,
+            "quick": args.quick,
+            "batch_sizes": sizes,
+            "processes": procs,
+            "baseline": {**base, "how": how},
+            "ratio": ratio,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

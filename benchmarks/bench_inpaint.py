@@ -49,8 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save, table  # noqa: E402
 
 from napari_meddiff import Volume, load_model  # noqa: E402
-from napari_meddiff.inpaint import inpaint  # noqa: E402
-
+from napari_meddiff.tasks.inpaint import inpaint  # noqa: E402
 
 # --- classical fills -------------------------------------------------------------------------------
 
@@ -118,7 +117,7 @@ def metrics(fill: np.ndarray, truth: np.ndarray, mask: np.ndarray, peak: float) 
 
 
 def data_range(truth: np.ndarray) -> float:
-    from napari_meddiff.intensity import intensity_window
+    from napari_meddiff.io.intensity import intensity_window
 
     lo, hi = intensity_window(truth)
     return hi - lo
@@ -141,7 +140,7 @@ def parse_setting(text: str) -> dict:
 def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tuple[list[dict], list[dict]]:
     from scipy import ndimage
 
-    from napari_meddiff.cohort import HELDOUT_SEEDS, make_subject
+    from napari_meddiff.data.mni152 import HELDOUT_SEEDS, make_subject
 
     loaded = {key: load_model(ref) for key, ref in models.items()}
     per_subject: list[dict] = []
@@ -170,8 +169,13 @@ def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tup
                 fills, seconds = [], []
                 for c in range(args.candidates):
                     t0 = time.perf_counter()
-                    (vol,) = inpaint(model, subject.image, mask.astype(np.uint8), seed=c,
-                                     **{"steps": args.steps, "sampler": args.sampler, **kwargs})
+                    (vol,) = inpaint(
+                        model,
+                        subject.image,
+                        mask.astype(np.uint8),
+                        seed=c,
+                        **{"steps": args.steps, "sampler": args.sampler, **kwargs},
+                    )
                     seconds.append(time.perf_counter() - t0)
                     fills.append(vol.array)
                     record(f"{label} #{c}", vol.array, seconds[-1])
@@ -180,27 +184,31 @@ def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tup
                 if args.candidates > 1:
                     mean_fill = np.mean(fills, axis=0).astype(image.dtype)
                     record(f"{label} (mean of {args.candidates})", mean_fill, float(np.sum(seconds)))
-        per_subject.append({
-            "seed": s,
-            "mask_voxels": int(mask.sum()),
-            "lesion_ml": subject.lesion_volume_ml,
-            "lesion_factor": subject.image.metadata.get("lesion_intensity_factor"),
-            "methods": rows,
-        })
+        per_subject.append(
+            {
+                "seed": s,
+                "mask_voxels": int(mask.sum()),
+                "lesion_ml": subject.lesion_volume_ml,
+                "lesion_factor": subject.image.metadata.get("lesion_intensity_factor"),
+                "methods": rows,
+            }
+        )
         maes = ", ".join(f"{k} {v['mae']:.2f}" for k, v in rows.items())
         print(f"subject {s}: {int(mask.sum())} voxels, MAE: {maes}", flush=True)
     summary = []
-    for name in (per_subject[0]["methods"] if per_subject else []):
+    for name in per_subject[0]["methods"] if per_subject else []:
         vals = {k: [p["methods"][name][k] for p in per_subject] for k in ("mae", "psnr", "texture", "seconds")}
-        summary.append({
-            "method": name,
-            "mae": float(np.mean(vals["mae"])),
-            "mae_sd": float(np.std(vals["mae"])),
-            "psnr": float(np.mean(vals["psnr"])),
-            "psnr_sd": float(np.std(vals["psnr"])),
-            "texture": float(np.mean(vals["texture"])),
-            "seconds": float(np.mean(vals["seconds"])),
-        })
+        summary.append(
+            {
+                "method": name,
+                "mae": float(np.mean(vals["mae"])),
+                "mae_sd": float(np.std(vals["mae"])),
+                "psnr": float(np.mean(vals["psnr"])),
+                "psnr_sd": float(np.std(vals["psnr"])),
+                "texture": float(np.mean(vals["texture"])),
+                "seconds": float(np.mean(vals["seconds"])),
+            }
+        )
     return per_subject, summary
 
 
@@ -209,9 +217,9 @@ def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tup
 
 def large_case(size: int = 256, cube: int = 20):
     """A 2 mm subject resampled onto a ``size``^3 1 mm grid, and a ``cube``^3 mask in white matter."""
-    from napari_meddiff.cohort import HELDOUT_SEEDS, make_subject
-    from napari_meddiff.geometry import make_grid, world_centre
-    from napari_meddiff.volume import resample_like
+    from napari_meddiff.data.mni152 import HELDOUT_SEEDS, make_subject
+    from napari_meddiff.io.geometry import make_grid, world_centre
+    from napari_meddiff.io.volume import resample_like
 
     subject = make_subject(HELDOUT_SEEDS[0], resolution_mm=2.0, lesion=False)
     grid = make_grid((1.0, 1.0, 1.0), (size,) * 3, world_centre(subject.image))
@@ -266,12 +274,24 @@ def large_child(model_ref: str, steps: int | None, sampler: str | None, case: st
     seconds = time.perf_counter() - t0
     assert np.array_equal(out.array[mask == 0], image.array[mask == 0])
     prov = out.metadata["provenance"]
-    print(json.dumps({
-        "model": model.name, "seconds": seconds, "rss_before_mb": before, "rss_peak_during_mb": rss.peak,
-        "rss_added_mb": rss.peak - before, "image_mb": image.array.nbytes / 2**20,
-        "shape": list(image.shape), "mask_voxels": int(mask.sum()), "sampler": prov["sampler"], "steps": prov["steps"],
-        "network_evaluations_per_chain": prov["network_evaluations_per_chain"], "slices": prov["slices"],
-    }))
+    print(
+        json.dumps(
+            {
+                "model": model.name,
+                "seconds": seconds,
+                "rss_before_mb": before,
+                "rss_peak_during_mb": rss.peak,
+                "rss_added_mb": rss.peak - before,
+                "image_mb": image.array.nbytes / 2**20,
+                "shape": list(image.shape),
+                "mask_voxels": int(mask.sum()),
+                "sampler": prov["sampler"],
+                "steps": prov["steps"],
+                "network_evaluations_per_chain": prov["network_evaluations_per_chain"],
+                "slices": prov["slices"],
+            }
+        )
+    )
 
 
 def cost(models: dict[str, str], steps: int | None, sampler: str | None, size: int) -> list[dict]:
@@ -299,10 +319,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ddpm", default="brain-ddpm-2d", help="pixel model ('' to skip)")
     parser.add_argument("--ldm", default="brain-ldm-3d", help="latent model ('' to skip)")
-    parser.add_argument("--ddpm-settings", nargs="+", default=["default", "jump_n=1"],
-                        help="settings to compare for the pixel model (comma-separated key=value, or 'default')")
-    parser.add_argument("--ldm-settings", nargs="+", default=["default", "feather_voxels=2", "jump_length=5,jump_n=2"],
-                        help="settings to compare for the latent model")
+    parser.add_argument(
+        "--ddpm-settings",
+        nargs="+",
+        default=["default", "jump_n=1"],
+        help="settings to compare for the pixel model (comma-separated key=value, or 'default')",
+    )
+    parser.add_argument(
+        "--ldm-settings",
+        nargs="+",
+        default=["default", "feather_voxels=2", "jump_length=5,jump_n=2"],
+        help="settings to compare for the latent model",
+    )
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--first-subject", type=int, default=0, help="offset into the held-out seeds")
     parser.add_argument("--candidates", type=int, default=2, help="candidates per subject (seeds 0..K-1)")
@@ -321,7 +349,7 @@ def main() -> None:
 
     tmp = None
     if args.tiny:
-        from napari_meddiff.testing import make_tiny_model
+        from napari_meddiff.testing.tiny_models import make_tiny_model
 
         tmp = tempfile.TemporaryDirectory()
         root = Path(tmp.name)
@@ -340,8 +368,17 @@ def main() -> None:
     large = cost(models, args.steps, args.sampler, args.large_size) if args.large_size else []
     if large:
         print()
-        columns = ["model", "seconds", "image_mb", "rss_before_mb", "rss_peak_during_mb", "rss_added_mb", "steps",
-                   "network_evaluations_per_chain", "slices"]
+        columns = [
+            "model",
+            "seconds",
+            "image_mb",
+            "rss_before_mb",
+            "rss_peak_during_mb",
+            "rss_added_mb",
+            "steps",
+            "network_evaluations_per_chain",
+            "slices",
+        ]
         print(table(large, columns))
     payload = {
         "benchmark": "inpaint",

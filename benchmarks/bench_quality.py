@@ -26,9 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, precisions_for, save, table  # noqa: E402
 
-from napari_meddiff import generate, load_model  # noqa: E402
-from napari_meddiff.sampling import encode_images  # noqa: E402
-
+from napari_meddiff import (
+    generate,
+    load_model,  # noqa: E402
+)
+from napari_meddiff.autoencoder.passes import encode_images  # noqa: E402
 
 ALPHA = 0.05  # a setting is "measurably worse" when its permutation p-value against reference A is below this
 
@@ -61,7 +63,9 @@ def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
 
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     n, m = len(x), len(y)
-    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    )
 
 
 def mmd2_pvalue(x: np.ndarray, y: np.ndarray, bandwidth: float, permutations: int = 1000, seed: int = 0) -> float:
@@ -72,14 +76,15 @@ def mmd2_pvalue(x: np.ndarray, y: np.ndarray, bandwidth: float, permutations: in
     hits = 0
     for _ in range(permutations):
         order = rng.permutation(len(pooled))
-        hits += mmd2(pooled[order[: len(x)]], pooled[order[len(x):]], bandwidth) >= observed
+        hits += mmd2(pooled[order[: len(x)]], pooled[order[len(x) :]], bandwidth) >= observed
     return float((hits + 1) / (permutations + 1))
 
 
 def sample(model, seeds, sampler, steps, precision, batch):
     t0 = time.perf_counter()
-    vols = generate(model, seeds, sampler=sampler, steps=steps, precision=precision, batch_size=batch,
-                    device=str(model.device))
+    vols = generate(
+        model, seeds, sampler=sampler, steps=steps, precision=precision, batch_size=batch, device=str(model.device)
+    )
     seconds = (time.perf_counter() - t0) / len(seeds)
     return np.stack([np.squeeze(v.array) for v in vols]), seconds
 
@@ -107,23 +112,42 @@ def main() -> None:
     dists = np.sqrt(((pooled[:, None] - pooled[None]) ** 2).sum(-1))
     bandwidth = float(np.median(dists[dists > 0]))
     floor = mmd2(fa, fb, bandwidth)
-    rows = [{"sampler": "ddpm", "steps": args.reference_steps, "precision": "fp32", "seconds": ref_secs,
-             "mmd2_to_ref": floor, "p_value": mmd2_pvalue(fa, fb, bandwidth), "paired_mae": 0.0}]
+    rows = [
+        {
+            "sampler": "ddpm",
+            "steps": args.reference_steps,
+            "precision": "fp32",
+            "seconds": ref_secs,
+            "mmd2_to_ref": floor,
+            "p_value": mmd2_pvalue(fa, fb, bandwidth),
+            "paired_mae": 0.0,
+        }
+    ]
     for sampler in args.samplers:
         for steps in args.steps:
             for precision in args.precisions:
                 imgs, secs = sample(model, seeds_b, sampler, steps, precision, args.batch)
                 fx = features(model, imgs)
-                rows.append({"sampler": sampler, "steps": steps, "precision": precision, "seconds": secs,
-                             "mmd2_to_ref": mmd2(fa, fx, bandwidth), "p_value": mmd2_pvalue(fa, fx, bandwidth),
-                             "paired_mae": float(np.abs(imgs - ref_b).mean())})
+                rows.append(
+                    {
+                        "sampler": sampler,
+                        "steps": steps,
+                        "precision": precision,
+                        "seconds": secs,
+                        "mmd2_to_ref": mmd2(fa, fx, bandwidth),
+                        "p_value": mmd2_pvalue(fa, fx, bandwidth),
+                        "paired_mae": float(np.abs(imgs - ref_b).mean()),
+                    }
+                )
     print(table(rows, ["sampler", "steps", "precision", "seconds", "mmd2_to_ref", "p_value", "paired_mae"]))
     print(f"noise floor (reference A vs reference B): MMD^2 = {floor:.4g}")
     kept = [r for r in rows[1:] if r["p_value"] >= ALPHA and r["mmd2_to_ref"] <= floor]
     choice = min(kept, key=lambda r: r["seconds"]) if kept else None
     if choice:
-        print(f"fastest setting not measurably worse (p >= {ALPHA} and MMD^2 <= noise floor): "
-              f"{choice['sampler']} {choice['steps']} steps {choice['precision']}, {choice['seconds']:.3g} s/volume")
+        print(
+            f"fastest setting not measurably worse (p >= {ALPHA} and MMD^2 <= noise floor): "
+            f"{choice['sampler']} {choice['steps']} steps {choice['precision']}, {choice['seconds']:.3g} s/volume"
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,14 +158,25 @@ def main() -> None:
         for precision, fill in (("fp32", "full"), ("bf16", "none"), ("fp16", "left")):
             sel = [r for r in rows[1:] if r["sampler"] == sampler and r["precision"] == precision]
             if sel:
-                ax.plot([r["seconds"] for r in sel], [r["mmd2_to_ref"] for r in sel], marker=marker, fillstyle=fill,
-                        label=f"{sampler} {precision}")
+                ax.plot(
+                    [r["seconds"] for r in sel],
+                    [r["mmd2_to_ref"] for r in sel],
+                    marker=marker,
+                    fillstyle=fill,
+                    label=f"{sampler} {precision}",
+                )
                 for r in sel:
                     ax.annotate(str(r["steps"]), (r["seconds"], r["mmd2_to_ref"]), fontsize=7)
     ax.axhline(floor, color="grey", ls="--", label="noise floor (ref vs ref)")
     if choice:
-        ax.scatter([choice["seconds"]], [choice["mmd2_to_ref"]], s=160, facecolors="none", edgecolors="red",
-                   label="fastest not measurably worse")
+        ax.scatter(
+            [choice["seconds"]],
+            [choice["mmd2_to_ref"]],
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            label="fastest not measurably worse",
+        )
     ax.scatter([ref_secs], [floor], color="k", marker="*", s=80, label=f"DDPM {args.reference_steps}")
     ax.set_xscale("log")
     ax.set_xlabel("seconds per volume (log)")
@@ -154,9 +189,20 @@ def main() -> None:
     png = RESULTS / f"{name}.png"
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(png, dpi=120)
-    path = save(name, {"model": model.name, "device": str(model.device), "machine": machine(), "num": args.num,
-                                          "noise_floor_mmd2": floor, "bandwidth": bandwidth, "alpha": ALPHA,
-                                          "fastest_not_worse": choice, "rows": rows})
+    path = save(
+        name,
+        {
+            "model": model.name,
+            "device": str(model.device),
+            "machine": machine(),
+            "num": args.num,
+            "noise_floor_mmd2": floor,
+            "bandwidth": bandwidth,
+            "alpha": ALPHA,
+            "fastest_not_worse": choice,
+            "rows": rows,
+        },
+    )
     print(f"written {path} and {png}")
 
 

@@ -45,9 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, peak_rss_mb, save, table  # noqa: E402
 
-from napari_meddiff.cohort import HELDOUT_SEEDS, LABELS, make_subject, split_of  # noqa: E402
+from napari_meddiff.data.mni152 import HELDOUT_SEEDS, LABELS, make_subject, split_of  # noqa: E402
 from napari_meddiff.errors import MeddiffError  # noqa: E402
-from napari_meddiff.segment import (  # noqa: E402
+from napari_meddiff.models import find_model_dir, load_model, model_search_path, sha256_file  # noqa: E402
+from napari_meddiff.tasks.segment import (
     DEFAULT_COMBINE,
     auto_batch_size,
     class_names,
@@ -59,7 +60,6 @@ from napari_meddiff.segment import (  # noqa: E402
     run_members,
     to_input_grid,
 )
-from napari_meddiff.zoo import find_model_dir, load_model, model_search_path, sha256_file  # noqa: E402
 
 DEFAULT_MODEL = "brain-tissue-segdiff-2d"
 BASELINE_NAMES = ("brain-tissue-unet-2d", "brain-tissue-unet-baseline-2d", "brain-tissue-monai-unet-2d")
@@ -174,8 +174,9 @@ def evaluate(plan, members, n_classes, sub, names, combine: str = "votes") -> tu
     region = (ref > 0) | (labels > 0)
     wrong = labels != ref
     row["error_rate"] = float(wrong[region].mean())
-    row["uncertainty_auc"] = auc(u[region], wrong[region]) if members.shape[0] > 1 or combine == "probabilities" \
-        else float("nan")
+    row["uncertainty_auc"] = (
+        auc(u[region], wrong[region]) if members.shape[0] > 1 or combine == "probabilities" else float("nan")
+    )
     row["uncertainty_mean_wrong"] = float(u[region & wrong].mean()) if (region & wrong).any() else float("nan")
     row["uncertainty_mean_right"] = float(u[region & ~wrong].mean()) if (region & ~wrong).any() else float("nan")
     pred_ml = label_volumes_ml(labels, sub.image.affine, names)
@@ -194,11 +195,14 @@ def render_card(result: dict, json_path: str, ensemble: int = 5) -> str:
     """The "Measured" section of the model card from a result of this script (never typed by hand)."""
     rows = {r["method"]: r for r in result["summary"]}
     m = result["machine"]
-    lines = [f"Measured by `benchmarks/bench_segment.py` on {result['date']} ({m['cpu']}, {result['threads']} torch "
-             f"thread(s), torch {m['torch']}); {len(result['subjects'])} held-out cohort subjects (seeds "
-             f"{min(result['subjects'])}-{max(result['subjects'])}, never used in training), whole 2 mm volumes "
-             f"through `segment` ({result['sampler']}, {result['steps']} steps); Dice on each subject's own grid. "
-             f"Source: `{json_path}`.", ""]
+    lines = [
+        f"Measured by `benchmarks/bench_segment.py` on {result['date']} ({m['cpu']}, {result['threads']} torch "
+        f"thread(s), torch {m['torch']}); {len(result['subjects'])} held-out cohort subjects (seeds "
+        f"{min(result['subjects'])}-{max(result['subjects'])}, never used in training), whole 2 mm volumes "
+        f"through `segment` ({result['sampler']}, {result['steps']} steps); Dice on each subject's own grid. "
+        f"Source: `{json_path}`.",
+        "",
+    ]
     miss = []
     base = next((r for name, r in rows.items() if "MONAI UNet" in name), None)
     for combine in ("probabilities", "votes"):
@@ -206,23 +210,37 @@ def render_card(result: dict, json_path: str, ensemble: int = 5) -> str:
         if r is None:
             continue
         dice = ", ".join(f"{t} {r[f'dice_{k}']:.3f} ± {r[f'dice_{k}_sd']:.3f}" for t, k in TISSUE_KEYS)
-        zones = (f" (CSF within 2 voxels of the background {r['csf_dice_rim']:.3f}, deeper {r['csf_dice_deep']:.3f})"
-                 if "csf_dice_rim" in r else "")
-        lines.append(f"- Ensemble of {ensemble}, members combined by {combine}: Dice {dice}{zones}; uncertainty AUC "
-                     f"{r['uncertainty_auc']:.3f} (errors {100 * r['error_rate']:.1f} % of the head voxels); "
-                     f"{r['seconds_per_volume']:.1f} s per volume.")
+        zones = (
+            f" (CSF within 2 voxels of the background {r['csf_dice_rim']:.3f}, deeper {r['csf_dice_deep']:.3f})"
+            if "csf_dice_rim" in r
+            else ""
+        )
+        lines.append(
+            f"- Ensemble of {ensemble}, members combined by {combine}: Dice {dice}{zones}; uncertainty AUC "
+            f"{r['uncertainty_auc']:.3f} (errors {100 * r['error_rate']:.1f} % of the head voxels); "
+            f"{r['seconds_per_volume']:.1f} s per volume."
+        )
     for name, r in rows.items():
         if name.startswith("diffusion x1 "):
-            lines.append(f"- One member ({name.split()[-1]}): Dice " + ", ".join(
-                f"{t} {r[f'dice_{k}']:.3f}" for t, k in TISSUE_KEYS) + f"; {r['seconds_per_volume']:.1f} s per volume.")
+            lines.append(
+                f"- One member ({name.split()[-1]}): Dice "
+                + ", ".join(f"{t} {r[f'dice_{k}']:.3f}" for t, k in TISSUE_KEYS)
+                + f"; {r['seconds_per_volume']:.1f} s per volume."
+            )
     if base is not None:
         b = result.get("baseline_training", {})
-        lines.append(f"- Baseline, a plain MONAI UNet ({b.get('network', 'see the JSON')}, {b.get('loss', '')}, "
-                     f"{b.get('steps', '?')} steps in {b.get('cpu_minutes', '?')} CPU-min against the diffusion model's "
-                     f"{b.get('matched_cpu_minutes', '?')}): Dice " + ", ".join(
-                         f"{t} {base[f'dice_{k}']:.3f} ± {base[f'dice_{k}_sd']:.3f}" for t, k in TISSUE_KEYS)
-                     + (f" (CSF rim {base['csf_dice_rim']:.3f}, deeper {base['csf_dice_deep']:.3f})"
-                        if "csf_dice_rim" in base else "") + ".")
+        lines.append(
+            f"- Baseline, a plain MONAI UNet ({b.get('network', 'see the JSON')}, {b.get('loss', '')}, "
+            f"{b.get('steps', '?')} steps in {b.get('cpu_minutes', '?')} CPU-min against the diffusion model's "
+            f"{b.get('matched_cpu_minutes', '?')}): Dice "
+            + ", ".join(f"{t} {base[f'dice_{k}']:.3f} ± {base[f'dice_{k}_sd']:.3f}" for t, k in TISSUE_KEYS)
+            + (
+                f" (CSF rim {base['csf_dice_rim']:.3f}, deeper {base['csf_dice_deep']:.3f})"
+                if "csf_dice_rim" in base
+                else ""
+            )
+            + "."
+        )
     default = rows.get(f"diffusion x{ensemble} {result.get('default_combine', 'votes')}")
     if default is not None:
         for t, k in TISSUE_KEYS:
@@ -235,10 +253,13 @@ def render_card(result: dict, json_path: str, ensemble: int = 5) -> str:
             miss.append(f"uncertainty AUC {default['uncertainty_auc']:.3f} < {TARGETS['uncertainty_auc']}")
         if default["seconds_per_volume"] > TARGETS["seconds_per_volume"]:
             miss.append(f"{default['seconds_per_volume']:.0f} s per volume > {TARGETS['seconds_per_volume']:.0f} s")
-    lines += ["", f"Targets (issue 16: Dice ≥ 0.85, CSF ≥ 0.80, ≥ the baseline on every tissue, uncertainty AUC ≥ 0.85, "
-              f"≤ 60 s for a {ensemble}-member ensemble of a 2 mm volume on 2 cores), for the model's default "
-              f"combine ({result.get('default_combine', 'votes')}): " + ("NOT met: " + "; ".join(miss) + "." if miss
-                                                                          else "all met.")]
+    lines += [
+        "",
+        f"Targets (issue 16: Dice ≥ 0.85, CSF ≥ 0.80, ≥ the baseline on every tissue, uncertainty AUC ≥ 0.85, "
+        f"≤ 60 s for a {ensemble}-member ensemble of a 2 mm volume on 2 cores), for the model's default "
+        f"combine ({result.get('default_combine', 'votes')}): "
+        + ("NOT met: " + "; ".join(miss) + "." if miss else "all met."),
+    ]
     return "\n".join(lines)
 
 
@@ -248,9 +269,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="use a random tiny model (checks the script, not quality)")
     parser.add_argument("--baseline", default=None, help="MONAI UNet baseline folder/name ('none' to skip)")
     parser.add_argument("--subjects", type=int, default=5, help="held-out subjects (first N held-out seeds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="cohort seeds instead of the held-out ones: e.g. the training split's validation subjects "
-                             "(116 117 118 119 for the 2 mm model) to choose settings without using the held-out set")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="cohort seeds instead of the held-out ones: e.g. the training split's validation subjects "
+        "(116 117 118 119 for the 2 mm model) to choose settings without using the held-out set",
+    )
     parser.add_argument("--tag", default=None, help="suffix of the results file (keeps a selection run apart)")
     parser.add_argument("--ensembles", type=int, nargs="+", default=[1, 3, 5, 10])
     parser.add_argument("--sampler", default=None)
@@ -260,12 +286,16 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="fp32, or bf16 autocast (about 2x faster on a bf16 CPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the target is a 2-core CPU)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--mni", action="store_true",
-                        help="also segment the real MNI152 template (1 mm, noise-free) against labels derived from "
-                             "its own GM/WM/brain maps, with the model's intensity window and with low = minimum")
+    parser.add_argument(
+        "--mni",
+        action="store_true",
+        help="also segment the real MNI152 template (1 mm, noise-free) against labels derived from "
+        "its own GM/WM/brain maps, with the model's intensity window and with low = minimum",
+    )
     parser.add_argument("--mni-ensemble", type=int, default=5)
-    parser.add_argument("--card", action="store_true",
-                        help="write the model card's Measured section from this run (model folders only)")
+    parser.add_argument(
+        "--card", action="store_true", help="write the model card's Measured section from this run (model folders only)"
+    )
     args = parser.parse_args()
     seeds = list(args.seeds) if args.seeds else list(HELDOUT_SEEDS)[: args.subjects]
     if args.card and args.seeds and split_of_seeds(seeds) != {"heldout"}:
@@ -274,7 +304,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.tiny:
-        from napari_meddiff.testing import make_tiny_model
+        from napari_meddiff.testing.tiny_models import make_tiny_model
 
         folder = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny-seg-2d", "segmentation", 2, image_shape=(64, 64))
         model = load_model(folder, device=device)
@@ -295,9 +325,11 @@ def main() -> None:
     baseline = Baseline(baseline_dir, device) if baseline_dir is not None else None
     info = machine()
     info["load_average_start"] = list(os.getloadavg())
-    print(f"# {model.name}: {sampler} {steps} steps {args.precision}, ensembles {args.ensembles}, "
-          f"subjects {seeds} ({'/'.join(sorted(split_of_seeds(seeds)))}), {args.threads} threads on {info['cpu']}; "
-          f"baseline: {baseline.name if baseline else 'none found'}")
+    print(
+        f"# {model.name}: {sampler} {steps} steps {args.precision}, ensembles {args.ensembles}, "
+        f"subjects {seeds} ({'/'.join(sorted(split_of_seeds(seeds)))}), {args.threads} threads on {info['cpu']}; "
+        f"baseline: {baseline.name if baseline else 'none found'}"
+    )
 
     per_subject = []
     for seed in seeds:
@@ -309,11 +341,28 @@ def main() -> None:
         tiles = plan.item_images()
         t_plan = time.perf_counter() - t0
         t0 = time.perf_counter()
-        members = run_members(model, tiles, list(range(kmax)), seed=args.seed, sampler=sampler, steps=steps,
-                              batch_size=batch, precision=args.precision, probabilities=True)
+        members = run_members(
+            model,
+            tiles,
+            list(range(kmax)),
+            seed=args.seed,
+            sampler=sampler,
+            steps=steps,
+            batch_size=batch,
+            precision=args.precision,
+            probabilities=True,
+        )
         t_members = time.perf_counter() - t0
-        entry = {"seed": seed, "has_lesion": sub.has_lesion, "slices": plan.num_items, "grid": list(plan.grid.shape),
-                 "make_subject_s": t_subject, "prepare_s": t_plan, f"members_{kmax}_s": t_members, "results": {}}
+        entry = {
+            "seed": seed,
+            "has_lesion": sub.has_lesion,
+            "slices": plan.num_items,
+            "grid": list(plan.grid.shape),
+            "make_subject_s": t_subject,
+            "prepare_s": t_plan,
+            f"members_{kmax}_s": t_members,
+            "results": {},
+        }
         for k in sorted(args.ensembles):
             for combine in ("votes", "probabilities"):
                 row, post = evaluate(plan, members[:k], n_classes, sub, names, combine)
@@ -328,27 +377,41 @@ def main() -> None:
             entry["results"][f"{baseline.name} (MONAI UNet)"] = row
         per_subject.append(entry)
         brief = ", ".join(f"{m}: Dice {r['dice_mean']:.3f}" for m, r in entry["results"].items())
-        print(f"subject {seed} ({'lesion' if sub.has_lesion else 'no lesion'}, {plan.num_items} slices, "
-              f"{kmax} members in {t_members:.1f} s): {brief}", flush=True)
+        print(
+            f"subject {seed} ({'lesion' if sub.has_lesion else 'no lesion'}, {plan.num_items} slices, "
+            f"{kmax} members in {t_members:.1f} s): {brief}",
+            flush=True,
+        )
 
     mni_rows = []
     if args.mni:
         from types import SimpleNamespace
 
-        from napari_meddiff.cohort import _derive_labels, load_template
-        from napari_meddiff.intensity import intensity_window
-        from napari_meddiff.volume import Volume
+        from napari_meddiff.data.mni152 import _derive_labels, load_template
+        from napari_meddiff.io.intensity import intensity_window
+        from napari_meddiff.io.volume import Volume
 
         tpl = load_template(1.0)
-        case = SimpleNamespace(image=Volume(np.array(tpl["t1"]), tpl["affine"]),
-                               labels=Volume(_derive_labels(tpl["gm"], tpl["wm"], tpl["mask"]), tpl["affine"]))
+        case = SimpleNamespace(
+            image=Volume(np.array(tpl["t1"]), tpl["affine"]),
+            labels=Volume(_derive_labels(tpl["gm"], tpl["wm"], tpl["mask"]), tpl["affine"]),
+        )
         k = min(kmax, args.mni_ensemble)
         spec = intensity_window(case.image.array, model.config.get("intensity"))
         for what, window in (("model window", None), ("low = image minimum", (float(case.image.array.min()), spec[1]))):
             t0 = time.perf_counter()
             plan = plan_segmentation(model, case.image, window=window)
-            members = run_members(model, plan.item_images(), list(range(k)), seed=args.seed, sampler=sampler,
-                                  steps=steps, batch_size=batch, precision=args.precision, probabilities=True)
+            members = run_members(
+                model,
+                plan.item_images(),
+                list(range(k)),
+                seed=args.seed,
+                sampler=sampler,
+                steps=steps,
+                batch_size=batch,
+                precision=args.precision,
+                probabilities=True,
+            )
             row, _ = evaluate(plan, members, n_classes, case, names, default_combine)
             row["seconds_per_volume"] = time.perf_counter() - t0
             row["method"] = f"MNI152 x{k} ({what}: {plan.window[0]:.3g}..{plan.window[1]:.3g})"
@@ -369,8 +432,11 @@ def main() -> None:
     cols = ["method"] + [k for k in keys if k.startswith("dice_")]
     cols += ["csf_dice_rim", "csf_dice_deep", "uncertainty_auc", "error_rate", "seconds_per_volume"]
     print(table(summary, cols))
-    vol_cols = ["method"] + [k for k in keys if k.startswith("volume_error_pct_")] + ["uncertainty_mean_wrong",
-                                                                                        "uncertainty_mean_right"]
+    vol_cols = (
+        ["method"]
+        + [k for k in keys if k.startswith("volume_error_pct_")]
+        + ["uncertainty_mean_wrong", "uncertainty_mean_right"]
+    )
     print(table(summary, vol_cols))
     if mni_rows:
         print(table(mni_rows, cols))
@@ -399,7 +465,7 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
         "load_average_end": list(os.getloadavg()),
         "notes": "AUC over voxels where reference or prediction is not background; seconds_per_volume for k < K "
-                 "members = prepare + k/K x measured K-member time + combine/resample.",
+        "members = prepare + k/K x measured K-member time + combine/resample.",
     }
     suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + (f"_{args.tag}" if args.tag else "")
     path = save(("segment_tiny" if args.tiny else f"segment_{model.name}") + suffix, result)

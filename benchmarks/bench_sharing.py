@@ -28,8 +28,18 @@ BUSY = [sys.executable, "-c", "while True: pass"]
 
 def _generate(out: Path, num: int, seed: int, setting: str) -> subprocess.Popen:
     env = {**os.environ, "MEDDIFF_THREADS": setting}
-    cmd = [sys.executable, "-m", "napari_meddiff.cli", "generate", "--num", str(num), "--seed", str(seed),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "napari_meddiff.cli",
+        "generate",
+        "--num",
+        str(num),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -62,9 +72,16 @@ def run(situation: str, setting: str, num: int, tmp: Path) -> dict:
             busy.wait()
     seconds = [s for out in outs for s in _seconds(out)]
     median = statistics.median(seconds)
-    return {"setting": setting, "situation": situation, "wall_s": round(wall, 2), "median_volume_s": round(median, 3),
-            "max_volume_s": round(max(seconds), 3), "max_over_median": round(max(seconds) / median, 2),
-            "volumes": len(seconds), "per_volume_s": seconds}
+    return {
+        "setting": setting,
+        "situation": situation,
+        "wall_s": round(wall, 2),
+        "median_volume_s": round(median, 3),
+        "max_volume_s": round(max(seconds), 3),
+        "max_over_median": round(max(seconds) / median, 2),
+        "volumes": len(seconds),
+        "per_volume_s": seconds,
+    }
 
 
 def main() -> None:
@@ -79,17 +96,30 @@ def main() -> None:
             for situation in situations:
                 for setting in ("torch", "auto"):
                     payload["rows"].append(run(situation, setting, args.num, Path(tmp)))
-                    print(table(payload["rows"][-1:], ["setting", "situation", "wall_s", "median_volume_s",
-                                                       "max_volume_s", "max_over_median"]), flush=True)
+                    print(
+                        table(
+                            payload["rows"][-1:],
+                            ["setting", "situation", "wall_s", "median_volume_s", "max_volume_s", "max_over_median"],
+                        ),
+                        flush=True,
+                    )
     summary = []
     for setting in ("torch", "auto"):
-        alone = statistics.median(r["median_volume_s"] for r in payload["rows"]
-                                  if r["setting"] == setting and r["situation"] == "alone")
+        alone = statistics.median(
+            r["median_volume_s"] for r in payload["rows"] if r["setting"] == setting and r["situation"] == "alone"
+        )
         for situation in situations:
             rows = [r for r in payload["rows"] if r["setting"] == setting and r["situation"] == situation]
             med = statistics.median(r["median_volume_s"] for r in rows)
-            summary.append({"setting": setting, "situation": situation, "median_volume_s": med,
-                            "vs_alone": round(med / alone, 2), "worst_max_over_median": max(r["max_over_median"] for r in rows)})
+            summary.append(
+                {
+                    "setting": setting,
+                    "situation": situation,
+                    "median_volume_s": med,
+                    "vs_alone": round(med / alone, 2),
+                    "worst_max_over_median": max(r["max_over_median"] for r in rows),
+                }
+            )
     payload["summary"] = summary
     payload["others_busy_cores_at_end"] = others_cpu_use()
     print(table(summary, ["setting", "situation", "median_volume_s", "vs_alone", "worst_max_over_median"]))

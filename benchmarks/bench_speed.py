@@ -12,7 +12,7 @@ bf16 is ~1000x slower), plus bf16 and fp16 on CUDA.
    8192 on CUDA, also TF32 there) and a 3x3x3 convolution; fractions below are of the higher one.
 2. **networks**: FLOPs per evaluation (``torch.utils.flop_counter``, counted on PyTorch's own convolution)
    and achieved FLOP/s for the default 3D model's UNet step (batch 1, 2, 4 on CPU; 1, 4, 16 on CUDA) and
-   autoencoder decoding, under each option: ours (CPU: oneDNN convolutions, `napari_meddiff.cpu_kernels`;
+   autoencoder decoding, under each option: ours (CPU: oneDNN convolutions, `napari_meddiff.runtime.cpu_kernels`;
    CUDA: cuDNN), PyTorch's kernel choice, ``channels_last_3d`` (ours on CPUs with native bf16; timed apart
    elsewhere), 1 and N threads, and ``torch.compile`` with ``--compile``.
 3. **tasks**: seconds per volume, baseline and ours, and their ratio, each measured in a fresh process (whose
@@ -46,8 +46,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    RESULTS, count_flops, in_fresh_process, machine, matmul_peak, peak_rss_mb, precisions_for, reset_peak_rss,
-    save, table, timed,
+    RESULTS,
+    count_flops,
+    in_fresh_process,
+    machine,
+    matmul_peak,
+    peak_rss_mb,
+    precisions_for,
+    reset_peak_rss,
+    save,
+    table,
+    timed,
 )
 
 TASKS = ("generate-3d", "generate-2d", "inpaint-3d", "inpaint-2d", "segment-5")
@@ -80,7 +89,7 @@ def measure_peaks(device: torch.device) -> dict:
 
     On CUDA, fp32 convolutions run on TF32 tensor cores (cuDNN's default), so the fp32 peak there is the TF32
     matmul rate; the strict fp32 matmul rate is reported beside it."""
-    from napari_meddiff.sampling import PRECISION_DTYPES
+    from napari_meddiff.runtime.precision import PRECISION_DTYPES
 
     out = {}
     n = 2048 if device.type == "cpu" else 8192
@@ -101,8 +110,8 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
     """The UNet step and decoding under each option; FLOP/s as a fraction of this machine's peak.
 
     FLOPs are counted on PyTorch's own convolution call (`torch.utils.flop_counter` does not see oneDNN's)."""
-    from napari_meddiff.cpu_kernels import pytorch_kernels, uses_channels_last
-    from napari_meddiff.sampling import autocast_context
+    from napari_meddiff.runtime.cpu_kernels import pytorch_kernels, uses_channels_last
+    from napari_meddiff.runtime.precision import autocast_context
 
     device = model.device
     precisions = precisions_for(device)
@@ -114,9 +123,19 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
         with torch.inference_mode(), autocast_context(device, precision):
             seconds = timed(fn, repeat=5, warmup=2)
         peak = peaks[n_threads][precision]["peak"]
-        rows.append({"network": network, "batch": batch, "option": option, "precision": precision,
-                     "threads": n_threads if device.type == "cpu" else "-", "gflop": flops / 1e9,
-                     "ms": seconds * 1e3, "gflop_per_s": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / peak})
+        rows.append(
+            {
+                "network": network,
+                "batch": batch,
+                "option": option,
+                "precision": precision,
+                "threads": n_threads if device.type == "cpu" else "-",
+                "gflop": flops / 1e9,
+                "ms": seconds * 1e3,
+                "gflop_per_s": flops / seconds / 1e9,
+                "fraction_of_peak": flops / seconds / peak,
+            }
+        )
         print(table(rows[-1:], list(rows[-1])), flush=True)
 
     def nets_for(batch, memory_format=torch.contiguous_format, compiled=False):
@@ -157,8 +176,10 @@ def network_rows(model, peaks: dict, threads: list[int], compile_: bool) -> list
                             t0 = time.perf_counter()
                             with torch.inference_mode(), autocast_context(device, precision):
                                 fn_c()
-                            print(f"torch.compile {name} {precision}: first call {time.perf_counter() - t0:.0f} s",
-                                  flush=True)
+                            print(
+                                f"torch.compile {name} {precision}: first call {time.perf_counter() - t0:.0f} s",
+                                flush=True,
+                            )
                             record(name, batch, "torch.compile", precision, threads[-1], fn_c, flops)
     if device.type == "cpu":
         torch.set_num_threads(threads[-1])
@@ -172,7 +193,7 @@ def _case():
     """A held-out 2 mm cohort subject with a lesion, and the lesion mask dilated by one voxel."""
     from scipy import ndimage
 
-    from napari_meddiff.cohort import HELDOUT_SEEDS, make_subject
+    from napari_meddiff.data.mni152 import HELDOUT_SEEDS, make_subject
 
     subject = make_subject(HELDOUT_SEEDS[0], resolution_mm=2.0, lesion=True)
     image = subject.image
@@ -202,7 +223,7 @@ def _monai_generate(model, steps: int, seed: int, decode: bool = True) -> float:
     """MONAI's inferer.sample with DDPMScheduler(1000) over its first ``steps`` timesteps (+ decoding)."""
     from monai.inferers import DiffusionInferer, LatentDiffusionInferer
 
-    from napari_meddiff.samplers import noise_scheduler
+    from napari_meddiff.diffusion.samplers import noise_scheduler
 
     sched = noise_scheduler(model.config["scheduler"])
     sched.set_timesteps(sched.num_train_timesteps)
@@ -227,8 +248,8 @@ def _sync(device: torch.device) -> None:
 def monai_baseline(model, steps_run: int, seed: int = 0) -> dict:
     """In this process: MONAI's inferer.sample (DDPMScheduler 1000 steps, fp32, PyTorch's kernels), batch 1;
     ``steps_run`` < 1000 runs that many steps and extrapolates per step (the decoding is run once)."""
-    from napari_meddiff.cpu_kernels import pytorch_kernels
-    from napari_meddiff.sampling import decode_latents
+    from napari_meddiff.autoencoder.passes import decode_latents
+    from napari_meddiff.runtime.cpu_kernels import pytorch_kernels
 
     with pytorch_kernels(model.unet, model.autoencoder):
         _monai_generate(model, 2, seed, decode=False)  # warm-up
@@ -239,15 +260,20 @@ def monai_baseline(model, steps_run: int, seed: int = 0) -> dict:
         _sync(model.device)
         decode = time.perf_counter() - t0 if model.kind == "ldm" else 0.0
     per_step = chain / steps_run
-    return {"seconds": per_step * FULL_STEPS + decode, "steps_run": steps_run, "extrapolated": steps_run < FULL_STEPS,
-            "seconds_per_step": per_step, "decode_seconds": decode}
+    return {
+        "seconds": per_step * FULL_STEPS + decode,
+        "steps_run": steps_run,
+        "extrapolated": steps_run < FULL_STEPS,
+        "seconds_per_step": per_step,
+        "decode_seconds": decode,
+    }
 
 
 def task_child(task: str, variant: str, threads: int, device: str, configs: list[dict] | None = None) -> dict:
     """In a fresh process: time ``task`` as ``variant`` (``baseline``, ``baseline-quick`` or ``ours``)."""
     torch.set_num_threads(threads)
     from napari_meddiff import load_model
-    from napari_meddiff.cpu_kernels import pytorch_kernels
+    from napari_meddiff.runtime.cpu_kernels import pytorch_kernels
 
     model = load_model(TASK_MODELS[task], device=device)
     out: dict = {"task": task, "variant": variant, "model": model.name}
@@ -270,10 +296,11 @@ def task_child(task: str, variant: str, threads: int, device: str, configs: list
             seconds = times[a] + (times[b] - times[a]) * (FULL_STEPS - a) / (b - a)
         else:
             seconds = times[FULL_STEPS]
-        out.update(seconds=seconds, extrapolated=variant == "baseline-quick",
-                   measured={str(k): v for k, v in times.items()})
+        out.update(
+            seconds=seconds, extrapolated=variant == "baseline-quick", measured={str(k): v for k, v in times.items()}
+        )
     else:
-        from napari_meddiff.sampling import resolve_precision
+        from napari_meddiff.runtime.precision import resolve_precision
 
         defaults = model.sampling_defaults
         out["default"] = {**defaults, "precision": resolve_precision(defaults["precision"], model.device)}
@@ -294,22 +321,36 @@ def task_rows(tasks: list[str], threads: int, quick: bool, device: torch.device)
     for task in tasks:
         configs = [{}]
         if task.startswith("generate"):
-            configs += [{"sampler": s, "steps": k, "precision": p}
-                        for s in ("ddpm", "ddim", "dpm++") for k in (10, 20, 50) for p in precisions_for(device)]
+            configs += [
+                {"sampler": s, "steps": k, "precision": p}
+                for s in ("ddpm", "ddim", "dpm++")
+                for k in (10, 20, 50)
+                for p in precisions_for(device)
+            ]
         variant = "baseline-quick" if quick or task == "segment-5" else "baseline"
         print(f"{task}: baseline ({variant}) ...", flush=True)
         base = in_fresh_process(task_child, task, variant, threads, str(device))
         print(f"{task}: baseline {base['seconds']:.1f} s/volume; ours ...", flush=True)
         ours = in_fresh_process(task_child, task, "ours", threads, str(device), configs)
         default, resolved = ours["rows"][0], ours["default"]
-        summary.append({
-            "task": task, "model": base["model"], "baseline_s": base["seconds"],
-            "baseline": "extrapolated" if base["extrapolated"] else "measured",
-            "ours": f"{resolved['sampler']} {resolved['steps']} {resolved['precision']}",
-            "ours_s": default["seconds"], "ratio": base["seconds"] / default["seconds"],
-            "baseline_rss_mb": base["peak_rss_mb"], "ours_rss_mb": ours["peak_rss_mb"],
-            **({"baseline_gpu_mb": base["peak_gpu_mb"], "ours_gpu_mb": ours["peak_gpu_mb"]} if "peak_gpu_mb" in base else {}),
-        })
+        summary.append(
+            {
+                "task": task,
+                "model": base["model"],
+                "baseline_s": base["seconds"],
+                "baseline": "extrapolated" if base["extrapolated"] else "measured",
+                "ours": f"{resolved['sampler']} {resolved['steps']} {resolved['precision']}",
+                "ours_s": default["seconds"],
+                "ratio": base["seconds"] / default["seconds"],
+                "baseline_rss_mb": base["peak_rss_mb"],
+                "ours_rss_mb": ours["peak_rss_mb"],
+                **(
+                    {"baseline_gpu_mb": base["peak_gpu_mb"], "ours_gpu_mb": ours["peak_gpu_mb"]}
+                    if "peak_gpu_mb" in base
+                    else {}
+                ),
+            }
+        )
         for r in ours["rows"][1:]:
             detail.append({"task": task, **r, "ratio": base["seconds"] / r["seconds"]})
         print(table(summary[-1:], list(summary[-1])), flush=True)
@@ -322,8 +363,9 @@ def task_rows(tasks: list[str], threads: int, quick: bool, device: torch.device)
 def decode_child(window: int | None, threads: int, device: str) -> dict:
     torch.set_num_threads(threads)
     from napari_meddiff import load_model
-    from napari_meddiff.cohort import HELDOUT_SEEDS, make_subject
-    from napari_meddiff.sampling import decode_latents, encode_images, resolve_precision
+    from napari_meddiff.autoencoder.passes import decode_latents, encode_images
+    from napari_meddiff.data.mni152 import HELDOUT_SEEDS, make_subject
+    from napari_meddiff.runtime.precision import resolve_precision
 
     model = load_model("brain-ldm-3d", device=device)
     precision = resolve_precision("auto", model.device)
@@ -340,9 +382,16 @@ def decode_child(window: int | None, threads: int, device: str) -> dict:
     img = decode_latents(model, z, precision=precision, mode="whole" if window is None else "tiled", tile=window)
     _sync(model.device)
     seconds = time.perf_counter() - t0
-    out = {"window": window, "precision": precision, "latent_shape": list(z.shape[1:]),
-           "image_shape": list(img.shape[2:]), "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-           "peak_rss_before_mb": rss_before, "image": img[0, 0].cpu().numpy()}
+    out = {
+        "window": window,
+        "precision": precision,
+        "latent_shape": list(z.shape[1:]),
+        "image_shape": list(img.shape[2:]),
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_before_mb": rss_before,
+        "image": img[0, 0].cpu().numpy(),
+    }
     if model.device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -360,8 +409,10 @@ def memory_rows(threads: int, device: torch.device) -> list[dict]:
             r["psnr_vs_whole_db"] = float(10 * np.log10(1.0 / np.mean((img - whole) ** 2)))
         r["window"] = "whole" if window is None else f"{window}^3 latent"
         rows.append(r)
-        print(table(rows[-1:], ["window", "precision", "seconds", "peak_rss_mb", "peak_gpu_mb", "psnr_vs_whole_db"]),
-              flush=True)
+        print(
+            table(rows[-1:], ["window", "precision", "seconds", "peak_rss_mb", "peak_gpu_mb", "psnr_vs_whole_db"]),
+            flush=True,
+        )
     return rows
 
 
@@ -377,12 +428,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from napari_meddiff import load_model
-    from napari_meddiff.devices import resolve_device
+    from napari_meddiff.runtime.devices import resolve_device
 
     device = resolve_device(args.device)
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {args.threads} torch threads, torch {info['torch']}, "
-          f"device {device}{' (' + info['cuda'] + ')' if device.type == 'cuda' else ''}", flush=True)
+    print(
+        f"# {info['cpu']}, {info['cores']} cores, {args.threads} torch threads, torch {info['torch']}, "
+        f"device {device}{' (' + info['cuda'] + ')' if device.type == 'cuda' else ''}",
+        flush=True,
+    )
     name = "speed" if device.type == "cpu" else "speed_cuda"
     previous = RESULTS / f"{name}.json"
     # sections skipped in this run keep their figures from the last run (each section records its own run)
@@ -397,14 +451,31 @@ def main() -> None:
             torch.set_num_threads(n)
             peaks[n] = measure_peaks(device)
             for p, peak in peaks[n].items():
-                print(f"peak {p}, {n} thread(s): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()),
-                      flush=True)
+                print(
+                    f"peak {p}, {n} thread(s): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()),
+                    flush=True,
+                )
         torch.set_num_threads(args.threads)
         model = load_model("brain-ldm-3d", device=device)
         result["peaks"] = peaks
         result["networks"] = network_rows(model, peaks, threads, args.compile)
-        print(table(result["networks"], ["network", "batch", "option", "precision", "threads", "gflop", "ms",
-                                         "gflop_per_s", "fraction_of_peak"]), flush=True)
+        print(
+            table(
+                result["networks"],
+                [
+                    "network",
+                    "batch",
+                    "option",
+                    "precision",
+                    "threads",
+                    "gflop",
+                    "ms",
+                    "gflop_per_s",
+                    "fraction_of_peak",
+                ],
+            ),
+            flush=True,
+        )
     if "tasks" not in args.skip:
         summary, detail = task_rows(args.tasks, args.threads, args.quick, device)
         when = time.strftime("%Y-%m-%d %H:%M")
@@ -414,8 +485,24 @@ def main() -> None:
         result["tasks"] = merge_task_rows(result.get("tasks", []), summary)
         result["task_settings"] = merge_task_rows(result.get("task_settings", []), detail)
         print(table(detail, ["task", "sampler", "steps", "precision", "seconds", "ratio"]))
-        print(table(summary, ["task", "model", "baseline_s", "baseline", "ours", "ours_s", "ratio",
-                              "baseline_rss_mb", "ours_rss_mb", "baseline_gpu_mb", "ours_gpu_mb"]))
+        print(
+            table(
+                summary,
+                [
+                    "task",
+                    "model",
+                    "baseline_s",
+                    "baseline",
+                    "ours",
+                    "ours_s",
+                    "ratio",
+                    "baseline_rss_mb",
+                    "ours_rss_mb",
+                    "baseline_gpu_mb",
+                    "ours_gpu_mb",
+                ],
+            )
+        )
     if "memory" not in args.skip:
         result["memory"] = memory_rows(args.threads, device)
     for section in {"networks", "tasks", "memory"} - set(args.skip):

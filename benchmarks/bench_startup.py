@@ -6,7 +6,7 @@ Rows (median of ``--repeat`` fresh processes each):
 - ``python``: the interpreter alone (the floor);
 - ``import torch``, ``import monai.networks.nets``: what a command that runs a network must import
   (``monai.networks`` imports ``monai`` whole: apps, data, transforms and their optional dependencies);
-- ``lean import monai.networks.nets``: the same through `napari_meddiff.lean_imports` (MONAI without matplotlib,
+- ``lean import monai.networks.nets``: the same through `napari_meddiff.runtime.lean_imports` (MONAI without matplotlib,
   pandas, scikit-learn and scipy.signal), as the model-running commands import it;
 - ``meddiff --help``, ``meddiff models``: commands that read no weights (they import neither);
 - ``meddiff generate --num 1``: the shipped default model, seed 0, written to a temporary folder; and the same
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     meddiff = [sys.executable, "-m", "napari_meddiff.cli"]
     out = Path(tempfile.mkdtemp(prefix="meddiff-startup-"))
-    lean = "from napari_meddiff.lean_imports import import_monai_lean; import_monai_lean(); import monai.networks.nets"
+    lean = "from napari_meddiff.runtime.lean_imports import import_monai_lean; import_monai_lean(); import monai.networks.nets"
     plain = {"MEDDIFF_LEAN_IMPORTS": "0"}
     commands = {  # name: (command, extra environment); None: generate, a new output folder each run
         "python": ([sys.executable, "-c", "pass"], {}),
@@ -70,8 +70,14 @@ def main(argv=None) -> int:
         for i in range(args.repeat):
             run = cmd or [*meddiff, "generate", "--num", "1", "--seed", "0", "--out", str(out / f"{len(rows)}-{i}")]
             times.append(wall(run, {**env, **extra}))
-        rows.append({"command": name, "median_s": round(statistics.median(times), 3),
-                     "min_s": round(min(times), 3), "others_cores_busy": None if load is None else round(load, 2)})
+        rows.append(
+            {
+                "command": name,
+                "median_s": round(statistics.median(times), 3),
+                "min_s": round(min(times), 3),
+                "others_cores_busy": None if load is None else round(load, 2),
+            }
+        )
     ref = next(r["median_s"] for r in rows if r["command"] == "import monai.networks.nets")
     for r in rows:
         r["vs_import_monai_networks"] = round(r["median_s"] / ref, 2)

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import in_fresh_process, machine, others_cpu_use, peak_rss_mb, reset_peak_rss, save, table  # noqa: E402
 
-from napari_meddiff.memory import available_ram_bytes  # noqa: E402
+from napari_meddiff.runtime.memory import available_ram_bytes  # noqa: E402
 
 GIB = 2**30
 WHOLE_BRAIN_GB = {"fp32": 13, "bf16": 9}  # measured by issue 15 on this machine (peak RSS of the whole decode)
@@ -34,29 +34,59 @@ WHOLE_BRAIN_GB = {"fp32": 13, "bf16": 9}  # measured by issue 15 on this machine
 def brain_autoencoder():
     from monai.networks.nets import AutoencoderKL
 
-    return AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(64, 128, 128, 128),
-                         latent_channels=3, num_res_blocks=2, norm_num_groups=32, norm_eps=1e-6,
-                         attention_levels=(False,) * 4, with_encoder_nonlocal_attn=False,
-                         with_decoder_nonlocal_attn=False)
+    return AutoencoderKL(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=(64, 128, 128, 128),
+        latent_channels=3,
+        num_res_blocks=2,
+        norm_num_groups=32,
+        norm_eps=1e-6,
+        attention_levels=(False,) * 4,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
 
 
 def maisi_autoencoder():
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-    return AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
-                              num_channels=[64, 128, 256], num_res_blocks=[2, 2, 2], norm_num_groups=32,
-                              norm_eps=1e-6, attention_levels=[False] * 3, with_encoder_nonlocal_attn=False,
-                              with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=False,
-                              norm_float16=False, num_splits=1, dim_split=1)
+    return AutoencoderKlMaisi(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        num_channels=[64, 128, 256],
+        num_res_blocks=[2, 2, 2],
+        norm_num_groups=32,
+        norm_eps=1e-6,
+        attention_levels=[False] * 3,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+        use_checkpointing=False,
+        use_convtranspose=False,
+        norm_float16=False,
+        num_splits=1,
+        dim_split=1,
+    )
 
 
-def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: int, ram_gib: float | None,
-                 keep_array: bool = True, layout: str = "default") -> dict:
+def decode_child(
+    case: str,
+    latent: tuple,
+    mode: str,
+    precision: str,
+    threads: int,
+    ram_gib: float | None,
+    keep_array: bool = True,
+    layout: str = "default",
+) -> dict:
     import torch
 
-    from napari_meddiff import tiling
-    from napari_meddiff.sampling import autocast_context
-    from napari_meddiff.tiling import tiled_decode
+    from napari_meddiff.autoencoder import tiling
+    from napari_meddiff.autoencoder.tiling import tiled_decode
+    from napari_meddiff.runtime.precision import autocast_context
 
     if not keep_array:  # a long run: say when each step's store is made (one per convolution)
         made, start = tiling._Stores.new, time.perf_counter()
@@ -71,7 +101,7 @@ def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: i
     torch.manual_seed(0)
     ae = (brain_autoencoder if case == "brain" else maisi_autoencoder)().eval()
     if layout == "channels_last":
-        from napari_meddiff.cpu_kernels import prefer_channels_last
+        from napari_meddiff.runtime.cpu_kernels import prefer_channels_last
 
         prefer_channels_last(ae)
     z = torch.randn((1, *latent), generator=torch.Generator().manual_seed(1))
@@ -85,10 +115,19 @@ def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: i
             img = tiled_decode(ae, z, ram_bytes=None if ram_gib is None else ram_gib * GIB)
     seconds = time.perf_counter() - t0
     img = img.float()[0, 0].numpy()
-    row = {"case": case, "mode": mode, "precision": precision, "layout": layout, "ram_budget_gib": ram_gib,
-           "threads": threads,
-           "latent": list(latent), "image": list(img.shape), "seconds": round(seconds, 1),
-           "peak_rss_gb": round(peak_rss_mb() / 1024, 2), "rss_before_gb": round(before / 1024, 2)}
+    row = {
+        "case": case,
+        "mode": mode,
+        "precision": precision,
+        "layout": layout,
+        "ram_budget_gib": ram_gib,
+        "threads": threads,
+        "latent": list(latent),
+        "image": list(img.shape),
+        "seconds": round(seconds, 1),
+        "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
+        "rss_before_gb": round(before / 1024, 2),
+    }
     if keep_array:
         row["array"] = img
     else:
@@ -98,41 +137,71 @@ def decode_child(case: str, latent: tuple, mode: str, precision: str, threads: i
 
 
 def plans() -> list[dict]:
-    from napari_meddiff.tiling import decoder_steps, tiled_store_bytes, whole_pass_bytes
+    from napari_meddiff.autoencoder.tiling import decoder_steps, tiled_store_bytes, whole_pass_bytes
 
     rows = []
-    for case, make, latent in (("brain", brain_autoencoder, (20, 28, 20)), ("maisi", maisi_autoencoder, (64,) * 3),
-                               ("maisi", maisi_autoencoder, (128,) * 3)):
+    for case, make, latent in (
+        ("brain", brain_autoencoder, (20, 28, 20)),
+        ("maisi", maisi_autoencoder, (64,) * 3),
+        ("maisi", maisi_autoencoder, (128,) * 3),
+    ):
         steps, _ = decoder_steps(make())
-        rows.append({"case": case, "latent": list(latent), "whole_estimate_gb": round(whole_pass_bytes(steps, 1, latent) / GIB, 1),
-                     "tiled_stores_fp32_gb": round(tiled_store_bytes(steps, latent, 4) / GIB, 1),
-                     "tiled_stores_bf16_gb": round(tiled_store_bytes(steps, latent, 2) / GIB, 1)})
+        rows.append(
+            {
+                "case": case,
+                "latent": list(latent),
+                "whole_estimate_gb": round(whole_pass_bytes(steps, 1, latent) / GIB, 1),
+                "tiled_stores_fp32_gb": round(tiled_store_bytes(steps, latent, 4) / GIB, 1),
+                "tiled_stores_bf16_gb": round(tiled_store_bytes(steps, latent, 2) / GIB, 1),
+            }
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", nargs="+", choices=("brain", "noise", "maisi", "maisi512"),
-                        default=["brain", "noise", "maisi"])
+    parser.add_argument(
+        "--case", nargs="+", choices=("brain", "noise", "maisi", "maisi512"), default=["brain", "noise", "maisi"]
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--ram-gib", type=float, default=6.0,
-                        help="maisi512: activations past this many GiB go to files ($MEDDIFF_TILE_DIR or the temp dir)")
+    parser.add_argument(
+        "--ram-gib",
+        type=float,
+        default=6.0,
+        help="maisi512: activations past this many GiB go to files ($MEDDIFF_TILE_DIR or the temp dir)",
+    )
     args = parser.parse_args()
     name = "tiling" if {"brain", "maisi"} <= set(args.case) else "tiling_" + "_".join(args.case)
     payload = {"machine": machine(), "others_busy_cores_at_start": others_cpu_use(), "plans": plans(), "runs": []}
     print(table(payload["plans"], list(payload["plans"][0])), flush=True)
-    columns = ["case", "mode", "precision", "ram_budget_gib", "seconds", "peak_rss_gb", "max_abs_diff_vs_whole",
-               "max_diff_over_range"]
+    columns = [
+        "case",
+        "mode",
+        "precision",
+        "ram_budget_gib",
+        "seconds",
+        "peak_rss_gb",
+        "max_abs_diff_vs_whole",
+        "max_diff_over_range",
+    ]
     runs = []
     if "brain" in args.case:
         latent = (3, 20, 28, 20)
         for precision in ("bf16", "fp32"):
-            tiled = [in_fresh_process(decode_child, "brain", latent, "tiled", precision, args.threads, ram_gib)
-                     for ram_gib in (None, 1.0)]  # stores in memory; stores past 1 GiB in files
+            tiled = [
+                in_fresh_process(decode_child, "brain", latent, "tiled", precision, args.threads, ram_gib)
+                for ram_gib in (None, 1.0)
+            ]  # stores in memory; stores past 1 GiB in files
             need = WHOLE_BRAIN_GB[precision] * GIB
             if available_ram_bytes() < 1.2 * need:  # other processes hold the memory: do not push them out
-                runs.append({"case": "brain", "mode": "whole", "precision": precision,
-                             "skipped": f"{available_ram_bytes() / GIB:.1f} GiB free, {need / GIB:.0f} GB needed"})
+                runs.append(
+                    {
+                        "case": "brain",
+                        "mode": "whole",
+                        "precision": precision,
+                        "skipped": f"{available_ram_bytes() / GIB:.1f} GiB free, {need / GIB:.0f} GB needed",
+                    }
+                )
             else:
                 whole = in_fresh_process(decode_child, "brain", latent, "whole", precision, args.threads, None)
                 ref = whole.pop("array")
@@ -149,13 +218,19 @@ def main() -> None:
     if "noise" in args.case:  # is tiled-vs-whole in bf16 more than bf16's own rounding? (half-size brain decode)
         latent = (3, 10, 14, 10)
         ref = in_fresh_process(decode_child, "brain", latent, "whole", "fp32", args.threads, None)["array"]
-        arrays = {m: in_fresh_process(decode_child, "brain", latent, m, "bf16", args.threads, None)["array"]
-                  for m in ("whole", "tiled")}
+        arrays = {
+            m: in_fresh_process(decode_child, "brain", latent, m, "bf16", args.threads, None)["array"]
+            for m in ("whole", "tiled")
+        }
         span = float(ref.max() - ref.min())
-        noise = {"case": "noise", "latent": list(latent), "image_range_fp32": span,
-                 "whole_bf16_vs_whole_fp32": float(np.abs(arrays["whole"] - ref).max()),
-                 "tiled_bf16_vs_whole_fp32": float(np.abs(arrays["tiled"] - ref).max()),
-                 "tiled_bf16_vs_whole_bf16": float(np.abs(arrays["tiled"] - arrays["whole"]).max())}
+        noise = {
+            "case": "noise",
+            "latent": list(latent),
+            "image_range_fp32": span,
+            "whole_bf16_vs_whole_fp32": float(np.abs(arrays["whole"] - ref).max()),
+            "tiled_bf16_vs_whole_fp32": float(np.abs(arrays["tiled"] - ref).max()),
+            "tiled_bf16_vs_whole_bf16": float(np.abs(arrays["tiled"] - arrays["whole"]).max()),
+        }
         payload["bf16_noise"] = noise
         print(table([noise], list(noise)), flush=True)
     if "maisi" in args.case:
@@ -167,11 +242,12 @@ def main() -> None:
     if "maisi512" in args.case:  # issue 15's MAISI-size target: 4x128^3 -> 512^3, bf16, on this machine
         import torch
 
-        from napari_meddiff.devices import native_bf16
+        from napari_meddiff.runtime.devices import native_bf16
 
         layout = "channels_last" if native_bf16(torch.device("cpu")) else "default"  # as load_model lays it out
-        r = in_fresh_process(decode_child, "maisi", (4, 128, 128, 128), "tiled", "bf16", args.threads,
-                             args.ram_gib, False, layout)
+        r = in_fresh_process(
+            decode_child, "maisi", (4, 128, 128, 128), "tiled", "bf16", args.threads, args.ram_gib, False, layout
+        )
         runs.append(r)
         print(table(runs[-1:], columns + ["image_range", "finite"]), flush=True)
     payload["runs"] = runs

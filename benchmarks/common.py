@@ -7,8 +7,8 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    from napari_meddiff.devices import cpu_supports_bf16
+    from napari_meddiff.runtime.devices import cpu_supports_bf16
 
     info["cpu_bf16"] = cpu_supports_bf16()
     return info
@@ -41,6 +41,7 @@ def others_cpu_use(seconds: float = 2.0) -> float | None:
     """Cores kept busy by other processes while this one sleeps for ``seconds`` (from /proc/stat), or None.
 
     Unlike the load average, which trails by minutes, this says whether the machine is busy now."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             values = [int(v) for v in f.readline().split()[1:]]
@@ -74,7 +75,7 @@ def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
 def precisions_for(device: torch.device) -> list[str]:
     """Precisions worth timing on ``device``: bf16 on a CPU only where it is native (emulated bf16 convolutions
     ran some 1000x slower than fp32 on an AVX2-only EPYC), fp16 on CUDA only."""
-    from napari_meddiff.devices import native_bf16
+    from napari_meddiff.runtime.devices import native_bf16
 
     if device.type == "cuda":
         return ["fp32", "bf16", "fp16"]

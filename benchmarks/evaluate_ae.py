@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 from evaluate_models import ensure_heldout, load_split, two_sample_test  # noqa: E402
 
-from napari_meddiff.cpu_kernels import prefer_onednn  # noqa: E402
-from napari_meddiff.training.common import load_checkpoint  # noqa: E402
+from napari_meddiff.models import build_network  # noqa: E402
+from napari_meddiff.runtime.cpu_kernels import prefer_onednn  # noqa: E402
+from napari_meddiff.training.checkpoints import load_checkpoint  # noqa: E402
 from napari_meddiff.training.config import load_config  # noqa: E402
-from napari_meddiff.zoo import build_network  # noqa: E402
 
 
 @torch.no_grad()
@@ -59,13 +59,21 @@ def latent_stats(ae: torch.nn.Module, real: torch.Tensor, seed: int = 0) -> dict
         sigmas.append(sigma)
     mu, sigma = torch.cat(mus), torch.cat(sigmas)
     var_mu = mu.transpose(0, 1).flatten(1).var(dim=1)
-    var_noise = (sigma ** 2).transpose(0, 1).flatten(1).mean(dim=1)
+    var_noise = (sigma**2).transpose(0, 1).flatten(1).mean(dim=1)
     share = var_noise / (var_mu + var_noise)
-    return {"channels": [{"mean_sd": round(float(var_mu[c].sqrt()), 4), "sigma_mean": round(float(sigma[:, c].mean()), 4),
-                          "noise_share": round(float(share[c]), 4)} for c in range(mu.shape[1])],
-            "noise_share_all": round(float(var_noise.sum() / (var_mu + var_noise).sum()), 4),
-            "psnr_db_from_mean": round(sum(psnr_mean) / len(psnr_mean), 3),
-            "psnr_db_from_draw": round(sum(psnr_draw) / len(psnr_draw), 3)}
+    return {
+        "channels": [
+            {
+                "mean_sd": round(float(var_mu[c].sqrt()), 4),
+                "sigma_mean": round(float(sigma[:, c].mean()), 4),
+                "noise_share": round(float(share[c]), 4),
+            }
+            for c in range(mu.shape[1])
+        ],
+        "noise_share_all": round(float(var_noise.sum() / (var_mu + var_noise).sum()), 4),
+        "psnr_db_from_mean": round(sum(psnr_mean) / len(psnr_mean), 3),
+        "psnr_db_from_draw": round(sum(psnr_draw) / len(psnr_draw), 3),
+    }
 
 
 def scores(ae: torch.nn.Module, real: torch.Tensor, two_sample: bool = False) -> dict:
@@ -74,8 +82,10 @@ def scores(ae: torch.nn.Module, real: torch.Tensor, two_sample: bool = False) ->
     rec = reconstruct_mean(prefer_onednn(ae.eval()), real)
     psnr = PSNRMetric(max_val=1.0)(rec, real).flatten()
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)(rec, real).flatten()
-    out = {"psnr_db": {"mean": round(float(psnr.mean()), 3), "sd": round(float(psnr.std()), 3)},
-           "ssim": {"mean": round(float(ssim.mean()), 4), "sd": round(float(ssim.std()), 4)}}
+    out = {
+        "psnr_db": {"mean": round(float(psnr.mean()), 3), "sd": round(float(psnr.std()), 3)},
+        "ssim": {"mean": round(float(ssim.mean()), 4), "sd": round(float(ssim.std()), 4)},
+    }
     if two_sample:  # the floor for any diffusion model on this autoencoder (evaluate_models.py's test)
         out["c2st_reconstructions"] = two_sample_test(real, rec)
     return out
@@ -87,15 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=Path("runs/brain-ldm-3d-2mm/autoencoder.pt"))
     ap.add_argument("--heldout", type=Path, default=Path("data/cohort-2mm-heldout"))
     ap.add_argument("--num", type=int, default=16, help="held-out subjects (default 16)")
-    ap.add_argument("--weights", choices=("ema", "model", "both"), default="ema",
-                    help="the EMA (default; the raw weights before ema_start), the raw weights, or both")
+    ap.add_argument(
+        "--weights",
+        choices=("ema", "model", "both"),
+        default="ema",
+        help="the EMA (default; the raw weights before ema_start), the raw weights, or both",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--log", type=Path, default=None, help="append the result as one JSON line (a held-out curve)")
     ap.add_argument("--latents", action="store_true", help="also the posterior per latent channel (collapse check)")
-    ap.add_argument("--two-sample", action="store_true",
-                    help="also evaluate_models.py's two-sample test of the reconstructions against the real volumes "
-                         "(the best a diffusion model on this autoencoder could reach; use --num 40)")
+    ap.add_argument(
+        "--two-sample",
+        action="store_true",
+        help="also evaluate_models.py's two-sample test of the reconstructions against the real volumes "
+        "(the best a diffusion model on this autoencoder could reach; use --num 40)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -103,28 +120,44 @@ def main(argv: list[str] | None = None) -> int:
         ensure_heldout(args.heldout, args.num)
     real, _, _, seeds = load_split(cfg, args.heldout, args.num, with_labels=False)
     st = load_checkpoint(args.checkpoint)
-    res = {"checkpoint": str(args.checkpoint), "step": int(st["step"]), "minutes": round(float(st["minutes"]), 1),
-           "heldout_seeds": seeds, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for which in (("ema", "model") if args.weights == "both" else (args.weights,)):
+    res = {
+        "checkpoint": str(args.checkpoint),
+        "step": int(st["step"]),
+        "minutes": round(float(st["minutes"]), 1),
+        "heldout_seeds": seeds,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    for which in ("ema", "model") if args.weights == "both" else (args.weights,):
         if st.get(which) is None:
             continue
         ae = build_network("autoencoder", cfg["networks"]["autoencoder"])
         ae.load_state_dict({k: v.float() for k, v in st[which].items()})
         res[which] = scores(ae, real, args.two_sample)
-        print(f"step {res['step']} ({which}): held-out PSNR {res[which]['psnr_db']['mean']:.2f} ± "
-              f"{res[which]['psnr_db']['sd']:.2f} dB, SSIM {res[which]['ssim']['mean']:.4f} "
-              f"({len(real)} subjects, seeds {seeds[0]}-{seeds[-1]})", flush=True)
+        print(
+            f"step {res['step']} ({which}): held-out PSNR {res[which]['psnr_db']['mean']:.2f} ± "
+            f"{res[which]['psnr_db']['sd']:.2f} dB, SSIM {res[which]['ssim']['mean']:.4f} "
+            f"({len(real)} subjects, seeds {seeds[0]}-{seeds[-1]})",
+            flush=True,
+        )
         if args.two_sample:
             c = res[which]["c2st_reconstructions"]
-            print(f"  two-sample test, reconstructions vs real: {c['accuracy']:.3f} (folds {c['folds']}; "
-                  f"3D CNN {c['volume_cnn']['accuracy']:.3f})", flush=True)
+            print(
+                f"  two-sample test, reconstructions vs real: {c['accuracy']:.3f} (folds {c['folds']}; "
+                f"3D CNN {c['volume_cnn']['accuracy']:.3f})",
+                flush=True,
+            )
         if args.latents:
             res[which]["latents"] = lat = latent_stats(ae, real)
             for c, ch in enumerate(lat["channels"]):
-                print(f"  latent channel {c}: mean SD {ch['mean_sd']:.3f}, sigma {ch['sigma_mean']:.3f}, "
-                      f"noise share of a draw {ch['noise_share']:.3f}")
-            print(f"  all channels: noise share of a draw {lat['noise_share_all']:.3f}; PSNR decoded from the mean "
-                  f"{lat['psnr_db_from_mean']:.2f} dB, from one draw {lat['psnr_db_from_draw']:.2f} dB", flush=True)
+                print(
+                    f"  latent channel {c}: mean SD {ch['mean_sd']:.3f}, sigma {ch['sigma_mean']:.3f}, "
+                    f"noise share of a draw {ch['noise_share']:.3f}"
+                )
+            print(
+                f"  all channels: noise share of a draw {lat['noise_share_all']:.3f}; PSNR decoded from the mean "
+                f"{lat['psnr_db_from_mean']:.2f} dB, from one draw {lat['psnr_db_from_draw']:.2f} dB",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     if args.log:

@@ -68,7 +68,7 @@ class Instruments:
         self.voxel_ml = abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
         self.segmenter = None
         if kind == "segdiff":
-            from napari_meddiff.zoo import load_model
+            from napari_meddiff.models import load_model
 
             self.segmenter = load_model(SEGMENTATION_INSTRUMENT, device="cpu")
         self.detector = self.lesion_threshold = None
@@ -81,8 +81,8 @@ class Instruments:
     def volumes(self, image: np.ndarray) -> dict[str, float]:
         if self.segmenter is None:
             return tissue_volumes(image, self.voxel_ml)
-        from napari_meddiff.segment import segment
-        from napari_meddiff.volume import Volume
+        from napari_meddiff.io.volume import Volume
+        from napari_meddiff.tasks.segment import segment
 
         r = segment(self.segmenter, Volume(np.asarray(image, np.float32), self.affine), ensemble=1, device="cpu")
         p, names = np.asarray(r.probabilities.array), [n.lower() for n in r.class_names]
@@ -101,6 +101,7 @@ def instrument_check(grid: dict, heldout: list[Path], num: int, instruments: Ins
     the volumes of their label files (ml at the files' own resolution, as training measures the conditions):
     the volumes on the first ``num`` subjects of the first folder, the lesion detector on every subject."""
     from lesion_detector import detection_summaries, lesion_contrast, load_subjects, through_autoencoder
+
     from napari_meddiff.training.conditions import measure_subject
 
     folders, limit = (heldout, None) if instruments.detector is not None else (heldout[:1], num)
@@ -110,19 +111,33 @@ def instrument_check(grid: dict, heldout: list[Path], num: int, instruments: Ins
         passes["through_autoencoder"] = through_autoencoder(model, images)
     first = [k for k, f in enumerate(paths) if f.parent == Path(heldout[0])][:num]
     truth = np.array([measure_subject(paths[k], ["brain_volume", "csf_volume"]) for k in first])
-    out = {"subjects": len(first), "instrument": instruments.kind,
-           "brain_ml_labels_mean": round(float(truth[:, 0].mean()), 1),
-           "csf_ml_labels_mean": round(float(truth[:, 1].mean()), 1)}
+    out = {
+        "subjects": len(first),
+        "instrument": instruments.kind,
+        "brain_ml_labels_mean": round(float(truth[:, 0].mean()), 1),
+        "csf_ml_labels_mean": round(float(truth[:, 1].mean()), 1),
+    }
     for name, ims in passes.items():
         est = [instruments.volumes(ims[k, 0].numpy()) for k in first]
-        out[name] = {"brain_pearson": round(pearson(truth[:, 0], [e["brain_ml"] for e in est]), 4),
-                     "csf_pearson": round(pearson(truth[:, 1], [e["csf_ml"] for e in est]), 4),
-                     "brain_ml_mean": round(float(np.mean([e["brain_ml"] for e in est])), 1),
-                     "csf_ml_mean": round(float(np.mean([e["csf_ml"] for e in est])), 1)}
+        out[name] = {
+            "brain_pearson": round(pearson(truth[:, 0], [e["brain_ml"] for e in est]), 4),
+            "csf_pearson": round(pearson(truth[:, 1], [e["csf_ml"] for e in est]), 4),
+            "brain_ml_mean": round(float(np.mean([e["brain_ml"] for e in est])), 1),
+            "csf_ml_mean": round(float(np.mean([e["csf_ml"] for e in est])), 1),
+        }
     if instruments.detector is not None:
-        out["lesion"] = {"subjects": len(loads), "threshold_ml": instruments.lesion_threshold,
-                         **detection_summaries(instruments.detector, instruments.lesion_threshold,
-                                               instruments.voxel_ml, passes, loads, lesion_contrast(paths))}
+        out["lesion"] = {
+            "subjects": len(loads),
+            "threshold_ml": instruments.lesion_threshold,
+            **detection_summaries(
+                instruments.detector,
+                instruments.lesion_threshold,
+                instruments.voxel_ml,
+                passes,
+                loads,
+                lesion_contrast(paths),
+            ),
+        }
     return out
 
 
@@ -132,14 +147,17 @@ def measure(instruments: Instruments, name: str, images: list[np.ndarray]) -> li
     return [instruments.volumes(im)[VOLUME_CONDITIONS[name]] for im in images]
 
 
-def sweep(model, name: str, levels: list[float], per_level: int, guidance: float, seed: int,
-          instruments: Instruments) -> dict:
-    from napari_meddiff.generate import generate
+def sweep(
+    model, name: str, levels: list[float], per_level: int, guidance: float, seed: int, instruments: Instruments
+) -> dict:
+    from napari_meddiff.tasks.generate import generate
 
     spec = next(c for c in model.conditions if c.name == name)
     if spec.in_units(spec.low) is None:
-        raise SystemExit(f"{model.name}: condition {name} declares no ml range (unit_low/unit_high, written by "
-                         "meddiff train); requested volumes cannot be compared with measured ones")
+        raise SystemExit(
+            f"{model.name}: condition {name} declares no ml range (unit_low/unit_high, written by "
+            "meddiff train); requested volumes cannot be compared with measured ones"
+        )
     seeds = list(range(seed, seed + per_level))
     requested, measured, rows, pictures = [], [], [], {}
     for level in levels:
@@ -149,22 +167,35 @@ def sweep(model, name: str, levels: list[float], per_level: int, guidance: float
         asked = spec.in_units(level)
         requested += [asked] * len(got)
         measured += got
-        row = {"level": level, "requested_ml": round(asked, 2), "measured_ml_mean": round(float(np.mean(got)), 2),
-               "measured_ml_sd": round(float(np.std(got)), 2)}
+        row = {
+            "level": level,
+            "requested_ml": round(asked, 2),
+            "measured_ml_mean": round(float(np.mean(got)), 2),
+            "measured_ml_sd": round(float(np.std(got)), 2),
+        }
         if name == "lesion_load":
             row["lesion_appears"] = round(float(np.mean(np.array(got) >= instruments.lesion_threshold)), 3)
         rows.append(row)
-        print(f"{name}={level:g} (asked {asked:.1f} ml): measured {np.mean(got):.1f} ± {np.std(got):.1f} ml"
-              + (f", lesion in {row['lesion_appears']:.0%}" if "lesion_appears" in row else ""), flush=True)
-    return {"pearson": round(pearson(requested, measured), 4), "levels": rows, "n": len(measured),
-            "range_ml": [spec.unit_low, spec.unit_high], "seeds": seeds, "pictures": pictures}
+        print(
+            f"{name}={level:g} (asked {asked:.1f} ml): measured {np.mean(got):.1f} ± {np.std(got):.1f} ml"
+            + (f", lesion in {row['lesion_appears']:.0%}" if "lesion_appears" in row else ""),
+            flush=True,
+        )
+    return {
+        "pearson": round(pearson(requested, measured), 4),
+        "levels": rows,
+        "n": len(measured),
+        "range_ml": [spec.unit_low, spec.unit_high],
+        "seeds": seeds,
+        "pictures": pictures,
+    }
 
 
 def save_pictures(path: Path, results: dict, name: str) -> None:
     """Three orthogonal middle slices of the first seeds at the lowest and highest level of each condition
     (the same seeds: only the condition differs), and their difference (mid-grey: unchanged, lighter: brighter
     at the highest level)."""
-    from napari_meddiff.training.common import save_grid
+    from napari_meddiff.training.reporting import save_grid
 
     rows, labels = [], []
     for cond, r in results.items():
@@ -179,8 +210,13 @@ def save_pictures(path: Path, results: dict, name: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--heldout", type=Path, nargs="+", default=[ROOT / "data" / "cohort-2mm-heldout"],
-                   help="held-out cohort folders; the first checks the volume instruments, all the lesion detector")
+    p.add_argument(
+        "--heldout",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "data" / "cohort-2mm-heldout"],
+        help="held-out cohort folders; the first checks the volume instruments, all the lesion detector",
+    )
     p.add_argument("--instrument", choices=("segdiff", "kmeans"), default="segdiff")
     p.add_argument("--conditions", nargs="+", default=None, help="only these conditions (default: all measurable)")
     p.add_argument("--lesion-detector", type=Path, default=None, help="a benchmarks/lesion_detector.py folder")
@@ -195,14 +231,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from lesion_detector import grid_config
-    from napari_meddiff.generate import to_volume
-    from napari_meddiff.zoo import find_model_dir, load_model
+
+    from napari_meddiff.models import find_model_dir, load_model
+    from napari_meddiff.tasks.generate import to_volume
 
     model_dir = find_model_dir(args.model)
     model = load_model(model_dir)
     if model.spatial_dims != 3:
-        raise SystemExit(f"{args.model} is a {model.spatial_dims}D model: its conditions are a subject's volumes, "
-                         "measured here on whole 3D samples")
+        raise SystemExit(
+            f"{args.model} is a {model.spatial_dims}D model: its conditions are a subject's volumes, "
+            "measured here on whole 3D samples"
+        )
     names = [c.name for c in model.conditions]
     measurable = list(VOLUME_CONDITIONS) + (["lesion_load"] if args.lesion_detector else [])
     todo = [n for n in measurable if n in names and (args.conditions is None or n in args.conditions)]
@@ -211,18 +250,25 @@ def main(argv=None) -> int:
     t0 = time.time()
     affine = to_volume(model, np.zeros(model.image_shape, np.float32)).affine  # the grid the samples come on
     instruments = Instruments(args.instrument, affine, args.lesion_detector)
-    res = {"model": str(args.model), "weights_sha256": model.weights_sha256, "machine": machine(),
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "guidance_scale": args.guidance_scale, "sampler": model.config["defaults"]["sampler"],
-           "steps": model.config["defaults"]["steps"], "target_pearson": 0.8}
-    res["instrument"] = instrument_check(grid_config(model_dir), args.heldout, args.num_heldout,
-                                         instruments, model)
+    res = {
+        "model": str(args.model),
+        "weights_sha256": model.weights_sha256,
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "guidance_scale": args.guidance_scale,
+        "sampler": model.config["defaults"]["sampler"],
+        "steps": model.config["defaults"]["steps"],
+        "target_pearson": 0.8,
+    }
+    res["instrument"] = instrument_check(grid_config(model_dir), args.heldout, args.num_heldout, instruments, model)
     print(f"instruments on held-out subjects: {json.dumps(res['instrument'])}", flush=True)
-    res["conditions"] = {n: sweep(model, n, args.levels, args.per_level, args.guidance_scale, args.seed,
-                                  instruments) for n in todo}
+    res["conditions"] = {
+        n: sweep(model, n, args.levels, args.per_level, args.guidance_scale, args.seed, instruments) for n in todo
+    }
     res["minutes"] = round((time.time() - t0) / 60, 2)
-    png = (args.out.with_suffix(".png") if args.out else
-           ROOT / "benchmarks" / "results" / f"conditioning_{model.name}.png")
+    png = (
+        args.out.with_suffix(".png") if args.out else ROOT / "benchmarks" / "results" / f"conditioning_{model.name}.png"
+    )
     save_pictures(png, res["conditions"], model.name)
     res["samples_png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
     for n, r in res["conditions"].items():

@@ -64,7 +64,7 @@ def machine() -> str:
 
 
 def ensure_heldout(folder: Path, num: int) -> Path:
-    from napari_meddiff.cohort import HELDOUT_SEEDS, write_cohort
+    from napari_meddiff.data.mni152 import HELDOUT_SEEDS, write_cohort
 
     write_cohort(folder, num, seed=HELDOUT_SEEDS.start, progress=False)
     return folder
@@ -82,7 +82,7 @@ def model_train_config(model_dir: Path) -> dict:
 
 def load_split(cfg: dict, folder: Path, num: int, with_labels: bool = True):
     """(images (N,1,*S), labels (N,*S), subject index per item, seeds) of the first ``num`` subjects."""
-    from napari_meddiff.cohort import check_split
+    from napari_meddiff.data.mni152 import check_split
     from napari_meddiff.training.data import cohort_seeds, preprocess_subject
 
     files = sorted(folder.glob(cfg["data"]["images"]))[:num]
@@ -91,8 +91,9 @@ def load_split(cfg: dict, folder: Path, num: int, with_labels: bool = True):
     imgs, labs, subj = [], [], []
     for i, f in enumerate(files):
         lab = f.with_name(f.name.replace(*cfg["data"]["labels_replace"])) if with_labels else None
-        im, lb = preprocess_subject(f, lab, cfg["spatial_dims"], cfg["image_shape"], cfg["voxel_size"],
-                                    cfg["intensity"], cfg["data"])
+        im, lb = preprocess_subject(
+            f, lab, cfg["spatial_dims"], cfg["image_shape"], cfg["voxel_size"], cfg["intensity"], cfg["data"]
+        )
         imgs.append(im)
         labs.append(lb)
         subj += [i] * len(im)
@@ -129,11 +130,18 @@ def tissue_stats(images: np.ndarray, labels: np.ndarray | None, threshold: float
     }
     centres = kmeans_1d(vals.astype(np.float64))
     assign = np.argmin(np.abs(vals[:, None] - centres[None]), axis=1)
-    out["kmeans"] = {t: {"mean": round(float(vals[assign == j].mean()), 4), "sd": round(float(vals[assign == j].std()), 4)}
-                     for j, t in enumerate(TISSUES)}
+    out["kmeans"] = {
+        t: {"mean": round(float(vals[assign == j].mean()), 4), "sd": round(float(vals[assign == j].std()), 4)}
+        for j, t in enumerate(TISSUES)
+    }
     if labels is not None:
-        out["labels"] = {t: {"mean": round(float(images[labels == j + 1].mean()), 4),
-                             "sd": round(float(images[labels == j + 1].std()), 4)} for j, t in enumerate(TISSUES)}
+        out["labels"] = {
+            t: {
+                "mean": round(float(images[labels == j + 1].mean()), 4),
+                "sd": round(float(images[labels == j + 1].std()), 4),
+            }
+            for j, t in enumerate(TISSUES)
+        }
     return out
 
 
@@ -161,8 +169,9 @@ class SmallCNN(torch.nn.Module):
         return self.head(f.flatten(2).mean(-1)).squeeze(-1)
 
 
-def train_classifier(dims: int, xtr: torch.Tensor, ytr: torch.Tensor, steps: int, bs: int, g: torch.Generator,
-                     seed: int) -> SmallCNN:
+def train_classifier(
+    dims: int, xtr: torch.Tensor, ytr: torch.Tensor, steps: int, bs: int, g: torch.Generator, seed: int
+) -> SmallCNN:
     """A `SmallCNN` trained on ``xtr``/``ytr`` (batches drawn with replacement, random left-right flips); in eval mode."""
     torch.manual_seed(seed)
     net = SmallCNN(dims)
@@ -207,9 +216,16 @@ def c2st(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, min_steps: int =
         accs.append(float((pred.float() == yte).float().mean()))
         train_accs.append(float((ptr.float() == ytr).float().mean()))
         degenerate.append(bool(pred.all() or (~pred).all()))
-    return {"accuracy": round(float(np.mean(accs)), 4), "folds": [round(a, 4) for a in accs],
-            "train_accuracy": [round(a, 4) for a in train_accs], "degenerate": any(degenerate),
-            "n_per_class": int(n), "test_per_fold": int(2 * half), "steps": steps, "batch_size": bs}
+    return {
+        "accuracy": round(float(np.mean(accs)), 4),
+        "folds": [round(a, 4) for a in accs],
+        "train_accuracy": [round(a, 4) for a in train_accs],
+        "degenerate": any(degenerate),
+        "n_per_class": int(n),
+        "test_per_fold": int(2 * half),
+        "steps": steps,
+        "batch_size": bs,
+    }
 
 
 def axial_slices(volumes: torch.Tensor, per_volume: int = 24) -> torch.Tensor:
@@ -249,11 +265,19 @@ def c2st_slices(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, steps: in
         slice_accs.append(float(((logits > 0).float() == yte[:, None]).float().mean()))
         train_accs.append(float((ptr.float() == ytr).float().mean()))
         degenerate.append(bool(pred.all() or (~pred).all()))
-    return {"accuracy": round(float(np.mean(accs)), 4), "folds": [round(a, 4) for a in accs],
-            "train_accuracy": [round(a, 4) for a in train_accs], "degenerate": any(degenerate),
-            "slice_accuracy": [round(a, 4) for a in slice_accs], "slices_per_volume": per_volume,
-            "n_per_class": int(n), "test_per_fold": int(2 * half), "steps": steps, "batch_size": bs,
-            "classifier": "2D CNN on axial slices, one decision per volume (mean slice logit)"}
+    return {
+        "accuracy": round(float(np.mean(accs)), 4),
+        "folds": [round(a, 4) for a in accs],
+        "train_accuracy": [round(a, 4) for a in train_accs],
+        "degenerate": any(degenerate),
+        "slice_accuracy": [round(a, 4) for a in slice_accs],
+        "slices_per_volume": per_volume,
+        "n_per_class": int(n),
+        "test_per_fold": int(2 * half),
+        "steps": steps,
+        "batch_size": bs,
+        "classifier": "2D CNN on axial slices, one decision per volume (mean slice logit)",
+    }
 
 
 def two_sample_test(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
@@ -274,7 +298,7 @@ def diversity(x: torch.Tensor, k: int = 20) -> float:
 
 
 def save_samples(path: Path, gen: torch.Tensor, real: torch.Tensor, title: str) -> None:
-    from napari_meddiff.training.common import save_grid
+    from napari_meddiff.training.reporting import save_grid
 
     k = min(6, len(gen), len(real))
     gi = torch.linspace(0, len(gen) - 1, k).long()
@@ -297,14 +321,20 @@ def heldout_conditions(model, files: list[Path], n: int) -> list[dict[str, float
     per_subject = []
     for f in files:
         ml = measure_subject(f, [s.name for s in specs])
-        per_subject.append({s.name: min(s.high, max(s.low, s.low + (v - s.unit_low) / (s.unit_high - s.unit_low)
-                                                      * (s.high - s.low))) for s, v in zip(specs, ml)})
+        per_subject.append(
+            {
+                s.name: min(
+                    s.high, max(s.low, s.low + (v - s.unit_low) / (s.unit_high - s.unit_low) * (s.high - s.low))
+                )
+                for s, v in zip(specs, ml)
+            }
+        )
     return [per_subject[i % len(per_subject)] for i in range(n)]
 
 
 def evaluate(name: str, args) -> dict:
-    from napari_meddiff.generate import generate
-    from napari_meddiff.zoo import find_model_dir, load_model
+    from napari_meddiff.models import find_model_dir, load_model
+    from napari_meddiff.tasks.generate import generate
 
     model_dir = find_model_dir(name)
     model = load_model(model_dir)
@@ -314,9 +344,15 @@ def evaluate(name: str, args) -> dict:
     t0 = time.time()
     num = args.num_heldout
     real, labels, subj, seeds = load_split(cfg, args.heldout, num)
-    res: dict = {"model": name, "kind": model.kind, "weights_sha256": model.weights_sha256,
-                 "heldout_seeds": seeds, "heldout_items": int(len(real)), "machine": machine(),
-                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    res: dict = {
+        "model": name,
+        "kind": model.kind,
+        "weights_sha256": model.weights_sha256,
+        "heldout_seeds": seeds,
+        "heldout_items": int(len(real)),
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     if model.kind == "ldm":
         from monai.metrics import PSNRMetric, SSIMMetric
 
@@ -330,41 +366,66 @@ def evaluate(name: str, args) -> dict:
         rec, rec_mean = torch.cat(recs).clamp(0, 1), torch.cat(recs_mean).clamp(0, 1)
         psnr = PSNRMetric(max_val=1.0)(rec, real).flatten()
         ssim = SSIMMetric(spatial_dims=3, data_range=1.0)(rec, real).flatten()
-        res["autoencoder"] = {"psnr_db": {"mean": round(float(psnr.mean()), 3), "sd": round(float(psnr.std()), 3)},
-                              "ssim": {"mean": round(float(ssim.mean()), 4), "sd": round(float(ssim.std()), 4)},
-                              "n_volumes": int(len(real))}
+        res["autoencoder"] = {
+            "psnr_db": {"mean": round(float(psnr.mean()), 3), "sd": round(float(psnr.std()), 3)},
+            "ssim": {"mean": round(float(ssim.mean()), 4), "sd": round(float(ssim.std()), 4)},
+            "n_volumes": int(len(real)),
+        }
         print(f"{name}: AE PSNR {float(psnr.mean()):.2f} dB, SSIM {float(ssim.mean()):.4f}", flush=True)
         # the floor a perfect diffusion model on this autoencoder would reach: its reconstructions (from the
         # posterior mean, its sharpest) against the real volumes, by the same two-sample test
         res["autoencoder"]["c2st_reconstructions"] = two_sample_test(real, rec_mean, seed=args.seed)
-        print(f"{name}: C2ST of mean reconstructions vs real "
-              f"{res['autoencoder']['c2st_reconstructions']['accuracy']:.3f}", flush=True)
+        print(
+            f"{name}: C2ST of mean reconstructions vs real "
+            f"{res['autoencoder']['c2st_reconstructions']['accuracy']:.3f}",
+            flush=True,
+        )
     if model.kind in ("ddpm", "ldm"):
         n = args.num_generated or (len(real) if model.spatial_dims == 3 else min(len(real), 400))
         t1 = time.time()
         conditions = heldout_conditions(model, sorted(args.heldout.glob(cfg["data"]["images"]))[:num], n)
-        vols = generate(model, list(range(args.seed, args.seed + n)), batch_size=args.batch_size, device="cpu",
-                        conditions=conditions)
+        vols = generate(
+            model,
+            list(range(args.seed, args.seed + n)),
+            batch_size=args.batch_size,
+            device="cpu",
+            conditions=conditions,
+        )
         gen_seconds = time.time() - t1
         arr = np.stack([np.squeeze(v.array, -1) if model.spatial_dims == 2 else v.array for v in vols])
         fake = torch.from_numpy(arr).float().unsqueeze(1)
         sampling = {k: vols[0].metadata["provenance"][k] for k in ("sampler", "steps")}
         res["generation"] = {"n": n, **sampling, "seconds_per_sample": round(gen_seconds / n, 3)}
         if conditions is not None:
-            res["generation"]["conditions"] = ("each sample those of a held-out subject (in turn), measured from its "
-                                               "label files and put on the model's scale")
+            res["generation"]["conditions"] = (
+                "each sample those of a held-out subject (in turn), measured from its "
+                "label files and put on the model's scale"
+            )
         res["c2st"] = two_sample_test(real, fake, seed=args.seed)
         ridx = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:20]
-        res["diversity"] = {"real": round(diversity(real[ridx]), 4), "generated": round(diversity(fake), 4),
-                            "what": "mean pairwise RMS difference of 20 images"}
+        res["diversity"] = {
+            "real": round(diversity(real[ridx]), 4),
+            "generated": round(diversity(fake), 4),
+            "what": "mean pairwise RMS difference of 20 images",
+        }
         r_np, f_np = real.numpy(), fake.numpy()
-        res["intensity"] = {"real": tissue_stats(r_np[:, 0], labels.numpy()), "generated": tissue_stats(f_np[:, 0], None),
-                            "wasserstein_brain_intensity": round(wasserstein(r_np, f_np), 4)}
+        res["intensity"] = {
+            "real": tissue_stats(r_np[:, 0], labels.numpy()),
+            "generated": tissue_stats(f_np[:, 0], None),
+            "wasserstein_brain_intensity": round(wasserstein(r_np, f_np), 4),
+        }
         png = results_path(name, args.out).parent / f"samples_{model_dir.name}.png"
-        save_samples(png, fake, real,
-                     f"{name}: top generated ({sampling['sampler']} {sampling['steps']} steps), bottom held-out real")
+        save_samples(
+            png,
+            fake,
+            real,
+            f"{name}: top generated ({sampling['sampler']} {sampling['steps']} steps), bottom held-out real",
+        )
         res["samples_png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
-        print(f"{name}: C2ST accuracy {res['c2st']['accuracy']:.3f}; W1 {res['intensity']['wasserstein_brain_intensity']}", flush=True)
+        print(
+            f"{name}: C2ST accuracy {res['c2st']['accuracy']:.3f}; W1 {res['intensity']['wasserstein_brain_intensity']}",
+            flush=True,
+        )
     res["eval_minutes"] = round((time.time() - t0) / 60, 2)
     return res
 
@@ -377,22 +438,29 @@ def fmt_ms(d: dict, digits: int = 3) -> str:
 
 
 def render(res: dict) -> str:
-    lines = [f"Measured by `benchmarks/evaluate_models.py` on {res['date']} ({res['machine']}); "
-             f"{len(res['heldout_seeds'])} held-out cohort subjects (seeds {min(res['heldout_seeds'])}-"
-             f"{max(res['heldout_seeds'])}, never used in training), {res['heldout_items']} "
-             f"{'volumes' if res['kind'] == 'ldm' else 'slices'}; weights sha256 {res['weights_sha256'][:12]}…. "
-             f"Source: `{res.get('json', 'benchmarks/results/evaluation.json')}`.", ""]
+    lines = [
+        f"Measured by `benchmarks/evaluate_models.py` on {res['date']} ({res['machine']}); "
+        f"{len(res['heldout_seeds'])} held-out cohort subjects (seeds {min(res['heldout_seeds'])}-"
+        f"{max(res['heldout_seeds'])}, never used in training), {res['heldout_items']} "
+        f"{'volumes' if res['kind'] == 'ldm' else 'slices'}; weights sha256 {res['weights_sha256'][:12]}…. "
+        f"Source: `{res.get('json', 'benchmarks/results/evaluation.json')}`.",
+        "",
+    ]
     miss = []
     if "autoencoder" in res:
         a = res["autoencoder"]
         ok = a["psnr_db"]["mean"] >= TARGETS["ae_psnr_db"]
         miss += [] if ok else [f"autoencoder PSNR {a['psnr_db']['mean']:.1f} dB < {TARGETS['ae_psnr_db']:.0f} dB"]
-        lines.append(f"- Autoencoder reconstruction of held-out volumes: PSNR {fmt_ms(a['psnr_db'], 2)} dB, "
-                     f"SSIM {fmt_ms(a['ssim'], 4)} (target PSNR ≥ {TARGETS['ae_psnr_db']:.0f} dB: {'met' if ok else 'NOT met'}).")
+        lines.append(
+            f"- Autoencoder reconstruction of held-out volumes: PSNR {fmt_ms(a['psnr_db'], 2)} dB, "
+            f"SSIM {fmt_ms(a['ssim'], 4)} (target PSNR ≥ {TARGETS['ae_psnr_db']:.0f} dB: {'met' if ok else 'NOT met'})."
+        )
         if "c2st_reconstructions" in a:
-            lines.append(f"- The same two-sample test on the autoencoder's reconstructions (from the posterior mean) "
-                         f"against the real volumes: {a['c2st_reconstructions']['accuracy']:.3f} (the best a diffusion "
-                         "model on this autoencoder could reach).")
+            lines.append(
+                f"- The same two-sample test on the autoencoder's reconstructions (from the posterior mean) "
+                f"against the real volumes: {a['c2st_reconstructions']['accuracy']:.3f} (the best a diffusion "
+                "model on this autoencoder could reach)."
+            )
     if "c2st" in res:
         c = res["c2st"]
         ok = c["accuracy"] <= TARGETS["c2st_accuracy"] and not c.get("degenerate")
@@ -402,21 +470,31 @@ def render(res: dict) -> str:
             miss.append(f"two-sample accuracy {c['accuracy']:.2f} > {TARGETS['c2st_accuracy']}")
         g = res["generation"]
         what = c.get("classifier", "small CNN")
-        lines.append(f"- Classifier two-sample test ({what}, real held-out vs {g['n']} generated with {g['sampler']} "
-                     f"{g['steps']} steps; 2-fold held-out accuracy, 0.5 = indistinguishable): **{c['accuracy']:.3f}** "
-                     f"(folds {c['folds']}, training accuracy {c.get('train_accuracy')}, {c['n_per_class']} per class; "
-                     f"target ≤ {TARGETS['c2st_accuracy']}: {'inconclusive' if c.get('degenerate') else 'met' if ok else 'NOT met'}). "
-                     f"Sampling {g['seconds_per_sample']} s per sample on this CPU.")
+        lines.append(
+            f"- Classifier two-sample test ({what}, real held-out vs {g['n']} generated with {g['sampler']} "
+            f"{g['steps']} steps; 2-fold held-out accuracy, 0.5 = indistinguishable): **{c['accuracy']:.3f}** "
+            f"(folds {c['folds']}, training accuracy {c.get('train_accuracy')}, {c['n_per_class']} per class; "
+            f"target ≤ {TARGETS['c2st_accuracy']}: {'inconclusive' if c.get('degenerate') else 'met' if ok else 'NOT met'}). "
+            f"Sampling {g['seconds_per_sample']} s per sample on this CPU."
+        )
         it = res["intensity"]
         r, gstat = it["real"], it["generated"]
-        lines.append("- Tissue intensities (normalised [0, 1]; mean ± SD). Real, from the cohort labels: " + ", ".join(
-            f"{t} {fmt_ms(r['labels'][t])}" for t in TISSUES) + ".")
-        lines.append("  3-class k-means of brain intensities (> 0.1), real vs generated: " + "; ".join(
-            f"{t} {fmt_ms(r['kmeans'][t])} vs {fmt_ms(gstat['kmeans'][t])}" for t in TISSUES) + ".")
-        lines.append(f"  Brain-intensity 1-Wasserstein distance real vs generated {it['wasserstein_brain_intensity']:.4f}; "
-                     f"quantiles 5/25/50/75/95 % real {r['quantiles_5_25_50_75_95']} vs generated "
-                     f"{gstat['quantiles_5_25_50_75_95']}; brain fraction of the field of view {r['brain_fraction']} vs "
-                     f"{gstat['brain_fraction']}.")
+        lines.append(
+            "- Tissue intensities (normalised [0, 1]; mean ± SD). Real, from the cohort labels: "
+            + ", ".join(f"{t} {fmt_ms(r['labels'][t])}" for t in TISSUES)
+            + "."
+        )
+        lines.append(
+            "  3-class k-means of brain intensities (> 0.1), real vs generated: "
+            + "; ".join(f"{t} {fmt_ms(r['kmeans'][t])} vs {fmt_ms(gstat['kmeans'][t])}" for t in TISSUES)
+            + "."
+        )
+        lines.append(
+            f"  Brain-intensity 1-Wasserstein distance real vs generated {it['wasserstein_brain_intensity']:.4f}; "
+            f"quantiles 5/25/50/75/95 % real {r['quantiles_5_25_50_75_95']} vs generated "
+            f"{gstat['quantiles_5_25_50_75_95']}; brain fraction of the field of view {r['brain_fraction']} vs "
+            f"{gstat['brain_fraction']}."
+        )
         if "diversity" in res:
             dv = res["diversity"]
             lines.append(f"- Diversity ({dv['what']}): real {dv['real']:.4f}, generated {dv['generated']:.4f}.")
@@ -433,7 +511,7 @@ def is_candidate(model_dir: Path) -> bool:
 
 def results_path(name: str, out: Path | None) -> Path:
     """Where a model's results go: ``--out`` if given, else the shipped JSON, or a candidate's own folder."""
-    from napari_meddiff.zoo import find_model_dir
+    from napari_meddiff.models import find_model_dir
 
     if out is not None:
         return out
@@ -450,17 +528,23 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", default=SHIPPED)
     p.add_argument("--heldout", type=Path, default=ROOT / "data" / "cohort-heldout")
     p.add_argument("--num-heldout", type=int, default=40, help="held-out subjects for generators/autoencoder")
-    p.add_argument("--num-generated", type=int, default=None, help="generated samples (default: as many as real, <= 400)")
+    p.add_argument(
+        "--num-generated", type=int, default=None, help="generated samples (default: as many as real, <= 400)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None,
-                   help="results JSON (default: benchmarks/results/evaluation.json; a candidate's own folder)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results JSON (default: benchmarks/results/evaluation.json; a candidate's own folder)",
+    )
     p.add_argument("--cards-only", action="store_true", help="only re-render the cards from the JSON")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from napari_meddiff.zoo import find_model_dir
+    from napari_meddiff.models import find_model_dir
 
     if not args.cards_only:
         ensure_heldout(args.heldout, args.num_heldout)

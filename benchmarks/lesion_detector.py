@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import machine  # noqa: E402
 
-NETWORK = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64), strides=(2, 2),
-               num_res_units=1)
+NETWORK = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64), strides=(2, 2), num_res_units=1)
 MIN_THRESHOLD_ML = 0.1
 LESION_CE_WEIGHT = 20.0
 
@@ -58,7 +57,7 @@ def grid_config(model_dir: Path) -> dict:
 def load_subjects(grid: dict, folders: list[Path], split: str | None = None, limit: int | None = None):
     """(images (N,1,*S) in [0, 1], lesion masks (N,1,*S), true load in ml at the files' own resolution, image
     paths) of the first ``limit`` subjects of each folder (default: all), folder after folder."""
-    from napari_meddiff.cohort import check_split
+    from napari_meddiff.data.mni152 import check_split
     from napari_meddiff.training.conditions import measure_subject
     from napari_meddiff.training.data import cohort_seeds, preprocess_subject
 
@@ -69,8 +68,15 @@ def load_subjects(grid: dict, folders: list[Path], split: str | None = None, lim
             check_split(cohort_seeds(Path(folder), files), split)
         for f in files:
             lesion = f.with_name(f.name.replace("_T1w", "_lesion"))
-            im, lb = preprocess_subject(f, lesion if lesion.is_file() else None, 3, grid["image_shape"],
-                                        grid["voxel_size"], grid["intensity"], grid["data"])
+            im, lb = preprocess_subject(
+                f,
+                lesion if lesion.is_file() else None,
+                3,
+                grid["image_shape"],
+                grid["voxel_size"],
+                grid["intensity"],
+                grid["data"],
+            )
             images.append(im)
             masks.append(lb if lb is not None else np.zeros_like(im, dtype=np.int64))
             loads.append(measure_subject(f, ["lesion_load"])[0])
@@ -82,7 +88,7 @@ def load_subjects(grid: dict, folders: list[Path], split: str | None = None, lim
 def lesion_contrast(paths: list[Path]) -> np.ndarray:
     """Per cohort image: its mean inside the lesion mask over the lesion-free image's there (< 1: a hypointense
     lesion, > 1: hyperintense), NaN where the subject has no lesion (or no lesion-free file)."""
-    from napari_meddiff.volume import read_volume
+    from napari_meddiff.io.volume import read_volume
 
     out = []
     for f in paths:
@@ -91,8 +97,11 @@ def lesion_contrast(paths: list[Path]) -> np.ndarray:
             out.append(np.nan)
             continue
         inside = read_volume(mask_file).array > 0
-        out.append(float(read_volume(f).array[inside].mean() / read_volume(free_file).array[inside].mean())
-                   if inside.any() else np.nan)
+        out.append(
+            float(read_volume(f).array[inside].mean() / read_volume(free_file).array[inside].mean())
+            if inside.any()
+            else np.nan
+        )
     return np.array(out)
 
 
@@ -100,7 +109,8 @@ def through_autoencoder(model, images: torch.Tensor) -> torch.Tensor:
     """Each image encoded and decoded by an LDM's autoencoder (posterior mean), clipped to [0, 1]; ``model``: a
     loaded model or its folder."""
     from evaluate_ae import reconstruct_mean
-    from napari_meddiff.zoo import DiffusionModel, load_model
+
+    from napari_meddiff.models import DiffusionModel, load_model
 
     if not isinstance(model, DiffusionModel):
         model = load_model(model, device="cpu")
@@ -120,7 +130,7 @@ def lesion_load_ml(net: torch.nn.Module, images: torch.Tensor, voxel_ml: float, 
     loads = []
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            p = torch.softmax(net(images[i:i + batch]), dim=1)[:, 1]
+            p = torch.softmax(net(images[i : i + batch]), dim=1)[:, 1]
             loads += ((p > 0.5).flatten(1).sum(1) * voxel_ml).tolist()
     return np.array(loads)
 
@@ -129,7 +139,7 @@ def train(args) -> int:
     from monai.losses import DiceCELoss
     from safetensors.torch import save_file
 
-    from napari_meddiff.files import current_umask
+    from napari_meddiff.io.files import current_umask
 
     torch.manual_seed(0)
     grid = grid_config(Path(args.grid_of))
@@ -147,8 +157,13 @@ def train(args) -> int:
         print(f"resuming from {args.resume} ({steps_before} steps)", flush=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     # lesions are ~0.03 % of the voxels: Dice of the lesion class only, and lesion voxels weighted in the CE
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=False,
-                         weight=torch.tensor([1.0, LESION_CE_WEIGHT]))
+    loss_fn = DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        batch=True,
+        include_background=False,
+        weight=torch.tensor([1.0, LESION_CE_WEIGHT]),
+    )
     gen = torch.Generator().manual_seed(0)
     with_lesion, without = np.flatnonzero(loads > 0), np.flatnonzero(loads == 0)
     t0, step, losses = time.time(), 0, []
@@ -156,8 +171,12 @@ def train(args) -> int:
         for group in opt.param_groups:  # cosine decay over the time budget
             group["lr"] = args.lr * 0.5 * (1.0 + np.cos(np.pi * elapsed / (args.minutes * 60)))
         half = args.batch_size // 2
-        pick = np.concatenate([with_lesion[torch.randint(len(with_lesion), (half,), generator=gen).numpy()],
-                               without[torch.randint(len(without), (args.batch_size - half,), generator=gen).numpy()]])
+        pick = np.concatenate(
+            [
+                with_lesion[torch.randint(len(with_lesion), (half,), generator=gen).numpy()],
+                without[torch.randint(len(without), (args.batch_size - half,), generator=gen).numpy()],
+            ]
+        )
         x, y = images[pick], masks[pick]
         flip = torch.rand(len(pick), generator=gen) < 0.5  # left-right (axis 0 of the RAS grid)
         x[flip], y[flip] = x[flip].flip(2), y[flip].flip(2)
@@ -177,17 +196,28 @@ def train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "detector.safetensors"))
     (out / "detector.safetensors").chmod(0o666 & ~current_umask())  # safetensors writes 0600
-    meta = {"network": NETWORK, "lr": args.lr, "grid": grid, "threshold_ml": round(threshold, 4),
-            "threshold_quantile": args.threshold_quantile, "steps": steps_before + step, "resumed_from":
-            str(args.resume) if args.resume else None,
-            "minutes": round(minutes_before + (time.time() - t0) / 60, 2),  # all runs, as "steps"
-            "final_loss": round(float(np.mean(losses[-100:])), 4),
-            "training_subjects": len(paths), "training_with_lesion": int((loads[:len(paths)] > 0).sum()),
-            "training_folders": [str(d) for d in args.data], "autoencoder_of": args.autoencoder_of,
-            "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = {
+        "network": NETWORK,
+        "lr": args.lr,
+        "grid": grid,
+        "threshold_ml": round(threshold, 4),
+        "threshold_quantile": args.threshold_quantile,
+        "steps": steps_before + step,
+        "resumed_from": str(args.resume) if args.resume else None,
+        "minutes": round(minutes_before + (time.time() - t0) / 60, 2),  # all runs, as "steps"
+        "final_loss": round(float(np.mean(losses[-100:])), 4),
+        "training_subjects": len(paths),
+        "training_with_lesion": int((loads[: len(paths)] > 0).sum()),
+        "training_folders": [str(d) for d in args.data],
+        "autoencoder_of": args.autoencoder_of,
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     (out / "detector.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {out}: {steps_before + step} steps, threshold {threshold:.3f} ml (the {args.threshold_quantile} "
-          "quantile of the loads in lesion-free training subjects)")
+    print(
+        f"wrote {out}: {steps_before + step} steps, threshold {threshold:.3f} ml (the {args.threshold_quantile} "
+        "quantile of the loads in lesion-free training subjects)"
+    )
     return 0
 
 
@@ -200,8 +230,9 @@ def load_detector(folder: Path) -> tuple[torch.nn.Module, dict]:
     return net.eval(), meta
 
 
-def detection_summary(measured: np.ndarray, truth: np.ndarray, threshold: float,
-                      contrast: np.ndarray | None = None) -> dict:
+def detection_summary(
+    measured: np.ndarray, truth: np.ndarray, threshold: float, contrast: np.ndarray | None = None
+) -> dict:
     """Sensitivity (all lesions, lesions >= 1 ml and, given ``lesion_contrast``, hypo- and hyperintense ones),
     specificity, and how well the measured load follows the true one."""
     from evaluate_conditioning import pearson
@@ -212,18 +243,32 @@ def detection_summary(measured: np.ndarray, truth: np.ndarray, threshold: float,
     if contrast is not None:
         kinds = {f"sensitivity_{k}": rate(has & sel) for k, sel in (("hypo", contrast < 1), ("hyper", contrast > 1))}
         kinds.update(with_lesion_hyper=int((has & (contrast > 1)).sum()))
-    return {"subjects": int(len(truth)), "with_lesion": int(has.sum()), "with_lesion_ge_1ml": int(large.sum()),
-            "sensitivity": rate(has), "sensitivity_ge_1ml": rate(large), **kinds,
-            "specificity": round(float((~found[~has]).mean()), 3) if (~has).any() else None,
-            "pearson_load": round(pearson(truth, measured), 4),
-            "mean_abs_error_ml": round(float(np.abs(measured - truth).mean()), 3)}
+    return {
+        "subjects": int(len(truth)),
+        "with_lesion": int(has.sum()),
+        "with_lesion_ge_1ml": int(large.sum()),
+        "sensitivity": rate(has),
+        "sensitivity_ge_1ml": rate(large),
+        **kinds,
+        "specificity": round(float((~found[~has]).mean()), 3) if (~has).any() else None,
+        "pearson_load": round(pearson(truth, measured), 4),
+        "mean_abs_error_ml": round(float(np.abs(measured - truth).mean()), 3),
+    }
 
 
-def detection_summaries(net: torch.nn.Module, threshold: float, voxel_ml: float, passes: dict[str, torch.Tensor],
-                        truth: np.ndarray, contrast: np.ndarray | None = None) -> dict:
+def detection_summaries(
+    net: torch.nn.Module,
+    threshold: float,
+    voxel_ml: float,
+    passes: dict[str, torch.Tensor],
+    truth: np.ndarray,
+    contrast: np.ndarray | None = None,
+) -> dict:
     """`detection_summary` of each named set of the same subjects' images (e.g. real, through an autoencoder)."""
-    return {name: detection_summary(lesion_load_ml(net, images, voxel_ml), truth, threshold, contrast)
-            for name, images in passes.items()}
+    return {
+        name: detection_summary(lesion_load_ml(net, images, voxel_ml), truth, threshold, contrast)
+        for name, images in passes.items()
+    }
 
 
 def check(args) -> int:
@@ -233,9 +278,13 @@ def check(args) -> int:
     passes = {"real": images}
     if args.autoencoder_of:
         passes["through_autoencoder"] = through_autoencoder(Path(args.autoencoder_of), images)
-    res = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "heldout": [str(d) for d in args.heldout], "threshold_ml": meta["threshold_ml"],
-           **detection_summaries(net, meta["threshold_ml"], voxel_ml, passes, truth, lesion_contrast(paths))}
+    res = {
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "heldout": [str(d) for d in args.heldout],
+        "threshold_ml": meta["threshold_ml"],
+        **detection_summaries(net, meta["threshold_ml"], voxel_ml, passes, truth, lesion_contrast(paths)),
+    }
     for k in passes:
         print(f"{k}: {res[k]}")
     (Path(args.detector) / "check.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -253,8 +302,12 @@ def main(argv=None) -> int:
     t.add_argument("--minutes", type=float, default=15.0)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (cosine decay to 0)")
-    t.add_argument("--threshold-quantile", type=float, default=0.95,
-                   help="detection threshold: this quantile of the loads found in lesion-free training subjects")
+    t.add_argument(
+        "--threshold-quantile",
+        type=float,
+        default=0.95,
+        help="detection threshold: this quantile of the loads found in lesion-free training subjects",
+    )
     t.add_argument("--resume", type=Path, default=None, help="a detector folder to start from (its weights)")
     c = sub.add_parser("check")
     c.add_argument("--detector", type=Path, required=True)

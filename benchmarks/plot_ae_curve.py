@@ -41,7 +41,7 @@ def plot(curve: dict, heldout: list[tuple[int, float, float]], ceiling_db: float
     k = max(1, len(l1) // 40)
     smooth = np.convolve(l1, np.ones(k) / k, mode="valid")
     ax_l1.plot(steps, l1, color="0.8", lw=0.8, label="as logged")
-    ax_l1.plot(steps[k - 1:], smooth, color="C0", label=f"mean of {k}")
+    ax_l1.plot(steps[k - 1 :], smooth, color="C0", label=f"mean of {k}")
     ax_l1.set_yscale("log")
     ax_l1.set(xlabel="step", ylabel="training L1", title="training L1 (crops, then whole volumes)")
     if curve["val_psnr_db"]:
@@ -59,8 +59,9 @@ def plot(curve: dict, heldout: list[tuple[int, float, float]], ceiling_db: float
             ax.axvline(patch_steps, color="0.5", lw=0.8)
         ax.legend(fontsize=7, loc="lower right")
     ax_db.set(xlabel="step", ylabel="PSNR (dB, EMA weights, whole volumes)", title="reconstruction PSNR")
-    fig.suptitle(f"brain-ldm-3d 2 mm autoencoder: step {curve['step']}, {curve['minutes']:.0f} training minutes",
-                 fontsize=10)
+    fig.suptitle(
+        f"brain-ldm-3d 2 mm autoencoder: step {curve['step']}, {curve['minutes']:.0f} training minutes", fontsize=10
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
@@ -72,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve", type=Path, default=TRAINING / "autoencoder-2mm-curve.json")
     ap.add_argument("--heldout", type=Path, default=TRAINING / "heldout-2mm.jsonl")
     ap.add_argument("--ceiling", type=Path, default=HERE / "results" / "psnr_ceiling_2mm.json")
-    ap.add_argument("--config", type=Path, default=HERE.parent / "models" / "brain-ldm-3d" / "train-2mm.yaml",
-                    help="the training config (its autoencoder_training.patch_steps: where the crop phase ends)")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=HERE.parent / "models" / "brain-ldm-3d" / "train-2mm.yaml",
+        help="the training config (its autoencoder_training.patch_steps: where the crop phase ends)",
+    )
     ap.add_argument("--out", type=Path, default=TRAINING / "autoencoder-2mm-curve.png")
     args = ap.parse_args(argv)
     import yaml

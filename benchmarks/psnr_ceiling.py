@@ -1,6 +1,6 @@
 """The highest reconstruction PSNR an autoencoder can reach on cohort subjects: the noise ceiling (issue 16).
 
-Each cohort subject is a noise-free image plus Rician noise (``napari_meddiff.cohort``: std drawn per subject,
+Each cohort subject is a noise-free image plus Rician noise (``napari_meddiff.data.mni152``: std drawn per subject,
 U(0, 2.5) on the ~0..100 scale). An autoencoder with fewer latent numbers than voxels cannot encode white noise,
 so the best it can do is predict each voxel's expected value given the noise-free image; its error is then the
 noise variance itself. This script rebuilds held-out subjects (the same seeds as ``evaluate_ae.py``) with and
@@ -36,7 +36,7 @@ COHORT_MM = 2.0
 
 def noise_free_and_noisy(seed: int, resolution: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(noise-free image, noisy image, affine) of cohort subject ``seed``; the noisy one is ``make_subject``'s."""
-    from napari_meddiff import cohort
+    from napari_meddiff.data import mni152 as cohort
 
     noisy = cohort.make_subject(seed, resolution_mm=resolution)
     clean = cohort.make_subject(seed, resolution_mm=resolution, noise=False)
@@ -52,12 +52,16 @@ def subject_noise_sd(clean: np.ndarray, noisy: np.ndarray) -> float:
 def on_grid(arrays: list[np.ndarray], affine: np.ndarray, cfg: dict) -> tuple[list[np.ndarray], float, float]:
     """``arrays`` (one grid; the last is the noisy image) cut to the model grid around the noisy image's centre,
     in scanner units, and the noisy image's intensity window (lo, hi), as ``preprocess_subject`` prepares it."""
-    from napari_meddiff.intensity import intensity_window, normalise
+    from napari_meddiff.io.intensity import intensity_window, normalise
+    from napari_meddiff.io.volume import Volume, resample, to_canonical
     from napari_meddiff.training.data import _fit, foreground_centre
-    from napari_meddiff.volume import Volume, resample, to_canonical
 
-    out = [np.asarray(resample(to_canonical(Volume(a.astype(np.float32), affine)), tuple(cfg["voxel_size"])).array,
-                      np.float64) for a in arrays]
+    out = [
+        np.asarray(
+            resample(to_canonical(Volume(a.astype(np.float32), affine)), tuple(cfg["voxel_size"])).array, np.float64
+        )
+        for a in arrays
+    ]
     window = intensity_window(out[-1].astype(np.float32), cfg["intensity"])
     fg = normalise(out[-1], window) > float(cfg["data"].get("foreground_threshold", 0.1))
     centre = foreground_centre(fg) + 0.5
@@ -87,9 +91,12 @@ def subject_ceiling(seed: int, cfg: dict) -> dict:
     width = hi - lo
     real = np.clip((noisy_g - lo) / width, 0, 1)  # what evaluate_ae.py compares against
     psnr = lambda mse: float(10 * np.log10(1.0 / mse))  # noqa: E731
-    return {"seed": seed, "noise_sd": round(sd / width, 5),
-            "psnr_clean_db": round(psnr(float(((np.clip((clean_g - lo) / width, 0, 1) - real) ** 2).mean())), 2),
-            "ceiling_db": round(psnr(float(var_g.mean()) / width**2), 2)}
+    return {
+        "seed": seed,
+        "noise_sd": round(sd / width, 5),
+        "psnr_clean_db": round(psnr(float(((np.clip((clean_g - lo) / width, 0, 1) - real) ** 2).mean())), 2),
+        "ceiling_db": round(psnr(float(var_g.mean()) / width**2), 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,16 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.first_seed, args.first_seed + args.num):
         rows.append(subject_ceiling(seed, cfg))
         print(rows[-1], flush=True)
-    summary = {k: {"mean": round(float(np.mean([r[k] for r in rows])), 3),
-                   "min": round(float(np.min([r[k] for r in rows])), 3),
-                   "max": round(float(np.max([r[k] for r in rows])), 3)}
-               for k in ("noise_sd", "psnr_clean_db", "ceiling_db")}
-    print(f"{len(rows)} subjects on the grid of {args.config}: ceiling {summary['ceiling_db']['mean']:.2f} dB mean "
-          f"({summary['ceiling_db']['min']:.2f}-{summary['ceiling_db']['max']:.2f}); a perfect denoiser "
-          f"{summary['psnr_clean_db']['mean']:.2f} dB")
+    summary = {
+        k: {
+            "mean": round(float(np.mean([r[k] for r in rows])), 3),
+            "min": round(float(np.min([r[k] for r in rows])), 3),
+            "max": round(float(np.max([r[k] for r in rows])), 3),
+        }
+        for k in ("noise_sd", "psnr_clean_db", "ceiling_db")
+    }
+    print(
+        f"{len(rows)} subjects on the grid of {args.config}: ceiling {summary['ceiling_db']['mean']:.2f} dB mean "
+        f"({summary['ceiling_db']['min']:.2f}-{summary['ceiling_db']['max']:.2f}); a perfect denoiser "
+        f"{summary['psnr_clean_db']['mean']:.2f} dB"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "config": str(args.config), "subjects": rows,
-                                         "summary": summary}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"machine": machine(), "config": str(args.config), "subjects": rows, "summary": summary}, indent=2
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -64,7 +64,7 @@ prepare() {
   "$py" - "$full" <<'EOF'
 import hashlib, json, sys
 from pathlib import Path
-from napari_meddiff.training.common import slim_checkpoint
+from napari_meddiff.training.checkpoints import slim_checkpoint
 st = slim_checkpoint(Path(sys.argv[1]), Path(".carry/autoencoder.pt"))
 sha = hashlib.sha256(Path(sys.argv[1]).read_bytes()).hexdigest()
 Path(".carry/source.json").write_text(json.dumps({"file": sys.argv[1], "sha256": sha, "step": st["step"]}) + "\n")
@@ -83,9 +83,9 @@ prepare_ldm() {
 import json, sys
 from pathlib import Path
 from napari_meddiff.training.autoencoder import encoder_sha256
-from napari_meddiff.training.common import slim_checkpoint
+from napari_meddiff.training.checkpoints import slim_checkpoint
 from napari_meddiff.training.config import load_config
-from napari_meddiff.zoo import build_network
+from napari_meddiff.models import build_network
 cfg = load_config(sys.argv[2])
 st = slim_checkpoint(Path(sys.argv[1]), Path(".carry/ldm/autoencoder.pt"))
 if st["step"] != cfg["autoencoder_training"]["steps"]:
@@ -174,7 +174,7 @@ EOF
   [ -f work/diffusion.pt ] || die "no diffusion checkpoint was written (see $OUT/log.txt)"
   "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
 from pathlib import Path
-from napari_meddiff.training.common import slim_checkpoint
+from napari_meddiff.training.checkpoints import slim_checkpoint
 st = slim_checkpoint(Path("work/diffusion.pt"), Path("work/diffusion-slim.pt"))
 print(f"slim diffusion checkpoint: step {st['step']}, {st['minutes']:.1f} min")
 EOF

@@ -38,8 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BASELINE_NETWORK = dict(spatial_dims=2, in_channels=1, out_channels=4, channels=(16, 32, 64, 128),
-                        strides=(2, 2, 2), num_res_units=1)
+BASELINE_NETWORK = dict(
+    spatial_dims=2, in_channels=1, out_channels=4, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1
+)
 
 
 def network_config(cfg: dict) -> dict:
@@ -61,7 +62,7 @@ def train_baseline(args) -> int:
     """DiceCE, Adam 1e-3, batch 8, random flips, on exactly the diffusion config's training slices."""
     from monai.losses import DiceCELoss
 
-    from napari_meddiff.files import write_atomic, write_text_atomic
+    from napari_meddiff.io.files import write_atomic, write_text_atomic
     from napari_meddiff.training.config import load_config
     from napari_meddiff.training.data import random_batch, split_dataset
 
@@ -74,35 +75,53 @@ def train_baseline(args) -> int:
     net = baseline_unet(net_cfg)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    meta = {"network": f"monai.networks.nets.UNet({net_cfg})", "network_config": net_cfg, "loss": "DiceCE",
-            "batch_size": 8, "lr": 1e-3, "train_slices": int(train.images.shape[0]), "train_seeds": train.seeds,
-            "config": str(args.config), "threads": args.threads, "snapshots": []}
+    meta = {
+        "network": f"monai.networks.nets.UNet({net_cfg})",
+        "network_config": net_cfg,
+        "loss": "DiceCE",
+        "batch_size": 8,
+        "lr": 1e-3,
+        "train_slices": int(train.images.shape[0]),
+        "train_seeds": train.seeds,
+        "config": str(args.config),
+        "threads": args.threads,
+        "snapshots": [],
+    }
     spent_cpu, spent_wall, steps, next_snap, warmup = 0.0, 0.0, 0, 0.0, 0
     state_path = args.out / "last.pt"
     if args.init_from is not None and not args.resume:  # another run's snapshot, widened to more image channels
-        from napari_meddiff.training.common import load_widened
+        from napari_meddiff.training.checkpoints import load_widened
 
-        entries = [s for s in json.loads((args.init_from.parent / "snapshots.json").read_text())["snapshots"]
-                   if s["file"] == args.init_from.name]
+        entries = [
+            s
+            for s in json.loads((args.init_from.parent / "snapshots.json").read_text())["snapshots"]
+            if s["file"] == args.init_from.name
+        ]
         if not entries:
             raise SystemExit(f"{args.init_from} is not listed in {args.init_from.parent / 'snapshots.json'}")
         entry = entries[0]
         spent_cpu, spent_wall, steps = entry["cpu_minutes"], entry["wall_minutes"], entry["steps"]
-        next_snap = float(entry["file"][len("unet_cpu"):-len(".pt")]) + args.every
+        next_snap = float(entry["file"][len("unet_cpu") : -len(".pt")]) + args.every
         context = (net_cfg["in_channels"] - 1) // 2
         widened = load_widened(net, torch.load(args.init_from, weights_only=True), lambda i: i + context)
         warmup = 100
-        meta["init_from"] = {"snapshot": str(args.init_from), **entry, "widened": widened,
-                             "optimiser": "fresh, 100-step warmup"}
+        meta["init_from"] = {
+            "snapshot": str(args.init_from),
+            **entry,
+            "widened": widened,
+            "optimiser": "fresh, 100-step warmup",
+        }
         print(f"baseline: from {args.init_from} ({spent_cpu:.1f} CPU-min, step {steps}); widened {widened}", flush=True)
     if args.resume:
         meta = json.loads((args.out / "snapshots.json").read_text())
         if meta.get("network_config", BASELINE_NETWORK) != net_cfg:
-            raise SystemExit(f"{args.out} holds a baseline of another network ({meta.get('network_config')}); "
-                             f"this config's is {net_cfg}")
+            raise SystemExit(
+                f"{args.out} holds a baseline of another network ({meta.get('network_config')}); "
+                f"this config's is {net_cfg}"
+            )
         last = meta["snapshots"][-1]
         spent_cpu, spent_wall, steps = last["cpu_minutes"], last["wall_minutes"], last["steps"]
-        next_snap = float(last["file"][len("unet_cpu"):-len(".pt")]) + args.every
+        next_snap = float(last["file"][len("unet_cpu") : -len(".pt")]) + args.every
         state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
         if state is not None and state.get("snapshot") == last:  # weights + optimiser of that snapshot: exact
             net.load_state_dict(state["net"])
@@ -121,14 +140,20 @@ def train_baseline(args) -> int:
         if cpu >= next_snap and (steps > first or not log):
             name = f"unet_cpu{next_snap:06.2f}.pt"
             state = {k: v.clone() for k, v in net.state_dict().items()}
-            entry = {"file": name, "cpu_minutes": round(cpu, 3),
-                     "wall_minutes": round(spent_wall + (time.time() - t0) / 60, 3), "steps": steps}
+            entry = {
+                "file": name,
+                "cpu_minutes": round(cpu, 3),
+                "wall_minutes": round(spent_wall + (time.time() - t0) / 60, 3),
+                "steps": steps,
+            }
             write_atomic(args.out / name, lambda p, s=state: torch.save(s, p))
             log.append(entry)
             write_text_atomic(args.out / "snapshots.json", json.dumps(meta, indent=1))
             # the optimiser with the snapshot it belongs to: a resume uses it only when they match
-            write_atomic(state_path, lambda p, s=state, e=entry: torch.save({"net": s, "opt": opt.state_dict(),
-                                                                             "snapshot": e}, p))
+            write_atomic(
+                state_path,
+                lambda p, s=state, e=entry: torch.save({"net": s, "opt": opt.state_dict(), "snapshot": e}, p),
+            )
             next_snap += args.every
             if cpu >= args.cpu_minutes:
                 break
@@ -164,9 +189,9 @@ def export(args) -> int:
     """Write the snapshot as a model folder in `bench_segment.Baseline`'s format (model.json + safetensors)."""
     from safetensors.torch import save_file
 
-    from napari_meddiff.files import write_atomic, write_text_atomic
+    from napari_meddiff.io.files import write_atomic, write_text_atomic
+    from napari_meddiff.models import sha256_file
     from napari_meddiff.training.config import load_config
-    from napari_meddiff.zoo import sha256_file
 
     meta = json.loads((args.snapshots / "snapshots.json").read_text())
     minutes = args.cpu_minutes
@@ -179,15 +204,22 @@ def export(args) -> int:
     weights = args.out / "unet.safetensors"
     write_atomic(weights, lambda p: save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(p)))
     model = {
-        "name": args.out.name, "kind": "baseline", "spatial_dims": 2,
-        "image_shape": cfg["image_shape"], "voxel_size": cfg["voxel_size"], "intensity": cfg["intensity"],
+        "name": args.out.name,
+        "kind": "baseline",
+        "spatial_dims": 2,
+        "image_shape": cfg["image_shape"],
+        "voxel_size": cfg["voxel_size"],
+        "intensity": cfg["intensity"],
         "networks": {"unet": {**net_cfg, "channels": list(net_cfg["channels"]), "strides": list(net_cfg["strides"])}},
         "weights": {"unet": {"file": weights.name, "sha256": sha256_file(weights)}},
         "training": {**info, "matched_cpu_minutes": minutes, "train_seeds": meta.get("train_seeds")},
     }
     write_text_atomic(args.out / "model.json", json.dumps(model, indent=1) + "\n")
-    print(f"{args.out}: snapshot {info['file']} ({info['cpu_minutes']:.1f} CPU-min, {info['steps']} steps) "
-          f"for {minutes:.1f} CPU-min of diffusion training", flush=True)
+    print(
+        f"{args.out}: snapshot {info['file']} ({info['cpu_minutes']:.1f} CPU-min, {info['steps']} steps) "
+        f"for {minutes:.1f} CPU-min of diffusion training",
+        flush=True,
+    )
     return 0
 
 
@@ -202,8 +234,12 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--resume", action="store_true", help="continue from the last snapshot in --out")
-    b.add_argument("--init-from", type=Path, default=None,
-                   help="start from a snapshot of another run (its CPU minutes count; input channels added at zero)")
+    b.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a snapshot of another run (its CPU minutes count; input channels added at zero)",
+    )
     x = sub.add_parser("export", help="a snapshot as a baseline model folder for bench_segment.py")
     x.add_argument("--snapshots", type=Path, required=True)
     x.add_argument("--out", type=Path, required=True)

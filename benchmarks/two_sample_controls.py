@@ -51,9 +51,14 @@ def subject_variants(seed: int, cfg: dict) -> dict[str, np.ndarray]:
     grids, lo, hi = on_grid(arrays, affine, cfg)
     unit = lambda a: np.clip((a - lo) / (hi - lo), 0, 1).astype(np.float32)  # noqa: E731
     real, clean_u = unit(grids[-1]), unit(grids[0])
-    out = {"real": real, "new noise draw": unit(grids[1]), "noise removed": clean_u,
-           "blurred s=0.5": gaussian_filter(real, 0.5), "blurred s=1.0": gaussian_filter(real, 1.0),
-           "noise removed, blurred s=0.5": gaussian_filter(clean_u, 0.5)}
+    out = {
+        "real": real,
+        "new noise draw": unit(grids[1]),
+        "noise removed": clean_u,
+        "blurred s=0.5": gaussian_filter(real, 0.5),
+        "blurred s=1.0": gaussian_filter(real, 1.0),
+        "noise removed, blurred s=0.5": gaussian_filter(clean_u, 0.5),
+    }
     for b, g in zip(blurs, grids[2:-1]):
         out[f"blurred s={b}, new noise draw"] = unit(g)
     return out
@@ -92,16 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=ROOT / "models/brain-ldm-3d/training/train-2mm-conditional.yaml")
     ap.add_argument("--num", type=int, default=40)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--figure", type=Path, default=None,
-                    help="only draw one subject's controls, titled with the accuracies in --json")
+    ap.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help="only draw one subject's controls, titled with the accuracies in --json",
+    )
     ap.add_argument("--figure-seed", type=int, default=HELDOUT_SEED + 4)
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     cfg = {k: cfg[k] for k in ("voxel_size", "image_shape", "intensity", "data")}
     if args.figure:
         rows = json.loads(args.json.read_text())["rows"] if args.json and args.json.exists() else []
-        figure(args.figure, subject_variants(args.figure_seed, cfg), args.figure_seed,
-               {r["control"]: r["accuracy"] for r in rows})
+        figure(
+            args.figure,
+            subject_variants(args.figure_seed, cfg),
+            args.figure_seed,
+            {r["control"]: r["accuracy"] for r in rows},
+        )
         print(f"written {args.figure}")
         return 0
     t0 = time.perf_counter()
@@ -115,14 +128,35 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         res = c2st_slices(stack["real"], fake)
         mse = float(((fake - stack["real"]) ** 2).mean())
-        rows.append({"control": name, "accuracy": res["accuracy"], "folds": res["folds"],
-                     "train_accuracy": res["train_accuracy"], "psnr_db": round(10 * np.log10(1 / mse), 2),
-                     "seconds": round(time.perf_counter() - t, 1)})
-        print(f"{name:32s} two-sample accuracy {res['accuracy']:.3f} (folds {res['folds']}), "
-              f"PSNR vs real {rows[-1]['psnr_db']:.2f} dB", flush=True)
+        rows.append(
+            {
+                "control": name,
+                "accuracy": res["accuracy"],
+                "folds": res["folds"],
+                "train_accuracy": res["train_accuracy"],
+                "psnr_db": round(10 * np.log10(1 / mse), 2),
+                "seconds": round(time.perf_counter() - t, 1),
+            }
+        )
+        print(
+            f"{name:32s} two-sample accuracy {res['accuracy']:.3f} (folds {res['folds']}), "
+            f"PSNR vs real {rows[-1]['psnr_db']:.2f} dB",
+            flush=True,
+        )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "config": str(args.config), "n_per_class": args.num,
-                                         "first_seed": HELDOUT_SEED, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "config": str(args.config),
+                    "n_per_class": args.num,
+                    "first_seed": HELDOUT_SEED,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

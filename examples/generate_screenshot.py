@@ -31,16 +31,21 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model name or folder (default: brain-ldm-3d if installed)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
-                        help="set a condition slider of a conditional model (repeatable)")
+    parser.add_argument(
+        "--condition",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a condition slider of a conditional model (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_meddiff.testing import make_tiny_model
-    from napari_meddiff.zoo import DEFAULT_MODEL, available_models
+    from napari_meddiff.models import DEFAULT_MODEL, available_models
+    from napari_meddiff.testing.tiny_models import make_tiny_model
 
     app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer(show=True)

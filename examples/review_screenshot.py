@@ -1,6 +1,6 @@
 """Screenshot of the reader-study widget on a tiny study (run: ``xvfb-run -a python examples/review_screenshot.py``).
 
-"Real" cases are synthetic MNI152 subjects from ``napari_meddiff.cohort`` (smooth random blobs if that module
+"Real" cases are synthetic MNI152 subjects from ``napari_meddiff.data.mni152`` (smooth random blobs if that module
 is unavailable); "synthetic" ones are the same kind of image, smoothed, to stand in for a generator's output.
 Writes ``examples/screenshots/review_widget.png``.
 """
@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from napari_meddiff.volume import Volume, write_volume
+from napari_meddiff.io.volume import Volume, write_volume
 
 OUT = Path(__file__).resolve().parent / "screenshots" / "review_widget.png"
 
 
 def _image(seed: int) -> Volume:
     try:
-        from napari_meddiff.cohort import make_subject
+        from napari_meddiff.data.mni152 import make_subject
 
         return make_subject(seed, resolution_mm=2.0, lesion=False).image
     except Exception:  # noqa: BLE001 - the cohort module is optional here
@@ -55,7 +55,7 @@ def main() -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_meddiff.review.widget import ReviewWidget
+    from napari_meddiff._napari.widgets.review import ReviewWidget
 
     with tempfile.TemporaryDirectory() as tmp:
         study = build_study(Path(tmp))

@@ -48,13 +48,13 @@ def main() -> None:
     from napari_meddiff._napari.sample_data import volume_from_nibabel
     from napari_meddiff._napari.widgets.segment import SegmentWidget
     from napari_meddiff.errors import MeddiffError
-    from napari_meddiff.zoo import find_model_dir
+    from napari_meddiff.models import find_model_dir
 
     tmp = tempfile.TemporaryDirectory()
     try:
         model_dir = find_model_dir(args.model)
     except MeddiffError:
-        from napari_meddiff.testing import make_tiny_model
+        from napari_meddiff.testing.tiny_models import make_tiny_model
 
         print(f"{args.model} is not installed; using a random tiny model (the labels will be noise)")
         model_dir = make_tiny_model(Path(tmp.name) / "tiny-seg-2d (untrained)", "segmentation", 2, image_shape=(64, 64))

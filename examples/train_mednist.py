@@ -16,13 +16,19 @@ from pathlib import Path
 import numpy as np
 
 
-def prepare_mednist(root: Path, out_dir: Path, class_name: str = "HeadCT", section: str = "training",
-                    download: bool = False, max_images: int | None = None) -> Path:
+def prepare_mednist(
+    root: Path,
+    out_dir: Path,
+    class_name: str = "HeadCT",
+    section: str = "training",
+    download: bool = False,
+    max_images: int | None = None,
+) -> Path:
     """MedNIST JPEGs of one class -> ``out_dir/img-XXXXX.nii.gz`` (64x64x1, 1 mm); returns ``out_dir``."""
     from monai.apps import MedNISTDataset
     from PIL import Image
 
-    from napari_meddiff.volume import Volume, write_volume
+    from napari_meddiff.io.volume import Volume, write_volume
 
     root.mkdir(parents=True, exist_ok=True)
     ds = MedNISTDataset(root_dir=root, section=section, download=download, seed=0, cache_rate=0.0, progress=False)
@@ -47,10 +53,23 @@ def mednist_config(name: str, data_dir: Path, minutes: float) -> dict:
         "image_shape": [64, 64],
         "voxel_size": [1.0, 1.0],
         "intensity": {"method": "percentile", "lower": 0.0, "upper": 100.0, "foreground_only": False},
-        "data": {"dir": str(data_dir), "images": "img-*.nii.gz", "val_subjects": 8, "slice_thickness": 1.0,
-                 "min_brain_fraction": 0.0, "flip": False},
-        "networks": {"unet": {"channels": [32, 64, 64], "attention_levels": [False, False, True], "num_res_blocks": 1,
-                              "num_head_channels": 64, "norm_num_groups": 32}},
+        "data": {
+            "dir": str(data_dir),
+            "images": "img-*.nii.gz",
+            "val_subjects": 8,
+            "slice_thickness": 1.0,
+            "min_brain_fraction": 0.0,
+            "flip": False,
+        },
+        "networks": {
+            "unet": {
+                "channels": [32, 64, 64],
+                "attention_levels": [False, False, True],
+                "num_res_blocks": 1,
+                "num_head_channels": 64,
+                "norm_num_groups": 32,
+            }
+        },
         "defaults": {"sampler": "dpm++", "steps": 25, "precision": "fp32"},
         "training": {"max_minutes": minutes, "batch_size": 32, "lr": 2.5e-4, "val_every": 500},
     }
@@ -68,8 +87,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="model folder (default models/mednist-<class>-ddpm)")
     p.add_argument("--prepare-only", action="store_true")
     args = p.parse_args(argv)
-    data_dir = prepare_mednist(args.root, args.root / f"mednist-{args.class_name.lower()}-nifti", args.class_name,
-                               download=args.download, max_images=args.max_images)
+    data_dir = prepare_mednist(
+        args.root,
+        args.root / f"mednist-{args.class_name.lower()}-nifti",
+        args.class_name,
+        download=args.download,
+        max_images=args.max_images,
+    )
     name = f"mednist-{args.class_name.lower()}-ddpm"
     cfg_path = data_dir.parent / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(mednist_config(name, data_dir, args.minutes), sort_keys=False))

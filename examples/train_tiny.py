@@ -32,11 +32,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
 
-    from napari_meddiff.cohort import write_cohort
-    from napari_meddiff.generate import generate
-    from napari_meddiff.training.common import save_grid
+    from napari_meddiff.data.mni152 import write_cohort
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
     from napari_meddiff.training.pipeline import segment_slices, train
-    from napari_meddiff.zoo import load_model
+    from napari_meddiff.training.reporting import save_grid
 
     t0 = time.time()
     cohort = args.out / "cohort"
@@ -48,8 +48,14 @@ def main(argv=None) -> int:
     config_path = args.out / CONFIGS[args.kind]
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     name = cfg["name"]
-    model_dir = train(config_path, out=args.out / "models" / name, work_dir=args.out / "runs" / name,
-                      max_minutes=args.minutes, steps=args.steps, num_threads=args.threads)
+    model_dir = train(
+        config_path,
+        out=args.out / "models" / name,
+        work_dir=args.out / "runs" / name,
+        max_minutes=args.minutes,
+        steps=args.steps,
+        num_threads=args.threads,
+    )
 
     model = load_model(model_dir)
     if model.kind == "segmentation":
@@ -58,7 +64,11 @@ def main(argv=None) -> int:
         data = load_dataset({**model_train_cfg(config_path)}, progress=False)
         idx = list(range(0, len(data), max(1, len(data) // 4)))[:4]
         pred = segment_slices(model, data.images[idx], steps=model.config["defaults"]["steps"])
-        rows = [[x[0].numpy() for x in data.images[idx]], [x.numpy() / 3 for x in data.labels[idx]], [x.numpy() / 3 for x in pred]]
+        rows = [
+            [x[0].numpy() for x in data.images[idx]],
+            [x.numpy() / 3 for x in data.labels[idx]],
+            [x.numpy() / 3 for x in pred],
+        ]
         title = "image / cohort labels / predicted labels"
     else:
         vols = generate(model, [0, 1, 2, 3], device="cpu")
@@ -68,7 +78,9 @@ def main(argv=None) -> int:
     save_grid(png, rows, title)
     print(f"model folder {model_dir}; samples {png}; total {time.time() - t0:.0f} s")
     if model.kind == "segmentation":
-        print(f"next: meddiff segment --model {model_dir} --image {cohort}/sub-000000_T1w.nii.gz --out {args.out / 'segmented'}")
+        print(
+            f"next: meddiff segment --model {model_dir} --image {cohort}/sub-000000_T1w.nii.gz --out {args.out / 'segmented'}"
+        )
     else:
         print(f"next: meddiff generate --model {model_dir} --num 2 --out {args.out / 'generated'}")
     return 0

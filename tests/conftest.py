@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def digest_cache(tmp_path_factory):
     """Weight digests are remembered in a folder of this run, not the user's ~/.cache (subprocesses inherit it)."""
-    from napari_meddiff.zoo.digests import CACHE_ENV
+    from napari_meddiff.models.digests import CACHE_ENV
 
     saved = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
@@ -24,7 +24,7 @@ def digest_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """A folder holding tiny ldm-3d, ddpm-3d, ddpm-2d and segmentation-2d model folders."""
-    from napari_meddiff.testing import make_tiny_model
+    from napari_meddiff.testing.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     paths = {

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_meddiff import batch
 from napari_meddiff.cli import main
+from napari_meddiff.tasks import batch, distributed
 
 ARGS = ["--num", "5", "--seed", "3", "--sampler", "ddim", "--steps", "3", "--batch-size", "2"]
 SEEDS = list(range(3, 8))
@@ -67,8 +67,9 @@ def assert_same_cohort(a: Path, b: Path) -> None:
     assert list(ia) == list(ib) == [f"{NAME}_seed{s}.nii.gz" for s in SEEDS]
     assert sorted(p.name for p in a.glob("*.json")) == sorted(p.name for p in b.glob("*.json"))
     for name in ia:
-        np.testing.assert_array_equal(np.asanyarray(nib.load(str(ia[name])).dataobj),
-                                      np.asanyarray(nib.load(str(ib[name])).dataobj))
+        np.testing.assert_array_equal(
+            np.asanyarray(nib.load(str(ia[name])).dataobj), np.asanyarray(nib.load(str(ib[name])).dataobj)
+        )
         assert sha(ia[name]) == sha(ib[name]), name
     assert manifest_without_seconds(a) == manifest_without_seconds(b)
     assert not [p for p in list(a.iterdir()) + list(b.iterdir()) if ".part" in p.name]
@@ -83,8 +84,11 @@ def test_partition_covers_every_seed_once_in_fixed_blocks():
         full = batch.seed_blocks(seeds, bs)
         for n in (1, 2, 3, 7):
             for world in (1, 2, 4):
-                parts = [batch.partition(seeds, bs, shard=(i, n), rank=r, world=world)
-                         for i in range(n) for r in range(world)]
+                parts = [
+                    batch.partition(seeds, bs, shard=(i, n), rank=r, world=world)
+                    for i in range(n)
+                    for r in range(world)
+                ]
                 blocks = [b for part in parts for b in part]
                 assert sorted(map(tuple, blocks)) == sorted(map(tuple, full))  # same blocks, each exactly once
     # batch size 1: the strided split of the brief, seeds[shard::n][rank::world]
@@ -98,11 +102,11 @@ def test_parse_shard_rejects(text):
 
 
 def test_dist_context_from_env():
-    assert batch.DistContext.from_env({}) == batch.DistContext(0, 1, 0)
-    ctx = batch.DistContext.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert distributed.DistContext.from_env({}) == distributed.DistContext(0, 1, 0)
+    ctx = distributed.DistContext.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (ctx.rank, ctx.world, ctx.local_rank, ctx.distributed, ctx.is_main) == (3, 4, 1, True, False)
     with pytest.raises(batch.MeddiffError):
-        batch.DistContext.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+        distributed.DistContext.from_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
 # --- batching ---------------------------------------------------------------------------------------------------
@@ -116,8 +120,8 @@ def test_batched_equals_one_at_a_time(tiny_models, one_thread):
     differences are a few float32 ulps (max 2e-6 measured on images in [0, 1]), so the tolerance is 1e-5
     absolute; every batch size >= 2 goes through oneDNN and agrees bit for bit (checked below).
     """
-    from napari_meddiff.generate import generate
-    from napari_meddiff.zoo import load_model
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
 
     for key in ("ldm3d", "ddpm3d"):
         model = load_model(tiny_models[key])
@@ -217,10 +221,31 @@ def test_torchrun_two_processes_equal_one(tiny_models, reference, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MEDDIFF_MODELS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "napari_meddiff.cli", "--", "generate", "--model", str(tiny_models["ldm3d"]), *ARGS,
-         "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=170,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "napari_meddiff.cli",
+            "--",
+            "generate",
+            "--model",
+            str(tiny_models["ldm3d"]),
+            *ARGS,
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        timeout=170,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_cohort(reference, out)
@@ -249,8 +274,26 @@ def test_bad_batch_options_one_line_error(tiny_models, tmp_path, capsys, args, m
 def test_merge_flags_mixed_settings(tiny_models, reference, tmp_path, one_thread, capsys):
     out = tmp_path / "mixed-merge"
     shutil.copytree(reference, out)
-    assert main(["generate", "--model", str(tiny_models["ldm3d"]), "--num", "1", "--seed", "8", "--sampler", "ddim",
-                 "--steps", "4", "--out", str(out)]) == 0  # new seed, other steps: allowed, but flagged
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_models["ldm3d"]),
+                "--num",
+                "1",
+                "--seed",
+                "8",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )  # new seed, other steps: allowed, but flagged
     capsys.readouterr()
     assert main(["generate", "--merge-manifest", str(out)]) == 1
     assert "different settings" in capsys.readouterr().err

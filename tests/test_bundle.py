@@ -15,9 +15,9 @@ import torch
 
 from napari_meddiff import MeddiffError
 from napari_meddiff.cli import main
-from napari_meddiff.generate import generate
-from napari_meddiff.zoo import describe_model, load_model, read_config
-from napari_meddiff.zoo.bundle_fixtures import SCRIPT_MARKER, write_bundle
+from napari_meddiff.models import describe_model, load_model, read_config
+from napari_meddiff.tasks.generate import generate
+from napari_meddiff.testing.bundle_fixtures import SCRIPT_MARKER, write_bundle
 
 BRAIN_LDM = "brain_image_synthesis_latent_diffusion_model"
 
@@ -49,8 +49,14 @@ def test_brain_ldm_bundle_translated_from_its_files(bundles):
     assert config["networks"]["unet"]["in_channels"] == 7 and config["networks"]["autoencoder"]["latent_channels"] == 3
     assert config["latent"] == {"channels": 3, "shape": [8, 12, 8], "scale_factor": 1.0}
     assert config["image_shape"] == [16, 24, 16] and config["voxel_size"] == [1.0, 1.0, 1.0]
-    assert config["scheduler"] == {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015,
-                                   "beta_end": 0.0205, "prediction_type": "epsilon", "clip_sample": False}
+    assert config["scheduler"] == {
+        "num_train_timesteps": 1000,
+        "schedule": "scaled_linear_beta",
+        "beta_start": 0.0015,
+        "beta_end": 0.0205,
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
     assert config["bundle_sampling"] == {"sampler": "ddim", "steps": 50}
     model = describe_model(bundles["brain_ldm"])
     assert [c.name for c in model.conditions] == ["gender", "age", "ventricular_volume", "brain_volume"]
@@ -96,8 +102,12 @@ def test_conditions_change_output_and_seed_repeats(brain_ldm):
     (c,) = generate(brain_ldm, [7], **kw)
     assert np.array_equal(a.array, c.array)
     assert np.abs(a.array - b.array).max() > 1e-3
-    assert a.metadata["provenance"]["conditions"] == {"gender": 0.0, "age": 0.1, "ventricular_volume": 0.2,
-                                                      "brain_volume": 0.4}
+    assert a.metadata["provenance"]["conditions"] == {
+        "gender": 0.0,
+        "age": 0.1,
+        "ventricular_volume": 0.2,
+        "brain_volume": 0.4,
+    }
     with pytest.raises(MeddiffError, match="unknown condition 'sex'.*gender, age"):
         generate(brain_ldm, [0], conditions={"sex": 1.0}, **kw)
     with pytest.raises(MeddiffError, match=r"age=1.5 is outside its range \[0, 1\]"):
@@ -108,9 +118,29 @@ def test_conditions_change_output_and_seed_repeats(brain_ldm):
 
 def test_cli_generate_bundle_writes_spaced_nifti_and_records_conditions(bundles, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["generate", "--model", str(bundles["brain_ldm"]), "--num", "3", "--steps", "2", "--sampler", "ddim",
-               "--precision", "fp32", "--device", "cpu", "--condition", "age=0.2:0.8", "--condition", "gender=1",
-               "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(bundles["brain_ldm"]),
+            "--num",
+            "3",
+            "--steps",
+            "2",
+            "--sampler",
+            "ddim",
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--condition",
+            "age=0.2:0.8",
+            "--condition",
+            "gender=1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     img = nib.load(out / f"{BRAIN_LDM}_seed1.nii.gz")
     assert img.shape == (16, 24, 16)
@@ -122,17 +152,42 @@ def test_cli_generate_bundle_writes_spaced_nifti_and_records_conditions(bundles,
     assert manifest[0].endswith(",conditions")
     assert [line.split(",")[-1].split()[1] for line in manifest[1:]] == ["age=0.2", "age=0.5", "age=0.8"]
     # resuming with other conditions is refused, not silently mixed
-    assert main(["generate", "--model", str(bundles["brain_ldm"]), "--num", "3", "--steps", "2", "--sampler",
-                 "ddim", "--precision", "fp32", "--device", "cpu", "--condition", "age=0.3", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(bundles["brain_ldm"]),
+                "--num",
+                "3",
+                "--steps",
+                "2",
+                "--sampler",
+                "ddim",
+                "--precision",
+                "fp32",
+                "--device",
+                "cpu",
+                "--condition",
+                "age=0.3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "generated with other settings: conditions" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--condition", "agee=0.5"], "unknown condition 'agee'"),
-    (["--condition", "age=2"], "outside its range"),
-    (["--condition", "age=high"], "is not a number"),
-    (["--guidance-scale", "4"], "condition dropout"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--condition", "agee=0.5"], "unknown condition 'agee'"),
+        (["--condition", "age=2"], "outside its range"),
+        (["--condition", "age=high"], "is not a number"),
+        (["--guidance-scale", "4"], "condition dropout"),
+    ],
+)
 def test_cli_condition_errors(bundles, tmp_path, capsys, args, message):
     rc = main(["generate", "--model", str(bundles["brain_ldm"]), "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err
@@ -187,8 +242,9 @@ def test_md5_checked_and_missing_weights_explained(bundles, tmp_path):
 def test_sidecar_overrides_geometry(bundles, tmp_path):
     bundle = tmp_path / "mednist_ddpm"
     shutil.copytree(bundles["mednist"], bundle)
-    (bundle / "meddiff.json").write_text(json.dumps({"voxel_size": [0.5, 0.5], "orientation": "RAS",
-                                                     "defaults": {"sampler": "ddim", "steps": 3}}))
+    (bundle / "meddiff.json").write_text(
+        json.dumps({"voxel_size": [0.5, 0.5], "orientation": "RAS", "defaults": {"sampler": "ddim", "steps": 3}})
+    )
     model = describe_model(bundle)
     assert model.voxel_size == (0.5, 0.5) and not model.geometry_notes
     assert model.sampling_defaults["steps"] == 3
@@ -198,16 +254,19 @@ def test_sidecar_overrides_geometry(bundles, tmp_path):
 
 
 def test_pixel_and_2d_bundles_generate(bundles):
-    for key, shape, spacing in (("mednist", (16, 16, 1), 1.0), ("brats_2d", (32, 32, 1), 1.1),
-                                ("brats_3d", (32, 32, 16), 1.1)):
+    for key, shape, spacing in (
+        ("mednist", (16, 16, 1), 1.0),
+        ("brats_2d", (32, 32, 1), 1.1),
+        ("brats_3d", (32, 32, 16), 1.1),
+    ):
         (vol,) = generate(str(bundles[key]), [0], steps=2, sampler="ddim", device="cpu", precision="fp32")
         assert vol.array.shape == shape and np.isclose(vol.affine[0, 0], spacing)
         assert np.isfinite(vol.array).all() and vol.array.std() > 0
 
 
 def test_inpaint_with_bundle_ldm(brain_ldm):
-    from napari_meddiff.inpaint import inpaint
-    from napari_meddiff.volume import Volume
+    from napari_meddiff.io.volume import Volume
+    from napari_meddiff.tasks.inpaint import inpaint
 
     rng = np.random.default_rng(0)
     image = Volume.from_spacing(rng.random((20, 26, 18)).astype(np.float32), (1.0, 1.0, 1.0))
@@ -217,14 +276,17 @@ def test_inpaint_with_bundle_ldm(brain_ldm):
     assert out.array.shape == image.array.shape
     assert np.array_equal(out.array[~mask], image.array[~mask])
     assert not np.allclose(out.array[mask], image.array[mask])
-    (older,) = inpaint(brain_ldm, image, mask, steps=2, sampler="ddim", device="cpu", precision="fp32",
-                       conditions={"age": 0.9})
+    (older,) = inpaint(
+        brain_ldm, image, mask, steps=2, sampler="ddim", device="cpu", precision="fp32", conditions={"age": 0.9}
+    )
     assert older.metadata["provenance"]["conditions"]["age"] == 0.9
-    assert np.array_equal(older.array[~mask], image.array[~mask]) and not np.allclose(older.array[mask], out.array[mask])
+    assert np.array_equal(older.array[~mask], image.array[~mask]) and not np.allclose(
+        older.array[mask], out.array[mask]
+    )
 
 
 def test_cli_inpaint_bundle_with_condition(bundles, tmp_path, capsys):
-    from napari_meddiff.volume import Volume, write_volume
+    from napari_meddiff.io.volume import Volume, write_volume
 
     rng = np.random.default_rng(1)
     image = Volume.from_spacing(rng.random((20, 26, 18)).astype(np.float32) * 50, (1.0, 1.0, 1.0))
@@ -232,8 +294,21 @@ def test_cli_inpaint_bundle_with_condition(bundles, tmp_path, capsys):
     mask[8:12, 10:15, 7:11] = 1
     write_volume(image, tmp_path / "t1.nii.gz")
     write_volume(Volume(mask, image.affine), tmp_path / "mask.nii.gz")
-    base = ["inpaint", "--model", str(bundles["brain_ldm"]), "--image", str(tmp_path / "t1.nii.gz"), "--mask",
-            str(tmp_path / "mask.nii.gz"), "--steps", "2", "--sampler", "ddim", "--precision", "fp32"]
+    base = [
+        "inpaint",
+        "--model",
+        str(bundles["brain_ldm"]),
+        "--image",
+        str(tmp_path / "t1.nii.gz"),
+        "--mask",
+        str(tmp_path / "mask.nii.gz"),
+        "--steps",
+        "2",
+        "--sampler",
+        "ddim",
+        "--precision",
+        "fp32",
+    ]
     assert main([*base, "--condition", "age=0.8", "--out", str(tmp_path / "out.nii.gz")]) == 0
     out = nib.load(tmp_path / "out.nii.gz")
     assert out.shape == (20, 26, 18) and np.allclose(out.affine, image.affine)
@@ -271,10 +346,17 @@ def test_fetch_existing_bundle_checks_md5_and_offline_message(bundles, tmp_path,
     assert not (tmp_path / "empty").exists()
 
 
-@pytest.mark.parametrize("sidecar", [
-    {"conditioning": [1]}, {"latent": 5}, {"latent": {"shape": "abc"}}, {"image_shape": "abc"},
-    {"voxel_size": "abc"}, {"defaults": [1]},
-])
+@pytest.mark.parametrize(
+    "sidecar",
+    [
+        {"conditioning": [1]},
+        {"latent": 5},
+        {"latent": {"shape": "abc"}},
+        {"image_shape": "abc"},
+        {"voxel_size": "abc"},
+        {"defaults": [1]},
+    ],
+)
 def test_malformed_meddiff_json_is_a_user_error_and_listing_goes_on(bundles, tmp_path, monkeypatch, capsys, sidecar):
     folder = tmp_path / "models" / "bad-bundle"
     shutil.copytree(bundles["brain_ldm"], folder)
@@ -289,7 +371,7 @@ def test_malformed_meddiff_json_is_a_user_error_and_listing_goes_on(bundles, tmp
 def test_yaml_aliases_and_exploding_references_are_refused_fast(tmp_path):
     import time
 
-    from napari_meddiff.zoo.bundle_config import BundleConfig, load_data_file
+    from napari_meddiff.models.bundle_config import BundleConfig, load_data_file
 
     lines = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]  # 10**9 values

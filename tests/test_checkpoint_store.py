@@ -19,8 +19,12 @@ def _store(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                 "GIT_COMMITTER_EMAIL": "t@t"}.items():
+    for k, v in {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }.items():
         monkeypatch.setenv(k, v)
     _git(tmp_path, "init", "-q", "-b", "main")
     (tmp_path / "code.py").write_text("x = 1\n")
@@ -94,8 +98,9 @@ def test_found_through_a_merge_and_from_a_subfolder_and_names_are_exact(repo):
     _git(repo, "merge", "-q", "--no-ff", "-m", "merge side", "side")
     sub = repo / "pkg"
     sub.mkdir()
-    r = subprocess.run(["bash", str(SCRIPT), "restore", "brain/ae.ckpt", "out.pt"], cwd=sub, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "restore", "brain/ae.ckpt", "out.pt"], cwd=sub, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert (sub / "out.pt").read_bytes() == b"side"
     for name in ("brain", "brain/*", "../x"):  # a folder, a glob, outside the store

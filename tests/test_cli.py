@@ -20,10 +20,33 @@ def run_cli(*args, env=None):
 
 def test_generate_writes_nifti_and_sidecar(models_env, tmp_path, capsys):
     out = tmp_path / "gen"
-    assert main(["generate", "--model", "tiny-ldm-3d", "--num", "2", "--seed", "5", "--sampler", "ddim",
-                 "--steps", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-ldm-3d",
+                "--num",
+                "2",
+                "--seed",
+                "5",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     files = sorted(p.name for p in out.iterdir() if p.name != "cohort.csv")
-    assert files == ["tiny-ldm-3d_seed5.json", "tiny-ldm-3d_seed5.nii.gz", "tiny-ldm-3d_seed6.json", "tiny-ldm-3d_seed6.nii.gz"]
+    assert files == [
+        "tiny-ldm-3d_seed5.json",
+        "tiny-ldm-3d_seed5.nii.gz",
+        "tiny-ldm-3d_seed6.json",
+        "tiny-ldm-3d_seed6.nii.gz",
+    ]
     img = nib.load(str(out / "tiny-ldm-3d_seed5.nii.gz"))
     assert img.header.get_zooms() == (4.0, 4.0, 4.0)
     assert np.all(np.diag(img.affine)[:3] > 0)  # RAS
@@ -32,12 +55,30 @@ def test_generate_writes_nifti_and_sidecar(models_env, tmp_path, capsys):
     assert meta["seed"] == 5 and meta["sampler"] == "ddim" and meta["steps"] == 3 and len(meta["model_sha256"]) == 64
     # same seed, same volume, bit for bit; existing files are not overwritten
     before = (out / "tiny-ldm-3d_seed5.nii.gz").read_bytes()
-    assert main(["generate", "--model", "tiny-ldm-3d", "--seed", "5", "--sampler", "ddim", "--steps", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-ldm-3d",
+                "--seed",
+                "5",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "exists, skipping" in capsys.readouterr().err
     assert (out / "tiny-ldm-3d_seed5.nii.gz").read_bytes() == before
     again = tmp_path / "again"
-    main(["generate", "--model", "tiny-ldm-3d", "--seed", "5", "--sampler", "ddim", "--steps", "3", "--out", str(again)])
+    main(
+        ["generate", "--model", "tiny-ldm-3d", "--seed", "5", "--sampler", "ddim", "--steps", "3", "--out", str(again)]
+    )
     np.testing.assert_array_equal(nib.load(str(again / "tiny-ldm-3d_seed5.nii.gz")).get_fdata(), img.get_fdata())
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_meddiff.cohort import (
+from napari_meddiff.data.mni152 import (
     HELDOUT_SEEDS,
     TRAIN_SEEDS,
     check_split,
@@ -21,7 +21,7 @@ from napari_meddiff.cohort import (
     write_cohort,
 )
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.volume import read_volume
+from napari_meddiff.io.volume import read_volume
 
 VOXEL_ML = 8 / 1000  # 2 mm isotropic
 
@@ -199,7 +199,8 @@ def test_one_mm_subject():
 def test_hyperintense_lesion_saturates_without_headroom_and_keeps_contrast_with_it():
     """The default window (upper percentile -> 1, clipped) flattens a bright lesion to 1.0 like the brightest
     white matter; ``upper_value: 0.8`` keeps it brighter than white matter and below 1, and denormalise inverts it."""
-    from napari_meddiff.intensity import denormalise, intensity_window, normalise
+    from napari_meddiff.io.intensity import denormalise, intensity_window, normalise
+
     s = make_subject(1007, lesion=True)  # seed 1007: a hyperintense lesion
     arr, lesion = s.image.array, s.lesion_mask.array > 0
     wm = (s.labels.array == 3) & ~ndimage.binary_dilation(lesion, iterations=3)

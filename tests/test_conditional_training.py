@@ -16,13 +16,18 @@ from napari_meddiff.errors import MeddiffError
 from napari_meddiff.training import conditions as tc
 from napari_meddiff.training.config import validate
 
-TINY_UNET = {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
-             "norm_num_groups": 8}
+TINY_UNET = {
+    "channels": [8, 16],
+    "attention_levels": [False, True],
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+}
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from napari_meddiff.cohort import write_cohort
+    from napari_meddiff.data.mni152 import write_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     write_cohort(out, 3, seed=0, progress=False)
@@ -31,19 +36,32 @@ def cohort(tmp_path_factory):
 
 
 def config(tmp_path: Path, cohort: Path, how: str = "context", names=("brain_volume", "csf_volume")) -> Path:
-    cfg = {"name": f"t-cond-{how}", "kind": "ddpm", "spatial_dims": 2, "image_shape": [16, 16],
-           "voxel_size": [10.0, 10.0], "data": {"dir": str(cohort), "val_subjects": 1, "min_brain_fraction": 0.1},
-           "networks": {"unet": dict(TINY_UNET)}, "defaults": {"sampler": "ddim", "steps": 3},
-           "conditioning": {"input": how, "dropout": 0.2, "conditions": list(names)},
-           "training": {"steps": 3, "batch_size": 4, "val_every": 0, "log_every": 1, "checkpoint_minutes": 100,
-                        "num_threads": 1}}
+    cfg = {
+        "name": f"t-cond-{how}",
+        "kind": "ddpm",
+        "spatial_dims": 2,
+        "image_shape": [16, 16],
+        "voxel_size": [10.0, 10.0],
+        "data": {"dir": str(cohort), "val_subjects": 1, "min_brain_fraction": 0.1},
+        "networks": {"unet": dict(TINY_UNET)},
+        "defaults": {"sampler": "ddim", "steps": 3},
+        "conditioning": {"input": how, "dropout": 0.2, "conditions": list(names)},
+        "training": {
+            "steps": 3,
+            "batch_size": 4,
+            "val_every": 0,
+            "log_every": 1,
+            "checkpoint_minutes": 100,
+            "num_threads": 1,
+        },
+    }
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def test_measures_come_from_the_subjects_label_files(cohort):
-    from napari_meddiff.volume import read_volume
+    from napari_meddiff.io.volume import read_volume
 
     image = cohort / "sub-000000_T1w.nii.gz"
     labels = read_volume(cohort / "sub-000000_dseg.nii.gz")
@@ -59,9 +77,9 @@ def test_measures_come_from_the_subjects_label_files(cohort):
 
 @pytest.mark.parametrize("how", ["context", "concat"])
 def test_a_conditional_model_trains_and_its_conditions_steer_guided_sampling(tmp_path, cohort, how):
-    from napari_meddiff.generate import generate
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     out = train(config(tmp_path, cohort, how), out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
     model = load_model(out)
@@ -79,8 +97,9 @@ def test_a_conditional_model_trains_and_its_conditions_steer_guided_sampling(tmp
         assert unet["in_channels"] == 3 and not unet.get("with_conditioning")
     small = {"brain_volume": 0.0, "csf_volume": 1.0}
     large = {"brain_volume": 1.0, "csf_volume": 0.0}
-    (a,), (b,), (a2,) = (generate(model, [7], steps=3, device="cpu", conditions=c, guidance_scale=3.0)
-                         for c in (small, large, small))
+    (a,), (b,), (a2,) = (
+        generate(model, [7], steps=3, device="cpu", conditions=c, guidance_scale=3.0) for c in (small, large, small)
+    )
     assert np.array_equal(a.array, a2.array)  # same seed and conditions: the same slice
     assert not np.array_equal(a.array, b.array)  # the conditions reach the network
     card = (out / "MODEL_CARD.md").read_text()
@@ -92,7 +111,9 @@ def test_condition_dropout_replaces_a_share_of_the_batch_by_the_null_condition()
     dropped = tc.drop_conditions(values, 0.25, torch.Generator().manual_seed(0))
     null_rows = (dropped == tc.NULL_VALUE).all(1)
     assert 0.2 < float(null_rows.float().mean()) < 0.3
-    assert torch.equal(dropped[~null_rows], values[~null_rows]) and torch.equal(tc.drop_conditions(values, 0.0, None), values)
+    assert torch.equal(dropped[~null_rows], values[~null_rows]) and torch.equal(
+        tc.drop_conditions(values, 0.0, None), values
+    )
 
 
 def test_scaling_maps_the_training_range_to_0_1():
@@ -104,31 +125,48 @@ def test_scaling_maps_the_training_range_to_0_1():
         tc.fit_ranges(torch.tensor([[0.0], [0.0]]), ["lesion_load"])  # no training subject has a lesion
 
 
-@pytest.mark.parametrize("block,kind,message", [
-    ({"conditions": ["age"]}, "ddpm", "out of"),
-    ({"conditions": ["brain_volume", "brain_volume"]}, "ddpm", "each once"),
-    ({"conditions": ["brain_volume"], "dropout": 1.0}, "ddpm", "dropout"),
-    ({"conditions": ["brain_volume"], "input": "film"}, "ddpm", "input"),
-    ({"conditions": ["brain_volume"], "guidance": 2}, "ddpm", "unknown keys"),
-    ({"conditions": ["brain_volume"]}, "segmentation", "generators"),
-])
+@pytest.mark.parametrize(
+    "block,kind,message",
+    [
+        ({"conditions": ["age"]}, "ddpm", "out of"),
+        ({"conditions": ["brain_volume", "brain_volume"]}, "ddpm", "each once"),
+        ({"conditions": ["brain_volume"], "dropout": 1.0}, "ddpm", "dropout"),
+        ({"conditions": ["brain_volume"], "input": "film"}, "ddpm", "input"),
+        ({"conditions": ["brain_volume"], "guidance": 2}, "ddpm", "unknown keys"),
+        ({"conditions": ["brain_volume"]}, "segmentation", "generators"),
+    ],
+)
 def test_bad_conditioning_blocks_are_user_errors(block, kind, message):
-    raw = {"name": "x", "kind": kind, "spatial_dims": 2, "image_shape": [16, 16], "voxel_size": [2.0, 2.0],
-           "data": {"dir": "."}, "networks": {"unet": dict(TINY_UNET)}, "conditioning": block}
+    raw = {
+        "name": "x",
+        "kind": kind,
+        "spatial_dims": 2,
+        "image_shape": [16, 16],
+        "voxel_size": [2.0, 2.0],
+        "data": {"dir": "."},
+        "networks": {"unet": dict(TINY_UNET)},
+        "conditioning": block,
+    }
     with pytest.raises(MeddiffError, match=message):
         validate(raw)
 
 
 def test_a_conditional_latent_model_takes_its_conditions_on_the_latents(tmp_path, cohort):
-    from napari_meddiff.generate import generate
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     raw = yaml.safe_load(config(tmp_path, cohort, "concat", names=("csf_volume",)).read_text())
     raw.update(kind="ldm", spatial_dims=3, image_shape=[16, 16, 16], voxel_size=[10.0] * 3, name="t-cond-ldm")
-    raw["networks"]["autoencoder"] = {"channels": [8, 8], "latent_channels": 2, "num_res_blocks": [1, 1],
-                                      "attention_levels": [False, False], "norm_num_groups": 8,
-                                      "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
+    raw["networks"]["autoencoder"] = {
+        "channels": [8, 8],
+        "latent_channels": 2,
+        "num_res_blocks": [1, 1],
+        "attention_levels": [False, False],
+        "norm_num_groups": 8,
+        "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False,
+    }
     raw["autoencoder_training"] = {"steps": 2, "batch_size": 2, "val_every": 0, "checkpoint_minutes": 100}
     (tmp_path / "ldm.yaml").write_text(yaml.safe_dump(raw))
     out = train(tmp_path / "ldm.yaml", out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
@@ -142,16 +180,22 @@ def test_a_conditional_unet_trains_on_an_existing_models_autoencoder(tmp_path, c
     """autoencoder_training.from_model: the folder's autoencoder as it is (sha256-checked), no autoencoder stage."""
     from safetensors.torch import load_file
 
-    from napari_meddiff.generate import generate
-    from napari_meddiff.testing import make_tiny_model
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
+    from napari_meddiff.testing.tiny_models import make_tiny_model
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     source = make_tiny_model(tmp_path / "shipped", kind="ldm", spatial_dims=3)
     shipped = load_model(source)
     raw = yaml.safe_load(config(tmp_path, cohort, "context", names=("brain_volume",)).read_text())
-    raw.update(kind="ldm", spatial_dims=3, image_shape=[16, 16, 16], voxel_size=shipped.config["voxel_size"],
-               name="t-cond-on-shipped", intensity=shipped.config["intensity"])
+    raw.update(
+        kind="ldm",
+        spatial_dims=3,
+        image_shape=[16, 16, 16],
+        voxel_size=shipped.config["voxel_size"],
+        name="t-cond-on-shipped",
+        intensity=shipped.config["intensity"],
+    )
     raw["networks"]["autoencoder"] = dict(shipped.config["networks"]["autoencoder"])
     raw["autoencoder_training"] = {"from_model": str(source)}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
@@ -164,7 +208,10 @@ def test_a_conditional_unet_trains_on_an_existing_models_autoencoder(tmp_path, c
     ours = load_file(out / model.config["weights"]["autoencoder"]["file"])
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k].float(), ours[k].float()) for k in theirs)
     stage = model.config["training"]["autoencoder"]
-    assert stage["from_model"] == str(source) and stage["weights_sha256"] == shipped.config["weights"]["autoencoder"]["sha256"]
+    assert (
+        stage["from_model"] == str(source)
+        and stage["weights_sha256"] == shipped.config["weights"]["autoencoder"]["sha256"]
+    )
     assert "not trained in this run" in (out / "MODEL_CARD.md").read_text()
     (a,), (b,) = (generate(model, [1], steps=3, device="cpu", conditions={"brain_volume": v}) for v in (0.0, 1.0))
     assert not np.array_equal(a.array, b.array)
@@ -181,7 +228,7 @@ def test_evaluate_conditioning_sweeps_and_reports(tmp_path):
     import json
     import sys
 
-    from napari_meddiff.cohort import write_cohort
+    from napari_meddiff.data.mni152 import write_cohort
     from napari_meddiff.training.pipeline import train
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -195,21 +242,62 @@ def test_evaluate_conditioning_sweeps_and_reports(tmp_path):
     (tmp_path / "3d.yaml").write_text(yaml.safe_dump(raw))
     out = train(tmp_path / "3d.yaml", out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
     detector = tmp_path / "detector"
-    assert lesion_detector.main(["train", "--grid-of", str(out), "--data", str(data), "--out", str(detector),
-                                 "--minutes", "0.02"]) == 0
+    assert (
+        lesion_detector.main(
+            ["train", "--grid-of", str(out), "--data", str(data), "--out", str(detector), "--minutes", "0.02"]
+        )
+        == 0
+    )
     meta = json.loads((detector / "detector.json").read_text())
     assert meta["steps"] >= 1 and meta["threshold_ml"] >= lesion_detector.MIN_THRESHOLD_ML
     resumed = tmp_path / "detector-resumed"  # resuming adds its steps to the first run's
-    assert lesion_detector.main(["train", "--grid-of", str(out), "--data", str(data), "--out", str(resumed),
-                                 "--minutes", "0.01", "--resume", str(detector)]) == 0
+    assert (
+        lesion_detector.main(
+            [
+                "train",
+                "--grid-of",
+                str(out),
+                "--data",
+                str(data),
+                "--out",
+                str(resumed),
+                "--minutes",
+                "0.01",
+                "--resume",
+                str(detector),
+            ]
+        )
+        == 0
+    )
     again = json.loads((resumed / "detector.json").read_text())
     assert again["steps"] > meta["steps"] and again["resumed_from"] == str(detector)
     assert again["minutes"] > meta["minutes"] > 0
     heldout = write_cohort(tmp_path / "heldout", 2, seed=100000, progress=False).parent
     result = tmp_path / "cond.json"
-    assert evaluate_conditioning.main(["--model", str(out), "--heldout", str(heldout), "--num-heldout", "2",
-                                       "--instrument", "kmeans", "--lesion-detector", str(detector), "--levels", "0", "1", "--per-level", "2",
-                                       "--out", str(result)]) == 0
+    assert (
+        evaluate_conditioning.main(
+            [
+                "--model",
+                str(out),
+                "--heldout",
+                str(heldout),
+                "--num-heldout",
+                "2",
+                "--instrument",
+                "kmeans",
+                "--lesion-detector",
+                str(detector),
+                "--levels",
+                "0",
+                "1",
+                "--per-level",
+                "2",
+                "--out",
+                str(result),
+            ]
+        )
+        == 0
+    )
     res = json.loads(result.read_text())
     assert set(res["conditions"]) == {"brain_volume", "csf_volume", "lesion_load"}
     check = res["instrument"]
@@ -226,8 +314,8 @@ def test_segmentation_instrument_measures_a_real_subject_on_a_coarse_grid(cohort
     4 mm grid of a 3D generator: close to the volumes of its label files."""
     import sys
 
-    from napari_meddiff.intensity import intensity_window, normalise
-    from napari_meddiff.volume import read_volume, resample, to_canonical
+    from napari_meddiff.io.intensity import intensity_window, normalise
+    from napari_meddiff.io.volume import read_volume, resample, to_canonical
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import evaluate_conditioning
@@ -252,7 +340,7 @@ def test_a_resume_on_other_training_subjects_is_refused(tmp_path, cohort):
     train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "conditions.json").is_file()
     train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=4, overwrite=True, progress=False)
-    from napari_meddiff.volume import read_volume, write_volume
+    from napari_meddiff.io.volume import read_volume, write_volume
 
     labels = read_volume(data / "sub-000001_dseg.nii.gz")  # a relabelled subject: the training range changes
     labels.array[labels.array == 3] = 0
@@ -266,8 +354,8 @@ def test_two_sample_test_samples_take_the_real_subjects_conditions(tmp_path, coh
     measures put on the model's scale), so the generated set has the real set's spread of volumes."""
     import sys
 
+    from napari_meddiff.models import load_model
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import evaluate_models
@@ -281,7 +369,7 @@ def test_two_sample_test_samples_take_the_real_subjects_conditions(tmp_path, coh
             assert spec.low <= values[spec.name] <= spec.high
             if spec.unit_low <= ml <= spec.unit_high:
                 assert spec.in_units(values[spec.name]) == pytest.approx(ml)
-    from napari_meddiff.testing import make_tiny_model
+    from napari_meddiff.testing.tiny_models import make_tiny_model
 
     unconditional = load_model(make_tiny_model(tmp_path / "plain", kind="ddpm", spatial_dims=2))
     assert evaluate_models.heldout_conditions(unconditional, files, 5) is None

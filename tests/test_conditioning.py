@@ -11,14 +11,23 @@ import pytest
 import torch
 
 from napari_meddiff import MeddiffError
-from napari_meddiff.generate import generate
-from napari_meddiff.sampling import denoise, initial_noise, seeded_generators
-from napari_meddiff.testing import TINY_SCHEDULE, tiny_unet_config
-from napari_meddiff.zoo import build_network, load_model, save_model_folder
+from napari_meddiff.diffusion.loop import denoise
+from napari_meddiff.diffusion.seeds import initial_noise, seeded_generators
+from napari_meddiff.models import build_network, load_model, save_model_folder
+from napari_meddiff.tasks.generate import generate
+from napari_meddiff.testing.tiny_models import TINY_SCHEDULE, tiny_unet_config
 
 CONDITIONS = [
-    {"name": "age", "low": 0.0, "high": 1.0, "default": 0.5, "description": "age, scaled", "unit": "years",
-     "unit_low": 20.0, "unit_high": 90.0},
+    {
+        "name": "age",
+        "low": 0.0,
+        "high": 1.0,
+        "default": 0.5,
+        "description": "age, scaled",
+        "unit": "years",
+        "unit_low": 20.0,
+        "unit_high": 90.0,
+    },
     {"name": "lesion_load", "low": -1.0, "high": 1.0, "default": 0.0},
 ]
 
@@ -36,11 +45,21 @@ def _conditional_model(folder, *, concat=True, context=True, class_labels=False,
         conditions = [{"name": "grade", "low": 0, "high": 2, "default": 1}]
         null = None
     config = {
-        "name": folder.name, "kind": "ddpm", "spatial_dims": 2, "image_shape": [16, 16], "voxel_size": [2.0, 2.0],
-        "scheduler": TINY_SCHEDULE, "networks": {"unet": unet},
+        "name": folder.name,
+        "kind": "ddpm",
+        "spatial_dims": 2,
+        "image_shape": [16, 16],
+        "voxel_size": [2.0, 2.0],
+        "scheduler": TINY_SCHEDULE,
+        "networks": {"unet": unet},
         "defaults": {"sampler": "ddim", "steps": 3, "precision": "fp32"},
-        "conditioning": {"concat": concat, "context": context, "class_labels": class_labels,
-                         "null": list(null) if null else None, "conditions": conditions},
+        "conditioning": {
+            "concat": concat,
+            "context": context,
+            "class_labels": class_labels,
+            "null": list(null) if null else None,
+            "conditions": conditions,
+        },
     }
     net = build_network("unet", unet)
     with torch.no_grad():
@@ -144,14 +163,16 @@ def test_cpu_and_cuda_give_the_same_sample(cond_model, sampler, eta):
 @pytest.mark.napari
 @pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")), reason="run under xvfb-run")
 def test_generate_widget_condition_sliders(make_napari_viewer, qtbot, tmp_path):
-    from napari_meddiff.zoo.bundle_fixtures import write_bundle
+    from napari_meddiff.testing.bundle_fixtures import write_bundle
 
     bundle = write_bundle(tmp_path / "brain_image_synthesis_latent_diffusion_model", "brain_ldm")
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-meddiff", "Generate")
     widget.model_picker.add_folder(bundle)
     rows = widget.conditions.rows
-    assert list(rows) == ["gender", "age", "ventricular_volume", "brain_volume"] and widget.conditions.isVisibleTo(widget)
+    assert list(rows) == ["gender", "age", "ventricular_volume", "brain_volume"] and widget.conditions.isVisibleTo(
+        widget
+    )
     assert rows["age"].value() == pytest.approx(0.1) and widget.conditions.guidance is None  # no null condition
     rows["age"].slider.setValue(700)  # the slider drives the value box
     assert rows["age"].box.value() == pytest.approx(0.7)
@@ -162,8 +183,12 @@ def test_generate_widget_condition_sliders(make_napari_viewer, qtbot, tmp_path):
     widget.generate_button.click()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
     layer = viewer.layers[-1]
-    assert layer.metadata["provenance"]["conditions"] == {"gender": 1.0, "age": 0.7, "ventricular_volume": 0.2,
-                                                          "brain_volume": 0.4}
+    assert layer.metadata["provenance"]["conditions"] == {
+        "gender": 1.0,
+        "age": 0.7,
+        "ventricular_volume": 0.2,
+        "brain_volume": 0.4,
+    }
     assert layer.data.shape == (16, 24, 16)
     widget.model_picker.add_folder(write_bundle(tmp_path / "mednist_ddpm", "mednist"))
     assert not widget.conditions.rows and not widget.conditions.isVisibleTo(widget)

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from napari_meddiff import generate, load_model
-from napari_meddiff.sampling import decode_latents, denoise, initial_noise, resolve_precision, seeded_generators
+from napari_meddiff.autoencoder.passes import decode_latents
+from napari_meddiff.diffusion.loop import denoise
+from napari_meddiff.diffusion.seeds import initial_noise, seeded_generators
+from napari_meddiff.runtime.precision import resolve_precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

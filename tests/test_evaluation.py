@@ -30,7 +30,7 @@ def test_two_sample_test_tells_blur_apart_and_not_a_second_draw():
 
 
 def test_a_candidate_folder_keeps_its_results_out_of_the_shipped_files(tmp_path):
-    from napari_meddiff.testing import make_tiny_model
+    from napari_meddiff.testing.tiny_models import make_tiny_model
 
     candidate = make_tiny_model(tmp_path / "run" / "model", kind="ddpm", spatial_dims=2)
     assert evaluate_models.is_candidate(candidate)
@@ -63,15 +63,18 @@ def test_psnr_ceiling_is_the_noise_variance_of_a_real_subject():
     """The noise ceiling of benchmarks/psnr_ceiling.py: its closed-form Rician variance against scipy's, and on
     a cohort subject a ceiling above what a perfect denoiser (the noise-free image) reaches."""
     import numpy as np
-    from scipy import stats
-
     import psnr_ceiling
+    from scipy import stats
 
     a = np.array([0.0, 0.3, 1.0, 4.0, 20.0])
     expected = [2 - np.pi / 2] + [stats.rice(b=v).var() for v in a[1:]]
     np.testing.assert_allclose(psnr_ceiling.rician_variance(a, 1.0), expected, rtol=1e-6)
-    cfg = {"voxel_size": [2.0, 2.0, 2.0], "image_shape": [96, 112, 96],
-           "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5, "foreground_only": True}, "data": {}}
+    cfg = {
+        "voxel_size": [2.0, 2.0, 2.0],
+        "image_shape": [96, 112, 96],
+        "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5, "foreground_only": True},
+        "data": {},
+    }
     row = psnr_ceiling.subject_ceiling(100001, cfg)  # seed 100001: noise sd ~0.9 % of the window
     assert 0.003 < row["noise_sd"] < 0.03
     assert 30 < row["psnr_clean_db"] < row["ceiling_db"] < 60
@@ -84,16 +87,33 @@ def test_ae_curve_plot_takes_the_last_heldout_line_per_step(tmp_path):
 
     curve = {"step": 30, "minutes": 2.0, "l1": [[10, 0.3], [20, 0.2], [30, 0.1]], "val_psnr_db": [[20, 21.0]]}
     (tmp_path / "curve.json").write_text(json.dumps(curve))
-    lines = [{"step": 10, "ema": {"psnr_db": {"mean": 18.0, "sd": 1.0}}}, {"step": 10},  # no EMA yet: skipped
-             {"step": 30, "ema": {"psnr_db": {"mean": 20.0, "sd": 1.0}}},
-             {"step": 30, "ema": {"psnr_db": {"mean": 22.5, "sd": 0.5}}}]  # evaluated again: the last counts
+    lines = [
+        {"step": 10, "ema": {"psnr_db": {"mean": 18.0, "sd": 1.0}}},
+        {"step": 10},  # no EMA yet: skipped
+        {"step": 30, "ema": {"psnr_db": {"mean": 20.0, "sd": 1.0}}},
+        {"step": 30, "ema": {"psnr_db": {"mean": 22.5, "sd": 0.5}}},
+    ]  # evaluated again: the last counts
     (tmp_path / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     assert plot_ae_curve.heldout_points(tmp_path / "heldout.jsonl") == [(10, 18.0, 1.0), (30, 22.5, 0.5)]
     out = tmp_path / "curve.png"
     (tmp_path / "train.yaml").write_text("autoencoder_training: {patch_steps: 20}\n")
-    assert plot_ae_curve.main(["--curve", str(tmp_path / "curve.json"), "--heldout", str(tmp_path / "heldout.jsonl"),
-                               "--config", str(tmp_path / "train.yaml"), "--ceiling", str(tmp_path / "none.json"),
-                               "--out", str(out)]) == 0
+    assert (
+        plot_ae_curve.main(
+            [
+                "--curve",
+                str(tmp_path / "curve.json"),
+                "--heldout",
+                str(tmp_path / "heldout.jsonl"),
+                "--config",
+                str(tmp_path / "train.yaml"),
+                "--ceiling",
+                str(tmp_path / "none.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     assert Image.open(out).size[0] > 500
@@ -104,13 +124,24 @@ def test_latent_stats_tell_a_collapsed_channel_from_an_informative_one():
     one with a tiny sigma is all signal (share near 0)."""
     import evaluate_ae
 
-    from napari_meddiff.zoo import build_network
+    from napari_meddiff.models import build_network
 
     torch.manual_seed(0)
-    ae = build_network("autoencoder", {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [8, 8],
-                                       "latent_channels": 2, "num_res_blocks": [1, 1],
-                                       "attention_levels": [False, False], "norm_num_groups": 8,
-                                       "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False})
+    ae = build_network(
+        "autoencoder",
+        {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [8, 8],
+            "latent_channels": 2,
+            "num_res_blocks": [1, 1],
+            "attention_levels": [False, False],
+            "norm_num_groups": 8,
+            "with_encoder_nonlocal_attn": False,
+            "with_decoder_nonlocal_attn": False,
+        },
+    )
     with torch.no_grad():
         ae.quant_conv_mu.conv.weight[1] = 0  # channel 1: mean 0 everywhere ...
         ae.quant_conv_mu.conv.bias[1] = 0

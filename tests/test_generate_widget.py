@@ -18,7 +18,7 @@ pytest.importorskip("napari")
 import nibabel as nib  # noqa: E402
 from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
 
-from napari_meddiff._napari.widgets import common  # noqa: E402
+from napari_meddiff._napari.widgets import controls, runner  # noqa: E402
 from napari_meddiff._napari.widgets.generate import PREVIEW_KEY, GenerateWidget  # noqa: E402
 
 pytestmark = pytest.mark.napari
@@ -93,7 +93,7 @@ def test_generate_2d_model(make_napari_viewer, qtbot, tiny_models):
 
 def test_cancel_midway(make_napari_viewer, qtbot, tiny_models, monkeypatch):
     steps_after_cancel = []
-    original = common.TaskContext.step_callback
+    original = runner.TaskContext.step_callback
 
     def recording_step_callback(self, offset, total, text=""):
         inner = original(self, offset, total, text)
@@ -105,7 +105,7 @@ def test_cancel_midway(make_napari_viewer, qtbot, tiny_models, monkeypatch):
 
         return on_step
 
-    monkeypatch.setattr(common.TaskContext, "step_callback", recording_step_callback)
+    monkeypatch.setattr(runner.TaskContext, "step_callback", recording_step_callback)
     viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
     widget.sampling.steps.setValue(400)
     widget.preview_every.setValue(1)
@@ -135,7 +135,7 @@ def test_cancel_keeps_finished_volumes(make_napari_viewer, qtbot, tiny_models):
 
 
 def test_error_shows_notification_and_widget_stays_usable(make_napari_viewer, qtbot, tiny_models, tmp_path):
-    from napari_meddiff.testing import make_tiny_model
+    from napari_meddiff.testing.tiny_models import make_tiny_model
 
     broken = make_tiny_model(tmp_path / "broken-ldm", "ldm", 3)
     weights = broken / "unet.safetensors"
@@ -162,7 +162,7 @@ def test_unexpected_error_is_reported(make_napari_viewer, qtbot, tiny_models, mo
     def boom(*args, **kwargs):
         raise RuntimeError("simulated CUDA failure")  # superqt would swallow a bare RuntimeError
 
-    monkeypatch.setattr(importlib.import_module("napari_meddiff.generate"), "generate", boom)
+    monkeypatch.setattr(importlib.import_module("napari_meddiff.tasks.generate"), "generate", boom)
     viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
     before = len(notification_manager.records)
     run_and_wait(qtbot, widget)
@@ -192,7 +192,7 @@ def test_gui_stays_responsive(make_napari_viewer, qtbot, tiny_models):
     timer.stop()
     t = np.array(ticks)
     worker = np.diff(t[(t >= running[0]) & (t <= running[1])]) * 1000  # while the worker runs
-    whole = np.diff(t[max(0, np.searchsorted(t, clicked) - 1):]) * 1000  # from the click (napari adds a layer)
+    whole = np.diff(t[max(0, np.searchsorted(t, clicked) - 1) :]) * 1000  # from the click (napari adds a layer)
     print(
         f"\nGUI timer while generating ({running[1] - running[0]:.1f} s, {len(worker)} ticks): longest gap "
         f"{worker.max():.1f} ms, median {np.median(worker):.1f} ms, p99 {np.percentile(worker, 99):.1f} ms; "
@@ -235,7 +235,7 @@ def test_save_as_nifti(make_napari_viewer, qtbot, tiny_models, tmp_path, monkeyp
 
 
 def test_model_picker_states(make_napari_viewer, tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "available_models", lambda: {})
+    monkeypatch.setattr(controls, "available_models", lambda: {})
     viewer, widget = open_widget(make_napari_viewer)
     assert widget.model_picker.current() is None and not widget.generate_button.isEnabled()
     assert "No generative model" in widget.model_summary.text()
@@ -243,26 +243,29 @@ def test_model_picker_states(make_napari_viewer, tiny_models, tmp_path, monkeypa
     picker = widget.model_picker
     before = len(notification_manager.records)
     monkeypatch.setattr(picker, "ask_folder", lambda: str(tmp_path))  # not a model folder
-    picker.combo.activated.emit(picker.combo.findData(common.OPEN_FOLDER))
+    picker.combo.activated.emit(picker.combo.findData(controls.OPEN_FOLDER))
     assert "no model.json" in notification_manager.records[-1].message and len(notification_manager.records) > before
     assert picker.current() is None
 
     monkeypatch.setattr(picker, "ask_folder", lambda: str(tiny_models["seg2d"]))  # wrong kind
-    picker.combo.activated.emit(picker.combo.findData(common.OPEN_FOLDER))
+    picker.combo.activated.emit(picker.combo.findData(controls.OPEN_FOLDER))
     assert "segmentation model" in notification_manager.records[-1].message
 
-    monkeypatch.setattr(common, "available_models", lambda: {"tiny-ldm-3d": tiny_models["ldm3d"]})
+    monkeypatch.setattr(controls, "available_models", lambda: {"tiny-ldm-3d": tiny_models["ldm3d"]})
     picker.combo.showPopup()  # a model installed meanwhile shows up when the list is opened
     picker.combo.hidePopup()
     assert picker.current().name == "tiny-ldm-3d" and widget.generate_button.isEnabled()
     assert widget.preview_every.isVisibleTo(widget)
 
     monkeypatch.setattr(picker, "ask_folder", lambda: str(tiny_models["ddpm2d"]))
-    picker.combo.activated.emit(picker.combo.findData(common.OPEN_FOLDER))
+    picker.combo.activated.emit(picker.combo.findData(controls.OPEN_FOLDER))
     assert picker.current().name == "tiny-ddpm-2d" and widget.generate_button.isEnabled()
     assert not widget.preview_every.isVisibleTo(widget)
     assert [picker.combo.itemText(i) for i in range(picker.combo.count())] == [
-        "tiny-ldm-3d", "tiny-ddpm-2d", "", "Open model folder…"
+        "tiny-ldm-3d",
+        "tiny-ddpm-2d",
+        "",
+        "Open model folder…",
     ]
     assert widget.sampling.steps.value() == 5 and widget.sampling.sampler.currentText() == "ddim"  # model defaults
     seed = widget.sampling.seed.value()

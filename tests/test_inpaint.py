@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from napari_meddiff import Cancelled, MeddiffError, Volume, load_model, read_volume, write_volume
-from napari_meddiff.inpaint import InpaintPreview, inpaint, mask_on_image
-from napari_meddiff.samplers import SAMPLERS
-from napari_meddiff.sampling import repaint_schedule
+from napari_meddiff.diffusion.loop import repaint_schedule
+from napari_meddiff.diffusion.samplers import SAMPLERS
+from napari_meddiff.tasks.inpaint import InpaintPreview, inpaint, mask_on_image
 
 
 def scan(shape=(24, 22, 20), spacing=(3.0, 3.0, 3.5), dtype=np.float32, seed=0) -> Volume:
@@ -65,8 +65,16 @@ def test_repaint_jumps_keep_outside_and_count_evaluations(tiny_models, kind):
     image = scan()
     mask = cube_mask(image.shape)
     infos = []
-    (out,) = inpaint(model, image, mask, sampler="dpm++" if kind != "ddpm2d" else "ddpm", steps=2, jump_length=1,
-                     jump_n=2, on_step=infos.append)
+    (out,) = inpaint(
+        model,
+        image,
+        mask,
+        sampler="dpm++" if kind != "ddpm2d" else "ddpm",
+        steps=2,
+        jump_length=1,
+        jump_n=2,
+        on_step=infos.append,
+    )
     assert_kept(out, image, mask)
     evals = len([m for m in repaint_schedule(2, 1, 2) if m[1] == m[0] + 1])
     assert out.metadata["provenance"]["network_evaluations_per_chain"] == evals == 4
@@ -165,8 +173,9 @@ def test_feathering_only_inside_the_mask(tiny_models):
     core = np.zeros_like(mask, bool)
     core[11:13, 10:12, 9:11] = True  # 3 voxels from the outside: full weight
     # weight 1/3 on the shell: the soft fill lies a third of the way from the original to the hard fill
-    np.testing.assert_allclose(soft.array[border], image.array[border] + (hard.array[border] - image.array[border]) / 3,
-                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        soft.array[border], image.array[border] + (hard.array[border] - image.array[border]) / 3, rtol=1e-4, atol=1e-3
+    )
     np.testing.assert_array_equal(soft.array[core], hard.array[core])
 
 
@@ -282,8 +291,21 @@ def test_cli_end_to_end(tiny_models, tmp_path, capsys):
     write_volume(image, tmp_path / "in.nii.gz")
     write_volume(Volume(mask, image.affine), tmp_path / "mask.nii.gz", kind="labels")
     out = tmp_path / "out" / "filled.nii.gz"
-    args = ["inpaint", "--model", str(tiny_models["ldm3d"]), "--image", str(tmp_path / "in.nii.gz"),
-            "--mask", str(tmp_path / "mask.nii.gz"), "--out", str(out), "--steps", "2", "--sampler", "ddim"]
+    args = [
+        "inpaint",
+        "--model",
+        str(tiny_models["ldm3d"]),
+        "--image",
+        str(tmp_path / "in.nii.gz"),
+        "--mask",
+        str(tmp_path / "mask.nii.gz"),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--sampler",
+        "ddim",
+    ]
     assert main(args + ["--candidates", "2", "--seed", "3", "--label", "4"]) == 0
     for k in (1, 2):
         got = read_volume(tmp_path / "out" / f"filled_cand{k}.nii.gz")
@@ -307,8 +329,8 @@ def test_cli_end_to_end(tiny_models, tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["ddpm2d", "ddpm3d"])
 def test_model_grid_shares_the_lattice_of_a_scan_at_the_model_voxel_size(tiny_models, kind):
     """A scan at the model's voxel size is inpainted on its own voxel centres, not half a voxel off."""
-    from napari_meddiff.inpaint import _plan
-    from napari_meddiff.intensity import intensity_window
+    from napari_meddiff.io.intensity import intensity_window
+    from napari_meddiff.tasks.inpaint import _plan
 
     model = load_model(tiny_models[kind])
     assert list(model.voxel_size) == [4.0] * model.spatial_dims

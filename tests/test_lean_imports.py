@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_meddiff.lean_imports import HIDDEN_WHILE_IMPORTING_MONAI, LEAN_ENV
+from napari_meddiff.runtime.lean_imports import HIDDEN_WHILE_IMPORTING_MONAI, LEAN_ENV
 
 _CHILD = (
-    "import json, sys; from napari_meddiff.lean_imports import import_monai_lean, HIDDEN_WHILE_IMPORTING_MONAI as H; "
+    "import json, sys; from napari_meddiff.runtime.lean_imports import import_monai_lean, HIDDEN_WHILE_IMPORTING_MONAI as H; "
     "lean = import_monai_lean(); "
     "from monai.networks.nets import AutoencoderKL, DiffusionModelUNet; "
     "from monai.networks.schedulers import DDIMScheduler; "
@@ -26,8 +26,7 @@ _CHILD = (
 
 
 def _child(code: str, **env: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env})
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -58,10 +57,12 @@ def test_a_monai_that_needs_a_hidden_library_is_imported_whole(tmp_path):
     (fake / "__init__.py").write_text("import json\nNEEDS = json.dumps(1)\nimport pandas\n")
     if not _installed("pandas"):
         pytest.skip("pandas not installed")
-    code = ("import sys; from napari_meddiff.lean_imports import import_monai_lean; import json; "
-            "lean = import_monai_lean(); import monai; "
-            "print(json.dumps({'lean': lean, 'pandas': 'pandas' in sys.modules and sys.modules['pandas'] is not None, "
-            "'file': monai.__file__}))")
+    code = (
+        "import sys; from napari_meddiff.runtime.lean_imports import import_monai_lean; import json; "
+        "lean = import_monai_lean(); import monai; "
+        "print(json.dumps({'lean': lean, 'pandas': 'pandas' in sys.modules and sys.modules['pandas'] is not None, "
+        "'file': monai.__file__}))"
+    )
     out = _child(code, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     assert out == {"lean": False, "pandas": True, "file": str(fake / "__init__.py")}
 
@@ -71,9 +72,25 @@ def test_generate_gives_the_same_volume_with_the_lean_import(tiny_models, tmp_pa
     volumes = []
     for lean in ("1", "0"):
         out = tmp_path / f"lean{lean}"
-        proc = subprocess.run([sys.executable, "-m", "napari_meddiff.cli", "generate", "--model",
-                               str(tiny_models["ldm3d"]), "--num", "1", "--seed", "3", "--out", str(out)],
-                              capture_output=True, text=True, env={**os.environ, LEAN_ENV: lean})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "napari_meddiff.cli",
+                "generate",
+                "--model",
+                str(tiny_models["ldm3d"]),
+                "--num",
+                "1",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, LEAN_ENV: lean},
+        )
         assert proc.returncode == 0, proc.stderr
         (nifti,) = sorted(out.glob("*.nii.gz"))
         img = nib.load(nifti)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_meddiff.cli import main
-from napari_meddiff.volume import Volume, write_volume
+from napari_meddiff.io.volume import Volume, write_volume
 
 
 def _broken_copy(src, dst, edit):
@@ -22,17 +22,30 @@ def _broken_copy(src, dst, edit):
 
 
 BREAKAGES = {
-    "image_shape_string": (lambda c: c.update(image_shape="64x64"), "image_shape must be a list of 2 positive integers"),
+    "image_shape_string": (
+        lambda c: c.update(image_shape="64x64"),
+        "image_shape must be a list of 2 positive integers",
+    ),
     "networks_list": (lambda c: c.update(networks=[c["networks"]["unet"]]), "networks must be an object, not list"),
     "weights_without_file": (lambda c: c["weights"]["unet"].pop("file"), "weights.unet lacks 'file'"),
-    "steps_string": (lambda c: c["scheduler"].update(num_train_timesteps="1000"),
-                     "scheduler.num_train_timesteps must be a positive integer"),
-    "intensity_misspelt_key": (lambda c: c.update(intensity={"uper_value": 0.8}),
-                               "intensity: unknown key(s) uper_value"),
+    "steps_string": (
+        lambda c: c["scheduler"].update(num_train_timesteps="1000"),
+        "scheduler.num_train_timesteps must be a positive integer",
+    ),
+    "intensity_misspelt_key": (
+        lambda c: c.update(intensity={"uper_value": 0.8}),
+        "intensity: unknown key(s) uper_value",
+    ),
     "bad_network_kwargs": (lambda c: c["networks"]["unet"].update(channels="wide"), "bad unet network config"),
-    "spatial_dims_string": (lambda c: c.clear() or c.update(kind="ddpm", spatial_dims="2", image_shape=[1], voxel_size=[1],
-                                                       networks={}, scheduler={}, weights={}),
-                      "spatial_dims must be 2 or 3"),
+    "spatial_dims_string": (
+        lambda c: (
+            c.clear()
+            or c.update(
+                kind="ddpm", spatial_dims="2", image_shape=[1], voxel_size=[1], networks={}, scheduler={}, weights={}
+            )
+        ),
+        "spatial_dims must be 2 or 3",
+    ),
 }
 
 

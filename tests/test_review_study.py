@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.volume import Volume
 from napari_meddiff.review.inputs import label_reason
 from napari_meddiff.review.results import Answer, ResultsLog, read_answers, results_path, sanitise_reader
 from napari_meddiff.review.study import Study, create_study, display_array, read_key
 from napari_meddiff.review.summary import cohen_kappa, format_summary, summarize, summary_paths, wilson_ci
-from napari_meddiff.volume import Volume
 
 REAL_SHAPE, SYN_SHAPE = (9, 8, 7), (10, 12, 8)
 REAL_AFFINE = np.array([[-1.2, 0, 0, 30], [0, 1.2, 0, -20], [0, 0, 2.5, 10], [0, 0, 0, 1]])
@@ -43,10 +43,22 @@ def inputs(tmp_path):
     real.mkdir()
     syn.mkdir()
     for i in range(6):
-        _nifti(real / f"sub-{i:02d}_T1w.nii.gz", rng.integers(0, 900, REAL_SHAPE).astype(np.int16), REAL_AFFINE,
-               "Siemens Prisma MPRAGE", "real-scanner", "anat")
-        _nifti(syn / f"ldm_seed{i}.nii", rng.random(SYN_SHAPE) * 3.0 - 1.0, SYN_AFFINE, "meddiff ldm seed",
-               "synthetic-ldm", "gen")
+        _nifti(
+            real / f"sub-{i:02d}_T1w.nii.gz",
+            rng.integers(0, 900, REAL_SHAPE).astype(np.int16),
+            REAL_AFFINE,
+            "Siemens Prisma MPRAGE",
+            "real-scanner",
+            "anat",
+        )
+        _nifti(
+            syn / f"ldm_seed{i}.nii",
+            rng.random(SYN_SHAPE) * 3.0 - 1.0,
+            SYN_AFFINE,
+            "meddiff ldm seed",
+            "synthetic-ldm",
+            "gen",
+        )
     return real, syn
 
 
@@ -156,8 +168,12 @@ def test_fresh_random_order_and_ids_per_study_unless_seeded(inputs, tmp_path):
     for name in ("c", "d"):
         _study(inputs, tmp_path, name, num=2, seed=7)
     assert originals("c") == originals("d")  # an explicit seed reproduces the study
-    assert sorted(v["source"] for v in read_key(tmp_path / "keys" / "c.json", Study.load(tmp_path / "c")).values()) \
-        == ["real", "real", "synthetic", "synthetic"]
+    assert sorted(v["source"] for v in read_key(tmp_path / "keys" / "c.json", Study.load(tmp_path / "c")).values()) == [
+        "real",
+        "real",
+        "synthetic",
+        "synthetic",
+    ]
 
 
 def test_label_maps_and_masks_are_not_scans(inputs, tmp_path):
@@ -166,8 +182,9 @@ def test_label_maps_and_masks_are_not_scans(inputs, tmp_path):
     nib.save(nib.Nifti1Image(labels, REAL_AFFINE), str(real / "sub-00_dseg.nii.gz"))
     nib.save(nib.Nifti1Image((labels > 1).astype(np.float32), REAL_AFFINE), str(real / "brain.nii.gz"))  # no hint
     skipped = []
-    study = create_study(real, syn, tmp_path / "s", key=tmp_path / "k.json",
-                         on_skip=lambda p, why: skipped.append((p.name, why)))
+    study = create_study(
+        real, syn, tmp_path / "s", key=tmp_path / "k.json", on_skip=lambda p, why: skipped.append((p.name, why))
+    )
     assert [name for name, _ in skipped] == ["brain.nii.gz", "sub-00_dseg.nii.gz"]
     assert "2 distinct value" in skipped[0][1] and "name" in skipped[1][1]
     assert len(study.cases) == 12
@@ -198,9 +215,14 @@ def test_create_refuses_bad_requests(inputs, tmp_path):
 
 
 def test_old_unblinded_study_is_refused(tmp_path):
-    (tmp_path / "cases.json").write_text(json.dumps(
-        {"version": 1, "cases": [{"id": "case-000001", "file": "cases/case-000001.nii.gz",
-                                  "contrast_limits": [3.0, 870.0]}]}))
+    (tmp_path / "cases.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "cases": [{"id": "case-000001", "file": "cases/case-000001.nii.gz", "contrast_limits": [3.0, 870.0]}],
+            }
+        )
+    )
     with pytest.raises(MeddiffError, match="older meddiff.*not blinded"):
         Study.load(tmp_path)
 
@@ -391,8 +413,8 @@ MODEL_CENTRE = (0.0, 0.0, 0.0)  # a model's output is centred on the world origi
 
 def _stand_in_synthetic(scans, folder, shape):
     """Each scan as a model would write it: on a 3 mm grid over the head, origin-centred, x 41.7 + 150, int16."""
-    from napari_meddiff.geometry import make_grid, sample_on_grid, world_centre
-    from napari_meddiff.volume import read_volume
+    from napari_meddiff.io.geometry import make_grid, sample_on_grid, world_centre
+    from napari_meddiff.io.volume import read_volume
 
     model_frame = make_grid((SYN_VOXEL,) * 3, shape, MODEL_CENTRE)
     for n, path in enumerate(scans):
@@ -412,11 +434,17 @@ def _phantoms(folder, n):
     grid = np.indices((40, 48, 40)).astype(np.float32)
     affine = np.array([[2.0, 0, 0, -40], [0, 2.0, 0, -66], [0, 0, 2.0, -22], [0, 0, 0, 1]])
     for i in range(n):
-        centre, radii = np.array([19.5, 23.5, 19.5]) + rng.normal(0, 1.0, 3), np.array([15, 19, 14]) * rng.uniform(0.9, 1.1)
+        centre, radii = (
+            np.array([19.5, 23.5, 19.5]) + rng.normal(0, 1.0, 3),
+            np.array([15, 19, 14]) * rng.uniform(0.9, 1.1),
+        )
         inside = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) < 1
         tissue = 60 + 25 * ndimage.gaussian_filter(rng.standard_normal(inside.shape), 2) / 0.1
         noise = np.abs(rng.normal(0, rng.uniform(0.5, 3.0), inside.shape))
-        nib.save(nib.Nifti1Image((inside * tissue + noise).astype(np.float32), affine), str(folder / f"sub-{i:02d}_T1w.nii.gz"))
+        nib.save(
+            nib.Nifti1Image((inside * tissue + noise).astype(np.float32), affine),
+            str(folder / f"sub-{i:02d}_T1w.nii.gz"),
+        )
 
 
 def _make(root, real, scans, shape):
@@ -424,8 +452,9 @@ def _make(root, real, scans, shape):
     syn.mkdir()
     _stand_in_synthetic(scans, syn, shape)
     skipped = []
-    study = create_study(real, syn, root / "study", key=root / "key.json", seed=2026,
-                         on_skip=lambda p, why: skipped.append(p.name))
+    study = create_study(
+        real, syn, root / "study", key=root / "key.json", seed=2026, on_skip=lambda p, why: skipped.append(p.name)
+    )
     key = read_key(root / "key.json", study)
     subject = {**{p.name: k for k, p in enumerate(scans)}, **{f"sample-{k:03d}.nii": k for k in range(len(scans))}}
     groups = np.array([subject[Path(key[c]["original"]).name] for c in study.ids])
@@ -443,7 +472,7 @@ def phantom_study(tmp_path):
 @pytest.fixture(scope="module")
 def cohort_study(tmp_path_factory):
     """A held-out cohort folder (with its label maps and lesion masks) as --real, stand-ins as --synthetic."""
-    from napari_meddiff.cohort import HELDOUT_SEEDS, write_cohort
+    from napari_meddiff.data.mni152 import HELDOUT_SEEDS, write_cohort
 
     root = tmp_path_factory.mktemp("sceptic")
     real = write_cohort(root / "cohort", 10, seed=HELDOUT_SEEDS[0], progress=False).parent
@@ -457,16 +486,35 @@ def _features(path: Path) -> dict[str, float]:
     x = np.asarray(img.dataobj, dtype=np.float64)
     raw = path.read_bytes()
     slope, inter = img.dataobj.slope, img.dataobj.inter
-    geometry = {**{f"shape{i}": v for i, v in enumerate(img.shape)},
-                **{f"voxel{i}": v for i, v in enumerate(h.get_zooms()[:3])},
-                **{f"origin{i}": v for i, v in enumerate(img.affine[:3, 3])}}
-    header = {"datatype": h["datatype"], "bitpix": h["bitpix"], "slope": slope or 1.0, "inter": inter or 0.0,
-              "cal_min": h["cal_min"], "cal_max": h["cal_max"], "qform_code": h["qform_code"],
-              "sform_code": h["sform_code"], "xyzt_units": h["xyzt_units"],
-              "descrip": len(h["descrip"].tobytes().strip(b"\0")), "extensions": len(h.extensions)}
+    geometry = {
+        **{f"shape{i}": v for i, v in enumerate(img.shape)},
+        **{f"voxel{i}": v for i, v in enumerate(h.get_zooms()[:3])},
+        **{f"origin{i}": v for i, v in enumerate(img.affine[:3, 3])},
+    }
+    header = {
+        "datatype": h["datatype"],
+        "bitpix": h["bitpix"],
+        "slope": slope or 1.0,
+        "inter": inter or 0.0,
+        "cal_min": h["cal_min"],
+        "cal_max": h["cal_max"],
+        "qform_code": h["qform_code"],
+        "sform_code": h["sform_code"],
+        "xyzt_units": h["xyzt_units"],
+        "descrip": len(h["descrip"].tobytes().strip(b"\0")),
+        "extensions": len(h.extensions),
+    }
     stored = {"file_size": len(raw), "gzip_time": int.from_bytes(raw[4:8], "little"), "mtime": path.stat().st_mtime}
-    stats = {"min": x.min(), "max": x.max(), "mean": x.mean(), "std": x.std(), "median": np.median(x),
-             "distinct": np.unique(x).size, "at_min": np.mean(x == x.min()), "at_max": np.mean(x == x.max())}
+    stats = {
+        "min": x.min(),
+        "max": x.max(),
+        "mean": x.mean(),
+        "std": x.std(),
+        "median": np.median(x),
+        "distinct": np.unique(x).size,
+        "at_min": np.mean(x == x.min()),
+        "at_max": np.mean(x == x.max()),
+    }
     return {k: float(v) for k, v in {**geometry, **header, **stored, **stats}.items()}
 
 
@@ -475,8 +523,9 @@ def _cv_correct(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, cl
     correct = 0
     for g in np.unique(groups):
         train = groups != g
-        correct += sum(int(classify(features[train], labels[train], features[i]) == labels[i])
-                       for i in np.flatnonzero(~train))
+        correct += sum(
+            int(classify(features[train], labels[train], features[i]) == labels[i]) for i in np.flatnonzero(~train)
+        )
     return correct
 
 
@@ -530,7 +579,8 @@ def _assert_blind(study, key, groups):
     where: dict[int, list] = {}
     for case in study.cases:
         where.setdefault(groups[study.ids.index(case.case_id)], []).append(
-            np.argwhere(study.read(case).array > 0.25).mean(0))
+            np.argwhere(study.read(case).array > 0.25).mean(0)
+        )
     apart = [np.abs(a - b).max() for a, b in where.values()]
     assert np.median(apart) < 1.5 and max(apart) < 3.0  # voxels (not moved: 6 or more)
 

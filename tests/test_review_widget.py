@@ -9,10 +9,10 @@ from qtpy import sip
 from qtpy.QtCore import QPoint, Qt
 from qtpy.QtWidgets import QAbstractButton, QApplication, QLabel, QLineEdit, QPlainTextEdit
 
+from napari_meddiff._napari.widgets.review import ReviewWidget
 from napari_meddiff.review.results import ResultsLog, read_answers
 from napari_meddiff.review.study import create_study, read_key
 from napari_meddiff.review.summary import summarize
-from napari_meddiff.review.widget import ReviewWidget
 
 pytestmark = pytest.mark.napari
 
@@ -24,10 +24,13 @@ def study(tmp_path):
         (tmp_path / src).mkdir()
         for i in range(3):
             arr = rng.random((10, 12, 8)) * (1000 if src == "real" else 1)
-            nib.save(nib.Nifti1Image(arr.astype(np.float32), np.diag([1.0, 1.0, 2.0, 1.0])),
-                     str(tmp_path / src / f"{src}{i}.nii.gz"))
-    return create_study(tmp_path / "real", tmp_path / "synthetic", tmp_path / "study", key=tmp_path / "key.json",
-                        seed=4)
+            nib.save(
+                nib.Nifti1Image(arr.astype(np.float32), np.diag([1.0, 1.0, 2.0, 1.0])),
+                str(tmp_path / src / f"{src}{i}.nii.gz"),
+            )
+    return create_study(
+        tmp_path / "real", tmp_path / "synthetic", tmp_path / "study", key=tmp_path / "key.json", seed=4
+    )
 
 
 def _texts(widget):

@@ -26,8 +26,13 @@ from napari_meddiff.errors import MeddiffError
 
 def run_cli(*args, env=None, umask=None):
     pre = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.run([sys.executable, "-m", "napari_meddiff.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, preexec_fn=pre)
+    return subprocess.run(
+        [sys.executable, "-m", "napari_meddiff.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=pre,
+    )
 
 
 def assert_one_line_error(proc, message: str) -> None:
@@ -56,10 +61,21 @@ def env(models_env):
 
 def tiny_train_config(tmp_path: Path) -> Path:
     cfg = {
-        "name": "t-ddpm", "kind": "ddpm", "spatial_dims": 2, "image_shape": [16, 16], "voxel_size": [10.0, 10.0],
+        "name": "t-ddpm",
+        "kind": "ddpm",
+        "spatial_dims": 2,
+        "image_shape": [16, 16],
+        "voxel_size": [10.0, 10.0],
         "data": {"dir": str(tmp_path / "no-data-needed")},
-        "networks": {"unet": {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
-                              "num_head_channels": 8, "norm_num_groups": 8}},
+        "networks": {
+            "unet": {
+                "channels": [8, 16],
+                "attention_levels": [False, False],
+                "num_res_blocks": 1,
+                "num_head_channels": 8,
+                "norm_num_groups": 8,
+            }
+        },
         "training": {"steps": 2, "batch_size": 2},
     }
     path = tmp_path / "t.yaml"
@@ -96,7 +112,7 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
 
 
 def test_model_folder_overwrite_replaces_only_a_model_folder(tmp_path, tiny_models):
-    from napari_meddiff.zoo import load_model, save_model_folder
+    from napari_meddiff.models import load_model, save_model_folder
 
     model = load_model(tiny_models["ddpm2d"])
     config = {k: v for k, v in model.config.items() if k != "weights"}
@@ -116,8 +132,20 @@ def test_model_folder_overwrite_replaces_only_a_model_folder(tmp_path, tiny_mode
 
 @pytest.mark.parametrize("eta", ["-0.5", "1.5", "nan", "inf"])
 def test_eta_out_of_range_is_refused(env, tmp_path, eta):
-    proc = run_cli("generate", "--model", "tiny-ldm-3d", "--sampler", "ddim", "--steps", "2", "--eta", eta,
-                   "--out", tmp_path / "o", env=env)
+    proc = run_cli(
+        "generate",
+        "--model",
+        "tiny-ldm-3d",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--eta",
+        eta,
+        "--out",
+        tmp_path / "o",
+        env=env,
+    )
     assert_one_line_error(proc, "eta must be")
     assert not (tmp_path / "o").exists()
 
@@ -147,8 +175,20 @@ def test_segment_refuses_nan_voxels(env, tmp_path):
     arr[5, 5, 5] = np.nan
     arr[6, 6, 6] = np.inf
     image = write_nifti(tmp_path / "scan.nii.gz", arr)
-    proc = run_cli("segment", "--model", "tiny-seg-2d", "--image", image, "--out", tmp_path / "seg",
-                   "--ensemble", "1", "--steps", "2", env=env)
+    proc = run_cli(
+        "segment",
+        "--model",
+        "tiny-seg-2d",
+        "--image",
+        image,
+        "--out",
+        tmp_path / "seg",
+        "--ensemble",
+        "1",
+        "--steps",
+        "2",
+        env=env,
+    )
     assert_one_line_error(proc, "2 NaN or infinite voxels")
     assert not (tmp_path / "seg").exists()  # no empty output folder left behind
 
@@ -161,8 +201,9 @@ def test_bad_seeds_are_one_line_errors(env, tmp_path, seed):
 
 
 def test_seed_range_must_stay_in_range(env, tmp_path):
-    proc = run_cli("generate", "--model", "tiny-ldm-3d", "--seed", str(2**63 - 1), "--num", "2",
-                   "--out", tmp_path / "o", env=env)
+    proc = run_cli(
+        "generate", "--model", "tiny-ldm-3d", "--seed", str(2**63 - 1), "--num", "2", "--out", tmp_path / "o", env=env
+    )
     assert_one_line_error(proc, "out of range")
     with pytest.raises(MeddiffError, match="out of range"):
         md.generate("tiny-ldm-3d", [-1], steps=1, device="cpu")
@@ -216,7 +257,7 @@ def test_disk_full_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, monkey
 
 
 def test_cli_turns_unforeseen_os_errors_into_one_line(env, tmp_path, monkeypatch, capsys):
-    import napari_meddiff.batch as batch
+    import napari_meddiff.tasks.batch as batch
 
     def boom(*a, **k):
         raise OSError(errno.EIO, "Input/output error", str(tmp_path / "o" / "x.json"))
@@ -233,8 +274,21 @@ def test_output_path_that_is_a_folder(env, tmp_path):
     mask = write_nifti(tmp_path / "mask.nii.gz", np.pad(np.ones((4, 4, 4)), 6), (4, 4, 4))
     folder = tmp_path / "out.nii.gz"
     folder.mkdir()
-    proc = run_cli("inpaint", "--model", "tiny-ldm-3d", "--image", image, "--mask", mask, "--out", folder,
-                   "--steps", "2", "--overwrite", env=env)
+    proc = run_cli(
+        "inpaint",
+        "--model",
+        "tiny-ldm-3d",
+        "--image",
+        image,
+        "--mask",
+        mask,
+        "--out",
+        folder,
+        "--steps",
+        "2",
+        "--overwrite",
+        env=env,
+    )
     assert_one_line_error(proc, "is a folder")
     assert folder.is_dir() and not any(folder.iterdir())
 
@@ -254,15 +308,16 @@ def test_requests_that_would_exhaust_memory_are_refused_up_front(tiny_models, tm
 
 def test_guidance_counts_twice_the_unet_batch(tiny_models, monkeypatch):
     """Classifier-free guidance runs both branches as one batch: the up-front estimate counts them."""
-    from napari_meddiff import memory
+    from napari_meddiff.runtime import memory
+    from napari_meddiff.tasks import footprint
 
     model = md.load_model(tiny_models["ldm3d"])
-    plain = 64 * memory.network_bytes_per_sample(model)
-    guided = plain + 64 * memory.unet_bytes_per_sample(model)
+    plain = 64 * footprint.network_bytes_per_sample(model)
+    guided = plain + 64 * footprint.unet_bytes_per_sample(model)
     monkeypatch.setattr(memory, "available_ram_bytes", lambda: int((plain + guided) / 2 / 0.9))
-    memory.check_request_fits(model, batch=64)
+    footprint.check_request_fits(model, batch=64)
     with pytest.raises(MeddiffError, match="would need"):
-        memory.check_request_fits(model, batch=64, guided=True)
+        footprint.check_request_fits(model, batch=64, guided=True)
 
 
 # --- shared folders: every output follows the umask ------------------------------------------------------------------
@@ -270,8 +325,9 @@ def test_guidance_counts_twice_the_unet_batch(tiny_models, monkeypatch):
 
 def test_sidecars_and_manifest_follow_the_umask(env, tmp_path):
     out = tmp_path / "cohort"
-    proc = run_cli("generate", "--model", "tiny-ldm-3d", "--num", "2", "--steps", "1", "--out", out, env=env,
-                   umask=0o002)
+    proc = run_cli(
+        "generate", "--model", "tiny-ldm-3d", "--num", "2", "--steps", "1", "--out", out, env=env, umask=0o002
+    )
     assert proc.returncode == 0, proc.stderr
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert set(modes.values()) == {0o664}, modes
@@ -290,8 +346,10 @@ def test_failed_validation_leaves_no_empty_folder(env, tmp_path):
 
 def test_sidecar_json_is_valid_after_generate(env, tmp_path):
     out = tmp_path / "g"
-    assert run_cli("generate", "--model", "tiny-ldm-3d", "--steps", "1", "--seed", "3", "--out", out,
-                   env=env).returncode == 0
+    assert (
+        run_cli("generate", "--model", "tiny-ldm-3d", "--steps", "1", "--seed", "3", "--out", out, env=env).returncode
+        == 0
+    )
     meta = json.loads((out / "tiny-ldm-3d_seed3.json").read_text())
     assert meta["seed"] == 3
 
@@ -311,14 +369,17 @@ def test_absurd_voxel_size_is_refused_before_allocating(tiny_models):
         md.segment(str(tiny_models["seg2d"]), image, ensemble=1, steps=1, device="cpu")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"name": "../../escape"}, "plain folder name"),
-    ({"spatial_dims": "two"}, "malformed training config"),
-    ({"networks": ["unet"]}, "networks must be a mapping"),
-    ({"training": {"steps": 2, "batch_size": -3}}, "training.batch_size must be positive"),
-    ({"training": {"steps": 2, "lr": "fast"}}, "training.lr must be a number"),
-    ({"training": {"steps": float("inf")}}, "training.steps must be a number"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"name": "../../escape"}, "plain folder name"),
+        ({"spatial_dims": "two"}, "malformed training config"),
+        ({"networks": ["unet"]}, "networks must be a mapping"),
+        ({"training": {"steps": 2, "batch_size": -3}}, "training.batch_size must be positive"),
+        ({"training": {"steps": 2, "lr": "fast"}}, "training.lr must be a number"),
+        ({"training": {"steps": float("inf")}}, "training.steps must be a number"),
+    ],
+)
 def test_malformed_training_configs_are_one_line_errors_and_leave_nothing(tmp_path, change, message):
     config = tiny_train_config(tmp_path)
     cfg = {**yaml.safe_load(config.read_text()), **change}
@@ -343,8 +404,18 @@ def test_failed_review_create_leaves_no_key_folder(tmp_path):
     synthetic = tmp_path / "synthetic"
     synthetic.mkdir()
     write_nifti(synthetic / "s.nii.gz", np.random.default_rng(0).random((8, 8, 8)))
-    proc = run_cli("review", "create", "--real", tmp_path / "real", "--synthetic", synthetic,
-                   "--out", tmp_path / "study", "--key", tmp_path / "keys" / "deep" / "key.json")
+    proc = run_cli(
+        "review",
+        "create",
+        "--real",
+        tmp_path / "real",
+        "--synthetic",
+        synthetic,
+        "--out",
+        tmp_path / "study",
+        "--key",
+        tmp_path / "keys" / "deep" / "key.json",
+    )
     assert_one_line_error(proc, "no images")
     assert not (tmp_path / "keys").exists() and not (tmp_path / "study").exists()
 
@@ -352,13 +423,15 @@ def test_failed_review_create_leaves_no_key_folder(tmp_path):
 def test_cli_main_leaves_no_process_wide_state(env, tmp_path, monkeypatch):
     import torch
 
-    from napari_meddiff.sampling import AUTOENCODER_PASS_ENV
+    from napari_meddiff.choices import AUTOENCODER_PASS_ENV
 
     monkeypatch.setenv("MEDDIFF_MODELS", env["MEDDIFF_MODELS"])
     monkeypatch.delenv(AUTOENCODER_PASS_ENV, raising=False)
     threads = torch.get_num_threads()
-    assert main(["generate", "--model", "tiny-ldm-3d", "--steps", "1", "--decode", "tiled",
-                 "--out", str(tmp_path / "o")]) == 0
+    assert (
+        main(["generate", "--model", "tiny-ldm-3d", "--steps", "1", "--decode", "tiled", "--out", str(tmp_path / "o")])
+        == 0
+    )
     assert main(["generate", "--decode", "tiled", "--steps", "0", "--out", str(tmp_path / "p")]) == 2
     assert AUTOENCODER_PASS_ENV not in os.environ
     assert torch.get_num_threads() == threads
@@ -369,8 +442,19 @@ def test_review_study_files_follow_the_umask_and_the_key_stays_private(tmp_path)
         (tmp_path / source).mkdir()
         for i in range(2):
             write_nifti(tmp_path / source / f"{source}{i}.nii.gz", np.random.default_rng(i).random((8, 8, 8)))
-    proc = run_cli("review", "create", "--real", tmp_path / "real", "--synthetic", tmp_path / "synthetic",
-                   "--out", tmp_path / "study", "--key", tmp_path / "key.json", umask=0o002)
+    proc = run_cli(
+        "review",
+        "create",
+        "--real",
+        tmp_path / "real",
+        "--synthetic",
+        tmp_path / "synthetic",
+        "--out",
+        tmp_path / "study",
+        "--key",
+        tmp_path / "key.json",
+        umask=0o002,
+    )
     assert proc.returncode == 0, proc.stderr
     assert stat.S_IMODE((tmp_path / "study" / "cases.json").stat().st_mode) == 0o664
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "study" / "cases").iterdir()} == {0o664}
@@ -380,7 +464,7 @@ def test_review_study_files_follow_the_umask_and_the_key_stays_private(tmp_path)
 def test_the_autoencoder_pass_that_ran_is_recorded(tiny_models):
     (whole,) = md.generate(str(tiny_models["ldm3d"]), [4], steps=2, device="cpu")
     assert whole.metadata["provenance"]["autoencoder_pass"] == "whole"  # tiny: a whole pass fits
-    from napari_meddiff.sampling import AUTOENCODER_PASS_ENV
+    from napari_meddiff.choices import AUTOENCODER_PASS_ENV
 
     os.environ[AUTOENCODER_PASS_ENV] = "tiled"
     try:
@@ -394,14 +478,20 @@ def test_the_autoencoder_pass_that_ran_is_recorded(tiny_models):
 def test_saved_model_folder_is_readable_by_the_group(tmp_path):
     import os
 
-
-    from napari_meddiff.testing import TINY_SCHEDULE, tiny_unet_config
-    from napari_meddiff.zoo import build_network, save_model_folder
+    from napari_meddiff.models import build_network, save_model_folder
+    from napari_meddiff.testing.tiny_models import TINY_SCHEDULE, tiny_unet_config
 
     unet = tiny_unet_config(2, 1, 1)
-    config = {"name": "shared", "kind": "ddpm", "spatial_dims": 2, "image_shape": [16, 16], "voxel_size": [2.0, 2.0],
-              "scheduler": TINY_SCHEDULE, "networks": {"unet": unet},
-              "defaults": {"sampler": "ddim", "steps": 2, "precision": "fp32"}}
+    config = {
+        "name": "shared",
+        "kind": "ddpm",
+        "spatial_dims": 2,
+        "image_shape": [16, 16],
+        "voxel_size": [2.0, 2.0],
+        "scheduler": TINY_SCHEDULE,
+        "networks": {"unet": unet},
+        "defaults": {"sampler": "ddim", "steps": 2, "precision": "fp32"},
+    }
     old = os.umask(0o002)
     try:
         folder = save_model_folder(tmp_path / "shared", config, {"unet": build_network("unet", unet)}, card="# x\n")

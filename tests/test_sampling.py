@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from napari_meddiff import Cancelled, MeddiffError, generate, load_model
-from napari_meddiff.samplers import SAMPLERS, make_sampler
-from napari_meddiff.sampling import denoise, initial_noise, seeded_generators
+from napari_meddiff.diffusion.loop import denoise
+from napari_meddiff.diffusion.samplers import SAMPLERS, make_sampler
+from napari_meddiff.diffusion.seeds import initial_noise, seeded_generators
 
 
 @pytest.mark.parametrize("kind", ["ldm3d", "ddpm3d", "ddpm2d"])
@@ -85,8 +86,15 @@ def test_progress_callback_and_bf16(tiny_models):
     model = load_model(tiny_models["ldm3d"])
     seen = []
     previews = []
-    generate(model, [0], sampler="dpm++", steps=4, on_step=lambda i: seen.append((i.index, i.total)),
-             on_preview=previews.append, preview_every=2)
+    generate(
+        model,
+        [0],
+        sampler="dpm++",
+        steps=4,
+        on_step=lambda i: seen.append((i.index, i.total)),
+        on_preview=previews.append,
+        preview_every=2,
+    )
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert len(previews) == 1 and previews[0].images.shape == (1, *model.image_shape)
     bf16 = generate(model, [0], sampler="ddim", steps=3, precision="bf16")[0]

@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.segment import (
-    combine_votes,
-    normalised_entropy,
-    plan_segmentation,
-    run_members,
-    segment,
-)
-from napari_meddiff.testing import make_tiny_model
-from napari_meddiff.volume import Volume, read_volume, volume_from_sitk
-from napari_meddiff.zoo import load_model
+from napari_meddiff.io.volume import Volume, read_volume, volume_from_sitk
+from napari_meddiff.models import load_model
+from napari_meddiff.tasks.segment import combine_votes, normalised_entropy, plan_segmentation, run_members, segment
+from napari_meddiff.testing.tiny_models import make_tiny_model
 
 FAST = {"sampler": "ddim", "steps": 2}
 
@@ -199,7 +193,7 @@ def test_rejects_bad_models_and_arguments(seg_models, tmp_path):
 @pytest.mark.parametrize("dims", ["2d", "3d"])
 def test_grid_shares_the_lattice_of_an_input_at_the_model_voxel_size(seg_models, dims):
     """A scan at the model's voxel size is not resampled: the model sees its voxel values, not a half-voxel blur."""
-    from napari_meddiff.intensity import normalise
+    from napari_meddiff.io.intensity import normalise
 
     model = seg_models[dims]  # 4 mm voxels
     arr = blob_image((13, 11, 9), seed=3)  # odd sizes: the content's centre sits between voxel centres
@@ -218,10 +212,11 @@ def test_grid_shares_the_lattice_of_an_input_at_the_model_voxel_size(seg_models,
 
 
 def test_context_slices_come_from_the_scan_beyond_the_grid_and_zeros_beyond_the_scan(seg_models):
-    from napari_meddiff.intensity import normalise
+    from napari_meddiff.io.intensity import normalise
 
-    model = load_model(make_tiny_model(seg_models["root"] / "tiny-seg-ctx", "segmentation", 2, image_shape=(16, 16),
-                                       context_slices=2))
+    model = load_model(
+        make_tiny_model(seg_models["root"] / "tiny-seg-ctx", "segmentation", 2, image_shape=(16, 16), context_slices=2)
+    )
     arr = np.full((14, 12, 20), 5.0, np.float32)  # a faint background in every slice (below the content threshold)
     arr[3:11, 3:9, 8:14] = 80.0  # the content: slices 8..13
     image = Volume(arr, np.diag([4.0, 4.0, 4.0, 1.0]))
@@ -248,7 +243,7 @@ def test_context_slices_come_from_the_scan_beyond_the_grid_and_zeros_beyond_the_
 
 
 def test_snap_grid_leaves_other_lattices_alone():
-    from napari_meddiff.geometry import make_grid, snap_grid
+    from napari_meddiff.io.geometry import make_grid, snap_grid
 
     grid = make_grid((2.0, 2.0, 2.0), (8, 8, 8), (0.5, 0.3, 0.0))
     other_spacing = Volume(np.zeros((5, 5, 5), np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
@@ -269,7 +264,7 @@ def test_snap_grid_leaves_other_lattices_alone():
 
 def test_cohort_subject_brain_inside_model_grid(seg_models):
     """The content region found from intensities alone covers the whole labelled brain of a cohort subject."""
-    from napari_meddiff.cohort import HELDOUT_SEEDS, make_subject
+    from napari_meddiff.data.mni152 import HELDOUT_SEEDS, make_subject
 
     sub = make_subject(HELDOUT_SEEDS[0], resolution_mm=2.0, lesion=False)
     model = seg_models["2d"]
@@ -284,17 +279,35 @@ def test_cohort_subject_brain_inside_model_grid(seg_models):
 
 def test_cli_end_to_end(seg_models, tmp_path, monkeypatch, capsys):
     from napari_meddiff.cli import main
-    from napari_meddiff.volume import write_volume
+    from napari_meddiff.io.volume import write_volume
 
     monkeypatch.setenv("MEDDIFF_MODELS", str(seg_models["root"]))
     image = oblique_lps_volume()
     src = write_volume(image, tmp_path / "scan.nii.gz")
     out = tmp_path / "seg"
-    args = ["segment", "--model", "tiny-seg-2d", "--image", str(src), "--out", str(out), "--ensemble", "3",
-            "--sampler", "ddim", "--steps", "2", "--seed", "4", "--device", "cpu"]
+    args = [
+        "segment",
+        "--model",
+        "tiny-seg-2d",
+        "--image",
+        str(src),
+        "--out",
+        str(out),
+        "--ensemble",
+        "3",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--seed",
+        "4",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["labels.nii.gz", "probabilities.nii.gz", "uncertainty.nii.gz", "volumes.csv", "segment.json"])
+        ["labels.nii.gz", "probabilities.nii.gz", "uncertainty.nii.gz", "volumes.csv", "segment.json"]
+    )
     src_img = nib.load(str(src))
     lab = nib.load(str(out / "labels.nii.gz"))
     prob = nib.load(str(out / "probabilities.nii.gz"))
@@ -331,8 +344,20 @@ def test_cli_errors(seg_models, tmp_path, monkeypatch, capsys):
     from napari_meddiff.cli import main
 
     monkeypatch.setenv("MEDDIFF_MODELS", str(seg_models["root"]))
-    assert main(["segment", "--model", "tiny-seg-2d", "--image", str(tmp_path / "missing.nii.gz"),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                "tiny-seg-2d",
+                "--image",
+                str(tmp_path / "missing.nii.gz"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "not found" in capsys.readouterr().err
     assert main(["segment", "--model", "tiny-seg-2d", "--image", "x.nii.gz", "--out", "o", "--ensemble", "0"]) == 2
     assert "--ensemble" in capsys.readouterr().err
@@ -342,7 +367,7 @@ def test_cli_errors(seg_models, tmp_path, monkeypatch, capsys):
 def test_probabilities_combine_is_the_mean_of_member_probabilities(seg_models, dims):
     import torch
 
-    from napari_meddiff.segment import combine_probabilities, member_probabilities
+    from napari_meddiff.tasks.segment import combine_probabilities, member_probabilities
 
     z = torch.tensor([[[-1.0, 3.0]], [[1.0, -1.0]], [[0.0, -1.0]], [[-1.0, -1.0]]]).reshape(1, 4, 1, 2)
     p = member_probabilities(z).astype(np.float32)

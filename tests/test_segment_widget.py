@@ -8,8 +8,8 @@ import pytest
 from qtpy.QtCore import Qt
 
 from napari_meddiff._napari.layers import layer_to_volume, volume_to_layer_data
-from napari_meddiff.testing import make_tiny_model
-from napari_meddiff.volume import Volume
+from napari_meddiff.io.volume import Volume
+from napari_meddiff.testing.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.napari
 
@@ -109,13 +109,15 @@ def test_segment_widget_combine_follows_the_model_and_reaches_segment(widget_and
     widget.run()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
     assert widget.result.provenance["combine"] == "probabilities"
-    from napari_meddiff.segment import segment
+    from napari_meddiff.tasks.segment import segment
 
     sampler, steps, seed = widget.sampling.values()  # the model's defaults again, after switching models
     kwargs = dict(ensemble=widget.ensemble.value(), sampler=sampler, steps=steps, seed=seed, axis="axial", device="cpu")
     volume = layer_to_volume(image)
-    direct = {c: segment(str(widget.model_picker.current().path), volume, combine=c, **kwargs).probabilities.array
-              for c in ("probabilities", "votes")}
+    direct = {
+        c: segment(str(widget.model_picker.current().path), volume, combine=c, **kwargs).probabilities.array
+        for c in ("probabilities", "votes")
+    }
     np.testing.assert_array_equal(widget.result.probabilities.array, direct["probabilities"])
     assert not np.array_equal(direct["probabilities"], direct["votes"])
 
@@ -135,9 +137,10 @@ def test_segment_widget_cancel(widget_and_viewer, qtbot):
 
 
 def test_model_summary_names_a_2p5d_model(tmp_path):
-    from napari_meddiff._napari.widgets.common import ModelInfo
+    from napari_meddiff._napari.widgets.controls import ModelInfo
 
     plain = ModelInfo.from_path(make_tiny_model(tmp_path / "plain", "segmentation", 2, image_shape=(16, 16)))
-    ctx = ModelInfo.from_path(make_tiny_model(tmp_path / "ctx", "segmentation", 2, image_shape=(16, 16),
-                                              context_slices=2))
+    ctx = ModelInfo.from_path(
+        make_tiny_model(tmp_path / "ctx", "segmentation", 2, image_shape=(16, 16), context_slices=2)
+    )
     assert plain.summary().startswith("2D ") and ctx.summary().startswith("2.5D (each slice ±2) ")

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_meddiff import MeddiffError, generate, load_model, sampling
-from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn, pytorch_kernels, uses_channels_last
-from napari_meddiff.devices import native_bf16
-from napari_meddiff.sampling import autoencoder_pass, decode_latents, resolve_precision
+from napari_meddiff import MeddiffError, generate, load_model
+from napari_meddiff.autoencoder.passes import autoencoder_pass, decode_latents
+from napari_meddiff.diffusion import loop
+from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn, pytorch_kernels, uses_channels_last
+from napari_meddiff.runtime.devices import native_bf16
+from napari_meddiff.runtime.precision import resolve_precision
 
 
 def _conv_kernels(fn) -> set[str]:
@@ -64,7 +66,7 @@ def test_tiled_decoding_only_when_memory_is_short(tiny_models, monkeypatch):
     assert autoencoder_pass(model, z) == "whole"  # a tiny latent fits
     whole = decode_latents(model, z)
     np.testing.assert_array_equal(whole.numpy(), decode_latents(model, z, mode="whole").numpy())
-    monkeypatch.setattr("napari_meddiff.sampling.free_memory_bytes", lambda device: 10**6)
+    monkeypatch.setattr("napari_meddiff.autoencoder.passes.free_memory_bytes", lambda device: 10**6)
     assert autoencoder_pass(model, z) == "tiled"
     tiled = decode_latents(model, z)  # auto: tiled, part of it in files (the budget is 0.5 MB)
     assert tiled.shape == whole.shape
@@ -88,6 +90,11 @@ def test_same_volume_whatever_the_thread_count(tiny_models):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_channels_last_group_norm_gives_the_same_bits_for_any_thread_count(dtype):
     """PyTorch's channels-last GroupNorm sums per-thread partials; `prefer_channels_last`'s does not."""
+    if dtype == torch.bfloat16 and not native_bf16(torch.device("cpu")):
+        pytest.skip(
+            "bf16 is emulated on this CPU: oneDNN's bf16 convolution keeps PyTorch's layout, and load_model "
+            "uses channels-last only where bf16 is native"
+        )
     net = torch.nn.Sequential(torch.nn.Conv3d(4, 32, 3, padding=1), torch.nn.GroupNorm(8, 32)).to(dtype)
     x = torch.randn(1, 4, 24, 40, 24, generator=torch.Generator().manual_seed(0)).to(dtype)
     threads = torch.get_num_threads()
@@ -129,7 +136,7 @@ def test_bf16_weights_cast_once_give_autocasts_bits(tiny_models, monkeypatch, na
     weights = {k: v.clone() for k, v in model.unet.state_dict().items()}
     (once,) = generate(model, [3], steps=3, precision="bf16")
     assert all(torch.equal(v, weights[k]) and v.dtype == torch.float32 for k, v in model.unet.state_dict().items())
-    monkeypatch.setattr(sampling, "bf16_weights_once", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(loop, "bf16_weights_once", lambda *a: contextlib.nullcontext())
     (every_call,) = generate(model, [3], steps=3, precision="bf16")
     np.testing.assert_array_equal(once.array, every_call.array)
 
@@ -144,7 +151,7 @@ def test_model_loaded_for_bf16_holds_bf16_weights_and_gives_the_same_bits(tiny_m
     assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
     norms = [m for m in held.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # autocast runs norms in fp32
-    nbytes = (lambda net: sum(p.numel() * p.element_size() for p in net.parameters()))
+    nbytes = lambda net: sum(p.numel() * p.element_size() for p in net.parameters())
     assert nbytes(held.unet) < 0.6 * nbytes(plain.unet)
     assert uses_channels_last(held.unet) == uses_channels_last(plain.unet)
     (a,) = generate(plain, [4], steps=3, precision="bf16")
@@ -158,8 +165,8 @@ def test_model_loaded_for_bf16_holds_bf16_weights_and_gives_the_same_bits(tiny_m
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_input_channel_chunks_are_one_convolution_to_bf16_rounding(monkeypatch, channels_last):
-    from napari_meddiff import devices
-    from napari_meddiff.cpu_kernels import bf16_weights_once
+    from napari_meddiff.runtime import devices
+    from napari_meddiff.runtime.cpu_kernels import bf16_weights_once
 
     monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)  # the chunks are for AMX; their sums anywhere
     net = prefer_onednn(torch.nn.Sequential(torch.nn.Conv3d(600, 8, 3, padding=1), torch.nn.SiLU()))
@@ -182,8 +189,8 @@ def test_input_channel_chunks_are_one_convolution_to_bf16_rounding(monkeypatch, 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_held_bf16_weights_are_released_for_their_chunks_and_rebuilt(monkeypatch, channels_last):
-    from napari_meddiff import devices
-    from napari_meddiff.cpu_kernels import bf16_weights_once, hold_bf16_weights
+    from napari_meddiff.runtime import devices
+    from napari_meddiff.runtime.cpu_kernels import bf16_weights_once, hold_bf16_weights
 
     monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)
     net = prefer_onednn(torch.nn.Sequential(torch.nn.Conv3d(600, 8, 3, padding=1), torch.nn.SiLU()))
@@ -214,7 +221,7 @@ def test_held_bf16_weights_are_released_for_their_chunks_and_rebuilt(monkeypatch
 def test_linear_layers_give_the_same_bits_for_any_thread_count(dtype, shape):
     """The Zoo brain LDM's feed-forward shapes, whose sums oneDNN/MKL split by thread (the first two large enough
     to run as two halves on two threads), and a small one that stays whole; under bf16 autocast too."""
-    from napari_meddiff.cpu_kernels import thread_invariant_linear
+    from napari_meddiff.runtime.cpu_kernels import thread_invariant_linear
 
     tokens, features, out_features = shape
     g = torch.Generator().manual_seed(0)
@@ -246,7 +253,7 @@ def test_linear_layers_give_the_same_bits_for_any_thread_count(dtype, shape):
 def test_thread_invariant_linear_keeps_gradients(trainable):
     """Outside inference mode the product stays whole (no second thread), so the autograd graph covers all of
     it: with 2 threads too, also when only the bias is trained."""
-    from napari_meddiff.cpu_kernels import thread_invariant_linear
+    from napari_meddiff.runtime.cpu_kernels import thread_invariant_linear
 
     lin = torch.nn.Linear(512, 4096)
     lin.weight.requires_grad_(False)
@@ -269,7 +276,7 @@ def test_thread_invariant_linear_runs_fixed_halves_each_in_one_thread(monkeypatc
     intra-op thread, the second on its own thread only when the caller has two."""
     import threading
 
-    from napari_meddiff import cpu_kernels
+    from napari_meddiff.runtime import cpu_kernels
 
     calls = []
     real_linear = torch.nn.functional.linear

@@ -10,11 +10,13 @@ import time
 import pytest
 import torch
 
-from napari_meddiff import MeddiffError, threads
+from napari_meddiff import MeddiffError
+from napari_meddiff.runtime import threads
 
 _CHILD = (
-    "import os, napari_meddiff, torch; from napari_meddiff.threads import use_free_cores; "
-    "print(os.environ.get('OMP_WAIT_POLICY'), use_free_cores(), torch.get_num_threads())"
+    "import os, napari_meddiff; imported = os.environ.get('OMP_WAIT_POLICY'); napari_meddiff.generate; "
+    "import torch; from napari_meddiff.runtime.threads import use_free_cores; "
+    "print(imported, os.environ.get('OMP_WAIT_POLICY'), use_free_cores(), torch.get_num_threads())"
 )
 
 
@@ -26,18 +28,23 @@ def _child(**env) -> list[str]:
 
 
 def test_openmp_sleeps_at_barriers_unless_the_user_chose():
-    assert _child(MEDDIFF_THREADS="1") == ["PASSIVE", "1", "1"]  # set on import, before torch loads libgomp
-    policy, chosen, n = _child(MEDDIFF_THREADS="torch")  # PyTorch's own behaviour, as before
-    assert policy == "None" and chosen == "None" and int(n) == threads.usable_cores()
+    # importing the package (napari's plugin discovery) changes nothing; the first task loads with OpenMP
+    # threads asleep at barriers, set before torch loads libgomp
+    assert _child(MEDDIFF_THREADS="1") == ["None", "PASSIVE", "1", "1"]
+    imported, policy, chosen, n = _child(MEDDIFF_THREADS="torch")  # PyTorch's own behaviour, as before
+    assert imported == policy == "None" and chosen == "None" and int(n) == threads.usable_cores()
 
 
 def test_a_later_call_after_torch_loads_still_sets_the_threads():
     """The OMP_NUM_THREADS that use_free_cores wrote before torch loaded is not mistaken for the user's."""
-    code = ("import sys; from napari_meddiff.threads import use_free_cores; a = use_free_cores(); "
-            "assert 'torch' not in sys.modules; import torch; b = use_free_cores(); print(a, b, torch.get_num_threads())")
+    code = (
+        "import sys; from napari_meddiff.runtime.threads import use_free_cores; a = use_free_cores(); "
+        "assert 'torch' not in sys.modules; import torch; b = use_free_cores(); print(a, b, torch.get_num_threads())"
+    )
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", threads.THREADS_ENV)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**base, threads.THREADS_ENV: "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**base, threads.THREADS_ENV: "1"}
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "1", "1"]
 

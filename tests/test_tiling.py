@@ -15,15 +15,23 @@ import torch
 from monai.networks.nets import AutoencoderKL
 
 from napari_meddiff import MeddiffError, generate, load_model
-from napari_meddiff.sampling import AUTOENCODER_PASS_ENV, autoencoder_pass, decode_latents, encode_images
-from napari_meddiff.tiling import tiled_decode, tiled_encode
+from napari_meddiff.autoencoder.passes import autoencoder_pass, decode_latents, encode_images
+from napari_meddiff.autoencoder.tiling import tiled_decode, tiled_encode
+from napari_meddiff.choices import AUTOENCODER_PASS_ENV
 
 
 def _autoencoder(dims: int, seed: int = 0, **kw) -> AutoencoderKL:
     torch.manual_seed(seed)
-    config = dict(spatial_dims=dims, channels=(8, 16, 16), latent_channels=3, num_res_blocks=(1, 2, 1),
-                  norm_num_groups=4, attention_levels=(False,) * 3, with_encoder_nonlocal_attn=False,
-                  with_decoder_nonlocal_attn=False)
+    config = dict(
+        spatial_dims=dims,
+        channels=(8, 16, 16),
+        latent_channels=3,
+        num_res_blocks=(1, 2, 1),
+        norm_num_groups=4,
+        attention_levels=(False,) * 3,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
     return AutoencoderKL(**{**config, **kw}).eval()
 
 
@@ -56,9 +64,18 @@ def test_tiled_maisi_autoencoder_equals_whole():
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
     torch.manual_seed(4)
-    ae = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 16, 16],
-                            num_res_blocks=[2, 2, 2], norm_num_groups=4, attention_levels=[False] * 3,
-                            num_splits=1, dim_split=1).eval()
+    ae = AutoencoderKlMaisi(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        num_channels=[8, 16, 16],
+        num_res_blocks=[2, 2, 2],
+        norm_num_groups=4,
+        attention_levels=[False] * 3,
+        num_splits=1,
+        dim_split=1,
+    ).eval()
     z = torch.randn((1, 4, 5, 7, 6), generator=torch.Generator().manual_seed(5))
     x = torch.rand((1, 1, 21, 26, 23), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
@@ -81,9 +98,9 @@ def test_channels_last_tiles_equal_the_whole_pass_for_any_thread_count(monkeypat
     """The channels-last path of `load_model` on bf16 CPUs: normalised slabs written into a reused, zero-bordered
     workspace and identity residuals added from the store in place; equal to the whole pass to rounding, and the
     same bits with 1 and 2 threads (the widget leaves a core to the GUI)."""
-    from napari_meddiff import tiling
-    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
-    from napari_meddiff.sampling import autocast_context
+    from napari_meddiff.autoencoder import tiling
+    from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.runtime.precision import autocast_context
 
     slabs = []
     normalised = tiling._normalised_input
@@ -112,8 +129,8 @@ def test_channels_last_tiles_equal_the_whole_pass_for_any_thread_count(monkeypat
 def test_channels_last_ram_and_file_stores_give_the_same_bits(tmp_path, monkeypatch, precision):
     """Whether stores spill to files depends on free memory: it must not change a single bit. Trained norms
     (not MONAI's initial weight 1, bias 0), where a strided and a dense normalisation kernel round differently."""
-    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
-    from napari_meddiff.sampling import autocast_context
+    from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.runtime.precision import autocast_context
 
     monkeypatch.setenv("MEDDIFF_TILE_DIR", str(tmp_path))
     ae = _autoencoder(3, seed=17)
@@ -135,13 +152,22 @@ def test_channels_last_maisi_ram_and_file_stores_give_the_same_bits(tmp_path, mo
     """MAISI's trilinear upsampling picks its kernel by strides: a tile read from a file has a RAM tile's."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn
 
     monkeypatch.setenv("MEDDIFF_TILE_DIR", str(tmp_path))
     torch.manual_seed(3)
-    ae = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 16, 16],
-                            num_res_blocks=[2, 2, 2], norm_num_groups=4, attention_levels=[False] * 3,
-                            num_splits=1, dim_split=1).eval()
+    ae = AutoencoderKlMaisi(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        num_channels=[8, 16, 16],
+        num_res_blocks=[2, 2, 2],
+        norm_num_groups=4,
+        attention_levels=[False] * 3,
+        num_splits=1,
+        dim_split=1,
+    ).eval()
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for norm in (m for m in ae.modules() if isinstance(m, torch.nn.GroupNorm)):
@@ -160,7 +186,7 @@ def test_channels_last_maisi_ram_and_file_stores_give_the_same_bits(tmp_path, mo
 def test_channel_stats_are_exact_and_thread_invariant(dtype, channels_last):
     """Per-channel mean and centred sum of squares of a tile of many chunks, against float64; the same bits with 1
     and 2 threads; float32 sums under bf16 autocast too; the tile untouched."""
-    from napari_meddiff.tiling import _channel_stats
+    from napari_meddiff.autoencoder.tiling import _channel_stats
 
     tile = (3 * torch.randn(1, 2048, 16, 16, 16, generator=torch.Generator().manual_seed(20)) + 5).to(dtype)
     if channels_last:
@@ -188,12 +214,22 @@ def test_channels_last_maisi_norm_changes_the_workspace_dtype():
     """MAISI's GroupNorm returns float32 from bf16 activations: the workspace follows the normalised dtype."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn
 
     torch.manual_seed(15)
-    ae = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 16, 16],
-                            num_res_blocks=[1, 1, 1], norm_num_groups=4, attention_levels=[False] * 3,
-                            num_splits=1, dim_split=1, norm_float16=False).eval()
+    ae = AutoencoderKlMaisi(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        num_channels=[8, 16, 16],
+        num_res_blocks=[1, 1, 1],
+        norm_num_groups=4,
+        attention_levels=[False] * 3,
+        num_splits=1,
+        dim_split=1,
+        norm_float16=False,
+    ).eval()
     prefer_channels_last(prefer_onednn(ae))
     z = torch.randn((1, 4, 4, 5, 6), generator=torch.Generator().manual_seed(16))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -217,7 +253,7 @@ def test_file_stores_give_the_same_result_and_are_removed(tmp_path, monkeypatch)
 
 
 def test_residual_blocks_write_over_their_input_and_the_estimate_is_the_peak(monkeypatch):
-    from napari_meddiff import tiling
+    from napari_meddiff.autoencoder import tiling
 
     ae = _autoencoder(3, seed=11)
     z = torch.randn((1, 3, 5, 4, 6), generator=torch.Generator().manual_seed(12))
@@ -245,7 +281,7 @@ def test_attention_is_refused_with_a_clear_message(monkeypatch):
     z = torch.zeros(1, 3, 4, 4, 4)
     with pytest.raises(MeddiffError, match="attention"):
         tiled_decode(ae, z)
-    monkeypatch.setattr("napari_meddiff.sampling.free_memory_bytes", lambda device: 0)
+    monkeypatch.setattr("napari_meddiff.autoencoder.passes.free_memory_bytes", lambda device: 0)
     assert autoencoder_pass(types.SimpleNamespace(autoencoder=ae), z) == "whole"  # auto: the only pass there is
 
 
@@ -259,8 +295,10 @@ def test_latent_model_tiled_is_reproducible_and_equals_whole(tiny_models, monkey
     images = torch.rand((1, 1, *model.image_shape), generator=torch.Generator().manual_seed(12))
     mean = encode_images(model, images, sample=False, mode="whole")
     assert (encode_images(model, images, sample=False, mode="tiled", tile=6) - mean).abs().max() <= 1e-4
-    draws = [encode_images(model, images, sample=True, generator=torch.Generator().manual_seed(s), mode="whole")
-             for s in (5, 5, 6)]
+    draws = [
+        encode_images(model, images, sample=True, generator=torch.Generator().manual_seed(s), mode="whole")
+        for s in (5, 5, 6)
+    ]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # seeded, not the global RNG
     assert not torch.equal(draws[0], mean)
     with pytest.raises(MeddiffError, match="generator"):
@@ -274,7 +312,9 @@ def test_latent_model_tiled_is_reproducible_and_equals_whole(tiny_models, monkey
     np.testing.assert_allclose(vol.array, ref.array, atol=1e-4)
     assert not np.array_equal(vol.array, ref.array)  # the setting took effect: the two passes round differently
     assert (vol.metadata["provenance"]["autoencoder_pass"], ref.metadata["provenance"]["autoencoder_pass"]) == (
-        "tiled", "whole")
+        "tiled",
+        "whole",
+    )
 
 
 def test_cli_decode_option(models_env, tmp_path):
@@ -282,23 +322,45 @@ def test_cli_decode_option(models_env, tmp_path):
     arrays = {}
     for mode in ("whole", "tiled"):
         out = tmp_path / mode
-        proc = subprocess.run([sys.executable, "-m", "napari_meddiff.cli", "generate", "--model", "tiny-ldm-3d",
-                               "--steps", "2", "--seed", "4", "--decode", mode, "--out", str(out)],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "napari_meddiff.cli",
+                "generate",
+                "--model",
+                "tiny-ldm-3d",
+                "--steps",
+                "2",
+                "--seed",
+                "4",
+                "--decode",
+                mode,
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr
         (path,) = out.glob("*.nii.gz")
         arrays[mode] = np.asarray(nib.load(path).dataobj)
     np.testing.assert_allclose(arrays["tiled"], arrays["whole"], atol=1e-4)
     assert not np.array_equal(arrays["tiled"], arrays["whole"])  # --decode took effect
-    bad = subprocess.run([sys.executable, "-m", "napari_meddiff.cli", "generate", "--decode", "sliding"],
-                         capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "napari_meddiff.cli", "generate", "--decode", "sliding"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode != 0 and "--decode" in bad.stderr and "Traceback" not in bad.stderr
 
 
 _PEAK_CHILD = textwrap.dedent("""
     import json, sys, torch
     from monai.networks.nets import AutoencoderKL
-    from napari_meddiff.tiling import tiled_decode
+    from napari_meddiff.autoencoder.tiling import tiled_decode
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ae = AutoencoderKL(spatial_dims=3, channels=(32, 32), latent_channels=3, num_res_blocks=1, norm_num_groups=8,
@@ -308,8 +370,8 @@ _PEAK_CHILD = textwrap.dedent("""
     def status(key):
         return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
     if sys.argv[1].startswith("ram"):  # channels-last stores in memory, as on a bf16 CPU
-        from napari_meddiff import tiling
-        from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+        from napari_meddiff.autoencoder import tiling
+        from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn
         ae = AutoencoderKL(spatial_dims=3, channels=(16, 32), latent_channels=3, num_res_blocks=1, norm_num_groups=8,
                            attention_levels=(False, False), with_encoder_nonlocal_attn=False,
                            with_decoder_nonlocal_attn=False).eval()
@@ -348,8 +410,9 @@ def test_tiled_decode_gives_back_the_planes_it_has_read(monkeypatch):
     """Channels-last stores in memory release the planes no later tile reads (a channel-changing block's shortcut
     is computed beside its first convolution, so its input goes then): the same bits as with every store kept
     whole, and the peak RSS of a subprocess lower by most of the 32-channel upsampled activation (65 MB)."""
-    from napari_meddiff import memory, tiling
-    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.autoencoder import tiling
+    from napari_meddiff.runtime import memory
+    from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn
 
     ae = prefer_channels_last(prefer_onednn(_autoencoder(3, seed=17)))
     z = torch.randn((1, 3, 8, 16, 16), generator=torch.Generator().manual_seed(18))
@@ -371,7 +434,7 @@ def test_tiled_decode_gives_back_the_planes_it_has_read(monkeypatch):
 
 
 def test_released_planes_cannot_be_read():
-    from napari_meddiff.tiling import RamStore
+    from napari_meddiff.autoencoder.tiling import RamStore
 
     store = RamStore(4, (64, 32, 32), torch.float32, torch.device("cpu"), channels_last=True)
     store.release_below(10)
@@ -385,9 +448,9 @@ def test_released_planes_cannot_be_read():
 def test_channels_last_tiled_encode_of_one_channel_images_equals_whole(precision, monkeypatch):
     """A 1-channel image's first convolution weights are contiguous in both layouts: the pass still runs on
     channels-last stores (they release what they have read) and equals the whole encoder."""
-    from napari_meddiff import tiling
-    from napari_meddiff.cpu_kernels import prefer_channels_last, prefer_onednn
-    from napari_meddiff.sampling import autocast_context
+    from napari_meddiff.autoencoder import tiling
+    from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn
+    from napari_meddiff.runtime.precision import autocast_context
 
     ae = prefer_channels_last(prefer_onednn(_autoencoder(3, seed=21)))
     x = torch.rand((1, 1, 40, 24, 28), generator=torch.Generator().manual_seed(22))

@@ -16,17 +16,37 @@ import yaml
 
 from napari_meddiff.errors import MeddiffError
 
-TINY_UNET = {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
-             "num_head_channels": 8, "norm_num_groups": 8}
-TINY_AE = {"channels": [8, 8], "latent_channels": 2, "num_res_blocks": [1, 1], "attention_levels": [False, False],
-           "norm_num_groups": 8, "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
-FAST = {"steps": 2, "batch_size": 2, "val_every": 0, "val_samples": 2, "val_steps": 2, "log_every": 1,
-        "checkpoint_minutes": 100, "num_threads": 1}
+TINY_UNET = {
+    "channels": [8, 16],
+    "attention_levels": [False, False],
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+}
+TINY_AE = {
+    "channels": [8, 8],
+    "latent_channels": 2,
+    "num_res_blocks": [1, 1],
+    "attention_levels": [False, False],
+    "norm_num_groups": 8,
+    "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False,
+}
+FAST = {
+    "steps": 2,
+    "batch_size": 2,
+    "val_every": 0,
+    "val_samples": 2,
+    "val_steps": 2,
+    "log_every": 1,
+    "checkpoint_minutes": 100,
+    "num_threads": 1,
+}
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from napari_meddiff.cohort import write_cohort
+    from napari_meddiff.data.mni152 import write_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     write_cohort(out, 3, seed=0, progress=False)
@@ -57,9 +77,9 @@ def tiny_config(tmp_path: Path, cohort: Path, kind: str, spatial_dims: int = 2) 
 
 @pytest.mark.parametrize("kind,dims", [("ddpm", 2), ("ldm", 3), ("segmentation", 2)])
 def test_two_steps_write_a_loadable_model(tmp_path, cohort, kind, dims):
-    from napari_meddiff.generate import generate
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
     from napari_meddiff.training.pipeline import segment_slices, train
-    from napari_meddiff.zoo import load_model
 
     cfg = tiny_config(tmp_path, cohort, kind, dims)
     out = train(cfg, out=tmp_path / "model", work_dir=tmp_path / "run", progress=False)
@@ -87,9 +107,9 @@ def test_decoder_only_resume_keeps_the_cached_latents(tmp_path, cohort):
     """An LDM run resumed with ``freeze_encoder``: the autoencoder trains on (its decoder), the latent cache is
     used as it is (its key is the encoder's digest; recomputing would draw other posterior samples), the
     diffusion UNet resumes, and the exported autoencoder has the new decoder and the old encoder."""
-    from napari_meddiff.training.common import load_checkpoint
+    from napari_meddiff.models import load_model
+    from napari_meddiff.training.checkpoints import load_checkpoint
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     path = tiny_config(tmp_path, cohort, "ldm", 3)
     train(path, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
@@ -115,11 +135,11 @@ def test_decoder_only_resume_keeps_the_cached_latents(tmp_path, cohort):
 def test_latents_mean_trains_on_the_encoder_means(tmp_path, cohort):
     """``training.latents: mean``: the UNet's data are the scaled posterior means of the training volumes (and of
     their mirror images), not draws; switching a run from draws to means re-encodes instead of reusing the cache."""
-    from napari_meddiff.training.common import load_checkpoint
-    from napari_meddiff.training.data import load_dataset
+    from napari_meddiff.models import load_model
+    from napari_meddiff.training.checkpoints import load_checkpoint
     from napari_meddiff.training.config import load_config
+    from napari_meddiff.training.data import load_dataset
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     path = tiny_config(tmp_path, cohort, "ldm", 3)
     train(path, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False)
@@ -148,7 +168,7 @@ def test_latents_mean_trains_on_the_encoder_means(tmp_path, cohort):
 
 
 def test_resume_continues_from_checkpoint(tmp_path, cohort):
-    from napari_meddiff.training.common import load_checkpoint
+    from napari_meddiff.training.checkpoints import load_checkpoint
     from napari_meddiff.training.pipeline import train
 
     cfg = tiny_config(tmp_path, cohort, "ddpm", 2)
@@ -167,14 +187,21 @@ def test_resume_continues_from_checkpoint(tmp_path, cohort):
     train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", progress=False, overwrite=True, fresh=True)
     assert load_checkpoint(tmp_path / "run" / "diffusion.pt")["step"] == 2
     # resuming from the run's own copy of the config (it is not copied onto itself)
-    train(tmp_path / "run" / "train.yaml", out=tmp_path / "m", work_dir=tmp_path / "run", resume=True, steps=3,
-          progress=False, overwrite=True)
+    train(
+        tmp_path / "run" / "train.yaml",
+        out=tmp_path / "m",
+        work_dir=tmp_path / "run",
+        resume=True,
+        steps=3,
+        progress=False,
+        overwrite=True,
+    )
     assert load_checkpoint(tmp_path / "run" / "diffusion.pt")["step"] == 3
 
 
 def test_max_minutes_stops_and_exports(tmp_path, cohort):
+    from napari_meddiff.models import load_model
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     cfg = tiny_config(tmp_path, cohort, "ddpm", 2)
     out = train(cfg, out=tmp_path / "m", work_dir=tmp_path / "run", steps=10_000, max_minutes=0.02, progress=False)
@@ -183,7 +210,8 @@ def test_max_minutes_stops_and_exports(tmp_path, cohort):
 
 
 def test_a_non_finite_gradient_skips_the_step_and_leaves_the_weights_finite():
-    from napari_meddiff.training.common import clip_and_step, grad_scaler
+    from napari_meddiff.training.device_setup import grad_scaler
+    from napari_meddiff.training.optim import clip_and_step
 
     net = torch.nn.Linear(3, 1)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
@@ -236,7 +264,7 @@ def test_config_errors_are_user_errors(tmp_path, cohort):
 
 
 def test_heldout_seeds_are_refused(tmp_path):
-    from napari_meddiff.cohort import write_cohort
+    from napari_meddiff.data.mni152 import write_cohort
     from napari_meddiff.training.pipeline import train
 
     held = write_cohort(tmp_path / "held", 1, seed=100_000, progress=False).parent
@@ -247,11 +275,20 @@ def test_heldout_seeds_are_refused(tmp_path):
 
 def test_autoencoder_only_stops_after_the_autoencoder_and_resumes_from_it(tmp_path, cohort, capsys):
     from napari_meddiff.cli import main
-    from napari_meddiff.training.common import load_checkpoint
+    from napari_meddiff.training.checkpoints import load_checkpoint
 
     cfg = tiny_config(tmp_path, cohort, "ldm", 3)
-    argv = ["train", str(cfg), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--no-progress",
-            "--device", "cpu"]
+    argv = [
+        "train",
+        str(cfg),
+        "--out",
+        str(tmp_path / "m"),
+        "--work-dir",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main([*argv, "--autoencoder-only"]) == 0
     assert load_checkpoint(tmp_path / "r" / "autoencoder.pt")["step"] == 2
     assert not (tmp_path / "r" / "diffusion.pt").exists() and not (tmp_path / "m").exists()
@@ -269,28 +306,44 @@ def test_cli_train(tmp_path, cohort, capsys):
     from napari_meddiff.cli import main
 
     cfg = tiny_config(tmp_path, cohort, "ddpm", 2)
-    rc = main(["train", str(cfg), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--steps", "1",
-               "--no-progress", "--device", "cpu"])
+    rc = main(
+        [
+            "train",
+            str(cfg),
+            "--out",
+            str(tmp_path / "m"),
+            "--work-dir",
+            str(tmp_path / "r"),
+            "--steps",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0 and (tmp_path / "m" / "model.json").is_file()
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind,dims,stage,signum", [("ldm", 3, "autoencoder", "SIGTERM"),
-                                                   ("ddpm", 2, "diffusion", "SIGINT")])
-def test_a_signal_checkpoints_the_step_reached_and_resume_goes_on(tmp_path, cohort, capsys, monkeypatch, kind,
-                                                                   dims, stage, signum):
+@pytest.mark.parametrize(
+    "kind,dims,stage,signum", [("ldm", 3, "autoencoder", "SIGTERM"), ("ddpm", 2, "diffusion", "SIGINT")]
+)
+def test_a_signal_checkpoints_the_step_reached_and_resume_goes_on(
+    tmp_path, cohort, capsys, monkeypatch, kind, dims, stage, signum
+):
     """Ctrl-C or SIGTERM (a session's end, a job scheduler) mid-training: the loop ends after the current step,
     writes its checkpoint (not the one of up to checkpoint_minutes before) and exits 128 + the signal; no model
     folder is written. The process's own handlers are back afterwards."""
+    import importlib
     import signal
 
     from napari_meddiff.cli import main
-    from napari_meddiff.training import common
-    from napari_meddiff.training.common import load_checkpoint
+    from napari_meddiff.training.checkpoints import load_checkpoint
+    from napari_meddiff.training.optim import clip_and_step
 
     sig = getattr(signal, signum)
-    real_step, calls, after_first = common.clip_and_step, [], []
+    real_step, calls, after_first = clip_and_step, [], []
 
     def step_then_signal(*args, **kwargs):  # the signal arrives during the third optimiser step
         calls.append(1)
@@ -299,11 +352,23 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_goes_on(tmp_path, coho
             after_first.append(signal.getsignal(sig))  # a second one would act as without the stop request
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(common, "clip_and_step", step_then_signal)
+    training_loop = importlib.import_module(f"napari_meddiff.training.{stage}")
+    monkeypatch.setattr(training_loop, "clip_and_step", step_then_signal)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     cfg = tiny_config(tmp_path, cohort, kind, dims)
-    argv = ["train", str(cfg), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--no-progress",
-            "--device", "cpu", "--steps", "50"]
+    argv = [
+        "train",
+        str(cfg),
+        "--out",
+        str(tmp_path / "m"),
+        "--work-dir",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--steps",
+        "50",
+    ]
     assert main(argv) == 128 + sig
     err = capsys.readouterr().err
     ckpt = tmp_path / "r" / f"{stage}.pt"
@@ -313,7 +378,7 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_goes_on(tmp_path, coho
     assert load_checkpoint(ckpt)["step"] == reached and not (tmp_path / "m").exists()  # checkpoint_minutes: 100
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert after_first == [before[0] if sig == signal.SIGTERM else before[1]]
-    monkeypatch.setattr(common, "clip_and_step", real_step)
+    monkeypatch.setattr(training_loop, "clip_and_step", real_step)
     assert main([*argv[:-1], str(reached + 1), "--resume"]) == 0
     assert load_checkpoint(ckpt)["step"] == reached + 1 and (tmp_path / "m" / "model.json").is_file()
 
@@ -321,7 +386,7 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_goes_on(tmp_path, coho
 def test_the_stop_request_leaves_an_ignored_signal_ignored():
     import signal
 
-    from napari_meddiff.training.common import STOP
+    from napari_meddiff.training.stopping import STOP
 
     before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -340,12 +405,33 @@ def test_torchrun_two_processes(tmp_path, cohort):
     cfg = tiny_config(tmp_path, cohort, "ddpm", 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "napari_meddiff.cli", "train", str(cfg),
-         "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "r"), "--steps", "2", "--no-progress", "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "napari_meddiff.cli",
+            "train",
+            str(cfg),
+            "--out",
+            str(tmp_path / "m"),
+            "--work-dir",
+            str(tmp_path / "r"),
+            "--steps",
+            "2",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from napari_meddiff.zoo import load_model
+    from napari_meddiff.models import load_model
 
     model = load_model(tmp_path / "m")
     assert model.config["training"]["diffusion"]["world_size"] == 2
@@ -373,7 +459,9 @@ def test_mednist_preparation_on_fake_data(tmp_path):
     for cls, n in (("HeadCT", 20), ("Hand", 3)):
         (tmp_path / "MedNIST" / cls).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "MedNIST" / cls / f"{i:06d}.jpeg")
+            Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(
+                tmp_path / "MedNIST" / cls / f"{i:06d}.jpeg"
+            )
     out = mod.prepare_mednist(tmp_path, tmp_path / "nifti", "HeadCT", download=False)
     files = sorted(out.glob("img-*.nii.gz"))
     assert 10 <= len(files) <= 20
@@ -408,11 +496,24 @@ def test_decathlon_preparation_on_fake_data(tmp_path):
         nib.save(nib.Nifti1Image(img, np.diag([2.0, 2.0, 2.0, 1.0])), task / "imagesTr" / f"BRATS_{i:03d}.nii.gz")
         nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 2.0, 1.0])), task / "labelsTr" / f"BRATS_{i:03d}.nii.gz")
         training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
-    (task / "dataset.json").write_text(json.dumps({
-        "name": "BRATS", "description": "fake", "reference": "fake", "licence": "none", "release": "0",
-        "tensorImageSize": "4D", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
-        "numTraining": 3, "numTest": 0, "training": training, "test": []}))
+    (task / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "BRATS",
+                "description": "fake",
+                "reference": "fake",
+                "licence": "none",
+                "release": "0",
+                "tensorImageSize": "4D",
+                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+                "numTraining": 3,
+                "numTest": 0,
+                "training": training,
+                "test": [],
+            }
+        )
+    )
     out, classes = mod.prepare_decathlon(tmp_path, "Task01_BrainTumour", tmp_path / "nifti", channel=1)
     assert classes[0] == "background" and len(classes) == 4
     assert len(sorted(out.glob("*_img.nii.gz"))) == 3 and len(sorted(out.glob("*_seg.nii.gz"))) == 3
@@ -433,16 +534,17 @@ def test_crop_pair_keeps_images_and_labels_aligned():
     x, y = crop_pair(images, labels, [5, 7], g)
     assert x.shape == (3, 2, 5, 7) and y.shape == (3, 5, 7) and y.dtype == labels.dtype
     assert torch.equal(x[:, 0].long(), y) and torch.equal(x[:, 1], -x[:, 0])
-    found = [(i, j) for i in range(12 - 5 + 1) for j in range(10 - 7 + 1)
-             if torch.equal(labels[:, i : i + 5, j : j + 7], y)]
+    found = [
+        (i, j) for i in range(12 - 5 + 1) for j in range(10 - 7 + 1) if torch.equal(labels[:, i : i + 5, j : j + 7], y)
+    ]
     assert found  # a window of the originals, not resampled
     same_x, same_y = crop_pair(images, labels, None, g)
     assert same_x is images and same_y is labels
 
 
 def test_segmentation_trains_on_crops_then_whole_slices(tmp_path, cohort):
+    from napari_meddiff.models import load_model
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "segmentation").read_text())
     cfg["training"].update(steps=3, patch_size=[8, 8], patch_steps=2)
@@ -461,12 +563,12 @@ def test_segmentation_trains_on_crops_then_whole_slices(tmp_path, cohort):
 def test_segmentation_with_context_slices_trains_and_segments(tmp_path, cohort):
     """A 2.5D model: each training slice comes with its neighbours as channels (the slice itself in the middle),
     the UNet takes them, and `segment` gives the model the same neighbours."""
-    from napari_meddiff.segment import plan_segmentation, segment
+    from napari_meddiff.io.volume import read_volume
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.segment import plan_segmentation, segment
     from napari_meddiff.training.config import load_config
     from napari_meddiff.training.data import load_dataset
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.volume import read_volume
-    from napari_meddiff.zoo import load_model
 
     cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "segmentation").read_text())
     plain = load_dataset(load_config(_write(tmp_path / "plain.yaml", cfg)), progress=False)
@@ -507,19 +609,24 @@ def _write(path: Path, cfg: dict) -> Path:
 def test_init_from_widens_a_single_slice_model_to_context_slices(tmp_path, cohort):
     """init_from: a 2.5D model starts as the 2D model it grows from (same outputs whatever the neighbours), and
     its steps and minutes carry on from the earlier run."""
-    from napari_meddiff.training.common import load_checkpoint, load_widened
+    from napari_meddiff.models import build_network, load_model
+    from napari_meddiff.training.checkpoints import load_checkpoint, load_widened
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import build_network, load_model
 
     cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "segmentation").read_text())
     train(_write(tmp_path / "plain.yaml", cfg), out=tmp_path / "plain", work_dir=tmp_path / "run1", progress=False)
     state = load_checkpoint(tmp_path / "run1" / "diffusion.pt")
     cfg["segmentation"] = {"context_slices": 1}
     cfg["training"].update(steps=3, init_from=str(tmp_path / "run1" / "diffusion.pt"))
-    model = load_model(train(_write(tmp_path / "ctx.yaml", cfg), out=tmp_path / "ctx", work_dir=tmp_path / "run2",
-                             progress=False))
+    model = load_model(
+        train(_write(tmp_path / "ctx.yaml", cfg), out=tmp_path / "ctx", work_dir=tmp_path / "run2", progress=False)
+    )
     diff = model.config["training"]["diffusion"]
-    assert diff["steps"] == 3 and diff["init_from"]["step"] == 2 and diff["init_from"]["widened"] == ["conv_in.conv.weight"]
+    assert (
+        diff["steps"] == 3
+        and diff["init_from"]["step"] == 2
+        and diff["init_from"]["widened"] == ["conv_in.conv.weight"]
+    )
     assert diff["minutes"] >= diff["init_from"]["minutes"]
 
     old_cfg = {**TINY_UNET, "spatial_dims": 2, "in_channels": 5, "out_channels": 4}
@@ -535,9 +642,9 @@ def test_init_from_widens_a_single_slice_model_to_context_slices(tmp_path, cohor
     with pytest.raises(MeddiffError, match="only input channels"):
         load_widened(build_network("unet", {**old_cfg, "out_channels": 3}), state["ema"], lambda i: i)
     # the run's own channel map (diffusion._init_from): the image lands in the middle of its neighbours
-    from napari_meddiff.training.common import EMA
     from napari_meddiff.training.config import load_config
     from napari_meddiff.training.diffusion import _init_from
+    from napari_meddiff.training.optim import EMA
 
     for context in (1, 2):
         cfg["segmentation"] = {"context_slices": context}
@@ -556,19 +663,20 @@ def test_init_from_widens_a_single_slice_model_to_context_slices(tmp_path, cohor
 def test_init_from_a_model_folder_fine_tunes_it_at_another_image_size(tmp_path, cohort):
     """init_from: a shipped model folder (sha256-checked safetensors) is a starting point too, for example to
     train the same network at a finer grid; its steps and minutes carry on."""
+    from napari_meddiff.models import load_model
     from napari_meddiff.training.pipeline import train
-    from napari_meddiff.zoo import load_model
 
     cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "ddpm").read_text())
-    first = load_model(train(_write(tmp_path / "a.yaml", cfg), out=tmp_path / "a", work_dir=tmp_path / "run1",
-                             progress=False))
+    first = load_model(
+        train(_write(tmp_path / "a.yaml", cfg), out=tmp_path / "a", work_dir=tmp_path / "run1", progress=False)
+    )
     cfg["image_shape"], cfg["voxel_size"] = [24, 20], [7.0, 7.0]
     cfg["training"].update(steps=3, init_from=str(tmp_path / "a"))
     path = _write(tmp_path / "b.yaml", cfg)
-    from napari_meddiff.training.common import EMA
+    from napari_meddiff.models import build_network
     from napari_meddiff.training.config import load_config
     from napari_meddiff.training.diffusion import _init_from
-    from napari_meddiff.zoo import build_network
+    from napari_meddiff.training.optim import EMA
 
     loaded = load_config(path)
     net = build_network("unet", loaded["networks"]["unet"])
@@ -581,9 +689,11 @@ def test_init_from_a_model_folder_fine_tunes_it_at_another_image_size(tmp_path, 
     assert diff["steps"] == 3 and diff["init_from"]["step"] == 2 and second.config["image_shape"] == [24, 20]
     assert diff["init_from"]["weights_sha256"] == first.config["weights"]["unet"]["sha256"]
     # refused: another network (even one with the same tensor shapes), another noise schedule, another kind
-    for key, value, match in ((("networks", "unet", "norm_num_groups"), 4, "norm_num_groups"),
-                              (("scheduler", "prediction_type"), "v_prediction", "prediction_type"),
-                              (("kind",), "segmentation", "ddpm model")):
+    for key, value, match in (
+        (("networks", "unet", "norm_num_groups"), 4, "norm_num_groups"),
+        (("scheduler", "prediction_type"), "v_prediction", "prediction_type"),
+        (("kind",), "segmentation", "ddpm model"),
+    ):
         other = yaml.safe_load(yaml.safe_dump(cfg))
         where = other
         for k in key[:-1]:
@@ -600,8 +710,9 @@ def test_init_from_a_model_folder_fine_tunes_it_at_another_image_size(tmp_path, 
     missing = yaml.safe_load(yaml.safe_dump(cfg))
     missing["training"]["init_from"] = str(tmp_path / "nowhere")
     with pytest.raises(MeddiffError, match="does not exist"):
-        train(_write(tmp_path / "missing.yaml", missing), out=tmp_path / "d", work_dir=tmp_path / "run4",
-              progress=False)
+        train(
+            _write(tmp_path / "missing.yaml", missing), out=tmp_path / "d", work_dir=tmp_path / "run4", progress=False
+        )
     (tmp_path / "a" / "unet.safetensors").write_bytes(b"not weights")
     with pytest.raises(MeddiffError, match="corrupt"):
         _init_from(tmp_path / "a", net, EMA(net, 0.9), loaded)
@@ -609,8 +720,9 @@ def test_init_from_a_model_folder_fine_tunes_it_at_another_image_size(tmp_path, 
         _init_from(tmp_path, net, EMA(net, 0.9), loaded)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples" / "train").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parent.parent / "examples" / "train").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_example_configs_are_valid(path):
     from napari_meddiff.training.config import validate
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from napari_meddiff import MeddiffError, Volume, read_volume, write_volume
-from napari_meddiff.volume import resample, resample_like, to_canonical
+from napari_meddiff.io.volume import resample, resample_like, to_canonical
 
 LPS = np.array([[-1.2, 0, 0, 90.0], [0, -1.2, 0, 120.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]])
 
@@ -131,9 +131,14 @@ def test_dicom_series_folder(tmp_path):
         sl.SetSpacing((0.8, 0.8, 3.0))
         sl.SetOrigin((0.0, 0.0, 3.0 * z))
         for tag, value in {
-            "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0008|0060": "MR",
-            "0020|0032": f"0\\0\\{3.0 * z}", "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(z + 1),
-            "0028|0030": "0.8\\0.8", "0018|0050": "3.0",
+            "0020|000d": "1.2.3",
+            "0020|000e": "1.2.3.4",
+            "0008|0060": "MR",
+            "0020|0032": f"0\\0\\{3.0 * z}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0013": str(z + 1),
+            "0028|0030": "0.8\\0.8",
+            "0018|0050": "3.0",
         }.items():
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))

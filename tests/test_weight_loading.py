@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from napari_meddiff import MeddiffError
-from napari_meddiff.zoo import digests, load_model
-from napari_meddiff.zoo.bundle_fixtures import write_bundle
+from napari_meddiff.models import digests, load_model
+from napari_meddiff.testing.bundle_fixtures import write_bundle
 
 
 def _age(path, seconds: float = 60.0) -> None:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from napari_meddiff import MeddiffError, load_model
-from napari_meddiff.zoo import available_models
+from napari_meddiff.models import available_models
 
 
 def test_load_by_name_via_env(models_env):

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import MeddiffError
-from ..intensity import intensity_window
-from ..volume import Volume
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.intensity import intensity_window
+from napari_meddiff.io.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -25,7 +25,14 @@ LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
 AFFINE_KEY = "meddiff_affine"  # 4x4 voxel-to-RAS affine of the file the layer came from (list of lists)
 HEADER_KEY = "nifti"  # header fields `write_volume` uses to give back the same file
 HEADER_FIELDS = (
-    "source_path", "format", "qform_code", "sform_code", "qform", "descrip", "xyzt_units", "original_dtype",
+    "source_path",
+    "format",
+    "qform_code",
+    "sform_code",
+    "qform",
+    "descrip",
+    "xyzt_units",
+    "original_dtype",
     "is_label_like",
 )
 AXIS_LABELS = ("x (R)", "y (A)", "z (S)")
@@ -161,13 +168,13 @@ def layer_data_to_volume(data: Any, meta: dict[str, Any]) -> Volume:
     return Volume(array, affine, {**header, **metadata})
 
 
-def layer_to_volume(layer: "Layer") -> Volume:
+def layer_to_volume(layer: Layer) -> Volume:
     """The `Volume` a layer would be saved as (see `layer_data_to_volume`)."""
     data, meta, _ = layer.as_layer_data_tuple()
     return layer_data_to_volume(data, meta)
 
 
-def show_axial(viewer: "napari.Viewer", layer: "Layer", *, reset_view: bool = True) -> None:
+def show_axial(viewer: napari.Viewer, layer: Layer, *, reset_view: bool = True) -> None:
     """2D axial view through the middle of ``layer``, radiological: anterior up, patient right on screen left."""
     ndim = viewer.dims.ndim
     if ndim < 3:

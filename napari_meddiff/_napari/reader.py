@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from ..volume import read_volume
-from .layers import NIFTI_SUFFIXES, LayerDataTuple, layer_name, volume_to_layer_data
+from napari_meddiff._napari.layers import NIFTI_SUFFIXES, LayerDataTuple, layer_name, volume_to_layer_data
+from napari_meddiff.io.volume import read_volume
 
 PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import MeddiffError
-from ..volume import Volume
-from ..zoo import DEFAULT_MODEL, available_models, find_model_dir, read_config
-from .layers import LayerDataTuple, volume_to_layer_data
+from napari_meddiff._napari.layers import LayerDataTuple, volume_to_layer_data
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.volume import Volume
+from napari_meddiff.models import DEFAULT_MODEL, available_models, find_model_dir, read_config
 
 SAMPLE_MODEL = DEFAULT_MODEL  # tests point this at a tiny model folder
 SAMPLE_SEED = 0
@@ -53,19 +53,16 @@ def _sample_model() -> str:
         (name for name, c in configs.items() if c["kind"] in ("ddpm", "ldm")), key=lambda n: -configs[n]["spatial_dims"]
     )
     if not generative:
-        raise MeddiffError(
-            "no generative model is installed: put a model folder under models/ or in $MEDDIFF_MODELS"
-        )
+        raise MeddiffError("no generative model is installed: put a model folder under models/ or in $MEDDIFF_MODELS")
     return generative[0]
 
 
 def synthetic_brain() -> list[LayerDataTuple]:
     """One brain from the default model (seed 0, at most 10 steps), generated in the foreground."""
-    from ..devices import resolve_device
-    from ..generate import default_sampling, generate
-    from ..zoo import load_model
-
-    from .widgets.common import leave_a_core_for_the_gui
+    from napari_meddiff._napari.widgets.runner import leave_a_core_for_the_gui
+    from napari_meddiff.models import load_model
+    from napari_meddiff.runtime.devices import resolve_device
+    from napari_meddiff.tasks.generate import default_sampling, generate
 
     leave_a_core_for_the_gui()  # this runs in napari's main thread
     device = resolve_device("auto")

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..files import write_text_atomic
-from ..volume import write_volume
-from .layers import layer_data_to_volume
+from napari_meddiff._napari.layers import layer_data_to_volume
+from napari_meddiff.io.files import write_text_atomic
+from napari_meddiff.io.volume import write_volume
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -35,8 +35,9 @@ def save_layer_data(
     """Write one layer (data + state dict) as NIfTI; a ``provenance`` in its metadata also goes to a sidecar."""
     vol = layer_data_to_volume(data, meta)
     provenance = vol.metadata.get("provenance")
-    out = write_volume(vol, path, kind=kind, overwrite=overwrite, description=_description(provenance),
-                       allow_nonfinite=True)  # the user's own layer, written as it is
+    out = write_volume(
+        vol, path, kind=kind, overwrite=overwrite, description=_description(provenance), allow_nonfinite=True
+    )  # the user's own layer, written as it is
     written = [str(out)]
     if provenance:
         side = sidecar_path(out)

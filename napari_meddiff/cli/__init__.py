@@ -10,8 +10,8 @@ import os
 import sys
 import warnings
 
-from .. import __version__
-from ..errors import Cancelled, MeddiffError
+from napari_meddiff import __version__
+from napari_meddiff.errors import Cancelled, MeddiffError
 
 COMMAND_MODULES = ["models", "fetch", "generate", "train", "cohort", "review", "segment", "inpaint"]
 LEAN_MONAI_COMMANDS = ("generate", "segment", "inpaint")  # they run models: MONAI without its plotting etc.
@@ -27,9 +27,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="meddiff", description="Diffusion models (DDPM, LDM) for 3D medical images in NIfTI."
-    )
+    parser = Parser(prog="meddiff", description="Diffusion models (DDPM, LDM) for 3D medical images in NIfTI.")
     parser.add_argument("--version", action="version", version=f"napari-meddiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
@@ -42,7 +40,7 @@ def restored_process_state():
     """Options that act process-wide (``--decode`` sets an environment variable for worker processes, the
     thread count follows free cores) are undone when the command returns, so in-process calls (tests, a
     napari session) do not inherit them."""
-    from ..choices import AUTOENCODER_PASS_ENV
+    from napari_meddiff.choices import AUTOENCODER_PASS_ENV
 
     env = os.environ.get(AUTOENCODER_PASS_ENV)
     torch = sys.modules.get("torch")
@@ -64,17 +62,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
+    from napari_meddiff.runtime.threads import configure_waiting
+
+    configure_waiting()  # before anything imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"meddiff: warning: {msg}\n"
     try:
-        from ..threads import use_free_cores
+        from napari_meddiff.runtime.threads import use_free_cores
 
         use_free_cores()  # threads for the cores other processes leave idle (MEDDIFF_THREADS)
         if args.command in LEAN_MONAI_COMMANDS:
-            from ..lean_imports import import_monai_lean
+            from napari_meddiff.runtime.lean_imports import import_monai_lean
 
             import_monai_lean()  # 1 s less start-up (issue 15)
         return int(args.func(args) or 0)
@@ -94,8 +95,10 @@ def _main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # last line of defence: one line, the traceback only on request
         if os.environ.get("MEDDIFF_DEBUG"):
             raise
-        return error(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
-                     "(please report it; MEDDIFF_DEBUG=1 shows the traceback)")
+        return error(
+            f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(please report it; MEDDIFF_DEBUG=1 shows the traceback)"
+        )
 
 
 def error(message: str) -> int:

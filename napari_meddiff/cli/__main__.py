@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from napari_meddiff.cli import main
 
 sys.exit(main())

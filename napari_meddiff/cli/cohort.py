@@ -1,12 +1,12 @@
-"""``meddiff cohort``: write a synthetic brain cohort derived from the MNI152 template (see `napari_meddiff.cohort`)."""
+"""``meddiff cohort``: write a synthetic brain cohort derived from the MNI152 template (see `napari_meddiff.data.mni152`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..errors import MeddiffError
-from .options import seed_value
+from napari_meddiff.cli.options import seed_value
+from napari_meddiff.errors import MeddiffError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cohort import write_cohort
+    from napari_meddiff.data.mni152 import write_cohort
 
     if args.num < 1:
         raise MeddiffError("--num must be at least 1")

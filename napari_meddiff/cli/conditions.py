@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from collections.abc import Callable
 
-from ..errors import MeddiffError
-from ..zoo import ModelConfigView
-from ..zoo.conditions import parse_condition_text
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.models import ModelConfigView
+from napari_meddiff.models.conditions import parse_condition_text
 
 
 def add_condition_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--condition", action="append", default=[], metavar="NAME=VALUE",
+        "--condition",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="a condition of the model (repeatable; `meddiff models` lists them), e.g. --condition age=0.7; "
         "NAME=FROM:TO sweeps it evenly over the seeds of a cohort; unnamed conditions take their defaults",
     )
     p.add_argument(
-        "--guidance-scale", type=float, default=1.0, metavar="S",
+        "--guidance-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
         help="classifier-free guidance scale (default 1: none; needs a model trained with condition dropout)",
     )
 
@@ -41,8 +47,10 @@ def seed_conditions(
     if not math.isfinite(guidance_scale):
         raise MeddiffError(f"--guidance-scale must be a finite number, got {guidance_scale}")
     if guidance_scale != 1.0 and model.conditioning.null is None:
-        raise MeddiffError(f"{model.name} was not trained with condition dropout (no null condition declared): "
-                           "--guidance-scale needs one; leave it at 1")
+        raise MeddiffError(
+            f"{model.name} was not trained with condition dropout (no null condition declared): "
+            "--guidance-scale needs one; leave it at 1"
+        )
     parsed = parse_condition_args(texts)
     index = {seed: i for i, seed in enumerate(seeds)}
     last = max(1, len(seeds) - 1)
@@ -61,8 +69,13 @@ def seed_conditions(
 
 def add_fixed_condition_option(p: argparse.ArgumentParser) -> None:
     """``--condition NAME=VALUE`` for commands that make one result (inpaint): no sweeps, no guidance."""
-    p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
-                   help="a condition of the model (repeatable; `meddiff models` lists them); others take their defaults")
+    p.add_argument(
+        "--condition",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a condition of the model (repeatable; `meddiff models` lists them); others take their defaults",
+    )
 
 
 def fixed_conditions(texts: list[str]) -> dict[str, float] | None:

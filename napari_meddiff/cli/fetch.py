@@ -14,11 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import MeddiffError
-from ..files import ensure_folder, removed_if_left_empty
-from ..zoo.bundle import FORMAT as BUNDLE, read_large_files
-from ..zoo.bundle_weights import file_digests
-from ..zoo.bundle_defaults import ZOO_BUNDLES, bundle_defaults
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.files import ensure_folder, removed_if_left_empty
+from napari_meddiff.models.bundle import FORMAT as BUNDLE
+from napari_meddiff.models.bundle import read_large_files
+from napari_meddiff.models.bundle_weights import file_digests
+from napari_meddiff.models.zoo_bundles import ZOO_BUNDLES, bundle_defaults
 
 SOURCES = ("monaihosting", "github", "huggingface_hub", "ngc")
 
@@ -26,13 +27,18 @@ SOURCES = ("monaihosting", "github", "huggingface_hub", "ngc")
 def register(sub: argparse._SubParsersAction) -> None:
     known = ", ".join(sorted(ZOO_BUNDLES))
     p = sub.add_parser(
-        "fetch", help="download a MONAI Model Zoo bundle",
+        "fetch",
+        help="download a MONAI Model Zoo bundle",
         description=f"Download a MONAI Model Zoo bundle with monai.bundle.download into DIR/NAME and check the md5 "
         f"of its weights (large_files.yml). Bundles with documented defaults: {known}.",
     )
     p.add_argument("name", help="bundle name, e.g. brain_image_synthesis_latent_diffusion_model")
-    p.add_argument("--dir", type=Path, default=None,
-                   help="folder to put the bundle in (default: the first folder of $MEDDIFF_MODELS)")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="folder to put the bundle in (default: the first folder of $MEDDIFF_MODELS)",
+    )
     p.add_argument("--version", default=None, help="bundle version (default: the latest)")
     p.add_argument("--source", choices=SOURCES, default="monaihosting", help="where from (default monaihosting)")
     p.set_defaults(func=run)

@@ -2,7 +2,7 @@
 
 Runs alone, under ``torchrun`` (each rank takes its share of the seeds, on ``cuda:LOCAL_RANK`` with a GPU) or
 as one shard of a job array (``--shard i/n``). Re-running skips subjects already written and valid. The logic
-lives in `napari_meddiff.batch`.
+lives in `napari_meddiff.tasks.batch`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import batch
-from ..errors import MeddiffError
-from ..files import ensure_folder, removed_if_left_empty
-from ..seeds import seed_range
-from ..zoo import DEFAULT_MODEL, describe_model
-from .conditions import add_condition_options, seed_conditions
-from .options import add_model_option, add_sampling_options, load_model_for, seed_value
+from napari_meddiff.cli.conditions import add_condition_options, seed_conditions
+from napari_meddiff.cli.options import add_model_option, add_sampling_options, load_model_for, seed_value
+from napari_meddiff.diffusion.seeds import seed_range
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.files import ensure_folder, removed_if_left_empty
+from napari_meddiff.models import DEFAULT_MODEL, describe_model
+from napari_meddiff.tasks import batch, distributed
 
 EPILOG = """\
 scaling out:
@@ -33,8 +33,11 @@ scaling out:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="generate synthetic volumes", description="Generate synthetic scans as NIfTI.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "generate",
+        help="generate synthetic volumes",
+        description="Generate synthetic scans as NIfTI.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_option(p, DEFAULT_MODEL)
     p.add_argument("--num", type=int, default=1, help="number of volumes (seeds S..S+N-1)")
@@ -42,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_options(p, device_help="; cuda:LOCAL_RANK under torchrun")
     add_condition_options(p)
     p.add_argument(
-        "--batch-size", type=int, default=1,
+        "--batch-size",
+        type=int,
+        default=1,
         help="samples per network evaluation (consecutive seeds are batched in fixed blocks, so a seed's file is the "
         "same however the run is split into processes or shards)",
     )
@@ -50,7 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--shard", default=None, metavar="I/N", help="generate only shard I of N (0-based), for job arrays")
     p.add_argument(
-        "--merge-manifest", type=Path, default=None, metavar="DIR",
+        "--merge-manifest",
+        type=Path,
+        default=None,
+        metavar="DIR",
         help="only (re)build DIR/cohort.csv from the sidecars in DIR, then exit",
     )
     p.set_defaults(func=run)
@@ -80,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MeddiffError("--batch-size must be at least 1")
     shard = batch.parse_shard(args.shard) if args.shard is not None else (0, 1)
-    ctx = batch.DistContext.from_env()
-    device = batch.rank_device(args.device, ctx)
+    ctx = distributed.DistContext.from_env()
+    device = distributed.rank_device(args.device, ctx)
     seeds = seed_range(args.seed, args.num)
     args.conditions_for = seed_conditions(describe_model(args.model), args.condition, seeds, args.guidance_scale)
     blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
@@ -93,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, device) -> int:
     from tqdm import tqdm
 
-    with batch.distributed(ctx, device):
-        from ..generate import default_sampling
+    with distributed.distributed(ctx, device):
+        from napari_meddiff.tasks.generate import default_sampling
 
         model = load_model_for(args.model, device, args.precision, default_sampling)
         bar = None
@@ -112,9 +120,18 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
         extra = {"shard": f"{shard[0]}/{shard[1]}", "rank": ctx.rank, "world_size": ctx.world}
         try:
             batch.generate_subjects(
-                model, blocks, args.out, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                precision=args.precision, device=device, overwrite=args.overwrite, extra=extra,
-                conditions=args.conditions_for, guidance_scale=args.guidance_scale,
+                model,
+                blocks,
+                args.out,
+                sampler=args.sampler,
+                steps=args.steps,
+                eta=args.eta,
+                precision=args.precision,
+                device=device,
+                overwrite=args.overwrite,
+                extra=extra,
+                conditions=args.conditions_for,
+                guidance_scale=args.guidance_scale,
                 log=lambda msg: (tqdm.write if bar else print)(msg, file=sys.stderr),
                 on_plan=on_plan,
                 on_written=lambda path: tqdm.write(str(path), file=sys.stdout),
@@ -122,12 +139,12 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
                 release_unet=True,  # this process samples no more after its last block: decode without it
             )
         except Exception:
-            batch.all_ok(ctx, False)  # let the other ranks know, so none waits for us
+            distributed.all_ok(ctx, False)  # let the other ranks know, so none waits for us
             raise
         finally:
             if bar is not None:
                 bar.close()
-        if not batch.all_ok(ctx, True):
+        if not distributed.all_ok(ctx, True):
             raise MeddiffError(
                 f"rank {ctx.rank}: another rank failed (see its error); {batch.MANIFEST_NAME} not written"
             )

@@ -10,12 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import batch
-from ..errors import MeddiffError
-from ..files import check_output_file
-from ..zoo import DEFAULT_MODEL
-from .conditions import add_fixed_condition_option, fixed_conditions
-from .options import add_model_option, add_sampling_options, load_model_for, seed_value
+from napari_meddiff.cli.conditions import add_fixed_condition_option, fixed_conditions
+from napari_meddiff.cli.options import add_model_option, add_sampling_options, load_model_for, seed_value
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.files import check_output_file
+from napari_meddiff.models import DEFAULT_MODEL
+from napari_meddiff.tasks import batch
 
 AXES = ("axial", "coronal", "sagittal")
 
@@ -32,16 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, type=Path, help="input scan (NIfTI, or what SimpleITK reads)")
     p.add_argument("--mask", required=True, type=Path, help="mask / label image on the same scan (non-zero = fill)")
     p.add_argument("--out", required=True, type=Path, help="output .nii or .nii.gz")
-    p.add_argument("--label", type=float, default=None,
-                   help="fill only this label value of the mask (default: all non-zero)")
+    p.add_argument(
+        "--label", type=float, default=None, help="fill only this label value of the mask (default: all non-zero)"
+    )
     p.add_argument("--candidates", type=int, default=1, help="number of candidates (seeds S..S+K-1)")
     p.add_argument("--seed", type=seed_value, default=0, help="seed of the first candidate")
     p.add_argument("--jump-length", type=int, default=None, help="RePaint jump length in steps (default: the model's)")
-    p.add_argument("--jump-n", type=int, default=None,
-                   help="RePaint resamplings per jump; 1 = none (default: the model's)")
+    p.add_argument(
+        "--jump-n", type=int, default=None, help="RePaint resamplings per jump; 1 = none (default: the model's)"
+    )
     p.add_argument("--feather", type=int, default=None, help="feather the fill's border over N voxels inside the mask")
-    p.add_argument("--axis", default="axial",
-                   help="2D models: slice axis, one of axial/coronal/sagittal or 0/1/2 (default axial)")
+    p.add_argument(
+        "--axis", default="axial", help="2D models: slice axis, one of axial/coronal/sagittal or 0/1/2 (default axial)"
+    )
     add_sampling_options(p)
     p.add_argument("--batch-size", type=int, default=8, help="chains per network evaluation (slices for 2D models)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -60,7 +63,7 @@ def _stem(path: Path) -> str:
 def output_paths(out: Path, candidates: int) -> list[tuple[Path, Path]]:
     """(image, sidecar) per candidate: ``out`` itself for one, ``<stem>_cand<k><suffix>`` for several."""
     stem = _stem(out)
-    suffix = out.name[len(stem):]
+    suffix = out.name[len(stem) :]
     if candidates == 1:
         return [(out, out.with_name(f"{stem}.json"))]
     return [
@@ -81,8 +84,8 @@ def _axis(value: str):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..inpaint import inpaint
-    from ..volume import read_volume, write_volume
+    from napari_meddiff.io.volume import read_volume, write_volume
+    from napari_meddiff.tasks.inpaint import inpaint
 
     if args.candidates < 1:
         raise MeddiffError("--candidates must be at least 1")
@@ -99,12 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if args.label is not None:
         label = int(args.label) if float(args.label).is_integer() else args.label
     conditions = fixed_conditions(args.condition)
-    from ..devices import resolve_device
+    from napari_meddiff.runtime.devices import resolve_device
 
     device = resolve_device(args.device)
     image = read_volume(args.image)
     mask = read_volume(args.mask)
-    from ..inpaint import default_inpainting
+    from napari_meddiff.tasks.inpaint import default_inpainting
 
     model = load_model_for(args.model, device, args.precision, default_inpainting)
 
@@ -118,10 +121,24 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         volumes = inpaint(
-            model, image, mask, label=label, sampler=args.sampler, steps=args.steps, seed=args.seed,
-            candidates=args.candidates, axis=axis, jump_length=args.jump_length, jump_n=args.jump_n,
-            feather_voxels=args.feather, eta=args.eta, batch_size=args.batch_size, device=str(device),
-            precision=args.precision, on_step=on_step, conditions=conditions,
+            model,
+            image,
+            mask,
+            label=label,
+            sampler=args.sampler,
+            steps=args.steps,
+            seed=args.seed,
+            candidates=args.candidates,
+            axis=axis,
+            jump_length=args.jump_length,
+            jump_n=args.jump_n,
+            feather_voxels=args.feather,
+            eta=args.eta,
+            batch_size=args.batch_size,
+            device=str(device),
+            precision=args.precision,
+            on_step=on_step,
+            conditions=conditions,
             release_unet=True,  # this process samples no more after its last batch: decode without the UNet
         )
     finally:
@@ -131,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         prov = dict(vol.metadata["provenance"])
         prov.pop("model_grid_affine", None)
         write_volume(vol, image_path, overwrite=args.overwrite, description=vol.metadata.get("descrip"))
-        batch.write_json_atomic(sidecar, {"file": image_path.name, "image": str(args.image), "mask": str(args.mask), **prov})
+        batch.write_json_atomic(
+            sidecar, {"file": image_path.name, "image": str(args.image), "mask": str(args.mask), **prov}
+        )
         print(image_path)
     return 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import MeddiffError
-from ..zoo import available_models, count_parameters, describe_model
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.models import available_models, count_parameters, describe_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "models", help="list available models",
+        "models",
+        help="list available models",
         description="List shipped and user models (model folders and MONAI bundles), with their conditions. "
         "A folder that cannot be read is reported and the others are still listed.",
     )
@@ -42,11 +43,19 @@ def run(args: argparse.Namespace) -> int:
         except MeddiffError as exc:
             broken.append(f"{path}: not listed, it cannot be read: {exc}")
             continue
-        rows.append((
-            name, model.kind, f"{model.spatial_dims}D", "x".join(str(s) for s in model.image_shape),
-            "x".join(f"{v:g}" for v in model.voxel_size), _parameters(model.config), model.format,
-            _conditions(model), str(path),
-        ))
+        rows.append(
+            (
+                name,
+                model.kind,
+                f"{model.spatial_dims}D",
+                "x".join(str(s) for s in model.image_shape),
+                "x".join(f"{v:g}" for v in model.voxel_size),
+                _parameters(model.config),
+                model.format,
+                _conditions(model),
+                str(path),
+            )
+        )
         if model.geometry_notes:
             notes.append(f"{name}: geometry not all stated by the model's files (override in {path}/meddiff.json):")
             notes += [f"  - {note}" for note in model.geometry_notes]

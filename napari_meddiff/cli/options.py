@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, DEVICES, PRECISION_CHOICES, SAMPLERS
-from ..errors import MeddiffError
+from napari_meddiff.choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, DEVICES, PRECISION_CHOICES, SAMPLERS
+from napari_meddiff.errors import MeddiffError
 
 PRECISION_HELP = (
     "auto (bf16 autocast on CPUs with native bf16, else fp32), fp32, bf16 (autocast, CPU/CUDA), fp16 (CUDA); "
@@ -15,7 +15,7 @@ PRECISION_HELP = (
 
 def seed_value(text: str) -> int:
     """argparse type of ``--seed``: an integer from 0 to 2**63-1."""
-    from ..seeds import check_seed
+    from napari_meddiff.diffusion.seeds import check_seed
 
     try:
         value = int(text)
@@ -29,7 +29,7 @@ def seed_value(text: str) -> int:
 
 def eta_value(text: str) -> float:
     """argparse type of ``--eta``: a number from 0 to 1."""
-    from ..samplers import check_eta
+    from napari_meddiff.diffusion.samplers import check_eta
 
     try:
         return check_eta(float(text))
@@ -49,9 +49,14 @@ def add_sampling_options(p: argparse.ArgumentParser, *, eta: bool = True, device
         p.add_argument("--eta", type=eta_value, default=0.0, help="DDIM eta, 0 (deterministic, default) to 1")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto{device_help})")
-    p.add_argument("--decode", choices=AUTOENCODER_PASSES, default=None, action=_AutoencoderPassOption,
-                   help="latent models' autoencoder pass: auto (default; tiled only when a whole-volume pass would "
-                   f"not fit in memory), whole, or tiled (exact, memory set by the tiles); sets ${AUTOENCODER_PASS_ENV}")
+    p.add_argument(
+        "--decode",
+        choices=AUTOENCODER_PASSES,
+        default=None,
+        action=_AutoencoderPassOption,
+        help="latent models' autoencoder pass: auto (default; tiled only when a whole-volume pass would "
+        f"not fit in memory), whole, or tiled (exact, memory set by the tiles); sets ${AUTOENCODER_PASS_ENV}",
+    )
 
 
 class _AutoencoderPassOption(argparse.Action):
@@ -67,8 +72,8 @@ class _AutoencoderPassOption(argparse.Action):
 def load_model_for(model: str, device, precision: str | None, task_defaults):
     """Load ``model`` for one command: its UNet held at the precision the command samples at (``--precision``,
     else ``task_defaults(model)["precision"]``; bf16 on CPU halves the weights' memory, `zoo.load_model`)."""
-    from ..sampling import resolve_precision
-    from ..zoo import describe_model, load_model
+    from napari_meddiff.models import describe_model, load_model
+    from napari_meddiff.runtime.precision import resolve_precision
 
     chosen = resolve_precision(precision or task_defaults(describe_model(model))["precision"], device)
     return load_model(model, device=device, precision=chosen)

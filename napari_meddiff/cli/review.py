@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import MeddiffError
+from napari_meddiff.errors import MeddiffError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,13 +27,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--real", required=True, type=Path, help="folder of real scans")
     c.add_argument("--synthetic", required=True, type=Path, help="folder of synthetic scans")
     c.add_argument("--out", required=True, type=Path, help="new (or empty) study folder, given to readers")
-    c.add_argument("--key", required=True, type=Path,
-                   help="new file for the study key, outside the study folder (never overwritten)")
-    c.add_argument("--grid", type=Path, default=None,
-                   help="image whose grid every case is resampled onto (default: the synthetic scans' grid)")
+    c.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        help="new file for the study key, outside the study folder (never overwritten)",
+    )
+    c.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        help="image whose grid every case is resampled onto (default: the synthetic scans' grid)",
+    )
     c.add_argument("--num", type=int, default=None, help="cases per source (default: all)")
-    c.add_argument("--seed", type=int, default=None,
-                   help="seed for drawing, order and ids (default: a fresh random one per study, kept in the key)")
+    c.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for drawing, order and ids (default: a fresh random one per study, kept in the key)",
+    )
     s = rsub.add_parser(
         "summary",
         help="accuracy vs chance, realism by source and reader agreement (needs the key)",
@@ -51,17 +63,27 @@ def _skipped(path: Path, reason: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.review_command == "create":
-        from ..review.study import create_study
+        from napari_meddiff.review.study import create_study
 
-        study = create_study(args.real, args.synthetic, args.out, key=args.key, num=args.num, seed=args.seed,
-                             grid=args.grid, on_skip=_skipped,
-                             on_case=lambda k, n: print(f"\rwriting case {k}/{n}", end="", flush=True))
+        study = create_study(
+            args.real,
+            args.synthetic,
+            args.out,
+            key=args.key,
+            num=args.num,
+            seed=args.seed,
+            grid=args.grid,
+            on_skip=_skipped,
+            on_case=lambda k, n: print(f"\rwriting case {k}/{n}", end="", flush=True),
+        )
         print(f"\nstudy with {len(study.cases)} cases written to {study.folder}")
-        print(f"key written to {args.key}: keep it from the readers; "
-              f"the summary is `meddiff review summary {study.folder} --key {args.key}`")
+        print(
+            f"key written to {args.key}: keep it from the readers; "
+            f"the summary is `meddiff review summary {study.folder} --key {args.key}`"
+        )
         return 0
     if args.review_command == "summary":
-        from ..review.summary import format_summary, summarize, summary_paths
+        from napari_meddiff.review.summary import format_summary, summarize, summary_paths
 
         print(format_summary(summarize(args.study, args.key)))
         print(f"wrote {', '.join(str(p) for p in summary_paths(args.key))}")

@@ -13,10 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..choices import COMBINE_METHODS
-from ..errors import MeddiffError
-from ..files import check_output_file, ensure_folder, removed_if_left_empty, write_text_atomic
-from .options import add_model_option, add_sampling_options, load_model_for, seed_value
+from napari_meddiff.choices import COMBINE_METHODS
+from napari_meddiff.cli.options import add_model_option, add_sampling_options, load_model_for, seed_value
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.files import check_output_file, ensure_folder, removed_if_left_empty, write_text_atomic
 
 OUTPUTS = ("labels.nii.gz", "probabilities.nii.gz", "uncertainty.nii.gz", "volumes.csv", "segment.json")
 DEFAULT_SEG_MODEL = "brain-tissue-segdiff-2d"
@@ -36,14 +36,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ensemble", type=int, default=5, help="ensemble size N (default 5)")
     p.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
-    p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default=None,
-                   help="2D models: world axis to slice along (default: the model's, axial)")
-    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="intensities mapped to 0 and 1 (default: the model's intensity normalisation)")
+    p.add_argument(
+        "--axis",
+        choices=("axial", "coronal", "sagittal"),
+        default=None,
+        help="2D models: world axis to slice along (default: the model's, axial)",
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="intensities mapped to 0 and 1 (default: the model's intensity normalisation)",
+    )
     add_sampling_options(p, eta=False)
-    p.add_argument("--combine", choices=COMBINE_METHODS, default=None,
-                   help="how ensemble members are combined: label votes, or the mean of their class probabilities "
-                        "(default: the model's)")
+    p.add_argument(
+        "--combine",
+        choices=COMBINE_METHODS,
+        default=None,
+        help="how ensemble members are combined: label votes, or the mean of their class probabilities "
+        "(default: the model's)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="samples per network evaluation (default: automatic)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run)
@@ -59,7 +73,7 @@ def volumes_csv(volumes_ml: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..volume import read_volume
+    from napari_meddiff.io.volume import read_volume
 
     if args.ensemble < 1:
         raise MeddiffError(f"--ensemble must be at least 1, got {args.ensemble}")
@@ -67,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError(f"--steps must be a positive integer, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise MeddiffError(f"--batch-size must be at least 1, got {args.batch_size}")
-    from ..devices import resolve_device
+    from napari_meddiff.runtime.devices import resolve_device
 
     device = resolve_device(args.device)
     if args.out.exists() and not args.out.is_dir():
@@ -75,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     for name in OUTPUTS:  # up front, not after minutes of sampling
         check_output_file(args.out / name, args.overwrite)
     image = read_volume(args.image)
-    from ..segment import default_settings
+    from napari_meddiff.tasks.segment import default_settings
 
     model = load_model_for(args.model, device, args.precision, default_settings)
     with removed_if_left_empty(args.out):
@@ -86,12 +100,17 @@ def run(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace, image, model, device) -> int:
     from tqdm import tqdm
 
-    from ..segment import segment
-    from ..volume import write_volume
+    from napari_meddiff.io.volume import write_volume
+    from napari_meddiff.tasks.segment import segment
 
-
-    bar = tqdm(total=1000, desc=f"{model.name} x{args.ensemble}", unit="‰", file=sys.stderr, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+    bar = tqdm(
+        total=1000,
+        desc=f"{model.name} x{args.ensemble}",
+        unit="‰",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
+    )
 
     def progress(p) -> None:
         bar.n = int(round(p.fraction * 1000))
@@ -100,9 +119,19 @@ def _segment(args: argparse.Namespace, image, model, device) -> int:
 
     try:
         result = segment(
-            model, image, ensemble=args.ensemble, sampler=args.sampler, steps=args.steps, seed=args.seed,
-            axis=args.axis, device=str(device), precision=args.precision, batch_size=args.batch_size,
-            window=tuple(args.window) if args.window else None, combine=args.combine, on_step=progress,
+            model,
+            image,
+            ensemble=args.ensemble,
+            sampler=args.sampler,
+            steps=args.steps,
+            seed=args.seed,
+            axis=args.axis,
+            device=str(device),
+            precision=args.precision,
+            batch_size=args.batch_size,
+            window=tuple(args.window) if args.window else None,
+            combine=args.combine,
+            on_step=progress,
         )
     finally:
         bar.close()

@@ -28,11 +28,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import MeddiffError
-from ..files import write_atomic
-from ..geometry import ModelGrid, sample_on_grid
-from ..intensity import normalise
-from ..volume import Volume
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.files import write_atomic
+from napari_meddiff.io.geometry import ModelGrid, sample_on_grid
+from napari_meddiff.io.intensity import normalise
+from napari_meddiff.io.volume import Volume
 
 LEVELS = 255
 FOREGROUND_FRACTION = 0.25
@@ -40,9 +40,15 @@ MOVE_TOLERANCE_MM = 10.0
 GZIP_LEVEL = 6
 NIFTI1_OFFSET = 352  # 348-byte header + 4-byte empty extension flag
 LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
-INTENSITY_RULE = {"lower": f"percentile {LOWER_PERCENTILE} of all voxels on the grid",
-                  "upper": f"percentile {UPPER_PERCENTILE} of the voxels above the mean", "range": [0.0, 1.0],
-                  "clip": True, "levels": LEVELS + 1, "dtype": "uint8", "scl_slope": f"1/{LEVELS}"}
+INTENSITY_RULE = {
+    "lower": f"percentile {LOWER_PERCENTILE} of all voxels on the grid",
+    "upper": f"percentile {UPPER_PERCENTILE} of the voxels above the mean",
+    "range": [0.0, 1.0],
+    "clip": True,
+    "levels": LEVELS + 1,
+    "dtype": "uint8",
+    "scl_slope": f"1/{LEVELS}",
+}
 
 
 def as_3d(vol: Volume) -> Volume:
@@ -71,8 +77,10 @@ def common_grid(grids: list[ModelGrid], what: str = "synthetic") -> ModelGrid:
         groups.setdefault((g.shape, tuple(np.round(g.affine, 3).ravel())), g)
     if len(groups) > 1:
         shown = "; ".join(_describe(g) for g in list(groups.values())[:3])
-        raise MeddiffError(f"the {what} cases are on {len(groups)} different grids ({shown}); "
-                           "pass --grid REFERENCE (an image on the grid every case should be resampled onto)")
+        raise MeddiffError(
+            f"the {what} cases are on {len(groups)} different grids ({shown}); "
+            "pass --grid REFERENCE (an image on the grid every case should be resampled onto)"
+        )
     return next(iter(groups.values()))
 
 
@@ -145,5 +153,3 @@ def write_case(levels: np.ndarray, grid: ModelGrid, path: Path) -> Path:
     raw = case_header(grid).binaryblock + b"\0" * 4 + np.asarray(levels).tobytes(order="F")
     data = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
     return write_atomic(path, lambda tmp: tmp.write_bytes(data), overwrite=False)
-
-

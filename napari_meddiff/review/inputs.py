@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MeddiffError
-from ..geometry import ModelGrid
-from ..volume import read_volume
-from .blind import as_3d, foreground_centre, grid_of
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.geometry import ModelGrid
+from napari_meddiff.io.volume import read_volume
+from napari_meddiff.review.blind import as_3d, foreground_centre, grid_of
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_NAME = re.compile(r"_dseg|_seg|label|mask|_lesion(?=[._]|$)", re.IGNORECASE)
@@ -41,8 +41,11 @@ def image_files(folder: Path) -> list[Path]:
     """Image files directly inside ``folder`` (hidden and temporary files skipped), sorted by name."""
     if not folder.is_dir():
         raise MeddiffError(f"not a folder: {folder}")
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES)
+    )
 
 
 def label_reason(path: Path, array: np.ndarray | None = None) -> str | None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import MeddiffError
+from napari_meddiff.errors import MeddiffError
 
 CALLS = ("real", "synthetic")
 ARTEFACTS = ("blur", "noise pattern", "anatomy implausible", "intensity", "seams/edges", "other")
@@ -49,15 +49,26 @@ class Answer:
     def same_answer(self, other: Answer | None) -> bool:
         """True when ``other`` says the same thing (ignoring time and reader)."""
         return other is not None and (self.real_or_synthetic, self.realism, self.artefacts, self.comment) == (
-            other.real_or_synthetic, other.realism, other.artefacts, other.comment)
+            other.real_or_synthetic,
+            other.realism,
+            other.artefacts,
+            other.comment,
+        )
 
     def to_record(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "artefacts": list(self.artefacts)}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Answer:
-        return cls(str(rec["case_id"]), str(rec["reader"]), rec["real_or_synthetic"], rec["realism"],
-                   tuple(rec.get("artefacts") or ()), str(rec.get("comment") or ""), str(rec.get("timestamp", "")))
+        return cls(
+            str(rec["case_id"]),
+            str(rec["reader"]),
+            rec["real_or_synthetic"],
+            rec["realism"],
+            tuple(rec.get("artefacts") or ()),
+            str(rec.get("comment") or ""),
+            str(rec.get("timestamp", "")),
+        )
 
 
 def now_utc() -> str:

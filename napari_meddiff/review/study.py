@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MeddiffError
-from ..files import removed_if_left_empty, write_text_atomic
-from ..geometry import ModelGrid
-from ..volume import Volume, read_volume, to_canonical
-from .blind import INTENSITY_RULE, blinded_levels, common_grid, grid_centre, grid_of, write_case
-from .inputs import OnSkip, Scan, find_scans
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.files import removed_if_left_empty, write_text_atomic
+from napari_meddiff.io.geometry import ModelGrid
+from napari_meddiff.io.volume import Volume, read_volume, to_canonical
+from napari_meddiff.review.blind import INTENSITY_RULE, blinded_levels, common_grid, grid_centre, grid_of, write_case
+from napari_meddiff.review.inputs import OnSkip, Scan, find_scans
 
 SOURCES = ("real", "synthetic")
 CASES_FILE = "cases.json"
@@ -71,13 +71,17 @@ class Study:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             version = doc.get("version")
-            cases = [Case(c["id"], c["file"], (float(c["contrast_limits"][0]), float(c["contrast_limits"][1])))
-                     for c in doc["cases"]]
+            cases = [
+                Case(c["id"], c["file"], (float(c["contrast_limits"][0]), float(c["contrast_limits"][1])))
+                for c in doc["cases"]
+            ]
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise MeddiffError(f"{path} is damaged ({exc})") from None
         if version != STUDY_VERSION:
-            raise MeddiffError(f"{folder} was made by an older meddiff whose cases were not blinded (their grids, "
-                               "intensities and key gave the source away); create it again with meddiff review create")
+            raise MeddiffError(
+                f"{folder} was made by an older meddiff whose cases were not blinded (their grids, "
+                "intensities and key gave the source away); create it again with meddiff review create"
+            )
         if not cases:
             raise MeddiffError(f"{path} lists no cases")
         return cls(folder, cases, str(doc.get("study_id", "")))
@@ -167,8 +171,10 @@ def _inside(path: Path, folder: Path) -> bool:
 def check_key_location(key: Path, study: Path) -> None:
     """The key must live outside the study folder (readers open that folder)."""
     if _inside(key, study):
-        raise MeddiffError(f"the key {key} is inside the study folder {study}, which readers open; "
-                           "keep it outside (e.g. --key ~/keys/my-study.json)")
+        raise MeddiffError(
+            f"the key {key} is inside the study folder {study}, which readers open; "
+            "keep it outside (e.g. --key ~/keys/my-study.json)"
+        )
 
 
 def _check_request(real: Path, synthetic: Path, out: Path, key: Path) -> None:
@@ -212,9 +218,18 @@ def create_study(
         return _create(real, synthetic, out, key, num=num, seed=seed, grid=grid, on_case=on_case, on_skip=on_skip)
 
 
-def _create(real: Path, synthetic: Path, out: Path, key: Path, *, num: int | None, seed: int | None,
-            grid: str | os.PathLike | None, on_case: Callable[[int, int], None] | None,
-            on_skip: OnSkip | None) -> Study:
+def _create(
+    real: Path,
+    synthetic: Path,
+    out: Path,
+    key: Path,
+    *,
+    num: int | None,
+    seed: int | None,
+    grid: str | os.PathLike | None,
+    on_case: Callable[[int, int], None] | None,
+    on_skip: OnSkip | None,
+) -> Study:
     scans = {"real": find_scans(real, on_skip), "synthetic": find_scans(synthetic, on_skip)}
     if grid is not None:
         target = grid_of(read_volume(grid))
@@ -243,12 +258,32 @@ def _create(real: Path, synthetic: Path, out: Path, key: Path, *, num: int | Non
                 on_case(n + 1, len(order))
         _same_times(written)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        _write_key(key, {"note": KEY_NOTE, "version": STUDY_VERSION, "study_id": study_id,
-                          "study": str(out.resolve()), "created": now, "seed": seed, "num_per_source": num,
-                          "grid": _grid_doc(target, grid, centre), "intensity_rule": INTENSITY_RULE, "cases": key_cases})
+        _write_key(
+            key,
+            {
+                "note": KEY_NOTE,
+                "version": STUDY_VERSION,
+                "study_id": study_id,
+                "study": str(out.resolve()),
+                "created": now,
+                "seed": seed,
+                "num_per_source": num,
+                "grid": _grid_doc(target, grid, centre),
+                "intensity_rule": INTENSITY_RULE,
+                "cases": key_cases,
+            },
+        )
         written.append(key)
-        _write_json(out / CASES_FILE, {"version": STUDY_VERSION, "study_id": study_id, "created": now,
-                                       "display_rule": DISPLAY_RULE, "cases": cases})
+        _write_json(
+            out / CASES_FILE,
+            {
+                "version": STUDY_VERSION,
+                "study_id": study_id,
+                "created": now,
+                "display_rule": DISPLAY_RULE,
+                "cases": cases,
+            },
+        )
     except BaseException as exc:
         for p in written:
             p.unlink(missing_ok=True)
@@ -262,9 +297,12 @@ def _create(real: Path, synthetic: Path, out: Path, key: Path, *, num: int | Non
 
 
 def _grid_doc(grid: ModelGrid, reference: str | os.PathLike | None, centre: tuple) -> dict[str, Any]:
-    return {"from": str(Path(reference).resolve()) if reference is not None else "synthetic cases",
-            "shape": list(grid.shape), "affine": np.asarray(grid.affine).tolist(),
-            "foreground_centre_mm": list(centre)}
+    return {
+        "from": str(Path(reference).resolve()) if reference is not None else "synthetic cases",
+        "shape": list(grid.shape),
+        "affine": np.asarray(grid.affine).tolist(),
+        "foreground_centre_mm": list(centre),
+    }
 
 
 def _same_times(paths: list[Path]) -> None:

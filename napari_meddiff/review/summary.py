@@ -20,9 +20,18 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..errors import MeddiffError
-from .results import ARTEFACTS, CALLS, RESULTS_PREFIX, RESULTS_SUFFIX, Answer, AnswerLines, latest, scan_answers
-from .study import Study, read_key
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.review.results import (
+    ARTEFACTS,
+    CALLS,
+    RESULTS_PREFIX,
+    RESULTS_SUFFIX,
+    Answer,
+    AnswerLines,
+    latest,
+    scan_answers,
+)
+from napari_meddiff.review.study import Study, read_key
 
 Z95 = 1.959963984540054
 SUMMARY_SUFFIXES = ("-summary.json", "-summary.csv", "-realism_by_source.png")
@@ -70,8 +79,11 @@ def _ratio(k: int, n: int) -> float | None:
 
 
 def _describe(values: list[int]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values) if values else None,
-            "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
 
 
 def group_metrics(pairs: list[tuple[Answer, str]]) -> dict[str, Any]:
@@ -100,7 +112,7 @@ def load_readers(study: str | os.PathLike) -> dict[str, tuple[str, AnswerLines]]
     """Reader id -> (results file name, its answers with line numbers), for every results file in the study."""
     out = {}
     for path in sorted(Path(study).glob(f"{RESULTS_PREFIX}*{RESULTS_SUFFIX}")):
-        out[path.name[len(RESULTS_PREFIX): -len(RESULTS_SUFFIX)]] = (path.name, scan_answers(path))
+        out[path.name[len(RESULTS_PREFIX) : -len(RESULTS_SUFFIX)]] = (path.name, scan_answers(path))
     return out
 
 
@@ -118,10 +130,15 @@ def summarize(study: str | os.PathLike, key: str | os.PathLike, *, write: bool =
         pairs = [(answers[cid], truth[cid]) for cid in ids if cid in answers]
         pooled += pairs
         names = sorted({a.reader for a in answers.values()})
-        per_reader[rid] = {"name": names[-1] if names else rid, "file": file_name, "answered": len(pairs),
-                           "of": len(ids), "damaged_lines": lines.damaged_lines,
-                           "unknown_case_lines": [n for n, a in lines.answers if a.case_id not in truth],
-                           **group_metrics(pairs)}
+        per_reader[rid] = {
+            "name": names[-1] if names else rid,
+            "file": file_name,
+            "answered": len(pairs),
+            "of": len(ids),
+            "damaged_lines": lines.damaged_lines,
+            "unknown_case_lines": [n for n, a in lines.answers if a.case_id not in truth],
+            **group_metrics(pairs),
+        }
     if not any(readers.values()):
         skipped = sum(len(m["damaged_lines"]) + len(m["unknown_case_lines"]) for m in per_reader.values())
         note = f" ({skipped} damaged or unknown-case line(s) skipped)" if skipped else ""
@@ -131,8 +148,14 @@ def summarize(study: str | os.PathLike, key: str | os.PathLike, *, write: bool =
         common = [c for c in ids if c in readers[r1] and c in readers[r2]]
         a = [readers[r1][c].real_or_synthetic for c in common]
         b = [readers[r2][c].real_or_synthetic for c in common]
-        agreement.append({"readers": [r1, r2], "n": len(common), "kappa": cohen_kappa(a, b),
-                          "agreement": _ratio(sum(x == y for x, y in zip(a, b)), len(common))})
+        agreement.append(
+            {
+                "readers": [r1, r2],
+                "n": len(common),
+                "kappa": cohen_kappa(a, b),
+                "agreement": _ratio(sum(x == y for x, y in zip(a, b)), len(common)),
+            }
+        )
     summary = {
         "study": str(folder.resolve()),
         "n_cases": len(ids),
@@ -143,8 +166,8 @@ def summarize(study: str | os.PathLike, key: str | os.PathLike, *, write: bool =
         "pooled": {"readers": len(per_reader), **group_metrics(pooled)},
         "agreement": agreement,
         "notes": "accuracy: Wilson 95% CI, two-sided exact binomial test vs 0.5 (scipy.stats.binomtest); "
-                 "pooled treats readings as independent; kappa: Cohen's, pairwise on cases both rated; "
-                 "damaged lines and answers for cases not in the study are not counted (line numbers listed).",
+        "pooled treats readings as independent; kappa: Cohen's, pairwise on cases both rated; "
+        "damaged lines and answers for cases not in the study are not counted (line numbers listed).",
     }
     if write:
         write_summary(key, summary)
@@ -155,8 +178,18 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
     rows: list[tuple[str, str, Any]] = [("study", k, summary[k]) for k in ("n_cases", "n_real", "n_synthetic")]
     scopes = [(f"reader:{rid}", m) for rid, m in summary["readers"].items()] + [("pooled", summary["pooled"])]
     for scope, m in scopes:
-        for k in ("name", "answered", "of", "readers", "n", "correct", "accuracy", "p_value", "sensitivity",
-                  "specificity"):
+        for k in (
+            "name",
+            "answered",
+            "of",
+            "readers",
+            "n",
+            "correct",
+            "accuracy",
+            "p_value",
+            "sensitivity",
+            "specificity",
+        ):
             if k in m:
                 rows.append((scope, k, m[k]))
         for k in ("damaged_lines", "unknown_case_lines"):
@@ -186,7 +219,7 @@ def write_summary(key: str | os.PathLike, summary: dict[str, Any]) -> list[Path]
     previous summary whole (they are derived from the answer files, which are never touched)."""
     import io
 
-    from ..files import write_atomic, write_text_atomic
+    from napari_meddiff.io.files import write_atomic, write_text_atomic
 
     paths = summary_paths(key)
     write_text_atomic(paths[0], json.dumps(summary, indent=1) + "\n")
@@ -210,10 +243,19 @@ def plot_realism(summary: dict[str, Any], path: Path) -> None:
     left, right = fig.subplots(1, 2, width_ratios=[1, 1.2])
     pooled = summary["pooled"]
     for k, s in enumerate(CALLS):
-        left.bar([x + (k - 0.5) * 0.38 for x in range(1, 6)], pooled["realism_counts"][s], width=0.38, color=colours[s],
-                 label=f"{s} (n={pooled['realism'][s]['n']})")
-    left.set(xlabel="realism (1 = clearly artificial, 5 = fully realistic)", ylabel="readings",
-             title="All readers", xticks=range(1, 6))
+        left.bar(
+            [x + (k - 0.5) * 0.38 for x in range(1, 6)],
+            pooled["realism_counts"][s],
+            width=0.38,
+            color=colours[s],
+            label=f"{s} (n={pooled['realism'][s]['n']})",
+        )
+    left.set(
+        xlabel="realism (1 = clearly artificial, 5 = fully realistic)",
+        ylabel="readings",
+        title="All readers",
+        xticks=range(1, 6),
+    )
     left.legend(frameon=False, loc="upper left")
     names = list(summary["readers"]) + ["pooled"]
     groups = [*summary["readers"].values(), pooled]
@@ -222,8 +264,15 @@ def plot_realism(summary: dict[str, Any], path: Path) -> None:
         means = [g["realism"][s]["mean"] for g in groups]
         sds = [g["realism"][s]["sd"] or 0.0 for g in groups]
         ok = [i for i, m in enumerate(means) if m is not None]
-        right.errorbar([xs[i] for i in ok], [means[i] for i in ok], yerr=[sds[i] for i in ok], fmt="o",
-                       color=colours[s], capsize=4, label=s)
+        right.errorbar(
+            [xs[i] for i in ok],
+            [means[i] for i in ok],
+            yerr=[sds[i] for i in ok],
+            fmt="o",
+            color=colours[s],
+            capsize=4,
+            label=s,
+        )
     right.set(xticks=range(len(names)), ylim=(0.5, 5.5), ylabel="mean realism (± SD)", title="By reader")
     right.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0)
     right.legend(frameon=False)
@@ -243,12 +292,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         r = m["realism"]
         real = "n/a" if r["real"]["mean"] is None else f"{r['real']['mean']:.2f}"
         syn = "n/a" if r["synthetic"]["mean"] is None else f"{r['synthetic']['mean']:.2f}"
-        return (f"{label}: accuracy {pct(m['accuracy'])} ({m['correct']}/{m['n']}), 95% CI {pct(ci[0])}-{pct(ci[1])}, "
-                f"p={m['p_value']:.3g} vs chance; sens {pct(m['sensitivity'])}, spec {pct(m['specificity'])}; "
-                f"realism real {real}, synthetic {syn}")
+        return (
+            f"{label}: accuracy {pct(m['accuracy'])} ({m['correct']}/{m['n']}), 95% CI {pct(ci[0])}-{pct(ci[1])}, "
+            f"p={m['p_value']:.3g} vs chance; sens {pct(m['sensitivity'])}, spec {pct(m['specificity'])}; "
+            f"realism real {real}, synthetic {syn}"
+        )
 
-    head = (f"{summary['n_cases']} cases ({summary['n_real']} real, {summary['n_synthetic']} synthetic), "
-            f"{len(summary['readers'])} reader(s)")
+    head = (
+        f"{summary['n_cases']} cases ({summary['n_real']} real, {summary['n_synthetic']} synthetic), "
+        f"{len(summary['readers'])} reader(s)"
+    )
     out = [head]
     out += [line(f"{m['name']} [{m['answered']}/{m['of']}]", m) for m in summary["readers"].values()]
     out += [note for m in summary["readers"].values() if (note := skipped_lines_note(m))]

@@ -16,17 +16,18 @@ null condition (-1 for every value, outside [0, 1]) is what dropout trains and c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import MeddiffError
+from napari_meddiff.errors import MeddiffError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..zoo.conditions import Conditioning
+    from napari_meddiff.models.conditions import Conditioning
 
 NULL_VALUE = -1.0
 INPUTS = ("context", "concat")
@@ -77,7 +78,7 @@ def unet_options(block: dict[str, Any] | None) -> dict[str, Any]:
 
 def measure_subject(image_path: Path, names: Sequence[str]) -> list[float]:
     """The subject's measures (ml) from the label files next to its image; no lesion file means no lesion."""
-    from ..volume import read_volume
+    from napari_meddiff.io.volume import read_volume
 
     out, cache = [], {}
     for name in names:
@@ -131,12 +132,15 @@ def drop_conditions(values: torch.Tensor, dropout: float, gen: torch.Generator) 
     return out
 
 
-def network_conditioning(block: dict[str, Any]) -> "Conditioning":
+def network_conditioning(block: dict[str, Any]) -> Conditioning:
     """How the UNet takes a config's conditions, as sampling reads it from the exported model."""
-    from ..zoo.conditions import Conditioning
+    from napari_meddiff.models.conditions import Conditioning
 
-    return Conditioning(concat=block["input"] == "concat", context=block["input"] == "context",
-                        null=(NULL_VALUE,) * len(block["conditions"]))
+    return Conditioning(
+        concat=block["input"] == "concat",
+        context=block["input"] == "context",
+        null=(NULL_VALUE,) * len(block["conditions"]),
+    )
 
 
 def model_block(block: dict[str, Any], ranges: Sequence[tuple[float, float]], train_scaled: torch.Tensor) -> dict:
@@ -145,11 +149,24 @@ def model_block(block: dict[str, Any], ranges: Sequence[tuple[float, float]], tr
     for k, name in enumerate(block["conditions"]):
         lo, hi = ranges[k]
         what = MEASURES[name][0]
-        conditions.append({
-            "name": name, "low": 0.0, "high": 1.0, "default": round(float(train_scaled[:, k].mean()), 4),
-            "unit": "ml", "unit_low": round(lo, 2), "unit_high": round(hi, 2),
-            "description": f"{what}: 0 = {lo:.0f} ml, 1 = {hi:.0f} ml (the training subjects' range)",
-        })
+        conditions.append(
+            {
+                "name": name,
+                "low": 0.0,
+                "high": 1.0,
+                "default": round(float(train_scaled[:, k].mean()), 4),
+                "unit": "ml",
+                "unit_low": round(lo, 2),
+                "unit_high": round(hi, 2),
+                "description": f"{what}: 0 = {lo:.0f} ml, 1 = {hi:.0f} ml (the training subjects' range)",
+            }
+        )
     how = network_conditioning(block)
-    return {"concat": how.concat, "context": how.context, "class_labels": how.class_labels, "null": list(how.null),
-            "dropout": block["dropout"], "conditions": conditions}
+    return {
+        "concat": how.concat,
+        "context": how.context,
+        "class_labels": how.class_labels,
+        "null": list(how.null),
+        "dropout": block["dropout"],
+        "conditions": conditions,
+    }

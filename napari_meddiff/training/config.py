@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import MeddiffError
-from ..intensity import DEFAULT_INTENSITY, INTENSITY_KEYS, check_upper_value
-from ..zoo import MODEL_KINDS
-from .conditions import unet_options as conditioning_unet_options
-from .conditions import validate_block as validate_conditioning
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.intensity import DEFAULT_INTENSITY, INTENSITY_KEYS, check_upper_value
+from napari_meddiff.models import MODEL_KINDS
+from napari_meddiff.training.conditions import unet_options as conditioning_unet_options
+from napari_meddiff.training.conditions import validate_block as validate_conditioning
 
 # v-prediction by default: with minutes of CPU training, epsilon-prediction models predict the noise well but
 # their x0 estimates at high noise (alpha_bar_T ~ 1e-4, errors amplified ~80x) stay wrong for thousands of
@@ -122,8 +122,19 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 POSITIVE_TRAINING_KEYS = ("steps", "batch_size", "lr", "max_minutes", "checkpoint_minutes", "disc_lr")
-NON_NEGATIVE_TRAINING_KEYS = ("warmup_steps", "ema_start", "weight_decay", "kl_weight", "adv_weight", "val_every",
-                              "val_samples", "val_steps", "adv_warmup_steps", "perceptual_weight", "grad_clip")
+NON_NEGATIVE_TRAINING_KEYS = (
+    "warmup_steps",
+    "ema_start",
+    "weight_decay",
+    "kl_weight",
+    "adv_weight",
+    "val_every",
+    "val_samples",
+    "val_steps",
+    "adv_warmup_steps",
+    "perceptual_weight",
+    "grad_clip",
+)
 
 
 def validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
@@ -151,8 +162,9 @@ def _check_numbers(section: str, values: dict[str, Any] | None) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise MeddiffError(f"{section}.{key} must be a number, got {value!r}")
         if key in POSITIVE_TRAINING_KEYS and value <= 0 or value < 0:
-            raise MeddiffError(f"{section}.{key} must be {'positive' if key in POSITIVE_TRAINING_KEYS else '>= 0'}, "
-                               f"got {value!r}")
+            raise MeddiffError(
+                f"{section}.{key} must be {'positive' if key in POSITIVE_TRAINING_KEYS else '>= 0'}, got {value!r}"
+            )
 
 
 def _check_patch(section: str, values: dict[str, Any] | None, image_shape: list[int]) -> None:
@@ -160,10 +172,15 @@ def _check_patch(section: str, values: dict[str, Any] | None, image_shape: list[
     patch = (values or {}).get("patch_size")
     if patch is None:
         return
-    if not isinstance(patch, (list, tuple)) or len(patch) != len(image_shape) or any(
-            isinstance(p, bool) or not isinstance(p, int) or not 0 < p <= n for p, n in zip(patch, image_shape)):
-        raise MeddiffError(f"{section}.patch_size must be {len(image_shape)} positive integers no larger than "
-                           f"image_shape {image_shape}, got {patch!r}")
+    if (
+        not isinstance(patch, (list, tuple))
+        or len(patch) != len(image_shape)
+        or any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p <= n for p, n in zip(patch, image_shape))
+    ):
+        raise MeddiffError(
+            f"{section}.patch_size must be {len(image_shape)} positive integers no larger than "
+            f"image_shape {image_shape}, got {patch!r}"
+        )
     steps = values.get("patch_steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise MeddiffError(f"{section}.patch_steps must be a non-negative integer or null, got {steps!r}")
@@ -193,7 +210,9 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     cfg["intensity"] = {**DEFAULT_INTENSITY, **cfg.get("intensity", {})}
     unknown = sorted(set(cfg["intensity"]) - INTENSITY_KEYS)
     if unknown:
-        raise MeddiffError(f"intensity: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(INTENSITY_KEYS))})")
+        raise MeddiffError(
+            f"intensity: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(INTENSITY_KEYS))})"
+        )
     check_upper_value(cfg["intensity"].get("upper_value", 1.0))
     cfg["scheduler"] = {**DEFAULT_SCHEDULER, **cfg.get("scheduler", {})}
     if cfg["scheduler"]["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
@@ -222,8 +241,9 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
         if not isinstance(cfg["autoencoder_training"]["freeze_encoder"], bool):
             raise MeddiffError("autoencoder_training.freeze_encoder must be true or false")
         if cfg["training"]["latents"] not in LATENT_KINDS:
-            raise MeddiffError(f"training.latents must be one of {', '.join(LATENT_KINDS)}, "
-                               f"not {cfg['training']['latents']!r}")
+            raise MeddiffError(
+                f"training.latents must be one of {', '.join(LATENT_KINDS)}, not {cfg['training']['latents']!r}"
+            )
     elif cfg["kind"] == "segmentation":
         seg = cfg.setdefault("segmentation", {})
         seg.setdefault("num_classes", 4)
@@ -245,8 +265,10 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     if cfg["data"]["dir"] is None:
         raise MeddiffError("data.dir (a folder of NIfTI images) is required")
     cfg["data"]["dir"] = _resolve(cfg["data"]["dir"], base_dir)
-    for section, key, what in (("autoencoder_training", "from_model", "an ldm model folder"),
-                               ("training", "init_from", "a diffusion.pt or a model folder")):
+    for section, key, what in (
+        ("autoencoder_training", "from_model", "an ldm model folder"),
+        ("training", "init_from", "a diffusion.pt or a model folder"),
+    ):
         value = (cfg.get(section) or {}).get(key)
         if value is not None:
             if not isinstance(value, str) or not value:

@@ -9,16 +9,17 @@ import csv
 import dataclasses
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import MeddiffError
-from ..intensity import intensity_window, normalise
-from ..volume import read_volume, resample, to_canonical
-from .conditions import measure_subject
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.intensity import intensity_window, normalise
+from napari_meddiff.io.volume import read_volume, resample, to_canonical
+from napari_meddiff.training.conditions import measure_subject
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +149,34 @@ def preprocess_subject(
     empty = np.zeros(tuple(image_shape), np.float32)
 
     def neighbours(k: int) -> np.ndarray:
-        return np.stack([_fit(arr[j], image_shape, c2) if 0 <= j < arr.shape[0] else empty
-                         for j in range(k - context_slices, k + context_slices + 1)])
+        return np.stack(
+            [
+                _fit(arr[j], image_shape, c2) if 0 <= j < arr.shape[0] else empty
+                for j in range(k - context_slices, k + context_slices + 1)
+            ]
+        )
 
     if context_slices:
-        imgs = np.stack([neighbours(k) for k in keep]) if len(keep) else np.zeros(
-            (0, 2 * context_slices + 1, *image_shape), np.float32)
+        imgs = (
+            np.stack([neighbours(k) for k in keep])
+            if len(keep)
+            else np.zeros((0, 2 * context_slices + 1, *image_shape), np.float32)
+        )
     else:
-        imgs = np.stack([_fit(arr[k], image_shape, c2) for k in keep]) if len(keep) else np.zeros((0, *image_shape), np.float32)
-    labs = None if lab is None else (np.stack([_fit(lab[k], image_shape, c2) for k in keep]) if len(keep) else np.zeros((0, *image_shape), np.int64))
+        imgs = (
+            np.stack([_fit(arr[k], image_shape, c2) for k in keep])
+            if len(keep)
+            else np.zeros((0, *image_shape), np.float32)
+        )
+    labs = (
+        None
+        if lab is None
+        else (
+            np.stack([_fit(lab[k], image_shape, c2) for k in keep])
+            if len(keep)
+            else np.zeros((0, *image_shape), np.int64)
+        )
+    )
     return imgs, labs
 
 
@@ -174,7 +194,13 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
         iterator = tqdm(pairs, desc="loading data", unit="subject", leave=False)
     for image_path, label_path in iterator:
         im, lb = preprocess_subject(
-            image_path, label_path, cfg["spatial_dims"], cfg["image_shape"], cfg["voxel_size"], cfg["intensity"], cfg["data"],
+            image_path,
+            label_path,
+            cfg["spatial_dims"],
+            cfg["image_shape"],
+            cfg["voxel_size"],
+            cfg["intensity"],
+            cfg["data"],
             context_slices=int((cfg.get("segmentation") or {}).get("context_slices") or 0),
         )
         imgs.append(im)
@@ -188,14 +214,17 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
         images = images.unsqueeze(1)
     labels = torch.from_numpy(np.concatenate(labs)).long() if labs else None
     if images.shape[0] == 0:
-        raise MeddiffError(f"no training items in {cfg['data']['dir']} (2D: no slice has min_brain_fraction "
-                           f"{cfg['data']['min_brain_fraction']} of foreground; lower it)")
+        raise MeddiffError(
+            f"no training items in {cfg['data']['dir']} (2D: no slice has min_brain_fraction "
+            f"{cfg['data']['min_brain_fraction']} of foreground; lower it)"
+        )
     if labels is not None and int(labels.max()) >= int(cfg["segmentation"]["num_classes"]):
-        raise MeddiffError(f"labels go up to {int(labels.max())} but num_classes is {cfg['segmentation']['num_classes']}")
+        raise MeddiffError(
+            f"labels go up to {int(labels.max())} but num_classes is {cfg['segmentation']['num_classes']}"
+        )
     files = [str(p[0]) for p in pairs]
     seeds = cohort_seeds(Path(cfg["data"]["dir"]), [p[0] for p in pairs])
-    return Dataset(images, labels, subs, files, seeds,
-                   torch.tensor(measures, dtype=torch.float32) if names else None)
+    return Dataset(images, labels, subs, files, seeds, torch.tensor(measures, dtype=torch.float32) if names else None)
 
 
 def split_dataset(cfg: dict[str, Any], progress: bool = True) -> tuple[Dataset, Dataset | None]:
@@ -211,7 +240,11 @@ def split_dataset(cfg: dict[str, Any], progress: bool = True) -> tuple[Dataset, 
 
 
 def random_batch(
-    data: torch.Tensor, labels: torch.Tensor | None, batch_size: int, generator: torch.Generator, flip: bool,
+    data: torch.Tensor,
+    labels: torch.Tensor | None,
+    batch_size: int,
+    generator: torch.Generator,
+    flip: bool,
     conditions: torch.Tensor | None = None,
 ):
     """A random batch (with replacement) with random left-right flips (axis 0 of the RAS grid): ``(x, labels)``,

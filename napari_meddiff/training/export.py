@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..zoo import DiffusionModel, save_model_folder
+from napari_meddiff import __version__
+from napari_meddiff.models import DiffusionModel, save_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,9 @@ MEASURED_END = "<!-- measured:end -->"
 
 
 @torch.no_grad()
-def latent_scale_factor(ae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 4,
-                        kind: str = "sample") -> tuple[float, torch.Tensor]:
+def latent_scale_factor(
+    ae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 4, kind: str = "sample"
+) -> tuple[float, torch.Tensor]:
     """1 / std of the encoder latents over ``images`` (MONAI tutorials) and the unscaled latents: drawn from the
     posterior (``kind="sample"``, as MONAI's ``encode_stage_2_inputs`` and its LatentDiffusionInferer give them in
     training) or its mean (``kind="mean"``)."""
@@ -36,8 +37,13 @@ def latent_scale_factor(ae: torch.nn.Module, images: torch.Tensor, device: torch
     return float(1.0 / z.std()), z
 
 
-def model_config(cfg: dict[str, Any], *, scale_factor: float | None = None, latent_shape: list[int] | None = None,
-                 conditioning: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_config(
+    cfg: dict[str, Any],
+    *,
+    scale_factor: float | None = None,
+    latent_shape: list[int] | None = None,
+    conditioning: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The model.json content (zoo schema) for a training config (``conditioning``: its block, for a conditional
     model; `conditions.model_block`)."""
     out: dict[str, Any] = {
@@ -73,10 +79,13 @@ def model_config(cfg: dict[str, Any], *, scale_factor: float | None = None, late
     return out
 
 
-def as_diffusion_model(config: dict[str, Any], unet: torch.nn.Module, autoencoder: torch.nn.Module | None,
-                       path: Path, device: torch.device) -> DiffusionModel:
+def as_diffusion_model(
+    config: dict[str, Any], unet: torch.nn.Module, autoencoder: torch.nn.Module | None, path: Path, device: torch.device
+) -> DiffusionModel:
     """In-memory `DiffusionModel` (for previews during training and for the fp16 check)."""
-    return DiffusionModel(name=config["name"], path=path, config=config, unet=unet, autoencoder=autoencoder, device=device)
+    return DiffusionModel(
+        name=config["name"], path=path, config=config, unet=unet, autoencoder=autoencoder, device=device
+    )
 
 
 @torch.no_grad()
@@ -138,37 +147,55 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         f"- Spatial dims: {cfg['spatial_dims']}D, image shape {config['image_shape']} at voxel size "
         f"{config['voxel_size']} mm (RAS), intensities normalised to [0, 1] "
         f"(foreground percentiles {cfg['intensity'].get('lower')}-{cfg['intensity'].get('upper')}"
-        + (f", the upper one mapped to {cfg['intensity']['upper_value']} to keep bright voxels' contrast"
-           if cfg["intensity"].get("upper_value", 1.0) != 1.0 else "") + ").",
+        + (
+            f", the upper one mapped to {cfg['intensity']['upper_value']} to keep bright voxels' contrast"
+            if cfg["intensity"].get("upper_value", 1.0) != 1.0
+            else ""
+        )
+        + ").",
     ]
     if cfg["kind"] == "ldm":
         lat = config["latent"]
-        lines.append(f"- Latent: {lat['channels']} channels x {lat['shape']}, scale factor {lat['scale_factor']:.4f} "
-                     "(1/std of the training latents).")
+        lines.append(
+            f"- Latent: {lat['channels']} channels x {lat['shape']}, scale factor {lat['scale_factor']:.4f} "
+            "(1/std of the training latents)."
+        )
     if cfg["kind"] == "segmentation":
         context = int(cfg["segmentation"].get("context_slices") or 0)
-        lines.append(f"- Classes: {', '.join(cfg['segmentation']['class_names'])}; applied slice by slice (axial) "
-                     "for 2D models" + (f", each slice given with its {context} neighbouring slice(s) on either side "
-                                        "as extra image channels (2.5D)" if context else "") + ".")
+        lines.append(
+            f"- Classes: {', '.join(cfg['segmentation']['class_names'])}; applied slice by slice (axial) "
+            "for 2D models"
+            + (
+                f", each slice given with its {context} neighbouring slice(s) on either side "
+                "as extra image channels (2.5D)"
+                if context
+                else ""
+            )
+            + "."
+        )
     if config.get("conditioning"):
         block = config["conditioning"]
         how = "cross-attention context" if block["context"] else "constant extra input channels"
-        lines.append(f"- Conditions ({how}; `--condition NAME=VALUE`, the Generate widget's sliders), each in [0, 1]: "
-                     + "; ".join(f"`{c['name']}` {c['description']}, default {c['default']}" for c in block["conditions"])
-                     + f". Trained with condition dropout {block.get('dropout', 0):g} (null condition "
-                     f"{block['null'][0]:g}), so classifier-free guidance (`--guidance-scale`) works.")
+        lines.append(
+            f"- Conditions ({how}; `--condition NAME=VALUE`, the Generate widget's sliders), each in [0, 1]: "
+            + "; ".join(f"`{c['name']}` {c['description']}, default {c['default']}" for c in block["conditions"])
+            + f". Trained with condition dropout {block.get('dropout', 0):g} (null condition "
+            f"{block['null'][0]:g}), so classifier-free guidance (`--guidance-scale`) works."
+        )
     sch = cfg["scheduler"]
     lines += [
         f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, beta {sch['beta_start']}-{sch['beta_end']}, "
         f"prediction type {sch['prediction_type']}. Default sampler {cfg['defaults']['sampler']} with {cfg['defaults']['steps']} steps"
-        + (f"; ensemble members combined by {cfg['defaults']['combine']}" if cfg["defaults"].get("combine") else "") + ".",
+        + (f"; ensemble members combined by {cfg['defaults']['combine']}" if cfg["defaults"].get("combine") else "")
+        + ".",
         "- Parameters: " + ", ".join(f"{k} {v['parameters']:,}" for k, v in config.get("weights", {}).items())
-        if config.get("weights") else "- Parameters: see model.json",
+        if config.get("weights")
+        else "- Parameters: see model.json",
         f"- Weights: {summary['weights_dtype']} safetensors (fp16 check: relative output error {summary['half_check']}).",
         "",
         "## Training",
         "",
-        f"- Data: {data['num_subjects']} synthetic subjects of the meddiff cohort (`napari_meddiff.cohort`, "
+        f"- Data: {data['num_subjects']} synthetic subjects of the meddiff cohort (`napari_meddiff.data.mni152`, "
         f"training seeds only: {data['seed_summary']}), {data['num_items']} training "
         f"{'slices' if cfg['spatial_dims'] == 2 else 'volumes'}; {data.get('num_val_subjects', 0)} further training-seed "
         "subjects for previews/validation. No held-out seed was used.",
@@ -181,42 +208,63 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
             continue
         extra = ""
         if stage == "autoencoder" and s.get("from_model"):
-            trained = (f"; its own training: {s['steps']} steps, validation PSNR {s['val_psnr_db']} dB"
-                       if s.get("val_psnr_db") is not None else "")
-            lines.append(f"- Autoencoder: taken as it is from `{s['from_model']}` ({s['weights_dtype']} sha256 "
-                         f"{s['weights_sha256'][:12]}…), not trained in this run{trained}.")
+            trained = (
+                f"; its own training: {s['steps']} steps, validation PSNR {s['val_psnr_db']} dB"
+                if s.get("val_psnr_db") is not None
+                else ""
+            )
+            lines.append(
+                f"- Autoencoder: taken as it is from `{s['from_model']}` ({s['weights_dtype']} sha256 "
+                f"{s['weights_sha256'][:12]}…), not trained in this run{trained}."
+            )
             continue
         if stage == "autoencoder":
-            extra = (f", L1 + {s['kl_weight']:g} KL + {s['adv_weight']:g} patch-adversarial (after {s['adv_warmup_steps']} steps), "
-                     f"perceptual weight {s['perceptual_weight']:g}; final L1 {s['final_l1']}, validation PSNR "
-                     f"{s['val_psnr_db']} dB")
+            extra = (
+                f", L1 + {s['kl_weight']:g} KL + {s['adv_weight']:g} patch-adversarial (after {s['adv_warmup_steps']} steps), "
+                f"perceptual weight {s['perceptual_weight']:g}; final L1 {s['final_l1']}, validation PSNR "
+                f"{s['val_psnr_db']} dB"
+            )
             if s.get("patch_size"):
                 extra += f"; random {s['patch_size']} crops"
         else:
             extra = f", {s['objective']}, EMA {s['ema_decay']}; loss {s['first_loss']} -> {s['final_loss']}"
             if s.get("patch_size"):
                 until = s.get("patch_steps")
-                extra += (f"; random {'x'.join(map(str, s['patch_size']))} crops"
-                          + (" throughout" if until is None or s["steps"] <= int(until) else f" for the first {until} steps"))
+                extra += f"; random {'x'.join(map(str, s['patch_size']))} crops" + (
+                    " throughout" if until is None or s["steps"] <= int(until) else f" for the first {until} steps"
+                )
             if s.get("init_from"):
                 i = s["init_from"]
-                what = (f"its UNet weights, {i['weights_dtype']} sha256 {i['weights_sha256'][:12]}…"
-                        if i.get("weights_sha256") else "its EMA weights")
-                extra += (f"; started from `{i['checkpoint']}` ({what}; its {i['step']} steps and "
-                          f"{i.get('cpu_minutes', '?')} CPU-min are counted here)"
-                          + (f", input channels added to {', '.join(i['widened'])} at zero" if i.get("widened") else ""))
+                what = (
+                    f"its UNet weights, {i['weights_dtype']} sha256 {i['weights_sha256'][:12]}…"
+                    if i.get("weights_sha256")
+                    else "its EMA weights"
+                )
+                extra += (
+                    f"; started from `{i['checkpoint']}` ({what}; its {i['step']} steps and "
+                    f"{i.get('cpu_minutes', '?')} CPU-min are counted here)"
+                    + (f", input channels added to {', '.join(i['widened'])} at zero" if i.get("widened") else "")
+                )
             if s.get("val_dice"):
-                extra += "; Dice on the validation subjects " + ", ".join(f"{k} {v:.3f}" for k, v in s["val_dice"].items())
+                extra += "; Dice on the validation subjects " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in s["val_dice"].items()
+                )
         cpu = f" ({s['cpu_minutes']:.1f} CPU-min)" if s.get("cpu_minutes") is not None else ""
-        lines.append(f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])} wall{cpu}, batch {s['batch_size']} "
-                     f"x {s['world_size']} process(es), lr {s['lr']:g}, {s['precision']}{extra}.")
+        lines.append(
+            f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])} wall{cpu}, batch {s['batch_size']} "
+            f"x {s['world_size']} process(es), lr {s['lr']:g}, {s['precision']}{extra}."
+        )
     for note in cfg.get("notes", []) or []:
         lines.append(f"- Note: {note}")
     lines += [
         f"- Reproduce: `meddiff train {summary.get('config_path', 'train.yaml')}` (the config is saved next to the "
-        "weights as `train.yaml`)" + (", after the run it starts from (`training.init_from`; the config's header "
-                                      "gives both commands)" if (summary.get("diffusion") or {}).get("init_from")
-                                      else "") + ".",
+        "weights as `train.yaml`)"
+        + (
+            ", after the run it starts from (`training.init_from`; the config's header gives both commands)"
+            if (summary.get("diffusion") or {}).get("init_from")
+            else ""
+        )
+        + ".",
         "",
         "## Intended use and limits",
         "",
@@ -269,7 +317,9 @@ def export_model(
     config["training"] = {k: v for k, v in summary.items() if k != "data"}
     config["data"] = summary["data"]
     # the card lists parameter counts: fill weights first through a dry pass
-    config["weights"] = {n: {"parameters": int(sum(v.numel() for v in net.state_dict().values()))} for n, net in networks.items()}
+    config["weights"] = {
+        n: {"parameters": int(sum(v.numel() for v in net.state_dict().values()))} for n, net in networks.items()
+    }
     card = model_card(cfg, config, summary)
     config["weights"] = {}
     files = dict(extra_files or {})
@@ -285,7 +335,7 @@ def refresh_card(model_dir: str | Path) -> Path:
 
     import yaml
 
-    from .config import validate
+    from napari_meddiff.training.config import validate
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "model.json").read_text())
@@ -300,7 +350,7 @@ def refresh_card(model_dir: str | Path) -> Path:
     old = (model_dir / "MODEL_CARD.md").read_text() if (model_dir / "MODEL_CARD.md").is_file() else ""
     (model_dir / "MODEL_CARD.md").write_text(model_card(cfg, config, summary))
     if MEASURED_BEGIN in old and MEASURED_END in old:  # the measured figures are kept
-        kept = old[old.index(MEASURED_BEGIN) + len(MEASURED_BEGIN): old.index(MEASURED_END)]
+        kept = old[old.index(MEASURED_BEGIN) + len(MEASURED_BEGIN) : old.index(MEASURED_END)]
         write_measured_section(model_dir, kept.strip("\n"))
     return model_dir / "MODEL_CARD.md"
 
@@ -312,7 +362,7 @@ def write_measured_section(model_dir: str | Path, section: str) -> Path:
     text = card.read_text()
     block = f"{MEASURED_BEGIN}\n{section}\n{MEASURED_END}"
     if MEASURED_BEGIN in text and MEASURED_END in text:
-        text = text[: text.index(MEASURED_BEGIN)] + block + text[text.index(MEASURED_END) + len(MEASURED_END):]
+        text = text[: text.index(MEASURED_BEGIN)] + block + text[text.index(MEASURED_END) + len(MEASURED_END) :]
     else:
         text = text.rstrip() + "\n\n## Measured\n\n" + block + "\n"
     card.write_text(text)

@@ -12,15 +12,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import MeddiffError
-from ..files import removed_if_left_empty
-from ..zoo import check_model_target
-from . import common
-from .conditions import fit_ranges
-from .conditions import model_block as conditioning_block
-from .conditions import scale as scale_conditions
-from .config import load_config
-from .data import Dataset, split_dataset
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.files import removed_if_left_empty
+from napari_meddiff.models import check_model_target
+from napari_meddiff.training.checkpoints import load_checkpoint, save_checkpoint
+from napari_meddiff.training.conditions import fit_ranges
+from napari_meddiff.training.conditions import model_block as conditioning_block
+from napari_meddiff.training.conditions import scale as scale_conditions
+from napari_meddiff.training.config import load_config
+from napari_meddiff.training.data import Dataset, split_dataset
+from napari_meddiff.training.device_setup import machine_description, setup_device
+from napari_meddiff.training.distributed import Dist
+from napari_meddiff.training.optim import TrainingDiverged
+from napari_meddiff.training.reporting import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +39,13 @@ def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> l
 
 
 @torch.no_grad()
-def segment_slices(model, images: torch.Tensor, *, steps: int, sampler: str = "dpm++", seed: int = 0,
-                   batch: int = 16) -> torch.Tensor:
+def segment_slices(
+    model, images: torch.Tensor, *, steps: int, sampler: str = "dpm++", seed: int = 0, batch: int = 16
+) -> torch.Tensor:
     """Labels (N, *S) for normalised images (N, C, *S) (C: 1, or the slice and its neighbours) with a
     segmentation diffusion model."""
-    from ..sampling import denoise, initial_noise, seeded_generators
+    from napari_meddiff.diffusion.loop import denoise
+    from napari_meddiff.diffusion.seeds import initial_noise, seeded_generators
 
     n = int(model.config["segmentation"]["num_classes"])
     outs = []
@@ -53,7 +59,7 @@ def segment_slices(model, images: torch.Tensor, *, steps: int, sampler: str = "d
 
 
 def _data_summary(train: Dataset, val: Dataset | None, cfg: dict[str, Any]) -> dict[str, Any]:
-    from ..cohort import HELDOUT_SEEDS
+    from napari_meddiff.data.mni152 import HELDOUT_SEEDS
 
     seeds = list(train.seeds)
     val_seeds = list(val.seeds) if val is not None else []
@@ -98,11 +104,15 @@ def check_work_dir(work: Path, resume: bool, fresh: bool = False) -> None:
         raise MeddiffError("--resume and --fresh contradict each other")
     found = [f for f in CHECKPOINT_FILES if (work / f).is_file()]
     if resume and not found:
-        raise MeddiffError(f"--resume: no checkpoint ({' or '.join(CHECKPOINT_FILES)}) in {work} to resume from; "
-                           "run without --resume to start afresh, or give --work-dir of the earlier run")
+        raise MeddiffError(
+            f"--resume: no checkpoint ({' or '.join(CHECKPOINT_FILES)}) in {work} to resume from; "
+            "run without --resume to start afresh, or give --work-dir of the earlier run"
+        )
     if found and not resume and not fresh:
-        raise MeddiffError(f"{work} holds checkpoints of an earlier run ({', '.join(found)}): --resume to continue "
-                           "it, --fresh to discard them and start again, or another --work-dir")
+        raise MeddiffError(
+            f"{work} holds checkpoints of an earlier run ({', '.join(found)}): --resume to continue "
+            "it, --fresh to discard them and start again, or another --work-dir"
+        )
 
 
 @contextlib.contextmanager
@@ -128,8 +138,10 @@ def check_condition_ranges(path: Path, names: list[str], ranges: list[tuple[floa
     if resume and path.is_file():
         before = json.loads(path.read_text())
         if before != now:
-            raise MeddiffError(f"{path}: this run's conditions were scaled on {before}, the data now give {now}; "
-                               "resume on the same training subjects, or start a new run")
+            raise MeddiffError(
+                f"{path}: this run's conditions were scaled on {before}, the data now give {now}; "
+                "resume on the same training subjects, or start a new run"
+            )
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(now) + "\n")
@@ -154,10 +166,10 @@ def train(
 
     ``autoencoder_only`` (an LDM): train the autoencoder stage only, with all of ``max_minutes``, and stop
     there (its checkpoint in the work dir; no model folder); a later ``resume`` goes on from it."""
-    from ..generate import generate
-    from .autoencoder import autoencoder_from_model, train_autoencoder
-    from .diffusion import train_diffusion
-    from .export import export_model, latent_scale_factor, model_config, as_diffusion_model
+    from napari_meddiff.tasks.generate import generate
+    from napari_meddiff.training.autoencoder import autoencoder_from_model, train_autoencoder
+    from napari_meddiff.training.diffusion import train_diffusion
+    from napari_meddiff.training.export import as_diffusion_model, export_model, latent_scale_factor, model_config
 
     config_path = Path(config_path)
     cfg = load_config(config_path)
@@ -170,12 +182,14 @@ def train(
     check_work_dir(work, resume, fresh)
     init_from = cfg["training"].get("init_from")
     if init_from and not Path(init_from).exists() and not (resume and (work / "diffusion.pt").is_file()):
-        raise MeddiffError(f"training.init_from: {init_from} does not exist (a diffusion.pt or a model folder; a "
-                           "relative path is read from the working directory, then from the config's folder)")
+        raise MeddiffError(
+            f"training.init_from: {init_from} does not exist (a diffusion.pt or a model folder; a "
+            "relative path is read from the working directory, then from the config's folder)"
+        )
     with removed_unless_used(work):
         tc = cfg["training"]
-        dev = common.setup_device(device, num_threads or tc.get("num_threads"))
-        dist = common.Dist(dev)
+        dev = setup_device(device, num_threads or tc.get("num_threads"))
+        dist = Dist(dev)
         if steps is not None:
             tc["steps"] = int(steps)
             if "autoencoder_training" in cfg:
@@ -204,9 +218,15 @@ def train(
         t0 = time.time()
         train_data, val_data = split_dataset(cfg, progress=progress and dist.main)
         if dist.main:
-            log.info("%s: %d training items from %d subjects (+%d validation subjects) in %.0f s; device %s",
-                     cfg["name"], len(train_data), len(train_data.files), len(val_data.files) if val_data else 0,
-                     time.time() - t0, dev)
+            log.info(
+                "%s: %d training items from %d subjects (+%d validation subjects) in %.0f s; device %s",
+                cfg["name"],
+                len(train_data),
+                len(train_data.files),
+                len(val_data.files) if val_data else 0,
+                time.time() - t0,
+                dev,
+            )
         summary: dict[str, Any] = {"data": _data_summary(train_data, val_data, cfg)}
         conditioning, item_conditions = None, None
         if cfg["conditioning"] is not None:
@@ -226,34 +246,52 @@ def train(
             source = cfg["autoencoder_training"].get("from_model")
             if source:
                 if autoencoder_only:
-                    raise MeddiffError("--autoencoder-only: this config takes its autoencoder from a model folder "
-                                       "(autoencoder_training.from_model); there is no autoencoder stage to train")
+                    raise MeddiffError(
+                        "--autoencoder-only: this config takes its autoencoder from a model folder "
+                        "(autoencoder_training.from_model); there is no autoencoder stage to train"
+                    )
                 ae, ae_summary = autoencoder_from_model(Path(source), cfg)
                 ae = ae.to(dev)
                 if dist.main:
-                    log.info("autoencoder from %s (sha256 %s…), not trained here", source, ae_summary["weights_sha256"][:12])
+                    log.info(
+                        "autoencoder from %s (sha256 %s…), not trained here", source, ae_summary["weights_sha256"][:12]
+                    )
             else:
                 ae, ae_summary = train_autoencoder(
-                    cfg, train_data.images, val_data.images if val_data is not None else None,
-                    work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=ae_minutes,
+                    cfg,
+                    train_data.images,
+                    val_data.images if val_data is not None else None,
+                    work_dir=work,
+                    device=dev,
+                    dist=dist,
+                    resume=resume,
+                    max_minutes=ae_minutes,
                     progress=progress,
                 )
             summary["autoencoder"] = ae_summary
             if autoencoder_only:
                 if dist.main:
-                    log.info("autoencoder stage stopped at step %d (%.1f min); checkpoint %s", ae_summary["steps"],
-                             ae_summary["minutes"], work / "autoencoder.pt")
+                    log.info(
+                        "autoencoder stage stopped at step %d (%.1f min); checkpoint %s",
+                        ae_summary["steps"],
+                        ae_summary["minutes"],
+                        work / "autoencoder.pt",
+                    )
                 dist.close()
                 return None
             autoencoder = ae.requires_grad_(False)
             cache = work / "latents.pt"
-            st = common.load_checkpoint(cache) if (resume and cache.is_file()) else None
+            st = load_checkpoint(cache) if (resume and cache.is_file()) else None
             if st is not None:
                 st.setdefault("latent_kind", "sample")  # caches written before latent_kind hold draws
             # the latents depend on the encoder only: a decoder-only run (freeze_encoder) keeps them
             kind = tc["latents"]
-            cache_key = {"encoder_sha256": ae_summary["encoder_sha256"], "files": list(train_data.files), "flip": flip,
-                         "latent_kind": kind}
+            cache_key = {
+                "encoder_sha256": ae_summary["encoder_sha256"],
+                "files": list(train_data.files),
+                "flip": flip,
+                "latent_kind": kind,
+            }
             if st is not None and all(st.get(k) == v for k, v in cache_key.items()):
                 latents, scale_factor = st["latents"], float(st["scale_factor"])
             else:
@@ -264,11 +302,13 @@ def train(
                     latents = torch.cat([z, zf])
                 latents = latents * scale_factor
                 if not bool(torch.isfinite(latents).all()):
-                    raise common.TrainingDiverged("the autoencoder encodes the training volumes to non-finite latents "
-                                           f"(scale factor {scale_factor:g}): retrain it, with precision: fp32 or a "
-                                           "lower lr in autoencoder_training")
+                    raise TrainingDiverged(
+                        "the autoencoder encodes the training volumes to non-finite latents "
+                        f"(scale factor {scale_factor:g}): retrain it, with precision: fp32 or a "
+                        "lower lr in autoencoder_training"
+                    )
                 if dist.main:
-                    common.save_checkpoint(cache, {"latents": latents, "scale_factor": scale_factor, **cache_key})
+                    save_checkpoint(cache, {"latents": latents, "scale_factor": scale_factor, **cache_key})
             if item_conditions is not None and flip:  # the mirrored latents have their volumes' measures
                 item_conditions = torch.cat([item_conditions, item_conditions])
             latent_shape = list(latents.shape[2:])
@@ -295,19 +335,39 @@ def train(
                 pred = segment_slices(model, imgs, steps=val_steps)
                 k = int(cfg["segmentation"]["num_classes"]) - 1
                 d = dice_per_class(pred, labs, k + 1)
-                common.save_grid(path, [[i[i.shape[0] // 2].numpy() for i in imgs], [l.numpy() / k for l in labs], [p.numpy() / k for p in pred]],
-                                 f"step {step}: image / reference / predicted; Dice " + " ".join(f"{v:.3f}" for v in d))
+                save_grid(
+                    path,
+                    [
+                        [i[i.shape[0] // 2].numpy() for i in imgs],
+                        [l.numpy() / k for l in labs],
+                        [p.numpy() / k for p in pred],
+                    ],
+                    f"step {step}: image / reference / predicted; Dice " + " ".join(f"{v:.3f}" for v in d),
+                )
             else:
                 vols = generate(model, list(range(nval)), sampler="dpm++", steps=val_steps, device=str(dev))
                 arrs = [np.squeeze(v.array, -1) if cfg["spatial_dims"] == 2 else v.array for v in vols]
                 real = val_data.images if val_data is not None else train_data.images
                 ridx = torch.linspace(0, real.shape[0] - 1, nval).long()
-                common.save_grid(path, [arrs, [r[0].numpy() for r in real[ridx]]],
-                                 f"step {step}: top generated (dpm++ {val_steps} steps), bottom real")
+                save_grid(
+                    path,
+                    [arrs, [r[0].numpy() for r in real[ridx]]],
+                    f"step {step}: top generated (dpm++ {val_steps} steps), bottom real",
+                )
 
         unet, diff_summary = train_diffusion(
-            cfg, x0_data, work_dir=work, device=dev, dist=dist, resume=resume, max_minutes=diff_minutes,
-            condition=cond, labels=labels, flip=flip_batches, preview=preview, progress=progress,
+            cfg,
+            x0_data,
+            work_dir=work,
+            device=dev,
+            dist=dist,
+            resume=resume,
+            max_minutes=diff_minutes,
+            condition=cond,
+            labels=labels,
+            flip=flip_batches,
+            preview=preview,
+            progress=progress,
             conditions=item_conditions,
         )
         summary["diffusion"] = diff_summary
@@ -317,14 +377,26 @@ def train(
             model = as_diffusion_model(mcfg, unet, None, work, dev)
             pred = segment_slices(model, val_data.images, steps=int(cfg["defaults"]["steps"]))
             d = dice_per_class(pred, val_data.labels, int(cfg["segmentation"]["num_classes"]))
-            summary["diffusion"]["val_dice"] = dict(zip(cfg["segmentation"]["class_names"][1:], [round(v, 4) for v in d]))
-        summary["machine"] = common.machine_description(dev, dist.world)
+            summary["diffusion"]["val_dice"] = dict(
+                zip(cfg["segmentation"]["class_names"][1:], [round(v, 4) for v in d])
+            )
+        summary["machine"] = machine_description(dev, dist.world)
         path = None
         if dist.main:
             extra = {f.name: f for f in (work / "loss_diffusion.png", work / "loss_autoencoder.png") if f.is_file()}
-            path = export_model(cfg, out, unet, autoencoder, summary, scale_factor=scale_factor, latent_shape=latent_shape,
-                                config_path=config_path, extra_files=extra, overwrite=overwrite,
-                                conditioning=conditioning)
+            path = export_model(
+                cfg,
+                out,
+                unet,
+                autoencoder,
+                summary,
+                scale_factor=scale_factor,
+                latent_shape=latent_shape,
+                config_path=config_path,
+                extra_files=extra,
+                overwrite=overwrite,
+                conditioning=conditioning,
+            )
             log.info("wrote %s", path)
         dist.barrier()
         dist.close()

@@ -6,8 +6,8 @@ from __future__ import annotations
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QSlider, QWidget
 
-from ...zoo import ConditionSpec
-from .common import ModelInfo
+from napari_meddiff._napari.widgets.controls import ModelInfo
+from napari_meddiff.models import ConditionSpec
 
 SLIDER_STEPS = 1000
 

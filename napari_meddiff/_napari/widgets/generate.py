@@ -21,13 +21,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ...errors import MeddiffError
-from ...volume import Volume
-from ..layers import layer_to_volume, show_axial, volume_to_layer_data
-from ..writer import save_layer_data
-from .common import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls, TaskContext, TaskRunner
-from .common import load_model_cached
-from .conditions import ConditionControls
+from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to_layer_data
+from napari_meddiff._napari.widgets.conditions import ConditionControls
+from napari_meddiff._napari.widgets.controls import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls
+from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
+from napari_meddiff._napari.writer import save_layer_data
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -66,7 +66,7 @@ def generate_task(
     guidance_scale: float = 1.0,
 ) -> int:
     """Worker-thread body: one chain per seed, emitting previews and each result as it is done."""
-    from ...generate import generate, to_volume
+    from napari_meddiff.tasks.generate import generate, to_volume
 
     model = load_model_cached(model_ref, device)
     total = len(seeds) * steps
@@ -97,7 +97,7 @@ def generate_task(
 class GenerateWidget(QWidget):
     """Model, sampler, steps, seed, number of samples, device, live preview; Generate / Cancel / Save."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None) -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.model_picker = ModelPicker(kinds=GENERATIVE_KINDS)
@@ -168,7 +168,9 @@ class GenerateWidget(QWidget):
             self.model_summary.setText("No generative model found. Use “Open model folder…” to pick one.")
             return
         notes = info.geometry_notes
-        self.model_summary.setText(info.summary() + (f"\n⚠ geometry not stated by the model: {'; '.join(notes)}" if notes else ""))
+        self.model_summary.setText(
+            info.summary() + (f"\n⚠ geometry not stated by the model: {'; '.join(notes)}" if notes else "")
+        )
         self.conditions.set_model(info)
         self.sampling.set_defaults(info)
         is_3d = info.spatial_dims == 3
@@ -189,9 +191,15 @@ class GenerateWidget(QWidget):
         seeds = list(range(seed, seed + self.num_samples.value()))
         preview_every = self.preview_every.value() if info.spatial_dims == 3 else 1
         task = partial(
-            generate_task, model_ref=str(info.path), device=self.device.device(), seeds=seeds,
-            sampler=sampler, steps=steps, preview_every=preview_every,
-            conditions=self.conditions.values() or None, guidance_scale=self.conditions.guidance_scale(),
+            generate_task,
+            model_ref=str(info.path),
+            device=self.device.device(),
+            seeds=seeds,
+            sampler=sampler,
+            steps=steps,
+            preview_every=preview_every,
+            conditions=self.conditions.values() or None,
+            guidance_scale=self.conditions.guidance_scale(),
         )
         self._info, self._pending_seeds, self._results = info, list(seeds), []
         # the layer for the first volume appears now (empty), so the run itself adds no layer for one sample
@@ -209,7 +217,7 @@ class GenerateWidget(QWidget):
 
     def _add_pending(self, first: bool = False) -> Layer:
         """An empty layer on the model grid for the next seed; previews fill it, the result replaces it."""
-        from ...generate import to_volume
+        from napari_meddiff.tasks.generate import to_volume
 
         seed = self._pending_seeds[0]
         empty = to_volume(self._info, np.zeros(self._info.image_shape, np.float32))  # the model grid, as generated

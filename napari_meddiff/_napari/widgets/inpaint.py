@@ -16,12 +16,12 @@ from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
-from ...errors import MeddiffError
-from ...volume import Volume
-from ..layers import layer_to_volume, volume_to_layer_data
-from .common import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls, TaskContext, TaskRunner
-from .common import load_model_cached
-from .conditions import ConditionControls
+from napari_meddiff._napari.layers import layer_to_volume, volume_to_layer_data
+from napari_meddiff._napari.widgets.conditions import ConditionControls
+from napari_meddiff._napari.widgets.controls import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls
+from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -50,7 +50,7 @@ class ResultEvent:
 
 def inpaint_defaults(info: ModelInfo) -> dict[str, int]:
     """Jump length, jumps and feathering the core uses for this model (model.json ``inpaint`` wins)."""
-    from ...inpaint import DEFAULT_FEATHER, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N
+    from napari_meddiff.tasks.inpaint import DEFAULT_FEATHER, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N
 
     out = {
         "jump_length": DEFAULT_JUMP_LENGTH.get(info.kind, 5),
@@ -82,7 +82,7 @@ def inpaint_task(
     conditions: dict[str, float] | None = None,
 ) -> int:
     """Worker-thread body: inpaint all candidates, emitting previews and then each result."""
-    from ...inpaint import inpaint
+    from napari_meddiff.tasks.inpaint import inpaint
 
     model = load_model_cached(model_ref, device)
     text = f"{candidates} candidate{'s' if candidates > 1 else ''}"
@@ -94,9 +94,22 @@ def inpaint_task(
         ctx.emit(PreviewEvent(p.candidate, p.region, p.patch))
 
     volumes = inpaint(
-        model, image, mask, label=label, sampler=sampler, steps=steps, seed=seed, candidates=candidates,
-        axis=axis, jump_length=jump_length, jump_n=jump_n, feather_voxels=feather_voxels, device=device,
-        on_step=on_step, on_preview=on_preview if preview else None, should_cancel=ctx.should_cancel,
+        model,
+        image,
+        mask,
+        label=label,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        candidates=candidates,
+        axis=axis,
+        jump_length=jump_length,
+        jump_n=jump_n,
+        feather_voxels=feather_voxels,
+        device=device,
+        on_step=on_step,
+        on_preview=on_preview if preview else None,
+        should_cancel=ctx.should_cancel,
         conditions=conditions,
     )
     for c, vol in enumerate(volumes):
@@ -107,7 +120,7 @@ def inpaint_task(
 class LayerCombo(QComboBox):
     """The viewer's layers of one type, kept in sync with the layer list (selection kept by name)."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer", layer_type: type, parent: QWidget | None = None) -> None:
+    def __init__(self, viewer: napari.viewer.Viewer, layer_type: type, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer, self.layer_type = viewer, layer_type
         self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
@@ -118,7 +131,8 @@ class LayerCombo(QComboBox):
 
     def candidates(self) -> list[Layer]:
         return [
-            layer for layer in self.viewer.layers
+            layer
+            for layer in self.viewer.layers
             if isinstance(layer, self.layer_type) and not layer.metadata.get(PREVIEW_KEY)
         ]
 
@@ -146,7 +160,7 @@ class LayerCombo(QComboBox):
 class InpaintWidget(QWidget):
     """Image, mask (labels layer + label value), model, sampler, steps, seed, candidates, preview; Inpaint / Cancel."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None) -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.image_combo = LayerCombo(napari_viewer, Image)
@@ -174,8 +188,9 @@ class InpaintWidget(QWidget):
         self.jump_n = QSpinBox()
         self.jump_n.setRange(1, 20)
         self.jump_n.setSpecialValueText("off")
-        self.jump_n.setToolTip("RePaint resampling: re-run each stretch of the chain this many times (slower, "
-                               "better blended); off = 1")
+        self.jump_n.setToolTip(
+            "RePaint resampling: re-run each stretch of the chain this many times (slower, better blended); off = 1"
+        )
         self.jump_length = QSpinBox()
         self.jump_length.setRange(1, 100)
         self.jump_length.setPrefix("every ")
@@ -268,8 +283,13 @@ class InpaintWidget(QWidget):
             return None
         shape = np.shape(image.data)[-3:] if image.ndim >= 3 else np.shape(image.data)
         layer = self.viewer.add_labels(
-            np.zeros(shape, np.uint8), name=f"{image.name} mask", scale=image.scale, translate=image.translate,
-            rotate=image.rotate, shear=image.shear, affine=image.affine.affine_matrix,
+            np.zeros(shape, np.uint8),
+            name=f"{image.name} mask",
+            scale=image.scale,
+            translate=image.translate,
+            rotate=image.rotate,
+            shear=image.shear,
+            affine=image.affine.affine_matrix,
             metadata={k: v for k, v in image.metadata.items() if k != PREVIEW_KEY},
             **({"units": image.units} if hasattr(image, "units") else {}),  # else napari warns of mixed units
         )
@@ -301,15 +321,32 @@ class InpaintWidget(QWidget):
         sampler, steps, seed = self.sampling.values()
         label = self.label_value.value() or None
         task = partial(
-            inpaint_task, model_ref=str(info.path), device=self.device.device(), image=image, mask=mask,
-            label=label, base_name=image_layer.name, sampler=sampler, steps=steps, seed=seed,
-            candidates=self.candidates.value(), axis=self.axis.currentText(), jump_length=self.jump_length.value(),
-            jump_n=self.jump_n.value(), feather_voxels=self.feather.value(), preview=self.preview.isChecked(),
+            inpaint_task,
+            model_ref=str(info.path),
+            device=self.device.device(),
+            image=image,
+            mask=mask,
+            label=label,
+            base_name=image_layer.name,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            candidates=self.candidates.value(),
+            axis=self.axis.currentText(),
+            jump_length=self.jump_length.value(),
+            jump_n=self.jump_n.value(),
+            feather_voxels=self.feather.value(),
+            preview=self.preview.isChecked(),
             conditions=self.conditions.values() or None,
         )
         self._preview_layer, self._results, self._source = None, [], image_layer
-        self.runner.start(task, on_event=self._on_event, on_result=self._on_result, on_stop=self._on_stop,
-                          text=f"Loading {info.name}…")
+        self.runner.start(
+            task,
+            on_event=self._on_event,
+            on_result=self._on_result,
+            on_stop=self._on_stop,
+            text=f"Loading {info.name}…",
+        )
 
     def cancel(self) -> None:
         self.runner.cancel()
@@ -334,8 +371,21 @@ class InpaintWidget(QWidget):
             if source is None or source not in self.viewer.layers:
                 return
             data, meta, _ = source.as_layer_data_tuple()
-            meta = {k: meta[k] for k in ("scale", "translate", "rotate", "shear", "affine", "contrast_limits",
-                                         "colormap", "axis_labels", "units") if k in meta}
+            meta = {
+                k: meta[k]
+                for k in (
+                    "scale",
+                    "translate",
+                    "rotate",
+                    "shear",
+                    "affine",
+                    "contrast_limits",
+                    "colormap",
+                    "axis_labels",
+                    "units",
+                )
+                if k in meta
+            }
             self._preview_layer = layer = self.viewer.add_image(
                 np.array(data, copy=True), name=name, metadata={PREVIEW_KEY: True}, **meta
             )

@@ -30,25 +30,33 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ...choices import COMBINE_METHODS, DEFAULT_COMBINE
-from ...errors import MeddiffError
-from ...volume import Volume
-from ..layers import layer_to_volume, show_axial, volume_to_layer_data
-from .common import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls, TaskContext, TaskRunner
-from .common import load_model_cached
+from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to_layer_data
+from napari_meddiff._napari.widgets.controls import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls
+from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
+from napari_meddiff.choices import COMBINE_METHODS, DEFAULT_COMBINE
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-    from ...segment import SegmentationResult
+    from napari_meddiff.tasks.segment import SegmentationResult
 
 RESULT_KEY = "meddiff_segment"  # layer metadata: which output of which image ("labels"/"probability"/"uncertainty")
 MAX_MEMBER_BARS = 20
 UNCERTAINTY_COLORMAP = "magma"
 PROBABILITY_COLORMAP = "viridis"
 # tissue-like colours for the first classes (background transparent); others get napari's cycle
-CLASS_COLORS = [(0, 0, 0, 0), (0.25, 0.55, 1.0, 1), (1.0, 0.55, 0.1, 1), (0.95, 0.95, 0.55, 1), (0.3, 0.85, 0.4, 1),
-                (0.9, 0.3, 0.8, 1), (0.9, 0.2, 0.2, 1), (0.3, 0.9, 0.9, 1)]
+CLASS_COLORS = [
+    (0, 0, 0, 0),
+    (0.25, 0.55, 1.0, 1),
+    (1.0, 0.55, 0.1, 1),
+    (0.95, 0.95, 0.55, 1),
+    (0.3, 0.85, 0.4, 1),
+    (0.9, 0.3, 0.8, 1),
+    (0.9, 0.2, 0.2, 1),
+    (0.3, 0.9, 0.9, 1),
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +78,9 @@ def segment_task(
     seed: int,
     axis: str | None,
     combine: str | None = None,
-) -> "SegmentationResult":
+) -> SegmentationResult:
     """Worker-thread body: the ensemble through `segment.segment`, reporting overall and per-member progress."""
-    from ...segment import segment
+    from napari_meddiff.tasks.segment import segment
 
     model = load_model_cached(model_ref, device)
     total = ensemble * steps  # "member-steps": each member takes `steps` steps over all slices/tiles
@@ -85,8 +93,17 @@ def segment_task(
 
     ctx.progress(0, total, None, f"{ensemble} member{'s' if ensemble > 1 else ''}")
     return segment(
-        model, volume, ensemble=ensemble, sampler=sampler, steps=steps, seed=seed, axis=axis, device=device,
-        combine=combine, on_step=on_step, should_cancel=ctx.should_cancel,
+        model,
+        volume,
+        ensemble=ensemble,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        axis=axis,
+        device=device,
+        combine=combine,
+        on_step=on_step,
+        should_cancel=ctx.should_cancel,
     )
 
 
@@ -133,7 +150,7 @@ class SegmentWidget(QWidget):
     """Image layer, model, ensemble size, sampler, steps, seed, slice axis (2D models), device; Segment/Cancel;
     results as layers plus a class-volume table."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None) -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.image_combo = QComboBox()
@@ -145,13 +162,17 @@ class SegmentWidget(QWidget):
         self.ensemble = QSpinBox()
         self.ensemble.setRange(1, 100)
         self.ensemble.setValue(5)
-        self.ensemble.setToolTip("Samples from independent noise, combined into labels and probabilities; the "
-                                 "uncertainty is how spread those probabilities are (1 = no uncertainty). Time grows "
-                                 "linearly.")
+        self.ensemble.setToolTip(
+            "Samples from independent noise, combined into labels and probabilities; the "
+            "uncertainty is how spread those probabilities are (1 = no uncertainty). Time grows "
+            "linearly."
+        )
         self.combine = QComboBox()
         self.combine.addItems(list(COMBINE_METHODS))
-        self.combine.setToolTip("How members are combined: the mean of their class probabilities, or their label "
-                                "votes (the fraction of members voting each class). Default: the model's.")
+        self.combine.setToolTip(
+            "How members are combined: the mean of their class probabilities, or their label "
+            "votes (the fraction of members voting each class). Default: the model's."
+        )
         self.sampling = SamplingControls(self)
         self.axis = QComboBox()
         self.axis.addItems(["axial", "coronal", "sagittal"])
@@ -176,7 +197,8 @@ class SegmentWidget(QWidget):
 
         self.segment_button = QPushButton("Segment")
         self.segment_button.setToolTip(
-            "Segment the image; results become layers <image> labels / uncertainty / P(class)")
+            "Segment the image; results become layers <image> labels / uncertainty / P(class)"
+        )
         self.progress = ProgressRow()
         self.member_bars = MemberBars()
         prob_row = QWidget()
@@ -221,8 +243,11 @@ class SegmentWidget(QWidget):
 
     def _candidate_layers(self) -> list[Image]:
         return [
-            layer for layer in self.viewer.layers
-            if isinstance(layer, Image) and not layer.rgb and layer.ndim in (2, 3)
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Image)
+            and not layer.rgb
+            and layer.ndim in (2, 3)
             and not layer.metadata.get(RESULT_KEY)
         ]
 
@@ -303,14 +328,26 @@ class SegmentWidget(QWidget):
         sampler, steps, seed = self.sampling.values()
         n = self.ensemble.value()
         task = partial(
-            segment_task, model_ref=str(info.path), device=self.device.device(), volume=volume, ensemble=n,
-            sampler=sampler, steps=steps, seed=seed, axis=self.axis.currentText() if info.spatial_dims == 2 else None,
+            segment_task,
+            model_ref=str(info.path),
+            device=self.device.device(),
+            volume=volume,
+            ensemble=n,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            axis=self.axis.currentText() if info.spatial_dims == 2 else None,
             combine=self.combine.currentText(),
         )
         self._source_name = layer.name
         self.member_bars.set_count(n)
-        self.runner.start(task, on_event=self._on_event, on_result=self._on_result, on_stop=self._on_stop,
-                          text=f"Loading {info.name}…")
+        self.runner.start(
+            task,
+            on_event=self._on_event,
+            on_result=self._on_result,
+            on_stop=self._on_stop,
+            text=f"Loading {info.name}…",
+        )
 
     def cancel(self) -> None:
         self.runner.cancel()
@@ -326,7 +363,8 @@ class SegmentWidget(QWidget):
             prov = self.result.provenance
             what = "slices" if prov.get("axis") else "tiles"
             self.progress.label.setText(
-                f"{prov['ensemble']} member(s) × {prov['tiles']} {what}. {self.progress.label.text()}")
+                f"{prov['ensemble']} member(s) × {prov['tiles']} {what}. {self.progress.label.text()}"
+            )
 
     # --- results ---
 
@@ -347,7 +385,7 @@ class SegmentWidget(QWidget):
             self.viewer.layers.insert(index, layer)
         return layer
 
-    def _on_result(self, result: "SegmentationResult") -> None:
+    def _on_result(self, result: SegmentationResult) -> None:
         self.result = result
         names = list(result.volumes_ml)
         base = self._source_name
@@ -357,9 +395,17 @@ class SegmentWidget(QWidget):
 
         cmap = DirectLabelColormap(color_dict=colors) if len(names) <= len(CLASS_COLORS) else None
         extra = {"colormap": cmap} if cmap is not None else {}
-        labels = self._replace("labels", volume_to_layer_data(
-            result.labels, f"{base} labels", layer_type="labels", opacity=0.5,
-            features={"index": list(range(len(names))), "class": names}, **extra))
+        labels = self._replace(
+            "labels",
+            volume_to_layer_data(
+                result.labels,
+                f"{base} labels",
+                layer_type="labels",
+                opacity=0.5,
+                features={"index": list(range(len(names))), "class": names},
+                **extra,
+            ),
+        )
         keep = self.probability_class.currentText()
         blocked = self.probability_class.blockSignals(True)
         self.probability_class.clear()
@@ -368,12 +414,30 @@ class SegmentWidget(QWidget):
         self.probability_class.blockSignals(blocked)
         c = self.probability_class.currentIndex()
         self.result_layers = {"labels": labels}
-        self.result_layers["probability"] = self._replace("probability", volume_to_layer_data(
-            self._probability_volume(c), f"{base} P({names[c]})", layer_type="image", contrast_limits=(0.0, 1.0),
-            colormap=PROBABILITY_COLORMAP, blending="additive", visible=False))
-        self.result_layers["uncertainty"] = self._replace("uncertainty", volume_to_layer_data(
-            result.uncertainty, f"{base} uncertainty", layer_type="image", contrast_limits=(0.0, 1.0),
-            colormap=UNCERTAINTY_COLORMAP, blending="additive", opacity=0.8))
+        self.result_layers["probability"] = self._replace(
+            "probability",
+            volume_to_layer_data(
+                self._probability_volume(c),
+                f"{base} P({names[c]})",
+                layer_type="image",
+                contrast_limits=(0.0, 1.0),
+                colormap=PROBABILITY_COLORMAP,
+                blending="additive",
+                visible=False,
+            ),
+        )
+        self.result_layers["uncertainty"] = self._replace(
+            "uncertainty",
+            volume_to_layer_data(
+                result.uncertainty,
+                f"{base} uncertainty",
+                layer_type="image",
+                contrast_limits=(0.0, 1.0),
+                colormap=UNCERTAINTY_COLORMAP,
+                blending="additive",
+                opacity=0.8,
+            ),
+        )
         self._fill_table(result.volumes_ml)
         source = next((lay for lay in self.viewer.layers if lay.name == base), None)
         if source is not None:

@@ -1,0 +1,280 @@
+"""Running a task from a widget: the worker thread, progress and cancel, and the model cache."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QWidget,
+)
+
+from napari_meddiff._napari.widgets.controls import Progress, ProgressRow, format_seconds
+from napari_meddiff.errors import Cancelled, MeddiffError
+from napari_meddiff.models import DiffusionModel, find_model_dir, load_model
+from napari_meddiff.runtime.devices import resolve_device
+from napari_meddiff.runtime.threads import configure_waiting
+
+logger = logging.getLogger(__name__)
+configure_waiting()  # a widget is about to run tasks: OpenMP threads sleep at barriers (before torch loads)
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+_MODEL_CACHE: collections.OrderedDict[tuple, DiffusionModel] = collections.OrderedDict()
+
+
+MODEL_CACHE_SIZE = 2
+
+
+def load_model_cached(name_or_path: str | Path, device: str = "auto") -> DiffusionModel:
+    """`load_model` on the resolved device, reusing the last few loads while the folder is unchanged."""
+    folder = find_model_dir(name_or_path).resolve()
+    dev = resolve_device(device)
+    # a bundle keeps its configs in configs/ and its weights in models/
+    files = [*sorted(folder.iterdir()), *sorted((folder / "configs").glob("*")), *sorted((folder / "models").glob("*"))]
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    key = (str(folder), str(dev), stamp)
+    with _CACHE_LOCK:
+        if key in _MODEL_CACHE:
+            _MODEL_CACHE.move_to_end(key)
+            return _MODEL_CACHE[key]
+        model = load_model(folder, device=dev)
+        _MODEL_CACHE[key] = model
+        while len(_MODEL_CACHE) > MODEL_CACHE_SIZE:
+            _MODEL_CACHE.popitem(last=False)
+        return model
+
+
+class TaskFailed(Exception):
+    """An unexpected error inside a task (wrapped: superqt swallows a bare RuntimeError from a worker)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
+
+
+class TaskContext:
+    """Handed to a task in the worker thread: report progress, send events, check for cancellation."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._cancel = threading.Event()
+
+    def emit(self, event: Any) -> None:
+        """Send ``event`` to the runner's ``on_event`` (called in the main thread, in order)."""
+        self.events.put(event)
+
+    def progress(self, done: int, total: int, eta_seconds: float | None = None, text: str = "") -> None:
+        self.emit(Progress(int(done), int(total), eta_seconds, text))
+
+    def step_callback(self, offset: int, total: int, text: str = "") -> Callable[[Any], None]:
+        """An ``on_step`` for one denoising chain whose steps are ``offset + 1 ...`` of ``total``."""
+
+        def on_step(info: Any) -> None:
+            done = offset + info.index
+            self.progress(done, total, info.elapsed / info.index * (total - done), text)
+
+        return on_step
+
+    def should_cancel(self) -> bool:
+        """Pass as ``should_cancel`` to the core (checked before every network evaluation)."""
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+_DONE = object()
+
+
+def leave_a_core_for_the_gui() -> None:
+    """Cap torch's intra-op threads at (cores - 1) so napari's event loop keeps a core.
+
+    On a busy machine, OpenMP threads that want every core spin against the GUI thread (and each other):
+    a tiny model ran 10x slower with 2 threads than with 1 on a loaded 2-core box. Skipped when the user
+    set ``OMP_NUM_THREADS``. Called from the task thread (torch's setting is process-wide).
+    """
+    import os
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.get_num_threads() > max(1, cores - 1):
+        torch.set_num_threads(max(1, cores - 1))
+
+
+def _drive(task: Callable[[TaskContext], Any], ctx: TaskContext) -> Iterator[Any]:
+    """The worker's generator: run ``task`` in a helper thread and yield what it reports, then its result."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            leave_a_core_for_the_gui()
+            box["result"] = task(ctx)
+        except BaseException as exc:  # noqa: BLE001 - handed to the worker below
+            box["error"] = exc
+        finally:
+            ctx.events.put(_DONE)
+
+    thread = threading.Thread(target=target, name="meddiff-task", daemon=True)
+    thread.start()
+    while (event := ctx.events.get()) is not _DONE:
+        yield event
+    thread.join()
+    error = box.get("error")
+    if error is None:
+        return box.get("result")
+    if isinstance(error, (MeddiffError, Cancelled)):
+        raise error
+    raise TaskFailed(error) from error
+
+
+class _TaskWorker(GeneratorWorker):
+    """napari's generator worker whose ``quit()`` cancels the task (so it ends cleanly within one step)."""
+
+    context: TaskContext | None = None
+
+    def quit(self) -> None:
+        if self.context is not None:
+            self.context.cancel()
+        else:  # pragma: no cover
+            super().quit()
+
+    def _relay_error(self, exc: Exception) -> None:  # TaskRunner shows a clear message instead
+        pass
+
+
+@dataclasses.dataclass
+class _Run:
+    context: TaskContext
+    worker: _TaskWorker
+    on_result: Callable[[Any], None] | None
+    on_event: Callable[[Any], None] | None
+    on_stop: Callable[[str], None] | None
+    started: float
+    cancel_requested: bool = False
+    outcome: str = "done"
+    message: str = ""
+
+
+class TaskRunner(QObject):
+    """Runs one task at a time for a widget, with its `ProgressRow` and the controls to lock meanwhile.
+
+    ``start(task, on_result=, on_event=, on_stop=)``: ``task(ctx)`` runs in a worker thread; its
+    `Progress` reports drive the progress row, other ``ctx.emit`` events go to ``on_event``, its return
+    value to ``on_result``, and ``on_stop(outcome)`` ("done", "cancelled" or "error") always runs last,
+    after the controls are enabled again. Errors become a napari error notification.
+    """
+
+    running_changed = Signal(bool)
+
+    def __init__(self, progress: ProgressRow, controls: Sequence[QWidget], *, title: str, parent: QWidget) -> None:
+        super().__init__(parent)
+        self.progress, self.controls, self.title = progress, list(controls), title
+        self.run: _Run | None = None
+        progress.cancel_button.clicked.connect(self.cancel)
+        holder = self._holder = {"run": None}  # plain object: still valid while Qt destroys the widget
+        parent.destroyed.connect(lambda *_: holder["run"] and holder["run"].context.cancel())
+
+    @property
+    def running(self) -> bool:
+        return self.run is not None
+
+    def start(
+        self,
+        task: Callable[[TaskContext], Any],
+        *,
+        on_result: Callable[[Any], None] | None = None,
+        on_event: Callable[[Any], None] | None = None,
+        on_stop: Callable[[str], None] | None = None,
+        text: str = "Starting…",
+    ) -> GeneratorWorker:
+        if self.run is not None:
+            raise MeddiffError(f"{self.title} is already running")
+        ctx = TaskContext()
+        worker = create_worker(_drive, task, ctx, _worker_class=_TaskWorker, _ignore_errors=True, _start_thread=False)
+        worker.context = ctx
+        self.run = self._holder["run"] = _Run(ctx, worker, on_result, on_event, on_stop, time.perf_counter())
+        worker.yielded.connect(self._on_yielded)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        for widget in self.controls:
+            widget.setEnabled(False)
+        self.progress.begin(text)
+        self.running_changed.emit(True)
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running task to stop at its next check (within one denoising step)."""
+        if self.run is not None and not self.run.cancel_requested:
+            self.run.cancel_requested = True
+            self.run.context.cancel()
+            self.progress.cancel_button.setEnabled(False)
+            self.progress.label.setText("Cancelling after this step…")
+
+    def _call(self, what: str, fn: Callable[..., Any] | None, *args: Any) -> None:
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a widget bug must not leave the widget locked
+            logger.exception("%s: error in %s", self.title, what)
+            show_error(f"{self.title}: {type(exc).__name__}: {exc}")
+            if self.run is not None and what == "on_event":
+                self.cancel()
+
+    def _on_yielded(self, event: Any) -> None:
+        if self.run is None:
+            return
+        if isinstance(event, Progress):
+            if not self.run.cancel_requested:
+                self.progress.report(event)
+        else:
+            self._call("on_event", self.run.on_event, event)
+
+    def _on_returned(self, result: Any) -> None:
+        if self.run is not None:
+            self._call("on_result", self.run.on_result, result)
+
+    def _on_errored(self, exc: Exception) -> None:
+        if self.run is None:
+            return
+        if isinstance(exc, Cancelled):
+            self.run.outcome = "cancelled"
+            return
+        self.run.outcome = "error"
+        original = exc.original if isinstance(exc, TaskFailed) else exc
+        if not isinstance(exc, MeddiffError):
+            logger.error("%s failed", self.title, exc_info=(type(original), original, original.__traceback__))
+        self.run.message = str(exc)
+        show_error(f"{self.title} failed: {exc}")
+
+    def _on_finished(self) -> None:
+        run, self.run = self.run, None
+        self._holder["run"] = None
+        if run is None:
+            return
+        for widget in self.controls:
+            widget.setEnabled(True)
+        seconds = format_seconds(time.perf_counter() - run.started)
+        self.progress.end(
+            {"done": f"Done in {seconds}.", "cancelled": "Cancelled.", "error": f"Failed: {run.message}"}[run.outcome]
+        )
+        self.running_changed.emit(False)
+        self._call("on_stop", run.on_stop, run.outcome)

@@ -1,0 +1,218 @@
+"""The one denoising loop behind every task (generate, inpaint, segment) and every sampler.
+
+Hooks: ``condition`` (channels concatenated to the UNet input), ``conditions`` / ``guidance_scale`` (a
+model's named conditions, classifier-free guidance), ``known`` (known-region replacement after
+each step, for inpainting), ``on_step`` (progress / preview) and ``should_cancel`` (checked before every
+network evaluation). A batch holds one sampler state and one random generator per sample, so a seed gives
+the same chain whatever the batch it runs in (bitwise for batches of 2+; batch 1 may differ by ~1e-6 on CPU,
+where oneDNN blocks a single sample's attention and convolutions differently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from napari_meddiff.choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, PRECISION_CHOICES, PRECISIONS  # noqa: F401
+from napari_meddiff.diffusion.conditioning import ConditionInputs, condition_inputs, unet_inputs
+from napari_meddiff.diffusion.samplers import make_sampler
+from napari_meddiff.diffusion.seeds import initial_noise
+from napari_meddiff.errors import Cancelled, MeddiffError
+from napari_meddiff.models import DiffusionModel
+from napari_meddiff.runtime.cpu_kernels import bf16_weights_once
+from napari_meddiff.runtime.precision import autocast_context
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What the loop reports after each step."""
+
+    index: int  # 1-based count of finished steps
+    total: int
+    timestep: int
+    pred_x0: torch.Tensor  # current estimate of the clean sample (latent space for an LDM)
+    elapsed: float  # seconds since the chain started
+
+    @property
+    def eta_seconds(self) -> float:
+        return self.elapsed / self.index * (self.total - self.index)
+
+
+class KnownRegionHook(Protocol):
+    def __call__(
+        self, x: torch.Tensor, t_next: int | None, samplers: Sequence, generators: Sequence
+    ) -> torch.Tensor: ...
+
+
+def _draws_noise(chain) -> bool:
+    """Does this sampler's step draw noise (DDPM; DDIM with eta > 0)?"""
+    from napari_meddiff.diffusion.samplers import DDPMSampler
+
+    return isinstance(chain, DDPMSampler) or float(getattr(chain, "eta", 0.0)) > 0
+
+
+def _step(chain, out: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator):
+    """One sampler step; a stochastic step runs where its generator is (the CPU), so its noise is the device's."""
+    if generator.device == x.device or not _draws_noise(chain):
+        return chain.step(out, t, x, generator)
+    prev, x0 = chain.step(out.to(generator.device), t, x.to(generator.device), generator)
+    return prev.to(x.device), x0.to(x.device)
+
+
+def _unconditional(model: DiffusionModel, batch: int) -> torch.Tensor:
+    null = model.conditioning.null
+    if null is None:
+        raise MeddiffError(
+            f"{model.name} declares no unconditional (null) condition, so classifier-free guidance cannot be used: "
+            "it needs a model trained with condition dropout (set conditioning.null); use guidance scale 1"
+        )
+    return torch.tensor(null, dtype=torch.float32).expand(batch, len(null))
+
+
+def _predict(
+    model: DiffusionModel, net_in: torch.Tensor, t_batch: torch.Tensor, cond: ConditionInputs, precision: str
+) -> torch.Tensor:
+    net_in, kwargs = unet_inputs(net_in, cond)
+    with autocast_context(net_in.device, precision):
+        return model.unet(net_in, timesteps=t_batch, **kwargs).float()
+
+
+def denoise(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    *,
+    sampler: str = "dpm++",
+    steps: int = 20,
+    generators: Sequence[torch.Generator],
+    eta: float = 0.0,
+    condition: torch.Tensor | None = None,
+    known: KnownRegionHook | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    precision: str = "fp32",
+    jump_length: int = 1,
+    jump_n: int = 1,
+    conditions: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Run the reverse diffusion chain from ``x`` (noise, shape ``(B, *model.sample_shape)``) to a clean sample.
+
+    ``condition``: image channels concatenated to the input (segmentation). ``conditions``: the model's named
+    condition values ``(B, N)`` (default: the model's defaults), given as it declares (concatenated channels,
+    cross-attention context, class labels). ``guidance_scale`` != 1: classifier-free guidance, ``uncond + s *
+    (cond - uncond)`` with the model's null condition (the two branches run as one batch).
+
+    ``jump_n > 1`` adds RePaint resampling (Lugmayr et al. 2022): every ``jump_length`` steps the chain is
+    re-noised ``jump_length`` steps back (forward process, noise from each sample's generator) and re-run,
+    ``jump_n - 1`` times (see `repaint_schedule`); ``on_step`` then counts every network evaluation.
+    """
+    if len(generators) != x.shape[0]:
+        raise MeddiffError("one random generator per sample is needed")
+    if model.unet is None:
+        raise MeddiffError(f"{model.name}'s UNet was released after its last sample (release_unet); load it again")
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+    ):
+        raise MeddiffError(f"guidance scale must be a number, got {guidance_scale!r}")
+    if model.unet_precision is not None and precision != model.unet_precision:
+        raise MeddiffError(
+            f"{model.name} was loaded to sample in {model.unet_precision} only (its UNet weights are held in "
+            f"{model.unet_precision}, half the memory); load it with load_model(..., precision={precision!r}) "
+            f"to sample in {precision}"
+        )
+    cond = condition_inputs(model, conditions, x)
+    guided = float(guidance_scale) != 1.0
+    if guided:
+        cond = cond.cat(condition_inputs(model, _unconditional(model, x.shape[0]), x))
+    chains = [make_sampler(sampler, model.config["scheduler"], steps, eta) for _ in range(x.shape[0])]
+    timesteps = chains[0].timesteps
+    moves = repaint_schedule(len(timesteps), jump_length, jump_n)
+    total = sum(1 for a, b in moves if b == a + 1)
+    alphas_cumprod = chains[0].scheduler.alphas_cumprod
+    device = x.device
+    start = time.perf_counter()
+    done = 0
+    with torch.inference_mode(), bf16_weights_once(model.unet, precision, device):
+        for i, i_to in moves:
+            if i_to < i:  # RePaint jump: x at timesteps[i] (clean when i == len) -> x at timesteps[i_to]
+                a_from = alphas_cumprod[int(timesteps[i])] if i < len(timesteps) else torch.tensor(1.0)
+                ratio = float(alphas_cumprod[int(timesteps[i_to])] / a_from)
+                noise = initial_noise(x.shape[1:], generators, device)
+                x = ratio**0.5 * x + (1.0 - ratio) ** 0.5 * noise
+                for chain in chains:
+                    _rewind(chain, i_to)
+                continue
+            t = timesteps[i]
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            net_in = x if condition is None else torch.cat([x, condition.to(x.dtype)], dim=1)
+            if guided:
+                net_in = torch.cat([net_in, net_in])
+            t_batch = torch.full((net_in.shape[0],), int(t), device=device, dtype=torch.long)
+            out = _predict(model, net_in, t_batch, cond, precision)
+            if guided:
+                out_cond, out_uncond = out.chunk(2)
+                out = out_uncond + float(guidance_scale) * (out_cond - out_uncond)
+            stepped = [
+                _step(chain, out[b : b + 1], int(t), x[b : b + 1], gen)
+                for b, (chain, gen) in enumerate(zip(chains, generators))
+            ]
+            x = torch.cat([s[0] for s in stepped])
+            pred_x0 = torch.cat([s[1] for s in stepped])
+            t_next = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
+            if known is not None:
+                x = known(x, t_next, chains, generators)
+            done += 1
+            if on_step is not None:
+                on_step(StepInfo(done, total, int(t), pred_x0, time.perf_counter() - start))
+    if device.type == "cpu":
+        from napari_meddiff.runtime.memory import release_free_heap
+
+        release_free_heap()  # what the chain freed (its bf16 weight copies too), before a decoding allocates its own
+    return x
+
+
+def repaint_schedule(steps: int, jump_length: int = 1, jump_n: int = 1) -> list[tuple[int, int]]:
+    """The moves of a chain of ``steps`` steps with RePaint resampling, as ``(from, to)`` chain positions.
+
+    Position ``i`` is the state at ``timesteps[i]`` (``steps``: the clean sample). ``(i, i + 1)`` is one
+    denoising step; ``(i, i - jump_length)`` re-noises back. Jumps start from positions ``steps``,
+    ``steps - jump_length``, ... (>= ``jump_length``), each ``jump_n - 1`` times, as in RePaint's
+    ``get_schedule_jump``. ``jump_n == 1`` gives the plain chain.
+    """
+    for name, value in (("steps", steps), ("jump_length", jump_length), ("jump_n", jump_n)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MeddiffError(f"{name} must be a positive integer, got {value!r}")
+    left = {i: jump_n - 1 for i in range(steps, jump_length - 1, -jump_length)} if jump_n > 1 else {}
+    moves: list[tuple[int, int]] = []
+    i = 0
+    while i < steps:
+        moves.append((i, i + 1))
+        i += 1
+        if left.get(i, 0) > 0:
+            left[i] -= 1
+            moves.append((i, i - jump_length))
+            i -= jump_length
+    return moves
+
+
+def _rewind(chain, index: int) -> None:
+    """Put a sampler back at chain position ``index`` (after a RePaint jump).
+
+    MONAI's DDPM/DDIM steps depend only on ``t``; a multistep sampler keeps a position and a history, which
+    is reset (its next step is first order).
+    """
+    rewind = getattr(chain, "rewind", None)
+    if callable(rewind):
+        rewind(index)
+    elif hasattr(chain, "_index"):  # DPM-Solver++ 2M
+        chain._index = index
+        chain._prev_x0 = None
+        chain._prev_t = None

@@ -1,0 +1,139 @@
+"""A bundle's weight files: md5 (``large_files.yml``) and sha256 in one pass (remembered, `digests`), tensors only
+(``torch.load(weights_only=True)``), the state dict found inside nested checkpoints, and MONAI Generative's old
+key names converted by MONAI's own ``load_old_state_dict``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.models.digests import weight_digests
+
+if TYPE_CHECKING:
+    import torch
+
+#: checkpoint keys under which nested state dicts are looked for, per network
+NESTED_KEYS = {
+    "unet": (
+        "unet_state_dict",
+        "diffusion_state_dict",
+        "diffusion",
+        "unet",
+        "model_state_dict",
+        "state_dict",
+        "model",
+        "network",
+        "net",
+    ),
+    "autoencoder": (
+        "autoencoder_state_dict",
+        "autoencoder",
+        "vae",
+        "model_state_dict",
+        "state_dict",
+        "model",
+        "network",
+        "net",
+    ),
+}
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(md5, sha256) of a file, hashed now (for checking a download)."""
+    from napari_meddiff.models.digests import hash_file
+
+    return hash_file(path)
+
+
+def check_weight_file(path: Path, md5: str | None, folder: Path) -> str:
+    """The file's sha256, after checking it exists and matches its md5 (when the bundle gives one)."""
+    if not path.is_file():
+        expected = f" (md5 {md5})" if md5 else ""
+        raise MeddiffError(
+            f"missing weight file {path}{expected}: run `meddiff fetch {folder.name} --dir "
+            f"{folder.parent}` with internet, or put the file there"
+        )
+    got_md5, sha = weight_digests(path)
+    if md5 and got_md5 != md5.lower():
+        raise MeddiffError(
+            f"{path} is corrupt or not the bundle's file: md5 {got_md5} != {md5} in large_files.yml; "
+            "refusing to load it"
+        )
+    return sha
+
+
+def read_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
+    """Tensors only (``weights_only=True``), the state dict found inside a nested checkpoint if need be."""
+    try:
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        raise MeddiffError(
+            f"refusing {path}: it holds pickled Python objects, not only tensors, and meddiff never unpickles "
+            f"them (torch.load weights_only=True: {first[-1][:160] if first else exc})"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise MeddiffError(f"cannot read {path} as PyTorch weights: {str(exc)[:200]}") from None
+    state = _find_state_dict(obj, role)
+    if state is None:
+        raise MeddiffError(
+            f"{path}: no state dict of tensors found (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})"
+        )
+    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _is_state_dict(obj: Any) -> bool:
+    import torch
+
+    return (
+        isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    )
+
+
+def _find_state_dict(obj: Any, role: str, depth: int = 0) -> dict | None:
+    if _is_state_dict(obj):
+        return obj
+    if not isinstance(obj, dict) or depth > 2:
+        return None
+    for key in NESTED_KEYS[role]:
+        if key in obj:
+            found = _find_state_dict(obj[key], role, depth + 1)
+            if found is not None:
+                return found
+    candidates = [v for v in obj.values() if _is_state_dict(v)]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def load_network(
+    role: str, net_config: dict[str, Any], state: dict[str, torch.Tensor], path: Path, where: str
+) -> torch.nn.Module:
+    """The ``role`` network of ``net_config`` holding the weights ``state`` read from ``path``: current MONAI key
+    names load directly, MONAI Generative's are renamed by MONAI's ``load_old_state_dict``; every parameter must
+    come from the file."""
+    from napari_meddiff.models.model import build_loaded_network
+
+    remaining = dict(state)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # MONAI prints its progress
+            net = build_loaded_network(role, net_config, remaining, where, old_keys=True)
+    except (RuntimeError, KeyError) as exc:
+        raise MeddiffError(f"{path} does not fit the network its bundle config describes: {str(exc)[:200]}") from None
+    expected = net.state_dict()
+    if set(state) == set(expected):
+        return net
+    unused = [k for k in remaining if "proj_attn" not in k]  # proj_attn is dropped where include_fc is false
+    consumed = len(state) - len(remaining)
+    if unused or consumed < len(expected):
+        raise MeddiffError(
+            f"{path} does not fit the network its bundle config describes: "
+            f"{len(expected) - consumed} parameters not in the file, unused keys {unused[:3]}"
+        )
+    return net

@@ -1,0 +1,222 @@
+"""The one model interface every task sees, whatever format the model came from (`DiffusionModel`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.models.conditions import Conditioning, ConditionSpec, condition_values, parse_conditions
+
+if TYPE_CHECKING:
+    import torch
+
+NETWORK_NAMES = ("unet", "autoencoder")
+DEFAULT_SAMPLING: dict[str, Any] = {"sampler": "dpm++", "steps": 20, "precision": "auto"}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelConfigView:
+    """Read-only views of a validated model config held in ``self.config`` (shared by loaded models and pickers)."""
+
+    config: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.config["kind"]
+
+    @property
+    def format(self) -> str:
+        """Where the model came from: ``"meddiff"`` (a model folder) or ``"monai-bundle"``."""
+        return str(self.config.get("format", "meddiff"))
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.config["spatial_dims"])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.config["image_shape"])
+
+    @property
+    def voxel_size(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in self.config["voxel_size"])
+
+    @property
+    def context_slices(self) -> int:
+        """Neighbouring slices on each side that a 2D segmentation model takes with its slice (extra image
+        channels); 0 = none."""
+        return int((self.config.get("segmentation") or {}).get("context_slices") or 0)
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Sampler, steps and precision used when not given: the config's ``defaults`` over the package's."""
+        return {**DEFAULT_SAMPLING, **self.config.get("defaults", {})}
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return parse_conditions(self.config.get("conditioning"), self.name)[0]
+
+    @property
+    def conditions(self) -> list[ConditionSpec]:
+        return parse_conditions(self.config.get("conditioning"), self.name)[1]
+
+    @property
+    def geometry_notes(self) -> list[str]:
+        """What of the geometry was not stated by the model's own files (defaults, guesses), one line each."""
+        return [str(n) for n in self.config.get("geometry", {}).get("notes", [])]
+
+    def condition_values(self, values: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Every condition of the model: ``values`` (checked against the ranges) over the defaults."""
+        return condition_values(self.conditions, values, self.name)
+
+
+def _torch():
+    import torch  # imported when a model is loaded, not when configs are read (`meddiff models` stays quick)
+
+    return torch
+
+
+@dataclasses.dataclass
+class DiffusionModel(ModelConfigView):
+    """A loaded model: its config, MONAI networks (eval mode) and folder."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    unet: torch.nn.Module | None  # None once `release_unet` freed it
+    autoencoder: torch.nn.Module | None = None
+    device: torch.device = dataclasses.field(default_factory=lambda: _torch().device("cpu"))
+    unet_precision: str | None = None  # the one precision the UNet samples at (bf16-held weights); None: any
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.config.get("latent", {}).get("scale_factor", 1.0))
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape (C, *spatial) of what the diffusion UNet denoises (latents for an LDM)."""
+        if self.kind == "ldm":
+            lat = self.config["latent"]
+            return (int(lat["channels"]), *[int(s) for s in lat["shape"]])
+        channels = int(self.config["networks"]["unet"]["out_channels"])
+        return (channels, *self.image_shape)
+
+    @property
+    def weights_sha256(self) -> str:
+        """One digest naming these weights (sha256 over the per-file digests, in name order)."""
+        parts = [self.config["weights"][k]["sha256"] for k in sorted(self.config["weights"])]
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+    def num_parameters(self) -> int:
+        nets = [n for n in (self.unet, self.autoencoder) if n is not None]
+        return sum(p.numel() for net in nets for p in net.parameters())
+
+    def release_unet(self) -> None:
+        """Free the diffusion UNet (the model can decode, but no longer sample): for a process that has denoised
+        its last sample, so that decoding does not hold the UNet's weights too (the Zoo brain LDM's: 1.1 GB)."""
+        import gc
+        import weakref
+
+        from napari_meddiff.runtime.cpu_kernels import drop_kernel_choices
+        from napari_meddiff.runtime.memory import release_free_heap
+
+        if self.unet is None:
+            return
+        drop_kernel_choices(self.unet)  # the reference cycles that would keep it until a garbage collection
+        unet = weakref.ref(self.unet)
+        self.unet = None
+        if unet() is not None:  # another cycle still holds it
+            gc.collect()
+        release_free_heap()
+
+    def to(self, device: str | torch.device) -> DiffusionModel:
+        self.device = _torch().device(device)
+        if self.unet is not None:
+            self.unet.to(self.device)
+        if self.autoencoder is not None:
+            self.autoencoder.to(self.device)
+        return self
+
+
+def build_network(name: str, net_config: dict[str, Any], where: str = "") -> torch.nn.Module:
+    """Instantiate a MONAI network from its keyword arguments (``where``: the config file, for errors)."""
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    cls = {"unet": DiffusionModelUNet, "autoencoder": AutoencoderKL}.get(name)
+    if cls is None:
+        raise MeddiffError(f"unknown network {name!r}")
+    try:
+        return cls(**copy.deepcopy(net_config))
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        raise MeddiffError(f"{where + ': ' if where else ''}bad {name} network config: {str(exc)[:200]}") from None
+
+
+def build_loaded_network(
+    name: str, net_config: dict[str, Any], state: dict[str, torch.Tensor], where: str = "", *, old_keys: bool = False
+) -> torch.nn.Module:
+    """The network with its parameters taken from ``state`` (no copy, no random initialisation first).
+
+    Built on the meta device and given the state's own tensors (``load_state_dict(assign=True)``): a 550 M
+    parameter UNet's kaiming initialisation alone took 8 s on a 2-core CPU, and a copy would double the
+    weights' memory while loading. ``old_keys``: the state may use MONAI Generative's key names, renamed by
+    MONAI's own ``load_old_state_dict``. Raises RuntimeError / KeyError when the state does not fit; a parameter
+    or buffer missing from it is an error rather than left uninitialised."""
+    torch = _torch()
+    with torch.device("meta"):
+        net = build_network(name, net_config, where)
+    persistent = set(net.state_dict())
+    if any(n not in persistent for n, _ in net.named_buffers()):  # non-persistent buffers: computed, not stored
+        net = build_network(name, net_config, where)
+        if old_keys:
+            net.load_old_state_dict(state)
+        else:
+            net.load_state_dict(state)
+        return net
+    if old_keys and set(state) != persistent:
+        state = renamed_old_state(net, state)
+    net.load_state_dict(state, assign=True)
+    left = [n for n, t in itertools.chain(net.named_parameters(), net.named_buffers()) if t.is_meta]
+    if left:
+        raise KeyError(f"not in the weights: {left[:3]}")
+    return net
+
+
+def renamed_old_state(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with MONAI Generative's key names renamed as MONAI's ``load_old_state_dict`` renames them; the
+    keys it did not use stay in ``state`` (as with MONAI's method, which pops what it uses)."""
+    renamed: dict[str, torch.Tensor] = {}
+
+    def capture(new_state, strict=True, assign=False):  # MONAI's method ends by loading what it renamed
+        renamed.update(new_state)
+
+    net.load_state_dict = capture
+    try:
+        net.load_old_state_dict(state)
+    finally:
+        del net.load_state_dict
+    if not renamed:
+        raise KeyError("MONAI's load_old_state_dict loaded nothing it renamed")
+    return renamed
+
+
+def count_parameters(config: dict[str, Any]) -> int:
+    """Parameters of a config's networks, counted on the meta device (no memory, no weights read)."""
+    needed = ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else [])
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for n in needed for p in build_network(n, config["networks"][n]).parameters())

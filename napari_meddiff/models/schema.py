@@ -1,0 +1,167 @@
+"""Validation of a model config (``model.json``, or the one a bundle is translated into).
+
+Every structural problem becomes ``MeddiffError("<file>: <what is wrong>")``, so a malformed file gives one
+clear line in every command and widget instead of a ``TypeError`` deep inside a task.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from napari_meddiff.choices import COMBINE_METHODS
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.intensity import INTENSITY_KEYS, is_upper_value
+from napari_meddiff.models.conditions import parse_conditions
+
+MODEL_KINDS = ("ddpm", "ldm", "segmentation")
+REQUIRED_KEYS = ("spatial_dims", "image_shape", "voxel_size", "networks", "scheduler", "weights")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _shape(config: dict, key: str, length: int, where: str, *, positive_numbers: bool = False) -> None:
+    value = config[key]
+    ok = isinstance(value, list) and len(value) == length
+    ok = ok and all((_is_number(v) and v > 0) if positive_numbers else (_is_int(v) and v > 0) for v in value)
+    if not ok:
+        what = "positive numbers" if positive_numbers else "positive integers"
+        raise MeddiffError(f"{where}: {key} must be a list of {length} {what}, not {value!r}")
+
+
+def _object(value: Any, key: str, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise MeddiffError(f"{where}: {key} must be an object, not {type(value).__name__} ({str(value)[:40]!r})")
+    return value
+
+
+def validate_config(config: Any, where: str) -> dict:
+    """Check the structure and types of a model config; return it unchanged."""
+    if not isinstance(config, dict):
+        raise MeddiffError(f"{where}: the file must hold a JSON object, not {type(config).__name__}")
+    kind = config.get("kind")
+    if kind not in MODEL_KINDS:
+        raise MeddiffError(f"{where}: model kind must be one of {MODEL_KINDS}, not {kind!r}")
+    for key in REQUIRED_KEYS:
+        if key not in config:
+            raise MeddiffError(f"{where} lacks {key!r}")
+    dims = config["spatial_dims"]
+    if dims not in (2, 3) or not _is_int(dims):
+        raise MeddiffError(f"{where}: spatial_dims must be 2 or 3, not {dims!r}")
+    _shape(config, "image_shape", dims, where)
+    _shape(config, "voxel_size", dims, where, positive_numbers=True)
+    networks = _object(config["networks"], "networks", where)
+    needed = ["unet"] + (["autoencoder"] if kind == "ldm" else [])
+    for name in needed:
+        if name not in networks:
+            raise MeddiffError(f"{where}: networks lacks {name!r}")
+        _object(networks[name], f"networks.{name}", where)
+    weights = _object(config["weights"], "weights", where)
+    for name in needed:
+        entry = weights.get(name)
+        if entry is None:
+            raise MeddiffError(f"{where} has no weights entry for {name!r}")
+        _object(entry, f"weights.{name}", where)
+        if not isinstance(entry.get("file"), str) or not entry["file"]:
+            raise MeddiffError(f"{where}: weights.{name} lacks 'file' (the weight file's name)")
+        if "sha256" in entry and not isinstance(entry["sha256"], str):
+            raise MeddiffError(f"{where}: weights.{name}.sha256 must be a string")
+    if kind == "ldm":
+        latent = _object(config.get("latent"), "latent", where)
+        channels, shape = latent.get("channels"), latent.get("shape")
+        if not _is_int(channels) or channels < 1:
+            raise MeddiffError(f"{where}: latent.channels must be a positive integer, not {channels!r}")
+        if not (isinstance(shape, list) and len(shape) == dims and all(_is_int(s) and s > 0 for s in shape)):
+            raise MeddiffError(f"{where}: latent.shape must be a list of {dims} positive integers, not {shape!r}")
+        if not _is_number(latent.get("scale_factor", 1.0)) or float(latent.get("scale_factor", 1.0)) <= 0:
+            raise MeddiffError(f"{where}: latent.scale_factor must be a positive number")
+    _check_fields(_object(config["scheduler"], "scheduler", where), SCHEDULER_FIELDS, "scheduler", where)
+    for block, fields in OPTIONAL_BLOCKS.items():
+        if block in config:
+            _check_fields(_object(config[block], block, where), fields, block, where)
+            known = CLOSED_BLOCKS.get(block)
+            unknown = sorted(set(config[block]) - known) if known is not None else []
+            if unknown:
+                raise MeddiffError(
+                    f"{where}: {block}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+                )
+    if "name" in config and not isinstance(config["name"], str):
+        raise MeddiffError(f"{where}: name must be a string, not {config['name']!r}")
+    conditioning, specs = parse_conditions(config.get("conditioning"), where)
+    if conditioning.class_labels:
+        _check_class_labels(config["networks"].get("unet", {}), conditioning, specs, where)
+    return config
+
+
+def _check_class_labels(unet: dict, conditioning: Any, specs: list, where: str) -> None:
+    """The class-label condition (the first) and its null value must index the UNet's class embedding."""
+    n = unet.get("num_class_embeds") if isinstance(unet, dict) else None
+    if not _is_int(n) or n < 1:
+        raise MeddiffError(
+            f"{where}: class_labels conditioning needs networks.unet.num_class_embeds (a positive integer), not {n!r}"
+        )
+    first = specs[0]
+    values = [first.low, first.high] + ([conditioning.null[0]] if conditioning.null else [])
+    if any(v < 0 or v > n - 1 for v in values):
+        raise MeddiffError(
+            f"{where}: class label {first.name} must lie in 0..{n - 1} (num_class_embeds {n}), "
+            f"range [{first.low:g}, {first.high:g}]" + (f", null {conditioning.null[0]:g}" if conditioning.null else "")
+        )
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _check_fields(block: dict, fields: dict, name: str, where: str) -> None:
+    for key, (check, what) in fields.items():
+        if key in block and not check(block[key]):
+            raise MeddiffError(f"{where}: {name}.{key} must be {what}, not {block[key]!r}")
+
+
+SCHEDULER_FIELDS = {
+    "num_train_timesteps": (_positive_int, "a positive integer"),
+    "schedule": (lambda v: isinstance(v, str), "a MONAI schedule name"),
+    "beta_start": (_is_number, "a number"),
+    "beta_end": (_is_number, "a number"),
+    "prediction_type": (lambda v: v in ("epsilon", "v_prediction", "sample"), "epsilon, v_prediction or sample"),
+    "clip_sample": (lambda v: isinstance(v, bool), "true or false"),
+}
+# blocks whose unknown keys are refused, and the keys they take: a misspelt key would silently fall back to a
+# default (the intensity keys the training configs take, and bundles' informative "range")
+CLOSED_BLOCKS = {"intensity": INTENSITY_KEYS | {"range"}}
+OPTIONAL_BLOCKS = {
+    "defaults": {
+        "sampler": (lambda v: isinstance(v, str), "a sampler name"),
+        "steps": (_positive_int, "a positive integer"),
+        "precision": (lambda v: isinstance(v, str), "a precision name"),
+        "combine": (lambda v: v in COMBINE_METHODS, " or ".join(COMBINE_METHODS) + " (segmentation ensembles)"),
+    },
+    "intensity": {
+        "method": (lambda v: isinstance(v, str), "a string"),
+        "lower": (_is_number, "a number (percentile)"),
+        "upper": (_is_number, "a number (percentile)"),
+        "upper_value": (is_upper_value, "a number in (0, 1] (what the upper percentile maps to)"),
+        "foreground_only": (lambda v: isinstance(v, bool), "true or false"),
+        "range": (
+            lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v),
+            "[low, high] (the model's intensity range; informative)",
+        ),
+    },
+    "segmentation": {
+        "num_classes": (_positive_int, "a positive integer"),
+        "class_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
+        "context_slices": (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "a non-negative integer (2D models: neighbouring slices on each side given as channels)",
+        ),
+    },
+    "inpaint": {},
+    "geometry": {"notes": (lambda v: isinstance(v, list), "a list")},
+}

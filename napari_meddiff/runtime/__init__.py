@@ -1,0 +1,1 @@
+"""The machine: devices, CPU kernels and threads, precision, memory, and lean imports."""

@@ -1,0 +1,96 @@
+"""Small randomly initialised model folders, for tests and examples (they sample noise-like images)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from napari_meddiff.models import build_network, save_model_folder
+
+TINY_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "schedule": "scaled_linear_beta",
+    "beta_start": 0.0015,
+    "beta_end": 0.0195,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+
+def tiny_unet_config(spatial_dims: int, in_channels: int, out_channels: int) -> dict:
+    return {
+        "spatial_dims": spatial_dims,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "channels": [8, 16],
+        "attention_levels": [False, False],
+        "num_res_blocks": 1,
+        "num_head_channels": 8,
+        "norm_num_groups": 8,
+    }
+
+
+def tiny_autoencoder_config(spatial_dims: int, latent_channels: int = 2) -> dict:
+    return {
+        "spatial_dims": spatial_dims,
+        "in_channels": 1,
+        "out_channels": 1,
+        "channels": [8, 16],
+        "latent_channels": latent_channels,
+        "num_res_blocks": [1, 1],
+        "attention_levels": [False, False],
+        "norm_num_groups": 8,
+        "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False,
+    }
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    kind: str = "ldm",
+    spatial_dims: int = 3,
+    image_shape: tuple[int, ...] | None = None,
+    num_classes: int = 4,
+    seed: int = 0,
+    context_slices: int = 0,
+) -> Path:
+    """Write a random-weight model folder of ``kind`` (``ddpm``, ``ldm`` or ``segmentation``; a 2D segmentation
+    model can take ``context_slices`` neighbouring slices on each side)."""
+    torch.manual_seed(seed)
+    image_shape = tuple(image_shape or ((16, 16, 16) if spatial_dims == 3 else (32, 32)))
+    config: dict = {
+        "name": Path(out_dir).name,
+        "kind": kind,
+        "spatial_dims": spatial_dims,
+        "image_shape": list(image_shape),
+        "voxel_size": [4.0] * spatial_dims,
+        "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5, "foreground_only": True},
+        "scheduler": TINY_SCHEDULE,
+        "defaults": {"sampler": "ddim", "steps": 5, "precision": "fp32"},
+        "training": {"note": "random initialisation, not trained: for tests only"},
+    }
+    networks: dict[str, torch.nn.Module] = {}
+    if kind == "ldm":
+        ae = tiny_autoencoder_config(spatial_dims)
+        latent_shape = [s // 2 for s in image_shape]
+        config["latent"] = {"channels": ae["latent_channels"], "shape": latent_shape, "scale_factor": 1.0}
+        unet = tiny_unet_config(spatial_dims, ae["latent_channels"], ae["latent_channels"])
+        config["networks"] = {"unet": unet, "autoencoder": ae}
+    elif kind == "segmentation":
+        unet = tiny_unet_config(spatial_dims, num_classes + 1 + 2 * context_slices, num_classes)
+        config["networks"] = {"unet": unet}
+        config["segmentation"] = {
+            "num_classes": num_classes,
+            "class_names": ["background", "CSF", "GM", "WM"][:num_classes],
+        }
+        if context_slices:
+            config["segmentation"]["context_slices"] = context_slices
+    else:
+        unet = tiny_unet_config(spatial_dims, 1, 1)
+        config["networks"] = {"unet": unet}
+    config["weights"] = {}
+    for name, net_config in config["networks"].items():
+        networks[name] = build_network(name, net_config)
+    card = f"# {config['name']}\n\nRandomly initialised {kind} model for tests. Not trained; samples are noise.\n"
+    return save_model_folder(out_dir, config, networks, card=card, overwrite=True)
