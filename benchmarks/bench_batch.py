@@ -40,7 +40,8 @@ from napari_meddiff.models import DEFAULT_MODEL, available_models, load_model  #
 from napari_meddiff.runtime.devices import resolve_device  # noqa: E402
 from napari_meddiff.runtime.precision import resolve_precision  # noqa: E402
 from napari_meddiff.tasks import batch  # noqa: E402
-from napari_meddiff.tasks.generate import default_sampling, generate  # noqa: E402
+from napari_meddiff.tasks.generate import generate  # noqa: E402
+from napari_meddiff.tasks.settings import task_defaults  # noqa: E402
 
 
 def pick_model(name: str, scratch: Path) -> tuple[str, str | None]:
@@ -202,7 +203,7 @@ def main() -> None:
     try:
         model_arg, note = pick_model(args.model, scratch)
         model = load_model(model_arg, device=device)
-        defaults = default_sampling(model)
+        defaults = task_defaults(model, "generate")
         settings = {
             "sampler": defaults["sampler"],
             "steps": int(defaults["steps"]),

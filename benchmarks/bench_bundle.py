@@ -55,7 +55,10 @@ def bundle_path_child(folder: str, threads: int, device: str) -> dict:
     dev = torch.device(device)
     t0 = time.perf_counter()
     cfg = json.loads((Path(folder) / "configs" / "inference.json").read_text())
-    network_kwargs = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # not ours: no meddiff import
+
+    def network_kwargs(d):  # not ours: no meddiff import
+        return {k: v for k, v in d.items() if not k.startswith("_")}
+
     autoencoder = AutoencoderKL(**network_kwargs(cfg["autoencoder_def"]))
     autoencoder.load_old_state_dict(torch.load(Path(folder) / "models" / "autoencoder.pt", weights_only=True))
     diffusion = DiffusionModelUNet(**network_kwargs(cfg["diffusion_def"]))
@@ -131,11 +134,11 @@ def arithmetic_floor_child(threads: int, steps: int, precision: str) -> dict:
 
 def ours_child(folder: str, threads: int, device: str) -> dict:
     from napari_meddiff.cli.options import load_model_for
-    from napari_meddiff.tasks.generate import default_sampling, generate
+    from napari_meddiff.tasks.generate import generate
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = load_model_for(folder, torch.device(device), None, default_sampling)  # held as the CLI holds it
+    model = load_model_for(folder, torch.device(device), None, "generate")  # held as the CLI holds it
     load_s = time.perf_counter() - t0
     phase_peaks = {"load_gb": peak_rss_mb() / 1024}  # each phase's own peak RSS (VmHWM reset between phases)
     reset_peak_rss()

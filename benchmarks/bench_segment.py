@@ -48,13 +48,13 @@ from common import machine, peak_rss_mb, save, table  # noqa: E402
 from napari_meddiff.data.mni152 import HELDOUT_SEEDS, LABELS, make_subject, split_of  # noqa: E402
 from napari_meddiff.errors import MeddiffError  # noqa: E402
 from napari_meddiff.models import find_model_dir, load_model, model_search_path, sha256_file  # noqa: E402
+from napari_meddiff.tasks.settings import task_defaults  # noqa: E402
 from napari_meddiff.tasks.segment import (
     DEFAULT_COMBINE,
     auto_batch_size,
     class_names,
     combine_probabilities,
     combine_votes,
-    default_settings,
     label_volumes_ml,
     plan_segmentation,
     run_members,
@@ -313,7 +313,7 @@ def main() -> None:
         args.steps = args.steps or 2
     else:
         model = load_model(args.model, device=device)
-    settings = default_settings(model)
+    settings = task_defaults(model, "segment")
     sampler = args.sampler or settings["sampler"]
     steps = args.steps or int(settings["steps"])
     default_combine = settings.get("combine") or DEFAULT_COMBINE  # as `segment` chooses

@@ -95,7 +95,7 @@ def _chain(model, seeds, values, scale=1.0):
     gens = seeded_generators(seeds)
     x = initial_noise(model.sample_shape, gens, torch.device("cpu"))
     cond = None if values is None else torch.tensor(values, dtype=torch.float32)
-    return denoise(model, x, sampler="ddim", steps=4, generators=gens, conditions=cond, guidance_scale=scale)
+    return denoise(model, x, sampler="ddim", steps=4, generators=gens, condition_values=cond, guidance_scale=scale)
 
 
 def test_guidance_zero_is_the_null_condition_and_one_the_conditional(cond_model):

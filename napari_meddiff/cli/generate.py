@@ -102,9 +102,8 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
     from tqdm import tqdm
 
     with distributed.distributed(ctx, device):
-        from napari_meddiff.tasks.generate import default_sampling
 
-        model = load_model_for(args.model, device, args.precision, default_sampling)
+        model = load_model_for(args.model, device, args.precision, "generate")
         bar = None
 
         def on_plan(samples: int, steps: int) -> None:

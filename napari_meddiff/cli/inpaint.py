@@ -107,9 +107,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     image = read_volume(args.image)
     mask = read_volume(args.mask)
-    from napari_meddiff.tasks.inpaint import default_inpainting
 
-    model = load_model_for(args.model, device, args.precision, default_inpainting)
+    model = load_model_for(args.model, device, args.precision, "inpaint")
 
     bar = None
 

@@ -60,7 +60,7 @@ def add_sampling_options(p: argparse.ArgumentParser, *, eta: bool = True, device
 
 
 class _AutoencoderPassOption(argparse.Action):
-    """``--decode``: the process-wide autoencoder pass (read by `sampling.autoencoder_pass`, workers included)."""
+    """``--decode``: the process-wide autoencoder pass (read by `autoencoder.passes.autoencoder_pass`, workers included)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         import os
@@ -69,11 +69,12 @@ class _AutoencoderPassOption(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def load_model_for(model: str, device, precision: str | None, task_defaults):
-    """Load ``model`` for one command: its UNet held at the precision the command samples at (``--precision``,
-    else ``task_defaults(model)["precision"]``; bf16 on CPU halves the weights' memory, `zoo.load_model`)."""
+def load_model_for(model: str, device, precision: str | None, task: str):
+    """Load ``model`` for one command: its UNet held at the precision ``task`` samples at (``--precision``,
+    else the task's default for the model; bf16 on CPU halves the weights' memory, `models.load_model`)."""
     from napari_meddiff.models import describe_model, load_model
     from napari_meddiff.runtime.precision import resolve_precision
+    from napari_meddiff.tasks.settings import task_defaults
 
-    chosen = resolve_precision(precision or task_defaults(describe_model(model))["precision"], device)
+    chosen = resolve_precision(precision or task_defaults(describe_model(model), task)["precision"], device)
     return load_model(model, device=device, precision=chosen)

@@ -89,9 +89,8 @@ def run(args: argparse.Namespace) -> int:
     for name in OUTPUTS:  # up front, not after minutes of sampling
         check_output_file(args.out / name, args.overwrite)
     image = read_volume(args.image)
-    from napari_meddiff.tasks.segment import default_settings
 
-    model = load_model_for(args.model, device, args.precision, default_settings)
+    model = load_model_for(args.model, device, args.precision, "segment")
     with removed_if_left_empty(args.out):
         ensure_folder(args.out)
         return _segment(args, image, model, device)

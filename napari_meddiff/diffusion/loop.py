@@ -1,9 +1,9 @@
 """The one denoising loop behind every task (generate, inpaint, segment) and every sampler.
 
-Hooks: ``condition`` (channels concatenated to the UNet input), ``conditions`` / ``guidance_scale`` (a
-model's named conditions, classifier-free guidance), ``known`` (known-region replacement after
-each step, for inpainting), ``on_step`` (progress / preview) and ``should_cancel`` (checked before every
-network evaluation). A batch holds one sampler state and one random generator per sample, so a seed gives
+Hooks: ``image_condition`` (image channels concatenated to the UNet input: segmentation's scan),
+``condition_values`` / ``guidance_scale`` (a model's named conditions, classifier-free guidance), ``known``
+(known-region replacement after each step, for inpainting), ``on_step`` (progress / preview) and
+``should_cancel`` (checked before every network evaluation). A batch holds one sampler state and one random generator per sample, so a seed gives
 the same chain whatever the batch it runs in (bitwise for batches of 2+; batch 1 may differ by ~1e-6 on CPU,
 where oneDNN blocks a single sample's attention and convolutions differently).
 """
@@ -18,13 +18,13 @@ from typing import Protocol
 
 import torch
 
-from napari_meddiff.choices import AUTOENCODER_PASS_ENV, AUTOENCODER_PASSES, PRECISION_CHOICES, PRECISIONS  # noqa: F401
 from napari_meddiff.diffusion.conditioning import ConditionInputs, condition_inputs, unet_inputs
 from napari_meddiff.diffusion.samplers import make_sampler
 from napari_meddiff.diffusion.seeds import initial_noise
 from napari_meddiff.errors import Cancelled, MeddiffError
 from napari_meddiff.models import DiffusionModel
 from napari_meddiff.runtime.cpu_kernels import bf16_weights_once
+from napari_meddiff.runtime.memory import release_free_heap
 from napari_meddiff.runtime.precision import autocast_context
 
 
@@ -75,11 +75,24 @@ def _unconditional(model: DiffusionModel, batch: int) -> torch.Tensor:
 
 
 def _predict(
-    model: DiffusionModel, net_in: torch.Tensor, t_batch: torch.Tensor, cond: ConditionInputs, precision: str
+    model: DiffusionModel,
+    net_in: torch.Tensor,
+    t: int,
+    cond: ConditionInputs,
+    precision: str,
+    guidance_scale: float | None,
 ) -> torch.Tensor:
+    """The UNet's output at timestep ``t``; with a guidance scale, both branches as one batch, then combined."""
+    if guidance_scale is not None:
+        net_in = torch.cat([net_in, net_in])
+    t_batch = torch.full((net_in.shape[0],), t, device=net_in.device, dtype=torch.long)
     net_in, kwargs = unet_inputs(net_in, cond)
     with autocast_context(net_in.device, precision):
-        return model.unet(net_in, timesteps=t_batch, **kwargs).float()
+        out = model.unet(net_in, timesteps=t_batch, **kwargs).float()
+    if guidance_scale is None:
+        return out
+    out_cond, out_uncond = out.chunk(2)
+    return out_uncond + float(guidance_scale) * (out_cond - out_uncond)
 
 
 def denoise(
@@ -90,36 +103,73 @@ def denoise(
     steps: int = 20,
     generators: Sequence[torch.Generator],
     eta: float = 0.0,
-    condition: torch.Tensor | None = None,
+    image_condition: torch.Tensor | None = None,
     known: KnownRegionHook | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     precision: str = "fp32",
     jump_length: int = 1,
     jump_n: int = 1,
-    conditions: torch.Tensor | None = None,
+    condition_values: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run the reverse diffusion chain from ``x`` (noise, shape ``(B, *model.sample_shape)``) to a clean sample.
 
-    ``condition``: image channels concatenated to the input (segmentation). ``conditions``: the model's named
-    condition values ``(B, N)`` (default: the model's defaults), given as it declares (concatenated channels,
-    cross-attention context, class labels). ``guidance_scale`` != 1: classifier-free guidance, ``uncond + s *
-    (cond - uncond)`` with the model's null condition (the two branches run as one batch).
+    ``image_condition``: image channels concatenated to the input (segmentation). ``condition_values``: the
+    model's named condition values ``(B, N)`` (default: the model's defaults), given as it declares
+    (concatenated channels, cross-attention context, class labels). ``guidance_scale`` != 1: classifier-free
+    guidance, ``uncond + s * (cond - uncond)`` with the model's null condition (both branches in one batch).
 
     ``jump_n > 1`` adds RePaint resampling (Lugmayr et al. 2022): every ``jump_length`` steps the chain is
     re-noised ``jump_length`` steps back (forward process, noise from each sample's generator) and re-run,
     ``jump_n - 1`` times (see `repaint_schedule`); ``on_step`` then counts every network evaluation.
     """
+    _check_inputs(model, x, generators, guidance_scale, precision)
+    guided = float(guidance_scale) != 1.0
+    cond = condition_inputs(model, condition_values, x)
+    if guided:
+        cond = cond.cat(condition_inputs(model, _unconditional(model, x.shape[0]), x))
+    chains = [make_sampler(sampler, model.config["scheduler"], steps, eta) for _ in range(x.shape[0])]
+    timesteps = chains[0].timesteps
+    moves = repaint_schedule(len(timesteps), jump_length, jump_n)
+    total = sum(1 for a, b in moves if b == a + 1)
+    start = time.perf_counter()
+    done = 0
+    with torch.inference_mode(), bf16_weights_once(model.unet, precision, x.device):
+        for i, i_to in moves:
+            if i_to < i:
+                x = _jump_back(x, chains, generators, i, i_to)
+                continue
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            t = int(timesteps[i])
+            net_in = x if image_condition is None else torch.cat([x, image_condition.to(x.dtype)], dim=1)
+            out = _predict(model, net_in, t, cond, precision, guidance_scale if guided else None)
+            stepped = [
+                _step(chain, out[b : b + 1], t, x[b : b + 1], gen)
+                for b, (chain, gen) in enumerate(zip(chains, generators))
+            ]
+            x = torch.cat([s[0] for s in stepped])
+            if known is not None:
+                x = known(x, int(timesteps[i + 1]) if i + 1 < len(timesteps) else None, chains, generators)
+            done += 1
+            if on_step is not None:
+                pred_x0 = torch.cat([s[1] for s in stepped])
+                on_step(StepInfo(done, total, t, pred_x0, time.perf_counter() - start))
+    if x.device.type == "cpu":
+        release_free_heap()  # what the chain freed (its bf16 weight copies too), before a decoding allocates its own
+    return x
+
+
+def _check_inputs(
+    model: DiffusionModel, x: torch.Tensor, generators: Sequence[torch.Generator], guidance_scale, precision: str
+) -> None:
     if len(generators) != x.shape[0]:
         raise MeddiffError("one random generator per sample is needed")
     if model.unet is None:
         raise MeddiffError(f"{model.name}'s UNet was released after its last sample (release_unet); load it again")
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, (int, float))
-        or not math.isfinite(guidance_scale)
-    ):
+    scale_ok = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
+    if not scale_ok or not math.isfinite(guidance_scale):
         raise MeddiffError(f"guidance scale must be a number, got {guidance_scale!r}")
     if model.unet_precision is not None and precision != model.unet_precision:
         raise MeddiffError(
@@ -127,56 +177,18 @@ def denoise(
             f"{model.unet_precision}, half the memory); load it with load_model(..., precision={precision!r}) "
             f"to sample in {precision}"
         )
-    cond = condition_inputs(model, conditions, x)
-    guided = float(guidance_scale) != 1.0
-    if guided:
-        cond = cond.cat(condition_inputs(model, _unconditional(model, x.shape[0]), x))
-    chains = [make_sampler(sampler, model.config["scheduler"], steps, eta) for _ in range(x.shape[0])]
-    timesteps = chains[0].timesteps
-    moves = repaint_schedule(len(timesteps), jump_length, jump_n)
-    total = sum(1 for a, b in moves if b == a + 1)
-    alphas_cumprod = chains[0].scheduler.alphas_cumprod
-    device = x.device
-    start = time.perf_counter()
-    done = 0
-    with torch.inference_mode(), bf16_weights_once(model.unet, precision, device):
-        for i, i_to in moves:
-            if i_to < i:  # RePaint jump: x at timesteps[i] (clean when i == len) -> x at timesteps[i_to]
-                a_from = alphas_cumprod[int(timesteps[i])] if i < len(timesteps) else torch.tensor(1.0)
-                ratio = float(alphas_cumprod[int(timesteps[i_to])] / a_from)
-                noise = initial_noise(x.shape[1:], generators, device)
-                x = ratio**0.5 * x + (1.0 - ratio) ** 0.5 * noise
-                for chain in chains:
-                    _rewind(chain, i_to)
-                continue
-            t = timesteps[i]
-            if should_cancel is not None and should_cancel():
-                raise Cancelled()
-            net_in = x if condition is None else torch.cat([x, condition.to(x.dtype)], dim=1)
-            if guided:
-                net_in = torch.cat([net_in, net_in])
-            t_batch = torch.full((net_in.shape[0],), int(t), device=device, dtype=torch.long)
-            out = _predict(model, net_in, t_batch, cond, precision)
-            if guided:
-                out_cond, out_uncond = out.chunk(2)
-                out = out_uncond + float(guidance_scale) * (out_cond - out_uncond)
-            stepped = [
-                _step(chain, out[b : b + 1], int(t), x[b : b + 1], gen)
-                for b, (chain, gen) in enumerate(zip(chains, generators))
-            ]
-            x = torch.cat([s[0] for s in stepped])
-            pred_x0 = torch.cat([s[1] for s in stepped])
-            t_next = int(timesteps[i + 1]) if i + 1 < len(timesteps) else None
-            if known is not None:
-                x = known(x, t_next, chains, generators)
-            done += 1
-            if on_step is not None:
-                on_step(StepInfo(done, total, int(t), pred_x0, time.perf_counter() - start))
-    if device.type == "cpu":
-        from napari_meddiff.runtime.memory import release_free_heap
 
-        release_free_heap()  # what the chain freed (its bf16 weight copies too), before a decoding allocates its own
-    return x
+
+def _jump_back(x: torch.Tensor, chains: Sequence, generators: Sequence[torch.Generator], i: int, i_to: int):
+    """RePaint jump: x at chain position ``i`` (clean when ``i`` is the chain's length) re-noised to ``i_to``."""
+    timesteps = chains[0].timesteps
+    alphas_cumprod = chains[0].scheduler.alphas_cumprod
+    a_from = alphas_cumprod[int(timesteps[i])] if i < len(timesteps) else torch.tensor(1.0)
+    ratio = float(alphas_cumprod[int(timesteps[i_to])] / a_from)
+    noise = initial_noise(x.shape[1:], generators, x.device)
+    for chain in chains:
+        _rewind(chain, i_to)
+    return ratio**0.5 * x + (1.0 - ratio) ** 0.5 * noise
 
 
 def repaint_schedule(steps: int, jump_length: int = 1, jump_n: int = 1) -> list[tuple[int, int]]:

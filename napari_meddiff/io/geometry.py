@@ -29,6 +29,26 @@ class ModelGrid:
         return Volume(np.zeros(self.shape, np.float32), self.affine.copy())
 
 
+def index_box_corners(lo, hi) -> np.ndarray:
+    """The 8 corners of the index box [lo, hi] as homogeneous coordinates, (8, 4)."""
+    return np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+
+
+def world_box(affine: np.ndarray, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """The world bounding box (min, max corners) of the index box [lo, hi] under ``affine``."""
+    world = (affine @ index_box_corners(lo, hi).T).T[:, :3]
+    return world.min(0), world.max(0)
+
+
+def index_box(affine: np.ndarray, shape, world_lo, world_hi, pad: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The index box [lo, hi) of a grid (``affine``, ``shape``) that covers the world box, ``pad`` voxels more,
+    clipped to the grid."""
+    idx = (np.linalg.inv(affine) @ index_box_corners(world_lo, world_hi).T).T[:, :3]
+    lo = np.clip(np.floor(idx.min(0)).astype(int) - pad, 0, np.array(shape))
+    hi = np.clip(np.ceil(idx.max(0)).astype(int) + pad + 1, 0, np.array(shape))
+    return lo, hi
+
+
 def world_centre(vol: Volume, mask: np.ndarray | None = None) -> np.ndarray:
     """World (RAS mm) centre of the volume's field of view, or of the bounding box of ``mask``."""
     if mask is not None and np.any(mask):

@@ -169,9 +169,13 @@ def settings_mismatch(meta: dict, settings: dict) -> str | None:
         old, new = meta.get(key), settings[key]
         same = (old is not None and float(old) == float(new)) if key == "eta" else old == new
         if not same:
-            shown = lambda v: f"{v[:12]}..." if isinstance(v, str) and len(v) > 16 else v
-            diffs.append(f"{key}={shown(old)} (now {shown(new)})")
+            diffs.append(f"{key}={_shown(old)} (now {_shown(new)})")
     return ", ".join(diffs) or None
+
+
+def _shown(value):
+    """A setting as a message shows it: a long string (a sha256) cut to its first 12 characters."""
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else value
 
 
 def conditions_mismatch(model, meta: dict, wanted: dict | None, guidance_scale: float) -> str | None:
@@ -297,26 +301,6 @@ class GenerationReport:
     seconds: float = 0.0
 
 
-def resolved_settings(
-    model, *, sampler: str | None, steps: int | None, eta: float, precision: str | None, device
-) -> dict:
-    """The settings `napari_meddiff.tasks.generate.generate` will use (same defaults), for the resume check."""
-    import torch
-
-    from napari_meddiff.runtime.precision import resolve_precision
-    from napari_meddiff.tasks.generate import default_sampling
-
-    defaults = default_sampling(model)
-    dev = torch.device(device)
-    return {
-        "model_sha256": model.weights_sha256,
-        "sampler": sampler or defaults["sampler"],
-        "steps": int(steps if steps is not None else defaults["steps"]),
-        "eta": float(eta),
-        "precision": resolve_precision(precision or defaults["precision"], dev),
-    }
-
-
 def generate_subjects(
     model,
     blocks: Sequence[Sequence[int]],
@@ -348,16 +332,48 @@ def generate_subjects(
     """
     import torch
 
-    from napari_meddiff.io.volume import write_volume
     from napari_meddiff.tasks.generate import generate
+    from napari_meddiff.tasks.settings import resolve_settings
 
     out = Path(out)
     report = GenerationReport()
     t0 = time.perf_counter()
-    settings = resolved_settings(model, sampler=sampler, steps=steps, eta=eta, precision=precision, device=device)
+    resolved = resolve_settings(
+        model, "generate", torch.device(device), sampler=sampler, steps=steps, eta=eta, precision=precision
+    )
+    settings = {"model_sha256": model.weights_sha256, **resolved}
     report.removed_temps = remove_stray_temps(out, model.name, [s for b in blocks for s in b])
     for path in report.removed_temps:
         log(f"removed stray temporary file {path}")
+    wanted = (lambda seed: conditions(seed) if conditions else None, guidance_scale)
+    plan = _blocks_to_compute(model, blocks, out, settings, wanted, overwrite=overwrite, report=report, log=log)
+    if on_plan is not None:
+        on_plan(sum(len(block) for block, _ in plan), settings["steps"])
+    for i, (block, needed) in enumerate(plan):
+        volumes = generate(
+            model, block, sampler=settings["sampler"], steps=settings["steps"], device=str(device),
+            precision=settings["precision"], batch_size=len(block), eta=eta,
+            conditions=[conditions(s) for s in block] if conditions else None, guidance_scale=guidance_scale,
+            on_step=_samples_advanced(on_step, len(block)) if on_step else None,
+            release_unet=release_unet and i == len(plan) - 1,
+        )  # fmt: skip
+        _write_needed(model, volumes, needed, out, overwrite=overwrite, extra=extra, report=report,
+                      on_written=on_written)  # fmt: skip
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _samples_advanced(on_step: Callable[[int], None], samples: int) -> Callable[[object], None]:
+    """A step hook telling ``on_step`` how many samples advanced by one step."""
+    return lambda info: on_step(samples)
+
+
+def _blocks_to_compute(
+    model, blocks, out: Path, settings: dict, wanted, *, overwrite: bool, report: GenerationReport, log
+) -> list[tuple[list[int], set[int]]]:
+    """The blocks with a subject to (re)generate, each with the seeds that need it; valid subjects are skipped
+    (recorded in ``report``), and one made with other settings or conditions is an error, not overwritten."""
+    conditions_of, guidance_scale = wanted
     plan: list[tuple[list[int], set[int]]] = []
     for block in blocks:
         needed = set()
@@ -366,62 +382,55 @@ def generate_subjects(
                 needed.add(int(seed))
                 continue
             status = check_subject(out, model.name, seed)
-            if status.valid:
-                mismatch = settings_mismatch(status.meta, settings) or conditions_mismatch(
-                    model, status.meta, conditions(seed) if conditions else None, guidance_scale
-                )
-                if mismatch:
-                    raise MeddiffError(
-                        f"{status.image} was generated with other settings: {mismatch}; "
-                        "use --overwrite to replace it, or another --out"
-                    )
-                log(f"{status.image} exists, skipping (use --overwrite to replace)")
-                report.skipped.append(int(seed))
-            else:
+            if not status.valid:
                 if status.problem != "missing":
                     log(f"{status.image}: {status.problem}; regenerating")
                 needed.add(int(seed))
+                continue
+            mismatch = settings_mismatch(status.meta, settings) or conditions_mismatch(
+                model, status.meta, conditions_of(seed), guidance_scale
+            )
+            if mismatch:
+                raise MeddiffError(
+                    f"{status.image} was generated with other settings: {mismatch}; "
+                    "use --overwrite to replace it, or another --out"
+                )
+            log(f"{status.image} exists, skipping (use --overwrite to replace)")
+            report.skipped.append(int(seed))
         if needed:
             plan.append(([int(s) for s in block], needed))
-    if on_plan is not None:
-        on_plan(sum(len(block) for block, _ in plan), settings["steps"])
+    return plan
+
+
+def _write_needed(
+    model, volumes, needed: set[int], out: Path, *, overwrite: bool, extra: dict | None, report, on_written
+) -> None:
+    """Write the volumes whose seeds needed it (image, then its sidecar); the others were computed only to keep
+    their block whole (``report.recomputed``)."""
+    import torch
+
+    from napari_meddiff.io.volume import write_volume
+
     host = socket.gethostname()
-    for i, (block, needed) in enumerate(plan):
-        volumes = generate(
-            model,
-            block,
-            sampler=settings["sampler"],
-            steps=settings["steps"],
-            device=str(device),
-            precision=settings["precision"],
-            batch_size=len(block),
-            eta=eta,
-            conditions=[conditions(s) for s in block] if conditions else None,
-            guidance_scale=guidance_scale,
-            on_step=(lambda info, n=len(block): on_step(n)) if on_step else None,
-            release_unet=release_unet and i == len(plan) - 1,
-        )
-        for vol in volumes:
-            prov = vol.metadata["provenance"]
-            seed = int(prov["seed"])
-            if seed not in needed:
-                report.recomputed.append(seed)
-                continue
-            image_path, sidecar = output_paths(out, model.name, seed)
-            replace = overwrite or image_path.exists() or sidecar.exists()
-            write_volume(vol, image_path, overwrite=replace, description=f"meddiff {model.name} seed {seed}")
-            sidecar_payload = {
-                "file": image_path.name,
-                "sha256": sha256_file(image_path),
-                "voxel_size_mm": list(model.voxel_size),
-                **prov,
-                "num_threads": torch.get_num_threads(),
-                "host": host,
-                **(extra or {}),
-            }
-            write_json_atomic(sidecar, sidecar_payload)
-            report.written.append(seed)
-            if on_written is not None:
-                on_written(image_path)
-    report.seconds = time.perf_counter() - t0
-    return report
+    for vol in volumes:
+        prov = vol.metadata["provenance"]
+        seed = int(prov["seed"])
+        if seed not in needed:
+            report.recomputed.append(seed)
+            continue
+        image_path, sidecar = output_paths(out, model.name, seed)
+        replace = overwrite or image_path.exists() or sidecar.exists()
+        write_volume(vol, image_path, overwrite=replace, description=f"meddiff {model.name} seed {seed}")
+        sidecar_payload = {
+            "file": image_path.name,
+            "sha256": sha256_file(image_path),
+            "voxel_size_mm": list(model.voxel_size),
+            **prov,
+            "num_threads": torch.get_num_threads(),
+            "host": host,
+            **(extra or {}),
+        }
+        write_json_atomic(sidecar, sidecar_payload)
+        report.written.append(seed)
+        if on_written is not None:
+            on_written(image_path)

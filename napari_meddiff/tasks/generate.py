@@ -10,16 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from napari_meddiff import __version__
 from napari_meddiff.autoencoder.passes import autoencoder_pass, decode_latents
 from napari_meddiff.diffusion.loop import StepInfo, denoise
 from napari_meddiff.diffusion.seeds import check_seeds, initial_noise, seeded_generators
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
-from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel, load_model
-from napari_meddiff.runtime.devices import resolve_device
-from napari_meddiff.runtime.precision import resolve_precision
+from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel
 from napari_meddiff.tasks.footprint import check_request_fits
+from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
 
 @dataclasses.dataclass
@@ -28,10 +26,6 @@ class Preview:
 
     step: StepInfo
     images: np.ndarray  # (B, *image spatial shape)
-
-
-def default_sampling(model: DiffusionModel) -> dict:
-    return model.sampling_defaults
 
 
 ConditionsArg = Mapping[str, float] | Sequence[Mapping[str, float]] | None
@@ -87,17 +81,12 @@ def generate(
     the model's UNet once the last batch is denoised, before its decoding (`DiffusionModel.release_unet`; for
     a process that samples no more: the command line); the same volumes.
     """
-    dev = resolve_device(device)
-    if not isinstance(model, DiffusionModel):
-        model = load_model(model, device=dev)
-    elif model.device != dev:
-        model.to(dev)
+    model, dev = prepare_model(model, device)
     if model.kind == "segmentation":
         raise MeddiffError(f"{model.name} is a segmentation model; use `segment`, not `generate`")
-    seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
+    seeds = check_seeds([seeds] if isinstance(seeds, int) else [int(s) for s in seeds])
     if batch_size < 1:
         raise MeddiffError("batch size must be at least 1")
-    seeds = check_seeds(seeds)
     check_request_fits(
         model,
         batch=min(batch_size, len(seeds)),
@@ -105,68 +94,68 @@ def generate(
         what=f"{len(seeds)} volumes at batch size {batch_size}",
         guided=not isinstance(guidance_scale, bool) and guidance_scale != 1,
     )
-    defaults = default_sampling(model)
-    sampler = sampler or defaults["sampler"]
-    steps = int(steps if steps is not None else defaults["steps"])
-    precision = resolve_precision(precision or defaults["precision"], dev)
+    settings = resolve_settings(model, "generate", dev, sampler=sampler, steps=steps, eta=eta, precision=precision)
     seed_conditions = per_seed_conditions(model, conditions, len(seeds))
     volumes: list[Volume] = []
     for start in range(0, len(seeds), batch_size):
+        last_batch = start + batch_size >= len(seeds)
         chunk = seeds[start : start + batch_size]
-        chunk_conditions = seed_conditions[start : start + batch_size]
-        values = (
-            torch.tensor([list(c.values()) for c in chunk_conditions], dtype=torch.float32)
-            if model.conditions
-            else None
-        )
-        t0 = time.perf_counter()
-        generators = seeded_generators(chunk, dev)
-        x = initial_noise(model.sample_shape, generators, dev)
+        volumes += _generate_batch(
+            model, dev, chunk, seed_conditions[start : start + batch_size], settings,
+            batch_size=batch_size, guidance_scale=guidance_scale, on_step=on_step, on_preview=on_preview,
+            preview_every=preview_every, should_cancel=should_cancel, release_unet=release_unet and last_batch,
+        )  # fmt: skip
+    return volumes
 
-        def step_hook(info: StepInfo) -> None:
-            if on_step is not None:
-                on_step(info)
-            # the last step is not previewed: the final decode below replaces the preview at once
-            if on_preview is not None and preview_every and info.index % preview_every == 0 and info.index < info.total:
-                images = decode_latents(model, info.pred_x0, precision)[:, 0].clamp(0, 1).cpu().numpy()
-                on_preview(Preview(info, images))
 
-        z = denoise(
-            model,
-            x,
-            sampler=sampler,
-            steps=steps,
-            generators=generators,
-            eta=eta,
-            on_step=step_hook,
-            should_cancel=should_cancel,
-            precision=precision,
-            conditions=values,
-            guidance_scale=guidance_scale,
-        )
-        if release_unet and start + batch_size >= len(seeds):
-            model.release_unet()
-        decode_pass = autoencoder_pass(model, z) if model.kind == "ldm" else None  # recorded: it changes the bits
-        images = decode_latents(model, z, precision, mode=decode_pass)[:, 0].clamp(0, 1).cpu().numpy()
-        seconds = (time.perf_counter() - t0) / len(chunk)
-        for seed, image, seed_values in zip(chunk, images, chunk_conditions):
-            provenance = {
-                "model": model.name,
-                "model_sha256": model.weights_sha256,
-                "seed": seed,
-                "sampler": sampler,
-                "steps": steps,
-                "eta": eta,
-                "precision": precision,
-                "device": str(dev),
-                "batch_size": batch_size,
-                "package_version": __version__,
-                "seconds": round(seconds, 3),
-            }
-            if decode_pass is not None:
-                provenance["autoencoder_pass"] = decode_pass
-            if model.conditions:
-                provenance["conditions"] = seed_values
-                provenance["guidance_scale"] = float(guidance_scale)
-            volumes.append(to_volume(model, image, provenance=provenance))
+def _generate_batch(
+    model: DiffusionModel,
+    dev: torch.device,
+    seeds: list[int],
+    seed_conditions: list[dict[str, float]],
+    settings: dict,
+    *,
+    batch_size: int,
+    guidance_scale: float,
+    on_step: Callable[[StepInfo], None] | None,
+    on_preview: Callable[[Preview], None] | None,
+    preview_every: int,
+    should_cancel: Callable[[], bool] | None,
+    release_unet: bool,
+) -> list[Volume]:
+    """One batch of seeds: noise from each seed's generator, the loop, the decoding, one `Volume` per seed."""
+    precision = settings["precision"]
+    values = None
+    if model.conditions:
+        values = torch.tensor([list(c.values()) for c in seed_conditions], dtype=torch.float32)
+    t0 = time.perf_counter()
+    generators = seeded_generators(seeds, dev)
+    x = initial_noise(model.sample_shape, generators, dev)
+
+    def step_hook(info: StepInfo) -> None:
+        if on_step is not None:
+            on_step(info)
+        # the last step is not previewed: the final decode below replaces the preview at once
+        if on_preview is not None and preview_every and info.index % preview_every == 0 and info.index < info.total:
+            images = decode_latents(model, info.pred_x0, precision)[:, 0].clamp(0, 1).cpu().numpy()
+            on_preview(Preview(info, images))
+
+    z = denoise(
+        model, x, sampler=settings["sampler"], steps=settings["steps"], generators=generators, eta=settings["eta"],
+        on_step=step_hook, should_cancel=should_cancel, precision=precision, condition_values=values,
+        guidance_scale=guidance_scale,
+    )  # fmt: skip
+    if release_unet:
+        model.release_unet()
+    decode_pass = autoencoder_pass(model, z) if model.kind == "ldm" else None  # recorded: it changes the bits
+    images = decode_latents(model, z, precision, mode=decode_pass)[:, 0].clamp(0, 1).cpu().numpy()
+    seconds = (time.perf_counter() - t0) / len(seeds)
+    volumes = []
+    for seed, image, seed_values in zip(seeds, images, seed_conditions):
+        extra = {"autoencoder_pass": decode_pass} if decode_pass is not None else {}
+        if model.conditions:
+            extra.update(conditions=seed_values, guidance_scale=float(guidance_scale))
+        record = provenance(model, dev, task="generate", seed=seed, **settings, batch_size=batch_size, **extra)
+        record["seconds"] = round(seconds, 3)
+        volumes.append(to_volume(model, image, provenance=record))
     return volumes

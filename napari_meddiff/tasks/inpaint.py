@@ -34,40 +34,30 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from napari_meddiff import __version__
 from napari_meddiff.autoencoder.passes import decode_latents, encode_images
 from napari_meddiff.diffusion.loop import StepInfo, denoise, repaint_schedule
+from napari_meddiff.diffusion.samplers import make_sampler
 from napari_meddiff.diffusion.seeds import initial_noise, seed_range, seeded_generators
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.geometry import (
     ModelGrid,
+    index_box,
     make_grid,
     slice_axis_order,
     slice_grid,
     snap_grid,
     world_axis,
+    world_box,
     world_centre,
 )
 from napari_meddiff.io.intensity import denormalise, intensity_window, normalise
 from napari_meddiff.io.volume import Volume, resample_like, world_extent_overlaps
-from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel, load_model
-from napari_meddiff.runtime.devices import resolve_device
-from napari_meddiff.runtime.precision import resolve_precision
+from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel
 from napari_meddiff.tasks.footprint import check_request_fits
-from napari_meddiff.tasks.generate import default_sampling
+from napari_meddiff.tasks.inputs import as_3d, check_scan_values
+from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
-# Defaults per model kind, measured with benchmarks/bench_inpaint.py (results/inpaint_ddpm_settings.json,
-# results/inpaint.json) on 6 held-out lesion subjects (lesion filling, MAE inside the mask):
-# * brain-ddpm-2d (dpm++, 25 steps): 6.7 without resampling, 5.2 with jumps of 5 steps done twice (2x the
-#   network evaluations), 5.2 done 5 times (5x), 5.4 with 3-step jumps 3 times, 5.6 with 50 steps -> (5, 2).
-# * brain-ldm-3d: resampling did not help (10.0 vs 9.8) -> none. Feathering blends towards the original
-#   inside the mask, i.e. towards the lesion when filling one: MAE 6.9 without, 9.8 with 2 voxels, 13.4 with
-#   4 -> off by default (it is for insertions/repairs where the original at the border is valid tissue).
-# A model folder may override these in model.json under "inpaint" (keys jump_length, jump_n,
-# feather_voxels, sampler, steps).
-DEFAULT_JUMP_LENGTH = {"ddpm": 5, "ldm": 5}
-DEFAULT_JUMP_N = {"ddpm": 2, "ldm": 1}
-DEFAULT_FEATHER = {"ddpm": 0, "ldm": 0}
+# Sampling, RePaint and feathering defaults: `napari_meddiff.tasks.settings.task_defaults`.
 MARGIN_MODEL_VOXELS = 3  # known context kept around the mask inside the model's field of view
 MAX_WINDOW_VOXELS = 2_000_000  # intensity window estimated on a regular subsample of at most this size
 
@@ -82,30 +72,7 @@ class InpaintPreview:
     patch: np.ndarray  # input dtype; the original outside the mask
 
 
-def default_inpainting(model: DiffusionModel) -> dict:
-    """Sampler, steps, precision, jumps and feathering used when not given (model.json ``inpaint`` wins)."""
-    out = dict(default_sampling(model))
-    out.update(
-        jump_length=DEFAULT_JUMP_LENGTH.get(model.kind, 5),
-        jump_n=DEFAULT_JUMP_N.get(model.kind, 1),
-        feather_voxels=DEFAULT_FEATHER.get(model.kind, 0),
-    )
-    out.update(model.config.get("inpaint", {}))
-    return out
-
-
 # --- mask ----------------------------------------------------------------------------------------
-
-
-def _as3d(array: np.ndarray, what: str) -> np.ndarray:
-    array = np.asarray(array)
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        return array[..., None]
-    if array.ndim != 3:
-        raise MeddiffError(f"{what} must be 2D or 3D, got shape {array.shape}")
-    return array
 
 
 def _select(array: np.ndarray, label: float | None) -> np.ndarray:
@@ -125,10 +92,10 @@ def mask_on_image(image: Volume, mask: Volume | np.ndarray, label: float | None 
             raise MeddiffError(f"label must be a number, got {label!r}")
         if label == 0:
             raise MeddiffError("label 0 is the background; choose the label value to fill (or none for all non-zero)")
-    shape = _as3d(image.array, "the image").shape
+    shape = as_3d(image.array, "the image").shape
     ivol = _geometry_only(image.affine, shape)
     if isinstance(mask, Volume):
-        marr = _as3d(mask.array, "the mask")
+        marr = as_3d(mask.array, "the mask")
         if marr.shape == shape and np.allclose(mask.affine, image.affine, atol=1e-4):
             selected = _select(marr, label)
             resampled = False
@@ -148,7 +115,7 @@ def mask_on_image(image: Volume, mask: Volume | np.ndarray, label: float | None 
             selected = resample_like(Volume(sel, mask.affine), ivol, labels=True).array > 0.5
             resampled = True
     else:
-        marr = _as3d(mask, "the mask")
+        marr = as_3d(mask, "the mask")
         if marr.shape != shape:
             raise MeddiffError(
                 f"mask shape {tuple(np.shape(mask))} differs from the image shape {tuple(image.shape)}; "
@@ -174,16 +141,9 @@ def _geometry_only(affine: np.ndarray, shape: Sequence[int]) -> Volume:
     return Volume(np.broadcast_to(np.float32(0), tuple(shape)), affine)
 
 
-def _world_box(affine: np.ndarray, lo: Sequence[float], hi: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """World bounding box of the index box [lo, hi] (voxel centres)."""
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-    world = (affine @ corners.T).T[:, :3]
-    return world.min(0), world.max(0)
-
-
 def _same_extent(a: Volume, b: Volume) -> bool:
-    ea = _world_box(a.affine, (-0.5,) * 3, np.array(a.shape[:3]) - 0.5)
-    eb = _world_box(b.affine, (-0.5,) * 3, np.array(b.shape[:3]) - 0.5)
+    ea = world_box(a.affine, (-0.5,) * 3, np.array(a.shape[:3]) - 0.5)
+    eb = world_box(b.affine, (-0.5,) * 3, np.array(b.shape[:3]) - 0.5)
     tol = 0.51 * max(max(a.spacing), max(b.spacing))
     return bool(np.allclose(ea[0], eb[0], atol=tol) and np.allclose(ea[1], eb[1], atol=tol))
 
@@ -209,17 +169,8 @@ def _crop(vol: Volume, lo: Sequence[int], hi: Sequence[int]) -> Volume:
     return Volume(vol.array[region], vol.affine @ shift)
 
 
-def _index_box_of_world(affine: np.ndarray, shape: Sequence[int], wlo: np.ndarray, whi: np.ndarray, pad: int = 2):
-    inv = np.linalg.inv(affine)
-    corners = np.array([[a, b, c, 1.0] for a in (wlo[0], whi[0]) for b in (wlo[1], whi[1]) for c in (wlo[2], whi[2])])
-    idx = (inv @ corners.T).T[:, :3]
-    lo = np.clip(np.floor(idx.min(0)).astype(int) - pad, 0, np.array(shape))
-    hi = np.clip(np.ceil(idx.max(0)).astype(int) + pad + 1, 0, np.array(shape))
-    return lo, hi
-
-
 def _grid_world_box(grid: ModelGrid) -> tuple[np.ndarray, np.ndarray]:
-    return _world_box(grid.affine, (0, 0, 0), np.array(grid.shape) - 1)
+    return world_box(grid.affine, (0, 0, 0), np.array(grid.shape) - 1)
 
 
 def _fit_centre(centre: np.ndarray, world_axes: Sequence[int], half: Sequence[float], need_lo, need_hi) -> np.ndarray:
@@ -295,7 +246,7 @@ def _plan(
     model: DiffusionModel, image: Volume, mask: np.ndarray, window: tuple[float, float], axis, stride: int
 ) -> _Plan:
     lo, hi = _bbox(mask)
-    mlo, mhi = _world_box(image.affine, lo - 0.5, hi - 0.5)
+    mlo, mhi = world_box(image.affine, lo - 0.5, hi - 0.5)
     centre = _foreground_centre(image, window, stride)
     vox = np.array(model.voxel_size, dtype=float)
     shape = np.array(model.image_shape)
@@ -345,7 +296,7 @@ def _axes_margin(order: Sequence[int], margin: np.ndarray) -> np.ndarray:
 def _known_on_grid(image: Volume, grid: ModelGrid, window: tuple[float, float]) -> np.ndarray:
     """The image resampled onto ``grid`` (linear, only the part under the grid read) and normalised."""
     wlo, whi = _grid_world_box(grid)
-    lo, hi = _index_box_of_world(image.affine, image.shape[:3], wlo, whi)
+    lo, hi = index_box(image.affine, image.shape[:3], wlo, whi)
     if np.any(hi <= lo):
         raise MeddiffError("the model's field of view does not overlap the image")
     crop = _crop(image, lo, hi)
@@ -404,34 +355,14 @@ def _fill_for_encoding(known: np.ndarray, grid_mask: np.ndarray) -> np.ndarray:
 class _Runner:
     """Runs the chains for one inpainting job: 3D grids batch candidates, 2D grids batch (candidate, slice)."""
 
-    def __init__(
-        self,
-        model,
-        plan,
-        *,
-        sampler,
-        steps,
-        eta,
-        jump_length,
-        jump_n,
-        precision,
-        device,
-        should_cancel,
-        conditions: dict[str, float] | None = None,
-    ):
+    def __init__(self, model, plan, settings: dict, *, device, should_cancel, conditions: dict[str, float] | None):
         self.model, self.plan, self.device = model, plan, device
         self.conditions = torch.tensor([list(conditions.values())], dtype=torch.float32) if conditions else None
-        self.kw = dict(
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            jump_length=jump_length,
-            jump_n=jump_n,
-            precision=precision,
-            should_cancel=should_cancel,
-        )
-        self.precision = precision
-        self.evals = sum(1 for a, b in repaint_schedule(steps, jump_length, jump_n) if b == a + 1)
+        keys = ("sampler", "steps", "eta", "jump_length", "jump_n", "precision")
+        self.kw = {k: settings[k] for k in keys} | {"should_cancel": should_cancel}
+        self.precision = settings["precision"]
+        jumps = repaint_schedule(settings["steps"], settings["jump_length"], settings["jump_n"])
+        self.evals = sum(1 for a, b in jumps if b == a + 1)
 
     def units(self, candidates: int, seed: int) -> list[tuple[int, int | None, int]]:
         """(candidate, slice or None, chain seed) per chain."""
@@ -480,7 +411,7 @@ class _Runner:
             generators=generators,
             known=_known_hook(x0_known, keep),
             on_step=on_step,
-            conditions=cond,
+            condition_values=cond,
             **self.kw,
         )
         if release_unet:
@@ -582,156 +513,154 @@ def inpaint(
     (``index``/``total`` over all chains); ``on_preview`` an `InpaintPreview` every ``preview_every``
     network evaluations (default: about ten per chain).
     """
+    t_start = time.perf_counter()
+    _check_request(image, mask, candidates=candidates, batch_size=batch_size, seed=seed)
+    model, dev = prepare_model(model, device)
+    if model.kind not in ("ddpm", "ldm"):
+        raise MeddiffError(f"{model.name} is a {model.kind} model; inpainting needs a ddpm or ldm model")
+    ax = world_axis(axis)  # validates the axis for every model
+    settings = resolve_settings(
+        model, "inpaint", dev, sampler=sampler, steps=steps, eta=eta, precision=precision,
+        jump_length=jump_length, jump_n=jump_n, feather_voxels=feather_voxels,
+    )  # fmt: skip
+    _check_settings(model, settings)
+    condition_values = model.condition_values(conditions)  # validates names and ranges up front
+    img3 = Volume(as_3d(image.array, "the image"), image.affine)
+    selected = _checked_scan_and_mask(model, img3, mask, label)
+    check_request_fits(
+        model, batch=batch_size, held_voxels=(candidates + 1) * float(img3.array.size),
+        what=f"{candidates} candidates of a {'x'.join(map(str, img3.shape))} image (batch {batch_size})",
+    )  # fmt: skip
+    stride = max(1, math.ceil((img3.array.size / MAX_WINDOW_VOXELS) ** (1 / 3)))
+    sub = np.asarray(img3.array[::stride, ::stride, ::stride], dtype=np.float32)
+    window = intensity_window(sub, model.config.get("intensity"))
+    plan = _plan(model, img3, selected, window, ax if model.spatial_dims == 2 else axis, stride)
+    runner = _Runner(model, plan, settings, device=dev, should_cancel=should_cancel, conditions=condition_values)
+    paster = _Paster(img3, selected, plan.grid, window, settings["feather_voxels"])
+    progress = _Progress(model, runner, paster, on_step, on_preview, preview_every, t_start)
+    grids = _sample_candidates(runner, plan, candidates, seed, batch_size, progress, release_unet)
+    record = provenance(
+        model, dev, task="inpaint", seed=int(seed), **_settings_record(settings, runner, label, selected),
+        **({"conditions": condition_values} if condition_values else {}),
+        axis=["sagittal", "coronal", "axial"][ax] if model.spatial_dims == 2 else None,
+        slices=len(plan.slices) if model.spatial_dims == 2 else None,
+        intensity_window=[float(window[0]), float(window[1])],
+        model_grid_affine=plan.grid.affine.tolist(), model_grid_shape=list(plan.grid.shape),
+    )  # fmt: skip
+    record.update(source=image.metadata.get("source_path"), seconds=round(time.perf_counter() - t_start, 3))
+    return [_candidate_volume(image, paster, grid, record, model.name, int(seed), c) for c, grid in enumerate(grids)]
+
+
+def _check_request(image, mask, *, candidates, batch_size, seed) -> None:
+    """Inputs of the right types and counts, before a model is loaded or any work is planned."""
     if image is None or mask is None:
         raise MeddiffError("inpaint needs an image and a mask")
     if not isinstance(image, Volume):
         raise MeddiffError("image must be a Volume (use read_volume, or Volume(array, affine))")
-    t_start = time.perf_counter()
-    dev = resolve_device(device)
-    if not isinstance(model, DiffusionModel):
-        model = load_model(model, device=dev)
-    elif model.device != dev:
-        model.to(dev)
-    if model.kind not in ("ddpm", "ldm"):
-        raise MeddiffError(f"{model.name} is a {model.kind} model; inpainting needs a ddpm or ldm model")
     for name, value, least in (("candidates", candidates, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise MeddiffError(f"{name} must be an integer >= {least}, got {value!r}")
     seed_range(int(seed), int(candidates))  # every candidate's seed in range
-    ax = world_axis(axis)  # validates the axis for every model
-    defaults = default_inpainting(model)
-    sampler = sampler or defaults["sampler"]
-    steps = int(steps if steps is not None else defaults["steps"])
-    jump_length = int(jump_length if jump_length is not None else defaults["jump_length"])
-    jump_n = int(jump_n if jump_n is not None else defaults["jump_n"])
-    feather = int(feather_voxels if feather_voxels is not None else defaults["feather_voxels"])
-    if feather < 0:
-        raise MeddiffError(f"feather_voxels must be >= 0, got {feather}")
-    precision = resolve_precision(precision or defaults["precision"], dev)
-    repaint_schedule(steps, jump_length, jump_n)  # validates
-    from napari_meddiff.diffusion.samplers import make_sampler
 
-    make_sampler(sampler, model.config["scheduler"], steps, eta)  # validates sampler and steps up front
-    condition_values = model.condition_values(conditions)  # validates names and ranges up front
 
-    original_ndim = image.array.ndim
-    img3 = Volume(_as3d(image.array, "the image"), image.affine)
+def _check_settings(model: DiffusionModel, settings: dict) -> None:
+    """The resolved settings as integers where they count, checked before any work: feathering, the RePaint
+    schedule, the sampler and its steps."""
+    for name in ("jump_length", "jump_n", "feather_voxels"):
+        settings[name] = int(settings[name])
+    if settings["feather_voxels"] < 0:
+        raise MeddiffError(f"feather_voxels must be >= 0, got {settings['feather_voxels']}")
+    repaint_schedule(settings["steps"], settings["jump_length"], settings["jump_n"])
+    make_sampler(settings["sampler"], model.config["scheduler"], settings["steps"], settings["eta"])
+
+
+def _checked_scan_and_mask(model: DiffusionModel, img3: Volume, mask, label: float | None) -> np.ndarray:
+    """The voxels to fill on the image's grid, once the image is known to be usable by the model."""
     if not np.issubdtype(img3.array.dtype, np.number) and img3.array.dtype != np.bool_:
         raise MeddiffError(f"image has non-numeric dtype {img3.array.dtype}")
     if model.spatial_dims == 3 and min(img3.shape) < 2:
         raise MeddiffError("a 3D model needs a 3D image; this image is a single slice (use a 2D model)")
     selected = mask_on_image(img3, mask, label)
+    check_scan_values(img3.array, "inpaint")
+    return selected
 
-    stride = max(1, math.ceil((img3.array.size / MAX_WINDOW_VOXELS) ** (1 / 3)))
-    if np.issubdtype(img3.array.dtype, np.floating) and not np.isfinite(img3.array).all():
-        bad = int(img3.array.size - np.count_nonzero(np.isfinite(img3.array)))
-        raise MeddiffError(f"the image has {bad} NaN or infinite voxels (replace them first)")
-    check_request_fits(
-        model,
-        batch=batch_size,
-        held_voxels=(candidates + 1) * float(img3.array.size),
-        what=f"{candidates} candidates of a {'x'.join(map(str, img3.shape))} image (batch {batch_size})",
-    )
-    sub = np.asarray(img3.array[::stride, ::stride, ::stride], dtype=np.float32)
-    if float(img3.array.max()) == float(img3.array.min()):
-        raise MeddiffError(
-            f"the image is constant ({float(img3.array.flat[0])} everywhere): there is no anatomy "
-            "or intensity scale to inpaint from"
-        )
-    window = intensity_window(sub, model.config.get("intensity"))
-    plan = _plan(model, img3, selected, window, ax if model.spatial_dims == 2 else axis, stride)
-    runner = _Runner(
-        model,
-        plan,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        jump_length=jump_length,
-        jump_n=jump_n,
-        precision=precision,
-        device=dev,
-        should_cancel=should_cancel,
-        conditions=condition_values,
-    )
-    paster = _Paster(img3, selected, plan.grid, window, feather)
 
-    units = runner.units(candidates, seed)
-    batches = [units[i : i + batch_size] for i in range(0, len(units), batch_size)]
-    total = len(batches) * runner.evals
-    every = preview_every if preview_every else max(1, runner.evals // 10)
-    grids = [plan.known.copy() for _ in range(candidates)]  # current grid image per candidate
+def _settings_record(settings: dict, runner: _Runner, label: float | None, selected: np.ndarray) -> dict:
+    """The settings part of an inpainted volume's provenance."""
+    s = settings
+    return {
+        "sampler": s["sampler"], "steps": s["steps"], "eta": s["eta"], "jump_length": s["jump_length"],
+        "jump_n": s["jump_n"], "network_evaluations_per_chain": runner.evals, "feather_voxels": s["feather_voxels"],
+        "label": None if label is None else float(label), "mask_voxels": int(np.count_nonzero(selected)),
+        "precision": s["precision"],
+    }  # fmt: skip
 
-    def emit_previews(batch, images: np.ndarray, info: StepInfo) -> None:
+
+class _Progress:
+    """Task-wide progress over every batch of chains, and previews of the candidates they belong to."""
+
+    def __init__(self, model, runner: _Runner, paster: _Paster, on_step, on_preview, preview_every, t_start):
+        self.model, self.runner, self.paster = model, runner, paster
+        self.on_step, self.on_preview, self.t_start = on_step, on_preview, t_start
+        self.every = preview_every if preview_every else max(1, runner.evals // 10)
+        self.done = 0
+        self.total = 0
+
+    def hook(self, batch, grids: list[np.ndarray]) -> Callable[[StepInfo], None]:
+        """The loop's step hook for one batch of (candidate, slice, seed) units."""
+        arrays = self.runner._arrays(batch) if self.on_preview is not None else None
+        base = self.done
+
+        def step_hook(info: StepInfo) -> None:
+            elapsed = time.perf_counter() - self.t_start
+            overall = StepInfo(base + info.index, self.total, info.timestep, info.pred_x0, elapsed)
+            if self.on_step is not None:
+                self.on_step(overall)
+            if self.on_preview is not None and (info.index % self.every == 0 or info.index == info.total):
+                self._previews(batch, grids, self.runner.preview(info.pred_x0, *arrays), overall)
+
+        return step_hook
+
+    def _previews(self, batch, grids: list[np.ndarray], images: np.ndarray, info: StepInfo) -> None:
         for c in sorted({u[0] for u in batch}):
-            if model.spatial_dims == 3:
+            if self.model.spatial_dims == 3:
                 grid_img = images[[i for i, u in enumerate(batch) if u[0] == c][0]]
             else:
                 grid_img = grids[c].copy()
                 for i, u in enumerate(batch):
                     if u[0] == c:
                         grid_img[:, :, u[1]] = images[i]
-            on_preview(InpaintPreview(info, c, paster.region, paster.patch(grid_img)))
+            self.on_preview(InpaintPreview(info, c, self.paster.region, self.paster.patch(grid_img)))
 
-    done = 0
+
+def _sample_candidates(
+    runner: _Runner, plan: _Plan, candidates: int, seed: int, batch_size: int, progress: _Progress, release_unet: bool
+) -> list[np.ndarray]:
+    """Every candidate's model-grid image: its chains (one, or one per slice) run ``batch_size`` at a time."""
+    units = runner.units(candidates, seed)
+    batches = [units[i : i + batch_size] for i in range(0, len(units), batch_size)]
+    progress.total = len(batches) * runner.evals
+    grids = [plan.known.copy() for _ in range(candidates)]  # current grid image per candidate
     for number, batch in enumerate(batches, 1):
-        state: dict = {}
-
-        def step_hook(info: StepInfo, batch=batch, base=done) -> None:
-            overall = StepInfo(base + info.index, total, info.timestep, info.pred_x0, time.perf_counter() - t_start)
-            if on_step is not None:
-                on_step(overall)
-            if on_preview is not None and (info.index % every == 0 or info.index == info.total):
-                state["last"] = info.index
-                emit_previews(batch, runner.preview(info.pred_x0, *state["arrays"]), overall)
-
-        if on_preview is not None:
-            state["arrays"] = runner._arrays(batch)
-        images, _, _ = runner.run(batch, step_hook, release_unet=release_unet and number == len(batches))
+        images, _, _ = runner.run(batch, progress.hook(batch, grids), release_unet and number == len(batches))
         images = images[:, 0].cpu().numpy()
         for i, (c, k, _) in enumerate(batch):
             if k is None:
                 grids[c] = images[i]
             else:
                 grids[c][:, :, k] = images[i]
-        done += runner.evals
+        progress.done += runner.evals
+    return grids
 
-    seconds = time.perf_counter() - t_start
-    source = image.metadata.get("source_path")
-    out: list[Volume] = []
-    for c in range(candidates):
-        result = np.array(image.array, copy=True)
-        view = result[..., None] if original_ndim == 2 else result
-        view[paster.region] = paster.patch(grids[c])
-        provenance = {
-            "task": "inpaint",
-            "model": model.name,
-            "model_sha256": model.weights_sha256,
-            "seed": int(seed),
-            "candidate": c + 1,
-            "candidate_seed": int(seed) + c,
-            "sampler": sampler,
-            "steps": steps,
-            "eta": eta,
-            "jump_length": jump_length,
-            "jump_n": jump_n,
-            "network_evaluations_per_chain": runner.evals,
-            "feather_voxels": feather,
-            "label": None if label is None else float(label),
-            "mask_voxels": int(np.count_nonzero(selected)),
-            **({"conditions": condition_values} if condition_values else {}),
-            "axis": (["sagittal", "coronal", "axial"][ax] if model.spatial_dims == 2 else None),
-            "slices": len(plan.slices) if model.spatial_dims == 2 else None,
-            "intensity_window": [float(window[0]), float(window[1])],
-            "model_grid_affine": plan.grid.affine.tolist(),
-            "model_grid_shape": list(plan.grid.shape),
-            "precision": precision,
-            "device": str(dev),
-            "package_version": __version__,
-            "source": source,
-            "seconds": round(seconds, 3),
-        }
-        meta = {k: v for k, v in image.metadata.items() if k not in ("source_path", "provenance")}
-        meta["provenance"] = provenance
-        meta["descrip"] = f"meddiff inpaint {model.name} seed {int(seed) + c}"
-        out.append(Volume(result, image.affine.copy(), meta))
-    return out
+
+def _candidate_volume(
+    image: Volume, paster: _Paster, grid: np.ndarray, record: dict, model_name: str, seed: int, c: int
+) -> Volume:
+    """Candidate ``c``: the input with its masked region replaced; the input's geometry and metadata."""
+    result = np.array(image.array, copy=True)
+    view = result[..., None] if image.array.ndim == 2 else result
+    view[paster.region] = paster.patch(grid)
+    meta = {k: v for k, v in image.metadata.items() if k not in ("source_path", "provenance")}
+    meta["provenance"] = {**record, "candidate": c + 1, "candidate_seed": seed + c}
+    meta["descrip"] = f"meddiff inpaint {model_name} seed {seed + c}"
+    return Volume(result, image.affine.copy(), meta)

@@ -44,7 +44,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from napari_meddiff import __version__
 from napari_meddiff.choices import COMBINE_METHODS, DEFAULT_COMBINE
 from napari_meddiff.diffusion.loop import StepInfo, denoise
 from napari_meddiff.diffusion.seeds import check_seed, initial_noise
@@ -57,14 +56,15 @@ from napari_meddiff.io.geometry import (
     slice_axis_order,
     snap_grid,
     world_axis,
+    world_box,
 )
 from napari_meddiff.io.intensity import intensity_window, normalise
 from napari_meddiff.io.volume import Volume
-from napari_meddiff.models import DiffusionModel, load_model
-from napari_meddiff.runtime.devices import resolve_device
+from napari_meddiff.models import DiffusionModel
 from napari_meddiff.runtime.memory import check_fits
-from napari_meddiff.runtime.precision import resolve_precision
 from napari_meddiff.tasks.footprint import check_request_fits
+from napari_meddiff.tasks.inputs import as_3d, check_finite_voxels, check_not_constant
+from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
 DEFAULT_ENSEMBLE = 5
 CONTENT_THRESHOLD = 0.15  # of the normalised intensity window: what counts as "content" for region="content"
@@ -153,10 +153,6 @@ class SegmentationPlan:
         return tuple(slice(s, s + n) for s, n in zip(start, t))
 
 
-def default_settings(model: DiffusionModel) -> dict:
-    return model.sampling_defaults
-
-
 def class_names(model: DiffusionModel) -> list[str]:
     seg = model.config.get("segmentation") or {}
     n = int(seg.get("num_classes", model.sample_shape[0]))
@@ -188,15 +184,6 @@ def check_segmentation_model(model: DiffusionModel) -> int:
 # --- geometry ------------------------------------------------------------------------------------
 
 
-def _as_3d(image: Volume) -> Volume:
-    arr = np.asarray(image.array)
-    if arr.ndim == 2:
-        return Volume(arr[..., None], image.affine, dict(image.metadata))
-    if arr.ndim != 3:
-        raise MeddiffError(f"segmentation needs a 2D or 3D image, got shape {arr.shape}")
-    return image
-
-
 def _content_box(norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Voxel index box (inclusive) of the scan's content: planes holding enough voxels above the threshold."""
     fg = norm > CONTENT_THRESHOLD
@@ -209,12 +196,6 @@ def _content_box(norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if keep.size:
             lo[a], hi[a] = keep[0], keep[-1]
     return lo, hi
-
-
-def _world_box(vol: Volume, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    corners = np.array([[i, j, k, 1.0] for i in (lo[0], hi[0]) for j in (lo[1], hi[1]) for k in (lo[2], hi[2])])
-    world = (vol.affine @ corners.T).T[:, :3]
-    return world.min(0), world.max(0)
 
 
 def _tile_starts(length: int, tile: int) -> list[int]:
@@ -246,16 +227,11 @@ def plan_segmentation(
 
     ``window``: the (low, high) scanner values mapped to 0 and 1; default: the model's intensity spec.
     """
-    image = _as_3d(image)
+    image = Volume(as_3d(image.array, "the image"), image.affine, dict(image.metadata))
     if region not in ("content", "full"):
         raise MeddiffError(f"region must be 'content' or 'full', not {region!r}")
     arr = np.asarray(image.array, dtype=np.float32)
-    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    if bad:
-        raise MeddiffError(
-            f"the image has {bad} NaN or infinite voxels; segmenting them would invent labels "
-            "(replace them first, e.g. with the background value)"
-        )
+    check_finite_voxels(arr, "segment")
     if window is None:
         window = intensity_window(arr, model.config.get("intensity"))
     elif not (np.isfinite(window).all() and float(window[1]) > float(window[0])):
@@ -266,7 +242,7 @@ def plan_segmentation(
         lo, hi = _content_box(norm)
     else:
         lo, hi = np.zeros(3, int), np.array(norm.shape) - 1
-    wlo, whi = _world_box(image, lo, hi)
+    wlo, whi = world_box(image.affine, lo, hi)
     tile = model.image_shape
     slicing = model.spatial_dims == 2
     if slicing:
@@ -283,7 +259,7 @@ def plan_segmentation(
         voxel = tuple(float(v) for v in model.voxel_size)
         axis_name = None
     margin = 2.0 * max(voxel)
-    flo, fhi = _world_box(image, np.zeros(3, int), np.array(norm.shape) - 1)
+    flo, fhi = world_box(image.affine, np.zeros(3, int), np.array(norm.shape) - 1)
     tiled_axes = 2 if slicing else 3
     shape, centre = [0, 0, 0], np.zeros(3)
     for g in range(3):
@@ -423,7 +399,7 @@ def run_members(
             sampler=sampler,
             steps=steps,
             generators=gens,
-            condition=cond,
+            image_condition=cond,
             on_step=hook,
             should_cancel=should_cancel,
             precision=precision,
@@ -497,7 +473,7 @@ def to_input_grid(
     plan: SegmentationPlan, probs: np.ndarray, uncertainty: np.ndarray, image: Volume
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model-grid probabilities/uncertainty -> input grid (linear); labels = argmax of the probabilities."""
-    ref = _as_3d(image)
+    ref = Volume(as_3d(image.array, "the image"), image.affine, dict(image.metadata))
     resampled = [grid_to_volume(p, plan.grid, ref).array for p in probs]
     p = np.stack(resampled, axis=-1).astype(np.float32)
     p = np.clip(p, 0.0, 1.0)
@@ -546,107 +522,67 @@ def segment(
     ``on_step`` gets a `SegmentProgress` after every denoising step.
     """
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    if not isinstance(model, DiffusionModel):
-        model = load_model(model, device=dev)
-    elif model.device != dev:
-        model.to(dev)
+    model, dev = prepare_model(model, device)
     n_classes = check_segmentation_model(model)
     if not isinstance(image, Volume):
         raise MeddiffError("image must be a Volume (see napari_meddiff.read_volume)")
     if int(ensemble) < 1:
         raise MeddiffError(f"ensemble size must be at least 1, got {ensemble}")
-    defaults = default_settings(model)
-    combine = combine or defaults.get("combine") or DEFAULT_COMBINE
+    settings = resolve_settings(
+        model, "segment", dev, sampler=sampler, steps=steps, precision=precision, combine=combine
+    )
+    combine = settings["combine"] = settings["combine"] or DEFAULT_COMBINE
     if combine not in COMBINE_METHODS:
         raise MeddiffError(f"combine must be one of {', '.join(COMBINE_METHODS)}, not {combine!r}")
-    sampler = sampler or defaults["sampler"]
-    steps = int(steps if steps is not None else defaults["steps"])
-    if steps < 1:
-        raise MeddiffError(f"steps must be a positive integer, got {steps}")
-    precision = resolve_precision(precision or defaults["precision"], dev)
+    if settings["steps"] < 1:
+        raise MeddiffError(f"steps must be a positive integer, got {settings['steps']}")
     batch_size = int(batch_size) if batch_size is not None else auto_batch_size(model, dev)
-    names = class_names(model)
-
     seed = check_seed(seed)
-    arr = np.asarray(image.array)
-    if arr.size == 0 or float(np.nanmax(arr)) == float(np.nanmin(arr)):
-        raise MeddiffError(
-            f"the image is constant ({float(arr.flat[0]) if arr.size else 'empty'} everywhere): "
-            "there is nothing to segment"
-        )
+    check_not_constant(np.asarray(image.array), "segment")
     plan = plan_segmentation(model, image, axis=axis, region=region, window=window)
-    tile_voxels = float(np.prod(plan.tile_shape))
     # members' results held until combined: uint8 labels (1/4 of a float32 voxel) or float16 probabilities
-    member_voxels = tile_voxels * (n_classes / 2 if combine == "probabilities" else 0.25)
+    member_voxels = float(np.prod(plan.tile_shape)) * (n_classes / 2 if combine == "probabilities" else 0.25)
+    outputs_voxels = (n_classes + 2) * float(np.prod(image.shape[:3]))  # probabilities, labels, uncertainty
     check_request_fits(
-        model,
-        batch=batch_size,
-        held_voxels=int(ensemble) * len(plan.starts) * member_voxels
-        + (n_classes + 2) * float(np.prod(image.shape[:3])),
-        what=f"an ensemble of {int(ensemble)} members (batch {batch_size})",
-    )
+        model, batch=batch_size, what=f"an ensemble of {int(ensemble)} members (batch {batch_size})",
+        held_voxels=int(ensemble) * len(plan.starts) * member_voxels + outputs_voxels,
+    )  # fmt: skip
     members = run_members(
-        model,
-        plan.item_images(),
-        list(range(int(ensemble))),
-        seed=seed,
-        sampler=sampler,
-        steps=steps,
-        precision=precision,
-        batch_size=batch_size,
-        on_step=on_step,
-        should_cancel=should_cancel,
-        probabilities=combine == "probabilities",
-    )
+        model, plan.item_images(), list(range(int(ensemble))), seed=seed, sampler=settings["sampler"],
+        steps=settings["steps"], precision=settings["precision"], batch_size=batch_size, on_step=on_step,
+        should_cancel=should_cancel, probabilities=combine == "probabilities",
+    )  # fmt: skip
     if combine == "probabilities":
         probs, unc = combine_probabilities(plan, members)
     else:
         probs, unc = combine_votes(plan, members, n_classes)
     labels, p, u = to_input_grid(plan, probs, unc, image)
-    volumes = label_volumes_ml(labels, image.affine, names)
-    provenance = {
-        "task": "segment",
-        "model": model.name,
-        "model_sha256": model.weights_sha256,
-        "classes": names,
-        "ensemble": int(ensemble),
-        "seed": int(seed),
-        "sampler": sampler,
-        "steps": steps,
-        "precision": precision,
-        "device": str(dev),
-        "batch_size": batch_size,
-        "axis": plan.axis,
-        "region": region,
-        "model_grid_shape": list(plan.grid.shape),
-        "model_voxel_size": [float(abs(v)) for v in np.sqrt((plan.grid.affine[:3, :3] ** 2).sum(0))],
-        "tiles": plan.num_items,
-        "intensity_window": [float(w) for w in plan.window],
-        "combine": combine,
-        "probabilities": PROBABILITY_DEFINITIONS[combine],
-        "uncertainty": UNCERTAINTY_DEFINITIONS[combine],
-        "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
-        "package_version": __version__,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    volumes = label_volumes_ml(labels, image.affine, class_names(model))
+    record = _segmentation_record(model, dev, plan, settings, ensemble=int(ensemble), seed=seed,
+                                  batch_size=batch_size, region=region, volumes=volumes)  # fmt: skip
+    record["seconds"] = round(time.perf_counter() - t0, 3)
     meta = {k: v for k, v in image.metadata.items() if k in ("qform_code", "sform_code", "format", "source_path")}
+
+    def output(array: np.ndarray, what: str) -> Volume:
+        descrip = f"meddiff segment {model.name} {what}"
+        return Volume(array, image.affine.copy(), {**meta, "descrip": descrip, "provenance": record})
+
     return SegmentationResult(
-        labels=Volume(
-            labels,
-            image.affine.copy(),
-            {**meta, "descrip": f"meddiff segment {model.name} labels", "provenance": provenance},
-        ),
-        probabilities=Volume(
-            p,
-            image.affine.copy(),
-            {**meta, "descrip": f"meddiff segment {model.name} probabilities", "provenance": provenance},
-        ),
-        uncertainty=Volume(
-            u,
-            image.affine.copy(),
-            {**meta, "descrip": f"meddiff segment {model.name} uncertainty", "provenance": provenance},
-        ),
-        volumes_ml=volumes,
-        provenance=provenance,
-    )
+        labels=output(labels, "labels"), probabilities=output(p, "probabilities"),
+        uncertainty=output(u, "uncertainty"), volumes_ml=volumes, provenance=record,
+    )  # fmt: skip
+
+
+def _segmentation_record(model, dev, plan: SegmentationPlan, settings: dict, *, ensemble: int, seed: int,
+                         batch_size: int, region: str, volumes: dict[str, float]) -> dict:  # fmt: skip
+    """What the segmentation outputs record: the model, the ensemble and its settings, the model grid."""
+    combine = settings["combine"]
+    return provenance(
+        model, dev, task="segment", classes=class_names(model), ensemble=ensemble, seed=seed,
+        sampler=settings["sampler"], steps=settings["steps"], precision=settings["precision"], batch_size=batch_size,
+        axis=plan.axis, region=region, model_grid_shape=list(plan.grid.shape),
+        model_voxel_size=[float(abs(v)) for v in np.sqrt((plan.grid.affine[:3, :3] ** 2).sum(0))],
+        tiles=plan.num_items, intensity_window=[float(w) for w in plan.window], combine=combine,
+        probabilities=PROBABILITY_DEFINITIONS[combine], uncertainty=UNCERTAINTY_DEFINITIONS[combine],
+        volumes_ml={k: round(v, 3) for k, v in volumes.items()},
+    )  # fmt: skip
