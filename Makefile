@@ -43,7 +43,7 @@ format: venv  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 	$(BIN)/ruff format $(LINT_PATHS)
 
-test: venv system-deps  ## the test suite under Xvfb (under 15 min on 2 cores)
+test: venv system-deps lint  ## lint, then the test suite under Xvfb (under 15 min on 2 cores)
 	$(XVFB) $(BIN)/python -m pytest -q
 
 test-slow: venv system-deps  ## slow checks: training, full benchmarks (-m slow)

@@ -20,7 +20,6 @@ from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import check_output_file, write_atomic
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 

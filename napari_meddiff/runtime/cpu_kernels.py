@@ -238,11 +238,6 @@ def hold_bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def holds_bf16_weights(module: torch.nn.Module) -> bool:
-    """True when `hold_bf16_weights` converted ``module``."""
-    return any(isinstance(sub, WEIGHT_LAYERS) and sub.weight.dtype == torch.bfloat16 for sub in module.modules())
-
-
 AMX_INPUT_CHUNK = 256  # input channels per convolution on AMX (see `bf16_weights_once`)
 
 
