@@ -62,12 +62,13 @@ def synthetic_brain() -> list[LayerDataTuple]:
     from napari_meddiff._napari.widgets.runner import leave_a_core_for_the_gui
     from napari_meddiff.models import load_model
     from napari_meddiff.runtime.devices import resolve_device
-    from napari_meddiff.tasks.generate import default_sampling, generate
+    from napari_meddiff.tasks.generate import generate
+    from napari_meddiff.tasks.settings import task_defaults
 
     leave_a_core_for_the_gui()  # this runs in napari's main thread
     device = resolve_device("auto")
     model = load_model(_sample_model(), device=device)
-    steps = min(int(default_sampling(model)["steps"]), SAMPLE_MAX_STEPS)
+    steps = min(int(task_defaults(model, "generate")["steps"]), SAMPLE_MAX_STEPS)
     (vol,) = generate(model, [SAMPLE_SEED], steps=steps, device=str(device))
     name = f"{model.name}_seed{SAMPLE_SEED}"
     return [volume_to_layer_data(vol, name, layer_type="image", contrast_limits=(0.0, 1.0))]

@@ -50,7 +50,7 @@ class ResultEvent:
 
 def inpaint_defaults(info: ModelInfo) -> dict[str, int]:
     """Jump length, jumps and feathering the core uses for this model (model.json ``inpaint`` wins)."""
-    from napari_meddiff.tasks.inpaint import DEFAULT_FEATHER, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N
+    from napari_meddiff.tasks.settings import DEFAULT_FEATHER, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N
 
     out = {
         "jump_length": DEFAULT_JUMP_LENGTH.get(info.kind, 5),
