@@ -1,29 +1,21 @@
-"""Parts shared by the napari-meddiff dock widgets.
+"""Controls the dock widgets share; no worker threads here (those are in `runner`).
 
+* `ModelInfo` - what a picker knows about a model folder, from ``model.json`` alone.
 * `ModelPicker` - models of some kinds found on the model search path, plus "Open model folder...".
 * `DevicePicker` - auto / cpu / cuda, showing what this machine has.
 * `SamplingControls` - sampler, steps and seed (+ Random) rows for a ``QFormLayout``.
-* `ProgressRow` - progress bar, "12/20 steps · 7 s left" text and a Cancel button.
-* `TaskRunner` + `TaskContext` - run a task (plain function of a `TaskContext`, no Qt inside) in a napari
-  ``thread_worker`` (generator style: every progress report or event is a yield), route errors to
-  ``show_error`` with a one-line message, cancel within one step, and re-enable the widget afterwards.
-* `load_model_cached` - `zoo.load_model` with a small cache (loads are sha256-checked, so not free).
+* `Progress` + `ProgressRow` - a task's progress report, and the bar, "12/20 steps · 7 s left" text and
+  Cancel button that show it; `format_seconds` for "7 s", "3 min 05 s", "1 h 02 min".
+* `settings_form`, `add_model_rows`, `stack_vertically` - the layout every task widget uses: a form of
+  settings (its "Model" row with the model's summary under it), then buttons and progress, top to bottom.
 
-A task widget (see ``generate.py``)::
+A task widget's settings (see ``generate.py``)::
 
-    self.model_picker = ModelPicker(kinds=("segmentation",)); self.model_picker.changed.connect(...)
-    self.sampling = SamplingControls(self); self.sampling.add_rows(form)   # + set_defaults(info), values()
-    self.device = DevicePicker()                                          # .device() -> "auto"/"cpu"/"cuda"
-    self.progress = ProgressRow()
-    self.runner = TaskRunner(self.progress, [settings, button], title="Segment", parent=self)
-
-    def task(ctx: TaskContext):                      # worker thread, no Qt
-        model = load_model_cached(ref, device)
-        ...core call with on_step=ctx.step_callback(0, steps), should_cancel=ctx.should_cancel...
-        ctx.emit(MyEvent(...))                       # -> on_event(event) in the main thread
-        return result                                # -> on_result(result)
-
-    self.runner.start(task, on_event=..., on_result=..., on_stop=lambda outcome: ..., text="Loading…")
+    self.settings, form = settings_form()
+    self.model_summary = add_model_rows(form, self.model_picker)  # ModelPicker(kinds=...): .changed, .current()
+    self.sampling.add_rows(form)                                  # SamplingControls(self): .set_defaults(info)
+    form.addRow("Device", self.device)                            # DevicePicker(): .device() -> "auto"/"cpu"/"cuda"
+    stack_vertically(self, [self.settings, self.run_button, self.progress])
 """
 
 from __future__ import annotations
@@ -288,6 +280,34 @@ class SamplingControls(QObject):
     def values(self) -> tuple[str, int, int]:
         """(sampler, steps, seed)."""
         return self.sampler.currentText(), self.steps.value(), self.seed.value()
+
+
+def settings_form() -> tuple[QWidget, QFormLayout]:
+    """A widget holding an empty form for a task's settings (no margins, editors as wide as the panel)."""
+    settings = QWidget()
+    form = QFormLayout(settings)
+    form.setContentsMargins(0, 0, 0, 0)
+    form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+    return settings, form
+
+
+def add_model_rows(form: QFormLayout, picker: ModelPicker) -> QLabel:
+    """Add the "Model" row and, under it, a grey label for the model's summary (returned)."""
+    summary = QLabel()
+    summary.setWordWrap(True)
+    summary.setStyleSheet("color: gray;")
+    form.addRow("Model", picker)
+    form.addRow("", summary)
+    return summary
+
+
+def stack_vertically(parent: QWidget, widgets: Sequence[QWidget]) -> QVBoxLayout:
+    """Lay ``widgets`` out in ``parent`` top to bottom, the spare room left below them."""
+    layout = QVBoxLayout(parent)
+    for widget in widgets:
+        layout.addWidget(widget)
+    layout.addStretch(1)
+    return layout
 
 
 def format_seconds(seconds: float) -> str:

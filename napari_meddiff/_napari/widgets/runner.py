@@ -1,4 +1,25 @@
-"""Running a task from a widget: the worker thread, progress and cancel, and the model cache."""
+"""Where a widget starts its worker thread.
+
+* `TaskRunner` - runs one task at a time for a widget in a napari ``thread_worker``: drives its
+  `ProgressRow`, locks the widget's controls meanwhile, cancels within one step, and turns errors into a
+  one-line napari notification.
+* `TaskContext` - what the task (a plain function, no Qt inside) gets in the worker thread: progress
+  reports, events for the widget, the cancel check.
+* `load_model_cached` - `load_model` with a small cache (loads are sha256-checked, so not free).
+
+A task widget (see ``generate.py``)::
+
+    self.progress = ProgressRow()
+    self.runner = TaskRunner(self.progress, [settings, button], title="Segment", parent=self)
+
+    def task(ctx: TaskContext):                      # worker thread, no Qt
+        model = load_model_cached(ref, device)
+        ...core call with on_step=ctx.step_callback(0, steps), should_cancel=ctx.should_cancel...
+        ctx.emit(MyEvent(...))                       # -> on_event(event) in the main thread
+        return result                                # -> on_result(result)
+
+    self.runner.start(task, on_event=..., on_result=..., on_stop=lambda outcome: ..., text="Loading…")
+"""
 
 from __future__ import annotations
 
@@ -15,9 +36,7 @@ from typing import Any
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import (
-    QWidget,
-)
+from qtpy.QtWidgets import QWidget
 
 from napari_meddiff._napari.widgets.controls import Progress, ProgressRow, format_seconds
 from napari_meddiff.errors import Cancelled, MeddiffError
