@@ -10,20 +10,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import (
-    QFileDialog,
-    QFormLayout,
-    QLabel,
-    QMessageBox,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QFileDialog, QMessageBox, QPushButton, QSpinBox, QWidget
 
 from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to_layer_data
 from napari_meddiff._napari.widgets.conditions import ConditionControls
-from napari_meddiff._napari.widgets.controls import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls
+from napari_meddiff._napari.widgets.controls import (
+    DevicePicker,
+    ModelInfo,
+    ModelPicker,
+    ProgressRow,
+    SamplingControls,
+    add_model_rows,
+    settings_form,
+    stack_vertically,
+)
 from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
 from napari_meddiff._napari.writer import save_layer_data
 from napari_meddiff.errors import MeddiffError
@@ -100,10 +100,30 @@ class GenerateWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
+        self._create_editors()
+        self.settings = self._settings_form()
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setToolTip("Sample new volumes; each becomes an image layer <model>_seed<S>")
+        self.progress = ProgressRow()
+        self.save_button = QPushButton("Save as NIfTI…")
+        self.save_button.setToolTip("Save the selected image or labels layer (world geometry and provenance kept)")
+        stack_vertically(self, [self.settings, self.generate_button, self.progress, self.save_button])
+
+        controls = [self.settings, self.generate_button, self.save_button]
+        self.runner = TaskRunner(self.progress, controls, title="Generate", parent=self)
+        self.runner.running_changed.connect(self._sync_buttons)
+        self.model_picker.changed.connect(self._on_model_changed)
+        self.generate_button.clicked.connect(self.run)
+        self.save_button.clicked.connect(self.save_selected)
+        self._info: ModelInfo | None = None
+        self._pending: Layer | None = None  # the layer the running chain fills
+        self._pending_seeds: list[int] = []
+        self._results: list[Layer] = []
+        self._on_model_changed(self.model_picker.current())
+
+    def _create_editors(self) -> None:
+        """The settings' editors, with their ranges and tooltips."""
         self.model_picker = ModelPicker(kinds=GENERATIVE_KINDS)
-        self.model_summary = QLabel()
-        self.model_summary.setWordWrap(True)
-        self.model_summary.setStyleSheet("color: gray;")
         self.sampling = SamplingControls(self)
         self.conditions = ConditionControls()
         self.num_samples = QSpinBox()
@@ -118,43 +138,16 @@ class GenerateWidget(QWidget):
         self.preview_every.setSuffix(" steps")
         self.preview_every.setToolTip("Show the denoising chain every N steps (decoding costs a little time); 0 = off")
 
-        self.settings = QWidget()
-        form = QFormLayout(self.settings)
-        form.setContentsMargins(0, 0, 0, 0)
-        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
-        form.addRow("Model", self.model_picker)
-        form.addRow("", self.model_summary)
+    def _settings_form(self) -> QWidget:
+        settings, form = settings_form()
+        self.model_summary = add_model_rows(form, self.model_picker)
         form.addRow(self.conditions)
         self.sampling.add_rows(form)
         form.addRow("Samples", self.num_samples)
         form.addRow("Device", self.device)
         form.addRow("Preview", self.preview_every)
         self._preview_label = form.labelForField(self.preview_every)
-
-        self.generate_button = QPushButton("Generate")
-        self.generate_button.setToolTip("Sample new volumes; each becomes an image layer <model>_seed<S>")
-        self.progress = ProgressRow()
-        self.save_button = QPushButton("Save as NIfTI…")
-        self.save_button.setToolTip("Save the selected image or labels layer (world geometry and provenance kept)")
-
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.settings)
-        layout.addWidget(self.generate_button)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.save_button)
-        layout.addStretch(1)
-
-        controls = [self.settings, self.generate_button, self.save_button]
-        self.runner = TaskRunner(self.progress, controls, title="Generate", parent=self)
-        self.runner.running_changed.connect(self._sync_buttons)
-        self.model_picker.changed.connect(self._on_model_changed)
-        self.generate_button.clicked.connect(self.run)
-        self.save_button.clicked.connect(self.save_selected)
-        self._info: ModelInfo | None = None
-        self._pending: Layer | None = None  # the layer the running chain fills
-        self._pending_seeds: list[int] = []
-        self._results: list[Layer] = []
-        self._on_model_changed(self.model_picker.current())
+        return settings
 
     # --- settings ---
 

@@ -14,11 +14,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QPushButton, QSpinBox, QWidget
 
 from napari_meddiff._napari.layers import layer_to_volume, volume_to_layer_data
 from napari_meddiff._napari.widgets.conditions import ConditionControls
-from napari_meddiff._napari.widgets.controls import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls
+from napari_meddiff._napari.widgets.controls import (
+    DevicePicker,
+    ModelInfo,
+    ModelPicker,
+    ProgressRow,
+    SamplingControls,
+    add_model_rows,
+    settings_form,
+    stack_vertically,
+)
 from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
@@ -163,9 +172,30 @@ class InpaintWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
-        self.image_combo = LayerCombo(napari_viewer, Image)
+        self._create_mask_editors()
+        self.model_picker = ModelPicker(kinds=("ddpm", "ldm"))
+        self.conditions = ConditionControls(guidance=False)
+        self.sampling = SamplingControls(self)
+        self._create_fill_editors()
+        self.device = DevicePicker()
+        self.settings = self._settings_form()
+        self.inpaint_button = QPushButton("Inpaint")
+        self.inpaint_button.setToolTip("Fill the masked region; outside the mask nothing changes")
+        self.progress = ProgressRow()
+        stack_vertically(self, [self.settings, self.inpaint_button, self.progress])
+
+        self.runner = TaskRunner(self.progress, [self.settings, self.inpaint_button], title="Inpaint", parent=self)
+        self._connect_signals()
+        self._preview_layer: Layer | None = None
+        self._results: list[Layer] = []
+        self._source: Layer | None = None
+        self._on_model_changed(self.model_picker.current())
+
+    def _create_mask_editors(self) -> None:
+        """The scan, the Labels layer with the region and which label value it is, and "New mask"."""
+        self.image_combo = LayerCombo(self.viewer, Image)
         self.image_combo.setToolTip("The scan to fill")
-        self.labels_combo = LayerCombo(napari_viewer, Labels)
+        self.labels_combo = LayerCombo(self.viewer, Labels)
         self.labels_combo.setToolTip("The Labels layer holding the region to fill (paint it with the brush)")
         self.new_mask_button = QPushButton("New mask")
         self.new_mask_button.setToolTip("Add an empty Labels layer on the scan's grid and start painting")
@@ -173,12 +203,9 @@ class InpaintWidget(QWidget):
         self.label_value.setRange(0, 2**31 - 1)
         self.label_value.setSpecialValueText("all non-zero")
         self.label_value.setToolTip("Which label value is the region to fill (all non-zero: every painted voxel)")
-        self.model_picker = ModelPicker(kinds=("ddpm", "ldm"))
-        self.conditions = ConditionControls(guidance=False)
-        self.model_summary = QLabel()
-        self.model_summary.setWordWrap(True)
-        self.model_summary.setStyleSheet("color: gray;")
-        self.sampling = SamplingControls(self)
+
+    def _create_fill_editors(self) -> None:
+        """Candidates, slice axis, RePaint resampling, feathering and the live preview switch."""
         self.candidates = QSpinBox()
         self.candidates.setRange(1, MAX_CANDIDATES)
         self.candidates.setToolTip("Fills to choose from, with seeds seed, seed+1, ...; each becomes a layer")
@@ -199,21 +226,17 @@ class InpaintWidget(QWidget):
         self.feather.setRange(0, 10)
         self.feather.setSuffix(" voxels")
         self.feather.setToolTip("Blend the fill's border with the original over this many voxels, inside the mask only")
-        self.device = DevicePicker()
         self.preview = QCheckBox("live preview")
         self.preview.setChecked(True)
         self.preview.setToolTip("Show the current estimate while the model runs (on a copy of the scan)")
 
-        self.settings = QWidget()
-        form = QFormLayout(self.settings)
-        form.setContentsMargins(0, 0, 0, 0)
-        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+    def _settings_form(self) -> QWidget:
+        settings, form = settings_form()
         form.addRow("Image", self.image_combo)
         form.addRow("Mask", self.labels_combo)
         form.addRow("", self.new_mask_button)
         form.addRow("Label", self.label_value)
-        form.addRow("Model", self.model_picker)
-        form.addRow("", self.model_summary)
+        self.model_summary = add_model_rows(form, self.model_picker)
         form.addRow(self.conditions)
         self.sampling.add_rows(form)
         form.addRow("Candidates", self.candidates)
@@ -224,17 +247,9 @@ class InpaintWidget(QWidget):
         form.addRow("Feather", self.feather)
         form.addRow("Device", self.device)
         form.addRow("", self.preview)
+        return settings
 
-        self.inpaint_button = QPushButton("Inpaint")
-        self.inpaint_button.setToolTip("Fill the masked region; outside the mask nothing changes")
-        self.progress = ProgressRow()
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.settings)
-        layout.addWidget(self.inpaint_button)
-        layout.addWidget(self.progress)
-        layout.addStretch(1)
-
-        self.runner = TaskRunner(self.progress, [self.settings, self.inpaint_button], title="Inpaint", parent=self)
+    def _connect_signals(self) -> None:
         self.runner.running_changed.connect(self._sync)
         self.model_picker.changed.connect(self._on_model_changed)
         self.image_combo.currentIndexChanged.connect(self._sync)
@@ -242,10 +257,6 @@ class InpaintWidget(QWidget):
         self.jump_n.valueChanged.connect(self._sync)
         self.new_mask_button.clicked.connect(self.new_mask)
         self.inpaint_button.clicked.connect(self.run)
-        self._preview_layer: Layer | None = None
-        self._results: list[Layer] = []
-        self._source: Layer | None = None
-        self._on_model_changed(self.model_picker.current())
 
     # --- settings ---
 

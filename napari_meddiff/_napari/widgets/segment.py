@@ -20,18 +20,25 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGridLayout,
     QHeaderView,
-    QLabel,
     QProgressBar,
     QPushButton,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to_layer_data
-from napari_meddiff._napari.widgets.controls import DevicePicker, ModelInfo, ModelPicker, ProgressRow, SamplingControls
+from napari_meddiff._napari.widgets.controls import (
+    DevicePicker,
+    ModelInfo,
+    ModelPicker,
+    ProgressRow,
+    SamplingControls,
+    add_model_rows,
+    settings_form,
+    stack_vertically,
+)
 from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
 from napari_meddiff.choices import COMBINE_METHODS, DEFAULT_COMBINE
 from napari_meddiff.errors import MeddiffError
@@ -146,6 +153,29 @@ class MemberBars(QWidget):
             bar.setValue(0)
 
 
+def class_volume_table() -> QTableWidget:
+    """An empty, read-only table of class names and volumes in mL (filled after a run)."""
+    table = QTableWidget(0, 2)
+    table.setHorizontalHeaderLabels(["Class", "Volume (mL)"])
+    table.verticalHeader().setVisible(False)
+    table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+    table.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
+    table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeToContents)
+    table.setToolTip("Voxels of each label in the image grid x voxel volume")
+    return table
+
+
+def class_colormap(count: int) -> dict[str, Any]:
+    """``colormap=`` for a labels layer of ``count`` classes in CLASS_COLORS; none (napari's cycle) for more."""
+    if count > len(CLASS_COLORS):
+        return {}
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {None: (0, 0, 0, 0)}
+    colors.update({c: CLASS_COLORS[c] for c in range(count)})
+    return {"colormap": DirectLabelColormap(color_dict=colors)}
+
+
 class SegmentWidget(QWidget):
     """Image layer, model, ensemble size, sampler, steps, seed, slice axis (2D models), device; Segment/Cancel;
     results as layers plus a class-volume table."""
@@ -153,12 +183,32 @@ class SegmentWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
+        self._create_editors()
+        self.settings = self._settings_form()
+        self.segment_button = QPushButton("Segment")
+        self.segment_button.setToolTip(
+            "Segment the image; results become layers <image> labels / uncertainty / P(class)"
+        )
+        self.progress = ProgressRow()
+        self.member_bars = MemberBars()
+        probability_row = self._probability_row()
+        self.table = class_volume_table()
+        parts = [self.settings, self.segment_button, self.progress, self.member_bars, probability_row, self.table]
+        stack_vertically(self, parts)
+
+        self.runner = TaskRunner(self.progress, [self.settings, self.segment_button], title="Segment", parent=self)
+        self.result: SegmentationResult | None = None
+        self.result_layers: dict[str, Layer] = {}
+        self._source_name = ""
+        self._connect_signals()
+        self._refresh_images()
+        self._on_model_changed(self.model_picker.current())
+
+    def _create_editors(self) -> None:
+        """The settings' editors, with their ranges and tooltips, and the result's "Probability of" choice."""
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("The scan to segment (any size, voxel size and orientation)")
         self.model_picker = ModelPicker(kinds=("segmentation",))
-        self.model_summary = QLabel()
-        self.model_summary.setWordWrap(True)
-        self.model_summary.setStyleSheet("color: gray;")
         self.ensemble = QSpinBox()
         self.ensemble.setRange(1, 100)
         self.ensemble.setValue(5)
@@ -181,63 +231,34 @@ class SegmentWidget(QWidget):
         self.probability_class = QComboBox()
         self.probability_class.setToolTip("Which class the probability layer shows")
 
-        self.settings = QWidget()
-        form = QFormLayout(self.settings)
-        form.setContentsMargins(0, 0, 0, 0)
-        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+    def _settings_form(self) -> QWidget:
+        settings, form = settings_form()
         form.addRow("Image", self.image_combo)
-        form.addRow("Model", self.model_picker)
-        form.addRow("", self.model_summary)
+        self.model_summary = add_model_rows(form, self.model_picker)
         form.addRow("Ensemble", self.ensemble)
         form.addRow("Combine", self.combine)
         self.sampling.add_rows(form)
         form.addRow("Slices", self.axis)
         self._axis_label = form.labelForField(self.axis)
         form.addRow("Device", self.device)
+        return settings
 
-        self.segment_button = QPushButton("Segment")
-        self.segment_button.setToolTip(
-            "Segment the image; results become layers <image> labels / uncertainty / P(class)"
-        )
-        self.progress = ProgressRow()
-        self.member_bars = MemberBars()
-        prob_row = QWidget()
-        prob_form = QFormLayout(prob_row)
-        prob_form.setContentsMargins(0, 0, 0, 0)
-        prob_form.addRow("Probability of", self.probability_class)
-        self.table = QTableWidget(0, 2)
-        self.table.setHorizontalHeaderLabels(["Class", "Volume (mL)"])
-        self.table.verticalHeader().setVisible(False)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
-        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeToContents)
-        self.table.setToolTip("Voxels of each label in the image grid x voxel volume")
+    def _probability_row(self) -> QWidget:
+        row = QWidget()
+        form = QFormLayout(row)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.addRow("Probability of", self.probability_class)
+        return row
 
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.settings)
-        layout.addWidget(self.segment_button)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.member_bars)
-        layout.addWidget(prob_row)
-        layout.addWidget(self.table)
-        layout.addStretch(1)
-
-        self.runner = TaskRunner(self.progress, [self.settings, self.segment_button], title="Segment", parent=self)
+    def _connect_signals(self) -> None:
         self.runner.running_changed.connect(self._sync_buttons)
         self.model_picker.changed.connect(self._on_model_changed)
         self.segment_button.clicked.connect(self.run)
         self.probability_class.currentIndexChanged.connect(self._show_probability)
-        self.result: SegmentationResult | None = None
-        self.result_layers: dict[str, Layer] = {}
-        self._source_name = ""
-        self._pending_fractions: tuple[float, ...] | None = None
-
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh_images)
         self.viewer.layers.selection.events.active.connect(self._on_active_layer)
-        self._refresh_images()
-        self._on_model_changed(self.model_picker.current())
 
     # --- image layers ---
 
@@ -389,12 +410,6 @@ class SegmentWidget(QWidget):
         self.result = result
         names = list(result.volumes_ml)
         base = self._source_name
-        colors = {None: (0, 0, 0, 0)}
-        colors.update({c: CLASS_COLORS[c] for c in range(min(len(names), len(CLASS_COLORS)))})
-        from napari.utils.colormaps import DirectLabelColormap
-
-        cmap = DirectLabelColormap(color_dict=colors) if len(names) <= len(CLASS_COLORS) else None
-        extra = {"colormap": cmap} if cmap is not None else {}
         labels = self._replace(
             "labels",
             volume_to_layer_data(
@@ -403,16 +418,10 @@ class SegmentWidget(QWidget):
                 layer_type="labels",
                 opacity=0.5,
                 features={"index": list(range(len(names))), "class": names},
-                **extra,
+                **class_colormap(len(names)),
             ),
         )
-        keep = self.probability_class.currentText()
-        blocked = self.probability_class.blockSignals(True)
-        self.probability_class.clear()
-        self.probability_class.addItems(names)
-        self.probability_class.setCurrentText(keep if keep in names else names[min(1, len(names) - 1)])
-        self.probability_class.blockSignals(blocked)
-        c = self.probability_class.currentIndex()
+        c = self._offer_probability_classes(names)
         self.result_layers = {"labels": labels}
         self.result_layers["probability"] = self._replace(
             "probability",
@@ -444,6 +453,16 @@ class SegmentWidget(QWidget):
             self.viewer.layers.selection.active = labels
         if len(self.viewer.layers) == 4:  # the image and our three layers: a fresh view
             show_axial(self.viewer, labels)
+
+    def _offer_probability_classes(self, names: list[str]) -> int:
+        """Put ``names`` in the "Probability of" choice, keeping the class chosen before (else class 1)."""
+        keep = self.probability_class.currentText()
+        blocked = self.probability_class.blockSignals(True)
+        self.probability_class.clear()
+        self.probability_class.addItems(names)
+        self.probability_class.setCurrentText(keep if keep in names else names[min(1, len(names) - 1)])
+        self.probability_class.blockSignals(blocked)
+        return self.probability_class.currentIndex()
 
     def _probability_volume(self, c: int) -> Volume:
         assert self.result is not None
