@@ -79,6 +79,34 @@ class ReviewWidget(QWidget):
 
     def _build(self) -> None:
         root = QVBoxLayout(self)
+        root.addWidget(self._study_box())
+        self.progress_label = QLabel("No study open")
+        self.progress_label.setStyleSheet("font-weight: bold")
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setTextVisible(False)
+        self.progress_bar.setMaximumHeight(8)
+        root.addWidget(self.progress_label)
+        root.addWidget(self.progress_bar)
+        root.addWidget(self._call_box())
+        root.addWidget(self._realism_box())
+        root.addWidget(self._artefact_box())
+        self.comment_edit = QLineEdit()
+        self.comment_edit.setPlaceholderText("comment (C), optional")
+        root.addWidget(self.comment_edit)
+        root.addLayout(self._navigation_row())
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        root.addWidget(self.status_label)
+        keys = QLabel(SHORTCUT_HELP)
+        keys.setWordWrap(True)
+        keys.setStyleSheet("color: gray")
+        root.addWidget(keys)
+        root.addStretch(1)
+        for b in [*self.call_buttons.values(), *self.realism_buttons]:
+            b.toggled.connect(self._update_buttons)
+
+    def _study_box(self) -> QGroupBox:
+        """Study folder (+ Browse), reader name and Start / resume."""
         setup = QGroupBox("Study")
         form = QFormLayout(setup)
         self.folder_edit = QLineEdit()
@@ -95,77 +123,60 @@ class ReviewWidget(QWidget):
         self.start_button = QPushButton("Start / resume")
         self.start_button.clicked.connect(self.start)
         form.addRow(self.start_button)
-        root.addWidget(setup)
+        return setup
 
-        self.progress_label = QLabel("No study open")
-        self.progress_label.setStyleSheet("font-weight: bold")
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setTextVisible(False)
-        self.progress_bar.setMaximumHeight(8)
-        root.addWidget(self.progress_label)
-        root.addWidget(self.progress_bar)
-
-        q1 = QGroupBox("Real or synthetic?")
+    def _call_box(self) -> QGroupBox:
+        """The forced choice: real or synthetic."""
+        box = QGroupBox("Real or synthetic?")
         self.call_group = QButtonGroup(self)
         self.call_buttons: dict[str, QRadioButton] = {}
-        lay = QHBoxLayout(q1)
+        row = QHBoxLayout(box)
         for call in CALLS:
-            rb = QRadioButton(f"{call.capitalize()} ({call[0].upper()})")
-            self.call_group.addButton(rb)
-            self.call_buttons[call] = rb
-            lay.addWidget(rb)
-        root.addWidget(q1)
+            button = QRadioButton(f"{call.capitalize()} ({call[0].upper()})")
+            self.call_group.addButton(button)
+            self.call_buttons[call] = button
+            row.addWidget(button)
+        return box
 
-        q2 = QGroupBox("Realism")
+    def _realism_box(self) -> QGroupBox:
+        """Realism 1-5, with what the ends of the scale mean under them."""
+        box = QGroupBox("Realism")
         self.realism_group = QButtonGroup(self)
         self.realism_buttons: list[QRadioButton] = []
-        grid = QGridLayout(q2)
+        grid = QGridLayout(box)
         for r in range(1, 6):
-            rb = QRadioButton(str(r))
-            self.realism_group.addButton(rb, r)
-            self.realism_buttons.append(rb)
-            grid.addWidget(rb, 0, r - 1)
+            button = QRadioButton(str(r))
+            self.realism_group.addButton(button, r)
+            self.realism_buttons.append(button)
+            grid.addWidget(button, 0, r - 1)
         for text, col, align in (("clearly artificial", 0, Qt.AlignLeft), ("fully realistic", 3, Qt.AlignRight)):
             hint = QLabel(text)
             hint.setStyleSheet("color: gray")
             grid.addWidget(hint, 1, col, 1, 2, align)
-        root.addWidget(q2)
+        return box
 
-        q3 = QGroupBox("Artefacts (optional)")
-        grid = QGridLayout(q3)
+    def _artefact_box(self) -> QGroupBox:
+        """One check box per artefact, two columns."""
+        box = QGroupBox("Artefacts (optional)")
+        grid = QGridLayout(box)
         self.artefact_boxes: dict[str, QCheckBox] = {}
         for n, art in enumerate(ARTEFACTS):
-            cb = QCheckBox(f"{art[0].upper()}{art[1:]} ({ARTEFACT_KEYS[art]})")
-            self.artefact_boxes[art] = cb
-            grid.addWidget(cb, n // 2, n % 2)
-        root.addWidget(q3)
+            check = QCheckBox(f"{art[0].upper()}{art[1:]} ({ARTEFACT_KEYS[art]})")
+            self.artefact_boxes[art] = check
+            grid.addWidget(check, n // 2, n % 2)
+        return box
 
-        self.comment_edit = QLineEdit()
-        self.comment_edit.setPlaceholderText("comment (C), optional")
-        root.addWidget(self.comment_edit)
-
+    def _navigation_row(self) -> QHBoxLayout:
+        """Previous, and Save && next (the default button)."""
         nav = QHBoxLayout()
         self.prev_button = QPushButton("◀ Previous (P)")
         self.next_button = QPushButton("Save && next (Enter) ▶")
         self.next_button.setDefault(True)
         nav.addWidget(self.prev_button)
         nav.addWidget(self.next_button, 1)
-        root.addLayout(nav)
         self.prev_button.clicked.connect(self.previous_case)
         self.next_button.clicked.connect(self.next_case)
-
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        root.addWidget(self.status_label)
-        keys = QLabel(SHORTCUT_HELP)
-        keys.setWordWrap(True)
-        keys.setStyleSheet("color: gray")
-        root.addWidget(keys)
-
-        root.addStretch(1)
-
-        for b in [*self.call_buttons.values(), *self.realism_buttons]:
-            b.toggled.connect(self._update_buttons)
+        return nav
 
     def _shortcuts(self) -> None:
         keys: list[tuple[list, Callable[[], None]]] = [
