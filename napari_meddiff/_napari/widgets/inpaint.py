@@ -57,19 +57,6 @@ class ResultEvent:
     volume: Volume
 
 
-def inpaint_defaults(info: ModelInfo) -> dict[str, int]:
-    """Jump length, jumps and feathering the core uses for this model (model.json ``inpaint`` wins)."""
-    from napari_meddiff.tasks.settings import DEFAULT_FEATHER, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N
-
-    out = {
-        "jump_length": DEFAULT_JUMP_LENGTH.get(info.kind, 5),
-        "jump_n": DEFAULT_JUMP_N.get(info.kind, 1),
-        "feather_voxels": DEFAULT_FEATHER.get(info.kind, 0),
-    }
-    out.update({k: v for k, v in info.config.get("inpaint", {}).items() if k in out})
-    return out
-
-
 def inpaint_task(
     ctx: TaskContext,
     *,
@@ -271,6 +258,8 @@ class InpaintWidget(QWidget):
         self.jump_length.setEnabled(self.jump_n.value() > 1)
 
     def _on_model_changed(self, info: ModelInfo | None) -> None:
+        from napari_meddiff.tasks.settings import task_defaults  # torch: not at the widget's import
+
         self._sync()
         self.conditions.set_model(info)
         if info is None:
@@ -278,7 +267,7 @@ class InpaintWidget(QWidget):
             return
         self.model_summary.setText(info.summary())
         self.sampling.set_defaults(info)
-        defaults = inpaint_defaults(info)
+        defaults = task_defaults(info, "inpaint")
         self.jump_length.setValue(int(defaults["jump_length"]))
         self.jump_n.setValue(int(defaults["jump_n"]))
         self.feather.setValue(int(defaults["feather_voxels"]))
