@@ -129,13 +129,16 @@ def fmt_minutes(m: float) -> str:
     return f"{m:.1f} min"
 
 
+KIND_TEXT = {
+    "ddpm": "pixel-space denoising diffusion model (DDPM)",
+    "ldm": "latent diffusion model (AutoencoderKL + diffusion UNet on scaled latents)",
+    "segmentation": "image-conditioned segmentation diffusion model (denoises one-hot labels given the image)",
+}
+
+
 def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, Any]) -> str:
-    kind_text = {
-        "ddpm": "pixel-space denoising diffusion model (DDPM)",
-        "ldm": "latent diffusion model (AutoencoderKL + diffusion UNet on scaled latents)",
-        "segmentation": "image-conditioned segmentation diffusion model (denoises one-hot labels given the image)",
-    }[cfg["kind"]]
-    data = summary["data"]
+    """MODEL_CARD.md of a trained model: what it is, how it was trained, its limits and a Measured section to fill."""
+    kind_text = KIND_TEXT[cfg["kind"]]
     lines = [
         f"# {cfg['name']}",
         "",
@@ -143,135 +146,15 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         "",
         "## Model",
         "",
-        f"- Kind: {kind_text}.",
-        f"- Spatial dims: {cfg['spatial_dims']}D, image shape {config['image_shape']} at voxel size "
-        f"{config['voxel_size']} mm (RAS), intensities normalised to [0, 1] "
-        f"(foreground percentiles {cfg['intensity'].get('lower')}-{cfg['intensity'].get('upper')}"
-        + (
-            f", the upper one mapped to {cfg['intensity']['upper_value']} to keep bright voxels' contrast"
-            if cfg["intensity"].get("upper_value", 1.0) != 1.0
-            else ""
-        )
-        + ").",
-    ]
-    if cfg["kind"] == "ldm":
-        lat = config["latent"]
-        lines.append(
-            f"- Latent: {lat['channels']} channels x {lat['shape']}, scale factor {lat['scale_factor']:.4f} "
-            "(1/std of the training latents)."
-        )
-    if cfg["kind"] == "segmentation":
-        context = int(cfg["segmentation"].get("context_slices") or 0)
-        lines.append(
-            f"- Classes: {', '.join(cfg['segmentation']['class_names'])}; applied slice by slice (axial) "
-            "for 2D models"
-            + (
-                f", each slice given with its {context} neighbouring slice(s) on either side "
-                "as extra image channels (2.5D)"
-                if context
-                else ""
-            )
-            + "."
-        )
-    if config.get("conditioning"):
-        block = config["conditioning"]
-        how = "cross-attention context" if block["context"] else "constant extra input channels"
-        lines.append(
-            f"- Conditions ({how}; `--condition NAME=VALUE`, the Generate widget's sliders), each in [0, 1]: "
-            + "; ".join(f"`{c['name']}` {c['description']}, default {c['default']}" for c in block["conditions"])
-            + f". Trained with condition dropout {block.get('dropout', 0):g} (null condition "
-            f"{block['null'][0]:g}), so classifier-free guidance (`--guidance-scale`) works."
-        )
-    sch = cfg["scheduler"]
-    lines += [
-        f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, beta {sch['beta_start']}-{sch['beta_end']}, "
-        f"prediction type {sch['prediction_type']}. Default sampler {cfg['defaults']['sampler']} with {cfg['defaults']['steps']} steps"
-        + (f"; ensemble members combined by {cfg['defaults']['combine']}" if cfg["defaults"].get("combine") else "")
-        + ".",
-        "- Parameters: " + ", ".join(f"{k} {v['parameters']:,}" for k, v in config.get("weights", {}).items())
-        if config.get("weights")
-        else "- Parameters: see model.json",
-        f"- Weights: {summary['weights_dtype']} safetensors (fp16 check: relative output error {summary['half_check']}).",
+        *_model_lines(cfg, config, summary),
         "",
         "## Training",
         "",
-        f"- Data: {data['num_subjects']} synthetic subjects of the meddiff cohort (`napari_meddiff.data.mni152`, "
-        f"training seeds only: {data['seed_summary']}), {data['num_items']} training "
-        f"{'slices' if cfg['spatial_dims'] == 2 else 'volumes'}; {data.get('num_val_subjects', 0)} further training-seed "
-        "subjects for previews/validation. No held-out seed was used.",
-        f"- Machine: {summary['machine']}; torch {torch.__version__}; napari-meddiff {__version__}; finished "
-        f"{summary['finished']}.",
-    ]
-    for stage in ("autoencoder", "diffusion"):
-        s = summary.get(stage)
-        if not s:
-            continue
-        extra = ""
-        if stage == "autoencoder" and s.get("from_model"):
-            trained = (
-                f"; its own training: {s['steps']} steps, validation PSNR {s['val_psnr_db']} dB"
-                if s.get("val_psnr_db") is not None
-                else ""
-            )
-            lines.append(
-                f"- Autoencoder: taken as it is from `{s['from_model']}` ({s['weights_dtype']} sha256 "
-                f"{s['weights_sha256'][:12]}…), not trained in this run{trained}."
-            )
-            continue
-        if stage == "autoencoder":
-            extra = (
-                f", L1 + {s['kl_weight']:g} KL + {s['adv_weight']:g} patch-adversarial (after {s['adv_warmup_steps']} steps), "
-                f"perceptual weight {s['perceptual_weight']:g}; final L1 {s['final_l1']}, validation PSNR "
-                f"{s['val_psnr_db']} dB"
-            )
-            if s.get("patch_size"):
-                extra += f"; random {s['patch_size']} crops"
-        else:
-            extra = f", {s['objective']}, EMA {s['ema_decay']}; loss {s['first_loss']} -> {s['final_loss']}"
-            if s.get("patch_size"):
-                until = s.get("patch_steps")
-                extra += f"; random {'x'.join(map(str, s['patch_size']))} crops" + (
-                    " throughout" if until is None or s["steps"] <= int(until) else f" for the first {until} steps"
-                )
-            if s.get("init_from"):
-                i = s["init_from"]
-                what = (
-                    f"its UNet weights, {i['weights_dtype']} sha256 {i['weights_sha256'][:12]}…"
-                    if i.get("weights_sha256")
-                    else "its EMA weights"
-                )
-                extra += (
-                    f"; started from `{i['checkpoint']}` ({what}; its {i['step']} steps and "
-                    f"{i.get('cpu_minutes', '?')} CPU-min are counted here)"
-                    + (f", input channels added to {', '.join(i['widened'])} at zero" if i.get("widened") else "")
-                )
-            if s.get("val_dice"):
-                extra += "; Dice on the validation subjects " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in s["val_dice"].items()
-                )
-        cpu = f" ({s['cpu_minutes']:.1f} CPU-min)" if s.get("cpu_minutes") is not None else ""
-        lines.append(
-            f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])} wall{cpu}, batch {s['batch_size']} "
-            f"x {s['world_size']} process(es), lr {s['lr']:g}, {s['precision']}{extra}."
-        )
-    for note in cfg.get("notes", []) or []:
-        lines.append(f"- Note: {note}")
-    lines += [
-        f"- Reproduce: `meddiff train {summary.get('config_path', 'train.yaml')}` (the config is saved next to the "
-        "weights as `train.yaml`)"
-        + (
-            ", after the run it starts from (`training.init_from`; the config's header gives both commands)"
-            if (summary.get("diffusion") or {}).get("init_from")
-            else ""
-        )
-        + ".",
+        *_training_lines(cfg, summary),
         "",
         "## Intended use and limits",
         "",
-        "Research and teaching demo of diffusion models for 3D brain MRI on CPU. Trained on CPU for "
-        f"{fmt_minutes(sum(float((summary.get(s) or {}).get('minutes', 0.0)) for s in ('autoencoder', 'diffusion')))} "
-        f"on {data['num_subjects']} synthetic MNI152-derived subjects: it is not a clinical tool, it has never seen "
-        "real patient data, and its samples are low-resolution.",
+        _limits_paragraph(summary),
         "",
         "## Measured",
         "",
@@ -283,6 +166,164 @@ def model_card(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, A
         "",
     ]
     return "\n".join(lines)
+
+
+def _model_lines(cfg: dict[str, Any], config: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """The card's Model section: kind, geometry and intensities, latent / classes / conditions, schedule, weights."""
+    intensity = cfg["intensity"]
+    lines = [
+        f"- Kind: {KIND_TEXT[cfg['kind']]}.",
+        f"- Spatial dims: {cfg['spatial_dims']}D, image shape {config['image_shape']} at voxel size "
+        f"{config['voxel_size']} mm (RAS), intensities normalised to [0, 1] "
+        f"(foreground percentiles {intensity.get('lower')}-{intensity.get('upper')}"
+        + (
+            f", the upper one mapped to {intensity['upper_value']} to keep bright voxels' contrast"
+            if intensity.get("upper_value", 1.0) != 1.0
+            else ""
+        )
+        + ").",
+    ]
+    if cfg["kind"] == "ldm":
+        lat = config["latent"]
+        lines.append(
+            f"- Latent: {lat['channels']} channels x {lat['shape']}, scale factor {lat['scale_factor']:.4f} "
+            "(1/std of the training latents)."
+        )
+    if cfg["kind"] == "segmentation":
+        lines.append(_classes_line(cfg["segmentation"]))
+    if config.get("conditioning"):
+        lines.append(_conditions_line(config["conditioning"]))
+    sch, defaults = cfg["scheduler"], cfg["defaults"]
+    weights = config.get("weights")
+    lines += [
+        f"- Noise schedule: {sch['schedule']}, {sch['num_train_timesteps']} steps, "
+        f"beta {sch['beta_start']}-{sch['beta_end']}, prediction type {sch['prediction_type']}. "
+        f"Default sampler {defaults['sampler']} with {defaults['steps']} steps"
+        + (f"; ensemble members combined by {defaults['combine']}" if defaults.get("combine") else "")
+        + ".",
+        "- Parameters: " + ", ".join(f"{k} {v['parameters']:,}" for k, v in weights.items())
+        if weights
+        else "- Parameters: see model.json",
+        f"- Weights: {summary['weights_dtype']} safetensors "
+        f"(fp16 check: relative output error {summary['half_check']}).",
+    ]
+    return lines
+
+
+def _classes_line(seg: dict[str, Any]) -> str:
+    context = int(seg.get("context_slices") or 0)
+    return (
+        f"- Classes: {', '.join(seg['class_names'])}; applied slice by slice (axial) for 2D models"
+        + (
+            f", each slice given with its {context} neighbouring slice(s) on either side as extra image channels (2.5D)"
+            if context
+            else ""
+        )
+        + "."
+    )
+
+
+def _conditions_line(block: dict[str, Any]) -> str:
+    how = "cross-attention context" if block["context"] else "constant extra input channels"
+    return (
+        f"- Conditions ({how}; `--condition NAME=VALUE`, the Generate widget's sliders), each in [0, 1]: "
+        + "; ".join(f"`{c['name']}` {c['description']}, default {c['default']}" for c in block["conditions"])
+        + f". Trained with condition dropout {block.get('dropout', 0):g} (null condition "
+        f"{block['null'][0]:g}), so classifier-free guidance (`--guidance-scale`) works."
+    )
+
+
+def _training_lines(cfg: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """The card's Training section: data, machine, one line per stage, the config's notes, how to reproduce."""
+    data = summary["data"]
+    items = "slices" if cfg["spatial_dims"] == 2 else "volumes"
+    lines = [
+        f"- Data: {data['num_subjects']} synthetic subjects of the meddiff cohort (`napari_meddiff.data.mni152`, "
+        f"training seeds only: {data['seed_summary']}), {data['num_items']} training {items}; "
+        f"{data.get('num_val_subjects', 0)} further training-seed subjects for previews/validation. "
+        "No held-out seed was used.",
+        f"- Machine: {summary['machine']}; torch {torch.__version__}; napari-meddiff {__version__}; finished "
+        f"{summary['finished']}.",
+    ]
+    for stage in ("autoencoder", "diffusion"):
+        if summary.get(stage):
+            lines.append(_stage_line(stage, summary[stage]))
+    lines += [f"- Note: {note}" for note in cfg.get("notes", []) or []]
+    lines.append(
+        f"- Reproduce: `meddiff train {summary.get('config_path', 'train.yaml')}` (the config is saved next to the "
+        "weights as `train.yaml`)"
+        + (
+            ", after the run it starts from (`training.init_from`; the config's header gives both commands)"
+            if (summary.get("diffusion") or {}).get("init_from")
+            else ""
+        )
+        + "."
+    )
+    return lines
+
+
+def _stage_line(stage: str, s: dict[str, Any]) -> str:
+    """One training stage's line: steps, time, batch, lr, precision and what the stage's own summary says."""
+    if stage == "autoencoder" and s.get("from_model"):
+        trained = (
+            f"; its own training: {s['steps']} steps, validation PSNR {s['val_psnr_db']} dB"
+            if s.get("val_psnr_db") is not None
+            else ""
+        )
+        return (
+            f"- Autoencoder: taken as it is from `{s['from_model']}` ({s['weights_dtype']} sha256 "
+            f"{s['weights_sha256'][:12]}…), not trained in this run{trained}."
+        )
+    extra = _autoencoder_details(s) if stage == "autoencoder" else _diffusion_details(s)
+    cpu = f" ({s['cpu_minutes']:.1f} CPU-min)" if s.get("cpu_minutes") is not None else ""
+    return (
+        f"- {stage.capitalize()}: {s['steps']} steps in {fmt_minutes(s['minutes'])} wall{cpu}, "
+        f"batch {s['batch_size']} x {s['world_size']} process(es), lr {s['lr']:g}, {s['precision']}{extra}."
+    )
+
+
+def _autoencoder_details(s: dict[str, Any]) -> str:
+    extra = (
+        f", L1 + {s['kl_weight']:g} KL + {s['adv_weight']:g} patch-adversarial "
+        f"(after {s['adv_warmup_steps']} steps), perceptual weight {s['perceptual_weight']:g}; "
+        f"final L1 {s['final_l1']}, validation PSNR {s['val_psnr_db']} dB"
+    )
+    if s.get("patch_size"):
+        extra += f"; random {s['patch_size']} crops"
+    return extra
+
+
+def _diffusion_details(s: dict[str, Any]) -> str:
+    extra = f", {s['objective']}, EMA {s['ema_decay']}; loss {s['first_loss']} -> {s['final_loss']}"
+    if s.get("patch_size"):
+        until = s.get("patch_steps")
+        extra += f"; random {'x'.join(map(str, s['patch_size']))} crops" + (
+            " throughout" if until is None or s["steps"] <= int(until) else f" for the first {until} steps"
+        )
+    if s.get("init_from"):
+        i = s["init_from"]
+        what = (
+            f"its UNet weights, {i['weights_dtype']} sha256 {i['weights_sha256'][:12]}…"
+            if i.get("weights_sha256")
+            else "its EMA weights"
+        )
+        extra += (
+            f"; started from `{i['checkpoint']}` ({what}; its {i['step']} steps and "
+            f"{i.get('cpu_minutes', '?')} CPU-min are counted here)"
+            + (f", input channels added to {', '.join(i['widened'])} at zero" if i.get("widened") else "")
+        )
+    if s.get("val_dice"):
+        extra += "; Dice on the validation subjects " + ", ".join(f"{k} {v:.3f}" for k, v in s["val_dice"].items())
+    return extra
+
+
+def _limits_paragraph(summary: dict[str, Any]) -> str:
+    minutes = sum(float((summary.get(s) or {}).get("minutes", 0.0)) for s in ("autoencoder", "diffusion"))
+    return (
+        "Research and teaching demo of diffusion models for 3D brain MRI on CPU. Trained on CPU for "
+        f"{fmt_minutes(minutes)} on {summary['data']['num_subjects']} synthetic MNI152-derived subjects: it is not a "
+        "clinical tool, it has never seen real patient data, and its samples are low-resolution."
+    )
 
 
 def export_model(
@@ -326,33 +367,6 @@ def export_model(
     if config_path is not None:
         files["train.yaml"] = config_path
     return save_model_folder(out_dir, config, networks, card=card, half=half, extra_files=files, overwrite=overwrite)
-
-
-def refresh_card(model_dir: str | Path) -> Path:
-    """Rebuild MODEL_CARD.md of a trained model folder from its model.json and train.yaml, keeping the
-    Measured section (the card is not hashed; the weights are untouched)."""
-    import json
-
-    import yaml
-
-    from napari_meddiff.training.config import validate
-
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "model.json").read_text())
-    raw = yaml.safe_load((model_dir / "train.yaml").read_text())
-    raw.setdefault("data", {})["dir"] = config.get("data", {}).get("dir", ".")
-    cfg = validate(raw)
-    for key in ("scheduler", "defaults", "intensity", "image_shape", "voxel_size"):  # model.json is the truth
-        cfg[key] = config[key]
-    summary = {**config.get("training", {}), "data": config.get("data", {})}
-    summary.setdefault("weights_dtype", "float32")
-    summary.setdefault("half_check", "unknown")
-    old = (model_dir / "MODEL_CARD.md").read_text() if (model_dir / "MODEL_CARD.md").is_file() else ""
-    (model_dir / "MODEL_CARD.md").write_text(model_card(cfg, config, summary))
-    if MEASURED_BEGIN in old and MEASURED_END in old:  # the measured figures are kept
-        kept = old[old.index(MEASURED_BEGIN) + len(MEASURED_BEGIN) : old.index(MEASURED_END)]
-        write_measured_section(model_dir, kept.strip("\n"))
-    return model_dir / "MODEL_CARD.md"
 
 
 def write_measured_section(model_dir: str | Path, section: str) -> Path:
