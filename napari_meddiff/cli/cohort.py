@@ -1,4 +1,4 @@
-"""``meddiff cohort``: write a synthetic brain cohort derived from the MNI152 template (see `napari_meddiff.data.mni152`)."""
+"""``meddiff cohort``: write a synthetic brain cohort derived from the MNI152 template (`data.mni152`)."""
 
 from __future__ import annotations
 

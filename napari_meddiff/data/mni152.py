@@ -303,7 +303,9 @@ def make_subject(
 
     spatial = _spatial_transform(resolution)
     spatial.set_random_state(seed=streams["spatial"])
-    warped = spatial({k: tpl[n][None].copy() for k, n in (("image", "t1"), ("gm", "gm"), ("wm", "wm"), ("mask", "mask"))})
+    warped = spatial(
+        {k: tpl[n][None].copy() for k, n in (("image", "t1"), ("gm", "gm"), ("wm", "wm"), ("mask", "mask"))}
+    )
     image = np.clip(_as_numpy(warped["image"]), 0.0, None)
     gm, wm, mask = (np.clip(_as_numpy(warped[k]), 0.0, 1.0) for k in ("gm", "wm", "mask"))
     labels = _derive_labels(gm, wm, mask)
@@ -396,8 +398,6 @@ def write_cohort(
     """
     from tqdm import tqdm
 
-    from napari_meddiff.io.volume import read_volume
-
     num = int(num)
     if num < 1:
         raise MeddiffError(f"number of subjects must be at least 1, got {num}")
@@ -411,13 +411,32 @@ def write_cohort(
         split_of(s)
     out = Path(out_dir)
     ensure_folder(out)
+    _keep_parameters(out, resolution, float(lesion_fraction), overwrite)
+    rows = {int(r["seed"]): r for r in ([] if overwrite else read_manifest(out)) if r.get("seed", "").isdigit()}
+    bar = tqdm(seeds, desc="cohort", unit="subject", file=sys.stderr, disable=not progress)
+    try:
+        for s in bar:
+            has_lesion = subject_has_lesion(s, lesion_fraction)
+            row = None if overwrite else _row_on_disk(out, s, has_lesion)
+            if row is not None:
+                rows[s] = row
+                continue
+            rows[s] = _write_subject(out, s, resolution, has_lesion)
+            # keep the manifest current so an interrupted run still lists what is on disk
+            _write_manifest(out, rows)
+    finally:
+        bar.close()
+    return _write_manifest(out, rows)
 
+
+def _keep_parameters(out: Path, resolution: float, lesion_fraction: float, overwrite: bool) -> None:
+    """Write the generation parameters to ``cohort.json``; a folder made with others is refused unless ``overwrite``."""
     params = {
         "generator": "napari_meddiff.data.mni152",
         "generator_version": GENERATOR_VERSION,
         "template": "MNI152 2009 (nilearn)",
         "resolution_mm": resolution,
-        "lesion_fraction": float(lesion_fraction),
+        "lesion_fraction": lesion_fraction,
         "intensity_scale": INTENSITY_SCALE,
     }
     params_path = out / PARAMS_FILE
@@ -428,41 +447,40 @@ def write_cohort(
             old = None
         if old != params:
             raise MeddiffError(
-                f"{out} holds a cohort made with other parameters ({params_path.name}); "
-                "use another folder or overwrite"
+                f"{out} holds a cohort made with other parameters ({params_path.name}); use another folder or overwrite"
             )
     write_text_atomic(params_path, json.dumps(params, indent=2) + "\n")
 
-    rows = {int(r["seed"]): r for r in ([] if overwrite else read_manifest(out)) if r.get("seed", "").isdigit()}
-    bar = tqdm(seeds, desc="cohort", unit="subject", file=sys.stderr, disable=not progress)
-    try:
-        for s in bar:
-            has_lesion = subject_has_lesion(s, lesion_fraction)
-            files = subject_files(s)
-            wanted = ["image", "labels"] + (["lesion_mask", "lesion_free"] if has_lesion else [])
-            if not overwrite and all((out / files[k]).exists() for k in wanted):
-                lesion_ml = 0.0
-                if has_lesion:
-                    m = read_volume(out / files["lesion_mask"])
-                    lesion_ml = float(np.count_nonzero(m.array)) * float(np.prod(m.spacing)) / 1000.0
-                rows[s] = _row(s, has_lesion, lesion_ml)
-                continue
-            subject = make_subject(s, resolution, lesion=has_lesion)
-            # a partly written subject (interrupted run) is completed; same parameters give the same files
-            write_volume(subject.image, out / files["image"], overwrite=True)
-            write_volume(subject.labels, out / files["labels"], kind="labels", overwrite=True)
-            if has_lesion:
-                write_volume(subject.lesion_mask, out / files["lesion_mask"], kind="labels", overwrite=True)
-                write_volume(subject.lesion_free, out / files["lesion_free"], overwrite=True)
-            else:  # stale lesion files of this seed from an earlier run would contradict the manifest
-                for k in ("lesion_mask", "lesion_free"):
-                    (out / files[k]).unlink(missing_ok=True)
-            rows[s] = _row(s, has_lesion, subject.lesion_volume_ml)
-            # keep the manifest current so an interrupted run still lists what is on disk
-            _write_manifest(out, rows)
-    finally:
-        bar.close()
-    return _write_manifest(out, rows)
+
+def _row_on_disk(out: Path, seed: int, has_lesion: bool) -> dict[str, object] | None:
+    """The manifest row of subject ``seed`` when all its files are already in ``out`` (None when one is missing)."""
+    from napari_meddiff.io.volume import read_volume
+
+    files = subject_files(seed)
+    wanted = ["image", "labels"] + (["lesion_mask", "lesion_free"] if has_lesion else [])
+    if not all((out / files[k]).exists() for k in wanted):
+        return None
+    lesion_ml = 0.0
+    if has_lesion:
+        m = read_volume(out / files["lesion_mask"])
+        lesion_ml = float(np.count_nonzero(m.array)) * float(np.prod(m.spacing)) / 1000.0
+    return _row(seed, has_lesion, lesion_ml)
+
+
+def _write_subject(out: Path, seed: int, resolution: float, has_lesion: bool) -> dict[str, object]:
+    """Synthesize subject ``seed`` into ``out`` and return its manifest row."""
+    files = subject_files(seed)
+    subject = make_subject(seed, resolution, lesion=has_lesion)
+    # a partly written subject (interrupted run) is completed; same parameters give the same files
+    write_volume(subject.image, out / files["image"], overwrite=True)
+    write_volume(subject.labels, out / files["labels"], kind="labels", overwrite=True)
+    if has_lesion:
+        write_volume(subject.lesion_mask, out / files["lesion_mask"], kind="labels", overwrite=True)
+        write_volume(subject.lesion_free, out / files["lesion_free"], overwrite=True)
+    else:  # stale lesion files of this seed from an earlier run would contradict the manifest
+        for k in ("lesion_mask", "lesion_free"):
+            (out / files[k]).unlink(missing_ok=True)
+    return _row(seed, has_lesion, subject.lesion_volume_ml)
 
 
 def _write_manifest(out: Path, rows: dict[int, dict]) -> Path:

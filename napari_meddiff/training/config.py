@@ -188,6 +188,37 @@ def _check_patch(section: str, values: dict[str, Any] | None, image_shape: list[
 
 def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
     cfg = copy.deepcopy(raw)
+    _check_top_level(cfg)
+    nd = int(cfg["spatial_dims"])
+    if nd not in (2, 3):
+        raise MeddiffError("spatial_dims must be 2 or 3")
+    for key in ("image_shape", "voxel_size"):
+        if len(cfg[key]) != nd:
+            raise MeddiffError(f"{key} needs {nd} values")
+    cfg["image_shape"] = [int(s) for s in cfg["image_shape"]]
+    cfg["voxel_size"] = [float(s) for s in cfg["voxel_size"]]
+    _fill_sections(cfg)
+    nets = cfg["networks"]
+    if "unet" not in nets:
+        raise MeddiffError("networks.unet is required")
+    unet = nets["unet"]
+    unet["spatial_dims"] = nd
+    if cfg["kind"] == "ldm":
+        _check_ldm(cfg, nd)
+    elif cfg["kind"] == "segmentation":
+        _check_segmentation(cfg, nd)
+    else:
+        unet["in_channels"] = unet["out_channels"] = 1
+    cfg["conditioning"] = validate_conditioning(cfg.get("conditioning"), cfg["kind"])
+    options = conditioning_unet_options(cfg["conditioning"])
+    unet["in_channels"] += options.pop("extra_in_channels", 0)
+    unet.update(options)
+    _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _check_top_level(cfg: dict[str, Any]) -> None:
+    """A plain name, mappings where mappings belong, the required keys and a known kind."""
     name = cfg.get("name")
     if name is not None and not (isinstance(name, str) and MODEL_NAME.match(name)):
         raise MeddiffError(f"name must be a plain folder name (letters, digits, '.', '_', '-'), not {name!r}")
@@ -199,14 +230,10 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
             raise MeddiffError(f"training config lacks {key!r}")
     if cfg["kind"] not in MODEL_KINDS:
         raise MeddiffError(f"kind must be one of {MODEL_KINDS}, not {cfg['kind']!r}")
-    nd = int(cfg["spatial_dims"])
-    if nd not in (2, 3):
-        raise MeddiffError("spatial_dims must be 2 or 3")
-    for key in ("image_shape", "voxel_size"):
-        if len(cfg[key]) != nd:
-            raise MeddiffError(f"{key} needs {nd} values")
-    cfg["image_shape"] = [int(s) for s in cfg["image_shape"]]
-    cfg["voxel_size"] = [float(s) for s in cfg["voxel_size"]]
+
+
+def _fill_sections(cfg: dict[str, Any]) -> None:
+    """Defaults into intensity, scheduler, defaults, data and training, checking what they can hold."""
     cfg["intensity"] = {**DEFAULT_INTENSITY, **cfg.get("intensity", {})}
     unknown = sorted(set(cfg["intensity"]) - INTENSITY_KEYS)
     if unknown:
@@ -220,48 +247,49 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     cfg["defaults"] = {"sampler": "dpm++", "steps": 20, "precision": "fp32", **cfg.get("defaults", {})}
     cfg["data"] = {**DEFAULT_DATA, **cfg.get("data", {})}
     cfg["training"] = {**DEFAULT_TRAINING, **cfg.get("training", {})}
+
+
+def _check_ldm(cfg: dict[str, Any], nd: int) -> None:
+    """An ldm's autoencoder (its latent channels are the UNet's), its training section and latent kind."""
     nets = cfg["networks"]
-    if "unet" not in nets:
-        raise MeddiffError("networks.unet is required")
-    unet = nets["unet"]
-    unet["spatial_dims"] = nd
-    if cfg["kind"] == "ldm":
-        if "autoencoder" not in nets:
-            raise MeddiffError("an ldm config needs networks.autoencoder")
-        ae = nets["autoencoder"]
-        ae.setdefault("in_channels", 1)
-        ae.setdefault("out_channels", 1)
-        ae["spatial_dims"] = nd
-        lc = int(ae["latent_channels"])
-        unet["in_channels"] = unet["out_channels"] = lc
-        down = 2 ** (len(ae["channels"]) - 1)
-        if any(s % down for s in cfg["image_shape"]):
-            raise MeddiffError(f"image_shape must be divisible by {down} for this autoencoder")
-        cfg["autoencoder_training"] = {**DEFAULT_AE_TRAINING, **cfg.get("autoencoder_training", {})}
-        if not isinstance(cfg["autoencoder_training"]["freeze_encoder"], bool):
-            raise MeddiffError("autoencoder_training.freeze_encoder must be true or false")
-        if cfg["training"]["latents"] not in LATENT_KINDS:
-            raise MeddiffError(
-                f"training.latents must be one of {', '.join(LATENT_KINDS)}, not {cfg['training']['latents']!r}"
-            )
-    elif cfg["kind"] == "segmentation":
-        seg = cfg.setdefault("segmentation", {})
-        seg.setdefault("num_classes", 4)
-        seg.setdefault("class_names", ["background", "CSF", "GM", "WM"][: seg["num_classes"]])
-        seg.setdefault("context_slices", 0)
-        context = seg["context_slices"]
-        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
-            raise MeddiffError(f"segmentation.context_slices must be a non-negative integer, got {context!r}")
-        if context and nd != 2:
-            raise MeddiffError("segmentation.context_slices is for 2D models (neighbouring slices as channels)")
-        n = int(seg["num_classes"])
-        unet["in_channels"], unet["out_channels"] = n + 1 + 2 * context, n
-    else:
-        unet["in_channels"] = unet["out_channels"] = 1
-    cfg["conditioning"] = validate_conditioning(cfg.get("conditioning"), cfg["kind"])
-    options = conditioning_unet_options(cfg["conditioning"])
-    unet["in_channels"] += options.pop("extra_in_channels", 0)
-    unet.update(options)
+    if "autoencoder" not in nets:
+        raise MeddiffError("an ldm config needs networks.autoencoder")
+    ae = nets["autoencoder"]
+    ae.setdefault("in_channels", 1)
+    ae.setdefault("out_channels", 1)
+    ae["spatial_dims"] = nd
+    lc = int(ae["latent_channels"])
+    nets["unet"]["in_channels"] = nets["unet"]["out_channels"] = lc
+    down = 2 ** (len(ae["channels"]) - 1)
+    if any(s % down for s in cfg["image_shape"]):
+        raise MeddiffError(f"image_shape must be divisible by {down} for this autoencoder")
+    cfg["autoencoder_training"] = {**DEFAULT_AE_TRAINING, **cfg.get("autoencoder_training", {})}
+    if not isinstance(cfg["autoencoder_training"]["freeze_encoder"], bool):
+        raise MeddiffError("autoencoder_training.freeze_encoder must be true or false")
+    if cfg["training"]["latents"] not in LATENT_KINDS:
+        raise MeddiffError(
+            f"training.latents must be one of {', '.join(LATENT_KINDS)}, not {cfg['training']['latents']!r}"
+        )
+
+
+def _check_segmentation(cfg: dict[str, Any], nd: int) -> None:
+    """The segmentation block's defaults; the UNet denoises the classes given the image and its context slices."""
+    seg = cfg.setdefault("segmentation", {})
+    seg.setdefault("num_classes", 4)
+    seg.setdefault("class_names", ["background", "CSF", "GM", "WM"][: seg["num_classes"]])
+    seg.setdefault("context_slices", 0)
+    context = seg["context_slices"]
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise MeddiffError(f"segmentation.context_slices must be a non-negative integer, got {context!r}")
+    if context and nd != 2:
+        raise MeddiffError("segmentation.context_slices is for 2D models (neighbouring slices as channels)")
+    n = int(seg["num_classes"])
+    unet = cfg["networks"]["unet"]
+    unet["in_channels"], unet["out_channels"] = n + 1 + 2 * context, n
+
+
+def _resolve_paths(cfg: dict[str, Any], base_dir: str | Path) -> None:
+    """data.dir, autoencoder_training.from_model and training.init_from found from the cwd or the config's folder."""
     if cfg["data"]["dir"] is None:
         raise MeddiffError("data.dir (a folder of NIfTI images) is required")
     cfg["data"]["dir"] = _resolve(cfg["data"]["dir"], base_dir)
@@ -274,7 +302,6 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
             if not isinstance(value, str) or not value:
                 raise MeddiffError(f"{section}.{key} must be the path of {what}, got {value!r}")
             cfg[section][key] = _resolve(value, base_dir)
-    return cfg
 
 
 def _resolve(path: str, base_dir: str | Path) -> str:

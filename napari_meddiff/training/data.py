@@ -116,29 +116,50 @@ def preprocess_subject(
     """One subject -> (images, labels): (D, *image_shape) slices for 2D or (1, *image_shape) for 3D; with
     ``context_slices`` c (2D), (D, 2c + 1, *image_shape): each slice with its c neighbours on either side
     (zeros beyond the volume), the slice itself in the middle."""
-    vol = to_canonical(read_volume(image_path))
     if spatial_dims == 3:
         spacing = tuple(voxel_size)
     else:
         thick = data_cfg.get("slice_thickness") or voxel_size[0]
         spacing = [float(v) for v in voxel_size]
         spacing.insert(int(data_cfg["slice_axis"]), float(thick))
-    img = resample(vol, tuple(spacing))
-    arr = np.asarray(img.array, np.float32)
-    window = intensity_window(arr, intensity)
-    arr = normalise(arr, window)
-    lab = None
-    if label_path is not None:
-        lvol = to_canonical(read_volume(label_path))
-        lab = np.rint(np.asarray(resample(lvol, tuple(spacing), labels=True).array)).astype(np.int64)
-        if lab.shape != arr.shape:
-            raise MeddiffError(f"{label_path.name} does not match the grid of {image_path.name}")
+    arr, lab = _resampled(image_path, label_path, tuple(spacing), intensity)
     fg = arr > float(data_cfg.get("foreground_threshold", 0.1))  # image foreground (labels may be lesions only)
     centre = foreground_centre(fg)
     if spatial_dims == 3:
         out = _fit(arr, image_shape, centre + 0.5)[None]
         lab_out = None if lab is None else _fit(lab, image_shape, centre + 0.5)[None]
         return out, lab_out
+    return _brain_slices(arr, lab, fg, centre, image_shape, data_cfg, context_slices)
+
+
+def _resampled(
+    image_path: Path, label_path: Path | None, spacing: tuple[float, ...], intensity: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image (RAS, resampled to ``spacing``, intensities normalised) and its labels on the same grid."""
+    img = resample(to_canonical(read_volume(image_path)), spacing)
+    arr = np.asarray(img.array, np.float32)
+    window = intensity_window(arr, intensity)
+    arr = normalise(arr, window)
+    lab = None
+    if label_path is not None:
+        lvol = to_canonical(read_volume(label_path))
+        lab = np.rint(np.asarray(resample(lvol, spacing, labels=True).array)).astype(np.int64)
+        if lab.shape != arr.shape:
+            raise MeddiffError(f"{label_path.name} does not match the grid of {image_path.name}")
+    return arr, lab
+
+
+def _brain_slices(
+    arr: np.ndarray,
+    lab: np.ndarray | None,
+    fg: np.ndarray,
+    centre: np.ndarray,
+    image_shape: Sequence[int],
+    data_cfg: dict[str, Any],
+    context_slices: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The slices along ``data_cfg['slice_axis']`` with enough foreground, each fitted to ``image_shape`` around
+    the foreground centre (with its ``context_slices`` neighbours as channels), and their labels."""
     axis = int(data_cfg["slice_axis"])
     arr = np.moveaxis(arr, axis, 0)
     fgm = np.moveaxis(fg, axis, 0)
@@ -168,14 +189,10 @@ def preprocess_subject(
             if len(keep)
             else np.zeros((0, *image_shape), np.float32)
         )
+    if lab is None:
+        return imgs, None
     labs = (
-        None
-        if lab is None
-        else (
-            np.stack([_fit(lab[k], image_shape, c2) for k in keep])
-            if len(keep)
-            else np.zeros((0, *image_shape), np.int64)
-        )
+        np.stack([_fit(lab[k], image_shape, c2) for k in keep]) if len(keep) else np.zeros((0, *image_shape), np.int64)
     )
     return imgs, labs
 
