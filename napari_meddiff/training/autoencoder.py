@@ -16,13 +16,7 @@ import torch.nn.functional as F
 
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.models import build_network
-from napari_meddiff.training.checkpoints import (
-    load_checkpoint,
-    load_trainer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from napari_meddiff.training.checkpoints import load_checkpoint, load_trainer_state, rng_state, save_checkpoint
 from napari_meddiff.training.data import crop_schedule, random_batch, random_crop
 from napari_meddiff.training.device_setup import (
     LAYOUTS,
@@ -30,13 +24,14 @@ from napari_meddiff.training.device_setup import (
     grad_scaler,
     processor_identity,
     resolve_layout,
-    resolve_precision,
+    resolve_training_precision,
     to_layout,
 )
-from napari_meddiff.training.distributed import Dist, stop_agreed, unwrap
+from napari_meddiff.training.distributed import Dist, unwrap
 from napari_meddiff.training.optim import EMA, check_finite, clip_and_step, lr_lambda
-from napari_meddiff.training.reporting import progress_bar, psnr, save_grid, save_loss_curve
-from napari_meddiff.training.stopping import STOP, Budget, stopped
+from napari_meddiff.training.reporting import psnr, save_grid, save_loss_curve
+from napari_meddiff.training.stage_loop import Progress, StageLoop, seeded_generator, tail_mean
+from napari_meddiff.training.stopping import STOP
 
 log = logging.getLogger(__name__)
 
@@ -157,213 +152,259 @@ def train_autoencoder(
     max_minutes: float | None,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from monai.losses import PatchAdversarialLoss
-    from monai.networks.nets import PatchDiscriminator
-
-    tc = cfg["autoencoder_training"]
-    nd = int(cfg["spatial_dims"])
-    flip = bool(cfg["data"].get("flip", True))
-    precision = resolve_precision(tc["precision"], device)
-    torch.manual_seed(int(tc["seed"]) + 1000 * dist.rank)
-    gen = torch.Generator().manual_seed(int(tc["seed"]) * 7919 + 17 * dist.rank + 2)
-    ae = build_network("autoencoder", cfg["networks"]["autoencoder"]).to(device)
-    ema = EMA(ae, tc["ema_decay"], tc["ema_start"]) if float(tc["ema_decay"]) > 0 else None
-    disc = PatchDiscriminator(
-        spatial_dims=nd,
-        num_layers_d=int(tc["disc_layers"]),
-        channels=int(tc["disc_channels"]),
-        in_channels=1,
-        out_channels=1,
-        norm="INSTANCE",
-    ).to(device)
-    adv = PatchAdversarialLoss(criterion="least_squares")
-    opt_g = torch.optim.Adam(ae.parameters(), lr=float(tc["lr"]))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=float(tc["disc_lr"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(int(tc["warmup_steps"])))
-    scaler_g = grad_scaler(device, precision)
-    scaler_d = grad_scaler(device, precision)
-    ckpt_path = work_dir / "autoencoder.pt"
-    step, spent, cpu_spent = 0, 0.0, 0.0
-    history: dict[str, list] = {"l1": [], "kl": [], "gen_adv": [], "disc": []}
-    val_psnr: list = []
-    layout_request = str(tc["memory_format"])
-    processor = processor_identity(device)
-    if resume and ckpt_path.is_file():
-        st = load_checkpoint(ckpt_path)
-        if layout_request == "auto" and st.get("memory_format") in LAYOUTS:
-            if st.get("processor") in (None, processor):  # None: checkpoints from before it was recorded
-                layout_request = st["memory_format"]  # keep the run's layout: a switch would change its bits
-            elif dist.main:
-                log.info(
-                    "resumed on another processor (%s, was %s): measuring the layout again", processor, st["processor"]
-                )
-        ae.load_state_dict(st["model"])
-        if ema is not None:
-            ema.module.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
-        disc.load_state_dict(st["discriminator"])
-        load_trainer_state(st, {"optimizer": opt_g, "optimizer_d": opt_d, "lr_scheduler": sched}, "autoencoder")
-        set_rng_state(gen, st["rng"])
-        step, spent, history, val_psnr = int(st["step"]), float(st["minutes"]), st["history"], st["val_psnr"]
-        cpu_spent = float(st.get("cpu_minutes", 0.0))
-        if dist.main:
-            log.info("resumed autoencoder training at step %d (%.1f min spent)", step, spent)
-    if tc["freeze_encoder"]:
-        n = freeze_encoder(ae, ema)
-        if dist.main:
-            log.info(
-                "autoencoder: decoder only (%d encoder tensors frozen, encoder sha256 %s…)", n, encoder_sha256(ae)[:12]
-            )
-    total, bs = int(tc["steps"]), int(tc["batch_size"])
-    kl_weight = float(tc["kl_weight"])
-    first = crop_schedule(tc, step) or list(images.shape[2:])
-    layout, layout_times = resolve_layout(
-        layout_request, lambda net, x: generator_step_loss(net, x, kl_weight)[0], ae, (bs, 1, *first), device, precision
+    """Train the autoencoder of ``cfg`` on ``images`` (validated on ``val_images``), from the checkpoint in
+    ``work_dir`` when ``resume``. Returns the (EMA) autoencoder, contiguous and in eval mode, and a summary."""
+    run = AutoencoderTraining(cfg, device, dist, work_dir)
+    if resume and run.checkpoint_path.is_file():
+        so_far = run.resume(load_checkpoint(run.checkpoint_path))
+    else:
+        so_far = Progress(history={"l1": [], "kl": [], "gen_adv": [], "disc": []})
+    if run.tc["freeze_encoder"]:
+        run.train_decoder_only()
+    run.set_layout(crop_schedule(run.tc, so_far.step) or list(images.shape[2:]))
+    run.loop = StageLoop(
+        "autoencoder",
+        cfg["name"],
+        run.tc,
+        dist,
+        so_far,
+        max_minutes=max_minutes,
+        checkpoint_path=run.checkpoint_path,
+        save=run.checkpoint,
+        show_progress=progress,
+        log=log,
     )
-    if dist.main:
-        log.info(
-            "autoencoder: %s, %s layout %s",
-            precision,
-            layout,
-            ", ".join(f"{k} {v:.2f} s/step" for k, v in layout_times.items()) or "(as configured)",
+    run.train(images, val_images)
+    return run.finish(images, val_images)
+
+
+class AutoencoderTraining:
+    """One run of the autoencoder stage: the AutoencoderKL (and its EMA), the patch discriminator, their optimisers,
+    and the checkpoint that carries them across resumes."""
+
+    def __init__(self, cfg: dict[str, Any], device: torch.device, dist: Dist, work_dir: Path) -> None:
+        from monai.losses import PatchAdversarialLoss
+        from monai.networks.nets import PatchDiscriminator
+
+        tc = self.tc = cfg["autoencoder_training"]
+        self.cfg, self.device, self.dist, self.work_dir = cfg, device, dist, work_dir
+        self.flip = bool(cfg["data"].get("flip", True))
+        self.precision = resolve_training_precision(tc["precision"], device)
+        self.gen = seeded_generator(int(tc["seed"]), dist.rank, stream=2)
+        self.ae = build_network("autoencoder", cfg["networks"]["autoencoder"]).to(device)
+        self.ema = EMA(self.ae, tc["ema_decay"], tc["ema_start"]) if float(tc["ema_decay"]) > 0 else None
+        self.disc = PatchDiscriminator(
+            spatial_dims=int(cfg["spatial_dims"]),
+            num_layers_d=int(tc["disc_layers"]),
+            channels=int(tc["disc_channels"]),
+            in_channels=1,
+            out_channels=1,
+            norm="INSTANCE",
+        ).to(device)
+        self.adv = PatchAdversarialLoss(criterion="least_squares")
+        self.opt_g = torch.optim.Adam(self.ae.parameters(), lr=float(tc["lr"]))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=float(tc["disc_lr"]))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lr_lambda(int(tc["warmup_steps"])))
+        self.scaler_g = grad_scaler(device, self.precision)
+        self.scaler_d = grad_scaler(device, self.precision)
+        self.checkpoint_path = work_dir / "autoencoder.pt"
+        self.val_psnr: list = []
+        self.layout_request = str(tc["memory_format"])
+        self.processor = processor_identity(device)
+        self.batch_size, self.kl_weight = int(tc["batch_size"]), float(tc["kl_weight"])
+        self.adv_weight, self.adv_warmup = float(tc["adv_weight"]), int(tc["adv_warmup_steps"])
+        self.layout: str  # set_layout
+        self.loop: StageLoop  # set once the run's progress and layout are known
+
+    def resume(self, st: dict[str, Any]) -> Progress:
+        """Load checkpoint ``st``: networks, EMA, optimisers, RNG, validation PSNRs and (for ``auto``, on the same
+        processor) the run's memory layout. Returns its progress."""
+        if self.layout_request == "auto" and st.get("memory_format") in LAYOUTS:
+            if st.get("processor") in (None, self.processor):  # None: checkpoints from before it was recorded
+                self.layout_request = st["memory_format"]  # keep the run's layout: a switch would change its bits
+            elif self.dist.main:
+                log.info(
+                    "resumed on another processor (%s, was %s): measuring the layout again",
+                    self.processor,
+                    st["processor"],
+                )
+        self.ae.load_state_dict(st["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
+        self.disc.load_state_dict(st["discriminator"])
+        optimisers = {"optimizer": self.opt_g, "optimizer_d": self.opt_d, "lr_scheduler": self.sched}
+        load_trainer_state(st, optimisers, "autoencoder")
+        so_far = Progress.resumed(st, self.gen)
+        self.val_psnr = st["val_psnr"]
+        if self.dist.main:
+            log.info("resumed autoencoder training at step %d (%.1f min spent)", so_far.step, so_far.minutes)
+        return so_far
+
+    def train_decoder_only(self) -> None:
+        """Freeze the encoder (`freeze_encoder`) so that the latents stay as they are."""
+        n = freeze_encoder(self.ae, self.ema)
+        if self.dist.main:
+            log.info(
+                "autoencoder: decoder only (%d encoder tensors frozen, encoder sha256 %s…)",
+                n,
+                encoder_sha256(self.ae)[:12],
+            )
+
+    def set_layout(self, first_crop: list[int]) -> None:
+        """Put the networks in the memory layout to train in (measured on crops of ``first_crop`` for ``auto``)
+        and wrap them for data parallel training."""
+        self.layout, layout_times = resolve_layout(
+            self.layout_request,
+            lambda net, x: generator_step_loss(net, x, self.kl_weight)[0],
+            self.ae,
+            (self.batch_size, 1, *first_crop),
+            self.device,
+            self.precision,
         )
-    ae, disc = to_layout(ae, layout), to_layout(disc, layout)
-    if ema is not None:
-        ema.module = to_layout(ema.module, layout)
-    dae, ddisc = dist.wrap(ae), dist.wrap(disc)
-    budget = Budget(max_minutes, spent, cpu_spent)
-    last_ckpt = budget.minutes
-
-    def checkpoint() -> None:
-        if dist.main:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "step": step,
-                    "minutes": budget.minutes,
-                    "cpu_minutes": budget.cpu_minutes,
-                    "history": history,
-                    "val_psnr": val_psnr,
-                    "model": unwrap(ae).state_dict(),
-                    "discriminator": unwrap(disc).state_dict(),
-                    "ema": ema.module.state_dict() if ema is not None else None,
-                    "optimizer": opt_g.state_dict(),
-                    "optimizer_d": opt_d.state_dict(),
-                    "lr_scheduler": sched.state_dict(),
-                    "rng": rng_state(gen),
-                    "precision": precision,
-                    "memory_format": layout,
-                    "processor": processor,
-                },
+        if self.dist.main:
+            log.info(
+                "autoencoder: %s, %s layout %s",
+                self.precision,
+                self.layout,
+                ", ".join(f"{k} {v:.2f} s/step" for k, v in layout_times.items()) or "(as configured)",
             )
-            write_curve(
-                work_dir / "autoencoder_curve.json",
-                history,
-                val_psnr,
-                {
-                    "step": step,
-                    "minutes": round(budget.minutes, 2),
-                    "cpu_minutes": round(budget.cpu_minutes, 2),
-                    "precision": precision,
-                    "memory_format": layout,
-                },
-            )
+        self.ae, self.disc = to_layout(self.ae, self.layout), to_layout(self.disc, self.layout)
+        if self.ema is not None:
+            self.ema.module = to_layout(self.ema.module, self.layout)
+        self.dae, self.ddisc = self.dist.wrap(self.ae), self.dist.wrap(self.disc)
 
-    def validate() -> None:
+    def train(self, images: torch.Tensor, val_images: torch.Tensor | None) -> None:
+        """Train until the steps or minutes are spent or a stop is asked for (then checkpoint and raise)."""
+        loop = self.loop
+        loop.open_bar()
+        self.ae.train()
+        self.disc.train()
+        with STOP:
+            while loop.goes_on():
+                l1, kl, g_adv, loss_d = self.train_step(images)
+                loop.step += 1
+                l1v = float(l1.detach())
+                if loop.logs_now():
+                    loop.add_to_history(l1=self.dist.mean(l1v), kl=float(kl.detach()))
+                    if g_adv is not None:
+                        loop.add_to_history(gen_adv=float(g_adv.detach()), disc=float(loss_d.detach()))
+                loop.step_done("l1", l1v)
+                if loop.validates_now():
+                    self.validate(val_images)
+                loop.checkpoint_if_due()
+        loop.end()
+
+    def train_step(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One generator step (and, after the adversarial warm-up, one discriminator step) on a random batch.
+        Returns the L1 and KL terms and the adversarial losses (None before the warm-up ends)."""
+        step, tc, layout = self.loop.step, self.tc, self.layout
+        x, _ = random_batch(images, None, self.batch_size, self.gen, self.flip)
+        x = to_layout(random_crop(x, crop_schedule(tc, step), self.gen).to(self.device), layout)
+        use_adv = self.adv_weight > 0 and step >= self.adv_warmup
+        with autocast(self.device, self.precision):
+            loss_g, l1, kl, rec = generator_step_loss(self.dae, x, self.kl_weight)
+            if use_adv:
+                logits_fake = self.ddisc(to_layout(rec, layout))[-1]
+                g_adv = self.adv(logits_fake, target_is_real=True, for_discriminator=False)
+                loss_g = loss_g + self.adv_weight * g_adv
+        check_finite(loss_g, "autoencoder loss", step, self.precision)
+        clip_and_step(loss_g, self.dae, self.opt_g, self.scaler_g, tc["grad_clip"])
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.ae, step)
+        if not use_adv:
+            return l1, kl, None, None
+        with autocast(self.device, self.precision):
+            lf = self.ddisc(to_layout(rec.detach(), layout))[-1]
+            lr_ = self.ddisc(x)[-1]
+            loss_d = 0.5 * (
+                self.adv(lf, target_is_real=False, for_discriminator=True)
+                + self.adv(lr_, target_is_real=True, for_discriminator=True)
+            )
+        check_finite(loss_d, "discriminator loss", step, self.precision)
+        clip_and_step(self.adv_weight * loss_d, self.ddisc, self.opt_d, self.scaler_d, tc["grad_clip"])
+        return l1, kl, g_adv, loss_d
+
+    def trained(self) -> torch.nn.Module:
+        """The autoencoder that validation and export use: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.ae)
+
+    def validate(self, val_images: torch.Tensor | None) -> None:
+        """PSNR of the validation reconstructions (kept with the step) and a preview PNG of two of them."""
         if val_images is None:
             return
+        step = self.loop.step
         with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG as it was
-            rec = reconstruct(ema.module if ema is not None else unwrap(ae), val_images, device)
+            rec = reconstruct(self.trained(), val_images, self.device)
         p = float(np.mean([psnr(r.clamp(0, 1), v) for r, v in zip(rec, val_images)]))
-        val_psnr.append((step, p))
+        self.val_psnr.append((step, p))
         save_grid(
-            work_dir / "previews" / f"autoencoder_step{step:06d}.png",
+            self.work_dir / "previews" / f"autoencoder_step{step:06d}.png",
             [[v[0].numpy() for v in val_images[:2]], [r[0].clamp(0, 1).numpy() for r in rec[:2]]],
-            f"{cfg['name']} AE step {step}: top real, bottom reconstruction; PSNR {p:.2f} dB",
+            f"{self.cfg['name']} AE step {step}: top real, bottom reconstruction; PSNR {p:.2f} dB",
         )
-        ae.train()
+        self.ae.train()
 
-    bar = progress_bar(total, step, f"{cfg['name']} autoencoder", dist.main and progress)
-    ae.train()
-    disc.train()
-    warm = int(tc["adv_warmup_steps"])
-    aw = float(tc["adv_weight"])
-    running = None
-    with STOP:
-        while step < total and not dist.any(budget.exhausted() or STOP.requested):
-            x, _ = random_batch(images, None, bs, gen, flip)
-            x = to_layout(random_crop(x, crop_schedule(tc, step), gen).to(device), layout)
-            use_adv = aw > 0 and step >= warm
-            with autocast(device, precision):
-                loss_g, l1, kl, rec = generator_step_loss(dae, x, kl_weight)
-                if use_adv:
-                    logits_fake = ddisc(to_layout(rec, layout))[-1]
-                    g_adv = adv(logits_fake, target_is_real=True, for_discriminator=False)
-                    loss_g = loss_g + aw * g_adv
-            check_finite(loss_g, "autoencoder loss", step, precision)
-            clip_and_step(loss_g, dae, opt_g, scaler_g, tc["grad_clip"])
-            sched.step()
-            if ema is not None:
-                ema.update(ae, step)
-            if use_adv:
-                with autocast(device, precision):
-                    lf = ddisc(to_layout(rec.detach(), layout))[-1]
-                    lr_ = ddisc(x)[-1]
-                    loss_d = 0.5 * (
-                        adv(lf, target_is_real=False, for_discriminator=True)
-                        + adv(lr_, target_is_real=True, for_discriminator=True)
-                    )
-                check_finite(loss_d, "discriminator loss", step, precision)
-                clip_and_step(aw * loss_d, ddisc, opt_d, scaler_d, tc["grad_clip"])
-            step += 1
-            l1v = float(l1.detach())
-            running = l1v if running is None else 0.98 * running + 0.02 * l1v
-            if step % int(tc["log_every"]) == 0 or step == 1:
-                history["l1"].append((step, dist.mean(l1v)))
-                history["kl"].append((step, float(kl.detach())))
-                if use_adv:
-                    history["gen_adv"].append((step, float(g_adv.detach())))
-                    history["disc"].append((step, float(loss_d.detach())))
-            bar.update(1)
-            bar.set_postfix(l1=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)
-            if dist.main and tc["val_every"] and step % int(tc["val_every"]) == 0:
-                validate()
-            if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
-                checkpoint()
-                last_ckpt = budget.minutes
-                if dist.main and not progress:  # no bar: one line per checkpoint instead
-                    log.info("autoencoder: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
-    bar.close()
-    if stop_agreed(dist):
-        checkpoint()
-        raise stopped("autoencoder training", step, ckpt_path, dist.main)
-    if dist.main and (not val_psnr or val_psnr[-1][0] != step):
-        validate()
-    checkpoint()
-    if dist.main:
-        save_loss_curve(work_dir / "loss_autoencoder.png", history, f"{cfg['name']} autoencoder ({precision})")
-    l1s = [v for _, v in history["l1"]]
-    tail = l1s[-max(1, len(l1s) // 10) :] if l1s else [float("nan")]
-    summary = {
-        "steps": step,
-        "minutes": round(budget.minutes, 2),
-        "cpu_minutes": round(budget.cpu_minutes, 2),
-        "batch_size": bs,
-        "patch_size": tc.get("patch_size"),
-        "patch_steps": tc.get("patch_steps"),
-        "memory_format": layout,
-        "ema_decay": float(tc["ema_decay"]),
-        "world_size": dist.world,
-        "lr": float(tc["lr"]),
-        "precision": precision,
-        "kl_weight": float(tc["kl_weight"]),
-        "adv_weight": aw,
-        "adv_warmup_steps": warm,
-        "perceptual_weight": float(tc.get("perceptual_weight", 0.0)),
-        "freeze_encoder": bool(tc["freeze_encoder"]),
-        "final_l1": round(sum(tail) / len(tail), 5),
-        "val_psnr_db": round(val_psnr[-1][1], 2) if val_psnr else None,
-        "train_items": int(images.shape[0]),
-    }
-    final = ema.module if ema is not None else unwrap(ae)
-    summary["encoder_sha256"] = encoder_sha256(final)
-    return to_layout(final, "contiguous").eval(), summary
+    def checkpoint(self) -> None:
+        """Write the checkpoint and the loss curve JSON (main rank)."""
+        if not self.dist.main:
+            return
+        loop = self.loop
+        state = {
+            **loop.progress_fields(),
+            "val_psnr": self.val_psnr,
+            "model": unwrap(self.ae).state_dict(),
+            "discriminator": unwrap(self.disc).state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.opt_g.state_dict(),
+            "optimizer_d": self.opt_d.state_dict(),
+            "lr_scheduler": self.sched.state_dict(),
+            "rng": rng_state(self.gen),
+            "precision": self.precision,
+            "memory_format": self.layout,
+            "processor": self.processor,
+        }
+        save_checkpoint(self.checkpoint_path, state)
+        curve_header = {
+            "step": loop.step,
+            "minutes": round(loop.budget.minutes, 2),
+            "cpu_minutes": round(loop.budget.cpu_minutes, 2),
+            "precision": self.precision,
+            "memory_format": self.layout,
+        }
+        write_curve(self.work_dir / "autoencoder_curve.json", loop.history, self.val_psnr, curve_header)
+
+    def finish(self, images: torch.Tensor, val_images: torch.Tensor | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Validate at the last step, write the last checkpoint and the loss curve; the trained autoencoder and
+        the stage's summary."""
+        loop, tc = self.loop, self.tc
+        if self.dist.main and (not self.val_psnr or self.val_psnr[-1][0] != loop.step):
+            self.validate(val_images)
+        self.checkpoint()
+        if self.dist.main:
+            title = f"{self.cfg['name']} autoencoder ({self.precision})"
+            save_loss_curve(self.work_dir / "loss_autoencoder.png", loop.history, title)
+        summary = {
+            **loop.time_spent(),
+            "batch_size": self.batch_size,
+            "patch_size": tc.get("patch_size"),
+            "patch_steps": tc.get("patch_steps"),
+            "memory_format": self.layout,
+            "ema_decay": float(tc["ema_decay"]),
+            "world_size": self.dist.world,
+            "lr": float(tc["lr"]),
+            "precision": self.precision,
+            "kl_weight": float(tc["kl_weight"]),
+            "adv_weight": self.adv_weight,
+            "adv_warmup_steps": self.adv_warmup,
+            "perceptual_weight": float(tc.get("perceptual_weight", 0.0)),
+            "freeze_encoder": bool(tc["freeze_encoder"]),
+            "final_l1": tail_mean(loop.history["l1"]),
+            "val_psnr_db": round(self.val_psnr[-1][1], 2) if self.val_psnr else None,
+            "train_items": int(images.shape[0]),
+        }
+        final = self.trained()
+        summary["encoder_sha256"] = encoder_sha256(final)
+        return to_layout(final, "contiguous").eval(), summary

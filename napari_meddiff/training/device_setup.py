@@ -25,7 +25,15 @@ def setup_device(name: str, num_threads: int | None) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_training_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic a training stage runs in. ``auto``: on CUDA bf16 where the GPU has it, else fp16 (with a
+    GradScaler, `grad_scaler`); on CPU bf16 autocast where the CPU computes bf16 natively (`cpu_supports_bf16`),
+    else fp32. fp16 is refused here on CPU, before any data is loaded.
+
+    Deliberately not inference's rule (`napari_meddiff.runtime.precision.resolve_precision`): that one keeps
+    fp32 on CUDA, where sampling the shipped networks is launch-bound and autocast's casts made steps slower,
+    whereas a training step is a large batched forward and backward pass, run in half precision on a GPU. On CPU
+    both rules agree."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +21,15 @@ from napari_meddiff.training.checkpoints import (
     load_widened,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from napari_meddiff.training.conditions import drop_conditions, network_conditioning
 from napari_meddiff.training.data import crop_schedule, random_batch, random_crop
-from napari_meddiff.training.device_setup import autocast, grad_scaler, resolve_precision
-from napari_meddiff.training.distributed import Dist, stop_agreed, unwrap
+from napari_meddiff.training.device_setup import autocast, grad_scaler, resolve_training_precision
+from napari_meddiff.training.distributed import Dist, unwrap
 from napari_meddiff.training.optim import EMA, check_finite, clip_and_step, lr_lambda
-from napari_meddiff.training.reporting import progress_bar, save_loss_curve
-from napari_meddiff.training.stopping import STOP, Budget, stopped
+from napari_meddiff.training.reporting import save_loss_curve
+from napari_meddiff.training.stage_loop import Progress, StageLoop, seeded_generator, tail_mean
+from napari_meddiff.training.stopping import STOP
 
 log = logging.getLogger(__name__)
 
@@ -81,160 +81,210 @@ def train_diffusion(
     ``labels`` are denoised and ``condition`` images are concatenated; ``conditions``: each item's named
     condition values in [0, 1], given to the UNet as the config's ``conditioning`` says, with condition dropout).
     Returns the EMA UNet and a summary."""
-    tc = cfg["training"]
-    seg = cfg["kind"] == "segmentation"
-    num_classes = int(cfg.get("segmentation", {}).get("num_classes", 0))
-    precision = resolve_precision(tc["precision"], device)
-    torch.manual_seed(int(tc["seed"]) + 1000 * dist.rank)
-    gen = torch.Generator().manual_seed(int(tc["seed"]) * 7919 + 17 * dist.rank + 1)
-
-    net = build_network("unet", cfg["networks"]["unet"]).to(device)
-    ema = EMA(net, tc["ema_decay"], tc["ema_start"])
-    opt = torch.optim.AdamW(net.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tc["warmup_steps"])))
-    scaler = grad_scaler(device, precision)
-    scheduler = noise_scheduler(cfg["scheduler"])
-    ckpt_path = work_dir / "diffusion.pt"
-    step, spent, cpu_spent, history = 0, 0.0, 0.0, {"loss": []}
-    init: dict[str, Any] | None = None  # where a run started from another run's weights (init_from)
-    started_from = False  # this call starts from init_from (not a resume)
-    if resume and ckpt_path.is_file():
-        st = load_checkpoint(ckpt_path)
-        net.load_state_dict(st["model"])
-        ema.module.load_state_dict(st["ema"])
-        load_trainer_state(st, {"optimizer": opt, "lr_scheduler": sched, "scaler": scaler}, "diffusion")
-        set_rng_state(gen, st["rng"])
-        step, spent, history = int(st["step"]), float(st["minutes"]), st["history"]
-        cpu_spent = float(st.get("cpu_minutes", 0.0))
-        init = st.get("init_from")
-        if dist.main:
-            log.info("resumed diffusion training at step %d (%.1f min spent)", step, spent)
-    elif tc.get("init_from"):
-        started_from = True
-        init = _init_from(Path(tc["init_from"]), net, ema, cfg)
-        step, spent, cpu_spent, history = init.pop("state")
-        if dist.main:
-            log.info(
-                "started from %s at step %d (%.1f min spent); widened: %s",
-                init["checkpoint"],
-                step,
-                spent,
-                ", ".join(init["widened"]) or "none",
-            )
-    ema.module.to(device)
-    dnet = dist.wrap(net)
-    budget = Budget(max_minutes, spent, cpu_spent)
-    total = int(tc["steps"])
-    if started_from and (step >= total or budget.exhausted()):
+    run = DiffusionTraining(cfg, device, dist, work_dir, preview)
+    so_far, started_from = run.start(resume)
+    run.loop = StageLoop(
+        "diffusion",
+        cfg["name"],
+        run.tc,
+        dist,
+        so_far,
+        max_minutes=max_minutes,
+        checkpoint_path=run.checkpoint_path,
+        save=run.checkpoint,
+        show_progress=progress,
+        log=log,
+    )
+    if started_from and (so_far.step >= run.loop.total or run.loop.budget.exhausted()):
         raise MeddiffError(
-            f"init_from {init['checkpoint']} is already at step {step} after {spent:.1f} min: steps "
-            f"({total}) and max_minutes ({max_minutes}) count the run it starts from, so nothing "
+            f"init_from {run.init['checkpoint']} is already at step {so_far.step} after {so_far.minutes:.1f} min: "
+            f"steps ({run.loop.total}) and max_minutes ({max_minutes}) count the run it starts from, so nothing "
             "would be trained; raise them"
         )
-    bs = int(tc["batch_size"])
     if conditions is not None and conditions.shape[0] != x0_data.shape[0]:
         raise MeddiffError(f"{conditions.shape[0]} condition rows for {x0_data.shape[0]} training items")
-    how = network_conditioning(cfg["conditioning"]) if conditions is not None else None
-    last_ckpt = budget.minutes
+    run.train(TrainingItems(x0_data, condition, labels, flip, conditions))
+    return run.finish(condition if run.seg else x0_data)
 
-    def checkpoint() -> None:
-        if dist.main:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "step": step,
-                    "minutes": budget.minutes,
-                    "cpu_minutes": budget.cpu_minutes,
-                    "history": history,
-                    "model": unwrap(net).state_dict(),
-                    "ema": ema.module.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "lr_scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_state(gen),
-                    "precision": precision,
-                    "init_from": init,
-                },
-            )
 
-    bar = progress_bar(total, step, f"{cfg['name']} diffusion", dist.main and progress)
-    running = None
-    net.train()
-    with STOP:
-        while step < total and not dist.any(budget.exhausted() or STOP.requested):
-            if conditions is not None:
-                xb, yb, cb = random_batch(x0_data, None, bs, gen, flip, conditions)
-                cb = drop_conditions(cb, float(cfg["conditioning"]["dropout"]), gen)
-            else:
-                xb, yb = random_batch(x0_data if not seg else condition, labels, bs, gen, flip)
-            xb, yb = crop_pair(xb, yb, crop_schedule(tc, step), gen)
-            if seg:
-                cond, x0 = xb.to(device), onehot_pm1(yb, num_classes).to(device)
-            else:
-                cond, x0 = None, xb.to(device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
-            xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-            inp = xt if cond is None else torch.cat([xt, cond], dim=1)
-            extra: dict[str, torch.Tensor] = {}
-            if conditions is not None:  # as sampling gives them to the UNet
-                inp, extra = unet_inputs(inp, network_conditions(how, cb, inp))
-            with autocast(device, precision):
-                pred = dnet(inp, timesteps=t, **extra)
-            loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t))
-            if not torch.isfinite(loss):  # name what went wrong: the data, the network or the loss
-                check_finite(
-                    x0, "training data (latents)" if cfg["kind"] == "ldm" else "training data", step, precision
+class TrainingItems(NamedTuple):
+    """What a diffusion stage draws its batches from."""
+
+    x0: torch.Tensor  # images or scaled latents (not for segmentation)
+    condition: torch.Tensor | None  # segmentation: the images the labels belong to
+    labels: torch.Tensor | None  # segmentation: the labels to denoise
+    flip: bool  # random left-right flips
+    conditions: torch.Tensor | None  # each item's condition values in [0, 1] (a conditional model)
+
+
+class DiffusionTraining:
+    """One run of the diffusion stage: the UNet and its EMA, optimiser, noise schedule, and the checkpoint that
+    carries them across resumes (or an earlier run's weights it starts from, ``init_from``)."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        device: torch.device,
+        dist: Dist,
+        work_dir: Path,
+        preview: Callable[[torch.nn.Module, int, Path], None] | None,
+    ) -> None:
+        tc = self.tc = cfg["training"]
+        self.cfg, self.device, self.dist, self.work_dir, self.preview = cfg, device, dist, work_dir, preview
+        self.seg = cfg["kind"] == "segmentation"
+        self.num_classes = int(cfg.get("segmentation", {}).get("num_classes", 0))
+        self.precision = resolve_training_precision(tc["precision"], device)
+        self.gen = seeded_generator(int(tc["seed"]), dist.rank, stream=1)
+        self.net = build_network("unet", cfg["networks"]["unet"]).to(device)
+        self.ema = EMA(self.net, tc["ema_decay"], tc["ema_start"])
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(int(tc["warmup_steps"])))
+        self.scaler = grad_scaler(device, self.precision)
+        self.scheduler = noise_scheduler(cfg["scheduler"])
+        self.checkpoint_path = work_dir / "diffusion.pt"
+        self.batch_size = int(tc["batch_size"])
+        self.init: dict[str, Any] | None = None  # where the run started from another run's weights (init_from)
+        self.loop: StageLoop  # set once the run's progress is known
+
+    def start(self, resume: bool) -> tuple[Progress, bool]:
+        """Resume from the work dir's checkpoint, or start from ``training.init_from``, or afresh; then wrap the
+        UNet for data parallel training. Returns the progress so far and whether this call started from
+        ``init_from``."""
+        started_from = False
+        if resume and self.checkpoint_path.is_file():
+            st = load_checkpoint(self.checkpoint_path)
+            self.net.load_state_dict(st["model"])
+            self.ema.module.load_state_dict(st["ema"])
+            optimisers = {"optimizer": self.opt, "lr_scheduler": self.sched, "scaler": self.scaler}
+            load_trainer_state(st, optimisers, "diffusion")
+            so_far = Progress.resumed(st, self.gen)
+            self.init = st.get("init_from")
+            if self.dist.main:
+                log.info("resumed diffusion training at step %d (%.1f min spent)", so_far.step, so_far.minutes)
+        elif self.tc.get("init_from"):
+            started_from = True
+            self.init = _init_from(Path(self.tc["init_from"]), self.net, self.ema, self.cfg)
+            so_far = Progress(*self.init.pop("state"))
+            if self.dist.main:
+                log.info(
+                    "started from %s at step %d (%.1f min spent); widened: %s",
+                    self.init["checkpoint"],
+                    so_far.step,
+                    so_far.minutes,
+                    ", ".join(self.init["widened"]) or "none",
                 )
-                check_finite(pred, "network output", step, precision)
-                check_finite(loss, "loss", step, precision)
-            clip_and_step(loss, dnet, opt, scaler, tc["grad_clip"])
-            sched.step()
-            step += 1
-            ema.update(net, step)
-            lv = float(loss.detach())
-            running = lv if running is None else 0.98 * running + 0.02 * lv
-            if step % int(tc["log_every"]) == 0 or step == 1:
-                history["loss"].append((step, dist.mean(lv)))
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", min=f"{budget.minutes:.1f}", refresh=False)
-            if dist.main and preview is not None and tc["val_every"] and step % int(tc["val_every"]) == 0:
-                preview(ema.module, step, work_dir / "previews" / f"diffusion_step{step:06d}.png")
-                net.train()
-            if budget.minutes - last_ckpt >= float(tc["checkpoint_minutes"]):
-                checkpoint()
-                last_ckpt = budget.minutes
-                if dist.main and not progress:  # no bar: one line per checkpoint instead
-                    log.info("diffusion: step %d/%d, loss %.4f, %.1f min", step, total, running, budget.minutes)
-    bar.close()
-    checkpoint()
-    if stop_agreed(dist):
-        raise stopped("diffusion training", step, ckpt_path, dist.main)
-    if dist.main:
-        save_loss_curve(work_dir / "loss_diffusion.png", history, f"{cfg['name']} diffusion ({precision})")
-        if preview is not None:
-            preview(ema.module, step, work_dir / "previews" / f"diffusion_final_step{step:06d}.png")
-    losses = [v for _, v in history["loss"]]
-    tail = losses[-max(1, len(losses) // 10) :] if losses else [float("nan")]
-    summary = {
-        "steps": step,
-        "minutes": round(budget.minutes, 2),
-        "cpu_minutes": round(budget.cpu_minutes, 2),
-        "batch_size": bs,
-        "world_size": dist.world,
-        "lr": float(tc["lr"]),
-        "ema_decay": float(tc["ema_decay"]),
-        "precision": precision,
-        "final_loss": round(sum(tail) / len(tail), 5),
-        "first_loss": round(losses[0], 5) if losses else None,
-        "objective": f"MSE on {cfg['scheduler']['prediction_type']} prediction",
-        "patch_size": tc.get("patch_size"),
-        "patch_steps": tc.get("patch_steps"),
-        "train_items": int((condition if seg else x0_data).shape[0]),
-    }
-    if init is not None:
-        summary["init_from"] = init
-    return ema.module.eval(), summary
+        else:
+            so_far = Progress(history={"loss": []})
+        self.ema.module.to(self.device)
+        self.dnet = self.dist.wrap(self.net)
+        return so_far, started_from
+
+    def train(self, items: TrainingItems) -> None:
+        """Train until the steps or minutes are spent or a stop is asked for (then checkpoint and raise)."""
+        loop = self.loop
+        how = network_conditioning(self.cfg["conditioning"]) if items.conditions is not None else None
+        loop.open_bar()
+        self.net.train()
+        with STOP:
+            while loop.goes_on():
+                loss = self.train_step(items, how)
+                loop.step += 1
+                self.ema.update(self.net, loop.step)
+                lv = float(loss.detach())
+                if loop.logs_now():
+                    loop.add_to_history(loss=self.dist.mean(lv))
+                loop.step_done("loss", lv)
+                if self.preview is not None and loop.validates_now():
+                    self.preview(self.ema.module, loop.step, self._preview_path(f"diffusion_step{loop.step:06d}"))
+                    self.net.train()
+                loop.checkpoint_if_due()
+        loop.end()
+
+    def train_step(self, items: TrainingItems, how: Any) -> torch.Tensor:
+        """One optimiser step on a random batch: noise it at random timesteps and regress the prediction target.
+        Returns the loss."""
+        step, device = self.loop.step, self.device
+        x0, cond, inp_conditions = self._batch(items, step)
+        noise = torch.randn(x0.shape, generator=self.gen).to(device)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), generator=self.gen).to(device)
+        xt = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+        inp = xt if cond is None else torch.cat([xt, cond], dim=1)
+        extra: dict[str, torch.Tensor] = {}
+        if inp_conditions is not None:  # as sampling gives them to the UNet
+            inp, extra = unet_inputs(inp, network_conditions(how, inp_conditions, inp))
+        with autocast(device, self.precision):
+            pred = self.dnet(inp, timesteps=t, **extra)
+        loss = F.mse_loss(pred.float(), diffusion_target(self.scheduler, x0, noise, t))
+        if not torch.isfinite(loss):  # name what went wrong: the data, the network or the loss
+            data = "training data (latents)" if self.cfg["kind"] == "ldm" else "training data"
+            check_finite(x0, data, step, self.precision)
+            check_finite(pred, "network output", step, self.precision)
+            check_finite(loss, "loss", step, self.precision)
+        clip_and_step(loss, self.dnet, self.opt, self.scaler, self.tc["grad_clip"])
+        self.sched.step()
+        return loss
+
+    def _batch(self, items: TrainingItems, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A random batch on the device: (x0 to denoise, image condition or None, condition values or None)."""
+        cb = None
+        if items.conditions is not None:
+            xb, yb, cb = random_batch(items.x0, None, self.batch_size, self.gen, items.flip, items.conditions)
+            cb = drop_conditions(cb, float(self.cfg["conditioning"]["dropout"]), self.gen)
+        else:
+            source = items.x0 if not self.seg else items.condition
+            xb, yb = random_batch(source, items.labels, self.batch_size, self.gen, items.flip)
+        xb, yb = crop_pair(xb, yb, crop_schedule(self.tc, step), self.gen)
+        if self.seg:
+            return onehot_pm1(yb, self.num_classes).to(self.device), xb.to(self.device), cb
+        return xb.to(self.device), None, cb
+
+    def _preview_path(self, name: str) -> Path:
+        return self.work_dir / "previews" / f"{name}.png"
+
+    def checkpoint(self) -> None:
+        """Write the checkpoint (main rank)."""
+        if self.dist.main:
+            state = {
+                **self.loop.progress_fields(),
+                "model": unwrap(self.net).state_dict(),
+                "ema": self.ema.module.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "lr_scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(self.gen),
+                "precision": self.precision,
+                "init_from": self.init,
+            }
+            save_checkpoint(self.checkpoint_path, state)
+
+    def finish(self, train_items: torch.Tensor) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Write the last checkpoint, the loss curve and the final preview; the EMA UNet and the stage's summary
+        (``train_items``: what the stage drew its batches from)."""
+        loop, tc = self.loop, self.tc
+        self.checkpoint()
+        if self.dist.main:
+            title = f"{self.cfg['name']} diffusion ({self.precision})"
+            save_loss_curve(self.work_dir / "loss_diffusion.png", loop.history, title)
+            if self.preview is not None:
+                self.preview(self.ema.module, loop.step, self._preview_path(f"diffusion_final_step{loop.step:06d}"))
+        losses = loop.history["loss"]
+        summary = {
+            **loop.time_spent(),
+            "batch_size": self.batch_size,
+            "world_size": self.dist.world,
+            "lr": float(tc["lr"]),
+            "ema_decay": float(tc["ema_decay"]),
+            "precision": self.precision,
+            "final_loss": tail_mean(losses),
+            "first_loss": round(losses[0][1], 5) if losses else None,
+            "objective": f"MSE on {self.cfg['scheduler']['prediction_type']} prediction",
+            "patch_size": tc.get("patch_size"),
+            "patch_steps": tc.get("patch_steps"),
+            "train_items": int(train_items.shape[0]),
+        }
+        if self.init is not None:
+            summary["init_from"] = self.init
+        return self.ema.module.eval(), summary
 
 
 def _init_from(path: Path, net: torch.nn.Module, ema: EMA, cfg: dict[str, Any]) -> dict[str, Any]:
