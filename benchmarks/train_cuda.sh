@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Train the 2 mm brain-ldm-3d autoencoder (issue 16) on a lent GPU from its committed checkpoint and bring the
+# Train the 2 mm brain-ldm-3d autoencoder (issue 16) on a lent GPU from its stored checkpoint and bring the
 # full checkpoint back. A device machine has torch but not monai, nibabel or nilearn, is sent main's working
 # tree plus carried paths (64 MiB in all), and returns files of at most 16 MiB: hence three steps.
 #
+# Checkpoints stay outside git, under runs/ (in .gitignore): the work dirs runs/NAME, the carried copies in
+# runs/carry/, the store of benchmarks/checkpoints.sh in runs/checkpoints/. Nothing here copies a checkpoint into
+# the repository or commits one. Training resumes from a model folder through `training.init_from`, or from a
+# checkpoint kept outside the repository (checkpoints.sh restore NAME runs/NAME/FILE, then --resume).
+#
 #   here:    bash benchmarks/train_cuda.sh prepare
-#            (wheels into .whl/, the slim checkpoint into .carry/; prints what will travel)
-#   device:  run(command="bash benchmarks/train_cuda.sh train 5", carry=[".whl", ".carry"], timeout_s=590)
+#            (wheels into .whl/, the slim checkpoint into runs/carry/; prints what will travel)
+#   device:  run(command="bash benchmarks/train_cuda.sh train 5", carry=[".whl", "runs/carry"], timeout_s=590)
 #            (writes the 200 training subjects with 16 processes, trains up to MINUTES=5 with --autoencoder-only,
 #            fewer if the set-up took long: the whole command keeps within MEDDIFF_DEADLINE=560 s; splits the
 #            full checkpoint into 15 MB parts under $OUT)
 #   here:    bash benchmarks/train_cuda.sh collect FILES_AT
-#            (joins and checks the parts, keeps the earlier checkpoint as .prev, measures held-out PSNR and
-#            saves the checkpoint to main's history (checkpoints.sh); then commit the curve and PSNR line on main)
+#            (joins and checks the parts, keeps the earlier checkpoint as .before-gpu-*, measures held-out PSNR
+#            and keeps the checkpoint in the store (checkpoints.sh save); then commit the curve and PSNR line)
 #
 # The carried checkpoint is slim (EMA weights, no Adam state: `slim_checkpoint`), so the GPU run restarts Adam
 # with its warm-up; what comes back is a full checkpoint again. A dry run on a CPU:
@@ -19,8 +24,8 @@
 #
 # The conditional 2 mm diffusion UNet (models/brain-ldm-3d/training/train-2mm-conditional.yaml) the same way:
 #   here:    bash benchmarks/train_cuda.sh prepare-ldm
-#            (wheels, and the slim frozen autoencoder of runs/ldm-2mm-cond into .carry/ldm/)
-#   device:  run(command="bash benchmarks/train_cuda.sh train-ldm 6", carry=[".whl", ".carry"], timeout_s=590)
+#            (wheels, and the slim frozen autoencoder of runs/ldm-2mm-cond into runs/carry/ldm/)
+#   device:  run(command="bash benchmarks/train_cuda.sh train-ldm 6", carry=[".whl", "runs/carry"], timeout_s=590)
 #            (a diffusion UNet from scratch at batch MEDDIFF_BATCH=32: the CPU run's checkpoint (133 MB full, 33 MB
 #            slim) does not fit beside the tree, the wheels and the autoencoder in the 64 MiB a device machine is
 #            sent; brings back its slim checkpoint in 15 MB parts)
@@ -31,17 +36,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=models/brain-ldm-3d/train-2mm.yaml
 WORK=runs/brain-ldm-3d-2mm
-CKPT=brain-ldm-3d/autoencoder-2mm.ckpt   # in main's history (benchmarks/checkpoints.sh)
+CKPT=brain-ldm-3d/autoencoder-2mm.ckpt   # benchmarks/checkpoints.sh: its store, or main's history for older saves
 LDM_CONFIG=models/brain-ldm-3d/training/train-2mm-conditional.yaml
 LDM_WORK=runs/ldm-2mm-cond
-LDM_CKPT=brain-ldm-3d-2mm-conditional/diffusion.ckpt   # slim, in main's history
+LDM_CKPT=brain-ldm-3d-2mm-conditional/diffusion.ckpt   # slim, ditto
+CARRY=runs/carry   # what travels to the device machine besides the wheels: ignored by git (runs/)
 export PYTHONUNBUFFERED=1
 die() { echo "train_cuda.sh: $*" >&2; exit 1; }
 
-wheels() {  # .whl/ (monai, nibabel, nilearn at this venv's versions) and an empty .carry/
+wheels() {  # .whl/ (monai, nibabel, nilearn at this venv's versions) and an empty $CARRY/
   local py=$1
-  for d in /.whl/ /.carry/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
-  rm -rf .whl .carry && mkdir -p .whl .carry
+  grep -qxF /.whl/ .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+  rm -rf .whl "$CARRY" && mkdir -p .whl "$CARRY"
   local pkgs=()
   for p in monai nibabel nilearn; do pkgs+=("$p==$("$py" -c "import importlib.metadata as m; print(m.version('$p'))")"); done
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -51,8 +57,8 @@ wheels() {  # .whl/ (monai, nibabel, nilearn at this venv's versions) and an emp
 check_travel() {
   local tree carried
   tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-  carried=$(du -cb .whl .carry | tail -1 | cut -f1)
-  echo "travels: main's tree $((tree / 1000000)) MB + .whl/.carry $((carried / 1000000)) MB (limit 67 MB)"
+  carried=$(du -cb .whl "$CARRY" | tail -1 | cut -f1)
+  echo "travels: main's tree $((tree / 1000000)) MB + .whl, $CARRY $((carried / 1000000)) MB (limit 67 MB)"
   [ $((tree + carried)) -lt 67108864 ] || die "over the 64 MiB a device machine is sent"
 }
 
@@ -61,13 +67,14 @@ prepare() {
   wheels "$py"
   local full=$WORK/autoencoder.pt
   if [ ! -f "$full" ]; then bash benchmarks/checkpoints.sh restore "$CKPT" "$full"; fi
-  "$py" - "$full" <<'EOF'
+  "$py" - "$full" "$CARRY" <<'EOF'
 import hashlib, json, sys
 from pathlib import Path
 from napari_meddiff.training.checkpoints import slim_checkpoint
-st = slim_checkpoint(Path(sys.argv[1]), Path(".carry/autoencoder.pt"))
+carry = Path(sys.argv[2])
+st = slim_checkpoint(Path(sys.argv[1]), carry / "autoencoder.pt")
 sha = hashlib.sha256(Path(sys.argv[1]).read_bytes()).hexdigest()
-Path(".carry/source.json").write_text(json.dumps({"file": sys.argv[1], "sha256": sha, "step": st["step"]}) + "\n")
+(carry / "source.json").write_text(json.dumps({"file": sys.argv[1], "sha256": sha, "step": st["step"]}) + "\n")
 print(f"slim checkpoint of {sys.argv[1]}: step {st['step']}, {st['minutes']:.1f} min spent")
 EOF
   check_travel
@@ -76,10 +83,10 @@ EOF
 prepare_ldm() {
   local py=${PYTHON:-.venv/bin/python}
   wheels "$py"
-  mkdir -p .carry/ldm
+  mkdir -p "$CARRY/ldm"
   local ae=$LDM_WORK/autoencoder.pt
   if [ ! -f "$ae" ]; then bash benchmarks/checkpoints.sh restore "$CKPT" "$ae"; fi
-  "$py" - "$ae" "$LDM_CONFIG" <<'EOF'
+  "$py" - "$ae" "$LDM_CONFIG" "$CARRY" <<'EOF'
 import json, sys
 from pathlib import Path
 from napari_meddiff.training.autoencoder import encoder_sha256
@@ -87,14 +94,15 @@ from napari_meddiff.training.checkpoints import slim_checkpoint
 from napari_meddiff.training.config import load_config
 from napari_meddiff.models import build_network
 cfg = load_config(sys.argv[2])
-st = slim_checkpoint(Path(sys.argv[1]), Path(".carry/ldm/autoencoder.pt"))
+carry = Path(sys.argv[3]) / "ldm"
+st = slim_checkpoint(Path(sys.argv[1]), carry / "autoencoder.pt")
 if st["step"] != cfg["autoencoder_training"]["steps"]:
     sys.exit(f"{sys.argv[1]} is at step {st['step']}; {sys.argv[2]} freezes the autoencoder at "
              f"{cfg['autoencoder_training']['steps']}")
 ae = build_network("autoencoder", cfg["networks"]["autoencoder"])
 ae.load_state_dict(st["ema"])
 digest = encoder_sha256(ae)
-Path(".carry/ldm/source.json").write_text(json.dumps({"step": st["step"], "encoder_sha256": digest}) + "\n")
+(carry / "source.json").write_text(json.dumps({"step": st["step"], "encoder_sha256": digest}) + "\n")
 print(f"slim autoencoder of {sys.argv[1]}: step {st['step']}, encoder sha256 {digest[:12]}")
 EOF
   check_travel
@@ -147,13 +155,13 @@ train_ldm() {  # on the device machine: a conditional diffusion UNet from scratc
   PY=${PYTHON:-python3}
   : "${OUT:?OUT (the folder that comes back) is not set}"
   mkdir -p "$OUT" && OUT=$(realpath "$OUT")
-  [ -f .carry/ldm/autoencoder.pt ] || die ".carry/ldm/autoencoder.pt missing: run 'prepare-ldm' here and carry .carry"
+  [ -f "$CARRY/ldm/autoencoder.pt" ] || die "$CARRY/ldm/autoencoder.pt missing: run 'prepare-ldm' here and carry $CARRY"
   setup_python "$repo"
   mkdir -p "$scratch/work" && cd "$scratch"
   write_cohort data/cohort-2mm-train "${MEDDIFF_SUBJECTS:-200}" "${MEDDIFF_JOBS:-16}"
   echo "cohort ready after $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
   rm -f work/diffusion.pt work/latents.pt work/conditions.json
-  cp "$repo/.carry/ldm/autoencoder.pt" work/autoencoder.pt
+  cp "$repo/$CARRY/ldm/autoencoder.pt" work/autoencoder.pt
   # what is left of the deadline, less ~3 min for data loading, encoding the latents, the export and splitting
   minutes=$("$PY" -c "print(round(max(0.3, min($minutes, ($deadline - $((SECONDS - t0)) - 180) / 60)), 2))")
   "$PY" - "$repo/$LDM_CONFIG" work/train-gpu.yaml "$minutes" "$batch" <<'EOF'
@@ -187,7 +195,7 @@ EOF
 collect_ldm() {
   local files=${1:?the folder the device files came back to (files_at)} py=${PYTHON:-.venv/bin/python}
   local new=$LDM_WORK/diffusion.pt.new
-  [ -f .carry/ldm/source.json ] || die ".carry/ldm/source.json missing: collect-ldm needs the prepare-ldm of this run"
+  [ -f "$CARRY/ldm/source.json" ] || die "$CARRY/ldm/source.json missing: collect-ldm needs the prepare-ldm of this run"
   if pgrep -f -- "--work-dir $LDM_WORK" > /dev/null; then die "a training process is using $LDM_WORK: stop it first"; fi
   mkdir -p "$LDM_WORK"
   join_back "$files" diffusion-slim.pt "$new"
@@ -216,12 +224,12 @@ train() {  # on the device machine; works in a scratch folder, never in the chec
   PY=${PYTHON:-python3}
   : "${OUT:?OUT (the folder that comes back) is not set}"
   mkdir -p "$OUT" && OUT=$(realpath "$OUT")  # a relative OUT is read from the repository root
-  [ -f .carry/autoencoder.pt ] || die ".carry/autoencoder.pt missing: run 'prepare' here and carry .carry"
+  [ -f "$CARRY/autoencoder.pt" ] || die "$CARRY/autoencoder.pt missing: run 'prepare' here and carry $CARRY"
   setup_python "$repo"
   mkdir -p "$scratch/work" && cd "$scratch"  # the config's data/cohort-2mm-train is found here first
   write_cohort data/cohort-2mm-train "${MEDDIFF_SUBJECTS:-200}" "${MEDDIFF_JOBS:-16}"
   echo "cohort ready after $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
-  cp "$repo/.carry/autoencoder.pt" work/autoencoder.pt
+  cp "$repo/$CARRY/autoencoder.pt" work/autoencoder.pt
   # what is left of the deadline, less ~2 min for data loading, the final validation, saving and splitting
   minutes=$("$PY" -c "print(round(max(0.5, min($minutes, ($deadline - $((SECONDS - t0)) - 120) / 60)), 2))")
   echo "training for $minutes min" | tee -a "$OUT/log.txt"
@@ -242,12 +250,12 @@ train() {  # on the device machine; works in a scratch folder, never in the chec
 collect() {
   local files=${1:?the folder the device files came back to (files_at)} py=${PYTHON:-.venv/bin/python}
   local new=$WORK/autoencoder.pt.new
-  [ -f .carry/source.json ] || die ".carry/source.json missing: collect needs the prepare of this run"
+  [ -f "$CARRY/source.json" ] || die "$CARRY/source.json missing: collect needs the prepare of this run"
   if pgrep -f -- "--work-dir $WORK" > /dev/null; then die "a training process is using $WORK: stop it first"; fi
   if [ -f "$WORK/autoencoder.pt" ]; then  # the local checkpoint must still be the one the GPU run started from
     "$py" -c "
 import hashlib, json, sys
-src = json.load(open('.carry/source.json'))
+src = json.load(open('$CARRY/source.json'))
 sys.exit(hashlib.sha256(open('$WORK/autoencoder.pt', 'rb').read()).hexdigest() != src['sha256'])" \
       || die "$WORK/autoencoder.pt changed since prepare (a CPU run went on?): compare the steps and move one away"
   fi
@@ -256,7 +264,7 @@ sys.exit(hashlib.sha256(open('$WORK/autoencoder.pt', 'rb').read()).hexdigest() !
   "$py" -c "
 import json, sys, torch
 st = torch.load('$new', weights_only=True)
-carried = json.load(open('.carry/source.json'))['step']
+carried = json.load(open('$CARRY/source.json'))['step']
 if 'optimizer' not in st or st.get('slim'):
     sys.exit('not a full checkpoint')
 if st['step'] <= carried:
@@ -270,6 +278,7 @@ print(f\"device checkpoint: step {st['step']} (carried {carried}), {st['minutes'
       --num "${MEDDIFF_HELDOUT:-16}" --log models/brain-ldm-3d/training/heldout-2mm.jsonl
   local step
   step=$("$py" -c "import torch; print(torch.load('$WORK/autoencoder.pt', weights_only=True)['step'])")
+  # kept outside git: in $WORK and in the checkpoint store (runs/checkpoints), never committed
   bash benchmarks/checkpoints.sh save "$WORK/autoencoder.pt" "$CKPT" "2 mm AE at step $step (GPU run)"
   echo "now: update the table in models/brain-ldm-3d/training/README.md and commit models/brain-ldm-3d/training"
 }
