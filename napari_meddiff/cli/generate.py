@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = seed_range(args.seed, args.num)
     args.conditions_for = seed_conditions(describe_model(args.model), args.condition, seeds, args.guidance_scale)
     blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
+    batch.check_manifest_is_ours(args.out)  # before any work: a training cohort's list is never replaced
     with removed_if_left_empty(args.out):
         ensure_folder(args.out)
         return _generate(args, seeds, blocks, shard, ctx, device)

@@ -94,18 +94,22 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MeddiffError("--batch-size must be at least 1")
     axis = _axis(args.axis)
-    paths = output_paths(args.out, args.candidates)
-    for image_path, sidecar in paths:  # up front, not after minutes of sampling
-        check_output_file(image_path, args.overwrite)
-        check_output_file(sidecar, args.overwrite)
+    _stem(args.out)  # the output's suffix, before reading anything
     label = None
     if args.label is not None:
         label = int(args.label) if float(args.label).is_integer() else args.label
     conditions = fixed_conditions(args.condition)
     from napari_meddiff.runtime.devices import resolve_device
+    from napari_meddiff.runtime.memory import check_fits
 
     device = resolve_device(args.device)
     image = read_volume(args.image)
+    # the candidates' images alone (the task adds its networks' share): refused before any file name is made
+    check_fits(4.0 * (args.candidates + 1) * image.array.size, f"{args.candidates} candidates of this image")
+    paths = output_paths(args.out, args.candidates)
+    for image_path, sidecar in paths:  # up front, not after minutes of sampling
+        check_output_file(image_path, args.overwrite)
+        check_output_file(sidecar, args.overwrite)
     mask = read_volume(args.mask)
 
     model = load_model_for(args.model, device, args.precision, "inpaint")

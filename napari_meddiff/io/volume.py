@@ -35,6 +35,8 @@ class Volume:
         self.affine = np.asarray(self.affine, dtype=np.float64)
         if self.affine.shape != (4, 4):
             raise MeddiffError(f"affine must be 4x4, got {self.affine.shape}")
+        if problem := affine_problem(self.affine):
+            raise MeddiffError(f"the volume's affine (voxel to world) is not usable: {problem}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -60,6 +62,24 @@ class Volume:
         shape = np.array(array.shape[:3] + (1,) * (3 - array.ndim), dtype=float)
         affine[:3, 3] = -(shape - 1) / 2 * np.array(spacing[:3])
         return cls(array, affine, dict(metadata))
+
+
+MAX_VOXEL_MM = 1e4  # a voxel 10 m wide is a damaged header, not a scan
+MIN_VOXEL_MM = 1e-6
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """What makes a voxel-to-world affine unusable (None when nothing): non-finite values, a voxel axis of zero
+    or implausible length, or axes that do not span 3D."""
+    if not np.isfinite(affine).all():
+        return "it has NaN or infinite values"
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if sizes.min() < MIN_VOXEL_MM or sizes.max() > MAX_VOXEL_MM:
+        shown = ", ".join(f"{s:g}" for s in sizes)
+        return f"voxel sizes {shown} mm (each must be between {MIN_VOXEL_MM:g} and {MAX_VOXEL_MM:g} mm)"
+    if abs(np.linalg.det(affine[:3, :3] / sizes)) < 1e-6:
+        return "its voxel axes are parallel (a singular matrix)"
+    return None
 
 
 def _check_readable(path: Path) -> None:
@@ -92,18 +112,15 @@ def read_volume(path: str | os.PathLike, frame: int = 0) -> Volume:
     if path.is_dir() or not _is_nifti(path):
         return _read_with_sitk(path, frame)
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise MeddiffError(f"{path} is not a NIfTI image")
-        _check_data_size(img, path)
+        img, data = _load_nifti(path)
         slope, inter = img.dataobj.slope, img.dataobj.inter
-        data = np.asanyarray(img.dataobj)
     except MeddiffError:
         raise
     except MemoryError:
         raise MeddiffError(f"cannot read {path}: its image does not fit in memory") from None
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
+    except Exception as exc:  # whatever nibabel or gzip raise while parsing: the file is damaged
         raise MeddiffError(f"cannot read {path}: not a valid NIfTI file ({' '.join(str(exc).split())})") from None
+    _check_header_values(img, data, slope, inter, path)
     header = img.header
     scaled = not (slope in (1, None) and inter in (0, None)) or np.issubdtype(data.dtype, np.floating)
     data = data.astype(np.float32) if scaled else np.asarray(data)
@@ -123,6 +140,34 @@ def read_volume(path: str | os.PathLike, frame: int = 0) -> Volume:
         "is_label_like": bool(np.issubdtype(data.dtype, np.integer)),
     }
     return Volume(data, img.affine.copy(), meta)
+
+
+def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
+    """The image and its voxels. A .gz file is decompressed whole first, so that its CRC and length are
+    checked (nibabel reads only the bytes it needs: a damaged file's voxels would be read as data)."""
+    img = nib.load(str(path))
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise MeddiffError(f"{path} is not a NIfTI image")
+    _check_data_size(img, path)
+    if path.name.lower().endswith(".gz"):
+        try:
+            raw = gzip.decompress(path.read_bytes())
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise MeddiffError(f"cannot read {path}: damaged gzip data ({' '.join(str(exc).split())})") from None
+        img = type(img).from_bytes(raw)
+    return img, np.asanyarray(img.dataobj)
+
+
+def _check_header_values(img: Any, data: np.ndarray, slope, inter, path: Path) -> None:
+    """Refuse values a scan cannot have: complex voxels, non-finite scale factors, an unusable affine."""
+    if np.iscomplexobj(data):
+        raise MeddiffError(f"cannot read {path}: complex-valued voxels ({data.dtype}) are not an image; save the "
+                           "magnitude (or real part) as its own file")  # fmt: skip
+    for name, value in (("scl_slope", slope), ("scl_inter", inter)):
+        if value is not None and not np.isfinite(value):
+            raise MeddiffError(f"cannot read {path}: its header's {name} is {value} (damaged header?)")
+    if problem := affine_problem(img.affine):
+        raise MeddiffError(f"cannot read {path}: its affine (voxel to world) is not usable: {problem}")
 
 
 def _check_data_size(img: Any, path: Path) -> None:

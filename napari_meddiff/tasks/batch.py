@@ -269,15 +269,39 @@ def read_manifest(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def check_manifest_is_ours(out: Path) -> None:
+    """Refuse a folder whose ``cohort.csv`` is another file (a training cohort's subject list, written by
+    ``meddiff cohort``, has the same name): rebuilding it from generate's sidecars would lose it."""
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise MeddiffError(f"{path} cannot be read ({e}); it is left as it is: use another folder") from None
+    if tuple(header) != MANIFEST_COLUMNS:
+        raise MeddiffError(
+            f"{path} is not a manifest of generated volumes (its columns: {', '.join(header[:6]) or 'none'}; "
+            "a training cohort from `meddiff cohort`?); it is left as it is: generate into another folder"
+        )
+
+
 def write_manifest(out: Path) -> ManifestReport:
-    """(Re)build ``out/cohort.csv`` from the sidecars, atomically; problems are reported, not written."""
+    """(Re)build ``out/cohort.csv`` from the sidecars, atomically; problems are reported, not written.
+
+    Refused (nothing written) where ``cohort.csv`` is another kind of file, or where the folder holds no
+    generated volume at all."""
     out = Path(out)
+    check_manifest_is_ours(out)
     now = time.time()
     for tmp in out.glob(f".{MANIFEST_NAME}.*.part"):  # left by a killed writer long ago
         with contextlib.suppress(OSError):
             if now - tmp.stat().st_mtime > STALE_MANIFEST_TEMP_SECONDS:
                 tmp.unlink()
     report = collect_rows(out)
+    if not report.rows and not report.problems:
+        raise MeddiffError(f"{out} holds no generated volumes (no <model>_seed<S>.json sidecars): no manifest written")
     report.path = out / MANIFEST_NAME
     write_text_atomic(report.path, manifest_text(report.rows))
     return report
