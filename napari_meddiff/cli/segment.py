@@ -16,7 +16,13 @@ from pathlib import Path
 from napari_meddiff.choices import COMBINE_METHODS
 from napari_meddiff.cli.options import add_model_option, add_sampling_options, load_model_for, seed_value
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.io.files import check_output_file, ensure_folder, removed_if_left_empty, write_text_atomic
+from napari_meddiff.io.files import (
+    check_output_file,
+    ensure_folder,
+    new_files_removed_on_failure,
+    removed_if_left_empty,
+    write_text_atomic,
+)
 
 OUTPUTS = ("labels.nii.gz", "probabilities.nii.gz", "uncertainty.nii.gz", "volumes.csv", "segment.json")
 DEFAULT_SEG_MODEL = "brain-tissue-segdiff-2d"
@@ -136,12 +142,13 @@ def _segment(args: argparse.Namespace, image, model, device) -> int:
         bar.close()
     out = args.out
     ow = args.overwrite
-    write_volume(result.labels, out / "labels.nii.gz", kind="labels", overwrite=ow)
-    write_volume(result.probabilities, out / "probabilities.nii.gz", kind="image", overwrite=ow)
-    write_volume(result.uncertainty, out / "uncertainty.nii.gz", kind="image", overwrite=ow)
-    write_text_atomic(out / "volumes.csv", volumes_csv(result.volumes_ml))
-    sidecar = {"image": str(args.image), **result.provenance}
-    write_text_atomic(out / "segment.json", json.dumps(sidecar, indent=2) + "\n")
+    with new_files_removed_on_failure(out / name for name in OUTPUTS):  # all five, or none of this run's
+        write_volume(result.labels, out / "labels.nii.gz", kind="labels", overwrite=ow)
+        write_volume(result.probabilities, out / "probabilities.nii.gz", kind="image", overwrite=ow)
+        write_volume(result.uncertainty, out / "uncertainty.nii.gz", kind="image", overwrite=ow)
+        write_text_atomic(out / "volumes.csv", volumes_csv(result.volumes_ml))
+        sidecar = {"image": str(args.image), **result.provenance}
+        write_text_atomic(out / "segment.json", json.dumps(sidecar, indent=2) + "\n")
     for name, ml in result.volumes_ml.items():
         print(f"{name}: {ml:.1f} mL")
     print(out / "labels.nii.gz")

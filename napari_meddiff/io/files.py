@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from napari_meddiff.errors import MeddiffError
@@ -110,4 +110,21 @@ def removed_if_left_empty(folder: Path) -> Iterator[None]:
             if p.is_dir() and not any(p.iterdir()):
                 with contextlib.suppress(OSError):
                     p.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def new_files_removed_on_failure(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
+    """Outputs written as a set: on failure inside the block (a full disk at the third of five files), the ones
+    of ``paths`` the block created are removed again, so a rerun is not refused for half a result. Files that
+    existed before the block are left as they are."""
+    paths = [Path(p) for p in paths]
+    existed = {p for p in paths if p.exists()}
+    try:
+        yield
+    except BaseException:
+        for p in paths:
+            if p not in existed:
+                with contextlib.suppress(OSError):
+                    p.unlink()
         raise
