@@ -11,17 +11,22 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import ensure_folder, removed_if_left_empty
+from napari_meddiff.models.boundary import shorten
 from napari_meddiff.models.bundle import FORMAT as BUNDLE
 from napari_meddiff.models.bundle import read_large_files
 from napari_meddiff.models.bundle_weights import file_digests
 from napari_meddiff.models.zoo_bundles import ZOO_BUNDLES, bundle_defaults
 
 SOURCES = ("monaihosting", "github", "huggingface_hub", "ngc")
+# a bundle name or version becomes a folder or file name under --dir (and part of a URL): one plain name, no
+# separators, no leading dot (no "..", no hidden files)
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="bundle name, e.g. brain_image_synthesis_latent_diffusion_model")
     p.add_argument(
         "--dir",
-        type=Path,
         default=None,
         help="folder to put the bundle in (default: the first folder of $MEDDIFF_MODELS)",
     )
@@ -44,13 +48,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _target_dir(arg: Path | None) -> Path:
+def _plain(value: str, what: str) -> str:
+    if not PLAIN_NAME.fullmatch(value):
+        raise MeddiffError(
+            f"{what} {shorten(value)!r} is not a plain name: letters, digits, '_', '-' and '.' (not first), "
+            "at most 100, no path separators"
+        )
+    return value
+
+
+def _target_dir(arg: str | None) -> Path:
     if arg is not None:
-        return arg.expanduser()
-    paths = [p for p in os.environ.get("MEDDIFF_MODELS", "").split(os.pathsep) if p]
-    if not paths:
-        raise MeddiffError("give --dir DIR (or set MEDDIFF_MODELS): where to put the bundle")
-    return Path(paths[0]).expanduser()
+        if not arg.strip():
+            raise MeddiffError("--dir must name a folder (it is empty)")
+        root, what = Path(arg).expanduser(), "--dir"
+    else:
+        paths = [p for p in os.environ.get("MEDDIFF_MODELS", "").split(os.pathsep) if p.strip()]
+        if not paths:
+            raise MeddiffError("give --dir DIR (or set MEDDIFF_MODELS): where to put the bundle")
+        root, what = Path(paths[0]).expanduser(), "the first folder of MEDDIFF_MODELS,"
+    if root.exists() and not root.is_dir():
+        raise MeddiffError(f"{what} {shorten(root)} is not a folder")
+    return root
 
 
 def check_files(bundle: Path) -> list[str]:
@@ -87,6 +106,9 @@ def _download(name: str, root: Path, version: str | None, source: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _plain(args.name, "bundle name")
+    if args.version is not None:
+        _plain(args.version, "--version")
     root = _target_dir(args.dir)
     bundle = root / args.name
     if bundle.is_dir() and BUNDLE.detect(bundle) and not check_files(bundle):
@@ -102,6 +124,8 @@ def _fetch(name: str, root: Path, version: str | None, source: str) -> None:
     bundle = root / name
     try:
         _download(name, root, version, source)
+    except MeddiffError:  # what was downloaded is refused (a large_files.yml path out of the bundle): as it is
+        raise
     except Exception as exc:  # network errors come from urllib, requests, huggingface_hub, ...
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise MeddiffError(

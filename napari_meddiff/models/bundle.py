@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.models.bundle_config import BundleConfig, find_config_file, load_data_file, read_bundle_config
+from napari_meddiff.models.boundary import inside_folder, shorten
+from napari_meddiff.models.bundle_config import (
+    BundleConfig,
+    bundle_file,
+    find_config_file,
+    load_data_file,
+    read_bundle_config,
+)
 from napari_meddiff.models.bundle_weights import check_weight_file, load_network, read_state_dict
 from napari_meddiff.models.conditions import snake_case
 from napari_meddiff.models.model import DEFAULT_SAMPLING
@@ -62,7 +69,7 @@ class BundleFormat:
         nets = {}
         for role in ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else []):
             entry = config["weights"][role]
-            path = folder / entry["file"]
+            path = weight_path(folder, role, entry["file"])  # again: the folder may have changed
             entry["sha256"] = check_weight_file(path, entry.get("md5"), folder)
             nets[role] = load_network(
                 role, config["networks"][role], read_state_dict(path, role), path, str(find_config_file(folder))
@@ -76,16 +83,26 @@ FORMAT = BundleFormat()
 # --- translation --------------------------------------------------------------------------------------------
 
 
+def weight_path(folder: Path, role: str, name: str) -> Path:
+    """The file holding the ``role`` network's weights: inside the bundle, symlinks followed."""
+    return inside_folder(folder, name, f"{folder}: the {role} weights {shorten(name)!r}")
+
+
 def read_sidecar(folder: Path) -> dict[str, Any]:
     path = folder / SIDECAR_NAME
     if not path.is_file():
         return {}
-    data = load_data_file(path)
+    data = load_data_file(bundle_file(folder, SIDECAR_NAME))
     if not isinstance(data, dict):
         raise MeddiffError(f"{path}: must hold a JSON object")
     unknown = sorted(set(data) - set(SIDECAR_KEYS))
     if unknown:
         raise MeddiffError(f"{path}: unknown keys {unknown} (known: {', '.join(SIDECAR_KEYS)})")
+    weights = data.get("weights") or {}
+    if not isinstance(weights, dict):
+        raise MeddiffError(f'{path}: weights must map networks to files, e.g. {{"unet": "models/model.pt"}}')
+    for role, name in weights.items():
+        inside_folder(folder, name, f"{path}: weights.{role} {shorten(name)!r}")
     return data
 
 
@@ -294,13 +311,13 @@ def read_large_files(folder: Path, defaults: dict) -> dict[str, str]:
     md5 = dict(defaults.get("large_files", {}))
     for name in ("large_files.yml", "large_files.yaml", "large_files.json"):
         if (folder / name).is_file():
-            data = load_data_file(folder / name)
+            data = load_data_file(bundle_file(folder, name))
             for item in (data or {}).get("large_files", []) if isinstance(data, dict) else []:
-                if (
-                    isinstance(item, dict)
-                    and str(item.get("hash_type", "md5")).lower() == "md5"
-                    and item.get("hash_val")
-                ):
+                if not isinstance(item, dict):
+                    continue
+                # every entry, md5 or not: `meddiff fetch` has MONAI download each to its path
+                inside_folder(folder, item.get("path"), f"{folder / name}: path {shorten(item.get('path'))!r}")
+                if str(item.get("hash_type", "md5")).lower() == "md5" and item.get("hash_val"):
                     md5[str(item.get("path"))] = str(item["hash_val"]).lower()
             break
     return md5
@@ -405,7 +422,7 @@ def _voxel_and_orientation(src: _Sources) -> list[float]:
 
 def _read_sources(folder: Path) -> tuple[_Sources, dict, dict | None, tuple | None]:
     cfg = read_bundle_config(folder)
-    metadata = load_data_file(folder / "configs" / "metadata.json")
+    metadata = load_data_file(bundle_file(folder, "configs/metadata.json"))
     if not isinstance(metadata, dict):
         raise MeddiffError(f"{folder / 'configs' / 'metadata.json'}: must hold a JSON object")
     components = cfg.components()
@@ -449,6 +466,8 @@ def translate_bundle(folder: Path) -> dict[str, Any]:
         role: {"file": f, **({"md5": md5[f]} if f in md5 else {})}
         for role, f in _weight_files(folder, kind, src.defaults, src.sidecar, list(md5)).items()
     }
+    for role, entry in config["weights"].items():
+        weight_path(folder, role, entry["file"])  # a models/*.pt may be a link out of the bundle
     config["geometry"] = {"orientation": "RAS", "notes": src.geo.notes}
     config["bundle"] = {
         k: src.metadata.get(k) for k in ("version", "name", "task", "description", "authors") if k in src.metadata

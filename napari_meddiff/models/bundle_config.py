@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_meddiff.errors import MeddiffError
+from napari_meddiff.models.boundary import inside_folder
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 
@@ -184,4 +185,9 @@ def read_bundle_config(folder: Path) -> BundleConfig:
     path = find_config_file(folder)
     if path is None:
         raise MeddiffError(f"{folder} has no configs/inference.json (or .yaml)")
-    return BundleConfig(load_data_file(path), path)
+    return BundleConfig(load_data_file(bundle_file(folder, path.relative_to(folder).as_posix())), path)
+
+
+def bundle_file(folder: Path, rel: str) -> Path:
+    """One of the bundle's own files (``configs/metadata.json``, ...), refused when it is a link out of it."""
+    return inside_folder(folder, rel, str(folder / rel))

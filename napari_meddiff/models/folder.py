@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import current_umask
+from napari_meddiff.models.boundary import inside_folder, shorten
 from napari_meddiff.models.digests import weight_digests
 from napari_meddiff.models.model import build_loaded_network, sha256_file
 from napari_meddiff.models.schema import validate_config
@@ -37,20 +38,22 @@ class FolderFormat:
     def read_config(self, folder: Path) -> dict[str, Any]:
         where = str(folder / CONFIG_NAME)
         try:
-            config = json.loads((folder / CONFIG_NAME).read_text())
+            config = json.loads(inside_folder(folder, CONFIG_NAME, where).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MeddiffError(f"cannot read {where}: {exc}") from None
-        return validate_config(config, where)
+        validate_config(config, where)
+        for net_name in _needed(config):
+            _weight_path(folder, net_name, config["weights"][net_name]["file"])  # `meddiff models` reports it
+        return config
 
     def load_networks(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.nn.Module]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         nets: dict[str, torch.nn.Module] = {}
-        needed = ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else [])
-        for net_name in needed:
+        for net_name in _needed(config):
             entry = config["weights"][net_name]
-            weight_file = folder / entry["file"]
+            weight_file = _weight_path(folder, net_name, entry["file"])  # again: the folder may have changed
             if not weight_file.is_file():
                 raise MeddiffError(f"missing weight file {weight_file}")
             if not weight_file.name.endswith(".safetensors"):
@@ -76,6 +79,15 @@ class FolderFormat:
 
 
 FORMAT = FolderFormat()
+
+
+def _needed(config: dict[str, Any]) -> list[str]:
+    return ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else [])
+
+
+def _weight_path(folder: Path, net_name: str, name: str) -> Path:
+    """The weight file ``model.json`` names for ``net_name``: inside the folder, symlinks followed."""
+    return inside_folder(folder, name, f"{folder / CONFIG_NAME}: weights.{net_name}.file {shorten(name)!r}")
 
 
 MODEL_FOLDER_FILES = ("model.json", "MODEL_CARD.md", "train.yaml")

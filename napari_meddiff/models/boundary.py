@@ -1,0 +1,41 @@
+"""Where data from outside enters a model: the files its configs name (they must resolve inside its folder) and
+user strings quoted back in messages (cut to a readable length).
+
+A model folder is a boundary: a weight or config name in ``model.json``, ``meddiff.json`` or ``large_files.yml``
+that leads out of the folder (``../../x.pt``, ``/etc/passwd``, a symlink to elsewhere) is refused before the file
+is opened, so a downloaded folder can only make meddiff read its own files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from napari_meddiff.errors import MeddiffError
+
+SHOWN_CHARACTERS = 200
+
+
+def shorten(text: Any, limit: int = SHOWN_CHARACTERS) -> str:
+    """``text`` as a message quotes it: at most ``limit`` characters, then an ellipsis and its full length."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def inside_folder(folder: Path, name: Any, what: str) -> Path:
+    """``folder / name``, after checking that it resolves (symlinks followed) to a path inside ``folder``.
+
+    ``what`` names the entry in the error: ``"<file>: weights.unet.file 'x.pt'"``."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise MeddiffError(f"{what} must be the name of a file inside the model folder")
+    path = folder / name
+    try:
+        real, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop
+        raise MeddiffError(f"{what} cannot be resolved: {shorten(exc)}") from None
+    if root not in real.parents:
+        raise MeddiffError(
+            f"{what} resolves to {shorten(real)}, outside the model folder {shorten(folder)}; a model reads only "
+            "files inside its own folder (copy the file in)"
+        )
+    return path
