@@ -19,10 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = rsub.add_parser(
         "create",
         help="make real and synthetic scans alike under random ids in a new study folder; key kept apart",
-        description="Resample every case onto one grid (the synthetic scans' grid, or --grid), normalise its "
-        "intensities to [0, 1] by one rule and store all alike (uint8, identical headers), under random ids "
-        "in a random order. Label maps and masks in the folders are skipped. The key (case -> source) is "
-        "written to --key, outside the study folder; the summary needs it.",
+        description="Resample every case onto one grid (the synthetic scans' grid, or --grid), show all on the "
+        "field of view every case covers, normalise their intensities to [0, 1] by one rule and store all alike "
+        "(uint8, identical headers), under random ids in a random order. Label maps, masks and further scans of "
+        "a subject (e.g. a cohort's -lesionfree variants) are skipped. The key (case -> source) is written to "
+        "--key, outside the study folder; the summary needs it.",
     )
     c.add_argument("--real", required=True, type=Path, help="folder of real scans")
     c.add_argument("--synthetic", required=True, type=Path, help="folder of synthetic scans")
@@ -61,6 +62,23 @@ def _skipped(path: Path, reason: str) -> None:
     print(f"meddiff: skipping {path}: {reason}", file=sys.stderr)
 
 
+def _print_field_of_view(key: Path) -> None:
+    """Tell the organiser (not the readers) when the cases were cut to a smaller common field of view, and by
+    which scans."""
+    import json
+
+    doc = json.loads(key.read_text(encoding="utf-8"))
+    fov, shape = doc["field_of_view"], doc["grid"]["shape"]
+    if fov["voxels"] == shape[0] * shape[1] * shape[2]:
+        return
+    fraction = fov["fraction_of_grid"]
+    least = min(doc["cases"].values(), key=lambda c: (c["grid_coverage"], c["original"]))
+    print(
+        f"every case shows the field of view all cases cover: {fraction:.0%} of the grid, the rest is blank in "
+        f"every case (least covered by {least['original']}, {least['grid_coverage']:.0%})"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.review_command == "create":
         from napari_meddiff.review.study import create_study
@@ -77,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             on_case=lambda k, n: print(f"\rwriting case {k}/{n}", end="", flush=True),
         )
         print(f"\nstudy with {len(study.cases)} cases written to {study.folder}")
+        _print_field_of_view(args.key)
         print(
             f"key written to {args.key}: keep it from the readers; "
             f"the summary is `meddiff review summary {study.folder} --key {args.key}`"

@@ -11,11 +11,18 @@ The rule, the same for every case whatever its source:
    mean foreground centre of the synthetic scans (where the model puts the anatomy); with a grid the
    organiser gives, the target is that grid's centre. A case already on the grid is moved by whole voxels
    only, so it is not interpolated at all.
-2. *Intensities*, on the common grid: the window from the 0.5th percentile of all voxels to the 99.5th
-   percentile of the foreground (voxels above the mean, the usual head-mask rule) is mapped to [0, 1]
+2. *Field of view*: every case shows the same one, the grid voxels that *every* case of the study covers
+   (its voxels' extent, once moved; `common_field_of_view`). Voxels outside it are level 0 in every case. A
+   scan whose field of view stops short of the grid (a real scan cut below the cerebellum, a model grid
+   smaller than a ``--grid`` reference) would otherwise show empty border planes that only its source has,
+   and one feature (where the non-zero voxels end) would tell the sources apart. Masking rather than
+   cropping the grid keeps the same anatomy (the intersection is all any case can show), keeps the grid the
+   organiser chose (the model's, or ``--grid``, headers unchanged) and works for scans oblique to the grid.
+3. *Intensities*, inside that field of view: the window from the 0.5th percentile of all its voxels to the
+   99.5th percentile of the foreground (voxels above the mean, the usual head-mask rule) is mapped to [0, 1]
    (MONAI, clipped) and quantised to 256 levels. Neither end depends on how the input was stored: ties at
    the minimum (an integer file, a zero-padded field of view) do not move the window.
-3. *Storage*: uint8 NIfTI-1 with ``scl_slope = 1/255`` (readers see floats in [0, 1]), the grid's affine as
+4. *Storage*: uint8 NIfTI-1 with ``scl_slope = 1/255`` (readers see floats in [0, 1]), the grid's affine as
    qform (code 1) and sform (code 2), units mm/s, ``cal_min/cal_max`` 0/1, empty description, no extensions,
    gzip level 6 with no name and no time stamp. Headers are byte-identical for every case.
 """
@@ -41,14 +48,17 @@ GZIP_LEVEL = 6
 NIFTI1_OFFSET = 352  # 348-byte header + 4-byte empty extension flag
 LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
 INTENSITY_RULE = {
-    "lower": f"percentile {LOWER_PERCENTILE} of all voxels on the grid",
+    "lower": f"percentile {LOWER_PERCENTILE} of all voxels in the common field of view",
     "upper": f"percentile {UPPER_PERCENTILE} of the voxels above the mean",
     "range": [0.0, 1.0],
     "clip": True,
     "levels": LEVELS + 1,
     "dtype": "uint8",
     "scl_slope": f"1/{LEVELS}",
+    "outside_field_of_view": 0,
 }
+FIELD_OF_VIEW_RULE = "grid voxels inside every case's voxel extent (after its whole-voxel move); level 0 outside"
+EDGE_TOLERANCE = 1e-3  # voxels: a grid voxel on the very edge of a scan's extent counts as outside
 
 
 def as_3d(vol: Volume) -> Volume:
@@ -111,25 +121,77 @@ def foreground_centre(vol: Volume) -> tuple[float, float, float]:
     return tuple(float(v) for v in centre[:3])  # type: ignore[return-value]
 
 
-def moved_to(vol: Volume, grid: ModelGrid, target: tuple[float, float, float]) -> Volume:
-    """``vol`` translated by whole ``grid`` voxels towards ``target`` along the axes where it is far from it."""
-    offset = np.asarray(target) - np.asarray(foreground_centre(vol))
+def placed_affine(
+    affine: np.ndarray, centre: tuple[float, float, float], grid: ModelGrid, target: tuple[float, float, float]
+) -> np.ndarray:
+    """A scan's affine moved by whole ``grid`` voxels from its foreground ``centre`` towards ``target``, along
+    the axes where it is more than `MOVE_TOLERANCE_MM` away."""
+    offset = np.asarray(target) - np.asarray(centre)
     voxels = np.linalg.solve(grid.affine[:3, :3], offset)
     spacing = np.sqrt((grid.affine[:3, :3] ** 2).sum(axis=0))
     steps = np.where(np.abs(voxels) * spacing > MOVE_TOLERANCE_MM, np.rint(voxels), 0.0)
-    affine = vol.affine.copy()
-    affine[:3, 3] += grid.affine[:3, :3] @ steps
+    moved = np.array(affine, dtype=np.float64)
+    moved[:3, 3] += grid.affine[:3, :3] @ steps
+    return moved
+
+
+def moved_to(vol: Volume, grid: ModelGrid, target: tuple[float, float, float]) -> Volume:
+    """``vol`` translated by whole ``grid`` voxels towards ``target`` along the axes where it is far from it."""
+    affine = placed_affine(vol.affine, foreground_centre(vol), grid, target)
     return Volume(np.asarray(vol.array, dtype=np.float32), affine)
 
 
-def blinded_levels(vol: Volume, grid: ModelGrid, target: tuple[float, float, float]) -> np.ndarray:
-    """The case on ``grid``, normalised and quantised by the one rule: uint8 levels 0..255."""
+def coverage(affine: np.ndarray, shape: tuple[int, ...], grid: ModelGrid) -> np.ndarray:
+    """Which ``grid`` voxels lie inside a scan's field of view (the extent of its voxels, [-0.5, n - 0.5] in
+    voxel units along each axis, as the resampler sees it; a voxel on the very edge counts as outside)."""
+    shape3 = (tuple(int(s) for s in shape) + (1, 1, 1))[:3]
+    to_scan = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(grid.affine, dtype=np.float64)
+    lo = -0.5 + EDGE_TOLERANCE
+    hi = np.array(shape3, dtype=np.float64)[:, None] - 0.5 - EDGE_TOLERANCE
+    j, k = (a.ravel() for a in np.indices(grid.shape[1:]))
+    inside = np.empty(grid.shape, dtype=bool)
+    for i in range(grid.shape[0]):  # plane by plane: a 1 mm grid would need gigabytes at once
+        index = to_scan[:3, :3] @ np.stack([np.full_like(j, i), j, k]).astype(np.float64) + to_scan[:3, 3:]
+        inside[i] = np.all((index > lo) & (index < hi), axis=0).reshape(grid.shape[1:])
+    return inside
+
+
+def common_field_of_view(coverages: list[np.ndarray]) -> np.ndarray:
+    """The grid voxels every case covers; an error when the cases have none in common."""
+    if not coverages:
+        raise MeddiffError("internal error: no cases to find a common field of view for")
+    common = np.logical_and.reduce(coverages)
+    if not common.any():
+        raise MeddiffError(
+            "the cases have no field of view in common on the study grid (no voxel lies inside every scan); "
+            "check that the real and synthetic scans show the same body part, or pass --grid"
+        )
+    return common
+
+
+def blinded_levels(
+    vol: Volume, grid: ModelGrid, target: tuple[float, float, float], fov: np.ndarray | None = None
+) -> np.ndarray:
+    """The case on ``grid``, normalised and quantised by the one rule: uint8 levels 0..255.
+
+    ``fov`` is the study's common field of view (a boolean array on the grid; None: what this case covers):
+    the window is taken inside it and every voxel outside it is 0.
+    """
     vol = as_3d(vol)
     moved = moved_to(vol, grid, target)
+    covered = coverage(moved.affine, moved.shape, grid)
+    if fov is None:
+        fov = covered
+    elif fov.shape != grid.shape or np.any(fov & ~covered):
+        raise MeddiffError("internal error: the common field of view reaches outside a case")
+    if not fov.any():
+        raise MeddiffError("the scan does not overlap the study grid")
     fill = float(np.nanmin(moved.array)) if moved.array.size else 0.0
     on_grid = sample_on_grid(moved, grid, default=fill)
-    unit = normalise(on_grid, case_window(on_grid))
-    return np.rint(np.clip(unit, 0.0, 1.0) * LEVELS).astype(np.uint8)
+    unit = normalise(on_grid, case_window(on_grid[fov]))
+    levels = np.rint(np.clip(unit, 0.0, 1.0) * LEVELS).astype(np.uint8)
+    levels[~fov] = 0
+    return levels
 
 
 def case_header(grid: ModelGrid) -> nib.Nifti1Header:

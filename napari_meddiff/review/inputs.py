@@ -1,8 +1,15 @@
-"""Which files in a --real / --synthetic folder are scans: label maps and masks are skipped, with a reason.
+"""Which files in a --real / --synthetic folder are cases: one scan per subject; label maps and masks skipped.
 
-A file is skipped when its name looks like a label file (``_dseg``, ``_seg``, ``label``, ``mask``,
-``_lesion``) or when its voxels are integer-valued with at most `MAX_LABEL_VALUES` distinct values (a label
-map or mask whatever it is called). ``sub-01_T1w-lesionfree.nii.gz`` is a scan, ``sub-01_lesion.nii.gz`` is not.
+A file is skipped, with a reason, when
+
+- its name looks like a label file (``_dseg``, ``_seg``, ``label``, ``mask``, ``_lesion``) or its voxels are
+  integer-valued with at most `MAX_LABEL_VALUES` distinct values (a label map or mask whatever it is called):
+  ``sub-01_T1w-lesionfree.nii.gz`` is a scan, ``sub-01_lesion.nii.gz`` is not;
+- another scan of the same subject is already a case. The subject is the BIDS ``sub-<label>`` entity of the
+  name (what ``meddiff cohort`` writes: ``sub-000001_T1w`` and its ``sub-000001_T1w-lesionfree``); a name
+  without one is its own subject unless it is another scan's name plus ``-<word>`` (``scan`` and
+  ``scan-defaced``). Of a subject's scans the one with the shortest name is kept (the original, not a
+  derived ``-lesionfree``; then the first session by name). Readers would otherwise see near-duplicates.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from napari_meddiff.review.blind import as_3d, foreground_centre, grid_of
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_NAME = re.compile(r"_dseg|_seg|label|mask|_lesion(?=[._]|$)", re.IGNORECASE)
+BIDS_SUBJECT = re.compile(r"(?:^|_)(sub-[A-Za-z0-9]+)(?=[_.-]|$)")
+NAMED_VARIANT = re.compile(r"^(.+)-[A-Za-z]+$")
 MAX_LABEL_VALUES = 64
 
 OnSkip = Callable[[Path, str], None]
@@ -63,27 +72,69 @@ def label_reason(path: Path, array: np.ndarray | None = None) -> str | None:
     return None
 
 
+def image_stem(path: Path) -> str:
+    """The file name without its image suffix (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``)."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def subjects(paths: list[Path]) -> dict[str, list[Path]]:
+    """``paths`` grouped by subject (see the module's docstring), each group in the order of preference."""
+    stems = {image_stem(p) for p in paths}
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        stem = image_stem(path)
+        bids = BIDS_SUBJECT.search(stem)
+        if bids:
+            subject = bids.group(1)
+        else:
+            subject = stem
+            while (variant := NAMED_VARIANT.match(subject)) and variant.group(1) in stems:
+                subject = variant.group(1)
+        groups.setdefault(subject, []).append(path)
+    return {s: sorted(g, key=lambda p: (len(image_stem(p)), p.name)) for s, g in groups.items()}
+
+
 def find_scans(folder: str | os.PathLike, on_skip: OnSkip | None = None) -> list[Scan]:
-    """The scans in ``folder``; every other image (label map, mask) is reported to ``on_skip(path, reason)``."""
+    """One scan per subject in ``folder``, in file-name order; every other image (label map, mask, a
+    subject's other scans) is reported to ``on_skip(path, reason)``, in file-name order too."""
     folder = Path(folder)
     files = image_files(folder)
     if not files:
         raise MeddiffError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    scans, skipped = [], 0
+    skipped: dict[Path, str] = {}
+    candidates = []
     for path in files:
         reason = label_reason(path)
-        vol = None
         if reason is None:
+            candidates.append(path)
+        else:
+            skipped[path] = reason
+    scans = []
+    for subject, paths in subjects(candidates).items():
+        kept = None
+        for path in paths:
+            if kept is not None:  # not even read: a derived or repeated scan of a subject already kept
+                skipped[path] = (
+                    f"another scan of subject {subject} ({kept.name}) is already a case; one scan per "
+                    "subject, or readers would see near-duplicates"
+                )
+                continue
             vol = as_3d(read_volume(path))
             reason = label_reason(path, vol.array)
-        if reason is not None:
-            skipped += 1
-            _report(on_skip, path, reason)
-            continue
-        scans.append(Scan(path, grid_of(vol), foreground_centre(vol)))
+            if reason is not None:
+                skipped[path] = reason
+                continue
+            kept = path
+            scans.append(Scan(path, grid_of(vol), foreground_centre(vol)))
+    for path in sorted(skipped):
+        _report(on_skip, path, skipped[path])
     if not scans:
-        raise MeddiffError(f"no scans in {folder}: all {skipped} image(s) look like label maps or masks")
-    return scans
+        raise MeddiffError(f"no scans in {folder}: all {len(skipped)} image(s) look like label maps or masks")
+    return sorted(scans, key=lambda s: s.path)
 
 
 def _report(on_skip: OnSkip | None, path: Path, reason: str) -> None:

@@ -3,7 +3,7 @@
 Layout::
 
     STUDY/cases.json                 study id, case order, file names, one display window for all
-    STUDY/cases/case-XXXXXXXX.nii.gz every case on one grid, uint8 in [0, 1], byte-identical headers
+    STUDY/cases/case-XXXXXXXX.nii.gz every case on one grid and field of view, uint8 in [0, 1], same headers
     STUDY/results-<reader>.jsonl     (written while reading, see ``results.py``)
     KEY (outside STUDY)              case id -> source and original path; for the organiser only
 
@@ -30,7 +30,18 @@ from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import removed_if_left_empty, write_text_atomic
 from napari_meddiff.io.geometry import ModelGrid
 from napari_meddiff.io.volume import Volume, read_volume, to_canonical
-from napari_meddiff.review.blind import INTENSITY_RULE, blinded_levels, common_grid, grid_centre, grid_of, write_case
+from napari_meddiff.review.blind import (
+    FIELD_OF_VIEW_RULE,
+    INTENSITY_RULE,
+    blinded_levels,
+    common_field_of_view,
+    common_grid,
+    coverage,
+    grid_centre,
+    grid_of,
+    placed_affine,
+    write_case,
+)
 from napari_meddiff.review.inputs import OnSkip, Scan, find_scans
 
 SOURCES = ("real", "synthetic")
@@ -207,9 +218,10 @@ def create_study(
 ) -> Study:
     """Draw ``num`` scans per source (all when None) and write a blinded study to ``out``, its key to ``key``.
 
-    Every case is put on the synthetic scans' grid (or ``grid``, an image on the wanted grid) and normalised
-    and stored by one rule (``blind.py``). ``seed`` None draws a fresh one. Label maps and masks in the
-    folders are skipped and reported to ``on_skip(path, reason)``. ``out`` must not exist or be empty;
+    Every case is put on the synthetic scans' grid (or ``grid``, an image on the wanted grid), shown on the
+    field of view all cases cover, and normalised and stored by one rule (``blind.py``). ``seed`` None draws a
+    fresh one. Label maps, masks and further scans of a subject (``-lesionfree`` variants, other sessions) in
+    the folders are skipped and reported to ``on_skip(path, reason)``. ``out`` must not exist or be empty;
     ``key`` must not exist and must lie outside ``out``. ``on_case(done, total)`` is called after each case.
     """
     real, synthetic, out, key = Path(real), Path(synthetic), Path(out), Path(key)
@@ -239,7 +251,9 @@ def _create(
         centre = tuple(float(v) for v in np.mean([s.centre for s in scans["synthetic"]], axis=0))
     seed = fresh_seed() if seed is None else int(seed)
     rng = np.random.default_rng(seed)
-    drawn = [(src, s.path) for src in SOURCES for s in _pick(scans[src], num, rng, src)]
+    drawn = [(src, s) for src in SOURCES for s in _pick(scans[src], num, rng, src)]
+    covers = [coverage(placed_affine(s.grid.affine, s.centre, target, centre), s.grid.shape, target) for _, s in drawn]
+    fov = common_field_of_view(covers)
     order = rng.permutation(len(drawn))
     ids = _neutral_ids(rng, len(drawn))
     study_id = f"{int(rng.integers(0, 2**62)):016x}"
@@ -249,11 +263,16 @@ def _create(
     try:
         cases, key_cases = [], {}
         for n, (cid, idx) in enumerate(zip(ids, order)):
-            source, original = drawn[idx]
+            source, scan = drawn[idx]
             rel = f"{CASES_DIR}/{cid}.nii.gz"
-            written.append(write_case(blinded_levels(read_volume(original), target, centre), target, out / rel))
+            levels = blinded_levels(read_volume(scan.path), target, centre, fov)
+            written.append(write_case(levels, target, out / rel))
             cases.append({"id": cid, "file": rel, "contrast_limits": list(CASE_LIMITS)})
-            key_cases[cid] = {"source": source, "original": str(original.resolve())}
+            key_cases[cid] = {
+                "source": source,
+                "original": str(scan.path.resolve()),
+                "grid_coverage": round(float(covers[idx].mean()), 4),
+            }
             if on_case:
                 on_case(n + 1, len(order))
         _same_times(written)
@@ -269,6 +288,7 @@ def _create(
                 "seed": seed,
                 "num_per_source": num,
                 "grid": _grid_doc(target, grid, centre),
+                "field_of_view": _fov_doc(fov),
                 "intensity_rule": INTENSITY_RULE,
                 "cases": key_cases,
             },
@@ -302,6 +322,16 @@ def _grid_doc(grid: ModelGrid, reference: str | os.PathLike | None, centre: tupl
         "shape": list(grid.shape),
         "affine": np.asarray(grid.affine).tolist(),
         "foreground_centre_mm": list(centre),
+    }
+
+
+def _fov_doc(fov: np.ndarray) -> dict[str, Any]:
+    index = np.argwhere(fov)
+    return {
+        "rule": FIELD_OF_VIEW_RULE,
+        "voxels": int(fov.sum()),
+        "fraction_of_grid": round(float(fov.mean()), 4),
+        "box": [index.min(0).tolist(), index.max(0).tolist()],  # its bounding box, first and last voxel
     }
 
 
