@@ -10,7 +10,7 @@ mkdir -p "$MEDDIFF_BENCH_RESULTS"
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
 status=0
-$PY -m pytest -q tests/test_cuda.py 2>&1 | tee "$MEDDIFF_BENCH_RESULTS/test_cuda.log" || status=1
+$PY -m pytest -q tests/runtime/test_cuda.py 2>&1 | tee "$MEDDIFF_BENCH_RESULTS/test_cuda.log" || status=1
 $PY benchmarks/bench_speed.py --device cuda --tasks generate-3d generate-2d --skip memory || status=1
 $PY benchmarks/bench_quality.py --device cuda --num 32 --batch 32 || status=1
 exit $status

@@ -42,3 +42,18 @@ def models_env(tiny_models, monkeypatch):
     root = next(iter(tiny_models.values())).parent
     monkeypatch.setenv("MEDDIFF_MODELS", str(root))
     return root
+
+
+@pytest.fixture
+def cli_env(models_env):
+    """The environment for a `meddiff` subprocess (`helpers.run_cli`) that finds the tiny models by name."""
+    return {**os.environ, "MEDDIFF_MODELS": str(models_env)}
+
+
+@pytest.fixture(scope="module")
+def cond_model(tmp_path_factory):
+    """`helpers.conditional_model`, loaded: context and concatenated conditions, age and lesion load."""
+    from napari_meddiff.models import load_model
+    from tests.helpers import conditional_model
+
+    return load_model(conditional_model(tmp_path_factory.mktemp("cond") / "tiny-cond-2d"))

@@ -9,7 +9,7 @@ torch's thread count to the cores that other processes left idle since this proc
 
 ``MEDDIFF_THREADS``: ``auto`` (default), a number of threads, or ``torch`` (PyTorch's own choice and waiting,
 as before). A user's ``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY`` always win. Results do not depend on the thread
-count (the default NCDHW layout; tests/test_speed_paths.py), so choosing it by load keeps every seed's volume.
+count (the default NCDHW layout; tests/runtime/test_cpu_kernels.py), so choosing it by load keeps every seed's volume.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exact tiled autoencoder passes equal the whole-volume pass (napari_meddiff/tiling.py)."""
+"""Exact tiled autoencoder passes equal the whole-volume pass (napari_meddiff/autoencoder/tiling.py)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""The model evaluation's two-sample test (benchmarks/evaluate_models.py), on images whose answer is known."""
+"""The evaluation instruments of benchmarks/ (the two-sample tests of evaluate_models.py, evaluate_conditioning's
+tissue volumes, psnr_ceiling, plot_ae_curve, evaluate_ae's latent statistics), on inputs whose answer is known.
 
-import sys
-from pathlib import Path
+The scripts import each other as top-level modules (``from common import ...``); pytest puts ``benchmarks/`` on
+``sys.path`` for the tests too (``pythonpath`` in pyproject.toml), so they are imported here as they import
+each other."""
 
+import evaluate_models
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import evaluate_models  # noqa: E402
 
 
 def _blobs(n: int, seed: int, sharp: bool) -> torch.Tensor:

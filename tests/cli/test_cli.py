@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from napari_meddiff.cli import main
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "napari_meddiff.cli", *args], capture_output=True, text=True, env=env)
+from tests.helpers import run_cli
 
 
 def test_generate_writes_nifti_and_sidecar(models_env, tmp_path, capsys):
@@ -110,3 +106,36 @@ def test_bad_input_one_line_error(models_env, tmp_path, args, message):
 def test_unknown_sampler_rejected(models_env, tmp_path):
     proc = run_cli("generate", "--sampler", "euler", "--out", str(tmp_path))
     assert proc.returncode == 2 and "invalid choice: 'euler'" in proc.stderr
+
+
+# --- unforeseen errors are one line; main leaves the process as it found it ---------------------------------------
+
+
+def test_cli_turns_unforeseen_os_errors_into_one_line(cli_env, tmp_path, monkeypatch, capsys):
+    import napari_meddiff.tasks.batch as batch
+
+    def boom(*a, **k):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "o" / "x.json"))
+
+    monkeypatch.setattr(batch, "write_json_atomic", boom)
+    monkeypatch.setenv("MEDDIFF_MODELS", cli_env["MEDDIFF_MODELS"])
+    assert main(["generate", "--model", "tiny-ldm-3d", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "meddiff: error:" in err and "Input/output error" in err and "Traceback" not in err
+
+
+def test_cli_main_leaves_no_process_wide_state(cli_env, tmp_path, monkeypatch):
+    import torch
+
+    from napari_meddiff.choices import AUTOENCODER_PASS_ENV
+
+    monkeypatch.setenv("MEDDIFF_MODELS", cli_env["MEDDIFF_MODELS"])
+    monkeypatch.delenv(AUTOENCODER_PASS_ENV, raising=False)
+    threads = torch.get_num_threads()
+    assert (
+        main(["generate", "--model", "tiny-ldm-3d", "--steps", "1", "--decode", "tiled", "--out", str(tmp_path / "o")])
+        == 0
+    )
+    assert main(["generate", "--decode", "tiled", "--steps", "0", "--out", str(tmp_path / "p")]) == 2
+    assert AUTOENCODER_PASS_ENV not in os.environ
+    assert torch.get_num_threads() == threads

@@ -48,7 +48,8 @@ def test_ddpm_full_chain_uses_monai_ddpm(tiny_models):
 
 
 def test_dpm_solver_matches_ddim_on_first_order_and_converges():
-    """On a toy Gaussian 'model' whose exact denoiser is known, DPM-Solver++ at 20 steps lands where 200 DDIM steps do."""
+    """On a toy Gaussian 'model' whose exact denoiser is known, DPM-Solver++ at 20 steps lands where 200 DDIM
+    steps do."""
     schedule = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195}
     mu = 0.3
 

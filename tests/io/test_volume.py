@@ -1,15 +1,21 @@
-"""NIfTI and SimpleITK round trips keep voxels and world geometry; bad files give clear errors."""
+"""NIfTI and SimpleITK round trips keep voxels and world geometry; bad files give clear errors; no NaN volume is
+written."""
 
 from __future__ import annotations
 
 import gzip
+import locale
+import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+import napari_meddiff as md
 from napari_meddiff import MeddiffError, Volume, read_volume, write_volume
 from napari_meddiff.io.volume import resample, resample_like, to_canonical
+from tests.helpers import assert_one_line_error, run_cli, write_nifti
 
 LPS = np.array([[-1.2, 0, 0, 90.0], [0, -1.2, 0, 120.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]])
 
@@ -124,25 +130,31 @@ def test_dicom_series_folder(tmp_path):
     arr = (np.random.default_rng(4).random((4, 6, 5)) * 1000).astype(np.int16)  # z, y, x
     folder = tmp_path / "dicom"
     folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(arr.shape[0]):
-        sl = sitk.GetImageFromArray(arr[z : z + 1])
-        sl.SetSpacing((0.8, 0.8, 3.0))
-        sl.SetOrigin((0.0, 0.0, 3.0 * z))
-        for tag, value in {
-            "0020|000d": "1.2.3",
-            "0020|000e": "1.2.3.4",
-            "0008|0060": "MR",
-            "0020|0032": f"0\\0\\{3.0 * z}",
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0020|0013": str(z + 1),
-            "0028|0030": "0.8\\0.8",
-            "0018|0050": "3.0",
-        }.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(sl)
+    # SimpleITK's DICOM writer (GDCM) sets LC_CTYPE to "C" and leaves it so: put it back, or later tests in this
+    # process would decode a subprocess's UTF-8 output as ASCII
+    ctype = locale.setlocale(locale.LC_CTYPE)
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for z in range(arr.shape[0]):
+            sl = sitk.GetImageFromArray(arr[z : z + 1])
+            sl.SetSpacing((0.8, 0.8, 3.0))
+            sl.SetOrigin((0.0, 0.0, 3.0 * z))
+            for tag, value in {
+                "0020|000d": "1.2.3",
+                "0020|000e": "1.2.3.4",
+                "0008|0060": "MR",
+                "0020|0032": f"0\\0\\{3.0 * z}",
+                "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0020|0013": str(z + 1),
+                "0028|0030": "0.8\\0.8",
+                "0018|0050": "3.0",
+            }.items():
+                sl.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+            writer.Execute(sl)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
     vol = read_volume(folder)
     assert vol.shape == (5, 6, 4)
     np.testing.assert_array_equal(vol.array, arr.transpose(2, 1, 0))
@@ -158,8 +170,11 @@ def test_resample_and_back_keeps_world_position(tmp_path):
     back = resample_like(coarse, vol)
     assert back.shape == vol.shape
     np.testing.assert_allclose(back.affine, vol.affine)
+
     # centre of mass in world coordinates is kept
-    com = lambda v: v.affine[:3, :3] @ (np.argwhere(v.array > 0.5).mean(0)) + v.affine[:3, 3]
+    def com(v):
+        return v.affine[:3, :3] @ (np.argwhere(v.array > 0.5).mean(0)) + v.affine[:3, 3]
+
     np.testing.assert_allclose(com(back), com(vol), atol=1.0)
 
 
@@ -199,3 +214,45 @@ def test_write_never_overwrites_and_leaves_no_partial_file(tmp_path):
     write_volume(Volume(np.zeros((3, 3, 3), np.float32)), path, overwrite=True)
     assert read_volume(path).array.max() == 0
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
+
+
+# --- no NaN volume written; unreadable and damaged files are one-line errors (issue 13) ---------------------------
+
+
+def test_no_nan_volume_is_ever_written(tmp_path):
+    arr = np.ones((4, 4, 4), np.float32)
+    arr[1, 2, 3] = np.nan
+    with pytest.raises(MeddiffError, match="1 voxels are NaN or Inf"):
+        md.write_volume(md.Volume(arr), tmp_path / "x.nii.gz")
+    assert list(tmp_path.iterdir()) == []  # no partial file either
+    md.write_volume(md.Volume(arr), tmp_path / "own.nii.gz", allow_nonfinite=True)  # the user's own data, on request
+    assert np.isnan(md.read_volume(tmp_path / "own.nii.gz").array).sum() == 1
+
+
+def test_header_claiming_an_enormous_image(tmp_path):
+    small = np.zeros((4, 4, 4), np.float32)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((4000, 4000, 4000))
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4 + small.tobytes()
+    (tmp_path / "big.nii").write_bytes(raw)
+    with gzip.open(tmp_path / "big.nii.gz", "wb") as f:
+        f.write(raw)
+    with pytest.raises(MeddiffError, match="truncated or damaged"):
+        md.read_volume(tmp_path / "big.nii")
+    with pytest.raises(MeddiffError, match="free memory"):
+        md.read_volume(tmp_path / "big.nii.gz")
+    header.set_data_shape((40, 40, 40))  # fits in memory, but the file is short
+    with gzip.open(tmp_path / "short.nii.gz", "wb") as f:
+        f.write(header.binaryblock + b"\0" * 4 + small.tobytes())
+    proc = run_cli("segment", "--image", tmp_path / "short.nii.gz", "--out", tmp_path / "seg")
+    assert_one_line_error(proc, "not a valid NIfTI file")
+
+
+def test_unreadable_input_is_a_user_error(tmp_path, monkeypatch):
+    path = write_nifti(tmp_path / "scan.nii.gz", np.ones((4, 4, 4)))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == path else real_access(p, mode, **k))
+    with pytest.raises(MeddiffError, match="permission denied"):
+        md.read_volume(path)

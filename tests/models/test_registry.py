@@ -42,7 +42,7 @@ def test_unknown_model_and_bad_config(tiny_models, tmp_path):
 
 def test_shipped_models_load():
     shipped = {n: p for n, p in available_models().items() if "models" in str(p.parent)}
-    for name, path in shipped.items():
+    for path in shipped.values():
         model = load_model(path)
         assert model.num_parameters() > 0
         assert (path / "MODEL_CARD.md").is_file()

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import stat
 import statistics
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from napari_meddiff.review.inputs import label_reason
 from napari_meddiff.review.results import Answer, ResultsLog, read_answers, results_path, sanitise_reader
 from napari_meddiff.review.study import Study, create_study, display_array, read_key
 from napari_meddiff.review.summary import cohen_kappa, format_summary, summarize, summary_paths, wilson_ci
+from tests.helpers import assert_one_line_error, run_cli, write_nifti
 
 REAL_SHAPE, SYN_SHAPE = (9, 8, 7), (10, 12, 8)
 REAL_AFFINE = np.array([[-1.2, 0, 0, 30], [0, 1.2, 0, -20], [0, 0, 2.5, 10], [0, 0, 0, 1]])
@@ -598,3 +600,51 @@ def test_sceptical_reviewer_on_the_cohort(cohort_study):
     assert all(("_dseg" in n or "_lesion." in n) for n in skipped)
     assert not any("_dseg" in v["original"] or "_lesion." in v["original"] for v in key.values())
     _assert_blind(study, key, groups)
+
+
+# --- create through the CLI: nothing left on failure; files follow the umask, the key stays private ---------------
+
+
+def test_failed_review_create_leaves_no_key_folder(tmp_path):
+    (tmp_path / "real").mkdir()
+    synthetic = tmp_path / "synthetic"
+    synthetic.mkdir()
+    write_nifti(synthetic / "s.nii.gz", np.random.default_rng(0).random((8, 8, 8)))
+    proc = run_cli(
+        "review",
+        "create",
+        "--real",
+        tmp_path / "real",
+        "--synthetic",
+        synthetic,
+        "--out",
+        tmp_path / "study",
+        "--key",
+        tmp_path / "keys" / "deep" / "key.json",
+    )
+    assert_one_line_error(proc, "no images")
+    assert not (tmp_path / "keys").exists() and not (tmp_path / "study").exists()
+
+
+def test_review_study_files_follow_the_umask_and_the_key_stays_private(tmp_path):
+    for source in ("real", "synthetic"):
+        (tmp_path / source).mkdir()
+        for i in range(2):
+            write_nifti(tmp_path / source / f"{source}{i}.nii.gz", np.random.default_rng(i).random((8, 8, 8)))
+    proc = run_cli(
+        "review",
+        "create",
+        "--real",
+        tmp_path / "real",
+        "--synthetic",
+        tmp_path / "synthetic",
+        "--out",
+        tmp_path / "study",
+        "--key",
+        tmp_path / "key.json",
+        umask=0o002,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE((tmp_path / "study" / "cases.json").stat().st_mode) == 0o664
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "study" / "cases").iterdir()} == {0o664}
+    assert stat.S_IMODE((tmp_path / "key.json").stat().st_mode) == 0o600

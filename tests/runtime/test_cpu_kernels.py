@@ -1,4 +1,5 @@
-"""The fast paths are the same computation: oneDNN convolutions, precision 'auto', windowed decoding."""
+"""The fast CPU paths (`runtime.cpu_kernels`) are the same computation: oneDNN convolutions, channels-last
+layouts, bf16 weights cast once, and kernels that give the same bits for any thread count."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ import pytest
 import torch
 
 from napari_meddiff import MeddiffError, generate, load_model
-from napari_meddiff.autoencoder.passes import autoencoder_pass, decode_latents
 from napari_meddiff.diffusion import loop
 from napari_meddiff.runtime.cpu_kernels import prefer_channels_last, prefer_onednn, pytorch_kernels, uses_channels_last
 from napari_meddiff.runtime.devices import native_bf16
-from napari_meddiff.runtime.precision import resolve_precision
 
 
 def _conv_kernels(fn) -> set[str]:
@@ -47,30 +46,6 @@ def test_prefer_onednn_keeps_gradients_and_autocast():
     assert x.grad is not None and conv.weight.grad is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(x).dtype == torch.bfloat16
-
-
-def test_precision_auto_resolves_by_hardware(tiny_models):
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
-    assert resolve_precision("fp32", cpu) == "fp32"
-    with pytest.raises(MeddiffError, match="precision"):
-        resolve_precision("fp8", cpu)
-    model = load_model(tiny_models["ldm3d"])
-    (vol,) = generate(model, [1], steps=2, precision="auto")
-    assert vol.metadata["provenance"]["precision"] == resolve_precision("auto", cpu)
-
-
-def test_tiled_decoding_only_when_memory_is_short(tiny_models, monkeypatch):
-    model = load_model(tiny_models["ldm3d"])
-    z = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(1))
-    assert autoencoder_pass(model, z) == "whole"  # a tiny latent fits
-    whole = decode_latents(model, z)
-    np.testing.assert_array_equal(whole.numpy(), decode_latents(model, z, mode="whole").numpy())
-    monkeypatch.setattr("napari_meddiff.autoencoder.passes.free_memory_bytes", lambda device: 10**6)
-    assert autoencoder_pass(model, z) == "tiled"
-    tiled = decode_latents(model, z)  # auto: tiled, part of it in files (the budget is 0.5 MB)
-    assert tiled.shape == whole.shape
-    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-4)
 
 
 def test_same_volume_whatever_the_thread_count(tiny_models):
@@ -151,7 +126,10 @@ def test_model_loaded_for_bf16_holds_bf16_weights_and_gives_the_same_bits(tiny_m
     assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
     norms = [m for m in held.unet.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # autocast runs norms in fp32
-    nbytes = lambda net: sum(p.numel() * p.element_size() for p in net.parameters())
+
+    def nbytes(net):
+        return sum(p.numel() * p.element_size() for p in net.parameters())
+
     assert nbytes(held.unet) < 0.6 * nbytes(plain.unet)
     assert uses_channels_last(held.unet) == uses_channels_last(plain.unet)
     (a,) = generate(plain, [4], steps=3, precision="bf16")

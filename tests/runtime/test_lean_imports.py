@@ -15,12 +15,14 @@ import pytest
 from napari_meddiff.runtime.lean_imports import HIDDEN_WHILE_IMPORTING_MONAI, LEAN_ENV
 
 _CHILD = (
-    "import json, sys; from napari_meddiff.runtime.lean_imports import import_monai_lean, HIDDEN_WHILE_IMPORTING_MONAI as H; "
+    "import json, sys; "
+    "from napari_meddiff.runtime.lean_imports import import_monai_lean, HIDDEN_WHILE_IMPORTING_MONAI as H; "
     "lean = import_monai_lean(); "
     "from monai.networks.nets import AutoencoderKL, DiffusionModelUNet; "
     "from monai.networks.schedulers import DDIMScheduler; "
     "after = [m for m in H if m in sys.modules]; "
-    "import importlib; ok = [m for m in H if importlib.util.find_spec(m.split('.')[0]) and importlib.import_module(m)]; "
+    "import importlib; "
+    "ok = [m for m in H if importlib.util.find_spec(m.split('.')[0]) and importlib.import_module(m)]; "
     "print(json.dumps({'lean': lean, 'loaded_by_monai': after, 'importable_after': ok}))"
 )
 

@@ -1,4 +1,4 @@
-"""Thread policy on a shared machine (napari_meddiff/threads.py): sleep at barriers, use the free cores."""
+"""Thread policy on a shared machine (napari_meddiff/runtime/threads.py): sleep at barriers, use the free cores."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import torch
 
 from napari_meddiff.cli import main
 from napari_meddiff.tasks import batch, distributed
+from tests.helpers import run_cli
 
 ARGS = ["--num", "5", "--seed", "3", "--sampler", "ddim", "--steps", "3", "--batch-size", "2"]
 SEEDS = list(range(3, 8))
@@ -298,3 +299,18 @@ def test_merge_flags_mixed_settings(tiny_models, reference, tmp_path, one_thread
     assert main(["generate", "--merge-manifest", str(out)]) == 1
     assert "different settings" in capsys.readouterr().err
     assert len(batch.read_manifest(out / "cohort.csv")) == 6
+
+
+# --- the sidecars a command writes are valid JSON (issue 13) ------------------------------------------------------
+
+
+def test_sidecar_json_is_valid_after_generate(cli_env, tmp_path):
+    out = tmp_path / "g"
+    assert (
+        run_cli(
+            "generate", "--model", "tiny-ldm-3d", "--steps", "1", "--seed", "3", "--out", out, env=cli_env
+        ).returncode
+        == 0
+    )
+    meta = json.loads((out / "tiny-ldm-3d_seed3.json").read_text())
+    assert meta["seed"] == 3

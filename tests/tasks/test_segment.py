@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import napari_meddiff as md
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume, read_volume, volume_from_sitk
 from napari_meddiff.models import load_model
@@ -392,3 +393,12 @@ def test_probabilities_combine_is_the_mean_of_member_probabilities(seg_models, d
     assert segment(model, image, ensemble=1, region="full", combine="probabilities", **FAST).uncertainty.array.max() > 0
     with pytest.raises(MeddiffError, match="combine"):
         segment(model, image, combine="mean", **FAST)
+
+
+# --- an absurd request is refused before allocating (issue 13) ----------------------------------------------------
+
+
+def test_absurd_voxel_size_is_refused_before_allocating(tiny_models):
+    image = md.Volume(np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), np.diag([1e6, 1e6, 1e6, 1.0]))
+    with pytest.raises(MeddiffError, match="model grid over this image.*voxel size"):
+        md.segment(str(tiny_models["seg2d"]), image, ensemble=1, steps=1, device="cpu")
