@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             fit[fg] = rec[fg] * gain + offset
             print(
                 f"seed {seed}: whole {psnr(rec, x):.2f} dB; centre crop alone {psnr(rec_crop, crop):.2f}, the same "
-                f"region of the whole pass {psnr(rec[region], crop):.2f}; brain bias {float((rec - x)[fg].mean()):+.4f};"
+                f"region of the whole pass {psnr(rec[region], crop):.2f}; "
+                f"brain bias {float((rec - x)[fg].mean()):+.4f};"
                 f" intensity fit ({gain:.3f}x{offset:+.3f}) {psnr(fit, x):.2f}; real blurred, sigma 0.5 / 0.75 / 1 "
                 f"voxel: {psnr(blur(x, 0.5), x):.2f} / {psnr(blur(x, 0.75), x):.2f} / {psnr(blur(x, 1.0), x):.2f}",
                 flush=True,

@@ -254,9 +254,8 @@ def main() -> None:
         if args.cli_repeats:
             rows = [cli_row(str(folder), args.threads, args.device, "auto") for _ in range(args.cli_repeats)]
             print(table(rows, ["path", "seconds", "peak_rss_mb", "files_written"]), flush=True)
-            print(
-                f"wrote {save('bundle_cli_repeats', {'machine': machine(), 'others_cpu_cores_busy_before': busy, 'rows': rows})}"
-            )
+            payload = {"machine": machine(), "others_cpu_cores_busy_before": busy, "rows": rows}
+            print(f"wrote {save('bundle_cli_repeats', payload)}")
             return
         rows = []
         for child in (bundle_path_child, ours_child):

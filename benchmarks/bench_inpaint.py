@@ -153,9 +153,11 @@ def quality(args, models: dict[str, str], settings: dict[str, list[str]]) -> tup
         peak = data_range(truth)
         rows: dict[str, dict] = {}
 
+        # `record` is called only within this iteration (never kept for a later one): the loop variables it reads
+        # (image, truth, mask, peak, rows) are this subject's
         def record(name: str, fill: np.ndarray, seconds: float) -> None:
-            assert np.array_equal(fill[~mask], image[~mask]), f"{name} changed voxels outside the mask"
-            rows[name] = {**metrics(fill, truth, mask, peak), "seconds": seconds}
+            assert np.array_equal(fill[~mask], image[~mask]), f"{name} changed voxels outside the mask"  # noqa: B023
+            rows[name] = {**metrics(fill, truth, mask, peak), "seconds": seconds}  # noqa: B023
 
         record("lesion (no fill)", image, 0.0)
         t0 = time.perf_counter()

@@ -1,14 +1,14 @@
 """CPU memory layout for the big 3D networks (issue 15, item 2): PyTorch's default NCDHW layout against ours.
 
 The full-size MONAI Zoo brain LDM architecture (``brain_image_synthesis_latent_diffusion_model``: UNet
-[256, 512, 768] on a 3x20x28x20 latent with its 4 conditions as channels and as context; AutoencoderKL [64, 128, 128, 128]
-decoding to 160x224x160), random weights, batch 1. Options, each on the same weights:
+[256, 512, 768] on a 3x20x28x20 latent with its 4 conditions as channels and as context; AutoencoderKL
+[64, 128, 128, 128] decoding to 160x224x160), random weights, batch 1. Options, each on the same weights:
 
 * ``default``: what `load_model` gave before: NCDHW, fp32 convolutions routed to oneDNN (`prefer_onednn`);
 * ``ours``: `prefer_channels_last` as well (channels_last_3d weights and activations, thread-invariant
-  GroupNorm, thread-invariant linear layers): what `load_model` does on a CPU with native bf16; and for the UNet in bf16, `bf16_weights_once`
-  (bf16 weight copies made once; on AMX, convolutions of more than 256 input channels in 256-channel chunks),
-  as the denoising loop runs it.
+  GroupNorm, thread-invariant linear layers): what `load_model` does on a CPU with native bf16; and for the UNet
+  in bf16, `bf16_weights_once` (bf16 weight copies made once; on AMX, convolutions of more than 256 input
+  channels in 256-channel chunks), as the denoising loop runs it.
 
 Printed per network and precision: wall seconds, GFLOP/s (FLOPs counted by `torch.utils.flop_counter` on
 PyTorch's own convolutions) and the fraction of this machine's 3x3x3 convolution peak for that precision (a
@@ -21,9 +21,10 @@ same bits with 1 and N threads (the napari widget leaves a core to the GUI). Usa
     python benchmarks/bench_layout.py --linears      # the UNet step's linear layers: ours, one thread, PyTorch's N
 
 Writes ``results/layout.json`` (``--convs-only``: ``results/layout_convs.json``; ``--linears``:
-``results/layout_linears.json``; ``--networks``: ``results/layout_<rows>.json``, e.g. ``layout_unet_full_full_tiled.json``). The full-size decode is timed
-as one whole pass and as the exact tiled pass (`napari_meddiff.autoencoder.tiling`, default tile) that ``meddiff generate``
-runs where a whole pass would not fit in half the free memory. Run it with nothing else busy on the machine.
+``results/layout_linears.json``; ``--networks``: ``results/layout_<rows>.json``, e.g.
+``layout_unet_full_full_tiled.json``). The full-size decode is timed as one whole pass and as the exact tiled
+pass (`napari_meddiff.autoencoder.tiling`, default tile) that ``meddiff generate`` runs where a whole pass would
+not fit in half the free memory. Run it with nothing else busy on the machine.
 """
 
 from __future__ import annotations
@@ -77,14 +78,14 @@ def conv_rows() -> list[dict]:
         row = {"in": cin, "out": cout, "spatial": "x".join(map(str, shape))}
         for option in ("one convolution", "256-channel chunks"):
             saved = devices.cpu_has_amx
-            devices.cpu_has_amx = lambda: option != "one convolution"
+            devices.cpu_has_amx = lambda: option != "one convolution"  # noqa: B023 (restored below, this iteration)
             try:
                 with (
                     torch.inference_mode(),
                     torch.autocast("cpu", dtype=torch.bfloat16),
                     bf16_weights_once(conv, "bf16", torch.device("cpu")),
                 ):
-                    seconds = timed(lambda: conv(x), repeat=3, warmup=1)
+                    seconds = timed(lambda: conv(x), repeat=3, warmup=1)  # noqa: B023 (timed calls it before returning)
             finally:
                 devices.cpu_has_amx = saved
             row[f"{option} ms"] = seconds * 1e3
@@ -195,9 +196,8 @@ def main() -> None:
     if args.linears:
         rows = linear_rows(args.threads)
         print(table(rows, list(rows[0])))
-        print(
-            f"written {save('layout_linears', {'machine': machine(), 'threads': args.threads, 'others_cpu_cores_busy_before': busy, 'rows': rows})}"
-        )
+        payload = {"machine": machine(), "threads": args.threads, "others_cpu_cores_busy_before": busy, "rows": rows}
+        print(f"written {save('layout_linears', payload)}")
         return
     peaks = {p: conv_peak(PRECISION_DTYPES[p]) for p in precisions}
     for p, v in peaks.items():

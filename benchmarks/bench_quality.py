@@ -9,8 +9,8 @@ RBF kernel on image features (intensity histogram, gradient-magnitude histogram,
 latent models the model's own encoder latents pooled). Also the mean absolute voxel difference to the reference
 sample of the same seed (B), a paired measure that needs no large sample. A setting counts as not measurably
 worse when a permutation test of its MMD^2 against reference A gives p >= 0.05 and its MMD^2 is at most the
-noise floor; the fastest such setting is printed (the rule for the model's default). Writes results/quality_<model>.json and
-results/quality_<model>.png (distance against seconds per volume).
+noise floor; the fastest such setting is printed (the rule for the model's default). Writes
+results/quality_<model>.json and results/quality_<model>.png (distance against seconds per volume).
 """
 
 from __future__ import annotations
@@ -26,10 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, precisions_for, save, table  # noqa: E402
 
-from napari_meddiff import (
-    generate,
-    load_model,  # noqa: E402
-)
+from napari_meddiff import generate, load_model  # noqa: E402
 from napari_meddiff.autoencoder.passes import encode_images  # noqa: E402
 
 ALPHA = 0.05  # a setting is "measurably worse" when its permutation p-value against reference A is below this

@@ -48,8 +48,7 @@ from common import machine, peak_rss_mb, save, table  # noqa: E402
 from napari_meddiff.data.mni152 import HELDOUT_SEEDS, LABELS, make_subject, split_of  # noqa: E402
 from napari_meddiff.errors import MeddiffError  # noqa: E402
 from napari_meddiff.models import find_model_dir, load_model, model_search_path, sha256_file  # noqa: E402
-from napari_meddiff.tasks.settings import task_defaults  # noqa: E402
-from napari_meddiff.tasks.segment import (
+from napari_meddiff.tasks.segment import (  # noqa: E402
     DEFAULT_COMBINE,
     auto_batch_size,
     class_names,
@@ -60,6 +59,7 @@ from napari_meddiff.tasks.segment import (
     run_members,
     to_input_grid,
 )
+from napari_meddiff.tasks.settings import task_defaults  # noqa: E402
 
 DEFAULT_MODEL = "brain-tissue-segdiff-2d"
 BASELINE_NAMES = ("brain-tissue-unet-2d", "brain-tissue-unet-baseline-2d", "brain-tissue-monai-unet-2d")

@@ -48,7 +48,10 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     meddiff = [sys.executable, "-m", "napari_meddiff.cli"]
     out = Path(tempfile.mkdtemp(prefix="meddiff-startup-"))
-    lean = "from napari_meddiff.runtime.lean_imports import import_monai_lean; import_monai_lean(); import monai.networks.nets"
+    lean = (
+        "from napari_meddiff.runtime.lean_imports import import_monai_lean; import_monai_lean(); "
+        "import monai.networks.nets"
+    )
     plain = {"MEDDIFF_LEAN_IMPORTS": "0"}
     commands = {  # name: (command, extra environment); None: generate, a new output folder each run
         "python": ([sys.executable, "-c", "pass"], {}),

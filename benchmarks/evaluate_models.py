@@ -172,7 +172,8 @@ class SmallCNN(torch.nn.Module):
 def train_classifier(
     dims: int, xtr: torch.Tensor, ytr: torch.Tensor, steps: int, bs: int, g: torch.Generator, seed: int
 ) -> SmallCNN:
-    """A `SmallCNN` trained on ``xtr``/``ytr`` (batches drawn with replacement, random left-right flips); in eval mode."""
+    """A `SmallCNN` trained on ``xtr``/``ytr`` (batches drawn with replacement, random left-right flips); in eval
+    mode."""
     torch.manual_seed(seed)
     net = SmallCNN(dims)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
@@ -423,7 +424,8 @@ def evaluate(name: str, args) -> dict:
         )
         res["samples_png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
         print(
-            f"{name}: C2ST accuracy {res['c2st']['accuracy']:.3f}; W1 {res['intensity']['wasserstein_brain_intensity']}",
+            f"{name}: C2ST accuracy {res['c2st']['accuracy']:.3f}; "
+            f"W1 {res['intensity']['wasserstein_brain_intensity']}",
             flush=True,
         )
     res["eval_minutes"] = round((time.time() - t0) / 60, 2)
@@ -474,7 +476,8 @@ def render(res: dict) -> str:
             f"- Classifier two-sample test ({what}, real held-out vs {g['n']} generated with {g['sampler']} "
             f"{g['steps']} steps; 2-fold held-out accuracy, 0.5 = indistinguishable): **{c['accuracy']:.3f}** "
             f"(folds {c['folds']}, training accuracy {c.get('train_accuracy')}, {c['n_per_class']} per class; "
-            f"target ≤ {TARGETS['c2st_accuracy']}: {'inconclusive' if c.get('degenerate') else 'met' if ok else 'NOT met'}). "
+            f"target ≤ {TARGETS['c2st_accuracy']}: "
+            f"{'inconclusive' if c.get('degenerate') else 'met' if ok else 'NOT met'}). "
             f"Sampling {g['seconds_per_sample']} s per sample on this CPU."
         )
         it = res["intensity"]

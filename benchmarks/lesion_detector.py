@@ -18,8 +18,9 @@ load reaches the detector's threshold, fixed after training on the training subj
 ``--threshold-quantile`` quantile of the loads it finds in lesion-free training subjects, default 0.95, so that
 one odd subject cannot set it; at least 0.1 ml). The learning rate decays to zero over ``--minutes`` (cosine);
 ``--resume`` starts from another detector's weights. `check` reports detection sensitivity (all lesions and
-lesions of at least 1 ml, hypo- and hyperintense lesions), specificity and the Pearson correlation of measured against true load (ml at the
-cohort's 2 mm) on held-out subjects; `check` writes ``check.json`` next to the detector.
+lesions of at least 1 ml, hypo- and hyperintense lesions), specificity and the Pearson correlation of measured
+against true load (ml at the cohort's 2 mm) on held-out subjects; `check` writes ``check.json`` next to the
+detector.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Each cohort subject is a noise-free image plus Rician noise (``napari_meddiff.da
 U(0, 2.5) on the ~0..100 scale). An autoencoder with fewer latent numbers than voxels cannot encode white noise,
 so the best it can do is predict each voxel's expected value given the noise-free image; its error is then the
 noise variance itself. This script rebuilds held-out subjects (the same seeds as ``evaluate_ae.py``) with and
-without noise, puts both on a model's 2 mm grid (the cohort's own resolution: resampling would average the noise) with the noisy image's intensity window (as training and
-``evaluate_ae.py`` do), and prints per subject:
+without noise, puts both on a model's 2 mm grid (the cohort's own resolution: resampling would average the
+noise) with the noisy image's intensity window (as training and ``evaluate_ae.py`` do), and prints per subject:
 
 - ``noise_sd``: the subject's noise std in [0, 1] units (from the brain, where Rician noise is nearly Gaussian);
 - ``psnr_clean_db``: PSNR of the noise-free image against the noisy one (a perfect denoiser);

@@ -2,7 +2,9 @@
 
 Uses the shipped default model (``brain-ldm-3d``) when it is installed, else a tiny random model (whose
 output is noise). Writes ``examples/screenshots/generate_widget.png``. A conditional model's sliders:
-``--model runs/brain-ldm-3d-conditional --condition brain_volume=0.9 --out examples/screenshots/generate_conditional.png``.
+
+    xvfb-run -a python examples/generate_screenshot.py --model runs/brain-ldm-3d-conditional \\
+        --condition brain_volume=0.9 --out examples/screenshots/generate_conditional.png
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     print(f"model folder {model_dir}; samples {png}; total {time.time() - t0:.0f} s")
     if model.kind == "segmentation":
         print(
-            f"next: meddiff segment --model {model_dir} --image {cohort}/sub-000000_T1w.nii.gz --out {args.out / 'segmented'}"
+            f"next: meddiff segment --model {model_dir} --image {cohort}/sub-000000_T1w.nii.gz "
+            f"--out {args.out / 'segmented'}"
         )
     else:
         print(f"next: meddiff generate --model {model_dir} --num 2 --out {args.out / 'generated'}")
