@@ -72,15 +72,18 @@ def _target_dir(arg: str | None) -> Path:
     return root
 
 
-def check_files(bundle: Path) -> list[str]:
-    """Problems with the bundle's weight files (missing, md5 mismatch); empty when all are good."""
+def check_files(bundle: Path, *, differing_only: bool = False) -> list[str]:
+    """Problems with the bundle's weight files (missing, md5 mismatch); empty when all are good.
+
+    Strict, unlike loading (which only warns): what is fetched must be the published file."""
     problems = []
     for rel, md5 in read_large_files(bundle, bundle_defaults(bundle.name)).items():
         path = bundle / rel
         if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif file_digests(path)[0] != md5.lower():
-            problems.append(f"{rel}: md5 {file_digests(path)[0]} != {md5} (corrupt or another version)")
+            if not differing_only:
+                problems.append(f"{rel}: missing")
+        elif (got := file_digests(path)[0]) != md5.lower():
+            problems.append(f"{rel}: md5 {got} != {md5} in large_files.yml (damaged, another version, or fine-tuned)")
     return problems
 
 
@@ -111,9 +114,16 @@ def run(args: argparse.Namespace) -> int:
         _plain(args.version, "--version")
     root = _target_dir(args.dir)
     bundle = root / args.name
-    if bundle.is_dir() and BUNDLE.detect(bundle) and not check_files(bundle):
-        print(f"{bundle}: already there, every weight file's md5 checked", file=sys.stderr)
-        return 0
+    if bundle.is_dir() and BUNDLE.detect(bundle):
+        if not check_files(bundle):
+            print(f"{bundle}: already there, every weight file's md5 checked", file=sys.stderr)
+            return 0
+        differing = check_files(bundle, differing_only=True)
+        if differing:  # a download would overwrite the bundle's files, or stop at MONAI's hash check
+            raise MeddiffError(
+                f"{bundle}: " + "; ".join(differing) + ": not downloading over it; move the file away to fetch the "
+                "published one (the folder loads as it is, with a warning)"
+            )
     with removed_if_left_empty(root):
         ensure_folder(root)
         _fetch(args.name, root, args.version, args.source)

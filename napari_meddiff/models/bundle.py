@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from napari_meddiff.models.bundle_config import (
     load_data_file,
     read_bundle_config,
 )
-from napari_meddiff.models.bundle_weights import check_weight_file, load_network, read_state_dict
+from napari_meddiff.models.bundle_weights import WeightsWarning, check_weight_file, load_network, read_state_dict
 from napari_meddiff.models.conditions import snake_case
 from napari_meddiff.models.model import DEFAULT_SAMPLING
 from napari_meddiff.models.schema import validate_config
@@ -66,14 +67,35 @@ class BundleFormat:
             ) from None
 
     def load_networks(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.nn.Module]:
+        """The networks, their weights' md5 compared with the published ones: a file that differs (fine-tuned)
+        loads with a `WeightsWarning`, marked ``differs_from_published`` in its ``weights`` entry (outputs
+        record it); one the loader cannot use is refused, the md5 named as the likely reason."""
         nets = {}
         for role in ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else []):
             entry = config["weights"][role]
             path = weight_path(folder, role, entry["file"])  # again: the folder may have changed
-            entry["sha256"] = check_weight_file(path, entry.get("md5"), folder)
-            nets[role] = load_network(
-                role, config["networks"][role], read_state_dict(path, role), path, str(find_config_file(folder))
-            )
+            sha, md5 = check_weight_file(path, entry.get("md5"), folder)
+            published = str(entry.get("md5") or "").lower()
+            differs = bool(published) and md5 != published
+            try:
+                state = read_state_dict(path, role)
+                nets[role] = load_network(role, config["networks"][role], state, path, str(find_config_file(folder)))
+            except MeddiffError as exc:
+                if not differs:
+                    raise
+                raise MeddiffError(
+                    f"{exc} (and its md5 {md5} != {published} in large_files.yml; refusing to load it: damaged, "
+                    f"or not the bundle's file)"
+                ) from None
+            entry["sha256"] = sha
+            if differs:
+                entry["differs_from_published"] = True
+                warnings.warn(
+                    f"{path} differs from the published file: fine-tuned or damaged? (md5 {md5}, large_files.yml "
+                    f"gives {published}); loaded all the same, and its outputs record weights_differ_from_published",
+                    WeightsWarning,
+                    stacklevel=2,
+                )
         return nets
 
 

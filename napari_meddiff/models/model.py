@@ -121,6 +121,13 @@ class DiffusionModel(ModelConfigView):
         parts = [self.config["weights"][k]["sha256"] for k in sorted(self.config["weights"])]
         return hashlib.sha256("".join(parts).encode()).hexdigest()
 
+    @property
+    def weights_differ_from_published(self) -> list[str]:
+        """The weight files whose md5 differs from the one their bundle publishes (fine-tuned, or damaged in a way
+        the loader did not notice): loaded with a warning, recorded in what the model generates."""
+        entries = self.config["weights"].values()
+        return sorted(str(w["file"]) for w in entries if isinstance(w, dict) and w.get("differs_from_published"))
+
     def num_parameters(self) -> int:
         nets = [n for n in (self.unet, self.autoencoder) if n is not None]
         return sum(p.numel() for net in nets for p in net.parameters())

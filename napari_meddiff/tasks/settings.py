@@ -85,10 +85,13 @@ def prepare_model(model: str | DiffusionModel, device: str | torch.device) -> tu
 
 def provenance(model: DiffusionModel, device: torch.device, **fields: Any) -> dict[str, Any]:
     """What an output records: the model and its weights' sha256, the task's fields (settings, seeds, ...) in
-    the order given, the device and the package version; the caller adds ``seconds`` last."""
+    the order given, the device and the package version; the caller adds ``seconds`` last. Weight files that
+    differ from the ones their bundle publishes (fine-tuned) are named."""
+    differ = getattr(model, "weights_differ_from_published", None)
     return {
         "model": model.name,
         "model_sha256": model.weights_sha256,
+        **({"weights_differ_from_published": differ} if differ else {}),
         **fields,
         "device": str(device),
         "package_version": __version__,
