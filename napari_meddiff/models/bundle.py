@@ -200,15 +200,13 @@ def _schedule(cls_name: str | None, kwargs: dict) -> dict[str, Any]:
 
     cls = getattr(schedulers, cls_name or "DDPMScheduler")
     params = inspect.signature(cls.__init__).parameters
-    schedule = {
-        "num_train_timesteps": int(kwargs.get("num_train_timesteps", params["num_train_timesteps"].default)),
-        "schedule": str(kwargs.get("schedule", params["schedule"].default)),
-        "prediction_type": str(kwargs.get("prediction_type", params["prediction_type"].default)),
-        "clip_sample": bool(kwargs.get("clip_sample", params["clip_sample"].default)),
-    }
+    # as the bundle gives them: the schema then judges them, naming the bundle's config (int(1e12) or bool("no")
+    # would pass a wrong value on)
+    keys = ("num_train_timesteps", "schedule", "prediction_type", "clip_sample")
+    schedule = {key: kwargs.get(key, params[key].default) for key in keys}
     for key in ("beta_start", "beta_end"):
         if key in kwargs:
-            schedule[key] = float(kwargs[key])
+            schedule[key] = kwargs[key]
     return schedule
 
 

@@ -12,10 +12,18 @@ from typing import Any
 from napari_meddiff.choices import COMBINE_METHODS
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.intensity import INTENSITY_KEYS, is_upper_value
+from napari_meddiff.models.boundary import shorten
 from napari_meddiff.models.conditions import parse_conditions
 
 MODEL_KINDS = ("ddpm", "ldm", "segmentation")
 REQUIRED_KEYS = ("spatial_dims", "image_shape", "voxel_size", "networks", "scheduler", "weights")
+# plausible geometry: a voxel size outside it is a unit mistake or an attack (1e308 mm writes an affine of inf)
+VOXEL_MM = (1e-3, 1e3)
+MAX_SIDE = 4096  # voxels along one axis of an image or latent
+MAX_VOXELS = 1024**3  # in one image: 4 GiB as float32
+MAX_TRAIN_TIMESTEPS = 100_000  # the schedule's tables are built whole (10^12 steps: 4 TB)
+NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")  # MONAI's NoiseSchedules
+MONAI_BETAS = (1e-4, 2e-2)  # MONAI's beta_start and beta_end where a config gives none
 
 
 def _is_int(value: Any) -> bool:
@@ -26,13 +34,26 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def _shape(config: dict, key: str, length: int, where: str, *, positive_numbers: bool = False) -> None:
-    value = config[key]
-    ok = isinstance(value, list) and len(value) == length
-    ok = ok and all((_is_number(v) and v > 0) if positive_numbers else (_is_int(v) and v > 0) for v in value)
-    if not ok:
-        what = "positive numbers" if positive_numbers else "positive integers"
-        raise MeddiffError(f"{where}: {key} must be a list of {length} {what}, not {value!r}")
+def _sides(value: Any, key: str, dims: int, where: str) -> None:
+    """An image or latent shape: ``dims`` integers in 1..`MAX_SIDE`, at most `MAX_VOXELS` in all."""
+    if not (isinstance(value, list) and len(value) == dims and all(_is_int(v) and 1 <= v <= MAX_SIDE for v in value)):
+        raise MeddiffError(
+            f"{where}: {key} must be a list of {dims} positive integers, at most {MAX_SIDE} each, "
+            f"not {shorten(repr(value))}"
+        )
+    if math.prod(value) > MAX_VOXELS:
+        raise MeddiffError(
+            f"{where}: {key} {'x'.join(map(str, value))} is {math.prod(value):,} voxels, more than {MAX_VOXELS:,}"
+        )
+
+
+def _voxel_size(value: Any, dims: int, where: str) -> None:
+    low, high = VOXEL_MM
+    if not (isinstance(value, list) and len(value) == dims and all(_is_number(v) and low <= v <= high for v in value)):
+        raise MeddiffError(
+            f"{where}: voxel_size must be a list of {dims} numbers in {low:g}..{high:g} (mm), "
+            f"not {shorten(repr(value))}"
+        )
 
 
 def _object(value: Any, key: str, where: str) -> dict:
@@ -54,8 +75,8 @@ def validate_config(config: Any, where: str) -> dict:
     dims = config["spatial_dims"]
     if dims not in (2, 3) or not _is_int(dims):
         raise MeddiffError(f"{where}: spatial_dims must be 2 or 3, not {dims!r}")
-    _shape(config, "image_shape", dims, where)
-    _shape(config, "voxel_size", dims, where, positive_numbers=True)
+    _sides(config["image_shape"], "image_shape", dims, where)
+    _voxel_size(config["voxel_size"], dims, where)
     networks = _object(config["networks"], "networks", where)
     needed = ["unet"] + (["autoencoder"] if kind == "ldm" else [])
     for name in needed:
@@ -77,11 +98,11 @@ def validate_config(config: Any, where: str) -> dict:
         channels, shape = latent.get("channels"), latent.get("shape")
         if not _is_int(channels) or channels < 1:
             raise MeddiffError(f"{where}: latent.channels must be a positive integer, not {channels!r}")
-        if not (isinstance(shape, list) and len(shape) == dims and all(_is_int(s) and s > 0 for s in shape)):
-            raise MeddiffError(f"{where}: latent.shape must be a list of {dims} positive integers, not {shape!r}")
+        _sides(shape, "latent.shape", dims, where)
         if not _is_number(latent.get("scale_factor", 1.0)) or float(latent.get("scale_factor", 1.0)) <= 0:
             raise MeddiffError(f"{where}: latent.scale_factor must be a positive number")
     _check_fields(_object(config["scheduler"], "scheduler", where), SCHEDULER_FIELDS, "scheduler", where)
+    _check_betas(config["scheduler"], where)
     for block, fields in OPTIONAL_BLOCKS.items():
         if block in config:
             _check_fields(_object(config[block], block, where), fields, block, where)
@@ -122,14 +143,37 @@ def _positive_int(v: Any) -> bool:
 def _check_fields(block: dict, fields: dict, name: str, where: str) -> None:
     for key, (check, what) in fields.items():
         if key in block and not check(block[key]):
-            raise MeddiffError(f"{where}: {name}.{key} must be {what}, not {block[key]!r}")
+            raise MeddiffError(f"{where}: {name}.{key} must be {what}, not {shorten(repr(block[key]))}")
+
+
+def _check_betas(scheduler: dict, where: str) -> None:
+    """The betas a schedule is built from: rising (MONAI's defaults stand in for one not given); none for cosine."""
+    given = [k for k in ("beta_start", "beta_end") if k in scheduler]
+    if scheduler.get("schedule") == "cosine":
+        if given:
+            raise MeddiffError(f"{where}: scheduler: the cosine schedule takes no beta_start or beta_end")
+        return
+    start, end = scheduler.get("beta_start", MONAI_BETAS[0]), scheduler.get("beta_end", MONAI_BETAS[1])
+    if given and start >= end:
+        shown = [
+            f"{v:g}" + ("" if k in scheduler else ", MONAI's default")
+            for k, v in (("beta_start", start), ("beta_end", end))
+        ]
+        raise MeddiffError(f"{where}: scheduler.beta_start ({shown[0]}) must be below beta_end ({shown[1]})")
+
+
+def _beta(v: Any) -> bool:
+    return _is_number(v) and 0 < v < 1
 
 
 SCHEDULER_FIELDS = {
-    "num_train_timesteps": (_positive_int, "a positive integer"),
-    "schedule": (lambda v: isinstance(v, str), "a MONAI schedule name"),
-    "beta_start": (_is_number, "a number"),
-    "beta_end": (_is_number, "a number"),
+    "num_train_timesteps": (
+        lambda v: _is_int(v) and 1 <= v <= MAX_TRAIN_TIMESTEPS,
+        f"a positive integer, at most {MAX_TRAIN_TIMESTEPS:,}",
+    ),
+    "schedule": (lambda v: v in NOISE_SCHEDULES, "one of " + ", ".join(NOISE_SCHEDULES)),
+    "beta_start": (_beta, "a number in (0, 1)"),
+    "beta_end": (_beta, "a number in (0, 1)"),
     "prediction_type": (lambda v: v in ("epsilon", "v_prediction", "sample"), "epsilon, v_prediction or sample"),
     "clip_sample": (lambda v: isinstance(v, bool), "true or false"),
 }
