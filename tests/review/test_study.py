@@ -98,13 +98,18 @@ def test_every_case_on_one_grid_stored_alike(inputs, tmp_path):
     assert {tuple(c["contrast_limits"]) for c in doc["cases"]} == {(0.0, 1.0)}  # one display window for all
     for word in ("real", "synthetic", "sub-", "seed", "original"):
         assert word not in (study.folder / "cases.json").read_text()
+    (x0, y0, z0), (x1, y1, z1) = json.loads(key_path.read_text())["field_of_view"]["box"]
+    inside = np.zeros(SYN_SHAPE, bool)  # the real scans do not cover the whole grid: every case shows what all cover
+    inside[x0 : x1 + 1, y0 : y1 + 1, z0 : z1 + 1] = True
     for case in study.cases:
         vol = study.read(case)
         assert vol.metadata == {} and vol.array.min() == 0.0 and vol.array.max() == 1.0
+        assert not vol.array[~inside].any()
         levels = np.rint(vol.array * 255)
         np.testing.assert_allclose(vol.array * 255, levels, atol=1e-3)  # 256 levels, the same scale for all
         if key[case.case_id]["source"] == "synthetic":  # already on the grid: no interpolation, the rule by hand
-            x = np.asarray(nib.load(key[case.case_id]["original"]).dataobj, dtype=np.float32)
+            x = np.asarray(nib.load(key[case.case_id]["original"]).dataobj, dtype=np.float32)[inside]
+            levels = levels[inside]
             lo, hi = np.percentile(x, 0.5), np.percentile(x[x > x.mean()], 99.5)
             expected = np.rint(np.clip((x - lo) / (hi - lo), 0, 1) * 255)
             assert np.abs(levels - expected).max() <= 1 and np.mean(levels == expected) > 0.99
@@ -478,7 +483,7 @@ def cohort_study(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sceptic")
     real = write_cohort(root / "cohort", 10, seed=HELDOUT_SEEDS[0], progress=False).parent
-    return _make(root, real, sorted(real.glob("*_T1w*.nii.gz")), (60, 72, 60))
+    return _make(root, real, sorted(real.glob("*_T1w.nii.gz")), (60, 72, 60))  # one scan per subject
 
 
 def _features(path: Path) -> dict[str, float]:
@@ -597,8 +602,8 @@ def test_sceptical_reviewer_cannot_tell_sources_from_the_files(phantom_study):
 def test_sceptical_reviewer_on_the_cohort(cohort_study):
     study, key, groups, skipped = cohort_study
     assert any(name.endswith("_dseg.nii.gz") for name in skipped)  # the cohort's label maps are not scans
-    assert all(("_dseg" in n or "_lesion." in n) for n in skipped)
-    assert not any("_dseg" in v["original"] or "_lesion." in v["original"] for v in key.values())
+    assert all(("_dseg" in n or "_lesion." in n or "-lesionfree" in n) for n in skipped)
+    assert not any(s in v["original"] for v in key.values() for s in ("_dseg", "_lesion.", "-lesionfree"))
     _assert_blind(study, key, groups)
 
 
