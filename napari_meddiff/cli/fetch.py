@@ -137,11 +137,44 @@ def _fetch(name: str, root: Path, version: str | None, source: str) -> None:
     except MeddiffError:  # what was downloaded is refused (a large_files.yml path out of the bundle): as it is
         raise
     except Exception as exc:  # network errors come from urllib, requests, huggingface_hub, ...
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise MeddiffError(
-            f"cannot download bundle {name!r} ({type(exc).__name__}: {reason}). Without internet, copy it in "
+            f"cannot download bundle {name!r} ({download_failure(exc)}). Without internet, copy it in "
             f"by hand: {expected_files(bundle)}; then `meddiff fetch {name} --dir {root}` checks the md5s"
         ) from None
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>:?\s*")
+_CAUSED_BY = re.compile(r"\(Caused by (\w+)\((.*)\)\)\s*$")
+_URL_HOST = re.compile(r"host='([^']+)'")
+MAX_REASON = 240
+
+
+def download_failure(exc: BaseException) -> str:
+    """Why a download failed, as one complete line: urllib3's nested ``(Caused by NewConnectionError("<...
+    object at 0x...>: Failed to resolve 'host' ([Errno -2] ...)"))`` becomes ``NameResolutionError: cannot
+    reach github.com: Failed to resolve 'github.com' ([Errno -2] Name or service not known)``; a message too
+    long for a line is cut at a word, with an ellipsis, never inside a parenthesis left open."""
+    text = " ".join(str(exc).split())
+    kind = type(exc).__name__
+    caused = _CAUSED_BY.search(text)
+    if caused:
+        host = _URL_HOST.search(text)
+        kind = caused.group(1)
+        detail = _OBJECT_REPR.sub("", caused.group(2)).strip().strip("'\"").strip()
+        text = (f"cannot reach {host.group(1)}: " if host else "") + (detail or kind)
+    text = _OBJECT_REPR.sub("", text).strip() or "no message"
+    if len(text) > MAX_REASON:
+        cut = text[:MAX_REASON].rsplit(" ", 1)[0]
+        opened: list[int] = []
+        for i, ch in enumerate(cut):
+            if ch == "(":
+                opened.append(i)
+            elif ch == ")" and opened:
+                opened.pop()
+        if opened:  # back off to before the first parenthesis the cut leaves open
+            cut = cut[: opened[0]].rstrip()
+        text = cut + " …"
+    return f"{kind}: {text}"
 
 
 def _verify(bundle: Path) -> int:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from napari_meddiff.cli.conditions import add_condition_options, seed_conditions
-from napari_meddiff.cli.options import add_model_option, add_sampling_options, load_model_for, seed_value
+from napari_meddiff.cli.options import add_model_option, add_sampling_options, counted, load_model_for, seed_value
 from napari_meddiff.diffusion.seeds import seed_range
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import ensure_folder, removed_if_left_empty
@@ -70,7 +70,7 @@ def merge(folder: Path) -> int:
     report = batch.write_manifest(folder)
     for problem in report.problems:
         print(f"meddiff: warning: {problem}", file=sys.stderr)
-    print(f"{report.path}: {len(report.rows)} subjects", file=sys.stderr)
+    print(f"{report.path}: {counted(len(report.rows), 'subject')}", file=sys.stderr)
     return 1 if report.problems else 0
 
 
@@ -103,7 +103,6 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
     from tqdm import tqdm
 
     with distributed.distributed(ctx, device):
-
         model = load_model_for(args.model, device, args.precision, "generate")
         bar = None
 
@@ -154,7 +153,7 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
             report = batch.write_manifest(args.out)
             for problem in report.problems:
                 print(f"meddiff: warning: {problem}", file=sys.stderr)
-            print(f"{report.path}: {len(report.rows)} subjects", file=sys.stderr)
+            print(f"{report.path}: {counted(len(report.rows), 'subject')}", file=sys.stderr)
         else:
             label = " ".join(where) or "this run"
             print(

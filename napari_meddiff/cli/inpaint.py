@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from napari_meddiff.cli.conditions import add_fixed_condition_option, fixed_conditions
-from napari_meddiff.cli.options import add_model_option, add_sampling_options, load_model_for, seed_value
+from napari_meddiff.cli.options import add_model_option, add_sampling_options, counted, load_model_for, seed_value
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import check_output_file
 from napari_meddiff.models import DEFAULT_MODEL
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     image = read_volume(args.image)
     # the candidates' images alone (the task adds its networks' share): refused before any file name is made
-    check_fits(4.0 * (args.candidates + 1) * image.array.size, f"{args.candidates} candidates of this image")
+    check_fits(4.0 * (args.candidates + 1) * image.array.size, f"{counted(args.candidates, 'candidate')} of this image")
     paths = output_paths(args.out, args.candidates)
     for image_path, sidecar in paths:  # up front, not after minutes of sampling
         check_output_file(image_path, args.overwrite)

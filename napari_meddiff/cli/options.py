@@ -60,7 +60,8 @@ def add_sampling_options(p: argparse.ArgumentParser, *, eta: bool = True, device
 
 
 class _AutoencoderPassOption(argparse.Action):
-    """``--decode``: the process-wide autoencoder pass (read by `autoencoder.passes.autoencoder_pass`, workers included)."""
+    """``--decode``: the process-wide autoencoder pass (read by `autoencoder.passes.autoencoder_pass`, workers
+    included)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         import os
@@ -78,3 +79,8 @@ def load_model_for(model: str, device, precision: str | None, task: str):
 
     chosen = resolve_precision(precision or task_defaults(describe_model(model), task)["precision"], device)
     return load_model(model, device=device, precision=chosen)
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 subject"``, ``"3 subjects"``: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from napari_meddiff.cli.options import counted
 from napari_meddiff.errors import MeddiffError
 
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             on_skip=_skipped,
             on_case=lambda k, n: print(f"\rwriting case {k}/{n}", end="", flush=True),
         )
-        print(f"\nstudy with {len(study.cases)} cases written to {study.folder}")
+        print(f"\nstudy with {counted(len(study.cases), 'case')} written to {study.folder}")
         _print_field_of_view(args.key)
         print(
             f"key written to {args.key}: keep it from the readers; "

@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     image = read_volume(args.image)
 
     model = load_model_for(args.model, device, args.precision, "segment")
+    from napari_meddiff.tasks.segment import check_segmentation_model
+
+    check_segmentation_model(model)  # a generative model is refused before any progress bar is drawn
     with removed_if_left_empty(args.out):
         ensure_folder(args.out)
         return _segment(args, image, model, device)
