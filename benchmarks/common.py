@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(os.environ.get("MEDDIFF_BENCH_RESULTS") or Path(__file__).parent / "results")  # override: elsewhere
@@ -158,3 +159,11 @@ def in_fresh_process(fn: Callable, *args):
 
     with multiprocessing.get_context("spawn").Pool(1, initializer=_die_with_parent) as pool:
         return pool.apply(fn, args)
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation of two sequences (NaN when either is constant)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine  # noqa: E402
+from common import machine, pearson  # noqa: E402
 from evaluate_models import kmeans_1d  # noqa: E402
 
 VOLUME_CONDITIONS = {"brain_volume": "brain_ml", "csf_volume": "csf_ml"}
@@ -51,13 +51,6 @@ def tissue_volumes(image: np.ndarray, voxel_ml: float, threshold: float = 0.1) -
     centres = kmeans_1d(vals, starts="range")
     cls = np.argmin(np.abs(vals[:, None] - centres[None]), axis=1)
     return {"csf_ml": float((cls == 0).sum()) * voxel_ml, "brain_ml": float((cls > 0).sum()) * voxel_ml}
-
-
-def pearson(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
 
 
 class Instruments:

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine  # noqa: E402
+from common import machine, pearson  # noqa: E402
 
 NETWORK = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64), strides=(2, 2), num_res_units=1)
 MIN_THRESHOLD_ML = 0.1
@@ -236,7 +236,6 @@ def detection_summary(
 ) -> dict:
     """Sensitivity (all lesions, lesions >= 1 ml and, given ``lesion_contrast``, hypo- and hyperintense ones),
     specificity, and how well the measured load follows the true one."""
-    from evaluate_conditioning import pearson
 
     has, large, found = truth > 0, truth >= 1.0, measured >= threshold
     rate = lambda sel: round(float(found[sel].mean()), 3) if sel.any() else None  # noqa: E731
