@@ -7,6 +7,7 @@ information needed to write the same file geometry back rides along in ``layer.m
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,16 +175,119 @@ def layer_to_volume(layer: Layer) -> Volume:
     return layer_data_to_volume(data, meta)
 
 
+def _camera(viewer: napari.Viewer):
+    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+
+
 def show_axial(viewer: napari.Viewer, layer: Layer, *, reset_view: bool = True) -> None:
-    """2D axial view through the middle of ``layer``, radiological: anterior up, patient right on screen left."""
+    """2D axial view through the middle of ``layer``, radiological: anterior up, patient right on screen left.
+
+    The canvas edges get orientation letters (`install_orientation_letters`) that follow later changes of plane.
+    """
     ndim = viewer.dims.ndim
     if ndim < 3:
         return
     viewer.dims.ndisplay = 2
     viewer.dims.order = (*range(ndim - 3), ndim - 1, ndim - 2, ndim - 3)  # slice along world z
-    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
-    camera.orientation2d = ("up", "left")  # world y (anterior) up, world x (right) towards screen left
+    _camera(viewer).orientation2d = ("up", "left")  # world y (anterior) up, world x (right) towards screen left
     extent = np.asarray(layer.extent.world, dtype=float)
     viewer.dims.set_point(ndim - 1, float(extent[:, -1].mean()))
     if reset_view:
-        viewer.reset_view()
+        viewer.reset_view(layers=[layer])
+    install_orientation_letters(viewer)
+
+
+# --- orientation letters on the canvas edges ----------------------------------------------------------------
+
+# a layer's anatomical axes: per data axis, the letter its increasing end and its decreasing end point to
+ORIENTATION_KEY = "meddiff_axes"
+RAS_LETTERS = (("R", "L"), ("A", "P"), ("S", "I"))  # world x, y, z of a layer placed by `volume_to_layer_data`
+LETTER_POSITIONS = {"top": "top_center", "bottom": "bottom_center", "left": "middle_left", "right": "middle_right"}
+LETTER_OVERLAY = "meddiff_orientation_{}"  # keys in viewer.canvas.overlays
+
+
+def axis_letters(layer: Layer) -> tuple[tuple[str, str], ...] | None:
+    """Anatomical letters of ``layer``'s last axes, or None when its world axes are not anatomical.
+
+    Layers from `volume_to_layer_data` (their metadata holds the file's affine) sit in RAS world space; a layer
+    may state its own axes under ``ORIENTATION_KEY`` (the reader study's reoriented cases do)."""
+    meta = layer.metadata or {}
+    if ORIENTATION_KEY in meta:
+        return tuple((str(p), str(n)) for p, n in meta[ORIENTATION_KEY])
+    if AFFINE_KEY in meta and layer.ndim >= 3:
+        return RAS_LETTERS
+    return None
+
+
+def orientation_letters(viewer: napari.Viewer) -> dict[str, str] | None:
+    """The letters for the canvas edges (``top``, ``bottom``, ``left``, ``right``) of the 2D view now shown.
+
+    They come from the top-most visible layer with anatomical axes (`axis_letters`), the two world axes on
+    screen (``viewer.dims.displayed``: rows, then columns) and the camera's 2D orientation (which way each
+    of them increases). None in 3D, or when no visible layer has anatomical axes."""
+    dims = viewer.dims
+    if dims.ndisplay != 2:
+        return None
+    letters = next((a for la in reversed(viewer.layers) if la.visible and (a := axis_letters(la))), None)
+    if letters is None:
+        return None
+    offset = dims.ndim - len(letters)  # napari aligns a layer's axes with the last world axes
+    rows, cols = (d - offset for d in dims.displayed[-2:])
+    if min(rows, cols) < 0:
+        return None
+    vertical, horizontal = _camera(viewer).orientation2d
+    (row_up, row_down), (col_up, col_down) = letters[rows], letters[cols]
+    top, bottom = (row_up, row_down) if str(vertical) == "up" else (row_down, row_up)
+    left, right = (col_up, col_down) if str(horizontal) == "left" else (col_down, col_up)
+    return {"top": top, "bottom": bottom, "left": left, "right": right}
+
+
+def update_orientation_letters(viewer: napari.Viewer, *_: Any) -> None:
+    """Write `orientation_letters` into the four text overlays (hidden when there are none)."""
+    overlays = viewer.canvas.overlays
+    letters = orientation_letters(viewer) or {}
+    for edge in LETTER_POSITIONS:
+        key = LETTER_OVERLAY.format(edge)
+        if key in overlays:
+            overlays[key].text = letters.get(edge, "")
+            overlays[key].visible = edge in letters
+
+
+def install_orientation_letters(viewer: napari.Viewer) -> None:
+    """Orientation letters (L/R, A/P, S/I) on the four canvas edges, kept right as the plane, the camera's
+    orientation or the layers change. Once per viewer; later calls only refresh them.
+
+    They are napari canvas overlays (`TextOverlay`, one per edge: napari 0.9 places them at the edge centres
+    and draws them in the canvas, so they are in screenshots and exports too, which a Qt label over the canvas
+    would not be; ``viewer.text_overlay`` holds one string in one corner)."""
+    from napari.components.overlays import TextOverlay
+
+    overlays = viewer.canvas.overlays
+    if LETTER_OVERLAY.format("top") not in overlays:
+        for edge, position in LETTER_POSITIONS.items():
+            overlays[LETTER_OVERLAY.format(edge)] = TextOverlay(
+                text="", position=position, color="yellow", font_size=14, visible=False
+            )
+        update = partial(update_orientation_letters, viewer)
+        for emitter in (
+            viewer.dims.events.order,
+            viewer.dims.events.ndisplay,
+            viewer.dims.events.ndim,
+            _camera(viewer).events.orientation,
+            viewer.layers.events.removed,
+            viewer.layers.events.moved,
+        ):
+            emitter.connect(update)
+
+        def follow(layer: Layer) -> None:
+            layer.events.visible.connect(update)
+            layer.events.metadata.connect(update)
+
+        def inserted(event: Any) -> None:
+            follow(event.value)
+            update()
+
+        viewer.layers.events.inserted.connect(inserted)
+        for layer in viewer.layers:
+            follow(layer)
+    update_orientation_letters(viewer)
