@@ -22,7 +22,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
-        print(f"meddiff: error: {command}{' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        print(f"meddiff: error: {command}{one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -103,8 +103,16 @@ def _main(argv: list[str] | None = None) -> int:
 
 def error(message: str) -> int:
     """Print a one-line ``meddiff: error: ...`` and return the exit code of user errors."""
-    print(f"meddiff: error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"meddiff: error: {one_line(message)}", file=sys.stderr)
     return 2
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line, any word of it over 400 characters cut to 200 and an ellipsis: a long user
+    string (a 100,000-character ``--model``) that a message quotes is not echoed whole."""
+    from napari_meddiff.models.boundary import shorten
+
+    return " ".join(shorten(word) if len(word) > 400 else word for word in message.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.models import available_models, count_parameters, describe_model
+from napari_meddiff.models.boundary import shorten
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,32 +35,43 @@ def _conditions(model) -> str:
     return " ".join(f"{c.name}[{c.low:g},{c.high:g}]" for c in model.conditions) or "-"
 
 
+def _describe(name: str, path: Path) -> tuple[tuple[str, ...], list[str]]:
+    """One folder's row of the listing, and its geometry notes."""
+    model = describe_model(path)
+    row = (
+        name,
+        model.kind,
+        f"{model.spatial_dims}D",
+        "x".join(str(s) for s in model.image_shape),
+        "x".join(f"{v:g}" for v in model.voxel_size),
+        _parameters(model.config),
+        model.format,
+        _conditions(model),
+        str(path),
+    )
+    notes = []
+    if model.geometry_notes:
+        notes.append(f"{name}: geometry not all stated by the model's files (override in {path}/meddiff.json):")
+        notes += [f"  - {note}" for note in model.geometry_notes]
+    return row, notes
+
+
 def run(args: argparse.Namespace) -> int:
     rows = [("NAME", "KIND", "DIMS", "SHAPE", "VOXEL (mm)", "PARAMS", "FORMAT", "CONDITIONS", "PATH")]
     notes: list[str] = []
     broken: list[str] = []
     for name, path in available_models().items():
         try:
-            model = describe_model(path)
+            row, row_notes = _describe(name, path)
         except MeddiffError as exc:
             broken.append(f"{path}: not listed, it cannot be read: {exc}")
             continue
-        rows.append(
-            (
-                name,
-                model.kind,
-                f"{model.spatial_dims}D",
-                "x".join(str(s) for s in model.image_shape),
-                "x".join(f"{v:g}" for v in model.voxel_size),
-                _parameters(model.config),
-                model.format,
-                _conditions(model),
-                str(path),
-            )
-        )
-        if model.geometry_notes:
-            notes.append(f"{name}: geometry not all stated by the model's files (override in {path}/meddiff.json):")
-            notes += [f"  - {note}" for note in model.geometry_notes]
+        except Exception as exc:  # whatever one folder holds, the others are still listed
+            reason = shorten(" ".join(str(exc).split()))
+            broken.append(f"{path}: not listed, unexpected {type(exc).__name__}: {reason} (please report it)")
+            continue
+        rows.append(row)
+        notes += row_notes
     if len(rows) == 1 and not broken:
         print("no models found (set MEDDIFF_MODELS to a folder of model folders or MONAI bundles)")
         return 0

@@ -60,10 +60,10 @@ class BundleFormat:
         try:
             return translate_bundle(folder)
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as exc:
-            # a value of the wrong type or shape in metadata.json or meddiff.json: one line, naming the folder
+            # a value of the wrong type or shape that no check named: one line, naming the files it may be in
             raise MeddiffError(
-                f"{folder}: malformed bundle metadata or meddiff.json ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:200]})"
+                f"{folder}: malformed bundle: a value of the wrong type or shape in its inference config, "
+                f"metadata.json or meddiff.json ({type(exc).__name__}: {shorten(' '.join(str(exc).split()))})"
             ) from None
 
     def load_networks(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.nn.Module]:

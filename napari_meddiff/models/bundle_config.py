@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.models.boundary import inside_folder
+from napari_meddiff.models.boundary import check_nesting, inside_folder, shorten
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 
@@ -70,12 +70,10 @@ def _load_yaml(text: str) -> Any:
 
 
 def load_data_file(path: Path) -> Any:
-    """JSON or YAML (safe loader without aliases: plain data only)."""
+    """JSON or YAML (safe loader without aliases: plain data only, nested at most `boundary.MAX_NESTING` deep)."""
     try:
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            return _load_yaml(text)
-        return json.loads(text)
+        data = _load_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except MeddiffError as exc:
         raise MeddiffError(f"cannot read {path}: {exc}") from None
     except RecursionError:
@@ -86,6 +84,7 @@ def load_data_file(path: Path) -> Any:
         if type(exc).__module__.startswith("yaml"):
             raise MeddiffError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
         raise
+    return check_nesting(data, str(path))
 
 
 MAX_RESOLVED_NODES = 200_000  # a Zoo inference config resolves to a few thousand
@@ -139,7 +138,7 @@ class BundleConfig:
             return [self.resolve(v, f"{key}#{i}", seen) for i, v in enumerate(value)]
         if isinstance(value, dict):
             if "_target_" in value and key != "":
-                target = value["_target_"]
+                target = self._target(value, key)
                 if target not in ALLOWED_TARGETS:
                     raise MeddiffError(
                         f"{self.path}: {key} builds {target!r}, which is not a MONAI network or "
@@ -147,6 +146,17 @@ class BundleConfig:
                     )
             return {k: self.resolve(v, f"{key}#{k}", seen) for k, v in value.items() if k not in PARSER_KEYS}
         return value
+
+    def _target(self, node: dict, key: str) -> Any:
+        """A dict's ``_target_``: a class name, or an error naming this file and the key (not a TypeError that
+        would be blamed on another file)."""
+        target = node.get("_target_")
+        if target is not None and not isinstance(target, str):
+            raise MeddiffError(
+                f"{self.path}: {key + '#' if key else ''}_target_ must be a class name (a string), not "
+                f"{type(target).__name__} {shorten(repr(target), 60)}"
+            )
+        return target
 
     def literal(self, ref: str, default: Any = None) -> Any:
         """The resolved value at ``ref``, or ``default`` when it is absent or not plain data."""
@@ -164,7 +174,7 @@ class BundleConfig:
 
         def walk(node: Any, ref: str) -> None:
             if isinstance(node, dict):
-                target = node.get("_target_")
+                target = self._target(node, ref)
                 if isinstance(target, str) and target in ALLOWED_TARGETS:
                     cls = ALLOWED_TARGETS[target]
                     kwargs = {k: v for k, v in node.items() if k not in PARSER_KEYS}

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_meddiff.errors import MeddiffError
+from napari_meddiff.models.boundary import shorten
 from napari_meddiff.models.digests import weight_digests
 
 if TYPE_CHECKING:
@@ -74,22 +76,29 @@ def read_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
         import torch
 
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        raise MeddiffError(
-            f"refusing {path}: it holds pickled Python objects, not only tensors, and meddiff never unpickles "
-            f"them (torch.load weights_only=True: {first[-1][:160] if first else exc})"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise MeddiffError(f"cannot read {path} as PyTorch weights: {str(exc)[:200]}") from None
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            raise MeddiffError(_not_only_tensors(path, str(exc))) from None
+        raise MeddiffError(f"cannot read {path} as PyTorch weights: {shorten(exc)}") from None
     state = _find_state_dict(obj, role)
     if state is None:
-        raise MeddiffError(
-            f"{path}: no state dict of tensors found (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})"
-        )
+        found = [shorten(k, 40) for k in list(obj)[:8]] if isinstance(obj, dict) else type(obj).__name__
+        raise MeddiffError(f"{path}: no state dict of tensors found (top-level keys: {found})")
     if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _not_only_tensors(path: Path, torch_message: str) -> str:
+    """The refusal of a checkpoint holding pickled objects. Nothing of torch's message is repeated but the name
+    of what it refused: its advice (re-run with ``weights_only=False``, allow-list the class) is, for a hostile
+    file, exactly the attack."""
+    refused = re.search(r"GLOBAL ([\w.]{1,100})", torch_message)
+    what = f": {refused.group(1)}" if refused else ""
+    return (
+        f"refusing {path}: it holds something other than tensors (pickled Python objects{what}) and will not "
+        "be loaded: meddiff never unpickles them"
+    )
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import current_umask
-from napari_meddiff.models.boundary import inside_folder, shorten
+from napari_meddiff.models.boundary import check_nesting, inside_folder, shorten
 from napari_meddiff.models.digests import weight_digests
 from napari_meddiff.models.model import build_loaded_network, sha256_file
 from napari_meddiff.models.schema import validate_config
@@ -41,7 +41,9 @@ class FolderFormat:
             config = json.loads(inside_folder(folder, CONFIG_NAME, where).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MeddiffError(f"cannot read {where}: {exc}") from None
-        validate_config(config, where)
+        except RecursionError:  # json's parser recurses: a file of 100,000 "[" stops it
+            raise MeddiffError(f"{where}: nested too deeply; not a config meddiff reads") from None
+        validate_config(check_nesting(config, where), where)
         for net_name in _needed(config):
             _weight_path(folder, net_name, config["weights"][net_name]["file"])  # `meddiff models` reports it
         return config

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from napari_meddiff.errors import MeddiffError
+from napari_meddiff.models.boundary import shorten
 from napari_meddiff.models.bundle import FORMAT as BUNDLE_FORMAT
 from napari_meddiff.models.conditions import Conditioning, ConditionSpec
 from napari_meddiff.models.folder import FORMAT as FOLDER_FORMAT
@@ -72,11 +73,22 @@ FORMATS: tuple[ModelFormat, ...] = (FOLDER_FORMAT, BUNDLE_FORMAT)
 
 
 def format_of(model_dir: Path) -> ModelFormat | None:
-    """The format of a folder, or None when it is no model."""
+    """The format of a folder, or None when it is no model; a MeddiffError when it cannot be looked into
+    (no permission, a name too long)."""
     for fmt in FORMATS:
-        if fmt.detect(model_dir):
-            return fmt
+        try:
+            if fmt.detect(model_dir):
+                return fmt
+        except OSError as exc:
+            raise MeddiffError(f"{shorten(model_dir)}: cannot be read ({exc.strerror or exc})") from None
     return None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # no permission to look, a name too long
+        return False
 
 
 def model_search_path() -> list[Path]:
@@ -86,31 +98,42 @@ def model_search_path() -> list[Path]:
     if (here.parent / "pyproject.toml").is_file():
         paths.append(here.parent / "models")  # source checkout / editable install
     paths.append(Path(sys.prefix) / "share" / "napari-meddiff" / "models")  # installed wheel (setup.py data_files)
-    return [p for p in paths if p.is_dir()]
+    return [p for p in paths if _is_dir(p)]
 
 
 def _model_folders(root: Path) -> list[Path]:
+    """The model folders in ``root``, and the folders that cannot be looked into (`read_config` then says why:
+    one unreadable folder is reported, never the end of a listing)."""
     try:
         subs = sorted(root.iterdir())
     except OSError:
         return []
-    return [s for s in subs if s.is_dir() and not s.name.startswith(".") and format_of(s) is not None]
+    found = []
+    for sub in subs:
+        if sub.name.startswith("."):
+            continue
+        try:
+            if sub.is_dir() and format_of(sub) is not None:
+                found.append(sub)
+        except (OSError, MeddiffError):
+            found.append(sub)
+    return found
 
 
 def find_model_dir(name_or_path: str | os.PathLike) -> Path:
     candidate = Path(name_or_path).expanduser()
     if format_of(candidate) is not None:
         return candidate
-    if candidate.is_dir():
+    if _is_dir(candidate):
         raise MeddiffError(
-            f"{candidate} is a folder but no model: it has no model.json and is no MONAI bundle "
+            f"{shorten(candidate)} is a folder but no model: it has no model.json and is no MONAI bundle "
             "(configs/inference.json + configs/metadata.json)"
         )
     for root in model_search_path():
         if format_of(root / str(name_or_path)) is not None:
             return root / str(name_or_path)
     known = ", ".join(sorted(available_models())) or "none"
-    raise MeddiffError(f"unknown model {str(name_or_path)!r} (available: {known})")
+    raise MeddiffError(f"unknown model {shorten(repr(str(name_or_path)))} (available: {known})")
 
 
 def available_models() -> dict[str, Path]:
@@ -134,11 +157,21 @@ def broken_models() -> list[BrokenModel]:
     """The folders of `available_models` whose config cannot be read, each with the reason."""
     broken = []
     for path in available_models().values():
-        try:
-            read_config(path)
-        except MeddiffError as exc:
-            broken.append(BrokenModel(path, str(exc)))
+        problem = _config_problem(path)
+        if problem is not None:
+            broken.append(BrokenModel(path, problem))
     return broken
+
+
+def _config_problem(path: Path) -> str | None:
+    """Why the config of a listed folder cannot be read, or None: whatever one folder holds, a listing goes on."""
+    try:
+        read_config(path)
+    except MeddiffError as exc:
+        return str(exc)
+    except Exception as exc:  # a case no check foresaw: reported with the folder, never the end of the listing
+        return f"unexpected {type(exc).__name__}: {shorten(' '.join(str(exc).split()))} (please report it)"
+    return None
 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
