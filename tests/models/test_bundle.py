@@ -232,7 +232,8 @@ def test_md5_checked_and_missing_weights_explained(bundles, tmp_path):
     with open(bundle / "models" / "model.pt", "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\x00" * 8)
-    with pytest.raises(MeddiffError, match="md5 .* in large_files.yml; refusing"):
+    # md5 differs but torch still reads the same tensors: a fine-tuned bundle loads, with a warning (issue 36)
+    with pytest.warns(UserWarning, match="differs from the published file"):
         load_model(bundle)
     (bundle / "models" / "model.pt").unlink()
     with pytest.raises(MeddiffError, match=r"missing weight file .*model.pt \(md5 [0-9a-f]{32}\): run `meddiff fetch"):
