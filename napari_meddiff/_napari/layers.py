@@ -7,6 +7,7 @@ information needed to write the same file geometry back rides along in ``layer.m
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,21 +200,27 @@ def show_axial(viewer: napari.Viewer, layer: Layer, *, reset_view: bool = True) 
 
 # --- orientation letters on the canvas edges ----------------------------------------------------------------
 
-# a layer's anatomical axes: per data axis, the letter its increasing end and its decreasing end point to
-ORIENTATION_KEY = "meddiff_axes"
+# layers that state their anatomical axes (`set_axis_letters`), kept off their metadata (which is saved)
+_AXIS_LETTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 RAS_LETTERS = (("R", "L"), ("A", "P"), ("S", "I"))  # world x, y, z of a layer placed by `volume_to_layer_data`
 LETTER_POSITIONS = {"top": "top_center", "bottom": "bottom_center", "left": "middle_left", "right": "middle_right"}
 LETTER_OVERLAY = "meddiff_orientation_{}"  # keys in viewer.canvas.overlays
 
 
+def set_axis_letters(layer: Layer, letters: tuple[tuple[str, str], ...]) -> None:
+    """State ``layer``'s anatomical axes: per data axis, the letters its increasing and decreasing ends point
+    to (the reader study's reoriented cases: ``(("S", "I"), ("P", "A"), ("L", "R"))``)."""
+    _AXIS_LETTERS[layer] = tuple((str(p), str(n)) for p, n in letters)
+
+
 def axis_letters(layer: Layer) -> tuple[tuple[str, str], ...] | None:
     """Anatomical letters of ``layer``'s last axes, or None when its world axes are not anatomical.
 
-    Layers from `volume_to_layer_data` (their metadata holds the file's affine) sit in RAS world space; a layer
-    may state its own axes under ``ORIENTATION_KEY`` (the reader study's reoriented cases do)."""
+    Layers from `volume_to_layer_data` (their metadata holds the file's affine) sit in RAS world space; others
+    may state theirs with `set_axis_letters`."""
+    if layer in _AXIS_LETTERS:
+        return _AXIS_LETTERS[layer]
     meta = layer.metadata or {}
-    if ORIENTATION_KEY in meta:
-        return tuple((str(p), str(n)) for p, n in meta[ORIENTATION_KEY])
     if AFFINE_KEY in meta and layer.ndim >= 3:
         return RAS_LETTERS
     return None

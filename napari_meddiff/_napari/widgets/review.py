@@ -6,11 +6,12 @@ It shows the reader nothing about the truth: no accuracy, no summary (the organi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtGui import QKeyEvent, QKeySequence
 from qtpy.QtWidgets import (
     QAbstractSpinBox,
@@ -34,6 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_meddiff._napari.layers import install_orientation_letters, set_axis_letters
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.review.results import ARTEFACTS, CALLS, Answer, ResultsLog
 from napari_meddiff.review.study import Study, display_array
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
     import napari
 
 ARTEFACT_KEYS = dict(zip(ARTEFACTS, "BNAIEO"))
+CASE_WINDOW = (0.0, 1.0)  # the study's one display window: every case is mapped onto it (`_show`)
+# the case array's axes (`display_array`): superior, posterior, patient left as the index grows
+CASE_AXES = (("S", "I"), ("P", "A"), ("L", "R"))
 SHORTCUT_HELP = (
     "Keys: R / S real / synthetic · 1-5 realism<br>B N A I E O artefacts · C comment (Esc leaves it)<br>"
     "Enter save + next · P previous"
@@ -69,6 +74,7 @@ class ReviewWidget(QWidget):
         self.answers: dict[str, Answer] = {}
         self.index = 0
         self.layer = None
+        self._canvas: _CanvasTakeover | None = None  # what the study hid while it holds the canvas
         self.setToolTip(TOOLTIP)
         self.setFocusPolicy(Qt.StrongFocus)
         self._build()
@@ -122,7 +128,13 @@ class ReviewWidget(QWidget):
         form.addRow("Reader", self.reader_edit)
         self.start_button = QPushButton("Start / resume")
         self.start_button.clicked.connect(self.start)
-        form.addRow(self.start_button)
+        self.close_button = QPushButton("Close study")
+        self.close_button.setToolTip("Answers are already saved; gives the viewer back as it was")
+        self.close_button.clicked.connect(self.close_study)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button, 1)
+        buttons.addWidget(self.close_button)
+        form.addRow(buttons)
         return setup
 
     def _call_box(self) -> QGroupBox:
@@ -194,7 +206,7 @@ class ReviewWidget(QWidget):
         self._shortcut_objects = []
         for seqs, action in keys:
             for seq in seqs:
-                sc = QShortcut(QKeySequence(int(seq)), self)
+                sc = QShortcut(_key_sequence(seq), self)
                 sc.setContext(Qt.WindowShortcut)  # also works while the canvas has focus
                 sc.activated.connect(lambda sc=sc, action=action: self._dispatch(sc, action))
                 self._shortcut_objects.append(sc)
@@ -206,9 +218,7 @@ class ReviewWidget(QWidget):
         """Run ``action``, unless a text field outside this panel has focus: then hand it the key."""
         focus = QApplication.focusWidget()
         if focus is not None and isinstance(focus, _TEXT_INPUTS) and not self.isAncestorOf(focus):
-            seq = shortcut.key()[0]
-            key = int(seq) & ~int(Qt.KeyboardModifierMask)
-            mods = Qt.KeyboardModifiers(int(seq) & int(Qt.KeyboardModifierMask))
+            key, mods = _key_and_modifiers(shortcut.key()[0])
             text = QKeySequence(key).toString().lower() if key < Qt.Key_Escape else ""
             for kind in (QKeyEvent.KeyPress, QKeyEvent.KeyRelease):
                 QApplication.sendEvent(focus, QKeyEvent(kind, key, mods, text))
@@ -252,7 +262,11 @@ class ReviewWidget(QWidget):
             return
         todo = self._first_unanswered()
         if todo is None:
-            self._message(f"All {len(self.study.cases)} cases answered — thank you! You may still revise answers.")
+            self.release_canvas()
+            self._message(
+                f"All {len(self.study.cases)} cases answered — thank you! The viewer is as it was before the study; "
+                "Previous (P) goes back to revise an answer."
+            )
         else:
             self._show(todo)
             self._message("Back to the first case you have not answered yet.")
@@ -265,6 +279,25 @@ class ReviewWidget(QWidget):
             return
         if self.index > 0:
             self._show(self.index - 1)
+
+    def close_study(self) -> None:
+        """Stop reading (every answer is already on disk) and give the viewer back as it was."""
+        self.release_canvas()
+        self.study, self.log, self.answers, self.index = None, None, {}, 0
+        self._set_enabled(False)
+        self.progress_label.setText("No study open")
+        self.progress_bar.setValue(0)
+        self._message("Study closed; your answers are saved.")
+
+    def release_canvas(self) -> None:
+        """Remove the case and give the viewer back: the layers the study hid are shown again, the plane,
+        camera orientation and layer list as they were."""
+        taken, self._canvas = self._canvas, None
+        if taken is None:
+            return
+        with contextlib.suppress(RuntimeError, ValueError):  # the viewer may be closing
+            taken.give_back(self.layer)
+        self.layer = None
 
     def save(self) -> bool:
         """Append the answer on screen to the results file unless it is unchanged; False when incomplete."""
@@ -317,22 +350,58 @@ class ReviewWidget(QWidget):
         ids = set(self.study.ids)  # the previous case, also one left behind by an earlier widget
         for old in [la for la in self.viewer.layers if la is self.layer or la.name in ids]:
             self.viewer.layers.remove(old)
+        if self._canvas is None:
+            self._canvas = _CanvasTakeover(self.viewer)
         self.index = index
         # intensities are shown on the case's display window mapped to 0..1, so the value read-out and the
         # contrast slider carry no scanner units that could tell the sources apart
-        self.layer = self.viewer.add_image(
-            data, name=case.case_id, scale=scale, contrast_limits=(0.0, 1.0), colormap="gray", metadata={}
-        )
-        dims = self.viewer.dims
-        dims.ndisplay = 2
-        dims.order = tuple(range(dims.ndim))
-        if data.ndim == 3 and dims.ndim == 3:
-            dims.axis_labels = ("axial slice", "A-P", "R-L")
-            dims.set_current_step(0, data.shape[0] // 2)
-        self.viewer.reset_view()
+        with self._canvas.adding():
+            self.layer = self.viewer.add_image(
+                data,
+                name=case.case_id,
+                scale=scale,
+                contrast_limits=CASE_WINDOW,
+                colormap="gray",
+                metadata={},
+            )
+        set_axis_letters(self.layer, CASE_AXES if data.ndim == 3 else CASE_AXES[1:])
+        self._show_case_alone()
         self._fill(self.answers.get(case.case_id))
         self._update_progress()
         self._focus_canvas()
+
+    def _show_case_alone(self) -> None:
+        """The case alone, axial (superior along its first axis), radiological, in the study's one display
+        window, the camera fitted to it; letters on the canvas edges."""
+        layer, viewer = self.layer, self.viewer
+        assert layer is not None and self._canvas is not None
+        self._canvas.hide_others(layer)
+        layer.visible, layer.opacity, layer.contrast_limits = True, 1.0, CASE_WINDOW
+        dims = viewer.dims
+        dims.ndisplay = 2
+        dims.order = tuple(range(dims.ndim))  # the case's axes are the last world axes: slice along its first
+        _camera(viewer).orientation2d = ("down", "right")  # the array is stored radiological (`display_array`)
+        if layer.ndim == 3:
+            first = dims.ndim - 3
+            labels = list(dims.axis_labels)
+            labels[first:] = ["axial slice", "A-P", "R-L"]
+            dims.axis_labels = tuple(labels)
+            dims.set_current_step(first, layer.data.shape[0] // 2)
+            for axis in range(first):  # extra axes of hidden layers: their first index
+                dims.set_current_step(axis, 0)
+        viewer.reset_view(layers=[layer])
+        install_orientation_letters(viewer)
+        self.viewer.layers.selection.active = layer
+
+    def event(self, event: QEvent) -> bool:  # noqa: D401 - Qt override
+        """Removed from the viewer (napari un-parents a dock widget it removes): give the viewer back."""
+        if event.type() == QEvent.ParentChange and self.parent() is None and self._canvas is not None:
+            self.release_canvas()
+        return super().event(event)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.release_canvas()
+        super().closeEvent(event)
 
     def _fill(self, answer: Answer | None) -> None:
         for group in (self.call_group, self.realism_group):
@@ -364,6 +433,7 @@ class ReviewWidget(QWidget):
     def _set_enabled(self, on: bool) -> None:
         for w in [*self.call_buttons.values(), *self.realism_buttons, *self.artefact_boxes.values(), self.comment_edit]:
             w.setEnabled(on)
+        self.close_button.setEnabled(on)
         self._update_buttons()
 
     def _message(self, text: str, error: bool = False) -> None:
@@ -400,3 +470,91 @@ class ReviewWidget(QWidget):
             self.start()
         else:
             self.next_case()
+
+
+class _CanvasTakeover:
+    """While a study shows its cases, nothing else is visible: every other layer hidden (and any layer added
+    meanwhile), the layer list (its names could hint at a source) hidden. `give_back` restores what was."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        self.viewer = viewer
+        self.hidden: list = []  # layers that were visible: visible again on give_back
+        self._adding = False
+        dims, camera = viewer.dims, _camera(viewer)
+        self.view = (dims.ndisplay, tuple(dims.order), tuple(dims.axis_labels), tuple(camera.orientation2d))
+        self.layer_list = _layer_list_dock(viewer)
+        self.layer_list_was_visible = self.layer_list is not None and self.layer_list.isVisible()
+        if self.layer_list is not None:
+            self.layer_list.setVisible(False)
+        viewer.layers.events.inserted.connect(self._on_inserted)
+
+    @contextlib.contextmanager
+    def adding(self):
+        """The study's own case is being added: not hidden."""
+        self._adding = True
+        try:
+            yield
+        finally:
+            self._adding = False
+
+    def hide_others(self, case) -> None:
+        for layer in list(self.viewer.layers):
+            if layer is not case and layer.visible:
+                layer.visible = False
+                self.hidden.append(layer)
+
+    def _on_inserted(self, event) -> None:
+        layer = event.value
+        if not self._adding and layer.visible:
+            layer.visible = False
+            self.hidden.append(layer)
+
+    def give_back(self, case) -> None:
+        viewer = self.viewer
+        viewer.layers.events.inserted.disconnect(self._on_inserted)
+        if case is not None and case in viewer.layers:
+            viewer.layers.remove(case)
+        for layer in self.hidden:
+            if layer in viewer.layers:
+                layer.visible = True
+        ndisplay, order, labels, orientation = self.view
+        dims = viewer.dims
+        dims.ndisplay = ndisplay
+        if len(order) == dims.ndim:
+            dims.order = order
+        if len(labels) == dims.ndim:
+            dims.axis_labels = labels
+        _camera(viewer).orientation2d = orientation
+        if self.layer_list is not None and self.layer_list_was_visible:
+            self.layer_list.setVisible(True)
+        if len(viewer.layers):
+            viewer.reset_view()
+
+
+def _camera(viewer: napari.viewer.Viewer):
+    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+
+
+def _layer_list_dock(viewer: napari.viewer.Viewer) -> QWidget | None:
+    """napari's layer list dock (private API, used defensively: None where it is not found)."""
+    qt_viewer = getattr(getattr(viewer, "window", None), "_qt_viewer", None)
+    dock = getattr(qt_viewer, "dockLayerList", None)
+    return dock if isinstance(dock, QWidget) else None
+
+
+def _key_sequence(seq) -> QKeySequence:
+    """A key sequence from a key or key + modifier: an int under Qt 5, a `Qt.Key` or QKeyCombination under Qt 6."""
+    try:
+        return QKeySequence(seq)
+    except TypeError:
+        return QKeySequence(int(seq))
+
+
+def _key_and_modifiers(combo) -> tuple[int, Qt.KeyboardModifier]:
+    """The key code and modifiers of a key sequence's first key (QKeyCombination under Qt 6, an int under Qt 5)."""
+    if hasattr(combo, "keyboardModifiers"):
+        key = combo.key()
+        return int(getattr(key, "value", key)), combo.keyboardModifiers()
+    code = int(combo)
+    mask = int(Qt.KeyboardModifierMask)
+    return code & ~mask, Qt.KeyboardModifiers(code & mask)
