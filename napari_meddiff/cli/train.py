@@ -61,14 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_meddiff.training.pipeline import train
+    from napari_meddiff.training.config import check_number
+    from napari_meddiff.training.pipeline import RUN_OPTIONS, train
 
     if not args.config.is_file():
         raise MeddiffError(f"training config not found: {args.config}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise MeddiffError("--max-minutes must be positive")
-    if args.steps is not None and args.steps < 1:
-        raise MeddiffError("--steps must be at least 1")
+    for option, value in (("max_minutes", args.max_minutes), ("steps", args.steps), ("num_threads", args.threads)):
+        flag = "--threads" if option == "num_threads" else "--" + option.replace("_", "-")
+        check_number(flag, value, RUN_OPTIONS[option])  # finite: --max-minutes nan would turn the limit off
     from napari_meddiff.training.stopping import TrainingStopped
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,16 @@ DEFAULT_DATA = {
     "images": "*_T1w.nii.gz",  # glob inside dir
     "labels_replace": ["_T1w", "_dseg"],  # label file = image name with this replacement (segmentation)
     "max_subjects": None,
-    "val_subjects": 2,  # last N subjects: validation previews / PSNR (still training-seed data)
+    # last N subjects: validation previews / PSNR (still training-seed data); null: DEFAULT_VAL_SUBJECTS where at
+    # least one subject is left to train on, else none (said in the log); a number the data cannot give is refused
+    "val_subjects": None,
     "slice_axis": 2,  # 2D models: axial slices of the RAS volume
     "slice_thickness": None,  # 2D models: mm between slices (default: in-plane voxel size)
     "min_brain_fraction": 0.15,  # 2D models: keep slices with at least this fraction of foreground
     "flip": True,  # random left-right flips
 }
+
+DEFAULT_VAL_SUBJECTS = 2
 
 LATENT_KINDS = ("sample", "mean")
 
@@ -121,20 +126,95 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-POSITIVE_TRAINING_KEYS = ("steps", "batch_size", "lr", "max_minutes", "checkpoint_minutes", "disc_lr")
-NON_NEGATIVE_TRAINING_KEYS = (
-    "warmup_steps",
-    "ema_start",
-    "weight_decay",
-    "kl_weight",
-    "adv_weight",
-    "val_every",
-    "val_samples",
-    "val_steps",
-    "adv_warmup_steps",
-    "perceptual_weight",
-    "grad_clip",
-)
+
+
+@dataclass(frozen=True)
+class Number:
+    """What a numeric setting may hold: a finite number from ``low`` to ``high`` (``low_open``: above ``low``),
+    an integer where ``integer``, and null where ``nullable`` (then the code's default or "off")."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    integer: bool = False
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            if self.low == 0 and self.low_open or self.integer and self.low == 1:
+                return "positive"
+            return f"{'>' if self.low_open else '>='} {_shown(self.low)}"
+        return (
+            f"in {'(' if self.low_open else '['}{_shown(self.low)}, {_shown(self.high)}{')' if self.high_open else ']'}"
+        )
+
+
+def _shown(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+POSITIVE = Number(0, low_open=True)
+NON_NEGATIVE = Number(0)
+COUNT = Number(1, integer=True)
+NON_NEGATIVE_COUNT = Number(0, integer=True)
+MAX_TRAINING_SEED = 2**32 - 1  # the seeds of the batch generators are derived from it by multiplication
+
+# every number of a training section (both stages; a key absent from a section is not checked)
+TRAINING_NUMBERS = {
+    "steps": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "disc_lr": POSITIVE,
+    "max_minutes": Number(0, low_open=True, nullable=True),  # null: no time limit
+    "checkpoint_minutes": POSITIVE,
+    "warmup_steps": NON_NEGATIVE_COUNT,
+    "ema_start": NON_NEGATIVE_COUNT,
+    "ema_decay": Number(0, 1, high_open=True),  # 1 would keep the initial weights
+    "weight_decay": NON_NEGATIVE,
+    "kl_weight": NON_NEGATIVE,
+    "adv_weight": NON_NEGATIVE,
+    "perceptual_weight": NON_NEGATIVE,
+    "grad_clip": Number(0, nullable=True),  # null: no clipping
+    "val_every": Number(0, integer=True, nullable=True),  # 0 or null: never
+    "val_samples": NON_NEGATIVE_COUNT,
+    "val_steps": NON_NEGATIVE_COUNT,
+    "adv_warmup_steps": NON_NEGATIVE_COUNT,
+    "disc_layers": COUNT,
+    "disc_channels": COUNT,
+    "seed": Number(0, MAX_TRAINING_SEED, integer=True),
+    "num_threads": Number(1, integer=True, nullable=True),
+    "log_every": COUNT,
+}
+DATA_NUMBERS = {
+    "val_subjects": Number(0, integer=True, nullable=True),  # null: DEFAULT_VAL_SUBJECTS when the data allow
+    "max_subjects": Number(1, integer=True, nullable=True),  # null: all
+    "slice_axis": Number(0, 2, integer=True),
+    "slice_thickness": Number(0, low_open=True, nullable=True),
+    "min_brain_fraction": Number(0, 1),
+    "foreground_threshold": Number(),
+}
+SCHEDULER_NUMBERS = {
+    "num_train_timesteps": COUNT,
+    "beta_start": Number(0, 1, low_open=True),
+    "beta_end": Number(0, 1, low_open=True),
+}
+NETWORK_COUNTS = ("channels", "num_res_blocks", "num_head_channels", "norm_num_groups", "latent_channels")
+
+
+def check_number(where: str, value: Any, spec: Number) -> Any:
+    """``value`` when ``spec`` allows it, else a `MeddiffError` naming ``where`` (NaN and infinities never pass)."""
+    if value is None and spec.nullable:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MeddiffError(f"{where} must be a number, got {value!r}")
+    if spec.integer and value != int(value):
+        raise MeddiffError(f"{where} must be an integer, got {value!r}")
+    below = value <= spec.low if spec.low_open else value < spec.low
+    above = value >= spec.high if spec.high_open else value > spec.high
+    if below or above:
+        raise MeddiffError(f"{where} must be {spec.describe()}, got {value!r}")
+    return value
 
 
 def validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
@@ -143,28 +223,40 @@ def validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]:
     try:
         cfg = _validate(raw, base_dir)
         for section in ("training", "autoencoder_training"):
-            _check_numbers(section, cfg.get(section))
+            _check_numbers(section, cfg.get(section), TRAINING_NUMBERS)
             _check_patch(section, cfg.get(section), cfg["image_shape"])
+        _check_numbers("data", cfg["data"], DATA_NUMBERS)
+        if not isinstance(cfg["data"]["flip"], bool):
+            raise MeddiffError(f"data.flip must be true or false, got {cfg['data']['flip']!r}")
+        _check_numbers("scheduler", cfg["scheduler"], SCHEDULER_NUMBERS)
+        _check_numbers("defaults", cfg["defaults"], {"steps": COUNT})
+        for name, net in cfg["networks"].items():
+            _check_network(name, net)
         return cfg
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
         raise MeddiffError(f"malformed training config: {type(exc).__name__}: {exc}") from None
 
 
-def _check_numbers(section: str, values: dict[str, Any] | None) -> None:
+def _check_numbers(section: str, values: dict[str, Any] | None, specs: dict[str, Number]) -> None:
     if values is None:
         return
     if not isinstance(values, dict):
         raise MeddiffError(f"{section} must be a mapping of settings")
-    for key in POSITIVE_TRAINING_KEYS + NON_NEGATIVE_TRAINING_KEYS:
-        value = values.get(key)
+    for key, spec in specs.items():
+        if key in values:
+            check_number(f"{section}.{key}", values[key], spec)
+
+
+def _check_network(name: str, net: Any) -> None:
+    """A network's sizes (a number or a list, one per level): positive integers."""
+    if not isinstance(net, dict):
+        raise MeddiffError(f"networks.{name} must be a mapping of settings")
+    for key in NETWORK_COUNTS:
+        value = net.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise MeddiffError(f"{section}.{key} must be a number, got {value!r}")
-        if key in POSITIVE_TRAINING_KEYS and value <= 0 or value < 0:
-            raise MeddiffError(
-                f"{section}.{key} must be {'positive' if key in POSITIVE_TRAINING_KEYS else '>= 0'}, got {value!r}"
-            )
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            check_number(f"networks.{name}.{key}", v, COUNT)
 
 
 def _check_patch(section: str, values: dict[str, Any] | None, image_shape: list[int]) -> None:
@@ -192,9 +284,11 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
     nd = int(cfg["spatial_dims"])
     if nd not in (2, 3):
         raise MeddiffError("spatial_dims must be 2 or 3")
-    for key in ("image_shape", "voxel_size"):
-        if len(cfg[key]) != nd:
+    for key, spec in (("image_shape", COUNT), ("voxel_size", POSITIVE)):
+        if not isinstance(cfg[key], (list, tuple)) or len(cfg[key]) != nd:
             raise MeddiffError(f"{key} needs {nd} values")
+        for value in cfg[key]:
+            check_number(key, value, spec)
     cfg["image_shape"] = [int(s) for s in cfg["image_shape"]]
     cfg["voxel_size"] = [float(s) for s in cfg["voxel_size"]]
     _fill_sections(cfg)
@@ -278,6 +372,7 @@ def _check_segmentation(cfg: dict[str, Any], nd: int) -> None:
     seg.setdefault("num_classes", 4)
     seg.setdefault("class_names", ["background", "CSF", "GM", "WM"][: seg["num_classes"]])
     seg.setdefault("context_slices", 0)
+    check_number("segmentation.num_classes", seg["num_classes"], Number(2, integer=True))
     context = seg["context_slices"]
     if isinstance(context, bool) or not isinstance(context, int) or context < 0:
         raise MeddiffError(f"segmentation.context_slices must be a non-negative integer, got {context!r}")

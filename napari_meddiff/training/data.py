@@ -20,6 +20,7 @@ from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.intensity import intensity_window, normalise
 from napari_meddiff.io.volume import read_volume, resample, to_canonical
 from napari_meddiff.training.conditions import measure_subject
+from napari_meddiff.training.config import DEFAULT_VAL_SUBJECTS
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +245,36 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
     return Dataset(images, labels, subs, files, seeds, torch.tensor(measures, dtype=torch.float32) if names else None)
 
 
+def validation_subjects(data_cfg: dict[str, Any], num_subjects: int) -> tuple[int, str | None]:
+    """How many of the ``num_subjects`` subjects are kept for validation, and a note when that is none because
+    ``data.val_subjects`` was left out (its default needs more subjects). A number asked for that would leave
+    no subject to train on is refused: never a silent run without the validation the config asks for."""
+    asked = data_cfg.get("val_subjects")
+    if asked is None:
+        if num_subjects > DEFAULT_VAL_SUBJECTS:
+            return DEFAULT_VAL_SUBJECTS, None
+        return 0, (
+            f"no validation subjects: data.val_subjects is not set and {num_subjects} subject(s) leave none for "
+            f"the default {DEFAULT_VAL_SUBJECTS}; previews compare with training images, and no validation "
+            "metrics are computed"
+        )
+    asked = int(asked)
+    if asked and asked >= num_subjects:
+        limit = f" (data.max_subjects {data_cfg['max_subjects']})" if data_cfg.get("max_subjects") else ""
+        raise MeddiffError(
+            f"data.val_subjects is {asked} but {data_cfg['dir']} gives {num_subjects} subject(s){limit} "
+            f"matching {data_cfg['images']!r}: at least one must be left to train on; lower data.val_subjects "
+            "(0: no validation subjects) or add subjects"
+        )
+    return asked, None
+
+
 def split_dataset(cfg: dict[str, Any], progress: bool = True) -> tuple[Dataset, Dataset | None]:
-    """(train, validation): the last ``data.val_subjects`` subjects are kept for previews/metrics."""
+    """(train, validation): the last ``data.val_subjects`` subjects (`validation_subjects`) are kept for
+    previews/metrics."""
     pairs = list_subjects(cfg["data"], cfg["kind"])
-    nval = int(cfg["data"].get("val_subjects") or 0)
-    if nval and len(pairs) > nval:
+    nval, _ = validation_subjects(cfg["data"], len(pairs))
+    if nval:
         return (
             load_dataset(cfg, subjects=slice(0, len(pairs) - nval), progress=progress),
             load_dataset(cfg, subjects=slice(len(pairs) - nval, None), progress=progress),

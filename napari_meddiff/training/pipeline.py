@@ -21,8 +21,8 @@ from napari_meddiff.training.checkpoints import load_checkpoint, save_checkpoint
 from napari_meddiff.training.conditions import fit_ranges
 from napari_meddiff.training.conditions import model_block as conditioning_block
 from napari_meddiff.training.conditions import scale as scale_conditions
-from napari_meddiff.training.config import load_config
-from napari_meddiff.training.data import Dataset, split_dataset
+from napari_meddiff.training.config import Number, check_number, load_config
+from napari_meddiff.training.data import Dataset, cohort_seeds, list_subjects, split_dataset, validation_subjects
 from napari_meddiff.training.device_setup import machine_description, setup_device
 from napari_meddiff.training.distributed import Dist
 from napari_meddiff.training.export import model_config
@@ -61,14 +61,32 @@ def segment_slices(
     return torch.cat(outs)
 
 
-def _data_summary(train: Dataset, val: Dataset | None, cfg: dict[str, Any]) -> dict[str, Any]:
+def check_no_heldout_seeds(seeds: list[int]) -> None:
     from napari_meddiff.data.mni152 import HELDOUT_SEEDS
 
-    seeds = list(train.seeds)
-    val_seeds = list(val.seeds) if val is not None else []
-    leaked = [s for s in seeds + val_seeds if s in HELDOUT_SEEDS]
+    leaked = [s for s in seeds if s in HELDOUT_SEEDS]
     if leaked:
         raise MeddiffError(f"held-out cohort seeds in the training data: {leaked[:5]}; train on TRAIN_SEEDS only")
+
+
+def plan_training(cfg: dict[str, Any], dev: torch.device, dist: Dist, autoencoder_only: bool = False) -> None:
+    """What can be checked of the data and the work before any is loaded or done: the subjects (no held-out
+    cohort seed among them), the validation split the config asks for, and that each stage's training step fits
+    in the device's free memory."""
+    from napari_meddiff.training.footprint import check_steps_fit
+
+    pairs = list_subjects(cfg["data"], cfg["kind"])
+    check_no_heldout_seeds(cohort_seeds(Path(cfg["data"]["dir"]), [image for image, _ in pairs]))
+    _, note = validation_subjects(cfg["data"], len(pairs))
+    if note and dist.main:
+        log.warning("%s: %s", cfg["name"], note)
+    check_steps_fit(cfg, dev, autoencoder_only)
+
+
+def _data_summary(train: Dataset, val: Dataset | None, cfg: dict[str, Any]) -> dict[str, Any]:
+    seeds = list(train.seeds)
+    val_seeds = list(val.seeds) if val is not None else []
+    check_no_heldout_seeds(seeds + val_seeds)
 
     def ranges(ss: list[int]) -> str:
         if not ss:
@@ -150,6 +168,14 @@ def check_condition_ranges(path: Path, names: list[str], ranges: list[tuple[floa
     path.write_text(json.dumps(now) + "\n")
 
 
+# what train()'s numeric arguments, which override the config's, may hold (None: the config's)
+RUN_OPTIONS = {
+    "max_minutes": Number(0, low_open=True, nullable=True),
+    "steps": Number(1, integer=True, nullable=True),
+    "num_threads": Number(1, integer=True, nullable=True),
+}
+
+
 def train(
     config_path: str | Path,
     *,
@@ -170,6 +196,8 @@ def train(
     ``autoencoder_only`` (an LDM): train the autoencoder stage only, with all of ``max_minutes``, and stop
     there (its checkpoint in the work dir; no model folder); a later ``resume`` goes on from it."""
     config_path = Path(config_path)
+    for name, value in (("max_minutes", max_minutes), ("steps", steps), ("num_threads", num_threads)):
+        check_number(name, value, RUN_OPTIONS[name])
     cfg = load_config(config_path)
     out, work = _check_request(cfg, config_path, out, work_dir, resume, fresh, overwrite, autoencoder_only)
     with removed_unless_used(work):
@@ -180,6 +208,7 @@ def train(
                 if stage in cfg:
                     cfg[stage]["steps"] = int(steps)
         ae_minutes, diff_minutes = stage_minutes(cfg, max_minutes, autoencoder_only)
+        plan_training(cfg, dev, dist, autoencoder_only)
         if dist.main:
             prepare_work_dir(work, config_path, fresh)
         dist.barrier()
