@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Write synthetic T1 brains (MNI152 template, randomly deformed, with random bias field, contrast and "
             "noise), tissue labels (1 CSF, 2 GM, 3 WM) and, for some subjects, a lesion, plus cohort.csv. "
             "Seeds 0..99999 are training subjects, 100000..100099 are held out for evaluation. "
-            "Subjects already written are skipped."
+            "Subjects already written are kept when their files match the sha256s cohort.csv records for them, "
+            "and written again when damaged. A cohort.csv that is not a cohort's (a manifest of `meddiff "
+            "generate`) is never replaced."
         ),
     )
     p.add_argument("--num", type=int, required=True, help="number of subjects (seeds S..S+N-1)")

@@ -21,7 +21,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterable
@@ -31,7 +33,9 @@ import numpy as np
 
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import ensure_folder, write_text_atomic
-from napari_meddiff.io.volume import Volume, write_volume
+from napari_meddiff.io.volume import Volume, read_volume, write_volume
+
+log = logging.getLogger(__name__)
 
 TRAIN_SEEDS = range(0, 100_000)
 """Seeds of subjects that models may be trained on."""
@@ -46,17 +50,12 @@ LABELS = {0: "background", 1: "csf", 2: "grey_matter", 3: "white_matter"}
 GENERATOR_VERSION = 1
 MANIFEST = "cohort.csv"
 PARAMS_FILE = "cohort.json"
-MANIFEST_FIELDS = (
-    "subject",
-    "seed",
-    "split",
-    "has_lesion",
-    "image",
-    "labels",
-    "lesion_mask",
-    "lesion_free",
-    "lesion_volume_ml",
-)
+FILE_KINDS = ("image", "labels", "lesion_mask", "lesion_free")
+# the columns of cohort.csv before it recorded the files' sha256s (such a manifest is still read, and completed)
+LEGACY_MANIFEST_FIELDS = ("subject", "seed", "split", "has_lesion", *FILE_KINDS, "lesion_volume_ml")
+# a resumed run compares each file with its sha256 here, and writes a subject again whose files do not match
+SHA256_FIELDS = tuple(f"{kind}_sha256" for kind in FILE_KINDS)
+MANIFEST_FIELDS = LEGACY_MANIFEST_FIELDS + SHA256_FIELDS
 
 # Deformation parameters, in mm so both resolutions get the same anatomy-scale warps.
 _ELASTIC_SIGMA_MM = (10.0, 14.0)  # smoothing of the random displacement field
@@ -356,7 +355,20 @@ def subject_files(seed: int) -> dict[str, str]:
     }
 
 
-def _row(seed: int, has_lesion: bool, lesion_ml: float) -> dict[str, object]:
+def _kinds(has_lesion: bool) -> tuple[str, ...]:
+    """The files a subject has: image and labels, and the lesion mask and lesion-free image of a lesion subject."""
+    return FILE_KINDS if has_lesion else FILE_KINDS[:2]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _row(seed: int, has_lesion: bool, lesion_ml: float, sha256s: dict[str, str]) -> dict[str, object]:
     files = subject_files(seed)
     return {
         "subject": f"sub-{seed:06d}",
@@ -368,16 +380,40 @@ def _row(seed: int, has_lesion: bool, lesion_ml: float) -> dict[str, object]:
         "lesion_mask": files["lesion_mask"] if has_lesion else "",
         "lesion_free": files["lesion_free"] if has_lesion else "",
         "lesion_volume_ml": f"{lesion_ml:.3f}",
+        **{f"{kind}_sha256": sha256s.get(kind, "") for kind in FILE_KINDS},
     }
 
 
 def read_manifest(out_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of ``cohort.csv`` in a cohort folder (empty when there is none)."""
+    """The rows of ``cohort.csv`` in a cohort folder (empty when there is none); another file of that name is
+    refused (`check_manifest_is_ours`)."""
+    check_manifest_is_ours(out_dir)
     path = Path(out_dir) / MANIFEST
     if not path.exists():
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def check_manifest_is_ours(out_dir: str | os.PathLike) -> None:
+    """Refuse a folder whose ``cohort.csv`` is another file: ``meddiff generate`` writes a manifest of generated
+    volumes of that name (``tasks.batch.check_manifest_is_ours`` is the same check from its side), and a cohort
+    written into its folder would replace it."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MeddiffError(
+            f"{path} cannot be read ({exc}); it is left as it is: write the cohort into another folder"
+        ) from None
+    if tuple(header) not in (MANIFEST_FIELDS, LEGACY_MANIFEST_FIELDS):
+        raise MeddiffError(
+            f"{path} is not a cohort manifest (its columns: {', '.join(header[:6]) or 'none'}; a manifest of "
+            "generated volumes from `meddiff generate`?); it is left as it is: write the cohort into another folder"
+        )
 
 
 def write_cohort(
@@ -392,11 +428,14 @@ def write_cohort(
     """Write subjects ``seed .. seed+num-1`` to ``out_dir`` with a ``cohort.csv`` manifest; returns its path.
 
     Per subject: ``sub-XXXXXX_T1w.nii.gz`` and ``_dseg.nii.gz``; lesion subjects also ``_lesion.nii.gz`` and
-    ``_T1w-lesionfree.nii.gz``. Complete subjects already on disk are skipped (resume), so a folder can be
-    filled in several calls (e.g. train and held-out seeds); the manifest keeps the rows of earlier calls.
-    The generation parameters are kept in ``cohort.json``; other parameters need ``overwrite``.
+    ``_T1w-lesionfree.nii.gz``; the manifest records each file's sha256. Complete subjects already on disk are
+    kept when intact (resume: each file matches its recorded sha256, or reads in full where none was recorded)
+    and written again when not, so a folder can be filled in several calls (e.g. train and held-out seeds); the
+    manifest keeps the rows of earlier calls. The generation parameters are kept in ``cohort.json``; other
+    parameters need ``overwrite``. A ``cohort.csv`` that is not a cohort manifest is refused, never replaced.
     """
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     num = int(num)
     if num < 1:
@@ -411,19 +450,21 @@ def write_cohort(
         split_of(s)
     out = Path(out_dir)
     ensure_folder(out)
+    check_manifest_is_ours(out)  # before anything is written into the folder
     _keep_parameters(out, resolution, float(lesion_fraction), overwrite)
     rows = {int(r["seed"]): r for r in ([] if overwrite else read_manifest(out)) if r.get("seed", "").isdigit()}
     bar = tqdm(seeds, desc="cohort", unit="subject", file=sys.stderr, disable=not progress)
     try:
-        for s in bar:
-            has_lesion = subject_has_lesion(s, lesion_fraction)
-            row = None if overwrite else _row_on_disk(out, s, has_lesion)
-            if row is not None:
-                rows[s] = row
-                continue
-            rows[s] = _write_subject(out, s, resolution, has_lesion)
-            # keep the manifest current so an interrupted run still lists what is on disk
-            _write_manifest(out, rows)
+        with logging_redirect_tqdm():
+            for s in bar:
+                has_lesion = subject_has_lesion(s, lesion_fraction)
+                row = None if overwrite else _row_on_disk(out, s, has_lesion, rows.get(s))
+                if row is not None:  # (with the sha256s of a subject found complete where none were recorded)
+                    rows[s] = row
+                    continue
+                rows[s] = _write_subject(out, s, resolution, has_lesion)
+                # keep the manifest current so an interrupted run still lists what is on disk
+                _write_manifest(out, rows)
     finally:
         bar.close()
     return _write_manifest(out, rows)
@@ -452,19 +493,45 @@ def _keep_parameters(out: Path, resolution: float, lesion_fraction: float, overw
     write_text_atomic(params_path, json.dumps(params, indent=2) + "\n")
 
 
-def _row_on_disk(out: Path, seed: int, has_lesion: bool) -> dict[str, object] | None:
-    """The manifest row of subject ``seed`` when all its files are already in ``out`` (None when one is missing)."""
-    from napari_meddiff.io.volume import read_volume
-
+def _row_on_disk(out: Path, seed: int, has_lesion: bool, recorded: dict[str, str] | None) -> dict[str, object] | None:
+    """The manifest row of subject ``seed`` when all its files are in ``out`` and intact (`_damage`); None when the
+    subject must be written (again), said in the log where some of it was there."""
     files = subject_files(seed)
-    wanted = ["image", "labels"] + (["lesion_mask", "lesion_free"] if has_lesion else [])
-    if not all((out / files[k]).exists() for k in wanted):
+    kinds = _kinds(has_lesion)
+    missing = [files[k] for k in kinds if not (out / files[k]).is_file()]
+    problem = f"incomplete ({', '.join(missing)} missing)" if 0 < len(missing) < len(kinds) else None
+    sha256s = {} if missing else {kind: _sha256(out / files[kind]) for kind in kinds}
+    if not missing:
+        problem = _damage(out, files, sha256s, recorded)
+    if problem:
+        log.warning("%s: %s; writing this subject again", out / f"sub-{seed:06d}", problem)
+    if missing or problem:
         return None
     lesion_ml = 0.0
     if has_lesion:
         m = read_volume(out / files["lesion_mask"])
         lesion_ml = float(np.count_nonzero(m.array)) * float(np.prod(m.spacing)) / 1000.0
-    return _row(seed, has_lesion, lesion_ml)
+    return _row(seed, has_lesion, lesion_ml, sha256s)
+
+
+def _damage(out: Path, files: dict[str, str], sha256s: dict[str, str], recorded: dict[str, str] | None) -> str | None:
+    """What is wrong with a subject's files (None: nothing): each must match its sha256 in ``recorded`` (its row in
+    ``cohort.csv``), or, where none was recorded (a cohort written before they were, or a run stopped before its
+    manifest), read in full (`read_volume` checks the gzip CRC and length)."""
+    known = {kind: (recorded or {}).get(f"{kind}_sha256") for kind in sha256s}
+    if all(known.values()):
+        changed = [files[kind] for kind, digest in sha256s.items() if digest != known[kind]]
+        if changed:
+            return f"{', '.join(changed)}: sha256 differs from the one recorded in {MANIFEST} (damaged or changed)"
+        return None
+    for kind in sha256s:
+        try:
+            read_volume(out / files[kind])
+        except MeddiffError as exc:  # "cannot read PATH: why"
+            return str(exc)
+        except OSError as exc:
+            return f"cannot read {files[kind]} ({exc.strerror or exc})"
+    return None
 
 
 def _write_subject(out: Path, seed: int, resolution: float, has_lesion: bool) -> dict[str, object]:
@@ -480,7 +547,8 @@ def _write_subject(out: Path, seed: int, resolution: float, has_lesion: bool) ->
     else:  # stale lesion files of this seed from an earlier run would contradict the manifest
         for k in ("lesion_mask", "lesion_free"):
             (out / files[k]).unlink(missing_ok=True)
-    return _row(seed, has_lesion, subject.lesion_volume_ml)
+    sha256s = {kind: _sha256(out / files[kind]) for kind in _kinds(has_lesion)}
+    return _row(seed, has_lesion, subject.lesion_volume_ml, sha256s)
 
 
 def _write_manifest(out: Path, rows: dict[int, dict]) -> Path:
