@@ -37,10 +37,13 @@ def study(tmp_path):
 def cluttered_viewer(make_napari_viewer):
     """A viewer already holding a scan far from the origin, a segmentation on top, and a hidden layer."""
     viewer = make_napari_viewer(show=True)
-    scan = viewer.add_image(np.full((30, 30, 30), 5.0, np.float32), name="real_subject_T1w", translate=(200, 0, 0))
-    seg = viewer.add_labels(np.ones((30, 30, 30), np.int32), name="synthetic_seed3_seg", translate=(0, 0, 0))
+    scan = viewer.add_image(
+        np.full((30, 30, 30), 5.0, np.float32), name="real_subject_T1w", translate=(-75, 200, 0), scale=(3, 1, 1)
+    )
+    seg = viewer.add_labels(np.ones((30, 30, 30), np.int32), name="synthetic_seed3_seg", translate=(-40, 0, 0))
     off = viewer.add_image(np.zeros((4, 4, 4), np.float32), name="already hidden", visible=False)
     viewer.dims.order = (2, 1, 0)
+    viewer.dims.set_point(0, -20.0)
     viewer.scene.camera.orientation2d = ("up", "left")
     return viewer, scan, seg, off
 
@@ -64,7 +67,10 @@ def assert_case_alone(viewer, widget, study, index):
     assert tuple(case.contrast_limits) == (0.0, 1.0) and case.opacity == 1.0
     assert viewer.dims.ndisplay == 2 and tuple(viewer.dims.order) == (0, 1, 2)
     assert tuple(str(o) for o in viewer.scene.camera.orientation2d) == ("down", "right")
-    assert viewer.dims.current_step[0] == case.data.shape[0] // 2
+    middle = case.data.shape[0] // 2  # the case's middle slice is on screen, wherever the hidden layers lie
+    assert viewer.dims.point[0] == pytest.approx(middle * case.scale[0])
+    shown = np.asarray(case._slice.image.raw)  # what napari sliced for the canvas (private, in a test)
+    np.testing.assert_allclose(shown, case.data[middle])
     lo, hi = np.asarray(case.extent.world)[:, 1:]  # the camera is on the case, not on the other layers
     assert np.all(np.asarray(viewer.scene.camera.center)[-2:] >= lo) and np.all(
         np.asarray(viewer.scene.camera.center)[-2:] <= hi
@@ -78,7 +84,7 @@ def assert_case_alone(viewer, widget, study, index):
 def assert_given_back(viewer, scan, seg, off):
     assert [layer.name for layer in viewer.layers] == [scan.name, seg.name, off.name]
     assert scan.visible and seg.visible and not off.visible
-    assert tuple(viewer.dims.order) == (2, 1, 0)
+    assert tuple(viewer.dims.order) == (2, 1, 0) and viewer.dims.point[0] == pytest.approx(-20.0, abs=1.5)
     assert tuple(str(o) for o in viewer.scene.camera.orientation2d) == ("up", "left")
     assert viewer.window._qt_viewer.dockLayerList.isVisible()
 

@@ -362,6 +362,7 @@ class ReviewWidget(QWidget):
                 scale=scale,
                 contrast_limits=CASE_WINDOW,
                 colormap="gray",
+                units=("mm",) * data.ndim,  # as the scans' layers: no "inconsistent units" warning
                 metadata={},
             )
         set_axis_letters(self.layer, CASE_AXES if data.ndim == 3 else CASE_AXES[1:])
@@ -386,7 +387,9 @@ class ReviewWidget(QWidget):
             labels = list(dims.axis_labels)
             labels[first:] = ["axial slice", "A-P", "R-L"]
             dims.axis_labels = tuple(labels)
-            dims.set_current_step(first, layer.data.shape[0] // 2)
+            # the middle slice in world units: hidden layers may widen the slider's range beyond the case's
+            middle = layer.data.shape[0] // 2
+            dims.set_point(first, float(middle * layer.scale[0] + layer.translate[0]))
             for axis in range(first):  # extra axes of hidden layers: their first index
                 dims.set_current_step(axis, 0)
         viewer.reset_view(layers=[layer])
@@ -482,6 +485,7 @@ class _CanvasTakeover:
         self._adding = False
         dims, camera = viewer.dims, _camera(viewer)
         self.view = (dims.ndisplay, tuple(dims.order), tuple(dims.axis_labels), tuple(camera.orientation2d))
+        self.point = tuple(dims.point)
         self.layer_list = _layer_list_dock(viewer)
         self.layer_list_was_visible = self.layer_list is not None and self.layer_list.isVisible()
         if self.layer_list is not None:
@@ -524,6 +528,9 @@ class _CanvasTakeover:
             dims.order = order
         if len(labels) == dims.ndim:
             dims.axis_labels = labels
+        if len(self.point) == dims.ndim:  # the slice each axis was on
+            for axis, value in enumerate(self.point):
+                dims.set_point(axis, value)
         _camera(viewer).orientation2d = orientation
         if self.layer_list is not None and self.layer_list_was_visible:
             self.layer_list.setVisible(True)
