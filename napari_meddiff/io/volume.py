@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
     if path.name.lower().endswith(".gz"):
         try:
             raw = gzip.decompress(path.read_bytes())
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise MeddiffError(f"cannot read {path}: damaged gzip data ({' '.join(str(exc).split())})") from None
         img = type(img).from_bytes(raw)
     return img, np.asanyarray(img.dataobj)

@@ -32,7 +32,7 @@ def test_a_gzip_whose_crc_fails_is_refused_not_read(tmp_path, where):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(bytes(raw))
     np.testing.assert_array_equal(read_volume(good).array, _image())
-    with pytest.raises(MeddiffError, match="damaged gzip data|not a valid NIfTI"):
+    with pytest.raises(MeddiffError, match="damaged gzip data"):
         read_volume(bad)
 
 
