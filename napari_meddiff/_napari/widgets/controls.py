@@ -33,20 +33,21 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_meddiff.diffusion.samplers import SAMPLERS
+from napari_meddiff.choices import SAMPLERS
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.models import DEFAULT_MODEL, ModelConfigView, available_models, find_model_dir, read_config
-from napari_meddiff.runtime.devices import available_devices
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,9 @@ class ModelPicker(QWidget):
         self.kinds, self.spatial_dims = tuple(kinds), tuple(spatial_dims)
         self.combo = _RescanningCombo()
         self.combo.before_popup = self.refresh
-        self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.combo.setMinimumContentsLength(14)
-        self.combo.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.combo.setToolTip("Installed models (models/ and $MEDDIFF_MODELS), or open a model folder")
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -148,7 +149,8 @@ class ModelPicker(QWidget):
         self.combo.clear()
         for key, info in infos.items():
             self.combo.addItem(info.name, key)
-            self.combo.setItemData(self.combo.count() - 1, f"{info.summary()}\n{info.path}", Qt.ToolTipRole)
+            tip = f"{info.summary()}\n{info.path}"
+            self.combo.setItemData(self.combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
         if not infos:
             self.combo.addItem("(no models found)", None)
             self.combo.model().item(0).setEnabled(False)
@@ -216,22 +218,29 @@ class ModelPicker(QWidget):
 
 
 class DevicePicker(QComboBox):
-    """``auto`` (naming what it picks), ``cpu``, ``cuda`` (greyed out when this machine has none)."""
+    """``auto`` (naming what it picks), ``cpu``, ``cuda`` (greyed out when this machine has none).
+
+    Which devices there are is known once torch is imported (in the background, see ``runner``): until
+    `set_devices` is called the list reads "auto (loading…)"; ``auto`` and ``cpu`` can be chosen meanwhile.
+    """
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        have = available_devices()
-        auto = "cuda" if "cuda" in have else "cpu"
-        self.addItem(f"auto ({auto})", "auto")
+        self.addItem("auto (loading…)", "auto")
         self.addItem("cpu", "cpu")
-        if "cuda" in have:
-            import torch
-
-            self.addItem(f"cuda ({torch.cuda.get_device_name(0)})", "cuda")
-        else:
-            self.addItem("cuda (not available)", "cuda")
-            self.model().item(2).setEnabled(False)
+        self.addItem("cuda (loading…)", "cuda")
+        self.model().item(2).setEnabled(False)
         self.setToolTip("Where the model runs; auto uses a CUDA GPU when there is one")
+
+    def set_devices(self, devices: Sequence[str], cuda_name: str = "") -> None:
+        """Name what ``auto`` picks and enable ``cuda`` where this machine has it."""
+        auto = "cuda" if "cuda" in devices else "cpu"
+        self.setItemText(0, f"auto ({auto})")
+        if "cuda" in devices:
+            self.setItemText(2, f"cuda ({cuda_name})" if cuda_name else "cuda")
+            self.model().item(2).setEnabled(True)
+        else:
+            self.setItemText(2, "cuda (not available)")
 
     def device(self) -> str:
         return str(self.currentData())
@@ -287,7 +296,7 @@ def settings_form() -> tuple[QWidget, QFormLayout]:
     settings = QWidget()
     form = QFormLayout(settings)
     form.setContentsMargins(0, 0, 0, 0)
-    form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
     return settings, form
 
 
@@ -296,17 +305,33 @@ def add_model_rows(form: QFormLayout, picker: ModelPicker) -> QLabel:
     summary = QLabel()
     summary.setWordWrap(True)
     summary.setStyleSheet("color: gray;")
+    # as tall as its wrapped text (a form row otherwise gives a word-wrapped label one line: half clipped)
+    policy = QSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.MinimumExpanding)
+    policy.setHeightForWidth(True)
+    summary.setSizePolicy(policy)
+    summary.setMinimumWidth(1)
     form.addRow("Model", picker)
     form.addRow("", summary)
     return summary
 
 
 def stack_vertically(parent: QWidget, widgets: Sequence[QWidget]) -> QVBoxLayout:
-    """Lay ``widgets`` out in ``parent`` top to bottom, the spare room left below them."""
-    layout = QVBoxLayout(parent)
+    """Lay ``widgets`` out in ``parent`` top to bottom, the spare room left below them, in a scroll area:
+    with several widgets docked, each scrolls rather than growing the window past the screen."""
+    content = QWidget()
+    layout = QVBoxLayout(content)
     for widget in widgets:
         layout.addWidget(widget)
     layout.addStretch(1)
+    scroll = QScrollArea()
+    scroll.setWidget(content)
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    outer = QVBoxLayout(parent)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll)
+    parent.scroll_area = scroll  # type: ignore[attr-defined]
     return layout
 
 

@@ -15,6 +15,7 @@ from qtpy.QtWidgets import QFileDialog, QMessageBox, QPushButton, QSpinBox, QWid
 from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to_layer_data
 from napari_meddiff._napari.widgets.conditions import ConditionControls
 from napari_meddiff._napari.widgets.controls import (
+    MAX_SEED,
     DevicePicker,
     ModelInfo,
     ModelPicker,
@@ -24,7 +25,16 @@ from napari_meddiff._napari.widgets.controls import (
     settings_form,
     stack_vertically,
 )
-from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
+from napari_meddiff._napari.widgets.runner import (
+    Machine,
+    TaskContext,
+    TaskRunner,
+    is_loaded,
+    load_model_cached,
+    selecting_for_the_user,
+    wait_loaded,
+    when_loaded,
+)
 from napari_meddiff._napari.writer import save_layer_data
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
@@ -119,7 +129,18 @@ class GenerateWidget(QWidget):
         self._pending: Layer | None = None  # the layer the running chain fills
         self._pending_seeds: list[int] = []
         self._results: list[Layer] = []
+        self._first_layer = True  # the run's first layer sets the view (axial, through its middle)
         self._on_model_changed(self.model_picker.current())
+        if not is_loaded():
+            self.progress.label.setText("Loading torch and MONAI…")
+        when_loaded(self, self._on_loaded)
+
+    def _on_loaded(self, machine: Machine) -> None:
+        """torch and the tasks are imported (in the background): devices known, Generate enabled."""
+        self.device.set_devices(machine.devices, machine.cuda_name)
+        if not self.runner.running and self.progress.label.text() == "Loading torch and MONAI…":
+            self.progress.label.setText("")
+        self._sync_buttons()
 
     def _create_editors(self) -> None:
         """The settings' editors, with their ranges and tooltips."""
@@ -152,7 +173,8 @@ class GenerateWidget(QWidget):
     # --- settings ---
 
     def _sync_buttons(self, *_: Any) -> None:
-        self.generate_button.setEnabled(self.model_picker.current() is not None and not self.runner.running)
+        ready = self.model_picker.current() is not None and is_loaded()
+        self.generate_button.setEnabled(ready and not self.runner.running)
 
     def _on_model_changed(self, info: ModelInfo | None) -> None:
         self._sync_buttons()
@@ -180,6 +202,7 @@ class GenerateWidget(QWidget):
             return
         if self.runner.running:
             return
+        wait_loaded()  # the button waits for the background import; a direct call waits here
         sampler, steps, seed = self.sampling.values()
         seeds = list(range(seed, seed + self.num_samples.value()))
         preview_every = self.preview_every.value() if info.spatial_dims == 3 else 1
@@ -195,8 +218,10 @@ class GenerateWidget(QWidget):
             guidance_scale=self.conditions.guidance_scale(),
         )
         self._info, self._pending_seeds, self._results = info, list(seeds), []
-        # the layer for the first volume appears now (empty), so the run itself adds no layer for one sample
-        self._pending = self._add_pending(first=True)
+        # the layer for the first volume appears now (napari's layer set-up costs the click, not the run),
+        # transparent until its first preview: empty, it would cover the canvas in black
+        self._first_layer = True
+        self._pending = self._add_pending()
         self.runner.start(task, on_event=self._on_event, on_stop=self._on_stop, text=f"Loading {info.name}…")
 
     def cancel(self) -> None:
@@ -208,7 +233,7 @@ class GenerateWidget(QWidget):
         elif isinstance(event, ResultEvent):
             self._finish_volume(event)
 
-    def _add_pending(self, first: bool = False) -> Layer:
+    def _add_pending(self) -> Layer:
         """An empty layer on the model grid for the next seed; previews fill it, the result replaces it."""
         from napari_meddiff.tasks.generate import to_volume
 
@@ -218,8 +243,10 @@ class GenerateWidget(QWidget):
             empty, f"{self._info.name}_seed{seed} (generating…)", layer_type="image", contrast_limits=(0.0, 1.0)
         )
         meta["metadata"][PREVIEW_KEY] = True
+        meta["opacity"] = 0.0  # nothing to show yet; the first preview makes it opaque
         layer = self.viewer.add_layer(Layer.create(data, meta, layer_type))
-        if first:  # axial view through the middle of the new volume
+        if self._first_layer:  # axial view through the middle of the new volume
+            self._first_layer = False
             show_axial(self.viewer, layer, reset_view=len(self.viewer.layers) == 1)
         return layer
 
@@ -232,6 +259,7 @@ class GenerateWidget(QWidget):
         layer = self._pending_layer()
         layer.data = event.volume.array if event.volume.array.ndim == 3 else event.volume.array[..., None]
         layer.contrast_limits = (0.0, 1.0)
+        layer.opacity = 1.0
 
     def _finish_volume(self, event: ResultEvent) -> None:
         """The pending layer becomes the result (data, name, provenance); a new one waits for the next seed."""
@@ -241,6 +269,7 @@ class GenerateWidget(QWidget):
         layer.metadata = meta["metadata"]
         layer.data = data
         layer.contrast_limits = (0.0, 1.0)
+        layer.opacity = 1.0
         self._results.append(layer)
         self._pending = None
         self._pending_seeds.pop(0)
@@ -253,12 +282,22 @@ class GenerateWidget(QWidget):
         if layer is not None and layer in self.viewer.layers:
             self.viewer.layers.remove(layer)
         if self._results and self._results[-1] in self.viewer.layers:
-            self.viewer.layers.selection.active = self._results[-1]
+            with selecting_for_the_user():
+                self.viewer.layers.selection.active = self._results[-1]
         self.viewer.update_status_from_cursor()  # the status bar may still name the "(generating…)" layer
         if outcome == "done":
             self.progress.label.setText(f"{len(self._results)} volume(s) generated. {self.progress.label.text()}")
+            self._advance_seed()
         elif outcome == "cancelled" and self._results:
             self.progress.label.setText(f"Cancelled; kept the {len(self._results)} finished volume(s).")
+
+    def _advance_seed(self) -> None:
+        """After a run, the seed moves past the seeds used: Generate again makes new volumes, not copies."""
+        made = [layer.metadata.get("provenance", {}).get("seed") for layer in self._results]
+        used = [s for s in made if isinstance(s, int)]
+        if used:
+            self.sampling.seed.setValue(min(max(used) + 1, MAX_SEED))
+            self.progress.label.setText(f"{self.progress.label.text()} Next seed: {self.sampling.seed.value()}.")
 
     # --- saving ---
 
@@ -273,14 +312,14 @@ class GenerateWidget(QWidget):
     def ask_save_path(self, suggested: str) -> str:
         """The save dialog (tests replace this); overwriting is confirmed separately."""
         path, _ = QFileDialog.getSaveFileName(
-            self, "Save as NIfTI", suggested, "NIfTI (*.nii.gz *.nii)", options=QFileDialog.DontConfirmOverwrite
+            self, "Save as NIfTI", suggested, "NIfTI (*.nii.gz *.nii)", options=QFileDialog.Option.DontConfirmOverwrite
         )
         return path
 
     def confirm_overwrite(self, path: Path) -> bool:
         """Ask before replacing a file (tests replace this)."""
         answer = QMessageBox.question(self, "Replace file?", f"{path.name} exists in {path.parent}.\nReplace it?")
-        return answer == QMessageBox.Yes
+        return answer == QMessageBox.StandardButton.Yes
 
     def save_selected(self) -> None:
         """Save a layer as NIfTI (atomic write in a worker; never replaces a file without asking)."""

@@ -28,7 +28,15 @@ from napari_meddiff._napari.widgets.controls import (
     settings_form,
     stack_vertically,
 )
-from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
+from napari_meddiff._napari.widgets.runner import (
+    Machine,
+    TaskContext,
+    TaskRunner,
+    is_loaded,
+    load_model_cached,
+    wait_loaded,
+    when_loaded,
+)
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
 
@@ -119,7 +127,7 @@ class LayerCombo(QComboBox):
     def __init__(self, viewer: napari.viewer.Viewer, layer_type: type, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer, self.layer_type = viewer, layer_type
-        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
             event.connect(self.refresh)
@@ -177,6 +185,17 @@ class InpaintWidget(QWidget):
         self._results: list[Layer] = []
         self._source: Layer | None = None
         self._on_model_changed(self.model_picker.current())
+        if not is_loaded():
+            self.progress.label.setText("Loading torch and MONAI…")
+        when_loaded(self, self._on_loaded)
+
+    def _on_loaded(self, machine: Machine) -> None:
+        """torch and the tasks are imported (in the background): devices, the model's inpainting defaults."""
+        self.device.set_devices(machine.devices, machine.cuda_name)
+        if not self.runner.running and self.progress.label.text() == "Loading torch and MONAI…":
+            self.progress.label.setText("")
+        self._apply_task_defaults(self.model_picker.current())
+        self._sync()
 
     def _create_mask_editors(self) -> None:
         """The scan, the Labels layer with the region and which label value it is, and "New mask"."""
@@ -253,13 +272,11 @@ class InpaintWidget(QWidget):
             and self.image_combo.layer() is not None
             and self.labels_combo.layer() is not None
         )
-        self.inpaint_button.setEnabled(ready and not self.runner.running)
+        self.inpaint_button.setEnabled(ready and is_loaded() and not self.runner.running)
         self.new_mask_button.setEnabled(self.image_combo.layer() is not None)
         self.jump_length.setEnabled(self.jump_n.value() > 1)
 
     def _on_model_changed(self, info: ModelInfo | None) -> None:
-        from napari_meddiff.tasks.settings import task_defaults  # torch: not at the widget's import
-
         self._sync()
         self.conditions.set_model(info)
         if info is None:
@@ -267,13 +284,22 @@ class InpaintWidget(QWidget):
             return
         self.model_summary.setText(info.summary())
         self.sampling.set_defaults(info)
+        if is_loaded():  # else once torch is in (`_on_loaded`)
+            self._apply_task_defaults(info)
+        is_2d = info.spatial_dims == 2
+        self.axis.setVisible(is_2d)
+        self._axis_label.setVisible(is_2d)
+
+    def _apply_task_defaults(self, info: ModelInfo | None) -> None:
+        """The model's RePaint jumps and feathering (imports torch: called once the background import is done)."""
+        from napari_meddiff.tasks.settings import task_defaults
+
+        if info is None:
+            return
         defaults = task_defaults(info, "inpaint")
         self.jump_length.setValue(int(defaults["jump_length"]))
         self.jump_n.setValue(int(defaults["jump_n"]))
         self.feather.setValue(int(defaults["feather_voxels"]))
-        is_2d = info.spatial_dims == 2
-        self.axis.setVisible(is_2d)
-        self._axis_label.setVisible(is_2d)
 
     def new_mask(self) -> Labels | None:
         """An empty Labels layer on the selected image's grid (same transform), selected for painting."""
@@ -309,6 +335,7 @@ class InpaintWidget(QWidget):
             return
         if self.runner.running:
             return
+        wait_loaded()  # the button waits for the background import; a direct call waits here
         try:
             image = layer_to_volume(image_layer)
             mask = layer_to_volume(labels_layer)

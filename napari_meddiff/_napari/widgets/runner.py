@@ -6,6 +6,9 @@
 * `TaskContext` - what the task (a plain function, no Qt inside) gets in the worker thread: progress
   reports, events for the widget, the cancel check.
 * `load_model_cached` - `load_model` with a small cache (loads are sha256-checked, so not free).
+* `start_loading` / `when_loaded` / `wait_loaded` - torch, MONAI and the tasks imported in a background thread
+  (started when the first widget is created), so adding a widget never freezes napari's event loop; a
+  widget shows "loading…" and stays usable meanwhile, and runs what needs torch once they are in.
 
 A task widget (see ``generate.py``)::
 
@@ -24,9 +27,12 @@ A task widget (see ``generate.py``)::
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import importlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,17 +41,151 @@ from typing import Any
 
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import QWidget
 
 from napari_meddiff._napari.widgets.controls import Progress, ProgressRow, format_seconds
 from napari_meddiff.errors import Cancelled, MeddiffError
 from napari_meddiff.models import DiffusionModel, find_model_dir, load_model
-from napari_meddiff.runtime.devices import resolve_device
 from napari_meddiff.runtime.threads import configure_waiting
 
 logger = logging.getLogger(__name__)
 configure_waiting()  # a widget is about to run tasks: OpenMP threads sleep at barriers (before torch loads)
+
+
+# imported in the background when the first widget is created (each takes seconds; torch alone 1-10 s)
+HEAVY_MODULES = (
+    "torch",
+    "monai",
+    "napari_meddiff.runtime.devices",
+    "napari_meddiff.tasks.settings",
+    "napari_meddiff.tasks.generate",
+    "napari_meddiff.tasks.inpaint",
+    "napari_meddiff.tasks.segment",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """What the background import found: the devices torch can use, and the CUDA GPU's name."""
+
+    devices: tuple[str, ...] = ("cpu",)
+    cuda_name: str = ""
+
+
+class _Loader(QObject):
+    """Imports `HEAVY_MODULES` in a daemon thread; ``finished`` is delivered in the main thread."""
+
+    finished = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = threading.Event()
+        self.machine = Machine()
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.preloaded = False  # torch and MONAI were imported before: what is left takes a moment
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self.preloaded = {"torch", "monai"} <= sys.modules.keys()  # before the thread adds them (half-made)
+            self._thread = threading.Thread(target=self._run, name="meddiff-imports", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            for name in HEAVY_MODULES:
+                importlib.import_module(name)
+            from napari_meddiff.runtime.devices import available_devices
+
+            devices = tuple(available_devices())
+            cuda_name = ""
+            if "cuda" in devices:
+                import torch
+
+                cuda_name = torch.cuda.get_device_name(0)
+            self.machine = Machine(devices, cuda_name)
+        except BaseException as exc:  # noqa: BLE001 - shown when a task runs (it imports them again)
+            logger.exception("background import failed")
+            self.error = exc
+        finally:
+            self.seconds = time.perf_counter() - t0
+            self.done.set()
+            self.finished.emit()
+
+
+_LOADER: _Loader | None = None
+
+
+def _loader() -> _Loader:
+    global _LOADER
+    if _LOADER is None:  # created in the main thread (by the first widget), so ``finished`` is queued to it
+        _LOADER = _Loader()
+    return _LOADER
+
+
+def start_loading() -> None:
+    """Start importing torch, MONAI and the tasks in the background (once per process)."""
+    _loader().start()
+
+
+def is_loaded() -> bool:
+    return _loader().done.is_set()
+
+
+def wait_loaded(timeout: float | None = None) -> Machine:
+    """Block until the background import is done (a task about to run needs it anyway)."""
+    loader = _loader()
+    loader.start()
+    loader.done.wait(timeout)
+    return loader.machine
+
+
+def when_loaded(receiver: QObject, callback: Callable[[Machine], None]) -> None:
+    """``callback(machine)`` in the main thread once the background import is done (now, if it is);
+    not at all if ``receiver`` (the widget asking) is deleted first."""
+    loader = _loader()
+    if {"torch", "monai"} <= sys.modules.keys():
+        loader.start()
+    else:  # once the widget is docked: the import thread would compete with napari laying it out
+        QTimer.singleShot(200, loader.start)
+    if loader.preloaded:
+        loader.done.wait()  # the slow part was done before (a test session, the napari console): no freeze
+    if loader.done.is_set():
+        callback(loader.machine)
+        return
+    holder: dict[str, Any] = {}
+
+    def fire() -> None:
+        loader.finished.disconnect(holder["slot"])
+        try:
+            receiver.objectName()  # RuntimeError once Qt deleted the widget
+        except RuntimeError:
+            return
+        callback(loader.machine)
+
+    holder["slot"] = fire
+    loader.finished.connect(fire)
+
+
+_SELECTING = [0]
+
+
+@contextlib.contextmanager
+def selecting_for_the_user() -> Iterator[None]:
+    """Around a widget's own change of the active layer (e.g. selecting a result), so other widgets know
+    the user did not choose it (the Segment widget's image follows only the user's choice)."""
+    _SELECTING[0] += 1
+    try:
+        yield
+    finally:
+        _SELECTING[0] -= 1
+
+
+def is_selecting_for_the_user() -> bool:
+    return _SELECTING[0] > 0
 
 
 _CACHE_LOCK = threading.Lock()
@@ -59,6 +199,8 @@ MODEL_CACHE_SIZE = 2
 
 def load_model_cached(name_or_path: str | Path, device: str = "auto") -> DiffusionModel:
     """`load_model` on the resolved device, reusing the last few loads while the folder is unchanged."""
+    from napari_meddiff.runtime.devices import resolve_device  # torch: not at the widget's import
+
     folder = find_model_dir(name_or_path).resolve()
     dev = resolve_device(device)
     # a bundle keeps its configs in configs/ and its weights in models/

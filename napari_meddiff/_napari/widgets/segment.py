@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.layers import Image, Layer
 from napari.utils.notifications import show_error
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -39,7 +40,18 @@ from napari_meddiff._napari.widgets.controls import (
     settings_form,
     stack_vertically,
 )
-from napari_meddiff._napari.widgets.runner import TaskContext, TaskRunner, load_model_cached
+from napari_meddiff._napari.widgets.generate import PREVIEW_KEY
+from napari_meddiff._napari.widgets.runner import (
+    Machine,
+    TaskContext,
+    TaskRunner,
+    is_loaded,
+    is_selecting_for_the_user,
+    load_model_cached,
+    selecting_for_the_user,
+    wait_loaded,
+    when_loaded,
+)
 from napari_meddiff.choices import COMBINE_METHODS, DEFAULT_COMBINE
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
@@ -158,9 +170,9 @@ def class_volume_table() -> QTableWidget:
     table = QTableWidget(0, 2)
     table.setHorizontalHeaderLabels(["Class", "Volume (mL)"])
     table.verticalHeader().setVisible(False)
-    table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-    table.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
-    table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeToContents)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+    table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
     table.setToolTip("Voxels of each label in the image grid x voxel volume")
     return table
 
@@ -200,9 +212,21 @@ class SegmentWidget(QWidget):
         self.result: SegmentationResult | None = None
         self.result_layers: dict[str, Layer] = {}
         self._source_name = ""
+        self._settled: set[int] = set()  # the layers there were before the latest insertion (see _on_active_layer)
         self._connect_signals()
         self._refresh_images()
+        self._settle()
         self._on_model_changed(self.model_picker.current())
+        if not is_loaded():
+            self.progress.label.setText("Loading torch and MONAI…")
+        when_loaded(self, self._on_loaded)
+
+    def _on_loaded(self, machine: Machine) -> None:
+        """torch and the tasks are imported (in the background): devices known, Segment enabled."""
+        self.device.set_devices(machine.devices, machine.cuda_name)
+        if not self.runner.running and self.progress.label.text() == "Loading torch and MONAI…":
+            self.progress.label.setText("")
+        self._sync_buttons()
 
     def _create_editors(self) -> None:
         """The settings' editors, with their ranges and tooltips, and the result's "Probability of" choice."""
@@ -258,6 +282,7 @@ class SegmentWidget(QWidget):
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh_images)
+        events.inserted.connect(lambda *_: QTimer.singleShot(0, self._settle))
         self.viewer.layers.selection.events.active.connect(self._on_active_layer)
 
     # --- image layers ---
@@ -270,6 +295,7 @@ class SegmentWidget(QWidget):
             and not layer.rgb
             and layer.ndim in (2, 3)
             and not layer.metadata.get(RESULT_KEY)
+            and not layer.metadata.get(PREVIEW_KEY)  # "(generating…)" and inpainting previews
         ]
 
     def _refresh_images(self, *_: Any) -> None:
@@ -295,8 +321,18 @@ class SegmentWidget(QWidget):
         self.image_combo.blockSignals(blocked)
         self._sync_buttons()
 
+    def _settle(self) -> None:
+        try:
+            self._settled = {id(layer) for layer in self.viewer.layers}
+        except RuntimeError:  # pragma: no cover - the viewer closed first
+            pass
+
     def _on_active_layer(self, event: Any) -> None:
+        """Follow the layer the user selects in the layer list; not one napari selects because it was just
+        added (a "(generating…)" layer, an inpainting result), nor one a widget selects for the user."""
         layer = event.value
+        if layer is None or id(layer) not in self._settled or is_selecting_for_the_user():
+            return
         if layer in self._candidate_layers() and not self.runner.running:
             self.image_combo.setCurrentText(layer.name)
 
@@ -307,7 +343,7 @@ class SegmentWidget(QWidget):
     # --- settings ---
 
     def _sync_buttons(self, *_: Any) -> None:
-        ready = self.model_picker.current() is not None and self.image_combo.count() > 0
+        ready = self.model_picker.current() is not None and self.image_combo.count() > 0 and is_loaded()
         self.segment_button.setEnabled(ready and not self.runner.running)
 
     def _on_model_changed(self, info: ModelInfo | None) -> None:
@@ -332,6 +368,7 @@ class SegmentWidget(QWidget):
         """Start segmenting the chosen image with the current settings (no-op while running)."""
         if self.runner.running:
             return
+        wait_loaded()  # the button waits for the background import; a direct call waits here
         info = self.model_picker.current()
         layer = self.image_layer()
         if info is None:
@@ -450,7 +487,8 @@ class SegmentWidget(QWidget):
         self._fill_table(result.volumes_ml)
         source = next((lay for lay in self.viewer.layers if lay.name == base), None)
         if source is not None:
-            self.viewer.layers.selection.active = labels
+            with selecting_for_the_user():
+                self.viewer.layers.selection.active = labels
         if len(self.viewer.layers) == 4:  # the image and our three layers: a fresh view
             show_axial(self.viewer, labels)
 
