@@ -22,15 +22,14 @@ input, tile by tile, where the two have the same channels; where it changes the 
 computed beside the first convolution, so that the block's input goes before the second (MONAI's whole pass
 holds 5-7 such tensors in fp32, plus temporaries), in the dtype the convolutions produce (bf16 under bf16
 autocast), plus one tile's workspace. Tiles go in C order, so a channels-last store in memory gives back the
-planes of its first axis that no later tile of its last reader needs, while that step's output grows. Stores that would take the memory
-over ``ram_bytes`` are written to files instead (memory-mapped one tile at a time): peak memory is then about
-``ram_bytes`` plus a tile's workspace, whatever the volume. Whole-volume self-attention cannot be tiled exactly:
-networks with attention blocks are refused.
+planes of its first axis that no later tile of its last reader needs, while that step's output grows. Stores
+that would take the memory over ``ram_bytes`` are written to files instead (memory-mapped one tile at a time):
+peak memory is then about ``ram_bytes`` plus a tile's workspace, whatever the volume. Whole-volume
+self-attention cannot be tiled exactly: networks with attention blocks are refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -46,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.runtime.cpu_kernels import one_thread
+from napari_meddiff.runtime.cpu_kernels import channel_stats, group_moments
+
+_channel_stats = channel_stats  # its name here before it moved to runtime (tests/autoencoder/test_tiling.py)
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per spatial axis
 DEFAULT_TILE = {2: 512, 3: 48}  # output voxels per side of a tile (3D: 48 decoded the Zoo brain LDM as fast as 64,
@@ -200,44 +201,6 @@ def _slices(box: Box) -> tuple[slice, ...]:
     return (slice(None),) + tuple(slice(a, b) for a, b in box)
 
 
-STATS_CHUNK_BYTES = 1 << 20  # float32 bytes of one chunk of `_channel_stats` (about a core's L2 cache)
-
-
-def _channel_stats(tile: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel mean and centred sum of squares of one tile (1, C, *box), as float64, and its voxels.
-
-    The tile is taken as (voxels, C) (a view for a channels-last tile; a channel-first one is transposed in
-    chunks) and reduced in chunks of `STATS_CHUNK_BYTES`: each chunk's float32 copy, mean (a matrix product with
-    a ones vector: reductions over the outer axis ran 4-7x slower) and centred squares stay in cache, where a
-    float32 copy of the whole tile (134 MB for a 64^3 x 128 bf16 tile) was a fresh allocation, page faults and
-    three passes through memory (several times slower in hand timings). The chunks' (mean, M2) are
-    merged in float64 (Chan et al.). One thread: the same bits for any thread count, and faster (a second thread
-    woken for each small chunk cost more than it gave)."""
-    channels = tile.shape[1]
-    if channels_last:
-        values = tile.permute(0, *range(2, tile.ndim), 1).reshape(-1, channels)
-    else:
-        values = tile[0].reshape(channels, -1).t()
-    n = values.shape[0]
-    rows = max(1, min(n, STATS_CHUNK_BYTES // (4 * channels))) if tile.device.type == "cpu" else n  # GPU: one go
-    starts = range(0, n, rows)
-    means = torch.empty(len(starts), channels, dtype=torch.float32, device=tile.device)
-    m2s = torch.empty_like(means)
-    ones = torch.ones(1, rows, dtype=torch.float32, device=tile.device)
-    threads = one_thread() if tile.device.type == "cpu" else contextlib.nullcontext()
-    with threads, torch.autocast(tile.device.type, enabled=False):  # float32 sums, also under bf16 autocast
-        for k, a in enumerate(starts):
-            chunk = values[a : a + rows].to(torch.float32, copy=True)  # a copy even of float32: changed in place
-            r = chunk.shape[0]
-            mean = torch.mm(ones[:, :r], chunk, out=means[k : k + 1]).div_(r)
-            torch.mm(ones[:, :r], chunk.sub_(mean).square_(), out=m2s[k : k + 1])
-    counts = torch.tensor([min(rows, n - a) for a in starts], dtype=torch.float64)[:, None].to(tile.device)
-    means64 = means.double()
-    mean = (means64 * counts).sum(0) / n
-    m2 = m2s.double().sum(0) + (counts * (means64 - mean).square()).sum(0)
-    return mean, m2, n
-
-
 class Store:
     """One sample's activation ``(1, C, *shape)``, written and read by tiles, with per-channel float64 statistics.
 
@@ -268,7 +231,7 @@ class Store:
         if not stats:
             self._put(box, tile)
             return
-        tile_mean, tile_m2, n = _channel_stats(tile, self.channels_last and tile.ndim == 5)
+        tile_mean, tile_m2, n = channel_stats(tile, self.channels_last and tile.ndim == 5)
         total = self.count + n
         delta = tile_mean - self.mean
         self.mean += delta * (n / total)
@@ -284,12 +247,7 @@ class Store:
 
     def group_stats(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (mean, variance) of ``norm``'s groups over the whole volume, float64."""
-        per_group = self.channels // norm.num_groups
-        means = self.mean.view(norm.num_groups, per_group)
-        group_mean = means.mean(1, keepdim=True)
-        m2 = self.m2.view(norm.num_groups, per_group).sum(1) + self.count * (means - group_mean).square().sum(1)
-        var = m2 / (per_group * self.count)
-        return group_mean[:, 0].repeat_interleave(per_group), var.repeat_interleave(per_group)
+        return group_moments(self.mean, self.m2, self.count, norm.num_groups)
 
     def read(self, box: Box) -> torch.Tensor:
         """The tile (1, C, *box), dense in the store's memory format."""

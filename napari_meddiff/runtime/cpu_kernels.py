@@ -11,12 +11,16 @@ convolution weights in ``channels_last_3d``, so that activations follow and oneD
 (AMX tiles under bf16 autocast: the Zoo brain LDM's decoding 2.4-2.5x and, with `bf16_weights_once`, its UNet
 step 1.3x faster than in the default layout on an AMX Xeon, benchmarks/bench_layout.py).
 Its convolutions give the same bits whatever the thread count, but PyTorch's channels-last GroupNorm sums
-per-thread partial statistics, so a seed would give a slightly different volume in the napari widget (which
-leaves a core to the GUI) and on the command line. `prefer_channels_last` therefore computes every GroupNorm of
-a channels-last activation in one thread (GroupNorm is bound by memory: on a busy 2-core AMX Xeon one thread was
-no slower than PyTorch's two, and seven times faster than normalising a default-layout copy): results then do not
-depend on the thread count (tests/test_speed_paths.py checks 1 against 2 threads). Elsewhere (AVX2-only CPUs,
-where fp32 is used) weights stay in the default layout.
+per-thread partial statistics (a seed would give a slightly different volume in the napari widget, which leaves a
+core to the GUI, and on the command line), and even in one thread it sums x and x^2 sequentially in float32 and
+takes E[x^2] - E[x]^2: the error grew with the volume and with the activations' offsets, to 2.7e-2 (0.25 % of the
+output range) off a float64 decode for the brain LDM at 160x224x160, where MONAI's default-layout pass and the
+tiled pass were 1e-5 off. `prefer_channels_last` therefore normalises a channels-last activation with
+`channel_stats`, the tiled pass's statistics (fixed chunks reduced in one thread, merged in float64), and
+`F.batch_norm`'s per-channel scale and shift: whole fp32 decodes within 1e-5 of the range of float64 like the
+other passes, the same bits for any thread count (tests/runtime/test_cpu_kernels_accuracy.py), and GroupNorm,
+bound by memory, about 1.2-2x PyTorch's one-thread kernel (0-7 % of a decode on a busy 2-core AVX2 EPYC).
+Elsewhere (AVX2-only CPUs, where fp32 is used) weights stay in the default layout and norms keep PyTorch's kernel.
 """
 
 from __future__ import annotations
@@ -89,12 +93,82 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _thread_invariant_group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+STATS_CHUNK_BYTES = 1 << 20  # float32 bytes of one chunk of `channel_stats` (about a core's L2 cache)
+STATS_ROW = 64  # values per row of `channel_stats`' centred squares (whole voxels: 8 of 8 channels, 2 of 32)
+
+
+def channel_stats(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and centred sum of squares of one sample (1, C, *spatial), as float64, and its voxels.
+
+    The values are taken as (voxels, C) (a view of a channels-last tensor; a channel-first one is transposed in
+    chunks) and reduced in chunks of `STATS_CHUNK_BYTES`, each in cache: its mean (a matrix product with a ones
+    vector: reductions over the outer axis ran 4-7x slower), then its centred squares in one reused buffer (rows of
+    at least `STATS_ROW` values: subtracting an 8-channel mean row by row took twice as long) and their sums; a
+    float32 copy of the whole tensor (134 MB for a 64^3 x 128 bf16 tile) was a fresh allocation, page faults and
+    three passes through memory (several times slower in hand timings). The chunks' (mean, M2) are merged in
+    float64 (Chan et al.): the error does not grow with the volume. One thread: the chunks depend on the shape only,
+    so the bits do not depend on the thread count, and it is faster (a second thread woken for each small chunk
+    cost more than it gave). Float32 sums under bf16 autocast too; ``x`` is left untouched. Used by the tiled
+    pass for each tile and by `prefer_channels_last`'s GroupNorm for the whole activation."""
+    channels = x.shape[1]
+    if channels_last:
+        values = x.permute(0, *range(2, x.ndim), 1).reshape(-1, channels)
+    else:
+        values = x[0].reshape(channels, -1).t()
+    n = values.shape[0]
+    rows = max(1, min(n, STATS_CHUNK_BYTES // (4 * channels))) if x.device.type == "cpu" else n  # GPU: one go
+    starts = range(0, n, rows)
+    means = torch.empty(len(starts), channels, dtype=torch.float32, device=x.device)
+    m2s = torch.empty_like(means)
+    ones = torch.ones(1, rows, dtype=torch.float32, device=x.device)
+    buffer = torch.empty(rows * channels, dtype=torch.float32, device=x.device)
+    direct = values.dtype == torch.float32 and values.is_contiguous()  # else each chunk is copied to the buffer
+    voxels_per_row = max(1, STATS_ROW // channels)
+    threads = one_thread() if x.device.type == "cpu" else contextlib.nullcontext()
+    with threads, torch.autocast(x.device.type, enabled=False):  # float32 sums, also under bf16 autocast
+        for k, a in enumerate(starts):
+            chunk = values[a : a + rows]
+            r = chunk.shape[0]
+            centred = buffer[: r * channels].view(r, channels)
+            if not direct:
+                chunk = centred.copy_(chunk)
+            mean = torch.mm(ones[:, :r], chunk, out=means[k : k + 1]).div_(r)
+            wide = voxels_per_row if r % voxels_per_row == 0 else 1
+            row = (-1, wide * channels)
+            torch.sub(chunk.view(row), mean.repeat(1, wide), out=centred.view(row)).square_()
+            torch.sum(torch.mm(ones[:, : r // wide], centred.view(row)).view(wide, channels), 0, out=m2s[k])
+    counts = torch.tensor([min(rows, n - a) for a in starts], dtype=torch.float64)[:, None].to(x.device)
+    means64 = means.double()
+    mean = (means64 * counts).sum(0) / n
+    m2 = m2s.double().sum(0) + (counts * (means64 - mean).square()).sum(0)
+    return mean, m2, n
+
+
+def group_moments(mean: torch.Tensor, m2: torch.Tensor, count: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased variance) of the ``groups`` channel groups, float64, from the per-channel
+    ``mean`` and centred sums of squares ``m2`` (float64) of ``count`` voxels each (`channel_stats`)."""
+    per_group = mean.shape[0] // groups
+    means = mean.view(groups, per_group)
+    group_mean = means.mean(1, keepdim=True)
+    group_m2 = m2.view(groups, per_group).sum(1) + count * (means - group_mean).square().sum(1)
+    var = group_m2 / (per_group * count)
+    return group_mean[:, 0].repeat_interleave(per_group), var.repeat_interleave(per_group)
+
+
+def _accurate_group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of a channels-last CPU activation, in one thread: group statistics from `channel_stats` (float64
+    merges; the same bits for any thread count), then per channel ``x * scale + shift`` by `F.batch_norm`, in the
+    dtypes F.group_norm gives (a bf16 input gives a bf16 output; statistics in float32/64). One thread: GroupNorm is
+    bound by memory, and on a busy 2-core CPU a second thread's parallel region cost more than it gave (a 32-channel
+    GroupNorm of 20x24x16 voxels: 0.6 ms in one thread, 7-11 ms in two)."""
     channels_last = x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-    if x.device.type != "cpu" or not channels_last:
+    if x.device.type != "cpu" or not channels_last or x.numel() == 0:
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-    with one_thread():  # one thread's partial sums: the same bits whatever the caller's thread count
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    with one_thread():
+        if torch.is_grad_enabled() and x.requires_grad:  # statistics outside autograd: PyTorch's kernel
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        mean, var = group_moments(*channel_stats(x, channels_last=True), self.num_groups)
+        return F.batch_norm(x, mean.float(), var.float(), self.weight, self.bias, False, 0.0, self.eps)
 
 
 def _channels_last_input(forward):
@@ -190,9 +264,9 @@ def thread_invariant_linear(module: torch.nn.Module) -> torch.nn.Module:
     Matrix products with few rows and long sums are split along the sum across threads (oneDNN/MKL), so their
     results depend on the thread count: the Zoo brain LDM's transformer feed-forward (175 tokens x 3072 -> 768)
     gave different bits with 1 and 2 threads, in bf16 and in fp32. Here every product runs in one thread, and a
-    large one under inference mode (nothing recorded, traced or transformed) as two fixed halves of its output features on two threads when the caller
-    has them (``benchmarks/bench_layout.py --linears`` times the Zoo UNet's linear layers this way against
-    PyTorch's own threads)."""
+    large one under inference mode (nothing recorded, traced or transformed) as two fixed halves of its output
+    features on two threads when the caller has them (``benchmarks/bench_layout.py --linears`` times the Zoo
+    UNet's linear layers this way against PyTorch's own threads)."""
     for sub in module.modules():
         if type(sub) is torch.nn.Linear:
             sub.forward = types.MethodType(_thread_invariant_linear_forward, sub)
@@ -201,13 +275,13 @@ def thread_invariant_linear(module: torch.nn.Module) -> torch.nn.Module:
 
 def prefer_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     """``channels_last_3d`` weights and inputs for every `Conv3d` of ``module`` (after `prefer_onednn`, if used)
-    and thread-invariant GroupNorms (in place)."""
+    and accurate, thread-invariant GroupNorms of channels-last activations (in place)."""
     for sub in module.modules():
         if type(sub) is torch.nn.Conv3d:
             sub.weight.data = sub.weight.data.contiguous(memory_format=torch.channels_last_3d)
             sub.forward = _channels_last_input(sub.forward)
         elif type(sub) is torch.nn.GroupNorm:
-            sub.forward = types.MethodType(_thread_invariant_group_norm, sub)
+            sub.forward = types.MethodType(_accurate_group_norm, sub)
     return module
 
 
@@ -268,8 +342,8 @@ def bf16_weights_once(module: torch.nn.Module, precision: str, device: torch.dev
     so the results are bitwise those of autocast; they cost half the weights' memory while the block lasts.
     oneDNN's AMX convolution ran the Zoo UNet's 512-1536 input channels 1.8-3.5x slower than the same work in
     256-channel chunks (512 -> 512 channels on 20x28x20: 275 against 79 ms; `bench_layout.py --convs-only`,
-    results/layout_convs.json; 448 channels, a width no shipped or Zoo network has, lost 0.83-0.95x in two runs): those sums
-    differ from one convolution by bf16 rounding only, and like it do not depend on the thread count. Weights
+    results/layout_convs.json; 448 channels, a width no shipped or Zoo network has, lost 0.83-0.95x in two runs):
+    those sums differ from one convolution by bf16 rounding only, and like it do not depend on the thread count. Weights
     already held in bf16 (`hold_bf16_weights`) are released while their chunks stand in for them and rebuilt from
     the chunks afterwards (the same values): no second copy of the Zoo UNet's 1.1 GB."""
     if device.type != "cpu" or precision != "bf16":
