@@ -128,7 +128,7 @@ def test_needs_image_and_mask(make_napari_viewer, tiny_models):
 
 
 def test_conditional_model_shows_condition_sliders_and_uses_them(make_napari_viewer, qtbot, tiny_models, tmp_path):
-    from test_conditioning import _conditional_model
+    from tests.helpers import conditional_model as _conditional_model
 
     viewer, widget, image_layer, mask_layer = open_widget(make_napari_viewer, tiny_models["ldm3d"])
     assert not widget.conditions.isVisibleTo(widget)  # an unconditional model: no sliders
