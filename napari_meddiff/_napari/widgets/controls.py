@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QObject, QSize, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -306,13 +306,30 @@ def add_model_rows(form: QFormLayout, picker: ModelPicker) -> QLabel:
     summary.setWordWrap(True)
     summary.setStyleSheet("color: gray;")
     # as tall as its wrapped text (a form row otherwise gives a word-wrapped label one line: half clipped)
-    policy = QSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.MinimumExpanding)
+    policy = QSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
     policy.setHeightForWidth(True)
     summary.setSizePolicy(policy)
-    summary.setMinimumWidth(1)
     form.addRow("Model", picker)
     form.addRow("", summary)
     return summary
+
+
+class _ScrollArea(QScrollArea):
+    """A scroll area asking for its content's full size (a plain one asks for about 24 lines), and at least
+    `MIN_SCROLL_HEIGHT` of it: docked with others, a widget scrolls instead of shrinking to two rows."""
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt name
+        inner = self.widget().sizeHint() if self.widget() is not None else QSize(0, 0)
+        bar = self.verticalScrollBar().sizeHint().width()
+        return QSize(inner.width() + bar, inner.height())
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt name
+        hint = self.sizeHint()
+        inner = self.widget().minimumSizeHint() if self.widget() is not None else QSize(0, 0)
+        return QSize(inner.width() + self.verticalScrollBar().sizeHint().width(), min(hint.height(), MIN_SCROLL_HEIGHT))
+
+
+MIN_SCROLL_HEIGHT = 90
 
 
 def stack_vertically(parent: QWidget, widgets: Sequence[QWidget]) -> QVBoxLayout:
@@ -323,7 +340,7 @@ def stack_vertically(parent: QWidget, widgets: Sequence[QWidget]) -> QVBoxLayout
     for widget in widgets:
         layout.addWidget(widget)
     layout.addStretch(1)
-    scroll = QScrollArea()
+    scroll = _ScrollArea()
     scroll.setWidget(content)
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
