@@ -21,6 +21,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip uninstall -q -y PyQt5 PyQt5-Qt5 PyQt5_sip 2>/dev/null || true  # was in [testing]; qtpy would still pick it
 	$(BIN)/python -m pip install -q -e ".[napari,testing,dev]"
 	touch $@
 
