@@ -110,3 +110,12 @@ def test_a_small_top_level_and_short_functions():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
                 long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not long, long
+
+
+def test_the_readme_stays_a_guide():
+    """The README is a user guide of at most 200 lines; figures and history live in docs/."""
+    readme = PACKAGE.parent / "README.md"
+    assert len(readme.read_text().splitlines()) <= 200
+    assert all(
+        (PACKAGE.parent / "docs" / name).is_file() for name in ("architecture.md", "performance.md", "training.md")
+    )
