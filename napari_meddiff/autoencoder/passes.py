@@ -44,9 +44,9 @@ def decode_latents(
 ) -> torch.Tensor:
     """Scaled latents -> image through the model's autoencoder (identity for pixel models).
 
-    ``mode``: ``whole`` (MONAI's one pass), ``tiled`` (`napari_meddiff.autoencoder.tiling`: the same result to floating-point
-    error, memory set by the tiles; ``tile`` voxels per side) or ``auto`` (tiled only when a whole pass would not
-    fit in memory); None: the process default (`autoencoder_pass`)."""
+    ``mode``: ``whole`` (MONAI's one pass), ``tiled`` (`napari_meddiff.autoencoder.tiling`: the same result to
+    floating-point error, memory set by the tiles; ``tile`` voxels per side) or ``auto`` (tiled only when a whole
+    pass would not fit in memory); None: the process default (`autoencoder_pass`)."""
     if model.kind != "ldm":
         return z
     mode = autoencoder_pass(model, z, mode)

@@ -21,7 +21,9 @@ class ConditionInputs:
     class_labels: torch.Tensor | None = None  # (B,), long
 
     def cat(self, other: ConditionInputs) -> ConditionInputs:
-        join = lambda a, b: None if a is None else torch.cat([a, b])
+        def join(a, b):
+            return None if a is None else torch.cat([a, b])
+
         return ConditionInputs(
             join(self.channels, other.channels),
             join(self.context, other.context),

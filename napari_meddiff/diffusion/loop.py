@@ -2,10 +2,10 @@
 
 Hooks: ``image_condition`` (image channels concatenated to the UNet input: segmentation's scan),
 ``condition_values`` / ``guidance_scale`` (a model's named conditions, classifier-free guidance), ``known``
-(known-region replacement after each step, for inpainting), ``on_step`` (progress / preview) and
-``should_cancel`` (checked before every network evaluation). A batch holds one sampler state and one random generator per sample, so a seed gives
-the same chain whatever the batch it runs in (bitwise for batches of 2+; batch 1 may differ by ~1e-6 on CPU,
-where oneDNN blocks a single sample's attention and convolutions differently).
+(known-region replacement after each step, for inpainting), ``on_step`` (progress / preview) and ``should_cancel``
+(checked before every network evaluation). A batch holds one sampler state and one random generator per sample, so a
+seed gives the same chain whatever the batch it runs in (bitwise for batches of 2+; batch 1 may differ by ~1e-6 on
+CPU, where oneDNN blocks a single sample's attention and convolutions differently).
 """
 
 from __future__ import annotations

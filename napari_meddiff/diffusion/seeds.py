@@ -1,5 +1,5 @@
-"""Seeds and the noise they draw. Seeds: non-negative integers below 2**63 (torch generators take 64 bits, but -1 would silently alias
-2**64 - 1; keeping to int64's positive range makes every seed mean one thing everywhere)."""
+"""Seeds and the noise they draw. Seeds: non-negative integers below 2**63 (torch generators take 64 bits, but
+-1 would silently alias 2**64 - 1; keeping to int64's positive range makes every seed mean one thing everywhere)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 where they are installed, matplotlib (``monai.utils.jupyter_utils``), pandas (``monai.utils.profiling``),
 scikit-learn (``monai.metrics.embedding_collapse``) and ``scipy.signal``
 (``monai.data.ultrasound_confidence_map``): with them hidden, ``import monai.networks.nets`` took 2.32 s
-instead of 3.43 s on a 2-core Xeon (``benchmarks/bench_startup.py``, torch included; results/startup_amx_xeon_2026-12-03.json). scikit-image and
+instead of 3.43 s on a 2-core Xeon (``benchmarks/bench_startup.py``, torch included;
+results/startup_amx_xeon_2026-12-03.json). scikit-image and
 ``scipy.optimize`` stay visible: hiding them too gained little in a quick check, not worth hiding MONAI's label
 post-processing. MONAI imports each of them through ``optional_import`` or a
 ``try/except ImportError``, so while they are hidden (``None`` in ``sys.modules``, Python's own "not importable"

@@ -91,12 +91,16 @@ def brain_ldm_inference(full_size: bool = False) -> dict[str, Any]:
         "autoencoder_def": ae,
         "network_def": "@autoencoder_def",
         "load_autoencoder_path": "$@model_dir + '/autoencoder.pt'",
-        "load_autoencoder_func": "$@autoencoder_def.load_old_state_dict if bool(@load_old) else @autoencoder_def.load_state_dict",
+        "load_autoencoder_func": (
+            "$@autoencoder_def.load_old_state_dict if bool(@load_old) else @autoencoder_def.load_state_dict"
+        ),
         "load_autoencoder": "$@load_autoencoder_func(torch.load(@load_autoencoder_path))",
         "autoencoder": "$@autoencoder_def.to(@device)",
         "diffusion_def": unet,
         "load_diffusion_path": "$@model_dir + '/model.pt'",
-        "load_diffusion_func": "$@diffusion_def.load_old_state_dict if bool(@load_old) else @diffusion_def.load_state_dict",
+        "load_diffusion_func": (
+            "$@diffusion_def.load_old_state_dict if bool(@load_old) else @diffusion_def.load_state_dict"
+        ),
         "load_diffusion": "$@load_diffusion_func(torch.load(@load_diffusion_path))",
         "diffusion": "$@diffusion_def.to(@device)",
         "scheduler": {
