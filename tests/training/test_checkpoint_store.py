@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "checkpoints.sh"
+from tests.helpers import REPO
+
+SCRIPT = REPO / "benchmarks" / "checkpoints.sh"
 
 
 def _git(repo: Path, *args: str) -> str:

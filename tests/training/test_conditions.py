@@ -226,14 +226,12 @@ def test_evaluate_conditioning_sweeps_and_reports(tmp_path):
     """benchmarks/evaluate_conditioning.py end to end on a tiny 3D conditional model, with the k-means volume
     instrument and a lesion detector trained for a few steps (their figures mean nothing here)."""
     import json
-    import sys
+
+    import evaluate_conditioning
+    import lesion_detector
 
     from napari_meddiff.data.mni152 import write_cohort
     from napari_meddiff.training.pipeline import train
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import evaluate_conditioning
-    import lesion_detector
 
     data = tmp_path / "data"  # at fraction 0.5, of seeds 0-3 seed 1 has a lesion (3 is the validation subject)
     write_cohort(data, 4, seed=0, lesion_fraction=0.5, progress=False)
@@ -312,13 +310,10 @@ def test_evaluate_conditioning_sweeps_and_reports(tmp_path):
 def test_segmentation_instrument_measures_a_real_subject_on_a_coarse_grid(cohort):
     """The segdiff instrument (soft volumes of the shipped 2 mm segmentation model) on a subject resampled to the
     4 mm grid of a 3D generator: close to the volumes of its label files."""
-    import sys
+    import evaluate_conditioning
 
     from napari_meddiff.io.intensity import intensity_window, normalise
     from napari_meddiff.io.volume import read_volume, resample, to_canonical
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import evaluate_conditioning
 
     image = resample(to_canonical(read_volume(cohort / "sub-000000_T1w.nii.gz")), (4.0, 4.0, 4.0))
     arr = np.asarray(image.array, np.float32)
@@ -352,13 +347,10 @@ def test_a_resume_on_other_training_subjects_is_refused(tmp_path, cohort):
 def test_two_sample_test_samples_take_the_real_subjects_conditions(tmp_path, cohort):
     """evaluate_models.py gives a conditional generator the conditions of the held-out subjects in turn (their
     measures put on the model's scale), so the generated set has the real set's spread of volumes."""
-    import sys
+    import evaluate_models
 
     from napari_meddiff.models import load_model
     from napari_meddiff.training.pipeline import train
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import evaluate_models
 
     model = load_model(train(config(tmp_path, cohort), out=tmp_path / "m", work_dir=tmp_path / "run", progress=False))
     files = sorted(cohort.glob("*_T1w.nii.gz"))[:2]

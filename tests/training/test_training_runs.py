@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from napari_meddiff.errors import MeddiffError
+from tests.helpers import REPO
 
 TINY_UNET = {
     "channels": [8, 16],
@@ -440,7 +441,7 @@ def test_torchrun_two_processes(tmp_path, cohort):
 def _example(name: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    path = REPO / "examples" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -720,9 +721,7 @@ def test_init_from_a_model_folder_fine_tunes_it_at_another_image_size(tmp_path, 
         _init_from(tmp_path, net, EMA(net, 0.9), loaded)
 
 
-@pytest.mark.parametrize(
-    "path", sorted((Path(__file__).resolve().parent.parent / "examples" / "train").glob("*.yaml")), ids=lambda p: p.stem
-)
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "train").glob("*.yaml")), ids=lambda p: p.stem)
 def test_example_configs_are_valid(path):
     from napari_meddiff.training.config import validate
 
