@@ -21,6 +21,17 @@ def digest_cache(tmp_path_factory):
         os.environ[CACHE_ENV] = saved
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Each test starts with the thread count the run started with: a training test left torch at one thread for
+    every later test, which hid what the thread-count tests check."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """A folder holding tiny ldm-3d, ddpm-3d, ddpm-2d and segmentation-2d model folders."""

@@ -399,6 +399,9 @@ def test_probabilities_combine_is_the_mean_of_member_probabilities(seg_models, d
 
 
 def test_absurd_voxel_size_is_refused_before_allocating(tiny_models):
-    image = md.Volume(np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), np.diag([1e6, 1e6, 1e6, 1.0]))
+    array = np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)
+    with pytest.raises(MeddiffError, match="voxel sizes"):  # beyond 10 m a voxel is a damaged header (issue 36)
+        md.Volume(array, np.diag([1e6, 1e6, 1e6, 1.0]))
+    image = md.Volume(array, np.diag([5e3, 5e3, 5e3, 1.0]))  # plausible for a Volume, absurd for a model grid
     with pytest.raises(MeddiffError, match="model grid over this image.*voxel size"):
         md.segment(str(tiny_models["seg2d"]), image, ensemble=1, steps=1, device="cpu")
