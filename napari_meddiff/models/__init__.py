@@ -8,33 +8,32 @@ schema) and the same MONAI networks, so tasks and widgets only ever see a `Diffu
   read as data: no expression evaluated, no script imported, weights via ``torch.load(weights_only=True)``.
 """
 
-from napari_meddiff.models.registry import (
-    DEFAULT_MODEL,
+from napari_meddiff.models.conditions import Conditioning, ConditionSpec
+from napari_meddiff.models.folder import check_model_target, foreign_files, save_model_folder
+from napari_meddiff.models.model import (
     DEFAULT_SAMPLING,
-    FORMATS,
-    MODEL_KINDS,
     NETWORK_NAMES,
-    BrokenModel,
-    Conditioning,
-    ConditionSpec,
     DiffusionModel,
     ModelConfigView,
+    build_network,
+    count_parameters,
+    sha256_file,
+)
+from napari_meddiff.models.registry import (
+    DEFAULT_MODEL,
+    FORMATS,
+    BrokenModel,
     ModelDescription,
     available_models,
     broken_models,
-    build_network,
-    check_model_target,
-    count_parameters,
     describe_model,
     find_model_dir,
-    foreign_files,
     format_of,
     load_model,
     model_search_path,
     read_config,
-    save_model_folder,
-    sha256_file,
 )
+from napari_meddiff.models.schema import MODEL_KINDS
 
 __all__ = [
     "BrokenModel",

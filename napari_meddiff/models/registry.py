@@ -11,50 +11,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.models.boundary import shorten
 from napari_meddiff.models.bundle import FORMAT as BUNDLE_FORMAT
-from napari_meddiff.models.conditions import Conditioning, ConditionSpec
 from napari_meddiff.models.folder import FORMAT as FOLDER_FORMAT
-from napari_meddiff.models.folder import check_model_target, foreign_files, save_model_folder
 from napari_meddiff.models.model import (
-    DEFAULT_SAMPLING,
-    NETWORK_NAMES,
     DiffusionModel,
     ModelConfigView,
-    build_network,
-    count_parameters,
-    sha256_file,
 )
-from napari_meddiff.models.schema import MODEL_KINDS
 
 if TYPE_CHECKING:
     import torch
-
-__all__ = [
-    "DEFAULT_MODEL",
-    "DEFAULT_SAMPLING",
-    "MODEL_KINDS",
-    "NETWORK_NAMES",
-    "FORMATS",
-    "BrokenModel",
-    "ConditionSpec",
-    "Conditioning",
-    "DiffusionModel",
-    "ModelConfigView",
-    "ModelDescription",
-    "available_models",
-    "broken_models",
-    "build_network",
-    "check_model_target",
-    "count_parameters",
-    "describe_model",
-    "find_model_dir",
-    "foreign_files",
-    "format_of",
-    "load_model",
-    "model_search_path",
-    "read_config",
-    "save_model_folder",
-    "sha256_file",
-]
 
 DEFAULT_MODEL = "brain-ldm-3d"
 
