@@ -47,8 +47,6 @@ from torch import nn
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.runtime.cpu_kernels import channel_stats, group_moments
 
-_channel_stats = channel_stats  # its name here before it moved to runtime (tests/autoencoder/test_tiling.py)
-
 Box = tuple[tuple[int, int], ...]  # (start, stop) per spatial axis
 DEFAULT_TILE = {2: 512, 3: 48}  # output voxels per side of a tile (3D: 48 decoded the Zoo brain LDM as fast as 64,
 # with 40 % of its per-tile temporaries)

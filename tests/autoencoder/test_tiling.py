@@ -186,7 +186,7 @@ def test_channels_last_maisi_ram_and_file_stores_give_the_same_bits(tmp_path, mo
 def test_channel_stats_are_exact_and_thread_invariant(dtype, channels_last):
     """Per-channel mean and centred sum of squares of a tile of many chunks, against float64; the same bits with 1
     and 2 threads; float32 sums under bf16 autocast too; the tile untouched."""
-    from napari_meddiff.autoencoder.tiling import _channel_stats
+    from napari_meddiff.runtime.cpu_kernels import channel_stats
 
     tile = (3 * torch.randn(1, 2048, 16, 16, 16, generator=torch.Generator().manual_seed(20)) + 5).to(dtype)
     if channels_last:
@@ -201,7 +201,7 @@ def test_channel_stats_are_exact_and_thread_invariant(dtype, channels_last):
         for n in (1, 2):
             torch.set_num_threads(n)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                results.append(_channel_stats(tile, channels_last))
+                results.append(channel_stats(tile, channels_last))
     finally:
         torch.set_num_threads(threads)
     (got_mean, got_m2, count), again = results
