@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.io.files import ensure_folder, write_text_atomic
+from napari_meddiff.io.files import check_csv_is_ours, ensure_folder, write_text_atomic
 from napari_meddiff.io.volume import Volume, read_volume, write_volume
 
 log = logging.getLogger(__name__)
@@ -399,21 +399,11 @@ def check_manifest_is_ours(out_dir: str | os.PathLike) -> None:
     """Refuse a folder whose ``cohort.csv`` is another file: ``meddiff generate`` writes a manifest of generated
     volumes of that name (``tasks.batch.check_manifest_is_ours`` is the same check from its side), and a cohort
     written into its folder would replace it."""
-    path = Path(out_dir) / MANIFEST
-    if not path.exists():
-        return
-    try:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise MeddiffError(
-            f"{path} cannot be read ({exc}); it is left as it is: write the cohort into another folder"
-        ) from None
-    if tuple(header) not in (MANIFEST_FIELDS, LEGACY_MANIFEST_FIELDS):
-        raise MeddiffError(
-            f"{path} is not a cohort manifest (its columns: {', '.join(header[:6]) or 'none'}; a manifest of "
-            "generated volumes from `meddiff generate`?); it is left as it is: write the cohort into another folder"
-        )
+    check_csv_is_ours(
+        Path(out_dir) / MANIFEST, [MANIFEST_FIELDS, LEGACY_MANIFEST_FIELDS], ours="a cohort manifest",
+        theirs="a manifest of generated volumes from `meddiff generate`",
+        advice="write the cohort into another folder",
+    )  # fmt: skip
 
 
 def write_cohort(

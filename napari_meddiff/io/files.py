@@ -4,6 +4,7 @@ an existing file is replaced only when asked; a full disk or a refused write is 
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -128,3 +129,22 @@ def new_files_removed_on_failure(paths: Iterable[str | os.PathLike]) -> Iterator
                 with contextlib.suppress(OSError):
                     p.unlink()
         raise
+
+
+def check_csv_is_ours(path: Path, columns: Iterable[tuple[str, ...]], *, ours: str, theirs: str, advice: str) -> None:
+    """Refuse to replace a CSV file at ``path`` whose header is none of ``columns`` (another tool's file of the
+    same name, e.g. a training cohort's ``cohort.csv`` beside a manifest of generated volumes); no file: nothing
+    to refuse. ``ours``/``theirs`` name the two kinds in the message, ``advice`` what to do instead."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MeddiffError(f"{path} cannot be read ({exc}); it is left as it is: {advice}") from None
+    if tuple(header) not in set(columns):
+        raise MeddiffError(
+            f"{path} is not {ours} (its columns: {', '.join(header[:6]) or 'none'}; {theirs}?); it is left as it "
+            f"is: {advice}"
+        )

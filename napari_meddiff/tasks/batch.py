@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.io.files import write_text_atomic
+from napari_meddiff.io.files import check_csv_is_ours, write_text_atomic
 from napari_meddiff.models import sha256_file
 
 MANIFEST_NAME = "cohort.csv"
@@ -272,19 +272,10 @@ def read_manifest(path: Path) -> list[dict]:
 def check_manifest_is_ours(out: Path) -> None:
     """Refuse a folder whose ``cohort.csv`` is another file (a training cohort's subject list, written by
     ``meddiff cohort``, has the same name): rebuilding it from generate's sidecars would lose it."""
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
-        return
-    try:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise MeddiffError(f"{path} cannot be read ({e}); it is left as it is: use another folder") from None
-    if tuple(header) != MANIFEST_COLUMNS:
-        raise MeddiffError(
-            f"{path} is not a manifest of generated volumes (its columns: {', '.join(header[:6]) or 'none'}; "
-            "a training cohort from `meddiff cohort`?); it is left as it is: generate into another folder"
-        )
+    check_csv_is_ours(
+        Path(out) / MANIFEST_NAME, [MANIFEST_COLUMNS], ours="a manifest of generated volumes",
+        theirs="a training cohort from `meddiff cohort`", advice="generate into another folder",
+    )  # fmt: skip
 
 
 def write_manifest(out: Path) -> ManifestReport:
