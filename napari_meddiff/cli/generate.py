@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 from napari_meddiff.cli.conditions import add_condition_options, seed_conditions
-from napari_meddiff.cli.options import add_model_option, add_sampling_options, counted, load_model_for, seed_value
+from napari_meddiff.cli.options import add_sampling_options, counted, load_model_for, seed_value
 from napari_meddiff.diffusion.seeds import seed_range
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import ensure_folder, removed_if_left_empty
-from napari_meddiff.models import DEFAULT_MODEL, describe_model
+from napari_meddiff.models import DEFAULT_LABEL_MODEL, DEFAULT_MODEL, describe_model
 from napari_meddiff.tasks import batch, distributed
+from napari_meddiff.tasks.from_labels import require_label_map
 
 EPILOG = """\
 scaling out:
@@ -39,7 +40,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_option(p, DEFAULT_MODEL)
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model name or folder (default {DEFAULT_MODEL}; with --labels, {DEFAULT_LABEL_MODEL})",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        metavar="MAP",
+        help="a label map (NIfTI) to generate from, for a model that declares one (its values: `meddiff models`); "
+        "each volume is written on the map's grid",
+    )
     p.add_argument("--num", type=int, default=1, help="number of volumes (seeds S..S+N-1)")
     p.add_argument("--seed", type=seed_value, default=0, help="first seed")
     add_sampling_options(p, device_help="; cuda:LOCAL_RANK under torchrun")
@@ -87,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError(f"--steps must be a positive integer, got {args.steps}")
     if args.batch_size < 1:
         raise MeddiffError("--batch-size must be at least 1")
+    if args.model is None:
+        args.model = DEFAULT_LABEL_MODEL if args.labels is not None else DEFAULT_MODEL
+    require_label_map(describe_model(args.model), args.labels)
+    args.label_map = _read_label_map(args.labels) if args.labels is not None else None
     shard = batch.parse_shard(args.shard) if args.shard is not None else (0, 1)
     ctx = distributed.DistContext.from_env()
     device = distributed.rank_device(args.device, ctx)
@@ -97,6 +114,15 @@ def run(args: argparse.Namespace) -> int:
     with removed_if_left_empty(args.out):
         ensure_folder(args.out)
         return _generate(args, seeds, blocks, shard, ctx, device)
+
+
+def _read_label_map(path: Path):
+    """The label map of --labels, read before any model is loaded (a missing file is one line, at once)."""
+    from napari_meddiff.io.volume import read_volume
+
+    if not path.is_file():
+        raise MeddiffError(f"--labels: {path} is not a file (a label map: NIfTI)")
+    return read_volume(path)
 
 
 def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, device) -> int:
@@ -136,6 +162,7 @@ def _generate(args: argparse.Namespace, seeds: list[int], blocks, shard, ctx, de
                 on_written=lambda path: tqdm.write(str(path), file=sys.stdout),
                 on_step=(lambda n: bar.update(n) if bar else None),
                 release_unet=True,  # this process samples no more after its last block: decode without it
+                labels=args.label_map,
             )
         except Exception:
             distributed.all_ok(ctx, False)  # let the other ranks know, so none waits for us

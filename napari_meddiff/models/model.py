@@ -62,6 +62,12 @@ class ModelConfigView:
         return int((self.config.get("segmentation") or {}).get("context_slices") or 0)
 
     @property
+    def label_map(self) -> dict[int, str]:
+        """A model that generates an image from a label map: its labels by value (0: background); else empty."""
+        labels = (self.config.get("label_map") or {}).get("labels") or {}
+        return {int(k): str(v) for k, v in labels.items()}
+
+    @property
     def sampling_defaults(self) -> dict[str, Any]:
         """Sampler, steps and precision used when not given: the config's ``defaults`` over the package's."""
         return {**DEFAULT_SAMPLING, **self.config.get("defaults", {})}
@@ -163,7 +169,11 @@ def build_network(name: str, net_config: dict[str, Any], where: str = "") -> tor
     """Instantiate a MONAI network from its keyword arguments (``where``: the config file, for errors)."""
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
+    from napari_meddiff.models.networks import SpaceToDepthUNet
+
     cls = {"unet": DiffusionModelUNet, "autoencoder": AutoencoderKL}.get(name)
+    if name == "unet" and net_config.get("space_to_depth") is not None:
+        cls = SpaceToDepthUNet
     if cls is None:
         raise MeddiffError(f"unknown network {name!r}")
     try:

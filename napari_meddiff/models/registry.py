@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_MODEL = "brain-ldm-3d"
+DEFAULT_LABEL_MODEL = "brain-t1w-from-labels-3d"  # what generates from a tissue map when no model is named
 
 
 class ModelFormat(Protocol):

@@ -112,6 +112,8 @@ def validate_config(config: Any, where: str) -> dict:
                 raise MeddiffError(
                     f"{where}: {block}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
                 )
+    if "label_map" in config and "labels" not in config["label_map"]:
+        raise MeddiffError(f"{where}: label_map lacks 'labels' (the name of each label value)")
     if "name" in config and not isinstance(config["name"], str):
         raise MeddiffError(f"{where}: name must be a string, not {config['name']!r}")
     conditioning, specs = parse_conditions(config.get("conditioning"), where)
@@ -179,7 +181,7 @@ SCHEDULER_FIELDS = {
 }
 # blocks whose unknown keys are refused, and the keys they take: a misspelt key would silently fall back to a
 # default (the intensity keys the training configs take, and bundles' informative "range")
-CLOSED_BLOCKS = {"intensity": INTENSITY_KEYS | {"range"}}
+CLOSED_BLOCKS = {"intensity": INTENSITY_KEYS | {"range"}, "label_map": {"labels"}}
 OPTIONAL_BLOCKS = {
     "defaults": {
         "sampler": (lambda v: isinstance(v, str), "a sampler name"),
@@ -207,5 +209,16 @@ OPTIONAL_BLOCKS = {
         ),
     },
     "inpaint": {},
+    "label_map": {
+        "labels": (
+            lambda v: (
+                isinstance(v, dict)
+                and sorted(v) == sorted(str(i) for i in range(len(v)))
+                and len(v) > 1
+                and all(isinstance(n, str) and n for n in v.values())
+            ),
+            'an object naming every label value 0..K-1 ({"0": "background", "1": ...})',
+        ),
+    },
     "geometry": {"notes": (lambda v: isinstance(v, list), "a list")},
 }

@@ -46,7 +46,7 @@ MANIFEST_COLUMNS = ("file", "seed", "model", "sha256", "seconds", "conditions")
 
 
 #: sidecar fields that must match for an existing subject to count as part of the same cohort
-SETTINGS_KEYS = ("model_sha256", "sampler", "steps", "eta", "precision")
+SETTINGS_KEYS = ("model_sha256", "sampler", "steps", "eta", "precision", "label_map_sha256")
 
 
 SIDECAR_RE = re.compile(r"^(?P<model>.+)_seed(?P<seed>-?\d+)\.json$")
@@ -335,6 +335,7 @@ def generate_subjects(
     conditions: Callable[[int], dict] | None = None,
     guidance_scale: float = 1.0,
     release_unet: bool = False,
+    labels=None,
 ) -> GenerationReport:
     """Generate the subjects of ``blocks`` (this worker's share) into ``out``, skipping valid ones.
 
@@ -344,6 +345,8 @@ def generate_subjects(
     ``on_step(n)`` after each denoising step with the number of samples that advanced.
     ``conditions(seed)``: the model's conditions for a seed (a cohort may sweep one); recorded in the sidecars.
     ``release_unet``: free the model's UNet before the last block's decoding (`generate`'s option).
+    ``labels``: the label map (a `Volume`) every subject is generated from (a label-map model); its digest is
+    recorded, and a subject made from another map is an error, not overwritten.
     """
     import torch
 
@@ -357,6 +360,10 @@ def generate_subjects(
         model, "generate", torch.device(device), sampler=sampler, steps=steps, eta=eta, precision=precision
     )
     settings = {"model_sha256": model.weights_sha256, **resolved}
+    if labels is not None:
+        from napari_meddiff.tasks.from_labels import checked_label_map
+
+        settings["label_map_sha256"] = checked_label_map(model, labels)[1]
     report.removed_temps = remove_stray_temps(out, model.name, [s for b in blocks for s in b])
     for path in report.removed_temps:
         log(f"removed stray temporary file {path}")
@@ -370,7 +377,7 @@ def generate_subjects(
             precision=settings["precision"], batch_size=len(block), eta=eta,
             conditions=[conditions(s) for s in block] if conditions else None, guidance_scale=guidance_scale,
             on_step=_samples_advanced(on_step, len(block)) if on_step else None,
-            release_unet=release_unet and i == len(plan) - 1,
+            release_unet=release_unet and i == len(plan) - 1, labels=labels,
         )  # fmt: skip
         _write_needed(model, volumes, needed, out, overwrite=overwrite, extra=extra, report=report,
                       on_written=on_written)  # fmt: skip

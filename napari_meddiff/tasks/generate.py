@@ -70,6 +70,7 @@ def generate(
     conditions: ConditionsArg = None,
     guidance_scale: float = 1.0,
     release_unet: bool = False,
+    labels: Volume | None = None,
 ) -> list[Volume]:
     """Sample one volume per seed. The same seed, settings, batch size, thread count and device give the same
     volume, bit for bit; another device gives the same volume up to floating-point error (noise is drawn on
@@ -80,10 +81,19 @@ def generate(
     ``on_preview`` receives decoded previews every ``preview_every`` steps (0: never). ``release_unet``: free
     the model's UNet once the last batch is denoised, before its decoding (`DiffusionModel.release_unet`; for
     a process that samples no more: the command line); the same volumes.
+    ``labels``: the label map a label-map model generates from (`generate_from_labels`; each volume on its grid).
     """
     model, dev = prepare_model(model, device)
     if model.kind == "segmentation":
         raise MeddiffError(f"{model.name} is a segmentation model; use `segment`, not `generate`")
+    if model.label_map or labels is not None:
+        from napari_meddiff.tasks.from_labels import generate_from_labels, require_label_map
+
+        require_label_map(model, labels)
+        return generate_from_labels(
+            model, labels, seeds, sampler=sampler, steps=steps, device=str(dev), precision=precision,
+            batch_size=batch_size, eta=eta, on_step=on_step, should_cancel=should_cancel,
+        )  # fmt: skip
     seeds = check_seeds([seeds] if isinstance(seeds, int) else [int(s) for s in seeds])
     if batch_size < 1:
         raise MeddiffError("batch size must be at least 1")

@@ -54,9 +54,12 @@ def make_tiny_model(
     num_classes: int = 4,
     seed: int = 0,
     context_slices: int = 0,
+    label_map: dict[int, str] | None = None,
+    voxel_size: float = 4.0,
 ) -> Path:
     """Write a random-weight model folder of ``kind`` (``ddpm``, ``ldm`` or ``segmentation``; a 2D segmentation
-    model can take ``context_slices`` neighbouring slices on each side)."""
+    model can take ``context_slices`` neighbouring slices on each side; a ddpm given ``label_map`` generates
+    from a label map with those labels, through a space-to-depth UNet as the shipped one)."""
     torch.manual_seed(seed)
     image_shape = tuple(image_shape or ((16, 16, 16) if spatial_dims == 3 else (32, 32)))
     config: dict = {
@@ -64,7 +67,7 @@ def make_tiny_model(
         "kind": kind,
         "spatial_dims": spatial_dims,
         "image_shape": list(image_shape),
-        "voxel_size": [4.0] * spatial_dims,
+        "voxel_size": [float(voxel_size)] * spatial_dims,
         "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5, "foreground_only": True},
         "scheduler": TINY_SCHEDULE,
         "defaults": {"sampler": "ddim", "steps": 5, "precision": "fp32"},
@@ -86,11 +89,19 @@ def make_tiny_model(
         }
         if context_slices:
             config["segmentation"]["context_slices"] = context_slices
+    elif label_map:
+        unet = {**tiny_unet_config(spatial_dims, 1 + len(label_map), 1), "space_to_depth": 2}
+        config["networks"] = {"unet": unet}
+        config["label_map"] = {"labels": {str(k): v for k, v in sorted(label_map.items())}}
     else:
         unet = tiny_unet_config(spatial_dims, 1, 1)
         config["networks"] = {"unet": unet}
     config["weights"] = {}
     for name, net_config in config["networks"].items():
         networks[name] = build_network(name, net_config)
+    if label_map:  # MONAI zeroes the UNet's last convolution: give it weights, so that the map reaches the output
+        with torch.no_grad():
+            for p in networks["unet"].out.parameters():
+                p.normal_(0.0, 0.05)
     card = f"# {config['name']}\n\nRandomly initialised {kind} model for tests. Not trained; samples are noise.\n"
     return save_model_folder(out_dir, config, networks, card=card, overwrite=True)

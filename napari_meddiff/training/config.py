@@ -30,7 +30,11 @@ DEFAULT_SCHEDULER = {
 DEFAULT_DATA = {
     "dir": None,  # folder of NIfTI images
     "images": "*_T1w.nii.gz",  # glob inside dir
-    "labels_replace": ["_T1w", "_dseg"],  # label file = image name with this replacement (segmentation)
+    "labels_replace": ["_T1w", "_dseg"],  # label file = image name with this replacement (segmentation, label_map)
+    # label_map models: a lesion mask (image name with this replacement), where it exists, painted into the label
+    # map as label `lesion_label`
+    "lesion_replace": None,
+    "lesion_label": None,
     "max_subjects": None,
     # last N subjects: validation previews / PSNR (still training-seed data); null: DEFAULT_VAL_SUBJECTS where at
     # least one subject is left to train on, else none (said in the log); a number the data cannot give is refused
@@ -303,6 +307,8 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
         _check_segmentation(cfg, nd)
     else:
         unet["in_channels"] = unet["out_channels"] = 1
+    if cfg.get("label_map") is not None:
+        _check_label_map(cfg)
     cfg["conditioning"] = validate_conditioning(cfg.get("conditioning"), cfg["kind"])
     options = conditioning_unet_options(cfg["conditioning"])
     unet["in_channels"] += options.pop("extra_in_channels", 0)
@@ -381,6 +387,31 @@ def _check_segmentation(cfg: dict[str, Any], nd: int) -> None:
     n = int(seg["num_classes"])
     unet = cfg["networks"]["unet"]
     unet["in_channels"], unet["out_channels"] = n + 1 + 2 * context, n
+
+
+def _check_label_map(cfg: dict[str, Any]) -> None:
+    """A ddpm that generates an image from a label map: its label dictionary (values 0..K-1, each named), given
+    to the UNet as K one-hot channels beside the noisy image; the lesion label the data paints, if any."""
+    if cfg["kind"] != "ddpm":
+        raise MeddiffError(f"label_map is for ddpm models (an image generated from a label map), not {cfg['kind']}")
+    block = cfg["label_map"]
+    labels = block.get("labels") if isinstance(block, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise MeddiffError("label_map.labels must map each label value (0, 1, ...) to its name")
+    try:
+        named = {int(k): v for k, v in labels.items()}
+    except (TypeError, ValueError):
+        raise MeddiffError(f"label_map.labels: keys must be integers, got {sorted(map(str, labels))}") from None
+    if sorted(named) != list(range(len(named))) or not all(isinstance(v, str) and v for v in named.values()):
+        raise MeddiffError("label_map.labels must name every value 0..K-1 (0: background), each with a string")
+    block["labels"] = {str(k): named[k] for k in sorted(named)}
+    unknown = sorted(set(block) - {"labels"})
+    if unknown:
+        raise MeddiffError(f"label_map: unknown key(s) {', '.join(unknown)} (known: labels)")
+    lesion = cfg["data"].get("lesion_label")
+    if cfg["data"].get("lesion_replace") is not None and (lesion is None or int(lesion) not in named):
+        raise MeddiffError(f"data.lesion_label must be one of label_map.labels' values, not {lesion!r}")
+    cfg["networks"]["unet"]["in_channels"] += len(named)
 
 
 def _resolve_paths(cfg: dict[str, Any], base_dir: str | Path) -> None:

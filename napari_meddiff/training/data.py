@@ -40,7 +40,19 @@ class Dataset:
         return self.images.shape[0]
 
 
-def list_subjects(data_cfg: dict[str, Any], kind: str) -> list[tuple[Path, Path | None]]:
+def needs_labels(cfg: dict[str, Any]) -> bool:
+    """Does the model train on label maps (a segmentation model's target, a label-map model's condition)?"""
+    return cfg["kind"] == "segmentation" or cfg.get("label_map") is not None
+
+
+def label_count(cfg: dict[str, Any]) -> int:
+    """How many label values the model knows (segmentation classes, or a label-map model's labels)."""
+    if cfg["kind"] == "segmentation":
+        return int(cfg["segmentation"]["num_classes"])
+    return len(cfg["label_map"]["labels"])
+
+
+def list_subjects(data_cfg: dict[str, Any], with_labels: bool) -> list[tuple[Path, Path | None]]:
     folder = Path(data_cfg["dir"])
     if not folder.is_dir():
         raise MeddiffError(f"training data folder {folder} does not exist")
@@ -52,7 +64,7 @@ def list_subjects(data_cfg: dict[str, Any], kind: str) -> list[tuple[Path, Path 
     pairs: list[tuple[Path, Path | None]] = []
     for f in files:
         label = None
-        if kind == "segmentation":
+        if with_labels:
             old, new = data_cfg["labels_replace"]
             label = f.with_name(f.name.replace(old, new))
             if label == f or not label.is_file():
@@ -124,6 +136,8 @@ def preprocess_subject(
         spacing = [float(v) for v in voxel_size]
         spacing.insert(int(data_cfg["slice_axis"]), float(thick))
     arr, lab = _resampled(image_path, label_path, tuple(spacing), intensity)
+    if lab is not None and data_cfg.get("lesion_replace"):
+        lab = _with_lesion(lab, image_path, tuple(spacing), data_cfg)
     fg = arr > float(data_cfg.get("foreground_threshold", 0.1))  # image foreground (labels may be lesions only)
     centre = foreground_centre(fg)
     if spatial_dims == 3:
@@ -148,6 +162,20 @@ def _resampled(
         if lab.shape != arr.shape:
             raise MeddiffError(f"{label_path.name} does not match the grid of {image_path.name}")
     return arr, lab
+
+
+def _with_lesion(lab: np.ndarray, image_path: Path, spacing: tuple[float, ...], data_cfg: dict[str, Any]) -> np.ndarray:
+    """The label map with the subject's lesion mask (where it has one) painted in as ``data.lesion_label``."""
+    old, new = data_cfg["lesion_replace"]
+    path = image_path.with_name(image_path.name.replace(old, new))
+    if path == image_path or not path.is_file():
+        return lab
+    mask = resample(to_canonical(read_volume(path)), spacing, labels=True).array
+    if mask.shape != lab.shape:
+        raise MeddiffError(f"{path.name} does not match the grid of {image_path.name}")
+    lab = lab.copy()
+    lab[np.asarray(mask) > 0.5] = int(data_cfg["lesion_label"])
+    return lab
 
 
 def _brain_slices(
@@ -200,7 +228,7 @@ def _brain_slices(
 
 def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress: bool = True) -> Dataset:
     """Preprocess every subject of ``cfg['data']`` (optionally a slice of the subject list)."""
-    pairs = list_subjects(cfg["data"], cfg["kind"])
+    pairs = list_subjects(cfg["data"], needs_labels(cfg))
     if subjects is not None:
         pairs = pairs[subjects]
     imgs, labs, subs, measures = [], [], [], []
@@ -236,9 +264,11 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
             f"no training items in {cfg['data']['dir']} (2D: no slice has min_brain_fraction "
             f"{cfg['data']['min_brain_fraction']} of foreground; lower it)"
         )
-    if labels is not None and int(labels.max()) >= int(cfg["segmentation"]["num_classes"]):
+    num_classes = label_count(cfg)
+    if labels is not None and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
         raise MeddiffError(
-            f"labels go up to {int(labels.max())} but num_classes is {cfg['segmentation']['num_classes']}"
+            f"labels go from {int(labels.min())} to {int(labels.max())} but the model knows {num_classes} "
+            f"(0..{num_classes - 1}: {'label_map.labels' if cfg['kind'] != 'segmentation' else 'num_classes'})"
         )
     files = [str(p[0]) for p in pairs]
     seeds = cohort_seeds(Path(cfg["data"]["dir"]), [p[0] for p in pairs])
@@ -272,7 +302,7 @@ def validation_subjects(data_cfg: dict[str, Any], num_subjects: int) -> tuple[in
 def split_dataset(cfg: dict[str, Any], progress: bool = True) -> tuple[Dataset, Dataset | None]:
     """(train, validation): the last ``data.val_subjects`` subjects (`validation_subjects`) are kept for
     previews/metrics."""
-    pairs = list_subjects(cfg["data"], cfg["kind"])
+    pairs = list_subjects(cfg["data"], needs_labels(cfg))
     nval, _ = validation_subjects(cfg["data"], len(pairs))
     if nval:
         return (

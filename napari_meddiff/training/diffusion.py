@@ -23,7 +23,7 @@ from napari_meddiff.training.checkpoints import (
     save_checkpoint,
 )
 from napari_meddiff.training.conditions import drop_conditions, network_conditioning
-from napari_meddiff.training.data import crop_schedule, random_batch, random_crop
+from napari_meddiff.training.data import crop_schedule, label_count, random_batch, random_crop
 from napari_meddiff.training.device_setup import autocast, grad_scaler, resolve_training_precision
 from napari_meddiff.training.distributed import Dist, unwrap
 from napari_meddiff.training.optim import EMA, check_finite, clip_and_step, lr_lambda
@@ -112,7 +112,7 @@ class TrainingItems(NamedTuple):
 
     x0: torch.Tensor  # images or scaled latents (not for segmentation)
     condition: torch.Tensor | None  # segmentation: the images the labels belong to
-    labels: torch.Tensor | None  # segmentation: the labels to denoise
+    labels: torch.Tensor | None  # segmentation: the labels to denoise; a label-map model: the images' maps
     flip: bool  # random left-right flips
     conditions: torch.Tensor | None  # each item's condition values in [0, 1] (a conditional model)
 
@@ -132,7 +132,8 @@ class DiffusionTraining:
         tc = self.tc = cfg["training"]
         self.cfg, self.device, self.dist, self.work_dir, self.preview = cfg, device, dist, work_dir, preview
         self.seg = cfg["kind"] == "segmentation"
-        self.num_classes = int(cfg.get("segmentation", {}).get("num_classes", 0))
+        self.from_labels = cfg.get("label_map") is not None  # the image is denoised given its label map
+        self.num_classes = label_count(cfg) if self.seg or self.from_labels else 0
         self.precision = resolve_training_precision(tc["precision"], device)
         self.gen = seeded_generator(int(tc["seed"]), dist.rank, stream=1)
         self.net = build_network("unet", cfg["networks"]["unet"]).to(device)
@@ -228,7 +229,7 @@ class DiffusionTraining:
         """A random batch on the device: (x0 to denoise, image condition or None, condition values or None)."""
         cb = None
         if items.conditions is not None:
-            xb, yb, cb = random_batch(items.x0, None, self.batch_size, self.gen, items.flip, items.conditions)
+            xb, yb, cb = random_batch(items.x0, items.labels, self.batch_size, self.gen, items.flip, items.conditions)
             cb = drop_conditions(cb, float(self.cfg["conditioning"]["dropout"]), self.gen)
         else:
             source = items.x0 if not self.seg else items.condition
@@ -236,6 +237,8 @@ class DiffusionTraining:
         xb, yb = crop_pair(xb, yb, crop_schedule(self.tc, step), self.gen)
         if self.seg:
             return onehot_pm1(yb, self.num_classes).to(self.device), xb.to(self.device), cb
+        if self.from_labels:
+            return xb.to(self.device), onehot_pm1(yb, self.num_classes).to(self.device), cb
         return xb.to(self.device), None, cb
 
     def _preview_path(self, name: str) -> Path:

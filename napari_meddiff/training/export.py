@@ -70,6 +70,8 @@ def model_config(
         }
     if cfg["kind"] == "segmentation":
         out["segmentation"] = copy.deepcopy(cfg["segmentation"])
+    if cfg.get("label_map") is not None:
+        out["label_map"] = copy.deepcopy(cfg["label_map"])
     if conditioning is not None:
         out["conditioning"] = copy.deepcopy(conditioning)
     if cfg["spatial_dims"] == 2:

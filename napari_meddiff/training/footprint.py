@@ -34,8 +34,10 @@ def _per_level(value: Any, levels: int) -> list[int]:
 
 
 def unet_step_bytes(net: dict[str, Any], shape: Sequence[int], batch: int) -> float:
-    """Activation memory of one training step of the diffusion UNet ``net`` on ``batch`` items of grid ``shape``."""
+    """Activation memory of one training step of the diffusion UNet ``net`` on ``batch`` items of grid ``shape``
+    (a space-to-depth UNet's levels run on a grid that many times coarser)."""
     nd, voxels = len(shape), math.prod(int(s) for s in shape)
+    inner = voxels / int(net.get("space_to_depth") or 1) ** nd
     channels = [int(c) for c in net["channels"]]
     blocks = [2 * n + 1 for n in _per_level(net.get("num_res_blocks", UNET_DEFAULTS["num_res_blocks"]), len(channels))]
     heads_of = _per_level(net.get("num_head_channels", UNET_DEFAULTS["num_head_channels"]), len(channels))
@@ -43,7 +45,7 @@ def unet_step_bytes(net: dict[str, Any], shape: Sequence[int], batch: int) -> fl
     flash = bool(net.get("use_flash_attention", False))
     per_item = 0.0
     for level, c in enumerate(channels):
-        grid = voxels / 2 ** (nd * level)
+        grid = inner / 2 ** (nd * level)
         per_item += UNET_TENSORS_PER_BLOCK * (2 if nd == 3 else 1) * blocks[level] * c * grid
         if attention[level] and not flash:
             per_item += ATTENTION_COPIES * blocks[level] * max(1, c // heads_of[level]) * grid * grid

@@ -22,7 +22,14 @@ from napari_meddiff.training.conditions import fit_ranges
 from napari_meddiff.training.conditions import model_block as conditioning_block
 from napari_meddiff.training.conditions import scale as scale_conditions
 from napari_meddiff.training.config import Number, check_number, load_config
-from napari_meddiff.training.data import Dataset, cohort_seeds, list_subjects, split_dataset, validation_subjects
+from napari_meddiff.training.data import (
+    Dataset,
+    cohort_seeds,
+    list_subjects,
+    needs_labels,
+    split_dataset,
+    validation_subjects,
+)
 from napari_meddiff.training.device_setup import machine_description, setup_device
 from napari_meddiff.training.distributed import Dist
 from napari_meddiff.training.export import model_config
@@ -75,7 +82,7 @@ def plan_training(cfg: dict[str, Any], dev: torch.device, dist: Dist, autoencode
     in the device's free memory."""
     from napari_meddiff.training.footprint import check_steps_fit
 
-    pairs = list_subjects(cfg["data"], cfg["kind"])
+    pairs = list_subjects(cfg["data"], needs_labels(cfg))
     check_no_heldout_seeds(cohort_seeds(Path(cfg["data"]["dir"]), [image for image, _ in pairs]))
     _, note = validation_subjects(cfg["data"], len(pairs))
     if note and dist.main:
@@ -388,7 +395,7 @@ def _image_data(cfg: dict[str, Any], train_data: Dataset, item_conditions: torch
     flip = bool(cfg["data"].get("flip", True))
     if cfg["kind"] == "segmentation":
         return DiffusionData(None, train_data.images, train_data.labels, flip, item_conditions)
-    return DiffusionData(train_data.images, None, None, flip, item_conditions)
+    return DiffusionData(train_data.images, None, train_data.labels, flip, item_conditions)
 
 
 def _autoencoder_stage(
@@ -529,6 +536,9 @@ def _previewer(
             if val_data is not None:
                 _save_segmentation_preview(model, cfg, val_data, nval, val_steps, step, path)
             return
+        if cfg.get("label_map") is not None:
+            _save_label_map_preview(model, val_data or train_data, nval, val_steps, dev, step, path)
+            return
         real = val_data.images if val_data is not None else train_data.images
         _save_generation_preview(model, cfg, real, nval, val_steps, dev, step, path)
 
@@ -551,6 +561,28 @@ def _save_segmentation_preview(
             [p.numpy() / k for p in pred],
         ],
         f"step {step}: image / reference / predicted; Dice " + " ".join(f"{v:.3f}" for v in d),
+    )
+
+
+def _save_label_map_preview(
+    model: Any, data: Dataset, nval: int, val_steps: int, dev: torch.device, step: int, path: Path
+) -> None:
+    """Label maps of (validation) subjects, the images generated from them, and the subjects' real images."""
+    from napari_meddiff.tasks.from_labels import sample_from_label_arrays
+
+    idx = torch.linspace(0, len(data) - 1, min(nval, len(data))).long().unique()
+    settings = {"sampler": "dpm++", "steps": val_steps, "eta": 0.0, "precision": "fp32"}
+    gens = [torch.Generator().manual_seed(int(i)) for i in range(len(idx))]
+    fake = sample_from_label_arrays(model, data.labels[idx], gens, settings, dev)
+    k = max(len(model.label_map) - 1, 1)
+    save_grid(
+        path,
+        [
+            [lab.numpy() / k for lab in data.labels[idx]],
+            [f.numpy() for f in fake],
+            [r[0].numpy() for r in data.images[idx]],
+        ],
+        f"step {step}: label map / generated from it (dpm++ {val_steps} steps) / real",
     )
 
 

@@ -1,0 +1,158 @@
+"""Generate a scan from a label map (a tissue map: 0 background, 1 CSF, 2 GM, 3 WM, 4 lesion, as the model's
+``label_map`` names them): the map, one-hot, is the image condition of the one denoising loop, and the scan
+comes back on the map's own grid (its affine, shape and orientation)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_meddiff.diffusion.loop import StepInfo, denoise
+from napari_meddiff.diffusion.seeds import check_seeds, initial_noise, seeded_generators
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.geometry import ModelGrid, grid_to_volume, make_grid, sample_on_grid, snap_grid, world_box
+from napari_meddiff.io.volume import Volume
+from napari_meddiff.models import DiffusionModel, ModelConfigView
+from napari_meddiff.tasks.inputs import as_3d
+from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
+
+
+def grid_divisor(model: DiffusionModel) -> int:
+    """What every side of the UNet's input must be divisible by (its levels and its space-to-depth factor)."""
+    unet = model.config["networks"]["unet"]
+    return int(unet.get("space_to_depth") or 1) * 2 ** (len(unet["channels"]) - 1)
+
+
+def require_label_map(model: ModelConfigView, labels: object | None) -> None:
+    """A label-map model needs a map, and a map needs a label-map model: one line saying which is missing."""
+    if labels is None and model.label_map:
+        raise MeddiffError(
+            f"{model.name} generates a scan from a label map: give one (--labels MAP.nii.gz; in napari, a Labels "
+            "layer), with values " + ", ".join(f"{k} {v}" for k, v in model.label_map.items())
+        )
+    if labels is not None and not model.label_map:
+        raise MeddiffError(f"{model.name} does not generate from a label map; choose a model that declares one")
+
+
+def checked_label_values(model: DiffusionModel, array: np.ndarray, where: str = "the label map") -> np.ndarray:
+    """The map as integers, refused when it holds values the model has no label for (or fractions)."""
+    names = model.label_map
+    if not names:
+        raise MeddiffError(f"{model.name} does not generate from a label map (it declares no label_map)")
+    values = np.unique(array)
+    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+        raise MeddiffError(f"{where} holds non-integer values; a label map holds whole label numbers")
+    unknown = sorted(int(v) for v in values if int(v) not in names)
+    if unknown:
+        known = ", ".join(f"{k} {v}" for k, v in names.items())
+        raise MeddiffError(f"{where} holds label(s) {unknown} that {model.name} does not know (it knows {known})")
+    if values.max(initial=0) == 0:
+        raise MeddiffError(f"{where} is all background (0): nothing to generate an image of")
+    return np.asarray(array).astype(np.int64)
+
+
+def label_map_sha256(values: np.ndarray, affine: np.ndarray) -> str:
+    """What a label map is, whatever file or layer it came from: its values (as int16) and its affine."""
+    digest = hashlib.sha256(np.ascontiguousarray(values, dtype=np.int16).tobytes())
+    digest.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
+    digest.update(str(tuple(values.shape)).encode())
+    return digest.hexdigest()
+
+
+def checked_label_map(model: DiffusionModel, labels: Volume) -> tuple[Volume, str]:
+    """The map as a 3D volume of whole label numbers the model knows, and its `label_map_sha256`."""
+    labels = Volume(as_3d(labels.array, "the label map"), labels.affine, dict(labels.metadata))
+    values = checked_label_values(model, labels.array)
+    return Volume(values, labels.affine, labels.metadata), label_map_sha256(values, labels.affine)
+
+
+def label_grid(model: DiffusionModel, labels: Volume) -> ModelGrid:
+    """A RAS grid at the model's voxel size, centred on the map's labelled voxels and covering them: the model's
+    image shape, larger where the labels need it (the UNet is fully convolutional), sides divisible as it needs."""
+    index = np.argwhere(np.asarray(labels.array) > 0)
+    lo, hi = world_box(labels.affine, index.min(0), index.max(0))
+    voxel = np.asarray(model.voxel_size, dtype=float)
+    div = grid_divisor(model)
+    need = np.ceil((hi - lo) / voxel).astype(int) + 3
+    shape = [max(int(s), int(math.ceil(n / div) * div)) for s, n in zip(model.image_shape, need)]
+    return snap_grid(make_grid(voxel, shape, (lo + hi) / 2), labels)
+
+
+def one_hot_condition(label_arrays: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(B, *S) label values -> (B, K, *S) one-hot in {-1, 1}: the channels the UNet takes beside the image."""
+    return F.one_hot(label_arrays.long(), num_labels).movedim(-1, 1).float() * 2.0 - 1.0
+
+
+def sample_from_label_arrays(
+    model: DiffusionModel,
+    label_arrays: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    settings: dict,
+    device: torch.device,
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Images in [0, 1], ``(B, *S)``, for label maps ``(B, *S)`` on the model's voxel grid, one generator each."""
+    condition = one_hot_condition(label_arrays, len(model.label_map)).to(device)
+    x = initial_noise((1, *label_arrays.shape[1:]), generators, device)
+    x0 = denoise(
+        model, x, sampler=settings["sampler"], steps=settings["steps"], generators=generators, eta=settings["eta"],
+        image_condition=condition, on_step=on_step, should_cancel=should_cancel, precision=settings["precision"],
+    )  # fmt: skip
+    return x0[:, 0].clamp(0, 1).cpu()
+
+
+def generate_from_labels(
+    model: str | DiffusionModel,
+    labels: Volume,
+    seeds: Sequence[int] | int = 0,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+    batch_size: int = 1,
+    eta: float = 0.0,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> list[Volume]:
+    """One scan per seed for the label map ``labels``, each on the map's grid (intensities in [0, 1]: the
+    model's normalised range). The same seed, map and settings give the same scan."""
+    model, dev = prepare_model(model, device)
+    labels, digest = checked_label_map(model, labels)
+    values = labels.array
+    seeds = check_seeds([seeds] if isinstance(seeds, int) else [int(s) for s in seeds])
+    if batch_size < 1:
+        raise MeddiffError("batch size must be at least 1")
+    grid = label_grid(model, Volume(values.astype(np.float32), labels.affine))
+    on_grid = sample_on_grid(Volume(values.astype(np.float32), labels.affine), grid, labels=True)
+    settings = resolve_settings(model, "generate", dev, sampler=sampler, steps=steps, eta=eta, precision=precision)
+    present = {model.label_map[int(v)]: int(np.count_nonzero(values == v)) for v in np.unique(values)}
+    source = {"file": labels.metadata.get("source_path"), "voxels": present}
+    out: list[Volume] = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start : start + batch_size]
+        t0 = time.perf_counter()
+        maps = torch.from_numpy(np.rint(on_grid)).long().expand(len(chunk), *grid.shape)
+        images = sample_from_label_arrays(
+            model, maps, seeded_generators(chunk, dev), settings, dev, on_step=on_step, should_cancel=should_cancel
+        ).numpy()
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        for seed, image in zip(chunk, images):
+            vol = grid_to_volume(image, grid, labels)
+            vol.array = np.where(np.asarray(vol.array) > 0, vol.array, 0).astype(np.float32)
+            record = provenance(
+                model, dev, task="generate", seed=seed, **settings, batch_size=batch_size,
+                label_map_sha256=digest, label_map=source,
+            )  # fmt: skip
+            record["seconds"] = round(seconds, 3)
+            vol.metadata = {**labels.metadata, "provenance": record}
+            out.append(vol)
+    return out

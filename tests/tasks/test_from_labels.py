@@ -1,0 +1,110 @@
+"""Generating a scan from a label map: the map's grid kept (oblique, anisotropic), seeds reproducible, a map the
+model cannot read refused in one line, and the command line writing each scan on the map's grid with the map's
+digest in its sidecar."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.volume import Volume, read_volume
+from tests.helpers import assert_one_line_error, run_cli
+
+LABELS = {0: "background", 1: "CSF", 2: "GM", 3: "WM", 4: "lesion"}
+
+
+@pytest.fixture(scope="module")
+def label_model(tmp_path_factory):
+    from napari_meddiff.models import load_model
+    from napari_meddiff.testing.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("label-models")
+    return load_model(make_tiny_model(root / "tiny-from-labels-3d", "ddpm", 3, label_map=LABELS), device="cpu")
+
+
+def tissue_map(shape=(21, 26, 13), affine=None) -> Volume:
+    """Nested ellipsoids: WM inside GM inside CSF, a lesion in the WM; an oblique, anisotropic grid by default."""
+    if affine is None:
+        c, s = np.cos(0.3), np.sin(0.3)
+        affine = np.array([[3.0 * c, -2.5 * s, 0, -30], [3.0 * s, 2.5 * c, 0, -40], [0, 0, 5.0, -20], [0, 0, 0, 1]])
+    idx = np.indices(shape).astype(float)
+    r = np.sqrt(sum(((i - (n - 1) / 2) / (n / 2)) ** 2 for i, n in zip(idx, shape)))
+    labels = np.select([r < 0.35, r < 0.6, r < 0.8], [3, 2, 1], 0).astype(np.int16)
+    labels[tuple(n // 2 for n in shape)] = 4
+    return Volume(labels, affine)
+
+
+def test_a_scan_comes_back_on_the_label_maps_grid(label_model):
+    from napari_meddiff.tasks.generate import generate
+
+    labels = tissue_map()
+    vol, other = generate(label_model, [3, 4], labels=labels, steps=2, device="cpu", batch_size=2)
+    assert vol.shape == labels.shape and np.array_equal(vol.affine, labels.affine)
+    assert np.isfinite(vol.array).all() and vol.array.min() >= 0 and vol.array.max() <= 1
+    assert not np.array_equal(vol.array, other.array)  # another seed, another scan
+    (again,) = generate(label_model, [3], labels=labels, steps=2, device="cpu", batch_size=1)
+    np.testing.assert_allclose(again.array, vol.array, atol=1e-5)  # the same seed, the same scan
+    prov = vol.metadata["provenance"]
+    assert prov["seed"] == 3 and prov["label_map"]["voxels"]["lesion"] == 1 and len(prov["label_map_sha256"]) == 64
+
+
+def test_the_map_conditions_the_scan(label_model):
+    """Another map gives another scan from the same seed: the labels reach the network."""
+    from napari_meddiff.tasks.from_labels import generate_from_labels
+
+    labels = tissue_map()
+    changed = Volume(np.where(labels.array == 3, 2, labels.array).astype(np.int16), labels.affine)
+    (a,) = generate_from_labels(label_model, labels, [0], steps=2, device="cpu")
+    (b,) = generate_from_labels(label_model, changed, [0], steps=2, device="cpu")
+    assert np.abs(a.array - b.array)[labels.array == 3].mean() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "array,message",
+    [
+        (np.full((8, 8, 8), 7, np.int16), "label(s) [7]"),
+        (np.full((8, 8, 8), 1.5, np.float32), "non-integer"),
+        (np.zeros((8, 8, 8), np.int16), "all background"),
+    ],
+)
+def test_a_map_the_model_cannot_read_is_refused(label_model, array, message):
+    from napari_meddiff.tasks.from_labels import generate_from_labels
+
+    with pytest.raises(MeddiffError, match=re.escape(message)):
+        generate_from_labels(label_model, Volume(array, np.diag([2.0, 2, 2, 1])), [0], steps=1, device="cpu")
+
+
+def test_maps_and_models_must_match(label_model, tiny_models):
+    from napari_meddiff.tasks.generate import generate
+
+    with pytest.raises(MeddiffError, match="generates a scan from a label map: give one"):
+        generate(label_model, [0], steps=1, device="cpu")
+    with pytest.raises(MeddiffError, match="does not generate from a label map"):
+        generate(tiny_models["ddpm3d"], [0], steps=1, device="cpu", labels=tissue_map())
+
+
+def test_cli_generates_on_the_maps_grid_and_keeps_a_scan_made_from_another_map(tmp_path, label_model):
+    labels = tissue_map()
+    path = tmp_path / "map.nii.gz"
+    nib.save(nib.Nifti1Image(labels.array, labels.affine), path)
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(label_model.path), "--labels", str(path), "--num", "2", "--steps", "2"]
+    first = run_cli(*args, "--out", out)
+    assert first.returncode == 0, first.stderr
+    written = read_volume(out / "tiny-from-labels-3d_seed1.nii.gz")
+    assert written.shape == labels.shape and np.allclose(written.affine, labels.affine, atol=1e-5)
+    sidecar = json.loads((out / "tiny-from-labels-3d_seed1.json").read_text())
+    assert len(sidecar["label_map_sha256"]) == 64 and sidecar["label_map"]["file"] == str(path)
+    before = (out / "tiny-from-labels-3d_seed1.nii.gz").read_bytes()
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(labels.array == 4, 3, labels.array).astype(np.int16), labels.affine), other)
+    result = run_cli(*args[:4], other, *args[5:], "--out", out)
+    assert_one_line_error(result, "label_map_sha256")
+    assert (out / "tiny-from-labels-3d_seed1.nii.gz").read_bytes() == before
+    missing = run_cli("generate", "--model", label_model.path, "--out", tmp_path / "o2")
+    assert_one_line_error(missing, "give one (--labels MAP.nii.gz")
