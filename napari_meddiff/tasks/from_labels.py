@@ -121,10 +121,13 @@ def generate_from_labels(
     batch_size: int = 1,
     eta: float = 0.0,
     on_step: Callable[[StepInfo], None] | None = None,
+    on_preview: Callable[[Volume], None] | None = None,
+    preview_every: int = 0,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[Volume]:
     """One scan per seed for the label map ``labels``, each on the map's grid (intensities in [0, 1]: the
-    model's normalised range). The same seed, map and settings give the same scan."""
+    model's normalised range). The same seed, map and settings give the same scan. ``on_preview`` receives the
+    chain's current estimate of a batch's first scan, on the map's grid, every ``preview_every`` steps."""
     model, dev = prepare_model(model, device)
     labels, digest = checked_label_map(model, labels)
     values = labels.array
@@ -141,13 +144,13 @@ def generate_from_labels(
         chunk = seeds[start : start + batch_size]
         t0 = time.perf_counter()
         maps = torch.from_numpy(np.rint(on_grid)).long().expand(len(chunk), *grid.shape)
+        hook = _with_previews(on_step, on_preview, preview_every, lambda x0: _on_map_grid(x0[0, 0], grid, labels))
         images = sample_from_label_arrays(
-            model, maps, seeded_generators(chunk, dev), settings, dev, on_step=on_step, should_cancel=should_cancel
+            model, maps, seeded_generators(chunk, dev), settings, dev, on_step=hook, should_cancel=should_cancel
         ).numpy()
         seconds = (time.perf_counter() - t0) / len(chunk)
         for seed, image in zip(chunk, images):
-            vol = grid_to_volume(image, grid, labels)
-            vol.array = np.where(np.asarray(vol.array) > 0, vol.array, 0).astype(np.float32)
+            vol = _on_map_grid(image, grid, labels)
             record = provenance(
                 model, dev, task="generate", seed=seed, **settings, batch_size=batch_size,
                 label_map_sha256=digest, label_map=source,
@@ -156,3 +159,30 @@ def generate_from_labels(
             vol.metadata = {**labels.metadata, "provenance": record}
             out.append(vol)
     return out
+
+
+def _on_map_grid(image: np.ndarray | torch.Tensor, grid: ModelGrid, labels: Volume) -> Volume:
+    """An image in [0, 1] on the model's grid, brought onto the label map's grid."""
+    image = np.asarray(torch.as_tensor(image).clamp(0, 1).cpu())
+    vol = grid_to_volume(image, grid, labels)
+    vol.array = np.clip(np.asarray(vol.array, np.float32), 0.0, 1.0)
+    return vol
+
+
+def _with_previews(
+    on_step: Callable[[StepInfo], None] | None,
+    on_preview: Callable[[Volume], None] | None,
+    every: int,
+    to_volume: Callable[[torch.Tensor], Volume],
+) -> Callable[[StepInfo], None] | None:
+    """The loop's step hook: progress, and every ``every`` steps (not the last: the result follows) a preview."""
+    if on_preview is None or not every:
+        return on_step
+
+    def hook(info: StepInfo) -> None:
+        if on_step is not None:
+            on_step(info)
+        if info.index % every == 0 and info.index < info.total:
+            on_preview(to_volume(info.pred_x0))
+
+    return hook

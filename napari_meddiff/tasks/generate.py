@@ -81,7 +81,8 @@ def generate(
     ``on_preview`` receives decoded previews every ``preview_every`` steps (0: never). ``release_unet``: free
     the model's UNet once the last batch is denoised, before its decoding (`DiffusionModel.release_unet`; for
     a process that samples no more: the command line); the same volumes.
-    ``labels``: the label map a label-map model generates from (`generate_from_labels`; each volume on its grid).
+    ``labels``: the label map a label-map model generates from (`generate_from_labels`; each volume on its grid;
+    previews through its own ``on_preview``, on the map's grid).
     """
     model, dev = prepare_model(model, device)
     if model.kind == "segmentation":

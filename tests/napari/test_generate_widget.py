@@ -271,3 +271,35 @@ def test_model_picker_states(make_napari_viewer, tiny_models, tmp_path, monkeypa
     seed = widget.sampling.seed.value()
     widget.sampling.random_button.click()
     assert widget.sampling.seed.value() != seed or widget.sampling.seed.value() == 0
+
+
+def test_a_label_map_model_generates_on_the_chosen_labels_layers_grid(make_napari_viewer, qtbot, tmp_path):
+    """Paint the anatomy, generate: the Label map row appears for a label-map model, no Labels layer is a
+    message (nothing runs), and the scan comes on the Labels layer's grid, as the core makes it, bit for bit."""
+    from napari_meddiff.io.volume import Volume
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.from_labels import generate_from_labels
+    from napari_meddiff.testing.tiny_models import make_tiny_model
+    from tests.tasks.test_from_labels import LABELS, tissue_map
+
+    folder = make_tiny_model(tmp_path / "tiny-from-labels-3d", "ddpm", 3, label_map=LABELS)
+    viewer, widget = open_widget(make_napari_viewer, folder)
+    assert widget.label_map.isVisibleTo(widget) and "from a label map: 0 background" in widget.model_summary.text()
+    widget.sampling.steps.setValue(3)
+    widget.sampling.seed.setValue(5)
+    widget.preview_every.setValue(1)
+    with notification_manager:
+        widget.generate_button.click()
+    assert not widget.runner.running and any("generates from a label map" in str(n.message)
+                                             for n in notification_manager.records)  # fmt: skip
+    labels = tissue_map()
+    layer = viewer.add_labels(labels.array, affine=labels.affine, name="tissue")
+    assert widget.label_map.layer() is layer
+    run_and_wait(qtbot, widget)
+    result = viewer.layers["tiny-from-labels-3d_seed5"]
+    assert result.data.shape == labels.shape
+    np.testing.assert_allclose(result.data_to_world((0, 0, 0)), labels.affine[:3, 3], atol=1e-6)
+    assert list(layer.features["label"]) == list(LABELS.values())
+    (ref,) = generate_from_labels(load_model(folder), Volume(labels.array, labels.affine), [5], steps=3, device="cpu")
+    np.testing.assert_array_equal(result.data, ref.array)
+    assert_usable(widget)

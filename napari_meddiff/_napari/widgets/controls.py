@@ -25,8 +25,9 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from napari.layers import Labels, Layer
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, QSize, Qt, Signal
 from qtpy.QtWidgets import (
@@ -48,6 +49,9 @@ from qtpy.QtWidgets import (
 from napari_meddiff.choices import SAMPLERS
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.models import DEFAULT_MODEL, ModelConfigView, available_models, find_model_dir, read_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,10 @@ class ModelInfo(ModelConfigView):
         voxel = "×".join(f"{v:g}" for v in self.voxel_size)
         context = self.context_slices
         dims = f"2.5D (each slice ±{context})" if context else f"{self.spatial_dims}D"
-        return f"{dims} {KIND_NAMES.get(self.kind, self.kind)} · {shape} voxels of {voxel} mm"
+        text = f"{dims} {KIND_NAMES.get(self.kind, self.kind)} · {shape} voxels of {voxel} mm"
+        if self.label_map:
+            text += " · from a label map: " + ", ".join(f"{k} {v}" for k, v in self.label_map.items())
+        return text
 
 
 class _RescanningCombo(QComboBox):
@@ -415,3 +422,47 @@ class ProgressRow(QWidget):
         self.bar.setValue(0)
         self.label.setText(text)
         self.cancel_button.setEnabled(False)
+
+
+# metadata key of the layers a running task shows its chain in ("(generating…)", inpainting previews): not inputs
+PREVIEW_KEY = "meddiff_preview"
+
+
+class LayerCombo(QComboBox):
+    """The viewer's layers of one type, kept in sync with the layer list (selection kept by name)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, layer_type: type, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer, self.layer_type = viewer, layer_type
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
+            event.connect(self.refresh)
+        self.refresh()
+
+    def candidates(self) -> list[Layer]:
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, self.layer_type) and not layer.metadata.get(PREVIEW_KEY)
+        ]
+
+    def refresh(self, *_: Any) -> None:
+        keep = self.currentText()
+        blocked = self.blockSignals(True)
+        self.clear()
+        for layer in self.candidates():
+            self.addItem(layer.name)
+            layer.events.name.disconnect(self.refresh)  # no duplicate connections
+            layer.events.name.connect(self.refresh)
+        index = self.findText(keep)
+        self.setCurrentIndex(index if index >= 0 else (self.count() - 1 if self.layer_type is Labels else 0))
+        self.blockSignals(blocked)
+        self.currentIndexChanged.emit(self.currentIndex())
+
+    def layer(self) -> Layer | None:
+        name = self.currentText()
+        return next((layer for layer in self.candidates() if layer.name == name), None)
+
+    def select(self, layer: Layer) -> None:
+        self.setCurrentIndex(self.findText(layer.name))

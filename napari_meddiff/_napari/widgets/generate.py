@@ -16,7 +16,9 @@ from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to
 from napari_meddiff._napari.widgets.conditions import ConditionControls
 from napari_meddiff._napari.widgets.controls import (
     MAX_SEED,
+    PREVIEW_KEY,
     DevicePicker,
+    LayerCombo,
     ModelInfo,
     ModelPicker,
     ProgressRow,
@@ -43,7 +45,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
 
 GENERATIVE_KINDS = ("ddpm", "ldm")
-PREVIEW_KEY = "meddiff_preview"
 DEFAULT_PREVIEW_EVERY = 5
 
 
@@ -74,11 +75,15 @@ def generate_task(
     preview_every: int,
     conditions: dict[str, float] | None = None,
     guidance_scale: float = 1.0,
+    labels: Volume | None = None,
 ) -> int:
-    """Worker-thread body: one chain per seed, emitting previews and each result as it is done."""
+    """Worker-thread body: one chain per seed, emitting previews and each result as it is done (a label-map
+    model: each on the grid of ``labels``)."""
     from napari_meddiff.tasks.generate import generate, to_volume
 
     model = load_model_cached(model_ref, device)
+    if labels is not None:
+        return _generate_from_labels(ctx, model, labels, seeds, sampler, steps, preview_every, device)
     total = len(seeds) * steps
     for n, seed in enumerate(seeds):
         name = f"{model.name}_seed{seed}"
@@ -104,6 +109,33 @@ def generate_task(
     return len(seeds)
 
 
+def _generate_from_labels(
+    ctx: TaskContext, model, labels: Volume, seeds: list[int], sampler: str, steps: int, preview_every: int, device: str
+) -> int:
+    """`generate_task` for a label-map model: previews and results on the label map's grid."""
+    from napari_meddiff.tasks.from_labels import generate_from_labels
+
+    total = len(seeds) * steps
+    for n, seed in enumerate(seeds):
+        name = f"{model.name}_seed{seed}"
+        ctx.progress(n * steps, total, None, f"seed {seed}")
+        (vol,) = generate_from_labels(
+            model, labels, [seed], sampler=sampler, steps=steps, device=device,
+            on_step=ctx.step_callback(n * steps, total, f"seed {seed}"),
+            on_preview=lambda preview, name=name: ctx.emit(PreviewEvent(name, preview)),
+            preview_every=preview_every, should_cancel=ctx.should_cancel,
+        )  # fmt: skip
+        ctx.emit(ResultEvent(name, vol))
+    return len(seeds)
+
+
+def name_labels(layer: Labels, names: dict[int, str]) -> None:
+    """Give a Labels layer the model's label names, shown in the status bar under the cursor (its features)."""
+    import pandas as pd
+
+    layer.features = pd.DataFrame({"index": list(names), "label": list(names.values())})
+
+
 class GenerateWidget(QWidget):
     """Model, sampler, steps, seed, number of samples, device, live preview; Generate / Cancel / Save."""
 
@@ -126,6 +158,7 @@ class GenerateWidget(QWidget):
         self.generate_button.clicked.connect(self.run)
         self.save_button.clicked.connect(self.save_selected)
         self._info: ModelInfo | None = None
+        self._labels: Volume | None = None  # the label map of the running task (a label-map model)
         self._pending: Layer | None = None  # the layer the running chain fills
         self._pending_seeds: list[int] = []
         self._results: list[Layer] = []
@@ -145,6 +178,11 @@ class GenerateWidget(QWidget):
     def _create_editors(self) -> None:
         """The settings' editors, with their ranges and tooltips."""
         self.model_picker = ModelPicker(kinds=GENERATIVE_KINDS)
+        self.label_map = LayerCombo(self.viewer, Labels)
+        self.label_map.setToolTip(
+            "The label map to generate from (a Labels layer: open a tissue map, or segment a scan, and paint); "
+            "each scan comes on its grid"
+        )
         self.sampling = SamplingControls(self)
         self.conditions = ConditionControls()
         self.num_samples = QSpinBox()
@@ -162,6 +200,8 @@ class GenerateWidget(QWidget):
     def _settings_form(self) -> QWidget:
         settings, form = settings_form()
         self.model_summary = add_model_rows(form, self.model_picker)
+        form.addRow("Label map", self.label_map)
+        self._label_map_label = form.labelForField(self.label_map)
         form.addRow(self.conditions)
         self.sampling.add_rows(form)
         form.addRow("Samples", self.num_samples)
@@ -180,6 +220,8 @@ class GenerateWidget(QWidget):
         self._sync_buttons()
         if info is None:
             self.conditions.set_model(None)
+            self.label_map.setVisible(False)
+            self._label_map_label.setVisible(False)
             self.model_summary.setText("No generative model found. Use “Open model folder…” to pick one.")
             return
         notes = info.geometry_notes
@@ -188,6 +230,8 @@ class GenerateWidget(QWidget):
         )
         self.conditions.set_model(info)
         self.sampling.set_defaults(info)
+        for widget in (self.label_map, self._label_map_label):
+            widget.setVisible(bool(info.label_map))
         is_3d = info.spatial_dims == 3
         self.preview_every.setVisible(is_3d)
         self._preview_label.setVisible(is_3d)
@@ -203,6 +247,9 @@ class GenerateWidget(QWidget):
         if self.runner.running:
             return
         wait_loaded()  # the button waits for the background import; a direct call waits here
+        labels = self._label_map_volume(info)
+        if info.label_map and labels is None:
+            return
         sampler, steps, seed = self.sampling.values()
         seeds = list(range(seed, seed + self.num_samples.value()))
         preview_every = self.preview_every.value() if info.spatial_dims == 3 else 1
@@ -216,13 +263,35 @@ class GenerateWidget(QWidget):
             preview_every=preview_every,
             conditions=self.conditions.values() or None,
             guidance_scale=self.conditions.guidance_scale(),
+            labels=labels,
         )
         self._info, self._pending_seeds, self._results = info, list(seeds), []
+        self._labels = labels
         # the layer for the first volume appears now (napari's layer set-up costs the click, not the run),
         # transparent until its first preview: empty, it would cover the canvas in black
         self._first_layer = True
         self._pending = self._add_pending()
         self.runner.start(task, on_event=self._on_event, on_stop=self._on_stop, text=f"Loading {info.name}…")
+
+    def _label_map_volume(self, info: ModelInfo) -> Volume | None:
+        """A label-map model's map: the chosen Labels layer as a volume (a copy: painting may go on), named with
+        the model's labels; None (and a message) when there is none or it cannot be read."""
+        if not info.label_map:
+            return None
+        layer = self.label_map.layer()
+        if layer is None:
+            show_error(
+                f"Generate: {info.name} generates from a label map; add a Labels layer (open a tissue map, or "
+                "segment a scan) and choose it under Label map"
+            )
+            return None
+        try:
+            vol = layer_to_volume(layer)
+        except MeddiffError as exc:
+            show_error(f"Generate: {exc}")
+            return None
+        name_labels(layer, info.label_map)
+        return Volume(np.array(vol.array), vol.affine, {"source_path": layer.name})
 
     def cancel(self) -> None:
         self.runner.cancel()
@@ -238,7 +307,10 @@ class GenerateWidget(QWidget):
         from napari_meddiff.tasks.generate import to_volume
 
         seed = self._pending_seeds[0]
-        empty = to_volume(self._info, np.zeros(self._info.image_shape, np.float32))  # the model grid, as generated
+        if self._labels is not None:  # a label-map model's scans come on the map's grid
+            empty = Volume(np.zeros(self._labels.array.shape[:3], np.float32), self._labels.affine)
+        else:
+            empty = to_volume(self._info, np.zeros(self._info.image_shape, np.float32))  # the model grid
         data, meta, layer_type = volume_to_layer_data(
             empty, f"{self._info.name}_seed{seed} (generating…)", layer_type="image", contrast_limits=(0.0, 1.0)
         )

@@ -19,7 +19,9 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QPushButton, QSpinBox, QWidget
 from napari_meddiff._napari.layers import layer_to_volume, volume_to_layer_data
 from napari_meddiff._napari.widgets.conditions import ConditionControls
 from napari_meddiff._napari.widgets.controls import (
+    PREVIEW_KEY,
     DevicePicker,
+    LayerCombo,
     ModelInfo,
     ModelPicker,
     ProgressRow,
@@ -43,7 +45,6 @@ from napari_meddiff.io.volume import Volume
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-PREVIEW_KEY = "meddiff_preview"
 AXES = ("axial", "coronal", "sagittal")
 MAX_CANDIDATES = 16
 
@@ -119,46 +120,6 @@ def inpaint_task(
     for c, vol in enumerate(volumes):
         ctx.emit(ResultEvent(f"{base_name} inpainted s{seed + c}", vol))
     return len(volumes)
-
-
-class LayerCombo(QComboBox):
-    """The viewer's layers of one type, kept in sync with the layer list (selection kept by name)."""
-
-    def __init__(self, viewer: napari.viewer.Viewer, layer_type: type, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer, self.layer_type = viewer, layer_type
-        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.setMinimumContentsLength(12)
-        for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
-            event.connect(self.refresh)
-        self.refresh()
-
-    def candidates(self) -> list[Layer]:
-        return [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, self.layer_type) and not layer.metadata.get(PREVIEW_KEY)
-        ]
-
-    def refresh(self, *_: Any) -> None:
-        keep = self.currentText()
-        blocked = self.blockSignals(True)
-        self.clear()
-        for layer in self.candidates():
-            self.addItem(layer.name)
-            layer.events.name.disconnect(self.refresh)  # no duplicate connections
-            layer.events.name.connect(self.refresh)
-        index = self.findText(keep)
-        self.setCurrentIndex(index if index >= 0 else (self.count() - 1 if self.layer_type is Labels else 0))
-        self.blockSignals(blocked)
-        self.currentIndexChanged.emit(self.currentIndex())
-
-    def layer(self) -> Layer | None:
-        name = self.currentText()
-        return next((layer for layer in self.candidates() if layer.name == name), None)
-
-    def select(self, layer: Layer) -> None:
-        self.setCurrentIndex(self.findText(layer.name))
 
 
 class InpaintWidget(QWidget):

@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 
 from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to_layer_data
 from napari_meddiff._napari.widgets.controls import (
+    PREVIEW_KEY,
     DevicePicker,
     ModelInfo,
     ModelPicker,
@@ -40,7 +41,6 @@ from napari_meddiff._napari.widgets.controls import (
     settings_form,
     stack_vertically,
 )
-from napari_meddiff._napari.widgets.generate import PREVIEW_KEY
 from napari_meddiff._napari.widgets.runner import (
     Machine,
     TaskContext,
