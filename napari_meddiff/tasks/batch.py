@@ -42,7 +42,8 @@ from napari_meddiff.models import sha256_file
 MANIFEST_NAME = "cohort.csv"
 
 
-MANIFEST_COLUMNS = ("file", "seed", "model", "sha256", "seconds", "conditions")
+MANIFEST_COLUMNS = ("file", "seed", "model", "sha256", "seconds", "conditions", "label_map_sha256")
+EARLIER_MANIFEST_COLUMNS = MANIFEST_COLUMNS[:-1]  # before label maps: still ours, rebuilt with the new column
 
 
 #: sidecar fields that must match for an existing subject to count as part of the same cohort
@@ -227,6 +228,7 @@ def collect_rows(out: Path) -> ManifestReport:
                 "sha256": meta["sha256"],
                 "seconds": meta.get("seconds", ""),
                 "conditions": conditions_text(meta),
+                "label_map_sha256": meta.get("label_map_sha256", ""),
             }
         )
     for image in sorted(out.glob("*_seed*.nii.gz")):
@@ -273,7 +275,7 @@ def check_manifest_is_ours(out: Path) -> None:
     """Refuse a folder whose ``cohort.csv`` is another file (a training cohort's subject list, written by
     ``meddiff cohort``, has the same name): rebuilding it from generate's sidecars would lose it."""
     check_csv_is_ours(
-        Path(out) / MANIFEST_NAME, [MANIFEST_COLUMNS], ours="a manifest of generated volumes",
+        Path(out) / MANIFEST_NAME, [MANIFEST_COLUMNS, EARLIER_MANIFEST_COLUMNS], ours="a manifest of generated volumes",
         theirs="a training cohort from `meddiff cohort`", advice="generate into another folder",
     )  # fmt: skip
 

@@ -100,6 +100,8 @@ def test_cli_generates_on_the_maps_grid_and_keeps_a_scan_made_from_another_map(t
     assert written.shape == labels.shape and np.allclose(written.affine, labels.affine, atol=1e-5)
     sidecar = json.loads((out / "tiny-from-labels-3d_seed1.json").read_text())
     assert len(sidecar["label_map_sha256"]) == 64 and sidecar["label_map"]["file"] == str(path)
+    manifest = (out / "cohort.csv").read_text().splitlines()
+    assert manifest[0].endswith(",label_map_sha256") and manifest[2].endswith(sidecar["label_map_sha256"])
     before = (out / "tiny-from-labels-3d_seed1.nii.gz").read_bytes()
     other = tmp_path / "other.nii.gz"
     nib.save(nib.Nifti1Image(np.where(labels.array == 4, 3, labels.array).astype(np.int16), labels.affine), other)
