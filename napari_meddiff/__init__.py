@@ -1,9 +1,10 @@
 """napari-meddiff: DDPM and latent diffusion models for 3D medical images (NIfTI), in napari and on the CLI.
 
 The public API (``import napari_meddiff as md``): `read_volume` / `write_volume` and `Volume` (``io``),
-`load_model` / `available_models` (``models``), and the tasks `generate`, `inpaint`, `segment` (``tasks``).
+`load_model` / `available_models` (``models``), the tasks `generate`, `inpaint`, `segment` (``tasks``) and
+`audit` (``audit``: memorization, diversity and fidelity of a synthetic set).
 Subpackages: ``io``, ``models``, ``diffusion``, ``autoencoder``, ``tasks``, ``runtime``, ``data``,
-``training``, ``review``, ``testing``; the shells ``cli`` and ``_napari``.
+``training``, ``review``, ``audit``, ``testing``; the shells ``cli`` and ``_napari``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _LAZY = {
     "generate": "tasks.generate",
     "inpaint": "tasks.inpaint",
     "segment": "tasks.segment",
+    "audit": "audit",
 }
 
 
@@ -44,6 +46,7 @@ __all__ = [
     "Cancelled",
     "MeddiffError",
     "Volume",
+    "audit",
     "available_models",
     "generate",
     "inpaint",

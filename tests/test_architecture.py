@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "napari_meddiff"
 # from the top down: a subpackage may import those on its own level or below, never above
 LAYERS = [
     {"cli", "_napari"},
-    {"training", "review"},
+    {"training", "review", "audit"},
     {"tasks", "testing"},
     {"diffusion", "autoencoder"},
     {"models", "data"},
