@@ -13,7 +13,7 @@ import warnings
 from napari_meddiff import __version__
 from napari_meddiff.errors import Cancelled, MeddiffError
 
-COMMAND_MODULES = ["models", "fetch", "generate", "train", "cohort", "review", "segment", "inpaint"]
+COMMAND_MODULES = ["models", "fetch", "generate", "train", "cohort", "review", "segment", "inpaint", "audit"]
 LEAN_MONAI_COMMANDS = ("generate", "segment", "inpaint")  # they run models: MONAI without its plotting etc.
 
 
