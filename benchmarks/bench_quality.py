@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, precisions_for, save, table  # noqa: E402
 
 from napari_meddiff import generate, load_model  # noqa: E402
+from napari_meddiff.audit.fidelity import mmd2, mmd2_pvalue  # noqa: E402  (moved into the package)
 from napari_meddiff.autoencoder.passes import encode_images  # noqa: E402
 
 ALPHA = 0.05  # a setting is "measurably worse" when its permutation p-value against reference A is below this
@@ -49,32 +50,6 @@ def features(model, images: np.ndarray) -> np.ndarray:
             parts.append(pool(z, 2).flatten().cpu().numpy())
         rows.append(np.concatenate(parts))
     return np.stack(rows)
-
-
-def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
-    """Unbiased squared MMD with an RBF kernel."""
-
-    def k(a, b):
-        d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-        return np.exp(-d / (2 * bandwidth**2))
-
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    n, m = len(x), len(y)
-    return float(
-        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
-    )
-
-
-def mmd2_pvalue(x: np.ndarray, y: np.ndarray, bandwidth: float, permutations: int = 1000, seed: int = 0) -> float:
-    """Permutation p-value of MMD^2(x, y): how often relabelling the pooled samples gives at least as large."""
-    observed = mmd2(x, y, bandwidth)
-    pooled = np.concatenate([x, y])
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for _ in range(permutations):
-        order = rng.permutation(len(pooled))
-        hits += mmd2(pooled[order[: len(x)]], pooled[order[len(x) :]], bandwidth) >= observed
-    return float((hits + 1) / (permutations + 1))
 
 
 def sample(model, seeds, sampler, steps, precision, batch):

@@ -43,6 +43,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from napari_meddiff.audit.fidelity import (  # noqa: E402,F401  (the two-sample test lives in the package now)
+    SmallCNN,
+    axial_slices,
+    c2st,
+    c2st_slices,
+    train_classifier,
+    two_sample_test,
+)
 from napari_meddiff.training.export import write_measured_section  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -149,146 +157,6 @@ def wasserstein(a: np.ndarray, b: np.ndarray, threshold: float = 0.1) -> float:
     from scipy.stats import wasserstein_distance
 
     return float(wasserstein_distance(a[a > threshold].ravel()[::7], b[b > threshold].ravel()[::7]))
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self, dims: int) -> None:
-        super().__init__()
-        conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
-        layers, c = [], 1
-        for out in (16, 32, 64):
-            layers += [conv(c, out, 3, stride=2, padding=1), torch.nn.GroupNorm(8, out), torch.nn.SiLU()]
-            c = out
-        self.features = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(c, 1)
-
-    def forward(self, x):
-        if x.ndim == 5:  # 3D: halve the resolution first (cost); blur and shape differences survive it
-            x = torch.nn.functional.avg_pool3d(x, 2)
-        f = self.features(x)
-        return self.head(f.flatten(2).mean(-1)).squeeze(-1)
-
-
-def train_classifier(
-    dims: int, xtr: torch.Tensor, ytr: torch.Tensor, steps: int, bs: int, g: torch.Generator, seed: int
-) -> SmallCNN:
-    """A `SmallCNN` trained on ``xtr``/``ytr`` (batches drawn with replacement, random left-right flips); in eval
-    mode."""
-    torch.manual_seed(seed)
-    net = SmallCNN(dims)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xtr), (bs,), generator=g)
-        x = xtr[idx].clone()
-        flip = torch.rand(bs, generator=g) < 0.5
-        x[flip] = x[flip].flip(2)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
-def c2st(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, min_steps: int = 400, epochs: int = 15) -> dict:
-    """Classifier two-sample test: held-out accuracy of a small CNN (2-fold, swapped); 0.5 is best.
-
-    The CNN trains for at least ``min_steps`` steps (batches drawn with replacement, random flips) so that small
-    samples (3D) still get a trained classifier; a classifier that ends up predicting one class for every test
-    image is reported as ``degenerate`` (its 0.5 says nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    n = min(len(real), len(fake))
-    real = real[torch.randperm(len(real), generator=g)[:n]]
-    fake = fake[torch.randperm(len(fake), generator=g)[:n]]
-    half = n // 2
-    accs, degenerate, train_accs = [], [], []
-    bs = min(32, 2 * half)
-    steps = max(min_steps, epochs * (2 * half) // bs)
-    for fold in range(2):
-        tr = slice(0, half) if fold == 0 else slice(half, 2 * half)
-        te = slice(half, 2 * half) if fold == 0 else slice(0, half)
-        xtr = torch.cat([real[tr], fake[tr]])
-        ytr = torch.cat([torch.ones(half), torch.zeros(half)])
-        xte = torch.cat([real[te], fake[te]])
-        yte = torch.cat([torch.ones(half), torch.zeros(half)])
-        net = train_classifier(real.ndim - 2, xtr, ytr, steps, bs, g, seed + fold)
-        with torch.no_grad():
-            pred = torch.cat([net(xte[i : i + 64]) for i in range(0, len(xte), 64)]) > 0
-            ptr = torch.cat([net(xtr[i : i + 64]) for i in range(0, len(xtr), 64)]) > 0
-        accs.append(float((pred.float() == yte).float().mean()))
-        train_accs.append(float((ptr.float() == ytr).float().mean()))
-        degenerate.append(bool(pred.all() or (~pred).all()))
-    return {
-        "accuracy": round(float(np.mean(accs)), 4),
-        "folds": [round(a, 4) for a in accs],
-        "train_accuracy": [round(a, 4) for a in train_accs],
-        "degenerate": any(degenerate),
-        "n_per_class": int(n),
-        "test_per_fold": int(2 * half),
-        "steps": steps,
-        "batch_size": bs,
-    }
-
-
-def axial_slices(volumes: torch.Tensor, per_volume: int = 24) -> torch.Tensor:
-    """``(N, 1, X, Y, Z)`` volumes -> ``(N, per_volume, 1, X, Y)``: axial slices evenly spaced over the middle
-    60 % of the inferior-superior axis (the same positions in every volume)."""
-    z = volumes.shape[-1]
-    idx = torch.linspace(0.2 * (z - 1), 0.8 * (z - 1), per_volume).round().long()
-    return volumes[..., idx].permute(0, 4, 1, 2, 3)
-
-
-def c2st_slices(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, steps: int = 600, per_volume: int = 24) -> dict:
-    """The two-sample test for 3D volumes: a small 2D CNN trained on axial slices of the training fold's
-    volumes (split by volume, never by slice), scoring each test volume by the mean logit of its slices; held-out
-    accuracy per volume, 2-fold swapped. A 3D CNN trained on 20 volumes per class learnt nothing here
-    (training accuracy 0.5 on 2 mm volumes whose blur a reader sees at a glance); 24 slices per volume give
-    it 24x the images, and the decision is still one per volume."""
-    g = torch.Generator().manual_seed(seed)
-    n = min(len(real), len(fake))
-    real = axial_slices(real[torch.randperm(len(real), generator=g)[:n]], per_volume)
-    fake = axial_slices(fake[torch.randperm(len(fake), generator=g)[:n]], per_volume)
-    half = n // 2
-    bs = 32
-    accs, slice_accs, train_accs, degenerate = [], [], [], []
-    for fold in range(2):
-        tr = slice(0, half) if fold == 0 else slice(half, 2 * half)
-        te = slice(half, 2 * half) if fold == 0 else slice(0, half)
-        xtr = torch.cat([real[tr], fake[tr]]).flatten(0, 1)
-        ytr = torch.cat([torch.ones(half), torch.zeros(half)]).repeat_interleave(per_volume)
-        xte = torch.cat([real[te], fake[te]])
-        yte = torch.cat([torch.ones(half), torch.zeros(half)])
-        net = train_classifier(2, xtr, ytr, steps, bs, g, seed + fold)
-        with torch.no_grad():
-            logits = torch.stack([net(v) for v in xte])  # (volumes, slices)
-            ptr = torch.cat([net(xtr[i : i + 256]) for i in range(0, len(xtr), 256)]) > 0
-        pred = logits.mean(1) > 0
-        accs.append(float((pred.float() == yte).float().mean()))
-        slice_accs.append(float(((logits > 0).float() == yte[:, None]).float().mean()))
-        train_accs.append(float((ptr.float() == ytr).float().mean()))
-        degenerate.append(bool(pred.all() or (~pred).all()))
-    return {
-        "accuracy": round(float(np.mean(accs)), 4),
-        "folds": [round(a, 4) for a in accs],
-        "train_accuracy": [round(a, 4) for a in train_accs],
-        "degenerate": any(degenerate),
-        "slice_accuracy": [round(a, 4) for a in slice_accs],
-        "slices_per_volume": per_volume,
-        "n_per_class": int(n),
-        "test_per_fold": int(2 * half),
-        "steps": steps,
-        "batch_size": bs,
-        "classifier": "2D CNN on axial slices, one decision per volume (mean slice logit)",
-    }
-
-
-def two_sample_test(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
-    """The project's two-sample test: `c2st` on 2D images, `c2st_slices` on 3D volumes (with the 3D CNN's
-    result beside it, under ``volume_cnn``)."""
-    if real.ndim == 4:
-        return c2st(real, fake, seed=seed, min_steps=400)
-    out = c2st_slices(real, fake, seed=seed)
-    out["volume_cnn"] = c2st(real, fake, seed=seed, min_steps=200)
-    return out
 
 
 def diversity(x: torch.Tensor, k: int = 20) -> float:
