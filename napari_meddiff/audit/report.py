@@ -102,9 +102,10 @@ def similarity_figure(summary: dict) -> str:
     ax.hist(real, bins=bins, alpha=0.7, color=COLOURS["real"], label=f"{label}: {len(real)}")
     ax.hist(synthetic, bins=bins, alpha=0.7, color=COLOURS["synthetic"], label=f"synthetic: {len(synthetic)}")
     ax.axvline(threshold["similarity"], color=COLOURS["threshold"], linestyle="--", linewidth=2)
-    right_side = threshold["similarity"] > 0.9 * bins[-1] + 0.1 * bins[0]
-    ax.text(threshold["similarity"], ax.get_ylim()[1] * 0.95, f" threshold {threshold['similarity']:.4f} ",
-            color=COLOURS["threshold"], va="top", ha="right" if right_side else "left")  # fmt: skip
+    left_side = threshold["similarity"] < 0.75 * bins[0] + 0.25 * bins[-1]
+    ax.text(threshold["similarity"], ax.get_ylim()[1] * 0.97, f" threshold {threshold['similarity']:.4f} ",
+            color=COLOURS["threshold"], va="top", ha="left" if left_side else "right",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})  # fmt: skip
     ax.set_xlabel("similarity to the nearest training volume (1 = identical)")
     ax.set_ylabel("volumes")
     ax.legend(loc="upper left", frameon=False)
@@ -137,6 +138,11 @@ def _padded(array: np.ndarray, shape: np.ndarray) -> np.ndarray:
     return np.pad(array, [(b, s - n - b) for b, s, n in zip(before, shape, array.shape)])
 
 
+def _short(name: str, limit: int = 58) -> str:
+    """``name`` cut in the middle to at most ``limit`` characters."""
+    return name if len(name) <= limit else f"{name[: limit // 2 - 1]}...{name[-(limit // 2 - 2) :]}"
+
+
 def pairs_figure(pairs: list[tuple[Prepared, Prepared, dict]]) -> str:
     """Each pair (synthetic, training, its summary row) in a row: three planes of each, side by side."""
     plt = _pyplot()
@@ -144,11 +150,12 @@ def pairs_figure(pairs: list[tuple[Prepared, Prepared, dict]]) -> str:
     shape = np.max([a.shape for pair in views for a in pair], axis=0)
     x, y, z = (int(v) for v in shape)
     widths = [x, x, y] * 2
-    row_height = 12.0 * max(y, z) / (sum(widths) * 1.15) + 0.4
-    fig, axes = plt.subplots(
-        len(pairs), 6, figsize=(12, row_height * len(pairs) + 0.3), squeeze=False,
-        gridspec_kw={"width_ratios": widths, "wspace": 0.04},
-    )  # fmt: skip
+    inch = 11.6 / (sum(widths) * 1.04)  # per voxel: 12 inches less margins and gaps
+    image_h, title_h, top_h = max(y, z) * inch, 0.45, 0.35
+    height = len(pairs) * (image_h + title_h) + top_h
+    fig, axes = plt.subplots(len(pairs), 6, figsize=(12, height), squeeze=False, gridspec_kw={"width_ratios": widths})
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (top_h + title_h) / height, wspace=0.04,
+                        hspace=title_h / image_h)  # fmt: skip
     for axes_row, (left, right), (_, _, row) in zip(axes, views, pairs):
         for axis, image in zip(axes_row, _planes(_padded(left, shape)) + _planes(_padded(right, shape))):
             axis.imshow(image, cmap="gray", vmin=0, vmax=1, origin="lower", interpolation="nearest")
@@ -158,11 +165,13 @@ def pairs_figure(pairs: list[tuple[Prepared, Prepared, dict]]) -> str:
         mirrored = " (shown mirrored)" if row["mirrored"] else ""
         verdict = "FLAGGED" if row["memorized"] else "not flagged"
         axes_row[0].set_title(
-            f"{Path(row['file']).name}{mirrored}: similarity {row['similarity']:.4f}, {verdict}",
+            f"{_short(Path(row['file']).name)}{mirrored}\nsimilarity {row['similarity']:.4f}, {verdict}",
             loc="left", fontsize=9, color=COLOURS["threshold"] if row["memorized"] else "black",
         )  # fmt: skip
-        axes_row[3].set_title(f"nearest training: {Path(row['nearest_training']).name}", loc="left", fontsize=9)
-    fig.suptitle("synthetic  |  nearest training volume   (axial, coronal, sagittal; R: patient's right)", fontsize=10)
+        axes_row[3].set_title(f"nearest training volume\n{_short(Path(row['nearest_training']).name)}", loc="left",
+                              fontsize=9)  # fmt: skip
+    fig.suptitle("synthetic  |  nearest training volume   (axial, coronal, sagittal; R: patient's right)",
+                 fontsize=10, y=1 - 0.1 / height, va="top")  # fmt: skip
     return _png(fig)
 
 

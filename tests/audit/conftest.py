@@ -9,32 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_meddiff.io.volume import Volume, read_volume, resample, write_volume
+from napari_meddiff.io.volume import read_volume, write_volume
+from napari_meddiff.testing.copies import TRANSFORMATIONS, transformed
 
 TRAINING_SEEDS = range(0, 5)
 REAL_SEEDS = range(100_000, 100_004)
 NEW_SEEDS = range(200, 203)  # training-split subjects the training folder does not hold: "new" brains
-TRANSFORMATIONS = ("mirror", "shift", "regrid", "rescale", "noise", "crop")
-
-
-def transformed(vol: Volume, kind: str, rng: np.random.Generator) -> Volume:
-    """``vol`` under one of what a generator or a curator can do to a copy."""
-    a, affine = np.asarray(vol.array, dtype=np.float32), vol.affine.copy()
-    if kind == "mirror":  # left-right, same header
-        return Volume(a[::-1].copy(), affine)
-    if kind == "shift":  # content moved by (3, -2, 2) voxels in the same header
-        return Volume(np.roll(a, (3, -2, 2), axis=(0, 1, 2)), affine)
-    if kind == "regrid":  # another voxel size and grid
-        return resample(vol, (3.0, 2.5, 1.5))
-    if kind == "rescale":
-        return Volume(a * 2.5 + 100.0, affine)
-    if kind == "noise":  # Gaussian, SD 8 on a white matter of ~85
-        return Volume(a + rng.normal(0.0, 8.0, a.shape).astype(np.float32), affine)
-    if kind == "crop":  # 16 mm off the right, 30 mm off the back, 50 mm off the top (into the brain)
-        start = np.array([8, 15, 0])
-        affine[:3, 3] = vol.affine[:3, :3] @ start + vol.affine[:3, 3]
-        return Volume(a[8:, 15:, : a.shape[2] - 25].copy(), affine)
-    raise ValueError(kind)
 
 
 def _t1w(folder: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import pytest
 
 from napari_meddiff.audit import memorization
 from napari_meddiff.errors import MeddiffError
-from tests.audit.conftest import TRANSFORMATIONS
+from napari_meddiff.testing.copies import TRANSFORMATIONS
 
 
 def _rows(audited) -> dict[str, dict]:
