@@ -18,7 +18,7 @@ from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import current_umask
 from napari_meddiff.models.boundary import check_nesting, inside_folder, shorten
 from napari_meddiff.models.digests import weight_digests
-from napari_meddiff.models.model import build_loaded_network, sha256_file
+from napari_meddiff.models.model import build_loaded_network, network_roles, sha256_file
 from napari_meddiff.models.schema import validate_config
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class FolderFormat:
         except RecursionError:  # json's parser recurses: a file of 100,000 "[" stops it
             raise MeddiffError(f"{where}: nested too deeply; not a config meddiff reads") from None
         validate_config(check_nesting(config, where), where)
-        for net_name in _needed(config):
+        for net_name in network_roles(config):
             _weight_path(folder, net_name, config["weights"][net_name]["file"])  # `meddiff models` reports it
         return config
 
@@ -53,7 +53,7 @@ class FolderFormat:
         from safetensors.torch import load_file
 
         nets: dict[str, torch.nn.Module] = {}
-        for net_name in _needed(config):
+        for net_name in network_roles(config):
             entry = config["weights"][net_name]
             weight_file = _weight_path(folder, net_name, entry["file"])  # again: the folder may have changed
             if not weight_file.is_file():
@@ -81,10 +81,6 @@ class FolderFormat:
 
 
 FORMAT = FolderFormat()
-
-
-def _needed(config: dict[str, Any]) -> list[str]:
-    return ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else [])
 
 
 def _weight_path(folder: Path, net_name: str, name: str) -> Path:

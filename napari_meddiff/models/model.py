@@ -11,13 +11,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from napari_meddiff.choices import schedule_type
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.models.conditions import Conditioning, ConditionSpec, condition_values, parse_conditions
 
 if TYPE_CHECKING:
     import torch
 
-NETWORK_NAMES = ("unet", "autoencoder")
+NETWORK_NAMES = ("unet", "autoencoder", "controlnet")
 DEFAULT_SAMPLING: dict[str, Any] = {"sampler": "dpm++", "steps": 20, "precision": "auto"}
 
 
@@ -69,8 +70,12 @@ class ModelConfigView:
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:
-        """Sampler, steps and precision used when not given: the config's ``defaults`` over the package's."""
-        return {**DEFAULT_SAMPLING, **self.config.get("defaults", {})}
+        """Sampler, steps and precision used when not given: the config's ``defaults`` over the package's (whose
+        sampler, for a rectified-flow model, is rflow)."""
+        package = dict(DEFAULT_SAMPLING)
+        if schedule_type(self.config.get("scheduler", {})) == "rflow":
+            package.update(sampler="rflow", steps=30)
+        return {**package, **self.config.get("defaults", {})}
 
     @property
     def conditioning(self) -> Conditioning:
@@ -98,7 +103,8 @@ def _torch():
 
 @dataclasses.dataclass
 class DiffusionModel(ModelConfigView):
-    """A loaded model: its config, MONAI networks (eval mode) and folder."""
+    """A loaded model: its config, MONAI networks (eval mode) and folder. ``controlnet``: a ControlNet whose
+    residuals the UNet takes at every step, given a conditioning image (e.g. a label map)."""
 
     name: str
     path: Path
@@ -107,6 +113,7 @@ class DiffusionModel(ModelConfigView):
     autoencoder: torch.nn.Module | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: _torch().device("cpu"))
     unet_precision: str | None = None  # the one precision the UNet samples at (bf16-held weights); None: any
+    controlnet: torch.nn.Module | None = None
 
     @property
     def scale_factor(self) -> float:
@@ -135,7 +142,7 @@ class DiffusionModel(ModelConfigView):
         return sorted(str(w["file"]) for w in entries if isinstance(w, dict) and w.get("differs_from_published"))
 
     def num_parameters(self) -> int:
-        nets = [n for n in (self.unet, self.autoencoder) if n is not None]
+        nets = [n for n in (self.unet, self.autoencoder, self.controlnet) if n is not None]
         return sum(p.numel() for net in nets for p in net.parameters())
 
     def release_unet(self) -> None:
@@ -149,6 +156,9 @@ class DiffusionModel(ModelConfigView):
 
         if self.unet is None:
             return
+        if self.controlnet is not None:  # it serves the UNet only
+            drop_kernel_choices(self.controlnet)
+            self.controlnet = None
         drop_kernel_choices(self.unet)  # the reference cycles that would keep it until a garbage collection
         unet = weakref.ref(self.unet)
         self.unet = None
@@ -160,20 +170,21 @@ class DiffusionModel(ModelConfigView):
         self.device = _torch().device(device)
         if self.unet is not None:
             self.unet.to(self.device)
-        if self.autoencoder is not None:
-            self.autoencoder.to(self.device)
+        for net in (self.autoencoder, self.controlnet):
+            if net is not None:
+                net.to(self.device)
         return self
 
 
 def build_network(name: str, net_config: dict[str, Any], where: str = "") -> torch.nn.Module:
     """Instantiate a MONAI network from its keyword arguments (``where``: the config file, for errors)."""
-    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+    from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 
-    from napari_meddiff.models.networks import SpaceToDepthUNet
+    from napari_meddiff.models.networks import SpaceToDepthControlNet, SpaceToDepthUNet
 
-    cls = {"unet": DiffusionModelUNet, "autoencoder": AutoencoderKL}.get(name)
-    if name == "unet" and net_config.get("space_to_depth") is not None:
-        cls = SpaceToDepthUNet
+    cls = {"unet": DiffusionModelUNet, "autoencoder": AutoencoderKL, "controlnet": ControlNet}.get(name)
+    if net_config.get("space_to_depth") is not None:
+        cls = {"unet": SpaceToDepthUNet, "controlnet": SpaceToDepthControlNet}.get(name, cls)
     if cls is None:
         raise MeddiffError(f"unknown network {name!r}")
     try:
@@ -230,9 +241,16 @@ def renamed_old_state(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> d
     return renamed
 
 
+def network_roles(config: dict[str, Any]) -> list[str]:
+    """The networks a model config needs: the UNet, an LDM's autoencoder, a declared ControlNet."""
+    networks = config.get("networks")
+    controlnet = isinstance(networks, dict) and "controlnet" in networks
+    return ["unet"] + (["autoencoder"] if config.get("kind") == "ldm" else []) + (["controlnet"] if controlnet else [])
+
+
 def count_parameters(config: dict[str, Any]) -> int:
     """Parameters of a config's networks, counted on the meta device (no memory, no weights read)."""
-    needed = ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else [])
+    needed = network_roles(config)
     import torch
 
     with torch.device("meta"):

@@ -1,9 +1,10 @@
-"""Networks a model config can name that MONAI builds from parts: its diffusion UNet on a coarser grid."""
+"""Networks a model config can name that MONAI builds from parts: its diffusion UNet (and the ControlNet that
+feeds it) on a coarser grid."""
 
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets import ControlNet, DiffusionModelUNet
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 
 
@@ -32,3 +33,26 @@ class SpaceToDepthUNet(DiffusionModelUNet):
             raise ValueError(f"input sides {tuple(x.shape[2:])} are not divisible by space_to_depth {r}")
         out = super().forward(pixelunshuffle(x, self.dims, r), timesteps, *args, **kwargs)
         return pixelshuffle(out, self.dims, r)
+
+
+class SpaceToDepthControlNet(ControlNet):
+    """MONAI's `ControlNet` for a `SpaceToDepthUNet`: it takes the same image-grid input, rearranged the same
+    way (``in_channels`` is the image's), so that its residuals lie on the UNet's coarse grid. Its conditioning
+    image stays at image resolution: ``conditioning_embedding_num_channels`` of log2(r) + 1 levels bring it down
+    by r."""
+
+    def __init__(self, *, space_to_depth: int, spatial_dims: int, in_channels: int, **kwargs):
+        r = int(space_to_depth)
+        if r < 1:
+            raise ValueError(f"space_to_depth must be a positive integer, not {space_to_depth!r}")
+        super().__init__(spatial_dims=spatial_dims, in_channels=in_channels * r**spatial_dims, **kwargs)
+        self.space_to_depth = r
+        self.dims = spatial_dims
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, *args, **kwargs
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        r = self.space_to_depth
+        if any(s % r for s in x.shape[2:]):
+            raise ValueError(f"input sides {tuple(x.shape[2:])} are not divisible by space_to_depth {r}")
+        return super().forward(pixelunshuffle(x, self.dims, r), timesteps, *args, **kwargs)

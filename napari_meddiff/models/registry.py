@@ -194,12 +194,15 @@ def load_model(
         config=config,
         unet=nets["unet"],
         autoencoder=nets.get("autoencoder"),
+        controlnet=nets.get("controlnet"),
     ).to(device)
     if precision is not None:
         from napari_meddiff.runtime.precision import resolve_precision
 
         if resolve_precision(precision, model.device) == "bf16" and model.device.type == "cpu":
-            hold_bf16_weights(model.unet)  # before the layout change: it then copies half the bytes
+            for net in (model.unet, model.controlnet):
+                if net is not None:
+                    hold_bf16_weights(net)  # before the layout change: it then copies half the bytes
             model.unet_precision = "bf16"
     if model.device.type == "cpu" and model.spatial_dims == 3 and native_bf16(model.device):
         for net in nets.values():

@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from napari_meddiff.choices import COMBINE_METHODS
+from napari_meddiff.choices import COMBINE_METHODS, SCHEDULE_TYPES, schedule_type
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.intensity import INTENSITY_KEYS, is_upper_value
 from napari_meddiff.models.boundary import shorten
 from napari_meddiff.models.conditions import parse_conditions
+from napari_meddiff.models.model import network_roles
 
 MODEL_KINDS = ("ddpm", "ldm", "segmentation")
 REQUIRED_KEYS = ("spatial_dims", "image_shape", "voxel_size", "networks", "scheduler", "weights")
@@ -78,7 +79,7 @@ def validate_config(config: Any, where: str) -> dict:
     _sides(config["image_shape"], "image_shape", dims, where)
     _voxel_size(config["voxel_size"], dims, where)
     networks = _object(config["networks"], "networks", where)
-    needed = ["unet"] + (["autoencoder"] if kind == "ldm" else [])
+    needed = network_roles(config)
     for name in needed:
         if name not in networks:
             raise MeddiffError(f"{where}: networks lacks {name!r}")
@@ -102,7 +103,9 @@ def validate_config(config: Any, where: str) -> dict:
         if not _is_number(latent.get("scale_factor", 1.0)) or float(latent.get("scale_factor", 1.0)) <= 0:
             raise MeddiffError(f"{where}: latent.scale_factor must be a positive number")
     _check_fields(_object(config["scheduler"], "scheduler", where), SCHEDULER_FIELDS, "scheduler", where)
-    _check_betas(config["scheduler"], where)
+    _check_schedule_keys(config["scheduler"], where)
+    if "controlnet" in networks:
+        _check_controlnet(config, where)
     for block, fields in OPTIONAL_BLOCKS.items():
         if block in config:
             _check_fields(_object(config[block], block, where), fields, block, where)
@@ -148,6 +151,45 @@ def _check_fields(block: dict, fields: dict, name: str, where: str) -> None:
             raise MeddiffError(f"{where}: {name}.{key} must be {what}, not {shorten(repr(block[key]))}")
 
 
+def _check_schedule_keys(scheduler: dict, where: str) -> None:
+    """A noise schedule's keys, or a rectified flow's (MONAI's RFlowScheduler arguments), never the other's."""
+    kind = schedule_type(scheduler)
+    foreign = sorted(set(scheduler) & (RFLOW_ONLY_KEYS if kind == "ddpm" else DDPM_ONLY_KEYS))
+    if foreign:
+        what = "a rectified flow (type rflow)" if kind == "rflow" else "a DDPM noise schedule (no type rflow)"
+        verb = "does" if len(foreign) == 1 else "do"
+        raise MeddiffError(f"{where}: scheduler: {', '.join(foreign)} {verb} not apply to {what}")
+    if kind == "ddpm":
+        _check_betas(scheduler, where)
+
+
+def _check_controlnet(config: dict, where: str) -> None:
+    """A ControlNet must give the residuals the UNet takes, from a conditioning image at image resolution."""
+    unet, net = config["networks"]["unet"], _object(config["networks"]["controlnet"], "networks.controlnet", where)
+
+    def levels(block: dict) -> list:
+        res = block.get("num_res_blocks", 2)
+        return [block.get("channels"), res if isinstance(res, list) else [res] * len(block.get("channels") or [])]
+
+    for key in ("spatial_dims", "in_channels", "space_to_depth"):
+        if net.get(key) != unet.get(key):
+            raise MeddiffError(
+                f"{where}: networks.controlnet.{key} ({net.get(key)}) must be the UNet's ({unet.get(key)})"
+            )
+    if levels(net) != levels(unet):
+        raise MeddiffError(f"{where}: networks.controlnet's channels and num_res_blocks must be the UNet's")
+    embedding = net.get("conditioning_embedding_num_channels", [16, 32, 96, 256])
+    factor = 2 ** (len(embedding) - 1) if isinstance(embedding, list) and embedding else None
+    grid = int(unet.get("space_to_depth") or 1)
+    if config["kind"] == "ldm":
+        grid = config["image_shape"][0] // config["latent"]["shape"][0]
+    if factor != grid:
+        raise MeddiffError(
+            f"{where}: networks.controlnet.conditioning_embedding_num_channels must have log2({grid}) + 1 entries: "
+            f"its conditioning image is at image resolution, {grid}x the UNet's grid"
+        )
+
+
 def _check_betas(scheduler: dict, where: str) -> None:
     """The betas a schedule is built from: rising (MONAI's defaults stand in for one not given); none for cosine."""
     given = [k for k in ("beta_start", "beta_end") if k in scheduler]
@@ -168,7 +210,21 @@ def _beta(v: Any) -> bool:
     return _is_number(v) and 0 < v < 1
 
 
+RFLOW_FIELDS = {  # MONAI RFlowScheduler's arguments, its timestep transform's included
+    "use_discrete_timesteps": (lambda v: isinstance(v, bool), "true or false"),
+    "sample_method": (lambda v: v in ("uniform", "logit-normal"), "uniform or logit-normal"),
+    "loc": (_is_number, "a number"),
+    "scale": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "use_timestep_transform": (lambda v: isinstance(v, bool), "true or false"),
+    "transform_scale": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "steps_offset": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "base_img_size_numel": (_positive_int, "a positive integer (voxels)"),
+    "spatial_dim": (lambda v: v in (2, 3) and _is_int(v), "2 or 3"),
+}
+RFLOW_ONLY_KEYS = set(RFLOW_FIELDS)
+DDPM_ONLY_KEYS = {"schedule", "beta_start", "beta_end", "prediction_type", "clip_sample"}
 SCHEDULER_FIELDS = {
+    "type": (lambda v: v in SCHEDULE_TYPES, " or ".join(SCHEDULE_TYPES)),
     "num_train_timesteps": (
         lambda v: _is_int(v) and 1 <= v <= MAX_TRAIN_TIMESTEPS,
         f"a positive integer, at most {MAX_TRAIN_TIMESTEPS:,}",
@@ -178,6 +234,7 @@ SCHEDULER_FIELDS = {
     "beta_end": (_beta, "a number in (0, 1)"),
     "prediction_type": (lambda v: v in ("epsilon", "v_prediction", "sample"), "epsilon, v_prediction or sample"),
     "clip_sample": (lambda v: isinstance(v, bool), "true or false"),
+    **RFLOW_FIELDS,
 }
 # blocks whose unknown keys are refused, and the keys they take: a misspelt key would silently fall back to a
 # default (the intensity keys the training configs take, and bundles' informative "range")
