@@ -8,7 +8,7 @@ modules that act on them (`devices`, `samplers`, `sampling`) re-export them.
 from __future__ import annotations
 
 DEVICES = ("auto", "cpu", "cuda")
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "rflow")
 # the noise schedule each sampler needs: a model's ``scheduler.type`` (``ddpm`` when absent; ``rflow``: rectified
 # flow, MONAI's RFlowScheduler)
 SCHEDULE_TYPES = ("ddpm", "rflow")

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from napari_meddiff.diffusion.conditioning import ConditionInputs, condition_inputs, unet_inputs
-from napari_meddiff.diffusion.samplers import make_sampler
+from napari_meddiff.diffusion.samplers import RFlowSampler, make_sampler
 from napari_meddiff.diffusion.seeds import initial_noise
 from napari_meddiff.errors import Cancelled, MeddiffError
 from napari_meddiff.models import DiffusionModel
@@ -34,7 +34,7 @@ class StepInfo:
 
     index: int  # 1-based count of finished steps
     total: int
-    timestep: int
+    timestep: int | float  # a float on a rectified flow's continuous time
     pred_x0: torch.Tensor  # current estimate of the clean sample (latent space for an LDM)
     elapsed: float  # seconds since the chain started
 
@@ -56,7 +56,7 @@ def _draws_noise(chain) -> bool:
     return isinstance(chain, DDPMSampler) or float(getattr(chain, "eta", 0.0)) > 0
 
 
-def _step(chain, out: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator):
+def _step(chain, out: torch.Tensor, t: int | float, x: torch.Tensor, generator: torch.Generator):
     """One sampler step; a stochastic step runs where its generator is (the CPU), so its noise is the device's."""
     if generator.device == x.device or not _draws_noise(chain):
         return chain.step(out, t, x, generator)
@@ -77,7 +77,7 @@ def _unconditional(model: DiffusionModel, batch: int) -> torch.Tensor:
 def _predict(
     model: DiffusionModel,
     net_in: torch.Tensor,
-    t: int,
+    t: int | float,
     cond: ConditionInputs,
     precision: str,
     guidance_scale: float | None,
@@ -85,7 +85,8 @@ def _predict(
     """The UNet's output at timestep ``t``; with a guidance scale, both branches as one batch, then combined."""
     if guidance_scale is not None:
         net_in = torch.cat([net_in, net_in])
-    t_batch = torch.full((net_in.shape[0],), t, device=net_in.device, dtype=torch.long)
+    t_type = torch.long if isinstance(t, int) else torch.float32
+    t_batch = torch.full((net_in.shape[0],), t, device=net_in.device, dtype=t_type)
     net_in, kwargs = unet_inputs(net_in, cond)
     with autocast_context(net_in.device, precision):
         out = model.unet(net_in, timesteps=t_batch, **kwargs).float()
@@ -129,7 +130,10 @@ def denoise(
     cond = condition_inputs(model, condition_values, x)
     if guided:
         cond = cond.cat(condition_inputs(model, _unconditional(model, x.shape[0]), x))
-    chains = [make_sampler(sampler, model.config["scheduler"], steps, eta) for _ in range(x.shape[0])]
+    schedule = model.config["scheduler"]
+    chains = [make_sampler(sampler, schedule, steps, eta, x.shape[2:]) for _ in range(x.shape[0])]
+    if jump_n > 1 and isinstance(chains[0], RFlowSampler):
+        raise MeddiffError("RePaint resampling (jump_n > 1) needs a DDPM noise schedule, not a rectified flow")
     timesteps = chains[0].timesteps
     moves = repaint_schedule(len(timesteps), jump_length, jump_n)
     total = sum(1 for a, b in moves if b == a + 1)
@@ -142,7 +146,7 @@ def denoise(
                 continue
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
-            t = int(timesteps[i])
+            t = timesteps[i].item()  # an int, or a float on a rectified flow's continuous time
             net_in = x if image_condition is None else torch.cat([x, image_condition.to(x.dtype)], dim=1)
             out = _predict(model, net_in, t, cond, precision, guidance_scale if guided else None)
             stepped = [
@@ -151,7 +155,7 @@ def denoise(
             ]
             x = torch.cat([s[0] for s in stepped])
             if known is not None:
-                x = known(x, int(timesteps[i + 1]) if i + 1 < len(timesteps) else None, chains, generators)
+                x = known(x, timesteps[i + 1].item() if i + 1 < len(timesteps) else None, chains, generators)
             done += 1
             if on_step is not None:
                 pred_x0 = torch.cat([s[1] for s in stepped])

@@ -1,19 +1,26 @@
-"""Interchangeable samplers over one noise schedule: DDPM, DDIM (MONAI) and DPM-Solver++ (2M).
+"""Interchangeable samplers: DDPM, DDIM (MONAI) and DPM-Solver++ (2M) over a model's noise schedule, and
+rectified flow (MONAI's RFlowScheduler) for models trained with it.
 
-Every sampler has ``timesteps`` (a descending LongTensor) and
+Every sampler has ``timesteps`` (descending: a LongTensor, or floats for a rectified flow's continuous time) and
 ``step(model_output, t, sample, generator) -> (prev_sample, pred_x0)``, like MONAI's schedulers, plus
 ``add_noise`` (forward process) used by inpainting to re-noise the known region.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 
-from napari_meddiff.choices import SAMPLERS  # noqa: F401  (re-exported)
+from napari_meddiff.choices import SAMPLER_SCHEDULE, SAMPLERS, schedule_type
 from napari_meddiff.errors import MeddiffError
+from napari_meddiff.models.schema import RFLOW_FIELDS
+
+# the scheduler block's keys for a rectified flow: MONAI RFlowScheduler's arguments, timestep transform included
+RFLOW_KEYS = ("num_train_timesteps", *RFLOW_FIELDS)
 
 
 def _evenly_strided(num_train: int, steps: int) -> torch.Tensor:
@@ -144,6 +151,35 @@ class DPMSolverPP2MSampler:
         return _add_noise(self.scheduler, x0, noise, t)
 
 
+class RFlowSampler:
+    """Rectified flow with MONAI's `RFlowScheduler`: Euler steps along the predicted velocity from t = T (noise)
+    towards 0, the last one onto the clean estimate, as MONAI's inferers and MAISI run it.
+
+    ``spatial_shape``: the sample's spatial sides, for the timestep transform (``use_timestep_transform``: more
+    of the steps at the noisy end for a volume larger than ``base_img_size_numel``)."""
+
+    def __init__(self, schedule: dict[str, Any], steps: int, spatial_shape: Sequence[int] | None = None) -> None:
+        self.scheduler = RFlowScheduler(**{k: schedule[k] for k in RFLOW_KEYS if k in schedule})
+        numel = math.prod(int(s) for s in spatial_shape) if spatial_shape else None
+        if self.scheduler.use_timestep_transform and numel is None:
+            raise MeddiffError("the rectified flow's timestep transform needs the sample's spatial shape")
+        self.scheduler.set_timesteps(steps, input_img_size_numel=numel)
+        self.timesteps = self.scheduler.timesteps
+        self._index = 0
+
+    def step(self, model_output: torch.Tensor, t: float, sample: torch.Tensor, generator=None):
+        i = self._index
+        next_t = self.timesteps[i + 1].item() if i + 1 < len(self.timesteps) else 0
+        self._index += 1
+        return self.scheduler.step(model_output, t, sample, next_t)
+
+    def rewind(self, index: int) -> None:
+        self._index = index
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), float(t)))
+
+
 def _add_noise(scheduler: Scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
     return scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), int(t), dtype=torch.long))
 
@@ -155,10 +191,30 @@ def check_eta(eta: float) -> float:
     return float(eta)
 
 
-def make_sampler(name: str, schedule: dict[str, Any], steps: int, eta: float = 0.0):
-    """Build a fresh sampler (samplers keep state: one per chain)."""
+SCHEDULE_NAMES = {"ddpm": "a DDPM noise schedule", "rflow": "rectified flow"}
+
+
+def check_sampler(name: str, schedule: dict[str, Any], model_name: str = "this model") -> None:
+    """A known sampler that fits the schedule the model was trained with (rflow only for rectified flow)."""
     if name not in SAMPLERS:
         raise MeddiffError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+    have, need = schedule_type(schedule), SAMPLER_SCHEDULE[name]
+    if have not in SCHEDULE_NAMES:
+        raise MeddiffError(f"{model_name}: unknown scheduler type {have!r} (known: {', '.join(SCHEDULE_NAMES)})")
+    if have != need:
+        fitting = " or ".join(s for s in SAMPLERS if SAMPLER_SCHEDULE[s] == have)
+        raise MeddiffError(
+            f"sampler {name} is for models trained with {SCHEDULE_NAMES[need]}; {model_name} was trained with "
+            f"{SCHEDULE_NAMES[have]}: use {fitting}"
+        )
+
+
+def make_sampler(
+    name: str, schedule: dict[str, Any], steps: int, eta: float = 0.0, spatial_shape: Sequence[int] | None = None
+):
+    """Build a fresh sampler (samplers keep state: one per chain); ``spatial_shape``: the sample's spatial sides
+    (a rectified flow's timestep transform needs them)."""
+    check_sampler(name, schedule)
     num_train = int(schedule.get("num_train_timesteps", 1000))
     if not isinstance(steps, int) or steps < 1:
         raise MeddiffError(f"steps must be a positive integer, got {steps!r}")
@@ -169,4 +225,6 @@ def make_sampler(name: str, schedule: dict[str, Any], steps: int, eta: float = 0
         return DDPMSampler(schedule, steps)
     if name == "ddim":
         return DDIMSampler(schedule, steps, eta)
+    if name == "rflow":
+        return RFlowSampler(schedule, steps, spatial_shape)
     return DPMSolverPP2MSampler(schedule, steps)

@@ -60,8 +60,12 @@ def resolve_settings(
     **given: Any,
 ) -> dict[str, Any]:
     """The settings a task runs with: each given value, else the task's default for this model (``given``: the
-    task's own settings by name, None for its default); ``precision`` ``auto`` resolved for ``device``."""
+    task's own settings by name, None for its default); ``precision`` ``auto`` resolved for ``device``. A sampler
+    that does not fit the model's schedule (rflow for a DDPM model, or the reverse) is refused here, up front."""
+    from napari_meddiff.diffusion.samplers import check_sampler
+
     defaults = task_defaults(model, task)
+    check_sampler(sampler or defaults["sampler"], model.config["scheduler"], model.name)
     settings = {
         "sampler": sampler or defaults["sampler"],
         "steps": int(steps if steps is not None else defaults["steps"]),

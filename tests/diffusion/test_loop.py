@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from napari_meddiff import Cancelled, MeddiffError, generate, load_model
+from napari_meddiff.choices import samplers_for
 from napari_meddiff.diffusion.loop import denoise
-from napari_meddiff.diffusion.samplers import SAMPLERS, make_sampler
+from napari_meddiff.diffusion.samplers import make_sampler
 from napari_meddiff.diffusion.seeds import initial_noise, seeded_generators
+
+SAMPLERS = samplers_for({})  # those of the tiny models' DDPM schedule (rflow: test_rflow.py)
 
 
 @pytest.mark.parametrize("kind", ["ldm3d", "ddpm3d", "ddpm2d"])
