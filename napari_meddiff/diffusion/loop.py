@@ -1,7 +1,8 @@
 """The one denoising loop behind every task (generate, inpaint, segment) and every sampler.
 
 Hooks: ``image_condition`` (image channels concatenated to the UNet input: segmentation's scan),
-``condition_values`` / ``guidance_scale`` (a model's named conditions, classifier-free guidance), ``known``
+``condition_values`` / ``guidance_scale`` (a model's named conditions, classifier-free guidance),
+``controlnet_cond`` / ``controlnet_scale`` (a model's ControlNet: its down/mid residuals added in the UNet), ``known``
 (known-region replacement after each step, for inpainting), ``on_step`` (progress / preview) and ``should_cancel``
 (checked before every network evaluation). A batch holds one sampler state and one random generator per sample, so a
 seed gives the same chain whatever the batch it runs in (bitwise for batches of 2+; batch 1 may differ by ~1e-6 on
@@ -10,6 +11,7 @@ CPU, where oneDNN blocks a single sample's attention and convolutions differentl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -64,6 +66,42 @@ def _step(chain, out: torch.Tensor, t: int | float, x: torch.Tensor, generator: 
     return prev.to(x.device), x0.to(x.device)
 
 
+@dataclasses.dataclass
+class ControlInputs:
+    """A ControlNet at every network evaluation (MONAI's ``ControlNet``, or ``ControlNetMaisi``: the same call):
+    the noisy input, the timestep and ``cond`` (the conditioning image, batched as the UNet's input) give down/mid
+    residuals, scaled by ``scale``, that the UNet adds to its skip connections and middle block."""
+
+    net: torch.nn.Module
+    cond: torch.Tensor
+    scale: float
+
+    def residuals(self, net_in: torch.Tensor, t_batch: torch.Tensor, kwargs: dict) -> dict:
+        down, mid = self.net(
+            net_in, timesteps=t_batch, controlnet_cond=self.cond, conditioning_scale=self.scale, **kwargs
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def _control_inputs(
+    model: DiffusionModel, cond: torch.Tensor | None, scale: float, x: torch.Tensor, guided: bool
+) -> ControlInputs | None:
+    """The ControlNet's inputs for samples ``x`` (both branches of classifier-free guidance get the image)."""
+    net = getattr(model, "controlnet", None)
+    if cond is None:
+        if net is not None:
+            raise MeddiffError(f"{model.name} has a ControlNet: give it its conditioning image (controlnet_cond)")
+        return None
+    if net is None:
+        raise MeddiffError(f"{model.name} has no ControlNet to take a conditioning image (controlnet_cond)")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise MeddiffError(f"the ControlNet's conditioning scale must be a number, got {scale!r}")
+    if cond.ndim != x.ndim or cond.shape[0] != x.shape[0]:
+        raise MeddiffError(f"the ControlNet's conditioning image must be (B, C, *spatial) for {x.shape[0]} samples")
+    cond = cond.to(device=x.device, dtype=torch.float32)
+    return ControlInputs(net, torch.cat([cond, cond]) if guided else cond, float(scale))
+
+
 def _unconditional(model: DiffusionModel, batch: int) -> torch.Tensor:
     null = model.conditioning.null
     if null is None:
@@ -81,14 +119,18 @@ def _predict(
     cond: ConditionInputs,
     precision: str,
     guidance_scale: float | None,
+    control: ControlInputs | None = None,
 ) -> torch.Tensor:
-    """The UNet's output at timestep ``t``; with a guidance scale, both branches as one batch, then combined."""
+    """The UNet's output at timestep ``t`` (with the ControlNet's residuals); with a guidance scale, both branches
+    as one batch, then combined."""
     if guidance_scale is not None:
         net_in = torch.cat([net_in, net_in])
     t_type = torch.long if isinstance(t, int) else torch.float32
     t_batch = torch.full((net_in.shape[0],), t, device=net_in.device, dtype=t_type)
     net_in, kwargs = unet_inputs(net_in, cond)
     with autocast_context(net_in.device, precision):
+        if control is not None:
+            kwargs = {**kwargs, **control.residuals(net_in, t_batch, kwargs)}
         out = model.unet(net_in, timesteps=t_batch, **kwargs).float()
     if guidance_scale is None:
         return out
@@ -113,6 +155,8 @@ def denoise(
     jump_n: int = 1,
     condition_values: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    controlnet_cond: torch.Tensor | None = None,
+    controlnet_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run the reverse diffusion chain from ``x`` (noise, shape ``(B, *model.sample_shape)``) to a clean sample.
 
@@ -120,6 +164,9 @@ def denoise(
     model's named condition values ``(B, N)`` (default: the model's defaults), given as it declares
     (concatenated channels, cross-attention context, class labels). ``guidance_scale`` != 1: classifier-free
     guidance, ``uncond + s * (cond - uncond)`` with the model's null condition (both branches in one batch).
+    ``controlnet_cond``: the conditioning image ``(B, C, *S)`` of the model's ControlNet (needed when it has one),
+    at the resolution its conditioning embedding takes; its residuals, times ``controlnet_scale``, go into the
+    UNet at every network evaluation (both guidance branches get the same image).
 
     ``jump_n > 1`` adds RePaint resampling (Lugmayr et al. 2022): every ``jump_length`` steps the chain is
     re-noised ``jump_length`` steps back (forward process, noise from each sample's generator) and re-run,
@@ -130,6 +177,7 @@ def denoise(
     cond = condition_inputs(model, condition_values, x)
     if guided:
         cond = cond.cat(condition_inputs(model, _unconditional(model, x.shape[0]), x))
+    control = _control_inputs(model, controlnet_cond, controlnet_scale, x, guided)
     schedule = model.config["scheduler"]
     chains = [make_sampler(sampler, schedule, steps, eta, x.shape[2:]) for _ in range(x.shape[0])]
     if jump_n > 1 and isinstance(chains[0], RFlowSampler):
@@ -139,7 +187,7 @@ def denoise(
     total = sum(1 for a, b in moves if b == a + 1)
     start = time.perf_counter()
     done = 0
-    with torch.inference_mode(), bf16_weights_once(model.unet, precision, x.device):
+    with torch.inference_mode(), _bf16_weights(model, control, precision, x.device):
         for i, i_to in moves:
             if i_to < i:
                 x = _jump_back(x, chains, generators, i, i_to)
@@ -148,7 +196,7 @@ def denoise(
                 raise Cancelled()
             t = timesteps[i].item()  # an int, or a float on a rectified flow's continuous time
             net_in = x if image_condition is None else torch.cat([x, image_condition.to(x.dtype)], dim=1)
-            out = _predict(model, net_in, t, cond, precision, guidance_scale if guided else None)
+            out = _predict(model, net_in, t, cond, precision, guidance_scale if guided else None, control)
             stepped = [
                 _step(chain, out[b : b + 1], t, x[b : b + 1], gen)
                 for b, (chain, gen) in enumerate(zip(chains, generators))
@@ -163,6 +211,16 @@ def denoise(
     if x.device.type == "cpu":
         release_free_heap()  # what the chain freed (its bf16 weight copies too), before a decoding allocates its own
     return x
+
+
+@contextlib.contextmanager
+def _bf16_weights(model: DiffusionModel, control: ControlInputs | None, precision: str, device: torch.device):
+    """`bf16_weights_once` for the UNet and the ControlNet in use."""
+    with contextlib.ExitStack() as stack:
+        for net in (model.unet, control.net if control is not None else None):
+            if net is not None:
+                stack.enter_context(bf16_weights_once(net, precision, device))
+        yield
 
 
 def _check_inputs(
