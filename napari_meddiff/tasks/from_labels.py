@@ -1,6 +1,7 @@
 """Generate a scan from a label map (a tissue map: 0 background, 1 CSF, 2 GM, 3 WM, 4 lesion, as the model's
-``label_map`` names them): the map, one-hot, is the image condition of the one denoising loop, and the scan
-comes back on the map's own grid (its affine, shape and orientation)."""
+``label_map`` names them): the map, one-hot, is the image condition of the one denoising loop (channels beside
+the image, or the conditioning image of the model's ControlNet when it has one), and the scan comes back on the
+map's own grid (its affine, shape and orientation)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def label_grid(model: DiffusionModel, labels: Volume) -> ModelGrid:
 
 
 def one_hot_condition(label_arrays: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """(B, *S) label values -> (B, K, *S) one-hot in {-1, 1}: the channels the UNet takes beside the image."""
+    """(B, *S) label values -> (B, K, *S) one-hot in {-1, 1}: the channels the UNet takes beside the image, or
+    the ControlNet's conditioning image."""
     return F.one_hot(label_arrays.long(), num_labels).movedim(-1, 1).float() * 2.0 - 1.0
 
 
@@ -99,12 +101,15 @@ def sample_from_label_arrays(
     on_step: Callable[[StepInfo], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1], ``(B, *S)``, for label maps ``(B, *S)`` on the model's voxel grid, one generator each."""
+    """Images in [0, 1], ``(B, *S)``, for label maps ``(B, *S)`` on the model's voxel grid, one generator each.
+    A model with a ControlNet takes the one-hot map there (``controlnet_cond``), else beside the image."""
     condition = one_hot_condition(label_arrays, len(model.label_map)).to(device)
+    by_controlnet = model.controlnet is not None
     x = initial_noise((1, *label_arrays.shape[1:]), generators, device)
     x0 = denoise(
         model, x, sampler=settings["sampler"], steps=settings["steps"], generators=generators, eta=settings["eta"],
-        image_condition=condition, on_step=on_step, should_cancel=should_cancel, precision=settings["precision"],
+        image_condition=None if by_controlnet else condition, controlnet_cond=condition if by_controlnet else None,
+        on_step=on_step, should_cancel=should_cancel, precision=settings["precision"],
     )  # fmt: skip
     return x0[:, 0].clamp(0, 1).cpu()
 

@@ -110,3 +110,45 @@ def test_cli_generates_on_the_maps_grid_and_keeps_a_scan_made_from_another_map(t
     assert (out / "tiny-from-labels-3d_seed1.nii.gz").read_bytes() == before
     missing = run_cli("generate", "--model", label_model.path, "--out", tmp_path / "o2")
     assert_one_line_error(missing, "give one (--labels MAP.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def controlnet_label_model(tmp_path_factory):
+    from napari_meddiff.models import load_model
+    from napari_meddiff.testing.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("controlnet-label-models")
+    folder = make_tiny_model(root / "tiny-controlnet-from-labels-3d", "ddpm", 3, label_map=LABELS, controlnet=True)
+    return load_model(folder, device="cpu")
+
+
+def test_a_controlnet_model_takes_the_map_through_its_controlnet(controlnet_label_model):
+    """The one-hot map is the ControlNet's conditioning image (the UNet takes the image alone): the scan comes
+    back on the map's grid, a seed gives the same scan, another map another scan, and only through the ControlNet."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from napari_meddiff.tasks.from_labels import generate_from_labels
+
+    model = controlnet_label_model
+    assert model.controlnet is not None and model.config["networks"]["unet"]["in_channels"] == 1
+    labels = tissue_map()
+    changed = Volume(np.where(labels.array == 3, 2, labels.array).astype(np.int16), labels.affine)
+    a, other = generate_from_labels(model, labels, [0, 1], steps=2, device="cpu", batch_size=2)
+    assert a.shape == labels.shape and np.array_equal(a.affine, labels.affine)
+    assert np.isfinite(a.array).all() and not np.array_equal(a.array, other.array)
+    (again,) = generate_from_labels(model, labels, [0], steps=2, device="cpu")
+    np.testing.assert_allclose(again.array, a.array, atol=1e-5)
+    (b,) = generate_from_labels(model, changed, [0], steps=2, device="cpu")
+    assert np.abs(a.array - b.array)[labels.array == 3].mean() > 1e-4
+    silent = dataclasses.replace(model, controlnet=copy.deepcopy(model.controlnet))
+    with torch.no_grad():
+        for p in silent.controlnet.controlnet_mid_block.parameters():
+            p.zero_()
+        for p in silent.controlnet.controlnet_down_blocks.parameters():
+            p.zero_()
+    (a0,) = generate_from_labels(silent, labels, [0], steps=2, device="cpu")
+    (b0,) = generate_from_labels(silent, changed, [0], steps=2, device="cpu")
+    np.testing.assert_array_equal(a0.array, b0.array)  # a ControlNet without outputs: the map does not count
