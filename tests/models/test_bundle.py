@@ -149,8 +149,8 @@ def test_cli_generate_bundle_writes_spaced_nifti_and_records_conditions(bundles,
     sidecar = json.loads((out / f"{BRAIN_LDM}_seed1.json").read_text())
     assert sidecar["conditions"] == {"gender": 1.0, "age": 0.5, "ventricular_volume": 0.2, "brain_volume": 0.4}
     manifest = (out / "cohort.csv").read_text().splitlines()
-    assert manifest[0].endswith(",conditions")
-    assert [line.split(",")[-1].split()[1] for line in manifest[1:]] == ["age=0.2", "age=0.5", "age=0.8"]
+    assert manifest[0].endswith(",conditions,label_map_sha256")
+    assert [line.split(",")[-2].split()[1] for line in manifest[1:]] == ["age=0.2", "age=0.5", "age=0.8"]
     # resuming with other conditions is refused, not silently mixed
     assert (
         main(
