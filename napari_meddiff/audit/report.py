@@ -108,7 +108,7 @@ def similarity_figure(summary: dict) -> str:
             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})  # fmt: skip
     ax.set_xlabel("similarity to the nearest training volume (1 = identical)")
     ax.set_ylabel("volumes")
-    ax.legend(loc="upper left", frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from napari_meddiff.io.volume import Volume, resample
 
-TRANSFORMATIONS = ("mirror", "shift", "regrid", "rescale", "noise", "crop")
+TRANSFORMATIONS = ("mirror", "shift", "regrid", "reorient", "rescale", "noise", "crop")
 
 
 def transformed(vol: Volume, kind: str, rng: np.random.Generator) -> Volume:
@@ -19,6 +19,10 @@ def transformed(vol: Volume, kind: str, rng: np.random.Generator) -> Volume:
         return Volume(np.roll(a, (3, -2, 2), axis=(0, 1, 2)), affine)
     if kind == "regrid":  # another voxel size and grid
         return resample(vol, (3.0, 2.5, 1.5))
+    if kind == "reorient":  # the same image stored another way: axes flipped and swapped, header to match
+        flip = np.array([[-1, 0, 0, a.shape[0] - 1], [0, -1, 0, a.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+        swap = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])
+        return Volume(np.ascontiguousarray(a[::-1, ::-1].transpose(0, 2, 1)), affine @ flip @ swap)
     if kind == "rescale":
         return Volume(a * 2.5 + 100.0, affine)
     if kind == "noise":  # Gaussian, SD 8

@@ -8,13 +8,17 @@ from napari_meddiff.cli import main
 
 
 def test_meddiff_audit_writes_a_report_and_keeps_it(audit_cohort, tmp_path, capsys):
-    synthetic = tmp_path / "synthetic"
+    synthetic, training = tmp_path / "synthetic", tmp_path / "training"
     synthetic.mkdir()
-    copy = next(name for name, (kind, _) in audit_cohort["copies"].items() if kind == "shift")
+    training.mkdir()
+    copy, (_, source) = next((name, c) for name, c in audit_cohort["copies"].items() if c[0] == "shift")
     for name in (copy, audit_cohort["new"][0]):
         shutil.copy(audit_cohort["synthetic"] / name, synthetic / name)
+    others = sorted(p.name for p in audit_cohort["training"].glob("sub-*_T1w.nii.gz") if p.name != source)
+    for name in [source, *others[:2]]:  # three subjects: the fewest a leave-one-out threshold takes
+        shutil.copy(audit_cohort["training"] / name, training / name)
     out = tmp_path / "report"
-    args = ["audit", "--synthetic", str(synthetic), "--training", str(audit_cohort["training"]), "--out", str(out)]
+    args = ["audit", "--synthetic", str(synthetic), "--training", str(training), "--out", str(out)]
     assert main([*args, "--pairs", "5"]) == 0
     printed = capsys.readouterr()
     assert "memorization: 1 of 2 synthetic volumes flagged" in printed.out
