@@ -52,7 +52,7 @@ def write_data(work: Path, training: int, synthetic: int, real: int) -> tuple[di
         write_volume(transformed(read_volume(sources[i]), kind, rng), folders["synthetic"] / name)
         copies[name] = (kind, sources[i].name)
     new = []
-    for path in sorted(folders["new"].glob("sub-*_T1w.nii.gz")):
+    for path in sorted(folders["new"].glob("sub-*_T1w.nii.gz"))[: synthetic - len(TRANSFORMATIONS)]:
         shutil.copy(path, folders["synthetic"] / path.name)
         new.append(path.name)
     return folders, {"copies": copies, "new": new}
