@@ -77,8 +77,9 @@ def find_volumes(folder: str | os.PathLike, *, one_per_subject: bool, on_skip=No
         groups = subjects(kept)
         kept = sorted(paths[0] for paths in groups.values())
         for subject, paths in groups.items():
-            for path in paths[1:] if on_skip is not None else []:
-                on_skip(path, f"another scan of subject {subject} ({paths[0].name}) is used")
+            for path in paths[1:]:
+                if on_skip is not None:
+                    on_skip(path, f"another scan of subject {subject} ({paths[0].name}) is used")
     if not kept:
         raise MeddiffError(f"no scans in {folder} (NIfTI, NRRD, MHA; label maps and masks are left out)")
     return kept

@@ -115,8 +115,13 @@ def read_sets(synthetic, training, real, spacing_mm: float, run: _Run, on_skip=N
         name: find_volumes(folder, one_per_subject=name != "synthetic", on_skip=on_skip)
         for name, folder in folders.items()
     }
-    if len(paths["training"]) < 2:
-        raise MeddiffError(f"the audit needs at least 2 training volumes, found {len(paths['training'])}")
+    source = "real" if "real" in paths else "training"
+    if len(paths[source]) < memorization.MIN_REFERENCE_SUBJECTS:
+        raise MeddiffError(
+            f"the memorization threshold needs at least {memorization.MIN_REFERENCE_SUBJECTS} {source} subjects "
+            f"({'held-out scans' if source == 'real' else 'each against the others, as no real scans are given'}); "
+            f"found {len(paths[source])} in {folders[source]}"
+        )
     first = paths["training"][:REFERENCE_VOLUMES]
     report = run.progress("reference")
     centred = []

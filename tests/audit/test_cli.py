@@ -30,7 +30,7 @@ def test_meddiff_audit_writes_a_report_and_keeps_it(audit_cohort, tmp_path, caps
     assert err == [f"meddiff: error: {out / 'audit.json'} exists; not overwriting (use --overwrite / overwrite=True)"]
 
 
-def test_meddiff_audit_refuses_bad_inputs_in_one_line(tmp_path, capsys):
+def test_meddiff_audit_refuses_bad_inputs_in_one_line(audit_cohort, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = str(tmp_path / "out")
@@ -42,3 +42,9 @@ def test_meddiff_audit_refuses_bad_inputs_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["audit", "--synthetic", str(empty), "--training", str(empty), "--out", out, "--spacing", "0"]) == 2
     assert "--spacing must be" in capsys.readouterr().err
+    two = tmp_path / "two"
+    two.mkdir()
+    for path in sorted(audit_cohort["training"].glob("sub-*_T1w.nii.gz"))[:2]:
+        shutil.copy(path, two / path.name)
+    assert main(["audit", "--synthetic", str(two), "--training", str(two), "--out", out]) == 2
+    assert "needs at least 3 training subjects" in capsys.readouterr().err  # before reading any volume
