@@ -32,7 +32,11 @@ def _parameters(config: dict) -> str:
 
 
 def _conditions(model) -> str:
-    return " ".join(f"{c.name}[{c.low:g},{c.high:g}]" for c in model.conditions) or "-"
+    """Named conditions with their ranges, and a label-map model's labels (``labels{0:background,...}``)."""
+    parts = [f"{c.name}[{c.low:g},{c.high:g}]" for c in model.conditions]
+    if model.label_map:
+        parts.append("labels{" + ",".join(f"{k}:{v}" for k, v in model.label_map.items()) + "}")
+    return " ".join(parts) or "-"
 
 
 def _describe(name: str, path: Path) -> tuple[tuple[str, ...], list[str]]:

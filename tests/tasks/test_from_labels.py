@@ -5,6 +5,7 @@ digest in its sidecar."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import nibabel as nib
@@ -152,3 +153,9 @@ def test_a_controlnet_model_takes_the_map_through_its_controlnet(controlnet_labe
     (a0,) = generate_from_labels(silent, labels, [0], steps=2, device="cpu")
     (b0,) = generate_from_labels(silent, changed, [0], steps=2, device="cpu")
     np.testing.assert_array_equal(a0.array, b0.array)  # a ControlNet without outputs: the map does not count
+
+
+def test_models_lists_a_label_map_models_labels(label_model):
+    listing = run_cli("models", env={**os.environ, "MEDDIFF_MODELS": str(label_model.path.parent)})
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("tiny-from-labels-3d"))
+    assert "labels{0:background,1:CSF,2:GM,3:WM,4:lesion}" in row
