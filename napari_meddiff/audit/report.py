@@ -311,7 +311,7 @@ def _cards(s: dict) -> str:
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
-def _num(value) -> str:
+def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
@@ -330,13 +330,15 @@ def _memorization_section(result) -> str:
         f"whichever is larger).</p>",
         similarity_figure(s),
     ]
-    pairs, heading = _pairs_to_show(result)
+    pairs, heading = pairs_to_show(result)
     if pairs:
         parts += [f"<h3>{heading}</h3>", pairs_figure(pairs)]
     return "\n".join(parts)
 
 
-def _pairs_to_show(result) -> tuple[list, str]:
+def pairs_to_show(result) -> tuple[list[tuple[Prepared, Prepared, dict]], str]:
+    """The pairs worth a look (synthetic, nearest training, summary row): the flagged ones, most similar first
+    (at most `MAX_PAIRS_SHOWN`), else the `CLOSEST_SHOWN` closest; and a heading that says which."""
     s = result.summary
     by_path = {str(p.path): p for name in ("synthetic", "training") for p in result.volumes.get(name, [])}
     rows = sorted(s["synthetic"], key=lambda r: -r["similarity"])
@@ -404,3 +406,29 @@ def _table_section(s: dict) -> str:
         "</summary><table><tr><th>synthetic</th><th>nearest training</th><th>similarity</th><th>mirrored</th>"
         f"<th>flag</th></tr>{body}</table></details>"
     )
+
+
+# --- the terminal's summary -----------------------------------------------------------------------------------
+
+
+def summary_lines(s: dict, list_flagged: bool = True) -> str:
+    """The key numbers of an audit summary, a few lines for the terminal (``list_flagged``: and a line per
+    flagged volume)."""
+    thr = s["thresholds"]["memorization"]
+    memo = s["memorization"]
+    lines = [
+        f"memorization: {memo['flagged']} of {_count(memo['volumes'], 'synthetic volume')} flagged "
+        f"(threshold {thr['similarity']:.4f} from {thr['subjects']} {thr['source']} subjects, "
+        f"closest real {thr['real_nn_max']:.4f})"
+    ]
+    flagged = [r for r in s["synthetic"] if r["memorized"] and list_flagged]
+    lines += [f"  {r['file']} ~ {r['nearest_training']} ({r['similarity']:.4f})" for r in flagged]
+    d = s["diversity"]
+    other = "real" if d["real_ms_ssim"] is not None else "training"
+    lines.append(f"diversity: MS-SSIM synthetic {_num(d['synthetic_ms_ssim'])}, {other} {_num(d[f'{other}_ms_ssim'])}")
+    t = s["two_sample"]
+    if t.get("computed"):
+        low, high = t["ci95"]
+        lines.append(f"fidelity: two-sample accuracy {t['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}), "
+                     f"MMD p = {s['mmd']['p_value']:.3g}")  # fmt: skip
+    return "\n".join(lines)

@@ -9,7 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from napari_meddiff.cli.options import counted
 from napari_meddiff.errors import MeddiffError
 
 
@@ -95,32 +94,8 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         bars.close()
+    from napari_meddiff.audit.report import summary_lines
+
     print(summary_lines(result.summary))
     print(f"wrote {args.out / 'audit.json'} and {args.out / 'report.html'}")
     return 0
-
-
-def summary_lines(s: dict) -> str:
-    """The key numbers of an audit summary, a few lines for the terminal."""
-    thr = s["thresholds"]["memorization"]
-    memo = s["memorization"]
-    lines = [
-        f"memorization: {memo['flagged']} of {counted(memo['volumes'], 'synthetic volume')} flagged "
-        f"(threshold {thr['similarity']:.4f} from {thr['subjects']} {thr['source']} subjects, "
-        f"closest real {thr['real_nn_max']:.4f})"
-    ]
-    flagged = [r for r in s["synthetic"] if r["memorized"]]
-    lines += [f"  {r['file']} ~ {r['nearest_training']} ({r['similarity']:.4f})" for r in flagged]
-    d = s["diversity"]
-    other = "real" if d["real_ms_ssim"] is not None else "training"
-    lines.append(f"diversity: MS-SSIM synthetic {_num(d['synthetic_ms_ssim'])}, {other} {_num(d[f'{other}_ms_ssim'])}")
-    t = s["two_sample"]
-    if t.get("computed"):
-        low, high = t["ci95"]
-        lines.append(f"fidelity: two-sample accuracy {t['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}), "
-                     f"MMD p = {s['mmd']['p_value']:.3g}")  # fmt: skip
-    return "\n".join(lines)
-
-
-def _num(value: float | None) -> str:
-    return "n/a (one volume)" if value is None else f"{value:.3f}"
