@@ -1,6 +1,6 @@
 """Screenshot of "paint the anatomy, generate" (``xvfb-run -a python examples/labels_screenshot.py``).
 
-A held-out cohort subject's tissue map opens as a Labels layer, a lesion (label 4) is painted into its white
+A held-out cohort subject's tissue map opens as a Labels layer, a lesion (label 4) is painted into its right white
 matter, and the Generate widget's label-map model (default ``brain-t1w-from-labels-3d``) makes a T1w scan on the
 map's grid; the map is shown as an outline over the scan. Writes ``examples/screenshots/generate_from_labels.png``.
 """
@@ -18,7 +18,7 @@ OUT = ROOT / "examples" / "screenshots" / "generate_from_labels.png"
 
 
 def painted_map(folder: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The subject's tissue map (RAS array, affine) with a 10 mm ball of label 4 in its left white matter."""
+    """The subject's tissue map (RAS array, affine) with a 10 mm ball of label 4 in its right white matter."""
     from napari_meddiff.data.mni152 import write_cohort
     from napari_meddiff.io.volume import read_volume, to_canonical
 
@@ -26,7 +26,7 @@ def painted_map(folder: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
     vol = to_canonical(read_volume(next(folder.glob("sub-*_dseg.nii.gz"))))
     labels = np.rint(np.asarray(vol.array)).astype(np.uint8)
     wm = np.argwhere(labels == 3)
-    centre = wm[np.argmin(np.abs(wm - wm.mean(0) - np.array([12, 10, 6])).sum(1))]  # left of the midline, above
+    centre = wm[np.argmin(np.abs(wm - wm.mean(0) - np.array([12, 10, 6])).sum(1))]  # right (RAS +x), above
     idx = np.indices(labels.shape)
     ball = sum((i - c) ** 2 for i, c in zip(idx, centre)) <= 2.5**2
     labels[ball & (labels > 0)] = 4
@@ -59,8 +59,7 @@ def main() -> None:
     print(f"{widget.progress.label.text()} ({time.perf_counter() - t0:.1f} s)")
     layer.contour = 1
     layer.opacity = 0.6
-    viewer.layers.move(viewer.layers.index(layer), len(viewer.layers) - 1)  # the outline over the scan
-    viewer.grid.enabled = False
+    viewer.layers.move(viewer.layers.index(layer), len(viewer.layers))  # the outline over the scan
     lesion = np.argwhere(labels == 4).mean(0)
     world = affine @ np.append(lesion, 1.0)
     viewer.dims.set_point(2, float(world[2]))
