@@ -139,8 +139,9 @@ def generate_from_labels(
     seeds = check_seeds([seeds] if isinstance(seeds, int) else [int(s) for s in seeds])
     if batch_size < 1:
         raise MeddiffError("batch size must be at least 1")
-    grid = label_grid(model, Volume(values.astype(np.float32), labels.affine))
-    on_grid = sample_on_grid(Volume(values.astype(np.float32), labels.affine), grid, labels=True)
+    as_float = Volume(values.astype(np.float32), labels.affine)
+    grid = label_grid(model, as_float)
+    on_grid = torch.from_numpy(np.rint(sample_on_grid(as_float, grid, labels=True))).long()
     settings = resolve_settings(model, "generate", dev, sampler=sampler, steps=steps, eta=eta, precision=precision)
     present = {model.label_map[int(v)]: int(np.count_nonzero(values == v)) for v in np.unique(values)}
     source = {"file": labels.metadata.get("source_path"), "voxels": present}
@@ -148,7 +149,7 @@ def generate_from_labels(
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
         t0 = time.perf_counter()
-        maps = torch.from_numpy(np.rint(on_grid)).long().expand(len(chunk), *grid.shape)
+        maps = on_grid.expand(len(chunk), *grid.shape)
         hook = _with_previews(on_step, on_preview, preview_every, lambda x0: _on_map_grid(x0[0, 0], grid, labels))
         images = sample_from_label_arrays(
             model, maps, seeded_generators(chunk, dev), settings, dev, on_step=hook, should_cancel=should_cancel
