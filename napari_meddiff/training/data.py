@@ -264,7 +264,7 @@ def load_dataset(cfg: dict[str, Any], *, subjects: slice | None = None, progress
             f"no training items in {cfg['data']['dir']} (2D: no slice has min_brain_fraction "
             f"{cfg['data']['min_brain_fraction']} of foreground; lower it)"
         )
-    num_classes = label_count(cfg)
+    num_classes = label_count(cfg) if labels is not None else 0
     if labels is not None and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
         raise MeddiffError(
             f"labels go from {int(labels.min())} to {int(labels.max())} but the model knows {num_classes} "
