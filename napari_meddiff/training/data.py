@@ -341,12 +341,15 @@ def _flipped(x: torch.Tensor, y: torch.Tensor | None, batch_size: int, generator
 
 
 def random_crop(x: torch.Tensor, size: list[int] | None, gen: torch.Generator) -> torch.Tensor:
-    """One random window of ``size`` (the same for the whole batch) of ``(B, C, *S)``; ``x`` when size is null."""
+    """A random window of ``size`` from each item of ``(B, C, *S)``, drawn per item (a batch sees as many places
+    as it has items); ``x`` when size is null."""
     if not size:
         return x
-    starts = [int(torch.randint(0, n - s + 1, (1,), generator=gen)) for n, s in zip(x.shape[2:], size)]
-    sl = tuple(slice(a, a + s) for a, s in zip(starts, size))
-    return x[(slice(None), slice(None)) + sl]
+    windows = []
+    for item in x:
+        starts = [int(torch.randint(0, n - s + 1, (1,), generator=gen)) for n, s in zip(x.shape[2:], size)]
+        windows.append(item[(slice(None),) + tuple(slice(a, a + s) for a, s in zip(starts, size))])
+    return torch.stack(windows)
 
 
 def crop_schedule(tc: dict[str, Any], step: int) -> list[int] | None:
