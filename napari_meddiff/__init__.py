@@ -1,7 +1,8 @@
 """napari-meddiff: DDPM and latent diffusion models for 3D medical images (NIfTI), in napari and on the CLI.
 
 The public API (``import napari_meddiff as md``): `read_volume` / `write_volume` and `Volume` (``io``),
-`load_model` / `available_models` (``models``), the tasks `generate`, `inpaint`, `segment` (``tasks``) and
+`load_model` / `available_models` (``models``), the tasks `generate`, `inpaint`, `segment` (``tasks``;
+`changed_labels_mask`: what an edit of a label map changed, for inpainting under the new map) and
 `audit` (``audit``: memorization, diversity and fidelity of a synthetic set).
 Subpackages: ``io``, ``models``, ``diffusion``, ``autoencoder``, ``tasks``, ``runtime``, ``data``,
 ``training``, ``review``, ``audit``, ``testing``; the shells ``cli`` and ``_napari``.
@@ -25,6 +26,7 @@ _LAZY = {
     "load_model": "models",
     "generate": "tasks.generate",
     "inpaint": "tasks.inpaint",
+    "changed_labels_mask": "tasks.from_labels",
     "segment": "tasks.segment",
     "audit": "audit",
 }
@@ -48,6 +50,7 @@ __all__ = [
     "Volume",
     "audit",
     "available_models",
+    "changed_labels_mask",
     "generate",
     "inpaint",
     "load_model",

@@ -2,6 +2,9 @@
 
 Voxels outside the mask are written back unchanged. One candidate goes to ``--out``; with ``--candidates K``
 candidate k goes to ``<out>_cand<k>.nii.gz``. Each file gets a JSON sidecar with its provenance.
+
+A label-map model (the default with ``--labels``) fills under the scan's tissue map as edited; with
+``--changed-from ORIGINAL_MAP`` instead of ``--mask`` it regenerates only where the edit changed the map.
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from napari_meddiff.cli.conditions import add_fixed_condition_option, fixed_conditions
-from napari_meddiff.cli.options import add_model_option, add_sampling_options, counted, load_model_for, seed_value
+from napari_meddiff.cli.options import add_sampling_options, counted, load_model_for, seed_value
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import check_output_file
-from napari_meddiff.models import DEFAULT_MODEL
+from napari_meddiff.models import DEFAULT_LABEL_MODEL, DEFAULT_MODEL, describe_model
 from napari_meddiff.tasks import batch
+from napari_meddiff.tasks.from_labels import require_label_map
 
 AXES = ("axial", "coronal", "sagittal")
 
@@ -28,9 +34,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "is kept exactly. Any image size or voxel size: only the region around the mask is resampled to the "
         "model. 2D models run slice by slice along --axis, on the slices the mask touches.",
     )
-    add_model_option(p, DEFAULT_MODEL)
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model name or folder (default {DEFAULT_MODEL}; with --labels, {DEFAULT_LABEL_MODEL})",
+    )
     p.add_argument("--image", required=True, type=Path, help="input scan (NIfTI, or what SimpleITK reads)")
-    p.add_argument("--mask", required=True, type=Path, help="mask / label image on the same scan (non-zero = fill)")
+    p.add_argument("--mask", type=Path, help="mask / label image on the same scan (non-zero = fill)")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="a label-map model: the scan's tissue map as edited (the fill follows it)",
+    )
+    p.add_argument(
+        "--changed-from",
+        type=Path,
+        default=None,
+        help="with --labels, instead of --mask: the map before the edit; only what changed is regenerated",
+    )
+    p.add_argument(
+        "--margin", type=int, default=1, help="with --changed-from: grow the changed region by N voxels (default 1)"
+    )
     p.add_argument("--out", required=True, type=Path, help="output .nii or .nii.gz")
     p.add_argument(
         "--label", type=float, default=None, help="fill only this label value of the mask (default: all non-zero)"
@@ -50,6 +75,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     add_fixed_condition_option(p)
     p.set_defaults(func=run)
+
+
+def _check_region_options(args: argparse.Namespace) -> None:
+    """One way to say what to fill (--mask, or --changed-from with --labels), and the model that fits --labels;
+    checked before any file is read."""
+    if args.changed_from is not None and args.labels is None:
+        raise MeddiffError("--changed-from needs --labels: the edited map to compare it with")
+    if args.model is None:
+        args.model = DEFAULT_LABEL_MODEL if args.labels is not None else DEFAULT_MODEL
+    require_label_map(describe_model(args.model), args.labels)
+    if (args.mask is None) == (args.changed_from is None):
+        raise MeddiffError("say what to fill: --mask MASK, or --changed-from ORIGINAL_MAP (with --labels)")
+    for option, path in (("--labels", args.labels), ("--changed-from", args.changed_from), ("--mask", args.mask)):
+        if path is not None and not path.is_file():
+            raise MeddiffError(f"{option}: {path} is not a file")
+
+
+def _changed_region(args: argparse.Namespace, labels):
+    """--changed-from: where the edited map (--labels) differs from the original, grown by --margin voxels."""
+    from napari_meddiff.io.volume import Volume, read_volume
+    from napari_meddiff.tasks.from_labels import changed_labels_mask
+
+    original = read_volume(args.changed_from)
+    return Volume(changed_labels_mask(original, labels, args.margin).astype(np.uint8), labels.affine)
 
 
 def _stem(path: Path) -> str:
@@ -95,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError("--batch-size must be at least 1")
     axis = _axis(args.axis)
     _stem(args.out)  # the output's suffix, before reading anything
+    _check_region_options(args)
     label = None
     if args.label is not None:
         label = int(args.label) if float(args.label).is_integer() else args.label
@@ -110,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     for image_path, sidecar in paths:  # up front, not after minutes of sampling
         check_output_file(image_path, args.overwrite)
         check_output_file(sidecar, args.overwrite)
-    mask = read_volume(args.mask)
+    labels = read_volume(args.labels) if args.labels is not None else None
+    mask = read_volume(args.mask) if args.mask is not None else _changed_region(args, labels)
 
     model = load_model_for(args.model, device, args.precision, "inpaint")
 
@@ -128,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             image,
             mask,
             label=label,
+            labels=labels,
             sampler=args.sampler,
             steps=args.steps,
             seed=args.seed,
@@ -151,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
         prov = dict(vol.metadata["provenance"])
         prov.pop("model_grid_affine", None)
         write_volume(vol, image_path, overwrite=args.overwrite, description=vol.metadata.get("descrip"))
-        batch.write_json_atomic(
-            sidecar, {"file": image_path.name, "image": str(args.image), "mask": str(args.mask), **prov}
-        )
+        where = {"image": str(args.image), "mask": None if args.mask is None else str(args.mask)}
+        if args.labels is not None:
+            where.update(labels=str(args.labels), changed_from=args.changed_from and str(args.changed_from))
+        batch.write_json_atomic(sidecar, {"file": image_path.name, **where, **prov})
         print(image_path)
     return 0

@@ -192,3 +192,24 @@ def _with_previews(
             on_preview(to_volume(info.pred_x0))
 
     return hook
+
+
+def changed_labels_mask(before: Volume, after: Volume, margin_voxels: int = 1) -> np.ndarray:
+    """Where an edited label map differs from the original (both on one grid), grown by ``margin_voxels``: the
+    region "regenerate what I changed" fills (the margin takes in the partial-volume border around a change)."""
+    from scipy import ndimage
+
+    a, b = as_3d(before.array, "the original label map"), as_3d(after.array, "the edited label map")
+    if a.shape != b.shape or not np.allclose(before.affine, after.affine, atol=1e-4):
+        raise MeddiffError(
+            f"the edited label map ({'x'.join(map(str, b.shape))}) is not on the original's grid "
+            f"({'x'.join(map(str, a.shape))}, same affine): edit a copy of the map itself"
+        )
+    if int(margin_voxels) < 0:
+        raise MeddiffError(f"the margin must be >= 0 voxels, got {margin_voxels}")
+    changed = np.asarray(a) != np.asarray(b)
+    if not changed.any():
+        raise MeddiffError("the edited label map is the same as the original: nothing was changed to regenerate")
+    if margin_voxels:
+        changed = ndimage.binary_dilation(changed, structure=np.ones((3, 3, 3), bool), iterations=int(margin_voxels))
+    return changed

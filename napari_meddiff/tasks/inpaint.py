@@ -18,6 +18,8 @@ How it works, for an image of any size and voxel size:
    jumps); for latent models the normalised grid image is encoded (mean latents) and the known latents are
    re-noised and blended outside the mask, downsampled to the latent grid and dilated by one latent voxel,
    then the result is decoded.
+   A label-map model also takes the (edited) tissue map, resampled onto the same grid (nearest neighbour),
+   one-hot beside the image or into its ControlNet, as `generate` gives it: the fill follows the new labels.
 4. The generated grid image is resampled back onto the bounding box of the mask only, converted back to
    scanner units and written inside the mask (optionally feathered over a few voxels, inside the mask
    only, towards the original values).
@@ -54,6 +56,7 @@ from napari_meddiff.io.intensity import denormalise, intensity_window, normalise
 from napari_meddiff.io.volume import Volume, resample_like, world_extent_overlaps
 from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel
 from napari_meddiff.tasks.footprint import check_request_fits
+from napari_meddiff.tasks.from_labels import checked_label_map, one_hot_condition, require_label_map
 from napari_meddiff.tasks.inputs import as_3d, check_scan_values
 from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
@@ -205,6 +208,7 @@ class _Plan:
     slices: list[int]  # 2D: grid slice indices with mask (in the sub-grid); 3D: []
     slice_ids: list[int]  # 2D: the same slices' indices in the full slice grid (seed the chains)
     known: np.ndarray  # normalised image on the grid, float32 [0, 1]
+    labels: np.ndarray | None = None  # a label-map model: the map on the grid (int64)
 
 
 def _grid_mask(mask: np.ndarray, affine: np.ndarray, grid: ModelGrid, inplane_only: bool) -> np.ndarray:
@@ -386,6 +390,15 @@ class _Runner:
             m = np.stack([gmask[:, :, u[1]] for u in units])
         return (torch.from_numpy(k[:, None]).to(self.device), torch.from_numpy(m[:, None]).to(self.device))
 
+    def _map_condition(self, units) -> dict[str, torch.Tensor]:
+        """A label-map model's one-hot map for the batch: beside the image, or its ControlNet's image."""
+        labels = self.plan.labels
+        if labels is None:
+            return {}
+        maps = np.stack([labels if u[1] is None else labels[:, :, u[1]] for u in units])
+        onehot = one_hot_condition(torch.from_numpy(maps), len(self.model.label_map)).to(self.device)
+        return {"controlnet_cond" if self.model.controlnet is not None else "image_condition": onehot}
+
     def run(self, units, on_step, release_unet: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample a batch; returns (images in [0, 1] composited with the known grid, known, generated mask).
         ``release_unet``: free the UNet before decoding (the last batch of a process that samples no more)."""
@@ -412,6 +425,7 @@ class _Runner:
             known=_known_hook(x0_known, keep),
             on_step=on_step,
             condition_values=cond,
+            **self._map_condition(units),
             **self.kw,
         )
         if release_unet:
@@ -476,6 +490,7 @@ def inpaint(
     mask: Volume | np.ndarray | None = None,
     *,
     label: float | None = None,
+    labels: Volume | None = None,
     sampler: str | None = None,
     steps: int | None = None,
     seed: int = 0,
@@ -498,6 +513,8 @@ def inpaint(
     """Fill the masked region of ``image`` with the model; one `Volume` per candidate, on the input's grid.
 
     ``conditions``: a conditional model's named conditions (missing ones take their defaults).
+    ``labels``: a label-map model's tissue map of the scan (as edited: the fill follows it; see
+    `changed_labels_mask` to regenerate only what was changed), any grid over the scan's region.
     ``release_unet``: free the model's UNet once the last batch is denoised, before its decoding
     (`DiffusionModel.release_unet`, as `generate`'s option: for a process that samples no more); the same result.
 
@@ -525,6 +542,8 @@ def inpaint(
     )  # fmt: skip
     _check_settings(model, settings)
     condition_values = model.condition_values(conditions)  # validates names and ranges up front
+    require_label_map(model, labels)
+    labels, digest = checked_label_map(model, labels) if labels is not None else (None, None)
     img3 = Volume(as_3d(image.array, "the image"), image.affine)
     selected = _checked_scan_and_mask(model, img3, mask, label)
     check_request_fits(
@@ -535,6 +554,8 @@ def inpaint(
     sub = np.asarray(img3.array[::stride, ::stride, ::stride], dtype=np.float32)
     window = intensity_window(sub, model.config.get("intensity"))
     plan = _plan(model, img3, selected, window, ax if model.spatial_dims == 2 else axis, stride)
+    if labels is not None:
+        plan.labels = _labels_on_grid(labels, plan.grid)
     runner = _Runner(model, plan, settings, device=dev, should_cancel=should_cancel, conditions=condition_values)
     paster = _Paster(img3, selected, plan.grid, window, settings["feather_voxels"])
     progress = _Progress(model, runner, paster, on_step, on_preview, preview_every, t_start)
@@ -542,6 +563,7 @@ def inpaint(
     record = provenance(
         model, dev, task="inpaint", seed=int(seed), **_settings_record(settings, runner, label, selected),
         **({"conditions": condition_values} if condition_values else {}),
+        **({"label_map_sha256": digest} if digest else {}),
         axis=["sagittal", "coronal", "axial"][ax] if model.spatial_dims == 2 else None,
         slices=len(plan.slices) if model.spatial_dims == 2 else None,
         intensity_window=[float(window[0]), float(window[1])],
@@ -549,6 +571,14 @@ def inpaint(
     )  # fmt: skip
     record.update(source=image.metadata.get("source_path"), seconds=round(time.perf_counter() - t_start, 3))
     return [_candidate_volume(image, paster, grid, record, model.name, int(seed), c) for c, grid in enumerate(grids)]
+
+
+def _labels_on_grid(labels: Volume, grid: ModelGrid) -> np.ndarray:
+    """The label map on the inpainting grid (nearest neighbour; background beyond the map)."""
+    if not world_extent_overlaps(labels, grid.empty_volume()):
+        raise MeddiffError("the label map does not overlap the region to fill: give the scan's own tissue map")
+    as_float = Volume(labels.array.astype(np.float32), labels.affine)
+    return np.rint(resample_like(as_float, grid.empty_volume(), labels=True).array).astype(np.int64)
 
 
 def _check_request(image, mask, *, candidates, batch_size, seed) -> None:

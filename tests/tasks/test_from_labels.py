@@ -159,3 +159,98 @@ def test_models_lists_a_label_map_models_labels(label_model):
     listing = run_cli("models", env={**os.environ, "MEDDIFF_MODELS": str(label_model.path.parent)})
     row = next(line for line in listing.stdout.splitlines() if line.startswith("tiny-from-labels-3d"))
     assert "labels{0:background,1:CSF,2:GM,3:WM,4:lesion}" in row
+
+
+# --- inpainting under an edited map ("regenerate what I changed") ----------------------------------------------
+
+
+def scan_of(labels: Volume) -> Volume:
+    """A scan whose intensities follow the map (CSF dark, WM bright), with noise; int16 as scanners write."""
+    rng = np.random.default_rng(0)
+    values = np.array([0, 300, 600, 900, 200])[labels.array] + rng.normal(0, 20, labels.shape)
+    return Volume(np.clip(values, 0, None).astype(np.int16), labels.affine)
+
+
+def edited(labels: Volume) -> Volume:
+    """The map with a lesion (4) painted into a block of grey and white matter."""
+    array = labels.array.copy()
+    array[6:10, 10:14, 5:8] = np.where(array[6:10, 10:14, 5:8] > 1, 4, array[6:10, 10:14, 5:8])
+    return Volume(array, labels.affine)
+
+
+def test_changed_labels_mask_is_the_edit_grown_by_its_margin():
+    import napari_meddiff as md
+
+    labels = tissue_map()
+    after = edited(labels)
+    exact = md.changed_labels_mask(labels, after, margin_voxels=0)
+    np.testing.assert_array_equal(exact, labels.array != after.array)
+    grown = md.changed_labels_mask(labels, after, margin_voxels=1)
+    assert grown[exact].all() and grown.sum() > exact.sum() and not grown[0, 0, 0]
+    with pytest.raises(MeddiffError, match="nothing was changed"):
+        md.changed_labels_mask(labels, labels)
+    moved = Volume(after.array, after.affine @ np.diag([1.0, 1, 2, 1]))
+    with pytest.raises(MeddiffError, match="not on the original's grid"):
+        md.changed_labels_mask(labels, moved)
+
+
+@pytest.mark.parametrize("which", ["label_model", "controlnet_label_model"])
+def test_inpainting_under_an_edited_map_fills_only_what_changed(request, which):
+    """Only the changed voxels (plus margin) are regenerated, everything else comes back bit for bit; the new
+    map reaches the network (the same seed under the old map fills differently) and the provenance names it."""
+    from napari_meddiff.tasks.from_labels import changed_labels_mask, label_map_sha256
+    from napari_meddiff.tasks.inpaint import inpaint
+
+    model = request.getfixturevalue(which)
+    labels = tissue_map()
+    after, scan = edited(labels), scan_of(labels)
+    region = changed_labels_mask(labels, after, margin_voxels=1)
+    (filled,) = inpaint(model, scan, region, labels=after, steps=2, seed=3, device="cpu")
+    assert filled.array.dtype == scan.array.dtype and np.array_equal(filled.affine, scan.affine)
+    np.testing.assert_array_equal(filled.array[~region], scan.array[~region])
+    assert not np.array_equal(filled.array[region], scan.array[region])
+    (under_old,) = inpaint(model, scan, region, labels=labels, steps=2, seed=3, device="cpu")
+    assert np.abs(filled.array[region].astype(float) - under_old.array[region]).mean() > 0
+    prov = filled.metadata["provenance"]
+    assert prov["label_map_sha256"] == label_map_sha256(after.array.astype(np.int64), after.affine)
+    assert prov["mask_voxels"] == int(region.sum())
+
+
+def test_inpainting_needs_a_map_for_a_label_model_and_refuses_one_otherwise(label_model, tiny_models):
+    from napari_meddiff.tasks.inpaint import inpaint
+
+    labels = tissue_map()
+    scan, region = scan_of(labels), labels.array == 4
+    with pytest.raises(MeddiffError, match="generates a scan from a label map: give one"):
+        inpaint(label_model, scan, region, steps=1, device="cpu")
+    with pytest.raises(MeddiffError, match="does not generate from a label map"):
+        inpaint(tiny_models["ddpm3d"], scan, region, labels=labels, steps=1, device="cpu")
+    far = Volume(labels.array, labels.affine @ np.array([[1, 0, 0, 500], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    with pytest.raises(MeddiffError, match="does not overlap"):
+        inpaint(label_model, scan, region, labels=far, steps=1, device="cpu")
+
+
+def test_cli_regenerates_what_the_edit_changed(tmp_path, label_model):
+    labels = tissue_map()
+    after, scan = edited(labels), scan_of(labels)
+    paths = {}
+    for name, vol in (("map", labels), ("edited", after), ("scan", scan)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(vol.array, vol.affine), paths[name])
+    out = tmp_path / "regenerated.nii.gz"
+    common = ["inpaint", "--model", label_model.path, "--image", paths["scan"], "--steps", "2", "--out", out]
+    result = run_cli(*common, "--labels", paths["edited"], "--changed-from", paths["map"])
+    assert result.returncode == 0, result.stderr
+    written = read_volume(out)
+    region = written.array != scan.array
+    assert region[labels.array != after.array].any()
+    from scipy import ndimage
+
+    grown = ndimage.binary_dilation(labels.array != after.array, np.ones((3, 3, 3), bool))
+    assert not region[~grown].any()  # nothing beyond the edit and its one-voxel margin
+    sidecar = json.loads(out.with_name("regenerated.json").read_text())
+    assert sidecar["changed_from"] == str(paths["map"]) and len(sidecar["label_map_sha256"]) == 64
+    neither = run_cli(*common, "--labels", paths["edited"], "--overwrite")
+    assert_one_line_error(neither, "say what to fill")
+    alone = run_cli(*common, "--changed-from", paths["map"], "--overwrite")
+    assert_one_line_error(alone, "--changed-from needs --labels")
