@@ -142,3 +142,46 @@ def test_conditional_model_shows_condition_sliders_and_uses_them(make_napari_vie
     result = layer_to_volume(viewer.layers["scan inpainted s0"])
     assert result.metadata["provenance"]["conditions"] == {"age": 0.9, "lesion_load": 0.0}
     assert_usable(widget)
+
+
+def test_edit_a_copy_of_the_tissue_map_and_regenerate_what_changed(make_napari_viewer, qtbot, tmp_path):
+    """A label-map model shows the Tissue map rows; "Edit a copy" duplicates the map on its grid for painting
+    (the lesion label picked); the result changes only where the copy was painted (and one voxel around), as
+    the core's inpaint under the edited map makes it, bit for bit; unchanged copies are a message."""
+    from napari.layers import Layer
+
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.from_labels import changed_labels_mask
+    from napari_meddiff.tasks.inpaint import inpaint
+    from napari_meddiff.testing.tiny_models import make_tiny_model
+    from tests.tasks.test_from_labels import LABELS, edited, scan_of, tissue_map
+
+    folder = make_tiny_model(tmp_path / "tiny-from-labels-3d", "ddpm", 3, label_map=LABELS)
+    viewer = make_napari_viewer()
+    labels = tissue_map()
+    scan_vol = scan_of(labels)
+    viewer.add_layer(Layer.create(*volume_to_layer_data(scan_vol, "scan", layer_type="image")))
+    tissue = viewer.add_labels(labels.array, affine=labels.affine, name="tissue")
+    widget = InpaintWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Inpaint")
+    widget.model_picker.add_folder(folder)
+    widget.sampling.steps.setValue(2)
+    widget.sampling.seed.setValue(3)
+    assert widget.map_combo.isVisibleTo(widget) and widget.map_combo.layer() is tissue
+    copy = widget.edit_map_copy()
+    assert widget.map_combo.layer() is copy and copy.selected_label == 4 and widget.changed_only.isChecked()
+    np.testing.assert_allclose(copy.data_to_world((1, 2, 3)), tissue.data_to_world((1, 2, 3)))
+    with notification_manager:
+        widget.run()  # nothing painted yet
+    assert not widget.runner.running and any("nothing was changed" in str(n.message)
+                                             for n in notification_manager.records)  # fmt: skip
+    after = edited(labels)
+    copy.data = after.array
+    run_and_wait(qtbot, widget)
+    (result,) = [layer for layer in viewer.layers if "inpainted" in layer.name]
+    np.testing.assert_array_equal(tissue.data, labels.array)  # the original map is untouched
+    region = changed_labels_mask(labels, after, 1)
+    (ref,) = inpaint(load_model(folder), scan_vol, region, labels=after, steps=2, seed=3, device="cpu")
+    np.testing.assert_array_equal(result.data, ref.array)
+    np.testing.assert_array_equal(result.data[~region], scan_vol.array[~region])
+    assert_usable(widget)

@@ -3,6 +3,9 @@
 Everything outside the painted region stays exactly as it was. Each candidate becomes a new image layer on
 the scan's world grid (pick the one you like, save it with File > Save Selected Layer). The live preview
 shows the chain's current estimate inside the mask on a copy of the scan.
+
+A label-map model (a scan from a tissue map) also takes the scan's tissue map: "Edit a copy" duplicates it to
+paint on (a lesion, say), and "regenerate what I changed" fills only where the copy differs from the original.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def inpaint_task(
     feather_voxels: int,
     preview: bool,
     conditions: dict[str, float] | None = None,
+    labels: Volume | None = None,
 ) -> int:
     """Worker-thread body: inpaint all candidates, emitting previews and then each result."""
     from napari_meddiff.tasks.inpaint import inpaint
@@ -103,6 +107,7 @@ def inpaint_task(
         image,
         mask,
         label=label,
+        labels=labels,
         sampler=sampler,
         steps=steps,
         seed=seed,
@@ -129,6 +134,7 @@ class InpaintWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self._create_mask_editors()
+        self._create_map_editors()
         self.model_picker = ModelPicker(kinds=("ddpm", "ldm"))
         self.conditions = ConditionControls(guidance=False)
         self.sampling = SamplingControls(self)
@@ -145,6 +151,7 @@ class InpaintWidget(QWidget):
         self._preview_layer: Layer | None = None
         self._results: list[Layer] = []
         self._source: Layer | None = None
+        self._map_originals: dict[int, Volume] = {}  # an edited copy's id -> the tissue map it was copied from
         self._on_model_changed(self.model_picker.current())
         if not is_loaded():
             self.progress.label.setText("Loading torch and MONAI…")
@@ -170,6 +177,18 @@ class InpaintWidget(QWidget):
         self.label_value.setRange(0, 2**31 - 1)
         self.label_value.setSpecialValueText("all non-zero")
         self.label_value.setToolTip("Which label value is the region to fill (all non-zero: every painted voxel)")
+
+    def _create_map_editors(self) -> None:
+        """A label-map model's tissue map of the scan, "Edit a copy" and "regenerate what I changed"."""
+        self.map_combo = LayerCombo(self.viewer, Labels)
+        self.map_combo.setToolTip("The scan's tissue map (a Labels layer): the fill follows it as edited")
+        self.edit_map_button = QPushButton("Edit a copy")
+        self.edit_map_button.setToolTip("Duplicate the tissue map to paint on; the original stays as it was")
+        self.changed_only = QCheckBox("regenerate what I changed")
+        self.changed_only.setToolTip(
+            "Fill only where the edited copy differs from the map it was copied from (and one voxel around), "
+            "instead of a painted mask"
+        )
 
     def _create_fill_editors(self) -> None:
         """Candidates, slice axis, RePaint resampling, feathering and the live preview switch."""
@@ -204,6 +223,10 @@ class InpaintWidget(QWidget):
         form.addRow("", self.new_mask_button)
         form.addRow("Label", self.label_value)
         self.model_summary = add_model_rows(form, self.model_picker)
+        form.addRow("Tissue map", self.map_combo)
+        form.addRow("", self.edit_map_button)
+        form.addRow("", self.changed_only)
+        self._map_rows = [form.labelForField(self.map_combo), self.map_combo, self.edit_map_button, self.changed_only]
         form.addRow(self.conditions)
         self.sampling.add_rows(form)
         form.addRow("Candidates", self.candidates)
@@ -221,6 +244,9 @@ class InpaintWidget(QWidget):
         self.model_picker.changed.connect(self._on_model_changed)
         self.image_combo.currentIndexChanged.connect(self._sync)
         self.labels_combo.currentIndexChanged.connect(self._sync)
+        self.map_combo.currentIndexChanged.connect(self._sync)
+        self.changed_only.toggled.connect(self._sync)
+        self.edit_map_button.clicked.connect(self.edit_map_copy)
         self.jump_n.valueChanged.connect(self._sync)
         self.new_mask_button.clicked.connect(self.new_mask)
         self.inpaint_button.clicked.connect(self.run)
@@ -228,13 +254,20 @@ class InpaintWidget(QWidget):
     # --- settings ---
 
     def _sync(self, *_: Any) -> None:
+        info = self.model_picker.current()
+        by_map = bool(info is not None and info.label_map)
+        changed_only = by_map and self.changed_only.isChecked()
         ready = (
-            self.model_picker.current() is not None
+            info is not None
             and self.image_combo.layer() is not None
-            and self.labels_combo.layer() is not None
+            and (changed_only or self.labels_combo.layer() is not None)
+            and (not by_map or self.map_combo.layer() is not None)
         )
         self.inpaint_button.setEnabled(ready and is_loaded() and not self.runner.running)
-        self.new_mask_button.setEnabled(self.image_combo.layer() is not None)
+        self.new_mask_button.setEnabled(self.image_combo.layer() is not None and not changed_only)
+        self.edit_map_button.setEnabled(self.map_combo.layer() is not None)
+        self.labels_combo.setEnabled(not changed_only)  # the edit is the region: no mask to choose
+        self.label_value.setEnabled(not changed_only)
         self.jump_length.setEnabled(self.jump_n.value() > 1)
 
     def _on_model_changed(self, info: ModelInfo | None) -> None:
@@ -244,6 +277,8 @@ class InpaintWidget(QWidget):
             self.model_summary.setText("No generative model found. Use “Open model folder…” to pick one.")
             return
         self.model_summary.setText(info.summary())
+        for widget in self._map_rows:
+            widget.setVisible(bool(info.label_map))
         self.sampling.set_defaults(info)
         if is_loaded():  # else once torch is in (`_on_loaded`)
             self._apply_task_defaults(info)
@@ -269,20 +304,44 @@ class InpaintWidget(QWidget):
             show_error("Inpaint: open a scan first")
             return None
         shape = np.shape(image.data)[-3:] if image.ndim >= 3 else np.shape(image.data)
-        layer = self.viewer.add_labels(
-            np.zeros(shape, np.uint8),
-            name=f"{image.name} mask",
-            scale=image.scale,
-            translate=image.translate,
-            rotate=image.rotate,
-            shear=image.shear,
-            affine=image.affine.affine_matrix,
-            metadata={k: v for k, v in image.metadata.items() if k != PREVIEW_KEY},
-            **({"units": image.units} if hasattr(image, "units") else {}),  # else napari warns of mixed units
-        )
-        layer.mode = "paint"
+        layer = self._labels_like(image, np.zeros(shape, np.uint8), f"{image.name} mask")
         layer.selected_label = 1
         self.labels_combo.select(layer)
+        return layer
+
+    def edit_map_copy(self) -> Labels | None:
+        """A copy of the chosen tissue map to paint on (the original kept for "regenerate what I changed"),
+        selected for painting with the lesion label when the model has one."""
+        source = self.map_combo.layer()
+        if source is None:
+            show_error("Inpaint: choose the scan's tissue map first")
+            return None
+        original = layer_to_volume(source)
+        layer = self._labels_like(source, np.array(source.data, copy=True), f"{source.name} edited")
+        if len(getattr(source, "features", ())):
+            layer.features = source.features.copy()
+        info = self.model_picker.current()
+        names = info.label_map if info is not None else {}
+        layer.selected_label = next((k for k, v in names.items() if v == "lesion"), 1)
+        self._map_originals[id(layer)] = Volume(np.array(original.array, copy=True), original.affine)
+        self.map_combo.select(layer)
+        self.changed_only.setChecked(True)
+        return layer
+
+    def _labels_like(self, source: Layer, data: np.ndarray, name: str) -> Labels:
+        """A Labels layer holding ``data`` with ``source``'s world transform, in paint mode."""
+        layer = self.viewer.add_labels(
+            data,
+            name=name,
+            scale=source.scale,
+            translate=source.translate,
+            rotate=source.rotate,
+            shear=source.shear,
+            affine=source.affine.affine_matrix,
+            metadata={k: v for k, v in source.metadata.items() if k != PREVIEW_KEY},
+            **({"units": source.units} if hasattr(source, "units") else {}),  # else napari warns of mixed units
+        )
+        layer.mode = "paint"
         return layer
 
     # --- running ---
@@ -290,8 +349,8 @@ class InpaintWidget(QWidget):
     def run(self) -> None:
         """Start inpainting with the current settings (no-op while a run is going)."""
         info = self.model_picker.current()
-        image_layer, labels_layer = self.image_combo.layer(), self.labels_combo.layer()
-        if info is None or image_layer is None or labels_layer is None:
+        image_layer = self.image_combo.layer()
+        if info is None or image_layer is None:
             show_error("Inpaint: choose an image, a labels layer with the region painted, and a model")
             return
         if self.runner.running:
@@ -299,13 +358,13 @@ class InpaintWidget(QWidget):
         wait_loaded()  # the button waits for the background import; a direct call waits here
         try:
             image = layer_to_volume(image_layer)
-            mask = layer_to_volume(labels_layer)
+            # copies: the user may keep painting or editing while the model runs
+            image = Volume(np.array(image.array), image.affine, image.metadata)
+            labels = self._tissue_map() if info.label_map else None
+            mask = self._region(labels)
         except MeddiffError as exc:
             show_error(f"Inpaint: {exc}")
             return
-        # copies: the user may keep painting or editing while the model runs
-        image = Volume(np.array(image.array), image.affine, image.metadata)
-        mask = Volume(np.array(mask.array), mask.affine, {})
         sampler, steps, seed = self.sampling.values()
         label = self.label_value.value() or None
         task = partial(
@@ -326,6 +385,7 @@ class InpaintWidget(QWidget):
             feather_voxels=self.feather.value(),
             preview=self.preview.isChecked(),
             conditions=self.conditions.values() or None,
+            labels=labels,
         )
         self._preview_layer, self._results, self._source = None, [], image_layer
         self.runner.start(
@@ -335,6 +395,29 @@ class InpaintWidget(QWidget):
             on_stop=self._on_stop,
             text=f"Loading {info.name}…",
         )
+
+    def _tissue_map(self) -> Volume:
+        """A copy of the chosen tissue map (a label-map model's condition)."""
+        layer = self.map_combo.layer()
+        if layer is None:
+            raise MeddiffError(f"{self.model_picker.current().name} fills under the scan's tissue map: choose it")
+        vol = layer_to_volume(layer)
+        return Volume(np.array(vol.array, copy=True), vol.affine)
+
+    def _region(self, labels: Volume | None) -> Volume:
+        """What to fill: where the edited map differs from its original, or the painted mask."""
+        from napari_meddiff.tasks.from_labels import changed_labels_mask
+
+        if labels is not None and self.changed_only.isChecked():
+            original = self._map_originals.get(id(self.map_combo.layer()))
+            if original is None:
+                raise MeddiffError("to regenerate what you changed, press “Edit a copy” and paint on the copy")
+            return Volume(changed_labels_mask(original, labels, 1).astype(np.uint8), labels.affine)
+        layer = self.labels_combo.layer()
+        if layer is None:
+            raise MeddiffError("choose the labels layer with the region painted")
+        mask = layer_to_volume(layer)
+        return Volume(np.array(mask.array), mask.affine, {})
 
     def cancel(self) -> None:
         self.runner.cancel()
