@@ -162,14 +162,14 @@ def test_edit_a_copy_of_the_tissue_map_and_regenerate_what_changed(make_napari_v
     scan_vol = scan_of(labels)
     viewer.add_layer(Layer.create(*volume_to_layer_data(scan_vol, "scan", layer_type="image")))
     tissue = viewer.add_labels(labels.array, affine=labels.affine, name="tissue")
-    widget = InpaintWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Inpaint")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-meddiff", "Inpaint")  # its viewer hands out proxies
     widget.model_picker.add_folder(folder)
     widget.sampling.steps.setValue(2)
     widget.sampling.seed.setValue(3)
-    assert widget.map_combo.isVisibleTo(widget) and widget.map_combo.layer() is tissue
+    assert widget.map_combo.isVisibleTo(widget) and widget.map_combo.layer().unique_id == tissue.unique_id
     copy = widget.edit_map_copy()
-    assert widget.map_combo.layer() is copy and copy.selected_label == 4 and widget.changed_only.isChecked()
+    assert widget.map_combo.layer().unique_id == copy.unique_id and copy.selected_label == 4
+    assert widget.changed_only.isChecked()
     np.testing.assert_allclose(copy.data_to_world((1, 2, 3)), tissue.data_to_world((1, 2, 3)))
     with notification_manager:
         widget.run()  # nothing painted yet

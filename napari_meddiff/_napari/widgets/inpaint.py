@@ -151,7 +151,8 @@ class InpaintWidget(QWidget):
         self._preview_layer: Layer | None = None
         self._results: list[Layer] = []
         self._source: Layer | None = None
-        self._map_originals: dict[int, Volume] = {}  # an edited copy's id -> the tissue map it was copied from
+        # an edited copy's unique_id (not id(): a plugin's viewer hands out proxies) -> the map it was copied from
+        self._map_originals: dict[str, Volume] = {}
         self._on_model_changed(self.model_picker.current())
         if not is_loaded():
             self.progress.label.setText("Loading torch and MONAI…")
@@ -323,7 +324,7 @@ class InpaintWidget(QWidget):
         info = self.model_picker.current()
         names = info.label_map if info is not None else {}
         layer.selected_label = next((k for k, v in names.items() if v == "lesion"), 1)
-        self._map_originals[id(layer)] = Volume(np.array(original.array, copy=True), original.affine)
+        self._map_originals[layer.unique_id] = Volume(np.array(original.array, copy=True), original.affine)
         self.map_combo.select(layer)
         self.changed_only.setChecked(True)
         return layer
@@ -409,7 +410,7 @@ class InpaintWidget(QWidget):
         from napari_meddiff.tasks.from_labels import changed_labels_mask
 
         if labels is not None and self.changed_only.isChecked():
-            original = self._map_originals.get(id(self.map_combo.layer()))
+            original = self._map_originals.get(self.map_combo.layer().unique_id)
             if original is None:
                 raise MeddiffError("to regenerate what you changed, press “Edit a copy” and paint on the copy")
             return Volume(changed_labels_mask(original, labels, 1).astype(np.uint8), labels.affine)
