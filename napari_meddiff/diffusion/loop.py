@@ -2,7 +2,9 @@
 
 Hooks: ``image_condition`` (image channels concatenated to the UNet input: segmentation's scan),
 ``condition_values`` / ``guidance_scale`` (a model's named conditions, classifier-free guidance),
-``controlnet_cond`` / ``controlnet_scale`` (a model's ControlNet: its down/mid residuals added in the UNet), ``known``
+``controlnet_cond`` / ``controlnet_scale`` (a model's ControlNet: its down/mid residuals added in the UNet),
+``network_inputs`` (further keyword inputs of the UNet and the ControlNet that the model provides, e.g. MAISI's
+voxel spacing: `DiffusionModel.network_inputs`), ``known``
 (known-region replacement after each step, for inpainting), ``on_step`` (progress / preview) and ``should_cancel``
 (checked before every network evaluation). A batch holds one sampler state and one random generator per sample, so a
 seed gives the same chain whatever the batch it runs in (bitwise for batches of 2+; batch 1 may differ by ~1e-6 on
@@ -112,6 +114,23 @@ def _unconditional(model: DiffusionModel, batch: int) -> torch.Tensor:
     return torch.tensor(null, dtype=torch.float32).expand(batch, len(null))
 
 
+def _network_inputs(
+    inputs: dict[str, dict[str, torch.Tensor]] | None, x: torch.Tensor, guided: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"unet": {...}, "controlnet": {...}}`` keyword tensors, one row per sample of ``x``, on its device (both
+    guidance branches get the same)."""
+    checked: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "controlnet": {}}
+    for net, kwargs in (inputs or {}).items():
+        if net not in checked:
+            raise MeddiffError(f"network inputs are for the unet or the controlnet, not {net!r}")
+        for name, value in kwargs.items():
+            if value.shape[0] != x.shape[0]:
+                raise MeddiffError(f"network input {name} must have one row per sample ({x.shape[0]})")
+            value = value.to(x.device)
+            checked[net][name] = torch.cat([value, value]) if guided else value
+    return checked
+
+
 def _predict(
     model: DiffusionModel,
     net_in: torch.Tensor,
@@ -120,18 +139,22 @@ def _predict(
     precision: str,
     guidance_scale: float | None,
     control: ControlInputs | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """The UNet's output at timestep ``t`` (with the ControlNet's residuals); with a guidance scale, both branches
-    as one batch, then combined."""
+    """The UNet's output at timestep ``t`` (with the ControlNet's residuals and ``extra`` keyword inputs of each
+    network); with a guidance scale, both branches as one batch, then combined."""
     if guidance_scale is not None:
         net_in = torch.cat([net_in, net_in])
     t_type = torch.long if isinstance(t, int) else torch.float32
     t_batch = torch.full((net_in.shape[0],), t, device=net_in.device, dtype=t_type)
     net_in, kwargs = unet_inputs(net_in, cond)
+    extra = extra or {}
     with autocast_context(net_in.device, precision):
+        unet_kwargs = {**kwargs, **extra.get("unet", {})}
         if control is not None:
-            kwargs = {**kwargs, **control.residuals(net_in, t_batch, kwargs)}
-        out = model.unet(net_in, timesteps=t_batch, **kwargs).float()
+            control_kwargs = {**kwargs, **extra.get("controlnet", {})}
+            unet_kwargs.update(control.residuals(net_in, t_batch, control_kwargs))
+        out = model.unet(net_in, timesteps=t_batch, **unet_kwargs).float()
     if guidance_scale is None:
         return out
     out_cond, out_uncond = out.chunk(2)
@@ -157,6 +180,7 @@ def denoise(
     guidance_scale: float = 1.0,
     controlnet_cond: torch.Tensor | None = None,
     controlnet_scale: float = 1.0,
+    network_inputs: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Run the reverse diffusion chain from ``x`` (noise, shape ``(B, *model.sample_shape)``) to a clean sample.
 
@@ -166,7 +190,8 @@ def denoise(
     guidance, ``uncond + s * (cond - uncond)`` with the model's null condition (both branches in one batch).
     ``controlnet_cond``: the conditioning image ``(B, C, *S)`` of the model's ControlNet (needed when it has one),
     at the resolution its conditioning embedding takes; its residuals, times ``controlnet_scale``, go into the
-    UNet at every network evaluation (both guidance branches get the same image).
+    UNet at every network evaluation (both guidance branches get the same image). ``network_inputs``: further
+    keyword tensors ``{"unet": {...}, "controlnet": {...}}``, one row per sample (`DiffusionModel.network_inputs`).
 
     ``jump_n > 1`` adds RePaint resampling (Lugmayr et al. 2022): every ``jump_length`` steps the chain is
     re-noised ``jump_length`` steps back (forward process, noise from each sample's generator) and re-run,
@@ -178,6 +203,7 @@ def denoise(
     if guided:
         cond = cond.cat(condition_inputs(model, _unconditional(model, x.shape[0]), x))
     control = _control_inputs(model, controlnet_cond, controlnet_scale, x, guided)
+    extra = _network_inputs(network_inputs, x, guided)
     schedule = model.config["scheduler"]
     chains = [make_sampler(sampler, schedule, steps, eta, x.shape[2:]) for _ in range(x.shape[0])]
     if jump_n > 1 and isinstance(chains[0], RFlowSampler):
@@ -196,7 +222,7 @@ def denoise(
                 raise Cancelled()
             t = timesteps[i].item()  # an int, or a float on a rectified flow's continuous time
             net_in = x if image_condition is None else torch.cat([x, image_condition.to(x.dtype)], dim=1)
-            out = _predict(model, net_in, t, cond, precision, guidance_scale if guided else None, control)
+            out = _predict(model, net_in, t, cond, precision, guidance_scale if guided else None, control, extra)
             stepped = [
                 _step(chain, out[b : b + 1], t, x[b : b + 1], gen)
                 for b, (chain, gen) in enumerate(zip(chains, generators))

@@ -35,9 +35,16 @@ from napari_meddiff.models.bundle_config import (
     load_data_file,
     read_bundle_config,
 )
-from napari_meddiff.models.bundle_weights import WeightsWarning, check_weight_file, load_network, read_state_dict
+from napari_meddiff.models.bundle_weights import (
+    WeightsWarning,
+    check_weight_file,
+    checkpoint_scale_factor,
+    load_network,
+    read_checkpoint,
+    state_dict_in,
+)
 from napari_meddiff.models.conditions import snake_case
-from napari_meddiff.models.model import DEFAULT_SAMPLING
+from napari_meddiff.models.model import DEFAULT_SAMPLING, network_roles
 from napari_meddiff.models.schema import validate_config
 from napari_meddiff.models.zoo_bundles import bundle_defaults
 
@@ -71,15 +78,18 @@ class BundleFormat:
         loads with a `WeightsWarning`, marked ``differs_from_published`` in its ``weights`` entry (outputs
         record it); one the loader cannot use is refused, the md5 named as the likely reason."""
         nets = {}
-        for role in ["unet"] + (["autoencoder"] if config["kind"] == "ldm" else []):
+        for role in network_roles(config):
             entry = config["weights"][role]
             path = weight_path(folder, role, entry["file"])  # again: the folder may have changed
             sha, md5 = check_weight_file(path, entry.get("md5"), folder)
             published = str(entry.get("md5") or "").lower()
             differs = bool(published) and md5 != published
             try:
-                state = read_state_dict(path, role)
+                checkpoint = read_checkpoint(path)
+                state = state_dict_in(checkpoint, role, path)
                 nets[role] = load_network(role, config["networks"][role], state, path, str(find_config_file(folder)))
+                if role == "unet" and config.get("latent", {}).get("scale_factor_source") == "checkpoint":
+                    _checkpoint_scale(config, checkpoint, path)
             except MeddiffError as exc:
                 if not differs:
                     raise
@@ -100,6 +110,17 @@ class BundleFormat:
 
 
 FORMAT = BundleFormat()
+
+
+def _checkpoint_scale(config: dict, checkpoint: Any, path: Path) -> None:
+    """The latent scale factor the diffusion checkpoint holds (MAISI's ``scale_factor``), into the config."""
+    scale = checkpoint_scale_factor(checkpoint)
+    if scale is None:
+        raise MeddiffError(
+            f'{path} holds no scale_factor beside its state dict; give "latent": {{"scale_factor": ...}} in '
+            f"{SIDECAR_NAME}"
+        )
+    config["latent"]["scale_factor"] = scale
 
 
 # --- translation --------------------------------------------------------------------------------------------
@@ -198,6 +219,10 @@ def _schedule(cls_name: str | None, kwargs: dict) -> dict[str, Any]:
     """A bundle scheduler's arguments -> this package's schedule dict, MONAI's class defaults filled in."""
     from monai.networks import schedulers
 
+    if cls_name == "RFlowScheduler":
+        from napari_meddiff.models.maisi_bundle import rflow_schedule
+
+        return rflow_schedule(kwargs)
     cls = getattr(schedulers, cls_name or "DDPMScheduler")
     params = inspect.signature(cls.__init__).parameters
     # as the bundle gives them: the schema then judges them, naming the bundle's config (int(1e12) or bool("no")
@@ -440,12 +465,17 @@ def _voxel_and_orientation(src: _Sources) -> list[float]:
     return voxel
 
 
-def _read_sources(folder: Path) -> tuple[_Sources, dict, dict | None, tuple | None]:
-    cfg = read_bundle_config(folder)
+def _read_metadata(folder: Path) -> dict:
     metadata = load_data_file(bundle_file(folder, "configs/metadata.json"))
     if not isinstance(metadata, dict):
         raise MeddiffError(f"{folder / 'configs' / 'metadata.json'}: must hold a JSON object")
-    components = cfg.components()
+    return metadata
+
+
+def _read_sources(
+    folder: Path, cfg: BundleConfig, components: dict
+) -> tuple[_Sources, dict, dict | None, tuple | None]:
+    metadata = _read_metadata(folder)
     _, _, unet = _one(components, "unet", cfg.path, True)
     ae_found = _one(components, "autoencoder", cfg.path, False)
     dims = unet.get("spatial_dims")
@@ -456,8 +486,20 @@ def _read_sources(folder: Path) -> tuple[_Sources, dict, dict | None, tuple | No
 
 
 def translate_bundle(folder: Path) -> dict[str, Any]:
-    """The bundle as a validated config of this package's schema (``format: "monai-bundle"``)."""
-    src, unet, ae, scheduler = _read_sources(folder)
+    """The bundle as a validated config of this package's schema (``format: "monai-bundle"``); a MAISI bundle
+    through `maisi_bundle`."""
+    from napari_meddiff.models import maisi_bundle
+
+    cfg = read_bundle_config(folder)
+    components = cfg.components()
+    if maisi_bundle.is_maisi(components):
+        sidecar = read_sidecar(folder)
+        sources = {"metadata": _read_metadata(folder), "sidecar": sidecar, "md5": read_large_files(folder, {})}
+        config = maisi_bundle.translate_maisi(folder, cfg, components, sources)
+        for role, entry in config["weights"].items():
+            weight_path(folder, role, entry["file"])  # a models/*.pt may be a link out of the bundle
+        return config
+    src, unet, ae, scheduler = _read_sources(folder, cfg, components)
     kind = "ldm" if ae is not None else "ddpm"
     config: dict[str, Any] = {
         "name": str(src.sidecar.get("name", folder.name)),

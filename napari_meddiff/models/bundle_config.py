@@ -24,7 +24,12 @@ _CLASSES = {
     "AutoencoderKL": "autoencoder",
     "DDPMScheduler": "scheduler",
     "DDIMScheduler": "scheduler",
+    "RFlowScheduler": "scheduler",
+    "DiffusionModelUNetMaisi": "unet",
+    "AutoencoderKlMaisi": "autoencoder",
+    "ControlNetMaisi": "controlnet",
 }
+_MAISI_NETWORKS = "monai.apps.generation.maisi.networks"
 _MODULES = {
     "DiffusionModelUNet": (
         "monai.networks.nets",
@@ -34,10 +39,22 @@ _MODULES = {
     "AutoencoderKL": ("monai.networks.nets", "monai.networks.nets.autoencoderkl", "generative.networks.nets"),
     "DDPMScheduler": ("monai.networks.schedulers", "monai.networks.schedulers.ddpm", "generative.networks.schedulers"),
     "DDIMScheduler": ("monai.networks.schedulers", "monai.networks.schedulers.ddim", "generative.networks.schedulers"),
+    # MAISI 1.0.0 ships a copy of MONAI's rectified flow as scripts/rectified_flow.py (MONAI 1.4 had none): its
+    # target names MONAI's class here, and nothing in scripts/ is ever imported
+    "RFlowScheduler": (
+        "monai.networks.schedulers",
+        "monai.networks.schedulers.rectified_flow",
+        "scripts.rectified_flow",
+    ),
+    "DiffusionModelUNetMaisi": (_MAISI_NETWORKS, f"{_MAISI_NETWORKS}.diffusion_model_unet_maisi"),
+    "AutoencoderKlMaisi": (_MAISI_NETWORKS, f"{_MAISI_NETWORKS}.autoencoderkl_maisi"),
+    "ControlNetMaisi": (_MAISI_NETWORKS, f"{_MAISI_NETWORKS}.controlnet_maisi"),
 }
 ALLOWED_TARGETS: dict[str, str] = {
     f"{module}.{cls}": cls for cls, modules in _MODULES.items() for module in modules
 } | {cls: cls for cls in _CLASSES}
+#: MONAI classes whose keyword names are their own (MAISI's ``num_channels``), never renamed from MONAI Generative's
+NATIVE_KWARGS = {"DiffusionModelUNetMaisi", "AutoencoderKlMaisi", "ControlNetMaisi", "RFlowScheduler"}
 #: keyword names of MONAI Generative (before MONAI 1.4) -> MONAI's
 OLD_KWARGS = {"num_channels": "channels", "use_checkpointing": "use_checkpoint"}
 #: bundle-syntax keys that are instructions to MONAI's parser, not arguments
@@ -178,7 +195,8 @@ class BundleConfig:
                 if isinstance(target, str) and target in ALLOWED_TARGETS:
                     cls = ALLOWED_TARGETS[target]
                     kwargs = {k: v for k, v in node.items() if k not in PARSER_KEYS}
-                    resolved = {OLD_KWARGS.get(k, k): self.resolve(v, f"{ref}#{k}") for k, v in kwargs.items()}
+                    rename = {} if cls in NATIVE_KWARGS else OLD_KWARGS
+                    resolved = {rename.get(k, k): self.resolve(v, f"{ref}#{k}") for k, v in kwargs.items()}
                     found.setdefault(_CLASSES[cls], []).append((ref, cls, resolved))
                     return
                 for k, v in node.items():

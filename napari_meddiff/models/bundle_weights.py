@@ -41,6 +41,7 @@ NESTED_KEYS = {
         "network",
         "net",
     ),
+    "controlnet": ("controlnet_state_dict", "controlnet", "state_dict", "model"),
 }
 
 
@@ -72,6 +73,23 @@ def check_weight_file(path: Path, md5: str | None, folder: Path) -> tuple[str, s
 
 def read_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
     """Tensors only (``weights_only=True``), the state dict found inside a nested checkpoint if need be."""
+    return state_dict_in(read_checkpoint(path), role, path)
+
+
+def checkpoint_scale_factor(obj: Any) -> float | None:
+    """A latent diffusion checkpoint's ``scale_factor`` (MAISI saves it beside ``unet_state_dict``), or None."""
+    import torch
+
+    value = obj.get("scale_factor") if isinstance(obj, dict) else None
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < float(value) < 1e6:
+        return float(value)
+    return None
+
+
+def read_checkpoint(path: Path) -> Any:
+    """A checkpoint read with ``torch.load(weights_only=True)``: tensors and plain data, never pickled objects."""
     try:
         import torch
 
@@ -80,6 +98,11 @@ def read_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
         if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
             raise MeddiffError(_not_only_tensors(path, str(exc))) from None
         raise MeddiffError(f"cannot read {path} as PyTorch weights: {shorten(exc)}") from None
+    return obj
+
+
+def state_dict_in(obj: Any, role: str, path: Path) -> dict[str, torch.Tensor]:
+    """The ``role`` network's state dict in a checkpoint ``obj`` read from ``path`` (``module.`` prefixes gone)."""
     state = _find_state_dict(obj, role)
     if state is None:
         found = [shorten(k, 40) for k in list(obj)[:8]] if isinstance(obj, dict) else type(obj).__name__

@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,23 @@ class ModelConfigView:
         """A model that generates an image from a label map: its labels by value (0: background); else empty."""
         labels = (self.config.get("label_map") or {}).get("labels") or {}
         return {int(k): str(v) for k, v in labels.items()}
+
+    @property
+    def label_encoding(self) -> str:
+        """How a label map reaches the network: ``one_hot`` (a channel per label, in {-1, 1}) or ``binary`` (the
+        label value's 8 bits as channels in {0, 1}, as MAISI's ControlNet takes it)."""
+        return str((self.config.get("label_map") or {}).get("encoding", "one_hot"))
+
+    @property
+    def body_label(self) -> int | None:
+        """The label value of "body, no organ" that the model expects in a map (MAISI: 200), or None."""
+        value = (self.config.get("label_map") or {}).get("body_label")
+        return None if value is None else int(value)
+
+    @property
+    def takes_spacing(self) -> bool:
+        """Does the UNet take its grid's voxel size (MAISI's ``spacing_tensor``)? It then generates at any."""
+        return bool((self.config.get("network_inputs") or {}).get("spacing"))
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:
@@ -141,6 +158,16 @@ class DiffusionModel(ModelConfigView):
         entries = self.config["weights"].values()
         return sorted(str(w["file"]) for w in entries if isinstance(w, dict) and w.get("differs_from_published"))
 
+    def network_inputs(
+        self, batch: int, voxel_size: Sequence[float] | None = None, label_values: Iterable[int] = ()
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """The extra keyword inputs of the UNet and the ControlNet (`network_inputs.extra_network_inputs`) for
+        ``batch`` samples on a grid of ``voxel_size`` mm (default: the model's) whose map holds ``label_values``."""
+        from napari_meddiff.models.network_inputs import extra_network_inputs
+
+        spacing = self.voxel_size if voxel_size is None else voxel_size
+        return extra_network_inputs(self.config.get("network_inputs"), batch, spacing, label_values)
+
     def num_parameters(self) -> int:
         nets = [n for n in (self.unet, self.autoencoder, self.controlnet) if n is not None]
         return sum(p.numel() for net in nets for p in net.parameters())
@@ -176,19 +203,57 @@ class DiffusionModel(ModelConfigView):
         return self
 
 
+#: ``monai_class`` values a network config may name: MONAI's MAISI networks (`maisi_class`)
+MAISI_CLASSES = {
+    "DiffusionModelUNetMaisi": ("diffusion_model_unet_maisi", "unet"),
+    "AutoencoderKlMaisi": ("autoencoderkl_maisi", "autoencoder"),
+    "ControlNetMaisi": ("controlnet_maisi", "controlnet"),
+}
+
+
+def maisi_class(name: str, class_name: str, where: str) -> type:
+    """MONAI's MAISI network class ``class_name`` for the ``name`` role (only these three are ever built)."""
+    import importlib
+
+    module, role = MAISI_CLASSES.get(class_name, (None, None))
+    if module is None or role != name:
+        raise MeddiffError(f"{where + ': ' if where else ''}{name}.monai_class {class_name!r} is not a MAISI {name}")
+    return getattr(importlib.import_module(f"monai.apps.generation.maisi.networks.{module}"), class_name)
+
+
+def cpu_maisi_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """MAISI's GPU-only settings, adapted where no CUDA device is present: flash attention (MONAI refuses it
+    without CUDA), float16 group norms (no CPU kernel takes their half-precision output) and split convolutions
+    (``num_splits``: a GPU memory device, which fails on a latent side shorter than the split count; the tiled
+    autoencoder pass bounds memory instead). The weights and the results are the same networks'."""
+    import torch
+
+    if torch.cuda.is_available():
+        return kwargs
+    adapted = {**kwargs, "use_flash_attention": False}
+    if "norm_float16" in kwargs:
+        adapted.update(norm_float16=False, num_splits=1)
+    return adapted
+
+
 def build_network(name: str, net_config: dict[str, Any], where: str = "") -> torch.nn.Module:
-    """Instantiate a MONAI network from its keyword arguments (``where``: the config file, for errors)."""
+    """Instantiate a MONAI network from its keyword arguments (``where``: the config file, for errors).
+    ``monai_class`` (a MAISI network's class name) picks MONAI's MAISI class, with `cpu_maisi_kwargs`."""
     from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 
     from napari_meddiff.models.networks import SpaceToDepthControlNet, SpaceToDepthUNet
 
+    kwargs = copy.deepcopy(net_config)
     cls = {"unet": DiffusionModelUNet, "autoencoder": AutoencoderKL, "controlnet": ControlNet}.get(name)
     if net_config.get("space_to_depth") is not None:
         cls = {"unet": SpaceToDepthUNet, "controlnet": SpaceToDepthControlNet}.get(name, cls)
+    if "monai_class" in kwargs:
+        cls = maisi_class(name, str(kwargs.pop("monai_class")), where)
+        kwargs = cpu_maisi_kwargs(kwargs)
     if cls is None:
         raise MeddiffError(f"unknown network {name!r}")
     try:
-        return cls(**copy.deepcopy(net_config))
+        return cls(**kwargs)
     except (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as exc:
         raise MeddiffError(f"{where + ': ' if where else ''}bad {name} network config: {str(exc)[:200]}") from None
 

@@ -15,6 +15,7 @@ from napari_meddiff.io.intensity import INTENSITY_KEYS, is_upper_value
 from napari_meddiff.models.boundary import shorten
 from napari_meddiff.models.conditions import parse_conditions
 from napari_meddiff.models.model import network_roles
+from napari_meddiff.models.network_inputs import NETWORK_INPUT_KEYS
 
 MODEL_KINDS = ("ddpm", "ldm", "segmentation")
 REQUIRED_KEYS = ("spatial_dims", "image_shape", "voxel_size", "networks", "scheduler", "weights")
@@ -115,14 +116,32 @@ def validate_config(config: Any, where: str) -> dict:
                 raise MeddiffError(
                     f"{where}: {block}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
                 )
-    if "label_map" in config and "labels" not in config["label_map"]:
-        raise MeddiffError(f"{where}: label_map lacks 'labels' (the name of each label value)")
+    if "label_map" in config:
+        _check_label_map(config["label_map"], where)
     if "name" in config and not isinstance(config["name"], str):
         raise MeddiffError(f"{where}: name must be a string, not {config['name']!r}")
     conditioning, specs = parse_conditions(config.get("conditioning"), where)
     if conditioning.class_labels:
         _check_class_labels(config["networks"].get("unet", {}), conditioning, specs, where)
     return config
+
+
+def _check_label_map(block: dict, where: str) -> None:
+    """Labels named by value: one-hot maps name every value 0..K-1; binary-coded maps (8 bits) any of 0..255."""
+    if "labels" not in block:
+        raise MeddiffError(f"{where}: label_map lacks 'labels' (the name of each label value)")
+    labels = block["labels"]
+    if block.get("encoding", "one_hot") == "one_hot":
+        if sorted(labels) != sorted(str(i) for i in range(len(labels))):
+            raise MeddiffError(
+                f'{where}: label_map.labels must be an object naming every label value 0..K-1 ({{"0": "background", '
+                '"1": ...}})'
+            )
+    elif not all(k.isdigit() and int(k) < 2**BINARY_LABEL_BITS for k in labels) or "0" not in labels:
+        raise MeddiffError(f"{where}: label_map.labels of a binary-coded map must be 0 and values up to 255")
+    body = block.get("body_label")
+    if body is not None and (not _is_int(body) or str(body) not in labels):
+        raise MeddiffError(f"{where}: label_map.body_label must be one of its label values, not {shorten(repr(body))}")
 
 
 def _check_class_labels(unet: dict, conditioning: Any, specs: list, where: str) -> None:
@@ -168,8 +187,8 @@ def _check_controlnet(config: dict, where: str) -> None:
     unet, net = config["networks"]["unet"], _object(config["networks"]["controlnet"], "networks.controlnet", where)
 
     def levels(block: dict) -> list:
-        res = block.get("num_res_blocks", 2)
-        return [block.get("channels"), res if isinstance(res, list) else [res] * len(block.get("channels") or [])]
+        res, channels = block.get("num_res_blocks", 2), block.get("channels") or block.get("num_channels")
+        return [channels, res if isinstance(res, list) else [res] * len(channels or [])]
 
     for key in ("spatial_dims", "in_channels", "space_to_depth"):
         if net.get(key) != unet.get(key):
@@ -238,7 +257,12 @@ SCHEDULER_FIELDS = {
 }
 # blocks whose unknown keys are refused, and the keys they take: a misspelt key would silently fall back to a
 # default (the intensity keys the training configs take, and bundles' informative "range")
-CLOSED_BLOCKS = {"intensity": INTENSITY_KEYS | {"range"}, "label_map": {"labels"}}
+BINARY_LABEL_BITS = 8  # MAISI's binarize_labels: a label value as 8 bit channels
+CLOSED_BLOCKS = {
+    "intensity": INTENSITY_KEYS | {"range"},
+    "label_map": {"labels", "encoding", "body_label"},
+    "network_inputs": NETWORK_INPUT_KEYS,
+}
 OPTIONAL_BLOCKS = {
     "defaults": {
         "sampler": (lambda v: isinstance(v, str), "a sampler name"),
@@ -268,13 +292,25 @@ OPTIONAL_BLOCKS = {
     "inpaint": {},
     "label_map": {
         "labels": (
+            lambda v: isinstance(v, dict) and len(v) > 1 and all(isinstance(n, str) and n for n in v.values()),
+            'an object naming every label value ({"0": "background", "1": ...})',
+        ),
+        "encoding": (lambda v: v in ("one_hot", "binary"), "one_hot or binary"),
+    },
+    "network_inputs": {
+        "spacing": (lambda v: isinstance(v, bool), "true or false"),
+        "scale": (lambda v: _is_number(v) and v > 0, "a positive number"),
+        "class_label": (lambda v: _is_int(v) and v >= 0, "a class index"),
+        "body_regions": (
             lambda v: (
                 isinstance(v, dict)
-                and sorted(v) == sorted(str(i) for i in range(len(v)))
-                and len(v) > 1
-                and all(isinstance(n, str) and n for n in v.values())
+                and isinstance(v.get("labels"), list)
+                and all(isinstance(r, list) and all(_is_int(x) for x in r) for r in v["labels"])
+                and isinstance(v.get("default"), list)
+                and len(v["default"]) == 2
+                and all(_is_int(i) and 0 <= i < len(v["labels"]) for i in v["default"])
             ),
-            'an object naming every label value 0..K-1 ({"0": "background", "1": ...})',
+            '{"labels": [[label values of a region], ...], "default": [top, bottom]}',
         ),
     },
     "geometry": {"notes": (lambda v: isinstance(v, list), "a list")},

@@ -25,9 +25,29 @@ from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_set
 
 
 def grid_divisor(model: DiffusionModel) -> int:
-    """What every side of the UNet's input must be divisible by (its levels and its space-to-depth factor)."""
+    """What every side of the image grid must be divisible by: the UNet's levels and space-to-depth factor, and a
+    latent model's autoencoder downsampling."""
     unet = model.config["networks"]["unet"]
-    return int(unet.get("space_to_depth") or 1) * 2 ** (len(unet["channels"]) - 1)
+    levels = len(unet.get("channels") or unet.get("num_channels"))
+    return latent_factor(model) * int(unet.get("space_to_depth") or 1) * 2 ** (levels - 1)
+
+
+def latent_factor(model: DiffusionModel) -> int:
+    """How many image voxels a latent voxel spans per side (1: a pixel model)."""
+    return model.image_shape[0] // model.sample_shape[1] if model.kind == "ldm" else 1
+
+
+def map_spacing(labels: Volume) -> np.ndarray:
+    """The map's voxel size along R, A and S (each voxel axis to the world axis it runs closest to; an oblique map
+    whose axes do not sort so takes its mean spacing)."""
+    columns = np.asarray(labels.affine, dtype=float)[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    nearest = np.argmax(np.abs(columns) / spacing, axis=0)
+    if sorted(nearest) != [0, 1, 2]:
+        return np.full(3, spacing.mean())
+    voxel = np.empty(3)
+    voxel[nearest] = spacing
+    return voxel
 
 
 def require_label_map(model: ModelConfigView, labels: object | None) -> None:
@@ -75,13 +95,16 @@ def checked_label_map(model: DiffusionModel, labels: Volume) -> tuple[Volume, st
 
 def label_grid(model: DiffusionModel, labels: Volume) -> ModelGrid:
     """A RAS grid at the model's voxel size, centred on the map's labelled voxels and covering them: the model's
-    image shape, larger where the labels need it (the UNet is fully convolutional), sides divisible as it needs."""
+    image shape, larger where the labels need it (the UNet is fully convolutional), sides divisible as it needs.
+    A model that takes its grid's spacing (`takes_spacing`: MAISI) gets the map's spacing, and the covering
+    shape alone."""
     index = np.argwhere(np.asarray(labels.array) > 0)
     lo, hi = world_box(labels.affine, index.min(0), index.max(0))
-    voxel = np.asarray(model.voxel_size, dtype=float)
+    voxel = map_spacing(labels) if model.takes_spacing else np.asarray(model.voxel_size, dtype=float)
     div = grid_divisor(model)
     need = np.ceil((hi - lo) / voxel).astype(int) + 3
-    shape = [max(int(s), int(math.ceil(n / div) * div)) for s, n in zip(model.image_shape, need)]
+    least = [div] * 3 if model.takes_spacing else model.image_shape
+    shape = [max(int(s), int(math.ceil(n / div) * div)) for s, n in zip(least, need)]
     return snap_grid(make_grid(voxel, shape, (lo + hi) / 2), labels)
 
 
@@ -89,6 +112,22 @@ def one_hot_condition(label_arrays: torch.Tensor, num_labels: int) -> torch.Tens
     """(B, *S) label values -> (B, K, *S) one-hot in {-1, 1}: the channels the UNet takes beside the image, or
     the ControlNet's conditioning image."""
     return F.one_hot(label_arrays.long(), num_labels).movedim(-1, 1).float() * 2.0 - 1.0
+
+
+def binary_condition(label_arrays: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """(B, *S) label values -> (B, bits, *S): each value's bits in {0, 1}, lowest first (MAISI's
+    ``binarize_labels``)."""
+    masks = 2 ** torch.arange(bits, device=label_arrays.device)
+    values = label_arrays.long().unsqueeze(1)
+    shape = (1, bits) + (1,) * (values.ndim - 2)
+    return (values & masks.reshape(shape)).ne(0).float()
+
+
+def label_condition(model: DiffusionModel, label_arrays: torch.Tensor) -> torch.Tensor:
+    """The map as the model takes it: one-hot (`one_hot_condition`) or binary-coded (`binary_condition`)."""
+    if model.label_encoding == "binary":
+        return binary_condition(label_arrays)
+    return one_hot_condition(label_arrays, len(model.label_map))
 
 
 def sample_from_label_arrays(
@@ -100,17 +139,27 @@ def sample_from_label_arrays(
     *,
     on_step: Callable[[StepInfo], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    voxel_size: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1], ``(B, *S)``, for label maps ``(B, *S)`` on the model's voxel grid, one generator each.
-    A model with a ControlNet takes the one-hot map there (``controlnet_cond``), else beside the image."""
-    condition = one_hot_condition(label_arrays, len(model.label_map)).to(device)
+    """Images in [0, 1], ``(B, *S)``, for label maps ``(B, *S)`` on a grid of ``voxel_size`` mm (default: the
+    model's), one generator each. A model with a ControlNet takes the map there (``controlnet_cond``), else beside
+    the image; a latent model denoises latents and decodes them; the model's `network_inputs` (MAISI's spacing,
+    body regions) come from the grid and the map."""
+    from napari_meddiff.autoencoder.passes import decode_latents
+
+    condition = label_condition(model, label_arrays).to(device)
     by_controlnet = model.controlnet is not None
-    x = initial_noise((1, *label_arrays.shape[1:]), generators, device)
+    factor = latent_factor(model)
+    shape = (model.sample_shape[0], *[s // factor for s in label_arrays.shape[1:]])
+    x = initial_noise(shape, generators, device)
+    extra = model.network_inputs(len(generators), voxel_size, torch.unique(label_arrays).tolist())
     x0 = denoise(
         model, x, sampler=settings["sampler"], steps=settings["steps"], generators=generators, eta=settings["eta"],
         image_condition=None if by_controlnet else condition, controlnet_cond=condition if by_controlnet else None,
-        on_step=on_step, should_cancel=should_cancel, precision=settings["precision"],
+        on_step=on_step, should_cancel=should_cancel, precision=settings["precision"], network_inputs=extra,
     )  # fmt: skip
+    if model.kind == "ldm":
+        x0 = decode_latents(model, x0, settings["precision"])
     return x0[:, 0].clamp(0, 1).cpu()
 
 
@@ -141,10 +190,16 @@ def generate_from_labels(
         raise MeddiffError("batch size must be at least 1")
     as_float = Volume(values.astype(np.float32), labels.affine)
     grid = label_grid(model, as_float)
-    on_grid = torch.from_numpy(np.rint(sample_on_grid(as_float, grid, labels=True))).long()
+    on_grid, derived = with_body_label(model, np.rint(sample_on_grid(as_float, grid, labels=True)).astype(np.int64))
+    on_grid = torch.from_numpy(on_grid)
+    voxel = np.linalg.norm(grid.affine[:3, :3], axis=0).tolist()
     settings = resolve_settings(model, "generate", dev, sampler=sampler, steps=steps, eta=eta, precision=precision)
     present = {model.label_map[int(v)]: int(np.count_nonzero(values == v)) for v in np.unique(values)}
     source = {"file": labels.metadata.get("source_path"), "voxels": present}
+    if derived:
+        source["body_label_derived"] = derived
+    if model.kind == "ldm":
+        on_preview = None  # previews would need a decode per preview: the result comes decoded
     out: list[Volume] = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
@@ -152,8 +207,9 @@ def generate_from_labels(
         maps = on_grid.expand(len(chunk), *grid.shape)
         hook = _with_previews(on_step, on_preview, preview_every, lambda x0: _on_map_grid(x0[0, 0], grid, labels))
         images = sample_from_label_arrays(
-            model, maps, seeded_generators(chunk, dev), settings, dev, on_step=hook, should_cancel=should_cancel
-        ).numpy()
+            model, maps, seeded_generators(chunk, dev), settings, dev, on_step=hook, should_cancel=should_cancel,
+            voxel_size=voxel,
+        ).numpy()  # fmt: skip
         seconds = (time.perf_counter() - t0) / len(chunk)
         for seed, image in zip(chunk, images):
             vol = _on_map_grid(image, grid, labels)
@@ -165,6 +221,31 @@ def generate_from_labels(
             vol.metadata = {**labels.metadata, "provenance": record}
             out.append(vol)
     return out
+
+
+def with_body_label(model: DiffusionModel, values: np.ndarray) -> tuple[np.ndarray, int]:
+    """A map for a model that expects a body label (MAISI: 200, body voxels no organ takes): a map without it gets
+    it where the body is taken to be, the closed, hole-filled region of its other labels (a warning says so).
+    Returns the map and the voxels so labelled (0: none derived)."""
+    import warnings
+
+    from scipy import ndimage
+
+    body = model.body_label
+    if body is None or np.any(values == body):
+        return values, 0
+    inside = ndimage.binary_closing(values > 0, structure=np.ones((3, 3, 3), bool), iterations=2, border_value=0)
+    inside = ndimage.binary_fill_holes(inside | (values > 0))
+    gaps = inside & (values == 0)
+    warnings.warn(
+        f"the label map has no body label {body} ({model.label_map[body]}), which {model.name} expects around the "
+        f"organs: {int(gaps.sum())} background voxels inside the labelled region were given it",
+        UserWarning,
+        stacklevel=3,
+    )
+    out = values.copy()
+    out[gaps] = body
+    return out, int(gaps.sum())
 
 
 def _on_map_grid(image: np.ndarray | torch.Tensor, grid: ModelGrid, labels: Volume) -> Volume:
