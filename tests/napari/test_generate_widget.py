@@ -303,3 +303,22 @@ def test_a_label_map_model_generates_on_the_chosen_labels_layers_grid(make_napar
     (ref,) = generate_from_labels(load_model(folder), Volume(labels.array, labels.affine), [5], steps=3, device="cpu")
     np.testing.assert_array_equal(result.data, ref.array)
     assert_usable(widget)
+
+
+def test_the_sampler_list_offers_what_the_models_schedule_fits(make_napari_viewer, qtbot, tmp_path, tiny_models):
+    """A rectified-flow model offers rflow only, a DDPM model the DDPM samplers only; the rflow model generates."""
+    from napari_meddiff import generate, load_model
+    from napari_meddiff.testing.tiny_models import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "tiny-rflow-3d", "ddpm", 3, rflow=True)
+    viewer, widget = open_widget(make_napari_viewer, folder)
+    items = [widget.sampling.sampler.itemText(i) for i in range(widget.sampling.sampler.count())]
+    assert items == ["rflow"] and widget.sampling.sampler.currentText() == "rflow"
+    widget.sampling.steps.setValue(2)
+    widget.sampling.seed.setValue(1)
+    run_and_wait(qtbot, widget)
+    (ref,) = generate(load_model(folder), [1], sampler="rflow", steps=2, device="cpu")
+    np.testing.assert_array_equal(viewer.layers["tiny-rflow-3d_seed1"].data, ref.array)
+    widget.model_picker.add_folder(tiny_models["ldm3d"])
+    items = [widget.sampling.sampler.itemText(i) for i in range(widget.sampling.sampler.count())]
+    assert items == ["ddpm", "ddim", "dpm++"]

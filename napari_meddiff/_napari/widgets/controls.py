@@ -46,7 +46,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_meddiff.choices import SAMPLERS
+from napari_meddiff.choices import SAMPLERS, samplers_for
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.models import DEFAULT_MODEL, ModelConfigView, available_models, find_model_dir, read_config
 
@@ -282,11 +282,16 @@ class SamplingControls(QObject):
         form.addRow("Seed", self.seed_row)
 
     def set_defaults(self, info: ModelInfo | None) -> None:
-        """The model's default sampler and number of steps."""
+        """Only the samplers that fit the model's training schedule (no ``rflow`` for a DDPM, and the reverse);
+        the model's default sampler and number of steps."""
         if info is None:
             return
+        fitting = list(samplers_for(info.config.get("scheduler") or {})) or list(SAMPLERS)
+        if fitting != [self.sampler.itemText(i) for i in range(self.sampler.count())]:
+            self.sampler.clear()
+            self.sampler.addItems(fitting)
         defaults = info.sampling_defaults
-        if defaults["sampler"] in SAMPLERS:
+        if defaults["sampler"] in fitting:
             self.sampler.setCurrentText(defaults["sampler"])
         self.steps.setValue(int(defaults["steps"]))
 
