@@ -23,6 +23,7 @@ import torch
 
 from napari_meddiff.models.model import build_network
 from napari_meddiff.testing.bundle_fixtures import _SCRIPT, SCRIPT_MARKER
+from napari_meddiff.testing.tiny_models import unzero_controlnet
 
 SCALE_FACTOR = 0.8
 #: a part of MAISI's label_dict.json (name -> value), enough for maps of a few organs in each body region
@@ -245,6 +246,12 @@ def _random_network(role: str, component: dict, config: dict) -> torch.nn.Module
     with torch.no_grad():  # MONAI zero-initialises output and ControlNet convolutions: perturb all
         for param in net.parameters():
             param.add_(torch.randn_like(param) * 0.1)
+        if role == "controlnet":
+            unzero_controlnet(net)  # residuals as training leaves them: the map counts
+        if role == "autoencoder":  # images around 0.5, as CT in MAISI's [0, 1], not clamped to 0 or 1
+            last = net.decoder.blocks[-1].conv.conv
+            last.weight.mul_(0.02)
+            last.bias.fill_(0.5)
     return net
 
 

@@ -1,0 +1,194 @@
+"""MONAI Zoo's ``maisi_ct_generative`` in both layouts (0.4.x DDPM, 1.0.0 rectified flow) as models: Zoo-shaped
+folders with random weights, read as data, their UNet's extra inputs (spacing, body regions, modality) given in
+the one denoising loop, scans generated from label maps on the maps' grids."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.volume import Volume
+from napari_meddiff.models import load_model, read_config
+from napari_meddiff.tasks.from_labels import binary_condition, generate_from_labels
+from napari_meddiff.testing.maisi_bundles import SCALE_FACTOR, SCRIPT_MARKER, write_maisi_bundle
+
+VERSIONS = ("0.4", "1.0")
+LIVER, SPLEEN, TUMOR, BRAIN, BODY = 1, 3, 26, 22, 200
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("maisi")
+    return {v: write_maisi_bundle(root / f"maisi_ct_generative_{v}", v, seed=int(v[0])) for v in VERSIONS}
+
+
+@pytest.fixture(scope="module")
+def models(bundles):
+    return {v: load_model(path) for v, path in bundles.items()}
+
+
+def organ_map(tumor: bool = True, body: bool = False) -> Volume:
+    """A liver with a tumour and a spleen, on an oblique grid of 1.2 x 1.4 x 3 mm voxels."""
+    c, s = np.cos(0.4), np.sin(0.4)
+    affine = np.array([[1.2 * c, -1.4 * s, 0, -12], [1.2 * s, 1.4 * c, 0, 6], [0, 0, 3.0, 20], [0, 0, 0, 1]])
+    values = np.zeros((22, 18, 8), np.int16)
+    if body:
+        values[1:21, 1:17, 1:7] = BODY
+    values[4:16, 4:14, 2:6] = LIVER
+    if tumor:
+        values[8:12, 7:11, 3:5] = TUMOR
+    values[17:20, 3:7, 2:5] = SPLEEN
+    return Volume(values, affine)
+
+
+def _generate(model, labels: Volume, seed: int = 0) -> Volume:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return generate_from_labels(model, labels, [seed], steps=2, precision="fp32")[0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_both_layouts_translate_from_their_files(bundles, version):
+    config = read_config(bundles[version])
+    nets = config["networks"]
+    assert [nets[r]["monai_class"] for r in ("unet", "autoencoder", "controlnet")] == [
+        "DiffusionModelUNetMaisi",
+        "AutoencoderKlMaisi",
+        "ControlNetMaisi",
+    ]
+    assert nets["autoencoder"]["out_channels"] == 1  # the image autoencoder, not the mask generator's (125)
+    assert config["latent"]["channels"] == 4 and config["latent"]["shape"] == [4, 4, 4]
+    assert config["voxel_size"] == [1.5, 1.5, 2.0] and config["image_shape"] == [16, 16, 16]
+    labels = config["label_map"]["labels"]
+    assert labels["1"] == "liver" and labels["26"] == "hepatic tumor" and labels["128"] == "bone lesion"  # remap
+    assert labels[str(BODY)] == "body" and any("label 200 'body'" in n for n in config["geometry"]["notes"])
+    inputs = config["network_inputs"]
+    if version == "0.4":
+        assert config["scheduler"]["beta_end"] == 0.0195 and "type" not in config["scheduler"]
+        assert config["bundle_sampling"] == {"sampler": "ddpm", "steps": 1000}
+        assert inputs["body_regions"]["default"] == [2, 2] and "class_label" not in inputs  # "abdomen"
+    else:
+        assert config["scheduler"]["type"] == "rflow" and config["scheduler"]["use_timestep_transform"] is True
+        assert config["defaults"]["sampler"] == "rflow" and config["defaults"]["steps"] == 30
+        assert inputs["class_label"] == 1 and "body_regions" not in inputs
+    assert inputs["spacing"] is True and inputs["scale"] == 100.0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_both_layouts_load_with_their_checkpoints(bundles, models, version):
+    model = models[version]
+    assert type(model.unet).__name__ == "DiffusionModelUNetMaisi" and model.label_encoding == "binary"
+    assert model.scale_factor == pytest.approx(SCALE_FACTOR)  # the diffusion checkpoint's, not 1.0
+    files = {k: v["file"] for k, v in model.config["weights"].items()}
+    ckpt = torch.load(bundles[version] / files["controlnet"], weights_only=True)["controlnet_state_dict"]
+    assert all(torch.equal(v, ckpt[k]) for k, v in model.controlnet.state_dict().items())
+    assert not (bundles[version] / "models" / "mask_generation_autoencoder.pt").exists()  # not needed
+    assert not (bundles[version] / SCRIPT_MARKER).exists() and not (bundles[version] / "output").exists()
+
+
+def _captured_inputs(model, labels: Volume) -> dict[str, dict]:
+    """The keyword inputs the UNet and the ControlNet receive at their first evaluation."""
+    seen: dict[str, dict] = {}
+
+    def hook(name):
+        def record(module, args, kwargs):
+            seen.setdefault(name, {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)})
+
+        return record
+
+    handles = [
+        net.register_forward_pre_hook(hook(n), with_kwargs=True)
+        for n, net in (("unet", model.unet), ("controlnet", model.controlnet))
+    ]
+    try:
+        _generate(model, labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_ddpm_unet_gets_the_grid_spacing_and_the_maps_body_regions(models):
+    labels = organ_map()
+    labels.array[1:3, 1:3, 1:3] = BRAIN  # head (region 0) to abdomen (region 2)
+    seen = _captured_inputs(models["0.4"], labels)
+    unet = seen["unet"]
+    assert torch.allclose(unet["spacing_tensor"], torch.tensor([[120.0, 140.0, 300.0]]), atol=1e-3)  # the map's mm
+    assert unet["top_region_index_tensor"].tolist() == [[100.0, 0.0, 0.0, 0.0]]
+    assert unet["bottom_region_index_tensor"].tolist() == [[0.0, 0.0, 100.0, 0.0]]
+    assert "mid_block_additional_residual" in unet and "class_labels" not in seen["controlnet"]
+    assert seen["controlnet"]["controlnet_cond"].shape[1] == 8  # the label values' bits
+
+
+def test_rflow_unet_and_controlnet_get_the_modality(models):
+    seen = _captured_inputs(models["1.0"], organ_map())
+    assert seen["unet"]["class_labels"].tolist() == [1] and seen["controlnet"]["class_labels"].tolist() == [1]
+    assert "top_region_index_tensor" not in seen["unet"] and "spacing_tensor" in seen["unet"]
+    assert seen["unet"]["timesteps"].dtype == torch.float32  # continuous time
+
+
+def test_labels_go_to_the_controlnet_as_their_bits():
+    bits = binary_condition(torch.tensor([[0, 1, 26, 200]]))
+    assert bits[0, :, 2].tolist() == [0, 1, 0, 1, 1, 0, 0, 0]  # 26 = 0b11010, lowest bit first
+    assert bits[0, :, 3].tolist() == [0, 0, 0, 1, 0, 0, 1, 1] and bits[0, :, 0].sum() == 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_same_seed_same_scan_and_an_organ_changes_its_region(models, version):
+    model = models[version]
+    first, again = _generate(model, organ_map()), _generate(model, organ_map())
+    assert first.array.shape == (22, 18, 8) and np.allclose(first.affine, organ_map().affine)
+    assert np.array_equal(first.array, again.array)
+    without = _generate(model, organ_map(tumor=False))
+    tumor = organ_map().array == TUMOR
+    change = np.abs(first.array - without.array)
+    assert change[tumor].max() > 1e-3
+    assert change[tumor].mean() > change[organ_map().array == SPLEEN].mean()  # most where the organ changed
+    assert not np.array_equal(first.array, _generate(model, organ_map(), seed=1).array)
+
+
+def test_a_map_without_body_label_gets_it_derived_and_recorded(models):
+    with pytest.warns(UserWarning, match="no body label 200"):
+        (scan,) = generate_from_labels(models["1.0"], organ_map(), [0], steps=2, precision="fp32")
+    assert scan.metadata["provenance"]["label_map"]["body_label_derived"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a map with a body label is taken as it is
+        (scan,) = generate_from_labels(models["1.0"], organ_map(body=True), [0], steps=2, precision="fp32")
+    assert "body_label_derived" not in scan.metadata["provenance"]["label_map"]
+
+
+def test_expressions_in_the_config_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hostile = {
+        "write_file": "$open('EXPRESSION_RAN', 'w').write('a bundle expression was evaluated')",
+        "fail": "$1 / 0",
+        "imports": ["$import os", "$os.makedirs('IMPORTED')"],
+    }
+    folder = write_maisi_bundle(tmp_path / "maisi_ct_generative", "1.0", extra_config=hostile)
+    _generate(load_model(folder), organ_map())
+    written = {p.name for p in tmp_path.rglob("*")}
+    assert not written & {"EXPRESSION_RAN", "IMPORTED", SCRIPT_MARKER, "output"}
+    config = json.loads((folder / "configs" / "inference.json").read_text())
+    config["diffusion_unet_def"]["num_channels"] = "$open('EXPRESSION_RAN', 'w') or [8, 16]"
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(MeddiffError, match=r"diffusion_unet_def#num_channels is a Python expression"):
+        load_model(folder)
+    assert not (tmp_path / "EXPRESSION_RAN").exists()
+
+
+def test_missing_label_names_and_scale_factor_are_one_line_errors(tmp_path):
+    folder = write_maisi_bundle(tmp_path / "maisi_ct_generative", "0.4")
+    (folder / "configs" / "label_dict.json").unlink()
+    with pytest.raises(MeddiffError, match=r"label_dict\.json is missing: a MAISI bundle's label names"):
+        read_config(folder)
+    folder = write_maisi_bundle(tmp_path / "second", "0.4")
+    unet_file = folder / read_config(folder)["weights"]["unet"]["file"]
+    checkpoint = torch.load(unet_file, weights_only=True)
+    torch.save({"unet_state_dict": checkpoint["unet_state_dict"]}, unet_file)
+    with pytest.raises(MeddiffError, match="holds no scale_factor"):
+        load_model(folder)
