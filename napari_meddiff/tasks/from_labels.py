@@ -140,11 +140,12 @@ def sample_from_label_arrays(
     on_step: Callable[[StepInfo], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     voxel_size: Sequence[float] | None = None,
+    decode: str | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1], ``(B, *S)``, for label maps ``(B, *S)`` on a grid of ``voxel_size`` mm (default: the
     model's), one generator each. A model with a ControlNet takes the map there (``controlnet_cond``), else beside
     the image; a latent model denoises latents and decodes them; the model's `network_inputs` (MAISI's spacing,
-    body regions) come from the grid and the map."""
+    body regions) come from the grid and the map; ``decode``: its autoencoder pass (`decode_latents`)."""
     from napari_meddiff.autoencoder.passes import decode_latents
 
     condition = label_condition(model, label_arrays).to(device)
@@ -159,7 +160,7 @@ def sample_from_label_arrays(
         on_step=on_step, should_cancel=should_cancel, precision=settings["precision"], network_inputs=extra,
     )  # fmt: skip
     if model.kind == "ldm":
-        x0 = decode_latents(model, x0, settings["precision"])
+        x0 = decode_latents(model, x0, settings["precision"], mode=decode)
     return x0[:, 0].clamp(0, 1).cpu()
 
 
@@ -198,7 +199,8 @@ def generate_from_labels(
     source = {"file": labels.metadata.get("source_path"), "voxels": present}
     if derived:
         source["body_label_derived"] = derived
-    if model.kind == "ldm":
+    decode = _decode_pass(model, grid.shape, batch_size, dev)
+    if decode is not None:
         on_preview = None  # previews would need a decode per preview: the result comes decoded
     out: list[Volume] = []
     for start in range(0, len(seeds), batch_size):
@@ -208,19 +210,29 @@ def generate_from_labels(
         hook = _with_previews(on_step, on_preview, preview_every, lambda x0: _on_map_grid(x0[0, 0], grid, labels))
         images = sample_from_label_arrays(
             model, maps, seeded_generators(chunk, dev), settings, dev, on_step=hook, should_cancel=should_cancel,
-            voxel_size=voxel,
+            voxel_size=voxel, decode=decode,
         ).numpy()  # fmt: skip
         seconds = (time.perf_counter() - t0) / len(chunk)
         for seed, image in zip(chunk, images):
             vol = _on_map_grid(image, grid, labels)
             record = provenance(
                 model, dev, task="generate", seed=seed, **settings, batch_size=batch_size,
-                label_map_sha256=digest, label_map=source,
+                label_map_sha256=digest, label_map=source, **({"autoencoder_pass": decode} if decode else {}),
             )  # fmt: skip
             record["seconds"] = round(seconds, 3)
             vol.metadata = {**labels.metadata, "provenance": record}
             out.append(vol)
     return out
+
+
+def _decode_pass(model: DiffusionModel, grid_shape: Sequence[int], batch: int, device: torch.device) -> str | None:
+    """A latent model's autoencoder pass for a batch on this grid (recorded: it changes the bits), else None."""
+    if model.kind != "ldm":
+        return None
+    from napari_meddiff.autoencoder.passes import autoencoder_pass
+
+    sides = [int(s) // latent_factor(model) for s in grid_shape]
+    return autoencoder_pass(model, torch.empty((batch, model.sample_shape[0], *sides), device=device))
 
 
 def with_body_label(model: DiffusionModel, values: np.ndarray) -> tuple[np.ndarray, int]:

@@ -41,6 +41,6 @@ def test_generate_from_a_label_map_with_a_maisi_bundle(tmp_path, label_file, ver
     assert np.array_equal(scan, outputs[1].get_fdata())  # the same seed: the same scan
     assert 0.0 <= scan.min() and scan.max() <= 1.0 and scan[source.get_fdata() > 0].std() > 0
     sidecar = json.loads((tmp_path / "a" / "maisi_ct_generative_seed0.json").read_text())
-    assert sidecar["sampler"] == sampler and sidecar["steps"] == 2
+    assert sidecar["sampler"] == sampler and sidecar["steps"] == 2 and sidecar["autoencoder_pass"] == "whole"
     assert sidecar["label_map"]["voxels"]["hepatic tumor"] == 32
     assert sidecar["label_map"]["body_label_derived"] > 0  # body (200) was not in the map
