@@ -20,7 +20,6 @@ recorded as a note that ``meddiff models`` prints. ``meddiff.json`` may hold::
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import warnings
 from pathlib import Path
@@ -35,6 +34,7 @@ from napari_meddiff.models.bundle_config import (
     load_data_file,
     read_bundle_config,
 )
+from napari_meddiff.models.bundle_schedules import bundle_schedule
 from napari_meddiff.models.bundle_weights import (
     WeightsWarning,
     check_weight_file,
@@ -213,26 +213,6 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return str(value)
-
-
-def _schedule(cls_name: str | None, kwargs: dict) -> dict[str, Any]:
-    """A bundle scheduler's arguments -> this package's schedule dict, MONAI's class defaults filled in."""
-    from monai.networks import schedulers
-
-    if cls_name == "RFlowScheduler":
-        from napari_meddiff.models.maisi_bundle import rflow_schedule
-
-        return rflow_schedule(kwargs)
-    cls = getattr(schedulers, cls_name or "DDPMScheduler")
-    params = inspect.signature(cls.__init__).parameters
-    # as the bundle gives them: the schema then judges them, naming the bundle's config (int(1e12) or bool("no")
-    # would pass a wrong value on)
-    keys = ("num_train_timesteps", "schedule", "prediction_type", "clip_sample")
-    schedule = {key: kwargs.get(key, params[key].default) for key in keys}
-    for key in ("beta_start", "beta_end"):
-        if key in kwargs:
-            schedule[key] = kwargs[key]
-    return schedule
 
 
 def _bundle_sampling(cfg: BundleConfig, cls_name: str | None, schedule: dict) -> dict[str, Any]:
@@ -517,7 +497,7 @@ def translate_bundle(folder: Path) -> dict[str, Any]:
     config["image_shape"] = [int(s) for s in image_shape]
     config["voxel_size"] = [float(v) for v in _voxel_and_orientation(src)]
     sched_cls, sched_kwargs = (scheduler[1], scheduler[2]) if scheduler else (None, {})
-    config["scheduler"] = _schedule(sched_cls, sched_kwargs)
+    config["scheduler"] = bundle_schedule(sched_cls, sched_kwargs)
     config["defaults"] = {**DEFAULT_SAMPLING, **(src.sidecar.get("defaults") or {})}
     config["bundle_sampling"] = _bundle_sampling(src.cfg, sched_cls, config["scheduler"])
     conditioning = _condition_block(src.cfg, src.metadata, unet, sample_channels, src.defaults, src.sidecar, src.where)

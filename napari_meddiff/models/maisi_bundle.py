@@ -16,7 +16,6 @@ as `network_inputs` describes them (values from ``scripts/utils.py`` and ``scrip
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from typing import Any
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.models.boundary import shorten
 from napari_meddiff.models.bundle_config import BundleConfig, bundle_file, load_data_file
-from napari_meddiff.models.schema import RFLOW_FIELDS, validate_config
+from napari_meddiff.models.bundle_schedules import bundle_schedule
+from napari_meddiff.models.schema import validate_config
 
 BODY_LABEL = 200  # MAISI's masks: body voxels that no organ label takes
 SPACING_SCALE = 100.0  # MAISI multiplies spacing and region indices by 1e2 (sample.py, training transforms)
@@ -80,20 +80,6 @@ def _scheduler(cfg: BundleConfig, components: dict) -> tuple[str, dict, bool]:
     ref, cls, kwargs = next((f for f in found if f[0] == "noise_scheduler"), found[0])
     target = str(cfg.get_raw(ref).get("_target_", ""))
     return cls, kwargs, target.startswith("scripts.")
-
-
-def rflow_schedule(kwargs: dict, from_scripts: bool = False) -> dict[str, Any]:
-    """A rectified flow's schedule block: the bundle's RFlowScheduler arguments over MONAI's defaults (a
-    ``scripts.rectified_flow`` copy defaults to continuous time, as its code does)."""
-    from monai.networks.schedulers import RFlowScheduler
-
-    params = inspect.signature(RFlowScheduler.__init__).parameters
-    defaults = {key: params[key].default for key in RFLOW_FIELDS if key in params}
-    if from_scripts:
-        defaults["use_discrete_timesteps"] = False
-    schedule = {"type": "rflow", "num_train_timesteps": kwargs.get("num_train_timesteps", 1000)}
-    schedule.update({key: kwargs.get(key, default) for key, default in defaults.items()})
-    return schedule
 
 
 def _weight_files(folder: Path, cfg: BundleConfig, sidecar: dict) -> dict[str, str]:
@@ -207,12 +193,7 @@ def translate_maisi(folder: Path, cfg: BundleConfig, components: dict, sources: 
     networks = _networks(components, str(cfg.path))
     image_shape, voxel, latent = _geometry(cfg, networks["autoencoder"], sidecar, notes)
     sched_cls, sched_kwargs, from_scripts = _scheduler(cfg, components)
-    if sched_cls == "RFlowScheduler":
-        schedule = rflow_schedule(sched_kwargs, from_scripts)
-    else:
-        from napari_meddiff.models.bundle import _schedule
-
-        schedule = _schedule(sched_cls, sched_kwargs)
+    schedule = bundle_schedule(sched_cls, sched_kwargs, from_scripts)
     defaults, own = _sampling(cfg, schedule, sidecar)
     weights = _weight_files(folder, cfg, sidecar)
     config = {
