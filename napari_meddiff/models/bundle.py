@@ -63,9 +63,16 @@ class BundleFormat:
     def detect(self, folder: Path) -> bool:
         return find_config_file(folder) is not None and (folder / "configs" / "metadata.json").is_file()
 
+    def translate(self, folder: Path) -> dict[str, Any]:
+        return translate_bundle(folder)
+
+    def config_file(self, folder: Path) -> Path | None:
+        """The file the networks are described in (named in errors)."""
+        return find_config_file(folder)
+
     def read_config(self, folder: Path) -> dict[str, Any]:
         try:
-            return translate_bundle(folder)
+            return self.translate(folder)
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as exc:
             # a value of the wrong type or shape that no check named: one line, naming the files it may be in
             raise MeddiffError(
@@ -87,7 +94,7 @@ class BundleFormat:
             try:
                 checkpoint = read_checkpoint(path)
                 state = state_dict_in(checkpoint, role, path)
-                nets[role] = load_network(role, config["networks"][role], state, path, str(find_config_file(folder)))
+                nets[role] = load_network(role, config["networks"][role], state, path, str(self.config_file(folder)))
                 if role == "unet" and config.get("latent", {}).get("scale_factor_source") == "checkpoint":
                     _checkpoint_scale(config, checkpoint, path)
             except MeddiffError as exc:

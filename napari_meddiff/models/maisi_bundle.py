@@ -90,6 +90,8 @@ def _weight_files(folder: Path, cfg: BundleConfig, sidecar: dict) -> dict[str, s
         match = re.search(r"@(model_dir|bundle_root)\s*\+\s*['\"]/?([^'\"]+\.pt)['\"]", text)
         if role not in files and match:
             files[role] = ("models/" if match.group(1) == "model_dir" else "") + match.group(2)
+        elif role not in files and text.endswith(".pt") and not text.startswith(("$", "@", "%")):
+            files[role] = text.removeprefix("./")  # a plain path (NV-Generate-CTMR's environment files)
     missing = [role for role in WEIGHT_KEYS if role not in files]
     if missing:
         raise MeddiffError(

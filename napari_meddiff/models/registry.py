@@ -16,6 +16,7 @@ from napari_meddiff.models.model import (
     DiffusionModel,
     ModelConfigView,
 )
+from napari_meddiff.models.nv_generate import FORMAT as NV_GENERATE_FORMAT
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +35,7 @@ class ModelFormat(Protocol):
     def load_networks(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.nn.Module]: ...
 
 
-FORMATS: tuple[ModelFormat, ...] = (FOLDER_FORMAT, BUNDLE_FORMAT)
+FORMATS: tuple[ModelFormat, ...] = (FOLDER_FORMAT, BUNDLE_FORMAT, NV_GENERATE_FORMAT)
 
 
 def format_of(model_dir: Path) -> ModelFormat | None:

@@ -255,8 +255,7 @@ def _random_network(role: str, component: dict, config: dict) -> torch.nn.Module
     return net
 
 
-def _write_weights(folder: Path, version: str, config: dict) -> list[str]:
-    files = WEIGHT_FILES[version]
+def _write_weights(folder: Path, files: dict[str, str], config: dict) -> list[str]:
     nets = {
         role: _random_network(role, config[key], config)
         for role, key in (
@@ -308,7 +307,7 @@ def write_maisi_bundle(
     config = {**maisi_inference(version, side), **(extra_config or {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        written = _write_weights(folder, version, config)
+        written = _write_weights(folder, WEIGHT_FILES[version], config)
     (folder / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
     (folder / "configs" / "metadata.json").write_text(json.dumps(maisi_metadata(version), indent=4) + "\n")
     (folder / "configs" / "label_dict.json").write_text(json.dumps(LABELS, indent=4) + "\n")
@@ -318,4 +317,71 @@ def write_maisi_bundle(
     return folder
 
 
-__all__ = ["LABELS", "SCALE_FACTOR", "SCRIPT_MARKER", "maisi_inference", "write_maisi_bundle"]
+NV_WEIGHT_FILES = {
+    "autoencoder": "autoencoder_v1.pt",
+    "unet": "diff_unet_3d_rflow-ct.pt",
+    "controlnet": "controlnet_3d_rflow-ct.pt",
+}
+
+
+def nv_generate_configs(side: int = 16) -> dict[str, dict[str, Any]]:
+    """NV-Generate-CTMR's ``config_network_rflow.json``, ``config_infer.json`` and ``environment_rflow-ct.json``
+    (tiny networks), by file name."""
+    bundle = maisi_inference("1.0", side)
+    network = {"spatial_dims": 3, "image_channels": 1, "latent_channels": 4, "include_body_region": False}
+    for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def", "mask_generation_autoencoder_def"):
+        network[key] = bundle[key]
+    network["diffusion_unet_def"].update(
+        include_top_region_index_input="@include_body_region", include_bottom_region_index_input="@include_body_region"
+    )
+    network["mask_generation_diffusion_def"] = {
+        **bundle["diffusion_unet_def"],
+        "_target_": "scripts.adagn_unet.DiffusionModelUNetMaisiAdaGN",  # the bundle's own class: never built
+        "adagn_condition_dim": 19,
+    }
+    rflow = {"_target_": "monai.networks.schedulers.rectified_flow.RFlowScheduler", "num_train_timesteps": 1000}
+    rflow.update(use_discrete_timesteps=False, use_timestep_transform=True, sample_method="uniform")
+    network["noise_scheduler"] = {**rflow, "scale": 1.4}
+    network["mask_generation_noise_scheduler"] = {**rflow, "scale": 1.0}
+    infer = {
+        "num_output_samples": 1, "body_region": ["chest"], "anatomy_list": ["lung tumor"],
+        "num_inference_steps": 30, "output_size": [side, side, side], "spacing": [1.5, 1.5, 2.0],
+        "controlnet": "$@controlnet_def", "diffusion_unet": "$@diffusion_unet_def", "autoencoder": "$@autoencoder_def",
+        "modality": 1, "cfg_guidance_scale": 0.0,
+    }  # fmt: skip
+    environment = {
+        "output_dir": "output",
+        "trained_autoencoder_path": f"models/{NV_WEIGHT_FILES['autoencoder']}",
+        "trained_diffusion_path": f"models/{NV_WEIGHT_FILES['unet']}",
+        "trained_controlnet_path": f"models/{NV_WEIGHT_FILES['controlnet']}",
+        "trained_mask_generation_diffusion_path": "models/mask_generation_diffusion_unet_v2.pt",
+        "label_dict_json": "./configs/label_dict.json",
+    }
+    return {"config_network_rflow.json": network, "config_infer.json": infer, "environment_rflow-ct.json": environment}
+
+
+def write_nv_generate_folder(folder: str | Path, *, seed: int = 0, side: int = 16) -> Path:
+    """Write an NV-Generate-CTMR folder (MAISI-v2 ``rflow-ct``) with random weights in its checkpoint layout."""
+    folder = Path(folder)
+    for sub in ("configs", "models", "scripts"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for script in ("__init__.py", "adagn_unet.py", "inference.py"):
+        (folder / "scripts" / script).write_text(_SCRIPT)
+    configs = nv_generate_configs(side)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _write_weights(folder, NV_WEIGHT_FILES, configs["config_network_rflow.json"])
+    for name, data in configs.items():
+        (folder / "configs" / name).write_text(json.dumps(data, indent=4) + "\n")
+    (folder / "configs" / "label_dict.json").write_text(json.dumps(LABELS, indent=4) + "\n")
+    return folder
+
+
+__all__ = [
+    "LABELS",
+    "SCALE_FACTOR",
+    "SCRIPT_MARKER",
+    "maisi_inference",
+    "write_maisi_bundle",
+    "write_nv_generate_folder",
+]

@@ -192,3 +192,18 @@ def test_missing_label_names_and_scale_factor_are_one_line_errors(tmp_path):
     torch.save({"unet_state_dict": checkpoint["unet_state_dict"]}, unet_file)
     with pytest.raises(MeddiffError, match="holds no scale_factor"):
         load_model(folder)
+
+
+def test_an_nv_generate_ctmr_folder_is_read_as_maisi(tmp_path):
+    from napari_meddiff.testing.maisi_bundles import write_nv_generate_folder
+
+    folder = write_nv_generate_folder(tmp_path / "NV-Generate-CTMR")
+    config = read_config(folder)
+    assert config["format"] == "nv-generate-ctmr" and config["scheduler"]["type"] == "rflow"
+    assert config["weights"]["unet"]["file"] == "models/diff_unet_3d_rflow-ct.pt"  # environment_rflow-ct.json
+    assert config["network_inputs"]["class_label"] == 1 and "body_regions" not in config["network_inputs"]
+    model = load_model(folder)
+    assert model.scale_factor == pytest.approx(SCALE_FACTOR)
+    scan = _generate(model, organ_map())
+    assert scan.array.shape == (22, 18, 8) and np.allclose(scan.affine, organ_map().affine)
+    assert not (folder / SCRIPT_MARKER).exists()  # its scripts.adagn_unet UNet is neither built nor imported
