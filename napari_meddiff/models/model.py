@@ -195,11 +195,10 @@ class DiffusionModel(ModelConfigView):
 
     def to(self, device: str | torch.device) -> DiffusionModel:
         self.device = _torch().device(device)
-        if self.unet is not None:
-            self.unet.to(self.device)
-        for net in (self.autoencoder, self.controlnet):
+        for net in (self.unet, self.autoencoder, self.controlnet):
             if net is not None:
                 net.to(self.device)
+                adapt_to_device(net, self.device)
         return self
 
 
@@ -221,24 +220,33 @@ def maisi_class(name: str, class_name: str, where: str) -> type:
     return getattr(importlib.import_module(f"monai.apps.generation.maisi.networks.{module}"), class_name)
 
 
-def cpu_maisi_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """MAISI's GPU-only settings, adapted where no CUDA device is present: flash attention (MONAI refuses it
-    without CUDA), float16 group norms (no CPU kernel takes their half-precision output) and split convolutions
-    (``num_splits``: a GPU memory device, which fails on a latent side shorter than the split count; the tiled
-    autoencoder pass bounds memory instead). The weights and the results are the same networks'."""
+def maisi_build_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A MAISI network's arguments as built here: one convolution split (``num_splits``, a GPU memory device that
+    fails on a latent side shorter than the split count; the tiled autoencoder pass bounds memory instead), and
+    no flash attention where no CUDA device is present (MONAI refuses it then). The weights are the same."""
     import torch
 
-    if torch.cuda.is_available():
-        return kwargs
-    adapted = {**kwargs, "use_flash_attention": False}
-    if "norm_float16" in kwargs:
-        adapted.update(norm_float16=False, num_splits=1)
+    adapted = {**kwargs, **({"num_splits": 1} if "num_splits" in kwargs else {})}
+    if not torch.cuda.is_available():
+        adapted["use_flash_attention"] = False
     return adapted
+
+
+def adapt_to_device(net: torch.nn.Module, device: torch.device) -> None:
+    """Off a CUDA device, MAISI's GPU-only settings off: float16 group norms (no CPU kernel takes their output
+    with the float32 convolutions after them) and flash attention."""
+    if device.type == "cuda":
+        return
+    for module in net.modules():
+        if getattr(module, "norm_float16", False):
+            module.norm_float16 = False
+        if getattr(module, "use_flash_attention", False):
+            module.use_flash_attention = False
 
 
 def build_network(name: str, net_config: dict[str, Any], where: str = "") -> torch.nn.Module:
     """Instantiate a MONAI network from its keyword arguments (``where``: the config file, for errors).
-    ``monai_class`` (a MAISI network's class name) picks MONAI's MAISI class, with `cpu_maisi_kwargs`."""
+    ``monai_class`` (a MAISI network's class name) picks MONAI's MAISI class, with `maisi_build_kwargs`."""
     from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 
     from napari_meddiff.models.networks import SpaceToDepthControlNet, SpaceToDepthUNet
@@ -249,7 +257,7 @@ def build_network(name: str, net_config: dict[str, Any], where: str = "") -> tor
         cls = {"unet": SpaceToDepthUNet, "controlnet": SpaceToDepthControlNet}.get(name, cls)
     if "monai_class" in kwargs:
         cls = maisi_class(name, str(kwargs.pop("monai_class")), where)
-        kwargs = cpu_maisi_kwargs(kwargs)
+        kwargs = maisi_build_kwargs(kwargs)
     if cls is None:
         raise MeddiffError(f"unknown network {name!r}")
     try:

@@ -84,6 +84,10 @@ def test_both_layouts_load_with_their_checkpoints(bundles, models, version):
     model = models[version]
     assert type(model.unet).__name__ == "DiffusionModelUNetMaisi" and model.label_encoding == "binary"
     assert model.scale_factor == pytest.approx(SCALE_FACTOR)  # the diffusion checkpoint's, not 1.0
+    assert model.config["networks"]["unet"]["use_flash_attention"] is True  # the bundle's, adapted on the CPU:
+    modules = [m for net in (model.unet, model.controlnet, model.autoencoder) for m in net.modules()]
+    assert not any(getattr(m, k, False) for m in modules for k in ("use_flash_attention", "norm_float16"))
+    assert {getattr(m, "num_splits", 1) for m in modules} == {1}
     files = {k: v["file"] for k, v in model.config["weights"].items()}
     ckpt = torch.load(bundles[version] / files["controlnet"], weights_only=True)["controlnet_state_dict"]
     assert all(torch.equal(v, ckpt[k]) for k, v in model.controlnet.state_dict().items())
