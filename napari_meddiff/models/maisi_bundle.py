@@ -31,6 +31,8 @@ SPACING_SCALE = 100.0  # MAISI multiplies spacing and region indices by 1e2 (sam
 #: get_body_region_index_from_mask (scripts/utils.py): label values of head/neck, thorax, abdomen, pelvis/lower
 BODY_REGIONS = [[22, 120], [28, 29, 30, 31, 32], [1, 2, 3, 4, 5, 14], [93, 94]]
 REGION_NAMES = {"head": 0, "chest": 1, "thorax": 1, "chest/thorax": 1, "abdomen": 2, "pelvis": 3, "lower": 3}
+#: the voxel sizes MAISI's check_input (scripts/sample.py) accepts: 0.5..3 mm in plane, 0.5..5 mm along S
+SPACING_RANGE = [[0.5, 3.0], [0.5, 3.0], [0.5, 5.0]]
 CT_MODALITY = 1  # MAISI 1.0.0 trained on CT only, class 1 ("modality": 1 in its inference configs)
 LABEL_DICT = "configs/label_dict.json"
 LABEL_REMAP = "configs/label_dict_124_to_132.json"
@@ -138,6 +140,8 @@ def label_vocabulary(folder: Path, notes: list[str]) -> dict[str, str]:
 def _network_inputs(cfg: BundleConfig, unet: dict) -> dict[str, Any]:
     """The ``network_inputs`` block of the UNet's extra inputs (spacing, body regions, modality)."""
     block: dict[str, Any] = {"spacing": bool(unet.get("include_spacing_input")), "scale": SPACING_SCALE}
+    if block["spacing"]:
+        block["spacing_range"] = SPACING_RANGE
     if unet.get("include_top_region_index_input") or unet.get("include_bottom_region_index_input"):
         given = cfg.literal("body_region")
         regions = [REGION_NAMES[r] for r in given if r in REGION_NAMES] if isinstance(given, list) else []

@@ -86,6 +86,12 @@ class ModelConfigView:
         return bool((self.config.get("network_inputs") or {}).get("spacing"))
 
     @property
+    def spacing_range(self) -> list[tuple[float, float]] | None:
+        """The voxel sizes (mm, [low, high] per axis) a model that takes its spacing was trained on, or None."""
+        ranges = (self.config.get("network_inputs") or {}).get("spacing_range")
+        return [(float(lo), float(hi)) for lo, hi in ranges] if ranges else None
+
+    @property
     def sampling_defaults(self) -> dict[str, Any]:
         """Sampler, steps and precision used when not given: the config's ``defaults`` over the package's (whose
         sampler, for a rectified-flow model, is rflow)."""

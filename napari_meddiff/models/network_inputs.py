@@ -4,7 +4,8 @@ voxel spacing, body-region indices and modality class, described by a model conf
     {"spacing": true, "scale": 100.0, "class_label": 1,
      "body_regions": {"labels": [[22, 120], [28, 29], ...], "default": [2, 2]}}
 
-``spacing``: the voxel size (mm) of the grid the sample lies on, as ``spacing_tensor`` ``(B, 3)``;
+``spacing``: the voxel size (mm) of the grid the sample lies on, as ``spacing_tensor`` ``(B, 3)``
+(``spacing_range``: the [low, high] mm per axis the model takes, where a grid's spacing is kept);
 ``body_regions``: one list of label values per region, head to foot: the first and last region whose labels a
 label map holds, one-hot, as ``top_region_index_tensor`` / ``bottom_region_index_tensor`` ``(B, R)``
 (``default``: the (top, bottom) region indices when the map holds none); ``class_label``: a class index (MAISI-v2's
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-NETWORK_INPUT_KEYS = {"spacing", "scale", "class_label", "body_regions"}
+NETWORK_INPUT_KEYS = {"spacing", "spacing_range", "scale", "class_label", "body_regions"}
 
 
 def body_region_range(label_values: Iterable[int], regions: Sequence[Sequence[int]], default: Sequence[int]) -> tuple:

@@ -299,6 +299,14 @@ OPTIONAL_BLOCKS = {
     },
     "network_inputs": {
         "spacing": (lambda v: isinstance(v, bool), "true or false"),
+        "spacing_range": (
+            lambda v: (
+                isinstance(v, list)
+                and all(isinstance(r, list) and len(r) == 2 and all(_is_number(x) for x in r) for r in v)
+                and all(0 < r[0] <= r[1] for r in v)
+            ),
+            "[[low, high] mm, ...] per axis",
+        ),
         "scale": (lambda v: _is_number(v) and v > 0, "a positive number"),
         "class_label": (lambda v: _is_int(v) and v >= 0, "a class index"),
         "body_regions": (

@@ -96,11 +96,15 @@ def checked_label_map(model: DiffusionModel, labels: Volume) -> tuple[Volume, st
 def label_grid(model: DiffusionModel, labels: Volume) -> ModelGrid:
     """A RAS grid at the model's voxel size, centred on the map's labelled voxels and covering them: the model's
     image shape, larger where the labels need it (the UNet is fully convolutional), sides divisible as it needs.
-    A model that takes its grid's spacing (`takes_spacing`: MAISI) gets the map's spacing, and the covering
-    shape alone."""
+    A model that takes its grid's spacing (`takes_spacing`: MAISI) gets the map's spacing (within the range it
+    was trained on), and the covering shape alone."""
     index = np.argwhere(np.asarray(labels.array) > 0)
     lo, hi = world_box(labels.affine, index.min(0), index.max(0))
-    voxel = map_spacing(labels) if model.takes_spacing else np.asarray(model.voxel_size, dtype=float)
+    voxel = np.asarray(model.voxel_size, dtype=float)
+    if model.takes_spacing:
+        voxel = map_spacing(labels)
+        if model.spacing_range:
+            voxel = np.clip(voxel, *np.asarray(model.spacing_range, dtype=float).T)
     div = grid_divisor(model)
     need = np.ceil((hi - lo) / voxel).astype(int) + 3
     least = [div] * 3 if model.takes_spacing else model.image_shape

@@ -211,3 +211,12 @@ def test_an_nv_generate_ctmr_folder_is_read_as_maisi(tmp_path):
     scan = _generate(model, organ_map())
     assert scan.array.shape == (22, 18, 8) and np.allclose(scan.affine, organ_map().affine)
     assert not (folder / SCRIPT_MARKER).exists()  # its scripts.adagn_unet UNet is neither built nor imported
+
+
+def test_a_map_finer_or_coarser_than_maisi_was_trained_on_is_generated_within_its_range(models):
+    fine = organ_map()
+    fine.affine = np.diag([0.3, 0.3, 7.0, 1.0])  # MAISI takes 0.5..3 mm in plane, 0.5..5 mm along S
+    seen = _captured_inputs(models["1.0"], fine)
+    assert torch.allclose(seen["unet"]["spacing_tensor"], torch.tensor([[50.0, 50.0, 500.0]]))
+    scan = _generate(models["1.0"], fine)
+    assert scan.array.shape == fine.array.shape and np.allclose(scan.affine, fine.affine)
