@@ -32,6 +32,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ from napari_meddiff.io.intensity import denormalise, intensity_window, normalise
 from napari_meddiff.io.volume import Volume, resample_like, world_extent_overlaps
 from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel
 from napari_meddiff.tasks.footprint import check_request_fits
-from napari_meddiff.tasks.from_labels import checked_label_map, one_hot_condition, require_label_map
+from napari_meddiff.tasks.from_labels import checked_label_map, label_condition, require_label_map, with_body_label
 from napari_meddiff.tasks.inputs import as_3d, check_scan_values
 from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
@@ -390,14 +391,18 @@ class _Runner:
             m = np.stack([gmask[:, :, u[1]] for u in units])
         return (torch.from_numpy(k[:, None]).to(self.device), torch.from_numpy(m[:, None]).to(self.device))
 
-    def _map_condition(self, units) -> dict[str, torch.Tensor]:
-        """A label-map model's one-hot map for the batch: beside the image, or its ControlNet's image."""
+    def _map_condition(self, units) -> dict[str, Any]:
+        """A label-map model's map for the batch, as the model takes it (one-hot or binary-coded), beside the
+        image or into its ControlNet, and the extra network inputs it asks for (MAISI: spacing, body regions)."""
         labels = self.plan.labels
         if labels is None:
             return {}
-        maps = np.stack([labels if u[1] is None else labels[:, :, u[1]] for u in units])
-        onehot = one_hot_condition(torch.from_numpy(maps), len(self.model.label_map)).to(self.device)
-        return {"controlnet_cond" if self.model.controlnet is not None else "image_condition": onehot}
+        maps = torch.from_numpy(np.stack([labels if u[1] is None else labels[:, :, u[1]] for u in units]))
+        condition = label_condition(self.model, maps).to(self.device)
+        key = "controlnet_cond" if self.model.controlnet is not None else "image_condition"
+        spacing = np.linalg.norm(self.plan.grid.affine[:3, :3], axis=0).tolist()
+        extra = self.model.network_inputs(len(units), spacing, torch.unique(maps).tolist())
+        return {key: condition, "network_inputs": extra}
 
     def run(self, units, on_step, release_unet: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample a batch; returns (images in [0, 1] composited with the known grid, known, generated mask).
@@ -555,7 +560,7 @@ def inpaint(
     window = intensity_window(sub, model.config.get("intensity"))
     plan = _plan(model, img3, selected, window, ax if model.spatial_dims == 2 else axis, stride)
     if labels is not None:
-        plan.labels = _labels_on_grid(labels, plan.grid)
+        plan.labels = _labels_on_grid(model, labels, plan.grid)
     runner = _Runner(model, plan, settings, device=dev, should_cancel=should_cancel, conditions=condition_values)
     paster = _Paster(img3, selected, plan.grid, window, settings["feather_voxels"])
     progress = _Progress(model, runner, paster, on_step, on_preview, preview_every, t_start)
@@ -573,12 +578,14 @@ def inpaint(
     return [_candidate_volume(image, paster, grid, record, model.name, int(seed), c) for c, grid in enumerate(grids)]
 
 
-def _labels_on_grid(labels: Volume, grid: ModelGrid) -> np.ndarray:
-    """The label map on the inpainting grid (nearest neighbour; background beyond the map)."""
+def _labels_on_grid(model: DiffusionModel, labels: Volume, grid: ModelGrid) -> np.ndarray:
+    """The label map on the inpainting grid (nearest neighbour; background beyond the map; a body label derived
+    where the model expects one and the map has none)."""
     if not world_extent_overlaps(labels, grid.empty_volume()):
         raise MeddiffError("the label map does not overlap the region to fill: give the scan's own tissue map")
     as_float = Volume(labels.array.astype(np.float32), labels.affine)
-    return np.rint(resample_like(as_float, grid.empty_volume(), labels=True).array).astype(np.int64)
+    on_grid = np.rint(resample_like(as_float, grid.empty_volume(), labels=True).array).astype(np.int64)
+    return with_body_label(model, on_grid)[0]
 
 
 def _check_request(image, mask, *, candidates, batch_size, seed) -> None:
@@ -601,7 +608,8 @@ def _check_settings(model: DiffusionModel, settings: dict) -> None:
     if settings["feather_voxels"] < 0:
         raise MeddiffError(f"feather_voxels must be >= 0, got {settings['feather_voxels']}")
     repaint_schedule(settings["steps"], settings["jump_length"], settings["jump_n"])
-    make_sampler(settings["sampler"], model.config["scheduler"], settings["steps"], settings["eta"])
+    spatial = model.sample_shape[1:]  # a rectified flow's timestep transform depends on the sample's size
+    make_sampler(settings["sampler"], model.config["scheduler"], settings["steps"], settings["eta"], spatial)
 
 
 def _checked_scan_and_mask(model: DiffusionModel, img3: Volume, mask, label: float | None) -> np.ndarray:
