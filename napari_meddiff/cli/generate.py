@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="MAP",
         help="a label map (NIfTI) to generate from, for a model that declares one (its values: `meddiff models`); "
-        "each volume is written on the map's grid",
+        "each volume is written on the map's grid. A folder of maps: --num volumes for each, in OUT/<map name>/",
     )
     p.add_argument("--num", type=int, default=1, help="number of volumes (seeds S..S+N-1)")
     p.add_argument("--seed", type=seed_value, default=0, help="first seed")
@@ -103,25 +103,50 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model = DEFAULT_LABEL_MODEL if args.labels is not None else DEFAULT_MODEL
     require_label_map(describe_model(args.model), args.labels)
-    args.label_map = _read_label_map(args.labels) if args.labels is not None else None
+    maps = _label_map_files(args.labels) if args.labels is not None else [None]
     shard = batch.parse_shard(args.shard) if args.shard is not None else (0, 1)
     ctx = distributed.DistContext.from_env()
     device = distributed.rank_device(args.device, ctx)
     seeds = seed_range(args.seed, args.num)
     args.conditions_for = seed_conditions(describe_model(args.model), args.condition, seeds, args.guidance_scale)
     blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
-    batch.check_manifest_is_ours(args.out)  # before any work: a training cohort's list is never replaced
+    by_map = args.labels is not None and args.labels.is_dir()
+    outs = [args.out / _map_name(path) for path in maps] if by_map else [args.out]
+    for out in outs:
+        batch.check_manifest_is_ours(out)  # before any work: a training cohort's list is never replaced
     with removed_if_left_empty(args.out):
         ensure_folder(args.out)
-        return _generate(args, seeds, blocks, shard, ctx, device)
+        for path, out in zip(maps, outs):
+            label_map = _read_label_map(path) if path is not None else None
+            each = argparse.Namespace(**{**vars(args), "out": out, "labels": path, "label_map": label_map})
+            with removed_if_left_empty(out):
+                ensure_folder(out)
+                _generate(each, seeds, blocks, shard, ctx, device)
+    return 0
+
+
+def _label_map_files(path: Path) -> list[Path]:
+    """--labels: the map itself, or every NIfTI file in the folder (sorted by name)."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")))
+        if not files:
+            raise MeddiffError(f"--labels: the folder {path} holds no label maps (.nii or .nii.gz files)")
+        return files
+    if not path.is_file():
+        raise MeddiffError(f"--labels: {path} is not a file or folder (a label map: NIfTI)")
+    return [path]
+
+
+def _map_name(path: Path) -> str:
+    """A map file's name without .nii/.nii.gz: the output subfolder of its volumes."""
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
 
 
 def _read_label_map(path: Path):
-    """The label map of --labels, read before any model is loaded (a missing file is one line, at once)."""
+    """A label map of --labels (a missing file was refused in one line, before any model was loaded)."""
     from napari_meddiff.io.volume import read_volume
 
-    if not path.is_file():
-        raise MeddiffError(f"--labels: {path} is not a file (a label map: NIfTI)")
     return read_volume(path)
 
 

@@ -254,3 +254,34 @@ def test_cli_regenerates_what_the_edit_changed(tmp_path, label_model):
     assert_one_line_error(neither, "say what to fill")
     alone = run_cli(*common, "--changed-from", paths["map"], "--overwrite")
     assert_one_line_error(alone, "--changed-from needs --labels")
+
+
+def test_cli_generates_for_each_map_in_a_folder(tmp_path, label_model):
+    """--labels DIR: --num volumes for each map, in OUT/<map name>/ on that map's grid, each folder with its
+    cohort.csv naming its map's digest; an empty folder is one line."""
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    first = tissue_map()
+    second = tissue_map(shape=(18, 20, 16), affine=np.diag([2.5, 2.5, 3.0, 1.0]))
+    nib.save(nib.Nifti1Image(first.array, first.affine), maps / "sub-a_dseg.nii.gz")
+    nib.save(nib.Nifti1Image(second.array, second.affine), maps / "sub-b_dseg.nii")
+    (maps / "notes.txt").write_text("not a map")
+    out = tmp_path / "out"
+    args = ["generate", "--model", label_model.path, "--labels", maps, "--num", "2", "--steps", "2", "--out", out]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sub-a_dseg", "sub-b_dseg"]
+    digests = set()
+    for name, labels in (("sub-a_dseg", first), ("sub-b_dseg", second)):
+        for seed in (0, 1):
+            vol = read_volume(out / name / f"tiny-from-labels-3d_seed{seed}.nii.gz")
+            assert vol.shape == labels.shape and np.allclose(vol.affine, labels.affine, atol=1e-5)
+        rows = (out / name / "cohort.csv").read_text().splitlines()
+        assert len(rows) == 3
+        digests.add(rows[1].rsplit(",", 1)[1])
+    assert len(digests) == 2
+    again = run_cli(*args)  # a re-run finds every volume written and valid
+    assert again.returncode == 0, again.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli(*args[:4], empty, *args[5:-1], tmp_path / "o3"), "holds no label maps")
