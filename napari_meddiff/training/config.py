@@ -73,6 +73,9 @@ DEFAULT_TRAINING = {
     "log_every": 10,
     "patch_size": None,  # random crops of this size (null: whole images; fully convolutional UNets only)
     "patch_steps": None,  # crops for the first N steps only, whole images after (null: crops throughout)
+    # 3D on CPU: auto (the faster, measured at start; a resume on the same processor keeps it), contiguous or
+    # channels_last_3d
+    "memory_format": "auto",
     # a diffusion.pt of an earlier run to start from: its EMA weights, steps and minutes (max_minutes and
     # --max-minutes then count the earlier run's minutes too)
     "init_from": None,
