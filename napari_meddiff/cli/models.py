@@ -31,12 +31,31 @@ def _parameters(config: dict) -> str:
         return "?"
 
 
+MAX_LABELS_SHOWN = 8  # a longer vocabulary (MAISI's 133 labels) is listed in full under the table
+
+
 def _conditions(model) -> str:
-    """Named conditions with their ranges, and a label-map model's labels (``labels{0:background,...}``)."""
+    """Named conditions with their ranges, and a label-map model's labels (``labels{0:background,...}``; the
+    first few and their count when there are many)."""
     parts = [f"{c.name}[{c.low:g},{c.high:g}]" for c in model.conditions]
-    if model.label_map:
-        parts.append("labels{" + ",".join(f"{k}:{v}" for k, v in model.label_map.items()) + "}")
+    labels = [f"{k}:{v}" for k, v in model.label_map.items()]
+    if len(labels) > MAX_LABELS_SHOWN:
+        labels = [*labels[: MAX_LABELS_SHOWN - 2], f"... {len(labels)} labels, listed below"]
+    if labels:
+        parts.append("labels{" + ",".join(labels) + "}")
     return " ".join(parts) or "-"
+
+
+def _label_notes(name: str, model) -> list[str]:
+    """A long label vocabulary in full, wrapped, under the table."""
+    import textwrap
+
+    if len(model.label_map) <= MAX_LABELS_SHOWN:
+        return []
+    nbsp = "\u00a0"  # keeps each "value name" on one line
+    text = ", ".join(f"{k} {v}".replace(" ", nbsp) for k, v in model.label_map.items())
+    lines = [line.replace(nbsp, " ") for line in textwrap.wrap(text, 110)]
+    return [f"{name}: {len(model.label_map)} labels:"] + [f"  {line}" for line in lines]
 
 
 def _describe(name: str, path: Path) -> tuple[tuple[str, ...], list[str]]:
@@ -57,7 +76,7 @@ def _describe(name: str, path: Path) -> tuple[tuple[str, ...], list[str]]:
     if model.geometry_notes:
         notes.append(f"{name}: geometry not all stated by the model's files (override in {path}/meddiff.json):")
         notes += [f"  - {note}" for note in model.geometry_notes]
-    return row, notes
+    return row, notes + _label_notes(name, model)
 
 
 def run(args: argparse.Namespace) -> int:

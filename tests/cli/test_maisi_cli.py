@@ -44,3 +44,17 @@ def test_generate_from_a_label_map_with_a_maisi_bundle(tmp_path, label_file, ver
     assert sidecar["sampler"] == sampler and sidecar["steps"] == 2 and sidecar["autoencoder_pass"] == "whole"
     assert sidecar["label_map"]["voxels"]["hepatic tumor"] == 32
     assert sidecar["label_map"]["body_label_derived"] > 0  # body (200) was not in the map
+
+
+def test_models_lists_a_long_label_vocabulary_under_the_table(tmp_path, monkeypatch, capsys):
+    """MAISI's label dictionary (over a hundred names) does not stretch the table row: the row names the first
+    few and the count, the full list follows under the table, wrapped."""
+    write_maisi_bundle(tmp_path / "maisi_ct_generative", "1.0")
+    monkeypatch.setenv("MEDDIFF_MODELS", str(tmp_path))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("maisi_ct_generative"))
+    count = int(row.split("... ")[1].split(" labels")[0])
+    assert count > 8 and "listed below" in row and len(row) < 400
+    listed = out.split(f"maisi_ct_generative: {count} labels:")[1]
+    assert max(len(line) for line in listed.splitlines()) <= 112 and "200 body" in listed
