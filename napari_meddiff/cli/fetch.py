@@ -24,6 +24,9 @@ from napari_meddiff.models.bundle_weights import file_digests
 from napari_meddiff.models.zoo_bundles import ZOO_BUNDLES, bundle_defaults
 
 SOURCES = ("monaihosting", "github", "huggingface_hub", "ngc")
+# large_files.yml entries no meddiff task reads, fetched only with --all-files: MAISI's mask generator, its
+# candidate-mask database and its datasets (several GB; generating from a given label map needs none of them)
+OPTIONAL_PREFIXES = ("models/mask_generation_", "configs/candidate_masks_", "datasets/")
 # a bundle name or version becomes a folder or file name under --dir (and part of a URL): one plain name, no
 # separators, no leading dot (no "..", no hidden files)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
@@ -45,7 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--version", default=None, help="bundle version (default: the latest)")
     p.add_argument("--source", choices=SOURCES, default="monaihosting", help="where from (default monaihosting)")
+    p.add_argument(
+        "--all-files",
+        action="store_true",
+        help="also the large files no meddiff task reads (MAISI's mask generator, mask database and datasets)",
+    )
     p.set_defaults(func=run)
+
+
+def is_optional(rel: str) -> bool:
+    """A large file that no meddiff task reads (see `OPTIONAL_PREFIXES`)."""
+    return str(rel).startswith(OPTIONAL_PREFIXES)
 
 
 def _plain(value: str, what: str) -> str:
@@ -80,7 +93,7 @@ def check_files(bundle: Path, *, differing_only: bool = False) -> list[str]:
     for rel, md5 in read_large_files(bundle, bundle_defaults(bundle.name)).items():
         path = bundle / rel
         if not path.is_file():
-            if not differing_only:
+            if not differing_only and not is_optional(rel):
                 problems.append(f"{rel}: missing")
         elif (got := file_digests(path)[0]) != md5.lower():
             problems.append(f"{rel}: md5 {got} != {md5} in large_files.yml (damaged, another version, or fine-tuned)")
@@ -94,7 +107,8 @@ def expected_files(bundle: Path) -> str:
     return f"{bundle}/ holding " + ", ".join(parts)
 
 
-def _download(name: str, root: Path, version: str | None, source: str) -> None:
+def _download(name: str, root: Path, version: str | None, source: str, all_files: bool) -> list[str]:
+    """The bundle and the large files it lacks; returns the large files left out (see `_download_large_files`)."""
     import monai.bundle
 
     previous = logging.root.manager.disable
@@ -102,10 +116,40 @@ def _download(name: str, root: Path, version: str | None, source: str) -> None:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             monai.bundle.download(name=name, version=version, bundle_dir=str(root), source=source, progress=False)
-            if check_files(root / name):
-                monai.bundle.download_large_files(bundle_path=str(root / name))
+            return _download_large_files(root / name, all_files) if check_files(root / name) else []
     finally:
         logging.disable(previous)
+
+
+def _download_large_files(bundle: Path, all_files: bool) -> list[str]:
+    """Each missing file of the bundle's large_files.yml (inside the bundle, as `read_large_files` checks) with
+    MONAI's ``download_url`` and its hash check, but those no task reads unless ``all_files``; returns those."""
+    from monai.apps import download_url
+
+    from napari_meddiff.models.boundary import inside_folder
+    from napari_meddiff.models.bundle_config import load_data_file
+
+    read_large_files(bundle, {})  # refuses a listing whose paths leave the bundle
+    names = ("large_files.yml", "large_files.yaml", "large_files.json")
+    listing = next((bundle / n for n in names if (bundle / n).is_file()), None)
+    data = load_data_file(listing) if listing is not None else {}
+    left_out = []
+    for entry in data.get("large_files", []) if isinstance(data, dict) else []:
+        if not isinstance(entry, dict) or not entry.get("url"):
+            continue
+        rel = str(entry.get("path"))
+        target = inside_folder(bundle, rel, f"{listing}: path {shorten(rel)!r}")
+        if target.is_file():
+            continue
+        if is_optional(rel) and not all_files:
+            left_out.append(rel)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        hashed = (
+            {"hash_val": entry["hash_val"], "hash_type": entry.get("hash_type", "md5")} if entry.get("hash_val") else {}
+        )
+        download_url(url=str(entry["url"]), filepath=target, progress=False, **hashed)
+    return left_out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,14 +170,14 @@ def run(args: argparse.Namespace) -> int:
             )
     with removed_if_left_empty(root):
         ensure_folder(root)
-        _fetch(args.name, root, args.version, args.source)
+        _fetch(args.name, root, args.version, args.source, args.all_files)
     return _verify(bundle)
 
 
-def _fetch(name: str, root: Path, version: str | None, source: str) -> None:
+def _fetch(name: str, root: Path, version: str | None, source: str, all_files: bool = False) -> None:
     bundle = root / name
     try:
-        _download(name, root, version, source)
+        left_out = _download(name, root, version, source, all_files)
     except MeddiffError:  # what was downloaded is refused (a large_files.yml path out of the bundle): as it is
         raise
     except Exception as exc:  # network errors come from urllib, requests, huggingface_hub, ...
@@ -141,6 +185,9 @@ def _fetch(name: str, root: Path, version: str | None, source: str) -> None:
             f"cannot download bundle {name!r} ({download_failure(exc)}). Without internet, copy it in "
             f"by hand: {expected_files(bundle)}; then `meddiff fetch {name} --dir {root}` checks the md5s"
         ) from None
+    if left_out:
+        print(f"{name}: not downloaded, as no meddiff task reads them (--all-files fetches them): "
+              + ", ".join(left_out), file=sys.stderr)  # fmt: skip
 
 
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>:?\s*")

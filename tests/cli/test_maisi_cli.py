@@ -58,3 +58,36 @@ def test_models_lists_a_long_label_vocabulary_under_the_table(tmp_path, monkeypa
     assert count > 8 and "listed below" in row and len(row) < 400
     listed = out.split(f"maisi_ct_generative: {count} labels:")[1]
     assert max(len(line) for line in listed.splitlines()) <= 112 and "200 body" in listed
+
+
+def test_fetch_leaves_out_the_files_no_task_reads(tmp_path, monkeypatch, capsys):
+    """``meddiff fetch maisi_ct_generative`` downloads the weights a label map needs, checks their md5s, and not
+    the mask generator, candidate-mask database or datasets (GBs) unless --all-files; it says what it left out."""
+    import shutil
+
+    import monai.apps
+    import monai.bundle
+
+    published = write_maisi_bundle(tmp_path / "published" / "maisi_ct_generative", "1.0")
+    weights = [p.relative_to(published).as_posix() for p in (published / "models").glob("*.pt")]
+    requested = []
+
+    def download(name, bundle_dir, **kwargs):  # the bundle's zip: everything but its large files
+        shutil.copytree(published, f"{bundle_dir}/{name}", ignore=shutil.ignore_patterns("*.pt"))
+
+    def download_url(url, filepath, **kwargs):
+        rel = filepath.relative_to(filepath.parents[1]).as_posix()
+        requested.append(rel)
+        if rel not in weights:
+            raise ConnectionError("not on this test's server")
+        shutil.copy(published / rel, filepath)
+
+    monkeypatch.setattr(monai.bundle, "download", download)
+    monkeypatch.setattr(monai.apps, "download_url", download_url)
+    assert main(["fetch", "maisi_ct_generative", "--dir", str(tmp_path / "zoo")]) == 0
+    err = capsys.readouterr().err
+    assert sorted(requested) == sorted(weights) and "md5 checked" in err
+    assert "not downloaded" in err and "datasets/all_masks_flexible_size_and_spacing_3000.zip" in err
+    requested.clear()
+    assert main(["fetch", "maisi_ct_generative", "--dir", str(tmp_path / "zoo2"), "--all-files"]) == 2
+    assert any(rel.startswith("models/mask_generation_") for rel in requested)
