@@ -225,6 +225,7 @@ def translate_maisi(folder: Path, cfg: BundleConfig, components: dict, sources: 
             for k in ("version", "name", "task", "description")
             if k in sources["metadata"]
         },
-        "intensity": {"range": [0.0, 1.0]},  # MAISI's [0, 1] is CT's -1000..1000 HU
+        # MAISI's [0, 1] is CT's -1000..1000 HU, and where the map is background its pipeline writes air
+        "intensity": {"range": [0.0, 1.0], "output_range": [-1000.0, 1000.0], "background_value": -1000.0},
     }
     return validate_config(config, str(cfg.path))

@@ -259,7 +259,7 @@ SCHEDULER_FIELDS = {
 # default (the intensity keys the training configs take, and bundles' informative "range")
 BINARY_LABEL_BITS = 8  # MAISI's binarize_labels: a label value as 8 bit channels
 CLOSED_BLOCKS = {
-    "intensity": INTENSITY_KEYS | {"range"},
+    "intensity": INTENSITY_KEYS | {"range", "output_range", "background_value"},
     "label_map": {"labels", "encoding", "body_label"},
     "network_inputs": NETWORK_INPUT_KEYS,
 }
@@ -280,6 +280,11 @@ OPTIONAL_BLOCKS = {
             lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v),
             "[low, high] (the model's intensity range; informative)",
         ),
+        "output_range": (
+            lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] < v[1],
+            "[low, high]: the scanner units of the model's output 0 and 1 (MAISI: [-1000, 1000] HU)",
+        ),
+        "background_value": (_is_number, "a number: the value written where a label map is background"),
     },
     "segmentation": {
         "num_classes": (_positive_int, "a positive integer"),

@@ -184,9 +184,10 @@ def generate_from_labels(
     preview_every: int = 0,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[Volume]:
-    """One scan per seed for the label map ``labels``, each on the map's grid (intensities in [0, 1]: the
-    model's normalised range). The same seed, map and settings give the same scan. ``on_preview`` receives the
-    chain's current estimate of a batch's first scan, on the map's grid, every ``preview_every`` steps."""
+    """One scan per seed for the label map ``labels``, each on the map's grid (intensities in [0, 1], the
+    model's normalised range, or in the units its ``intensity.output_range`` names: MAISI's HU). The same seed,
+    map and settings give the same scan. ``on_preview`` receives the chain's current estimate of a batch's first
+    scan, on the map's grid, every ``preview_every`` steps."""
     model, dev = prepare_model(model, device)
     labels, digest = checked_label_map(model, labels)
     values = labels.array
@@ -203,6 +204,7 @@ def generate_from_labels(
     source = {"file": labels.metadata.get("source_path"), "voxels": present}
     if derived:
         source["body_label_derived"] = derived
+    background = background_on_map(model, values)
     decode = _decode_pass(model, grid.shape, batch_size, dev)
     if decode is not None:
         on_preview = None  # previews would need a decode per preview: the result comes decoded
@@ -218,7 +220,7 @@ def generate_from_labels(
         ).numpy()  # fmt: skip
         seconds = (time.perf_counter() - t0) / len(chunk)
         for seed, image in zip(chunk, images):
-            vol = _on_map_grid(image, grid, labels)
+            vol = in_output_units(model, _on_map_grid(image, grid, labels), background)
             record = provenance(
                 model, dev, task="generate", seed=seed, **settings, batch_size=batch_size,
                 label_map_sha256=digest, label_map=source, **({"autoencoder_pass": decode} if decode else {}),
@@ -239,20 +241,24 @@ def _decode_pass(model: DiffusionModel, grid_shape: Sequence[int], batch: int, d
     return autoencoder_pass(model, torch.empty((batch, model.sample_shape[0], *sides), device=device))
 
 
+def derived_body_region(values: np.ndarray) -> np.ndarray:
+    """The body as a map without a body label implies it: the closed, hole-filled region of its labels."""
+    from scipy import ndimage
+
+    inside = ndimage.binary_closing(values > 0, structure=np.ones((3, 3, 3), bool), iterations=2, border_value=0)
+    return ndimage.binary_fill_holes(inside | (values > 0))
+
+
 def with_body_label(model: DiffusionModel, values: np.ndarray) -> tuple[np.ndarray, int]:
     """A map for a model that expects a body label (MAISI: 200, body voxels no organ takes): a map without it gets
     it where the body is taken to be, the closed, hole-filled region of its other labels (a warning says so).
     Returns the map and the voxels so labelled (0: none derived)."""
     import warnings
 
-    from scipy import ndimage
-
     body = model.body_label
     if body is None or np.any(values == body):
         return values, 0
-    inside = ndimage.binary_closing(values > 0, structure=np.ones((3, 3, 3), bool), iterations=2, border_value=0)
-    inside = ndimage.binary_fill_holes(inside | (values > 0))
-    gaps = inside & (values == 0)
+    gaps = derived_body_region(values) & (values == 0)
     warnings.warn(
         f"the label map has no body label {body} ({model.label_map[body]}), which {model.name} expects around the "
         f"organs: {int(gaps.sum())} background voxels inside the labelled region were given it",
@@ -262,6 +268,30 @@ def with_body_label(model: DiffusionModel, values: np.ndarray) -> tuple[np.ndarr
     out = values.copy()
     out[gaps] = body
     return out, int(gaps.sum())
+
+
+def background_on_map(model: DiffusionModel, values: np.ndarray) -> np.ndarray | None:
+    """Where a map on its own grid is background (outside the derived body too, when the model expects a body
+    label the map lacks), for a model that writes a set value there (``intensity.background_value``: MAISI
+    writes air outside the labelled body); else None."""
+    if "background_value" not in (model.config.get("intensity") or {}):
+        return None
+    background = values == 0
+    if model.body_label is not None and not np.any(values == model.body_label):
+        background &= ~derived_body_region(values)
+    return background
+
+
+def in_output_units(model: DiffusionModel, vol: Volume, background: np.ndarray | None = None) -> Volume:
+    """A [0, 1] scan in the units the model's output stands for (``intensity.output_range``: MAISI's HU), with
+    ``intensity.background_value`` where ``background``; else as it is (a normalised MR intensity)."""
+    spec = model.config.get("intensity") or {}
+    if "output_range" in spec:
+        lo, hi = (float(v) for v in spec["output_range"])
+        vol.array = (lo + np.asarray(vol.array, np.float32) * (hi - lo)).astype(np.float32)
+    if background is not None and "background_value" in spec:
+        vol.array[background] = float(spec["background_value"])
+    return vol
 
 
 def _on_map_grid(image: np.ndarray | torch.Tensor, grid: ModelGrid, labels: Volume) -> Volume:

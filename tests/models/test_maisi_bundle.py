@@ -239,3 +239,15 @@ def test_a_painted_tumour_is_regenerated_under_the_new_map_and_nothing_else(mode
     np.testing.assert_array_equal(filled.array[~region], scan.array[~region])
     assert not np.array_equal(filled.array[region], scan.array[region])
     assert len(filled.metadata["provenance"]["label_map_sha256"]) == 64
+
+
+def test_a_maisi_scan_comes_in_hounsfield_units_with_air_outside_the_body(models):
+    """MAISI's [0, 1] output is CT's -1000..1000 HU, and its pipeline writes air (-1000 HU) where the map is
+    background: generate does the same, so a scan can be read as CT."""
+    (scan,) = generate_from_labels(models["1.0"], organ_map(body=True), [0], steps=2, precision="fp32")
+    inside = organ_map(body=True).array > 0
+    assert scan.array.min() >= -1000 and scan.array.max() <= 1000
+    far_outside = np.zeros_like(inside)
+    far_outside[0, :, :] = far_outside[-1, :, :] = True  # map border: background, away from the body
+    np.testing.assert_array_equal(scan.array[far_outside], -1000.0)
+    assert (scan.array[inside] > -1000).mean() > 0.5  # not all air where the body is
