@@ -20,6 +20,7 @@ from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.geometry import ModelGrid, grid_to_volume, make_grid, sample_on_grid, snap_grid, world_box
 from napari_meddiff.io.volume import Volume
 from napari_meddiff.models import DiffusionModel, ModelConfigView
+from napari_meddiff.tasks.footprint import check_request_fits
 from napari_meddiff.tasks.inputs import as_3d
 from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
@@ -204,6 +205,11 @@ def generate_from_labels(
     source = {"file": labels.metadata.get("source_path"), "voxels": present}
     if derived:
         source["body_label_derived"] = derived
+    check_request_fits(
+        model, batch=batch_size, held_voxels=len(seeds) * float(values.size) + float(np.prod(grid.shape)),
+        what=f"{len(seeds)} scan(s) from a {'x'.join(map(str, values.shape))} label map (model grid "
+        f"{'x'.join(map(str, grid.shape))}, batch {batch_size})", image_shape=grid.shape,
+    )  # fmt: skip
     background = background_on_map(model, values)
     decode = _decode_pass(model, grid.shape, batch_size, dev)
     if decode is not None:

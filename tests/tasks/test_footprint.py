@@ -35,3 +35,22 @@ def test_guidance_counts_twice_the_unet_batch(tiny_models, monkeypatch):
     footprint.check_request_fits(model, batch=64)
     with pytest.raises(MeddiffError, match="would need"):
         footprint.check_request_fits(model, batch=64, guided=True)
+
+
+def test_a_label_map_is_checked_on_the_grid_it_is_sampled_on(tmp_path, monkeypatch):
+    """Generating from a label map counts its own grid (larger than the model's when the map needs it) and a
+    ControlNet, and refuses before sampling what would not fit."""
+    from napari_meddiff.runtime import memory
+    from napari_meddiff.tasks import footprint
+    from napari_meddiff.tasks.from_labels import generate_from_labels
+    from napari_meddiff.testing.tiny_models import make_tiny_model
+    from tests.tasks.test_from_labels import LABELS, tissue_map
+
+    plain = md.load_model(make_tiny_model(tmp_path / "plain", "ddpm", 3, label_map=LABELS), device="cpu")
+    control = md.load_model(make_tiny_model(tmp_path / "cn", "ddpm", 3, label_map=LABELS, controlnet=True))
+    double = [2 * s for s in plain.image_shape]
+    assert footprint.unet_bytes_per_sample(plain, double) == 8 * footprint.unet_bytes_per_sample(plain)
+    assert footprint.unet_bytes_per_sample(control) > footprint.unet_bytes_per_sample(plain)
+    monkeypatch.setattr(memory, "available_ram_bytes", lambda: 200_000)
+    with pytest.raises(MeddiffError, match=r"scan\(s\) from a 21x26x13 label map .* would need"):
+        generate_from_labels(plain, tissue_map(), [0], steps=1, device="cpu")
