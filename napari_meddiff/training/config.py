@@ -73,6 +73,7 @@ DEFAULT_TRAINING = {
     "log_every": 10,
     "patch_size": None,  # random crops of this size (null: whole images; fully convolutional UNets only)
     "patch_steps": None,  # crops for the first N steps only, whole images after (null: crops throughout)
+    "whole_batch_size": None,  # the batch of the whole-image steps after patch_steps (null: batch_size)
     # 3D on CPU: auto (the faster, measured at start; a resume on the same processor keeps it), contiguous or
     # channels_last_3d
     "memory_format": "auto",
@@ -171,6 +172,7 @@ MAX_TRAINING_SEED = 2**32 - 1  # the seeds of the batch generators are derived f
 TRAINING_NUMBERS = {
     "steps": COUNT,
     "batch_size": COUNT,
+    "whole_batch_size": Number(1, integer=True, nullable=True),
     "lr": POSITIVE,
     "disc_lr": POSITIVE,
     "max_minutes": Number(0, low_open=True, nullable=True),  # null: no time limit

@@ -259,15 +259,18 @@ class DiffusionTraining:
         return loss
 
     def _batch(self, items: TrainingItems, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """A random batch on the device: (x0 to denoise, image condition or None, condition values or None)."""
+        """A random batch on the device: (x0 to denoise, image condition or None, condition values or None); of
+        ``whole_batch_size`` items in the whole-image steps after ``patch_steps`` (when set)."""
         cb = None
+        crop = crop_schedule(self.tc, step)
+        size = self.batch_size if crop or not self.tc.get("whole_batch_size") else int(self.tc["whole_batch_size"])
         if items.conditions is not None:
-            xb, yb, cb = random_batch(items.x0, items.labels, self.batch_size, self.gen, items.flip, items.conditions)
+            xb, yb, cb = random_batch(items.x0, items.labels, size, self.gen, items.flip, items.conditions)
             cb = drop_conditions(cb, float(self.cfg["conditioning"]["dropout"]), self.gen)
         else:
             source = items.x0 if not self.seg else items.condition
-            xb, yb = random_batch(source, items.labels, self.batch_size, self.gen, items.flip)
-        xb, yb = crop_pair(xb, yb, crop_schedule(self.tc, step), self.gen)
+            xb, yb = random_batch(source, items.labels, size, self.gen, items.flip)
+        xb, yb = crop_pair(xb, yb, crop, self.gen)
         if self.seg:
             return onehot_pm1(yb, self.num_classes).to(self.device), xb.to(self.device), cb
         if self.from_labels:

@@ -803,3 +803,29 @@ def test_3d_diffusion_trains_in_a_memory_layout_and_exports_a_plain_model(tmp_pa
     assert all(p.is_contiguous() for p in model.unet.parameters())
     (vol,) = generate(model, [0], steps=2, device="cpu")
     assert vol.array.shape == tuple(model.image_shape) and np.isfinite(vol.array).all()
+
+
+def test_whole_image_steps_take_their_own_batch_size(tmp_path, cohort, monkeypatch):
+    """Crops for ``patch_steps`` at ``batch_size``, then whole images at ``whole_batch_size`` (a whole 3D volume
+    costs many crops: the same batch would make those steps many times slower)."""
+    from napari_meddiff.training import diffusion
+    from napari_meddiff.training.pipeline import train
+
+    drawn = []
+
+    def recording(data, labels, batch_size, *args, **kwargs):
+        drawn.append(batch_size)
+        return original(data, labels, batch_size, *args, **kwargs)
+
+    original = diffusion.random_batch
+    monkeypatch.setattr(diffusion, "random_batch", recording)
+    cfg = yaml.safe_load(tiny_config(tmp_path, cohort, "ddpm").read_text())
+    cfg["training"].update(steps=4, batch_size=3, patch_size=[8, 8], patch_steps=2, whole_batch_size=1)
+    path = tmp_path / "whole.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    train(path, out=tmp_path / "model", work_dir=tmp_path / "run", progress=False)
+    assert drawn == [3, 3, 1, 1]
+    cfg["training"]["whole_batch_size"] = 0
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(MeddiffError, match="whole_batch_size"):
+        train(path, out=tmp_path / "model2", work_dir=tmp_path / "run2", progress=False)
