@@ -322,3 +322,32 @@ def test_the_sampler_list_offers_what_the_models_schedule_fits(make_napari_viewe
     widget.model_picker.add_folder(tiny_models["ldm3d"])
     items = [widget.sampling.sampler.itemText(i) for i in range(widget.sampling.sampler.count())]
     assert items == ["ddpm", "ddim", "dpm++"]
+
+
+def test_a_maisi_bundle_paints_a_ct_from_the_chosen_labels_layer(make_napari_viewer, qtbot, tmp_path):
+    """A MAISI-layout bundle opens in the widget like any model: its rectified-flow sampler offered alone, its
+    label vocabulary named on the chosen Labels layer, and the CT (in HU) on the layer's oblique grid, as the
+    core makes it, bit for bit."""
+    import warnings
+
+    from napari_meddiff.io.volume import Volume
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.from_labels import generate_from_labels
+    from napari_meddiff.testing.maisi_bundles import write_maisi_bundle
+    from tests.models.test_maisi_bundle import organ_map
+
+    folder = write_maisi_bundle(tmp_path / "maisi_ct_generative", "1.0")
+    viewer, widget = open_widget(make_napari_viewer, folder)
+    assert widget.label_map.isVisibleTo(widget) and widget.sampling.sampler.currentText() == "rflow"
+    labels = organ_map(body=True)
+    layer = viewer.add_labels(labels.array, affine=labels.affine, name="organs (tumour painted)")
+    widget.sampling.steps.setValue(2)
+    run_and_wait(qtbot, widget)
+    result = viewer.layers["maisi_ct_generative_seed0"]
+    assert result.data.shape == labels.shape and result.data.min() >= -1000 and result.data.max() <= 1000
+    assert "hepatic tumor" in list(layer.features["label"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (ref,) = generate_from_labels(load_model(folder), Volume(labels.array, labels.affine), [0], steps=2)
+    np.testing.assert_array_equal(result.data, ref.array)
+    assert_usable(widget)
