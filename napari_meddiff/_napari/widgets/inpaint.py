@@ -317,7 +317,11 @@ class InpaintWidget(QWidget):
         if source is None:
             show_error("Inpaint: choose the scan's tissue map first")
             return None
-        original = layer_to_volume(source)
+        try:
+            original = layer_to_volume(source)
+        except MeddiffError as exc:
+            show_error(f"Inpaint: {exc}")
+            return None
         layer = self._labels_like(source, np.array(source.data, copy=True), f"{source.name} edited")
         if len(getattr(source, "features", ())):
             layer.features = source.features.copy()
