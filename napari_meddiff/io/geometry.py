@@ -28,6 +28,11 @@ class ModelGrid:
     def empty_volume(self) -> Volume:
         return Volume(np.zeros(self.shape, np.float32), self.affine.copy())
 
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along each grid axis (length of each affine column), as `Volume.spacing`."""
+        return tuple(float(z) for z in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
 
 def index_box_corners(lo, hi) -> np.ndarray:
     """The 8 corners of the index box [lo, hi] as homogeneous coordinates, (8, 4)."""

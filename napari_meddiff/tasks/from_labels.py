@@ -9,6 +9,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,6 +136,25 @@ def label_condition(model: DiffusionModel, label_arrays: torch.Tensor) -> torch.
     return one_hot_condition(label_arrays, len(model.label_map))
 
 
+def map_inputs(
+    model: DiffusionModel, label_arrays: torch.Tensor, device: torch.device, voxel_size: Sequence[float] | None
+) -> dict[str, Any]:
+    """`denoise`'s keyword inputs for label maps ``(B, *S)`` on a grid of ``voxel_size`` mm (default: the model's):
+    the map as the model takes it (`label_condition`), into its ControlNet or beside the image, and the extra
+    network inputs the model asks for (MAISI's spacing and body regions)."""
+    condition = label_condition(model, label_arrays).to(device)
+    key = "controlnet_cond" if model.controlnet is not None else "image_condition"
+    extra = model.network_inputs(label_arrays.shape[0], voxel_size, torch.unique(label_arrays).tolist())
+    return {key: condition, "network_inputs": extra}
+
+
+def labels_on_grid(model: DiffusionModel, labels: Volume, grid: ModelGrid) -> tuple[np.ndarray, int]:
+    """The map on ``grid`` (nearest neighbour, background beyond it) with a body label derived where the model
+    expects one the map lacks (`with_body_label`): the map's int64 values and the voxels so derived."""
+    as_float = Volume(np.asarray(labels.array).astype(np.float32), labels.affine)
+    return with_body_label(model, np.rint(sample_on_grid(as_float, grid, labels=True)).astype(np.int64))
+
+
 def sample_from_label_arrays(
     model: DiffusionModel,
     label_arrays: torch.Tensor,
@@ -153,16 +173,13 @@ def sample_from_label_arrays(
     body regions) come from the grid and the map; ``decode``: its autoencoder pass (`decode_latents`)."""
     from napari_meddiff.autoencoder.passes import decode_latents
 
-    condition = label_condition(model, label_arrays).to(device)
-    by_controlnet = model.controlnet is not None
     factor = latent_factor(model)
     shape = (model.sample_shape[0], *[s // factor for s in label_arrays.shape[1:]])
     x = initial_noise(shape, generators, device)
-    extra = model.network_inputs(len(generators), voxel_size, torch.unique(label_arrays).tolist())
     x0 = denoise(
         model, x, sampler=settings["sampler"], steps=settings["steps"], generators=generators, eta=settings["eta"],
-        image_condition=None if by_controlnet else condition, controlnet_cond=condition if by_controlnet else None,
-        on_step=on_step, should_cancel=should_cancel, precision=settings["precision"], network_inputs=extra,
+        on_step=on_step, should_cancel=should_cancel, precision=settings["precision"],
+        **map_inputs(model, label_arrays, device, voxel_size),
     )  # fmt: skip
     if model.kind == "ldm":
         x0 = decode_latents(model, x0, settings["precision"], mode=decode)
@@ -195,11 +212,10 @@ def generate_from_labels(
     seeds = check_seeds([seeds] if isinstance(seeds, int) else [int(s) for s in seeds])
     if batch_size < 1:
         raise MeddiffError("batch size must be at least 1")
-    as_float = Volume(values.astype(np.float32), labels.affine)
-    grid = label_grid(model, as_float)
-    on_grid, derived = with_body_label(model, np.rint(sample_on_grid(as_float, grid, labels=True)).astype(np.int64))
+    grid = label_grid(model, labels)
+    on_grid, derived = labels_on_grid(model, labels, grid)
     on_grid = torch.from_numpy(on_grid)
-    voxel = np.linalg.norm(grid.affine[:3, :3], axis=0).tolist()
+    voxel = list(grid.spacing)
     settings = resolve_settings(model, "generate", dev, sampler=sampler, steps=steps, eta=eta, precision=precision)
     present = {model.label_map[int(v)]: int(np.count_nonzero(values == v)) for v in np.unique(values)}
     source = {"file": labels.metadata.get("source_path"), "voxels": present}

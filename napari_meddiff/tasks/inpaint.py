@@ -19,7 +19,7 @@ How it works, for an image of any size and voxel size:
    re-noised and blended outside the mask, downsampled to the latent grid and dilated by one latent voxel,
    then the result is decoded.
    A label-map model also takes the (edited) tissue map, resampled onto the same grid (nearest neighbour),
-   one-hot beside the image or into its ControlNet, as `generate` gives it: the fill follows the new labels.
+   as generating from a map gives it (`from_labels.map_inputs`): the fill follows the new labels.
 4. The generated grid image is resampled back onto the bounding box of the mask only, converted back to
    scanner units and written inside the mask (optionally feathered over a few voxels, inside the mask
    only, towards the original values).
@@ -57,7 +57,7 @@ from napari_meddiff.io.intensity import denormalise, intensity_window, normalise
 from napari_meddiff.io.volume import Volume, resample_like, world_extent_overlaps
 from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel
 from napari_meddiff.tasks.footprint import check_request_fits
-from napari_meddiff.tasks.from_labels import checked_label_map, label_condition, require_label_map, with_body_label
+from napari_meddiff.tasks.from_labels import checked_label_map, labels_on_grid, map_inputs, require_label_map
 from napari_meddiff.tasks.inputs import as_3d, check_scan_values
 from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
@@ -392,17 +392,12 @@ class _Runner:
         return (torch.from_numpy(k[:, None]).to(self.device), torch.from_numpy(m[:, None]).to(self.device))
 
     def _map_condition(self, units) -> dict[str, Any]:
-        """A label-map model's map for the batch, as the model takes it (one-hot or binary-coded), beside the
-        image or into its ControlNet, and the extra network inputs it asks for (MAISI: spacing, body regions)."""
+        """A label-map model's map for the batch, as generating from a map gives it (`map_inputs`)."""
         labels = self.plan.labels
         if labels is None:
             return {}
         maps = torch.from_numpy(np.stack([labels if u[1] is None else labels[:, :, u[1]] for u in units]))
-        condition = label_condition(self.model, maps).to(self.device)
-        key = "controlnet_cond" if self.model.controlnet is not None else "image_condition"
-        spacing = np.linalg.norm(self.plan.grid.affine[:3, :3], axis=0).tolist()
-        extra = self.model.network_inputs(len(units), spacing, torch.unique(maps).tolist())
-        return {key: condition, "network_inputs": extra}
+        return map_inputs(self.model, maps, self.device, self.plan.grid.spacing)
 
     def run(self, units, on_step, release_unet: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample a batch; returns (images in [0, 1] composited with the known grid, known, generated mask).
@@ -583,9 +578,7 @@ def _labels_on_grid(model: DiffusionModel, labels: Volume, grid: ModelGrid) -> n
     where the model expects one and the map has none)."""
     if not world_extent_overlaps(labels, grid.empty_volume()):
         raise MeddiffError("the label map does not overlap the region to fill: give the scan's own tissue map")
-    as_float = Volume(labels.array.astype(np.float32), labels.affine)
-    on_grid = np.rint(resample_like(as_float, grid.empty_volume(), labels=True).array).astype(np.int64)
-    return with_body_label(model, on_grid)[0]
+    return labels_on_grid(model, labels, grid)[0]
 
 
 def _check_request(image, mask, *, candidates, batch_size, seed) -> None:
