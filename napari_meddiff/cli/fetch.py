@@ -122,23 +122,18 @@ def _download(name: str, root: Path, version: str | None, source: str, all_files
 
 
 def _download_large_files(bundle: Path, all_files: bool) -> list[str]:
-    """Each missing file of the bundle's large_files.yml (inside the bundle, as `read_large_files` checks) with
+    """Each missing file of the bundle's large_files.yml (`large_file_entries`: paths inside the bundle) with
     MONAI's ``download_url`` and its hash check, but those no task reads unless ``all_files``; returns those."""
     from monai.apps import download_url
 
-    from napari_meddiff.models.boundary import inside_folder
-    from napari_meddiff.models.bundle_config import load_data_file
+    from napari_meddiff.models.bundle import large_file_entries
 
-    read_large_files(bundle, {})  # refuses a listing whose paths leave the bundle
-    names = ("large_files.yml", "large_files.yaml", "large_files.json")
-    listing = next((bundle / n for n in names if (bundle / n).is_file()), None)
-    data = load_data_file(listing) if listing is not None else {}
     left_out = []
-    for entry in data.get("large_files", []) if isinstance(data, dict) else []:
-        if not isinstance(entry, dict) or not entry.get("url"):
+    for entry in large_file_entries(bundle):
+        if not entry.get("url"):
             continue
         rel = str(entry.get("path"))
-        target = inside_folder(bundle, rel, f"{listing}: path {shorten(rel)!r}")
+        target = bundle / rel
         if target.is_file():
             continue
         if is_optional(rel) and not all_files:

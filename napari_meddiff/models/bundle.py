@@ -338,20 +338,26 @@ def _weight_files(folder: Path, kind: str, defaults: dict, sidecar: dict, listed
     return {r: str(files[r]) for r in roles}
 
 
-def read_large_files(folder: Path, defaults: dict) -> dict[str, str]:
-    """Weight file -> md5, from the bundle's ``large_files.yml`` (else the documented ones)."""
-    md5 = dict(defaults.get("large_files", {}))
+def large_file_entries(folder: Path) -> list[dict]:
+    """The entries of the bundle's ``large_files.yml`` (``.yaml``, ``.json``), every one's path checked to stay
+    inside the bundle (`meddiff fetch` downloads each to its path); empty without such a file."""
     for name in ("large_files.yml", "large_files.yaml", "large_files.json"):
         if (folder / name).is_file():
             data = load_data_file(bundle_file(folder, name))
-            for item in (data or {}).get("large_files", []) if isinstance(data, dict) else []:
-                if not isinstance(item, dict):
-                    continue
-                # every entry, md5 or not: `meddiff fetch` has MONAI download each to its path
+            items = (data or {}).get("large_files", []) if isinstance(data, dict) else []
+            entries = [item for item in items if isinstance(item, dict)]
+            for item in entries:
                 inside_folder(folder, item.get("path"), f"{folder / name}: path {shorten(item.get('path'))!r}")
-                if str(item.get("hash_type", "md5")).lower() == "md5" and item.get("hash_val"):
-                    md5[str(item.get("path"))] = str(item["hash_val"]).lower()
-            break
+            return entries
+    return []
+
+
+def read_large_files(folder: Path, defaults: dict) -> dict[str, str]:
+    """Weight file -> md5, from the bundle's ``large_files.yml`` (else the documented ones)."""
+    md5 = dict(defaults.get("large_files", {}))
+    for item in large_file_entries(folder):
+        if str(item.get("hash_type", "md5")).lower() == "md5" and item.get("hash_val"):
+            md5[str(item.get("path"))] = str(item["hash_val"]).lower()
     return md5
 
 
