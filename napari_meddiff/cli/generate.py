@@ -19,6 +19,7 @@ from napari_meddiff.io.files import ensure_folder, removed_if_left_empty
 from napari_meddiff.models import DEFAULT_LABEL_MODEL, DEFAULT_MODEL, describe_model
 from napari_meddiff.tasks import batch, distributed
 from napari_meddiff.tasks.from_labels import require_label_map
+from napari_meddiff.tasks.two_stage import conditions_model
 
 EPILOG = """\
 scaling out:
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     ctx = distributed.DistContext.from_env()
     device = distributed.rank_device(args.device, ctx)
     seeds = seed_range(args.seed, args.num)
-    args.conditions_for = seed_conditions(describe_model(args.model), args.condition, seeds, args.guidance_scale)
+    conditioned = conditions_model(describe_model(args.model), args.labels)  # a two-stage run: the map generator's
+    args.conditions_for = seed_conditions(conditioned, args.condition, seeds, args.guidance_scale)
     blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
     by_map = args.labels is not None and args.labels.is_dir()
     outs = [args.out / _map_name(path) for path in maps] if by_map else [args.out]

@@ -69,6 +69,17 @@ class ModelConfigView:
         return {int(k): str(v) for k, v in labels.items()}
 
     @property
+    def map_generator(self) -> str | None:
+        """A label-map model's map generator (a model name): it draws the map when none is given (two-stage)."""
+        return (self.config.get("label_map") or {}).get("generator")
+
+    @property
+    def label_output(self) -> dict[int, str]:
+        """A model that generates label maps (a tissue-map generator): their labels by value; else empty."""
+        labels = (self.config.get("label_output") or {}).get("labels") or {}
+        return {int(k): str(v) for k, v in labels.items()}
+
+    @property
     def label_encoding(self) -> str:
         """How a label map reaches the network: ``one_hot`` (a channel per label, in {-1, 1}) or ``binary`` (the
         label value's 8 bits as channels in {0, 1}, as MAISI's ControlNet takes it)."""

@@ -118,6 +118,8 @@ def validate_config(config: Any, where: str) -> dict:
                 )
     if "label_map" in config:
         _check_label_map(config["label_map"], where)
+    if "label_output" in config:
+        _check_label_output(config, where)
     if "name" in config and not isinstance(config["name"], str):
         raise MeddiffError(f"{where}: name must be a string, not {config['name']!r}")
     conditioning, specs = parse_conditions(config.get("conditioning"), where)
@@ -142,6 +144,25 @@ def _check_label_map(block: dict, where: str) -> None:
     body = block.get("body_label")
     if body is not None and (not _is_int(body) or str(body) not in labels):
         raise MeddiffError(f"{where}: label_map.body_label must be one of its label values, not {shorten(repr(body))}")
+
+
+def _check_label_output(config: dict, where: str) -> None:
+    """A map generator names every label value 0..K-1, one UNet output channel each, and takes no label map."""
+    block = config["label_output"]
+    labels = block.get("labels")
+    if not isinstance(labels, dict) or sorted(labels) != sorted(str(i) for i in range(len(labels))):
+        raise MeddiffError(
+            f'{where}: label_output.labels must be an object naming every label value 0..K-1 ({{"0": "background", '
+            '"1": ...}})'
+        )
+    if "label_map" in config or config.get("kind") != "ddpm":
+        raise MeddiffError(f"{where}: label_output is for ddpm models that generate label maps (and take none)")
+    unet = config["networks"].get("unet", {})
+    if unet.get("out_channels") != len(labels):
+        raise MeddiffError(
+            f"{where}: label_output names {len(labels)} labels but networks.unet.out_channels is "
+            f"{shorten(repr(unet.get('out_channels')))} (one channel per label)"
+        )
 
 
 def _check_class_labels(unet: dict, conditioning: Any, specs: list, where: str) -> None:
@@ -260,7 +281,8 @@ SCHEDULER_FIELDS = {
 BINARY_LABEL_BITS = 8  # MAISI's binarize_labels: a label value as 8 bit channels
 CLOSED_BLOCKS = {
     "intensity": INTENSITY_KEYS | {"range", "output_range", "background_value"},
-    "label_map": {"labels", "encoding", "body_label"},
+    "label_map": {"labels", "encoding", "body_label", "generator"},
+    "label_output": {"labels"},
     "network_inputs": NETWORK_INPUT_KEYS,
 }
 OPTIONAL_BLOCKS = {
@@ -301,6 +323,13 @@ OPTIONAL_BLOCKS = {
             'an object naming every label value ({"0": "background", "1": ...})',
         ),
         "encoding": (lambda v: v in ("one_hot", "binary"), "one_hot or binary"),
+        "generator": (lambda v: isinstance(v, str) and bool(v), "a model name (the map generator of a two-stage run)"),
+    },
+    "label_output": {
+        "labels": (
+            lambda v: isinstance(v, dict) and len(v) > 1 and all(isinstance(n, str) and n for n in v.values()),
+            'an object naming every label value ({"0": "background", "1": ...})',
+        ),
     },
     "network_inputs": {
         "spacing": (lambda v: isinstance(v, bool), "true or false"),

@@ -97,6 +97,11 @@ def output_paths(out: Path, model_name: str, seed: int) -> tuple[Path, Path]:
     return Path(out) / f"{stem}.nii.gz", Path(out) / f"{stem}.json"
 
 
+def tissue_map_path(image: Path) -> Path:
+    """Where a two-stage subject's tissue map lies: beside its image, ``<stem>_dseg.nii.gz`` (BIDS' suffix)."""
+    return image.with_name(image.name[: -len(".nii.gz")] + "_dseg.nii.gz")
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON to a temporary file in the same folder, fsync it, rename it into place."""
     write_text_atomic(Path(path), json.dumps(payload, indent=2) + "\n")
@@ -109,7 +114,7 @@ def remove_stray_temps(out: Path, model_name: str, seeds: Iterable[int]) -> list
     """
     removed = []
     wanted = {int(s) for s in seeds}
-    pattern = re.compile(rf"^\.{re.escape(model_name)}_seed(-?\d+)\.(nii\.gz|json)\..*part")
+    pattern = re.compile(rf"^\.{re.escape(model_name)}_seed(-?\d+)(_dseg)?\.(nii\.gz|json)\..*part")
     for path in Path(out).glob(".*"):
         match = pattern.match(path.name)
         if match and int(match.group(1)) in wanted and path.is_file():
@@ -158,6 +163,19 @@ def check_subject(out: Path, model_name: str, seed: int, *, check_hash: bool = T
             return status
         if digest != meta["sha256"]:
             status.problem = "sha256 does not match its sidecar (corrupt or changed)"
+    return _with_tissue_map(status, check_hash)
+
+
+def _with_tissue_map(status: SubjectStatus, check_hash: bool) -> SubjectStatus:
+    """A two-stage subject is valid only with the tissue map its sidecar names, unchanged."""
+    entry = (status.meta or {}).get("tissue_map_file")
+    if status.problem is not None or entry is None:
+        return status
+    path = tissue_map_path(status.image)
+    if entry != path.name or not path.is_file():
+        status.problem = "its tissue map is missing"
+    elif check_hash and sha256_file(path) != status.meta.get("tissue_map_sha256"):
+        status.problem = "its tissue map's sha256 does not match the sidecar (corrupt or changed)"
     return status
 
 
@@ -180,7 +198,8 @@ def _shown(value):
 
 
 def conditions_mismatch(model, meta: dict, wanted: dict | None, guidance_scale: float) -> str | None:
-    """How an existing subject's conditions differ from those asked for; None if they agree."""
+    """How an existing subject's conditions differ from those asked for; None if they agree (``model``: whose
+    conditions they are; a two-stage run's map generator)."""
     if not model.conditions:
         return None
     want = model.condition_values(wanted)
@@ -212,7 +231,7 @@ def collect_rows(out: Path) -> ManifestReport:
             continue
         model_name, seed = match.group("model"), int(match.group("seed"))
         image, _ = output_paths(out, model_name, seed)
-        sidecar_images.add(image.name)
+        sidecar_images.update((image.name, tissue_map_path(image).name))
         status = check_subject(out, model_name, seed)
         if not status.valid:
             problems.append(f"{image.name}: {status.problem}; left out of {MANIFEST_NAME}")
@@ -372,7 +391,7 @@ def generate_subjects(
     wanted = (lambda seed: conditions(seed) if conditions else None, guidance_scale)
     plan = _blocks_to_compute(model, blocks, out, settings, wanted, overwrite=overwrite, report=report, log=log)
     if on_plan is not None:
-        on_plan(sum(len(block) for block, _ in plan), settings["steps"])
+        on_plan(sum(len(block) for block, _ in plan), settings["steps"] + _map_steps(model, labels))
     for i, (block, needed) in enumerate(plan):
         volumes = generate(
             model, block, sampler=settings["sampler"], steps=settings["steps"], device=str(device),
@@ -387,6 +406,27 @@ def generate_subjects(
     return report
 
 
+def _map_steps(model, labels) -> int:
+    """The steps of a two-stage run's map chain (0 when a map is given or the model takes none)."""
+    from napari_meddiff.tasks.two_stage import conditions_model
+
+    source = conditions_model(model, labels)
+    return int(source.sampling_defaults["steps"]) if source is not model else 0
+
+
+def _write_tissue_map(vol, image_path: Path, replace: bool, description: str) -> dict:
+    """A two-stage scan's map, written beside it (first: an image with a sidecar then has its map); its
+    sidecar entries."""
+    from napari_meddiff.io.volume import write_volume
+
+    tissue_map = vol.metadata.get("tissue_map")
+    if tissue_map is None:
+        return {}
+    path = tissue_map_path(image_path)
+    write_volume(tissue_map, path, kind="labels", overwrite=replace or path.exists(), description=description)
+    return {"tissue_map_file": path.name, "tissue_map_sha256": sha256_file(path)}
+
+
 def _samples_advanced(on_step: Callable[[int], None], samples: int) -> Callable[[object], None]:
     """A step hook telling ``on_step`` how many samples advanced by one step."""
     return lambda info: on_step(samples)
@@ -397,7 +437,10 @@ def _blocks_to_compute(
 ) -> list[tuple[list[int], set[int]]]:
     """The blocks with a subject to (re)generate, each with the seeds that need it; valid subjects are skipped
     (recorded in ``report``), and one made with other settings or conditions is an error, not overwritten."""
+    from napari_meddiff.tasks.two_stage import conditions_model
+
     conditions_of, guidance_scale = wanted
+    conditioned = conditions_model(model, settings.get("label_map_sha256"))
     plan: list[tuple[list[int], set[int]]] = []
     for block in blocks:
         needed = set()
@@ -412,7 +455,7 @@ def _blocks_to_compute(
                 needed.add(int(seed))
                 continue
             mismatch = settings_mismatch(status.meta, settings) or conditions_mismatch(
-                model, status.meta, conditions_of(seed), guidance_scale
+                conditioned, status.meta, conditions_of(seed), guidance_scale
             )
             if mismatch:
                 raise MeddiffError(
@@ -444,10 +487,13 @@ def _write_needed(
             continue
         image_path, sidecar = output_paths(out, model.name, seed)
         replace = overwrite or image_path.exists() or sidecar.exists()
-        write_volume(vol, image_path, overwrite=replace, description=f"meddiff {model.name} seed {seed}")
+        beside = _write_tissue_map(vol, image_path, replace, f"meddiff {model.name} seed {seed} tissue map")
+        kind = "labels" if model.label_output else "image"  # a map generator's own volumes are label maps
+        write_volume(vol, image_path, kind=kind, overwrite=replace, description=f"meddiff {model.name} seed {seed}")
         sidecar_payload = {
             "file": image_path.name,
             "sha256": sha256_file(image_path),
+            **beside,
             "voxel_size_mm": list(model.voxel_size),
             **prov,
             "num_threads": torch.get_num_threads(),

@@ -50,7 +50,16 @@ def to_volume(model: DiffusionModel, image: np.ndarray, **provenance) -> Volume:
     """
     spacing = tuple(model.voxel_size) + (1.0,) * (3 - len(model.voxel_size))
     array = image[..., None] if image.ndim == 2 else image
-    return Volume.from_spacing(np.ascontiguousarray(array, dtype=np.float32), spacing, **provenance)
+    dtype = np.uint8 if np.issubdtype(image.dtype, np.integer) else np.float32  # a label map stays integer
+    return Volume.from_spacing(np.ascontiguousarray(array, dtype=dtype), spacing, **provenance)
+
+
+def generated_output(model: DiffusionModel, x: torch.Tensor, precision: str, mode: str | None = None) -> np.ndarray:
+    """What the chain's sample ``x`` shows: images in [0, 1] (decoded for an LDM), or a map generator's label maps
+    (the argmax of its one-hot channels), ``(B, *spatial)``."""
+    if model.label_output:
+        return x.argmax(dim=1).to(torch.uint8).cpu().numpy()
+    return decode_latents(model, x, precision, mode=mode)[:, 0].clamp(0, 1).cpu().numpy()
 
 
 def generate(
@@ -82,7 +91,9 @@ def generate(
     the model's UNet once the last batch is denoised, before its decoding (`DiffusionModel.release_unet`; for
     a process that samples no more: the command line); the same volumes.
     ``labels``: the label map a label-map model generates from (`generate_from_labels`; each volume on its grid;
-    previews through its own ``on_preview``, on the map's grid).
+    previews through its own ``on_preview``, on the map's grid). Without one, a label-map model with a map
+    generator runs both stages (`generate_two_stage`: each scan with its map; ``conditions`` are the
+    generator's). A map generator's own volumes are label maps (integers).
     """
     model, dev = prepare_model(model, device)
     if model.kind == "segmentation":
@@ -91,6 +102,14 @@ def generate(
         from napari_meddiff.tasks.from_labels import generate_from_labels, require_label_map
 
         require_label_map(model, labels)
+        if labels is None:  # its map generator draws the maps
+            from napari_meddiff.tasks.two_stage import generate_two_stage
+
+            return generate_two_stage(
+                model, [seeds] if isinstance(seeds, int) else list(seeds), sampler=sampler, steps=steps,
+                device=str(dev), precision=precision, batch_size=batch_size, eta=eta, conditions=conditions,
+                guidance_scale=guidance_scale, on_step=on_step, should_cancel=should_cancel,
+            )  # fmt: skip
         return generate_from_labels(
             model, labels, seeds, sampler=sampler, steps=steps, device=str(dev), precision=precision,
             batch_size=batch_size, eta=eta, on_step=on_step, should_cancel=should_cancel,
@@ -148,7 +167,9 @@ def _generate_batch(
             on_step(info)
         # the last step is not previewed: the final decode below replaces the preview at once
         if on_preview is not None and preview_every and info.index % preview_every == 0 and info.index < info.total:
-            images = decode_latents(model, info.pred_x0, precision)[:, 0].clamp(0, 1).cpu().numpy()
+            images = generated_output(model, info.pred_x0, precision)
+            if model.label_output:  # shown as an image: value / largest label
+                images = images.astype(np.float32) / max(len(model.label_output) - 1, 1)
             on_preview(Preview(info, images))
 
     z = denoise(
@@ -159,7 +180,7 @@ def _generate_batch(
     if release_unet:
         model.release_unet()
     decode_pass = autoencoder_pass(model, z) if model.kind == "ldm" else None  # recorded: it changes the bits
-    images = decode_latents(model, z, precision, mode=decode_pass)[:, 0].clamp(0, 1).cpu().numpy()
+    images = generated_output(model, z, precision, mode=decode_pass)
     seconds = (time.perf_counter() - t0) / len(seeds)
     volumes = []
     for seed, image, seed_values in zip(seeds, images, seed_conditions):

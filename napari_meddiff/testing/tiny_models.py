@@ -90,12 +90,16 @@ def make_tiny_model(
     voxel_size: float = 4.0,
     controlnet: bool = False,
     rflow: bool = False,
+    label_output: dict[int, str] | None = None,
+    map_generator: str | None = None,
 ) -> Path:
     """Write a random-weight model folder of ``kind`` (``ddpm``, ``ldm`` or ``segmentation``; a 2D segmentation
     model can take ``context_slices`` neighbouring slices on each side; a ddpm given ``label_map`` generates
     from a label map with those labels, through a space-to-depth UNet as the shipped one, and with
     ``controlnet`` takes the map through a MONAI ControlNet instead of beside the image). ``rflow``: a
-    rectified-flow model (`TINY_RFLOW_SCHEDULE`, sampled with ``rflow``)."""
+    rectified-flow model (`TINY_RFLOW_SCHEDULE`, sampled with ``rflow``). A ddpm given ``label_output``
+    generates label maps with those labels (a map generator); ``map_generator`` names the one that draws a
+    label-map model's maps when none is given (two-stage)."""
     if controlnet and not label_map:
         raise ValueError("a tiny ControlNet takes a label map: give label_map")
     torch.manual_seed(seed)
@@ -133,13 +137,19 @@ def make_tiny_model(
         if controlnet:
             config["networks"]["controlnet"] = tiny_controlnet_config(unet, len(label_map))
         config["label_map"] = {"labels": {str(k): v for k, v in sorted(label_map.items())}}
+        if map_generator:
+            config["label_map"]["generator"] = map_generator
+    elif label_output:
+        unet = {**tiny_unet_config(spatial_dims, len(label_output), len(label_output)), "space_to_depth": 2}
+        config["networks"] = {"unet": unet}
+        config["label_output"] = {"labels": {str(k): v for k, v in sorted(label_output.items())}}
     else:
         unet = tiny_unet_config(spatial_dims, 1, 1)
         config["networks"] = {"unet": unet}
     config["weights"] = {}
     for name, net_config in config["networks"].items():
         networks[name] = build_network(name, net_config)
-    if label_map or rflow:  # MONAI zeroes the UNet's last convolution: weights, so that the map / velocity count
+    if label_map or label_output or rflow:  # MONAI zeroes the UNet's last convolution: weights, so that the map / velocity count
         with torch.no_grad():
             for p in networks["unet"].out.parameters():
                 p.normal_(0.0, 0.05)

@@ -314,6 +314,8 @@ def _validate(raw: dict[str, Any], base_dir: str | Path = ".") -> dict[str, Any]
         unet["in_channels"] = unet["out_channels"] = 1
     if cfg.get("label_map") is not None:
         _check_label_map(cfg)
+    if cfg.get("label_output") is not None:
+        _check_label_output(cfg)
     cfg["conditioning"] = validate_conditioning(cfg.get("conditioning"), cfg["kind"])
     options = conditioning_unet_options(cfg["conditioning"])
     unet["in_channels"] += options.pop("extra_in_channels", 0)
@@ -394,29 +396,58 @@ def _check_segmentation(cfg: dict[str, Any], nd: int) -> None:
     unet["in_channels"], unet["out_channels"] = n + 1 + 2 * context, n
 
 
+def _label_names(block: Any, where: str, known: set[str]) -> dict[int, str]:
+    """A block's ``labels`` (each value 0..K-1 named, 0: background), normalised in place to string keys; no
+    keys but ``known``."""
+    labels = block.get("labels") if isinstance(block, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise MeddiffError(f"{where}.labels must map each label value (0, 1, ...) to its name")
+    try:
+        named = {int(k): v for k, v in labels.items()}
+    except (TypeError, ValueError):
+        raise MeddiffError(f"{where}.labels: keys must be integers, got {sorted(map(str, labels))}") from None
+    if sorted(named) != list(range(len(named))) or not all(isinstance(v, str) and v for v in named.values()):
+        raise MeddiffError(f"{where}.labels must name every value 0..K-1 (0: background), each with a string")
+    block["labels"] = {str(k): named[k] for k in sorted(named)}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise MeddiffError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return named
+
+
+def _check_lesion_label(cfg: dict[str, Any], named: dict[int, str], where: str) -> None:
+    lesion = cfg["data"].get("lesion_label")
+    if cfg["data"].get("lesion_replace") is not None and (lesion is None or int(lesion) not in named):
+        raise MeddiffError(f"data.lesion_label must be one of {where}.labels' values, not {lesion!r}")
+
+
 def _check_label_map(cfg: dict[str, Any]) -> None:
     """A ddpm that generates an image from a label map: its label dictionary (values 0..K-1, each named), given
     to the UNet as K one-hot channels beside the noisy image; the lesion label the data paints, if any."""
     if cfg["kind"] != "ddpm":
         raise MeddiffError(f"label_map is for ddpm models (an image generated from a label map), not {cfg['kind']}")
-    block = cfg["label_map"]
-    labels = block.get("labels") if isinstance(block, dict) else None
-    if not isinstance(labels, dict) or not labels:
-        raise MeddiffError("label_map.labels must map each label value (0, 1, ...) to its name")
-    try:
-        named = {int(k): v for k, v in labels.items()}
-    except (TypeError, ValueError):
-        raise MeddiffError(f"label_map.labels: keys must be integers, got {sorted(map(str, labels))}") from None
-    if sorted(named) != list(range(len(named))) or not all(isinstance(v, str) and v for v in named.values()):
-        raise MeddiffError("label_map.labels must name every value 0..K-1 (0: background), each with a string")
-    block["labels"] = {str(k): named[k] for k in sorted(named)}
-    unknown = sorted(set(block) - {"labels"})
-    if unknown:
-        raise MeddiffError(f"label_map: unknown key(s) {', '.join(unknown)} (known: labels)")
-    lesion = cfg["data"].get("lesion_label")
-    if cfg["data"].get("lesion_replace") is not None and (lesion is None or int(lesion) not in named):
-        raise MeddiffError(f"data.lesion_label must be one of label_map.labels' values, not {lesion!r}")
+    named = _label_names(cfg["label_map"], "label_map", {"labels", "generator"})
+    _check_model_name(cfg["label_map"], "generator", "label_map")
+    _check_lesion_label(cfg, named, "label_map")
     cfg["networks"]["unet"]["in_channels"] += len(named)
+
+
+def _check_model_name(block: dict[str, Any], key: str, where: str) -> None:
+    value = block.get(key)
+    if value is not None and not (isinstance(value, str) and MODEL_NAME.match(value)):
+        raise MeddiffError(f"{where}.{key} must be a model name, not {value!r}")
+
+
+def _check_label_output(cfg: dict[str, Any]) -> None:
+    """A ddpm that generates label maps (a tissue-map generator): K one-hot channels in {-1, 1} are denoised and
+    the map is their argmax."""
+    if cfg["kind"] != "ddpm" or cfg.get("label_map") is not None:
+        raise MeddiffError("label_output is for ddpm models that generate label maps (and take none)")
+    block = cfg["label_output"]
+    named = _label_names(block, "label_output", {"labels"})
+    _check_lesion_label(cfg, named, "label_output")
+    unet = cfg["networks"]["unet"]
+    unet["in_channels"] = unet["out_channels"] = len(named)
 
 
 def _resolve_paths(cfg: dict[str, Any], base_dir: str | Path) -> None:

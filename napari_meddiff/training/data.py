@@ -42,14 +42,14 @@ class Dataset:
 
 def needs_labels(cfg: dict[str, Any]) -> bool:
     """Does the model train on label maps (a segmentation model's target, a label-map model's condition)?"""
-    return cfg["kind"] == "segmentation" or cfg.get("label_map") is not None
+    return cfg["kind"] == "segmentation" or cfg.get("label_map") is not None or cfg.get("label_output") is not None
 
 
 def label_count(cfg: dict[str, Any]) -> int:
     """How many label values the model knows (segmentation classes, or a label-map model's labels)."""
     if cfg["kind"] == "segmentation":
         return int(cfg["segmentation"]["num_classes"])
-    return len(cfg["label_map"]["labels"])
+    return len((cfg.get("label_map") or cfg["label_output"])["labels"])
 
 
 def list_subjects(data_cfg: dict[str, Any], with_labels: bool) -> list[tuple[Path, Path | None]]:

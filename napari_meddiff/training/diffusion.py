@@ -119,7 +119,7 @@ def train_diffusion(
 class TrainingItems(NamedTuple):
     """What a diffusion stage draws its batches from."""
 
-    x0: torch.Tensor  # images or scaled latents (not for segmentation)
+    x0: torch.Tensor  # images or scaled latents (not for segmentation); a label-map generator: its maps (N, 1, *S)
     condition: torch.Tensor | None  # segmentation: the images the labels belong to
     labels: torch.Tensor | None  # segmentation: the labels to denoise; a label-map model: the images' maps
     flip: bool  # random left-right flips
@@ -142,7 +142,8 @@ class DiffusionTraining:
         self.cfg, self.device, self.dist, self.work_dir, self.preview = cfg, device, dist, work_dir, preview
         self.seg = cfg["kind"] == "segmentation"
         self.from_labels = cfg.get("label_map") is not None  # the image is denoised given its label map
-        self.num_classes = label_count(cfg) if self.seg or self.from_labels else 0
+        self.makes_labels = cfg.get("label_output") is not None  # label maps are denoised (x0: the maps)
+        self.num_classes = label_count(cfg) if self.seg or self.from_labels or self.makes_labels else 0
         self.precision = resolve_training_precision(tc["precision"], device)
         self.gen = seeded_generator(int(tc["seed"]), dist.rank, stream=1)
         self.net = build_network("unet", cfg["networks"]["unet"]).to(device)
@@ -271,6 +272,8 @@ class DiffusionTraining:
             source = items.x0 if not self.seg else items.condition
             xb, yb = random_batch(source, items.labels, size, self.gen, items.flip)
         xb, yb = crop_pair(xb, yb, crop, self.gen)
+        if self.makes_labels:  # x0 holds the maps, (B, 1, *S) integers
+            return onehot_pm1(xb[:, 0], self.num_classes).to(self.device), None, cb
         if self.seg:
             return onehot_pm1(yb, self.num_classes).to(self.device), xb.to(self.device), cb
         if self.from_labels:

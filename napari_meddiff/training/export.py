@@ -70,8 +70,9 @@ def model_config(
         }
     if cfg["kind"] == "segmentation":
         out["segmentation"] = copy.deepcopy(cfg["segmentation"])
-    if cfg.get("label_map") is not None:
-        out["label_map"] = copy.deepcopy(cfg["label_map"])
+    for block in ("label_map", "label_output"):
+        if cfg.get(block) is not None:
+            out[block] = copy.deepcopy(cfg[block])
     if conditioning is not None:
         out["conditioning"] = copy.deepcopy(conditioning)
     if cfg["spatial_dims"] == 2:

@@ -380,7 +380,7 @@ class DiffusionData:
     """What the diffusion stage trains on (`train_diffusion`'s data arguments) and, for an LDM, the frozen
     autoencoder and its latents' scale and shape."""
 
-    x0: torch.Tensor | None  # images or scaled latents; None for segmentation (the labels are denoised)
+    x0: torch.Tensor | None  # images, scaled latents or a map generator's maps; None for segmentation
     condition: torch.Tensor | None  # segmentation: the images
     labels: torch.Tensor | None  # segmentation: their labels
     flip: bool  # random left-right flips of the batches
@@ -395,6 +395,8 @@ def _image_data(cfg: dict[str, Any], train_data: Dataset, item_conditions: torch
     flip = bool(cfg["data"].get("flip", True))
     if cfg["kind"] == "segmentation":
         return DiffusionData(None, train_data.images, train_data.labels, flip, item_conditions)
+    if cfg.get("label_output") is not None:  # the maps are what is denoised, held as bytes
+        return DiffusionData(train_data.labels.unsqueeze(1).to(torch.uint8), None, None, flip, item_conditions)
     return DiffusionData(train_data.images, None, train_data.labels, flip, item_conditions)
 
 
@@ -539,6 +541,10 @@ def _previewer(
         if cfg.get("label_map") is not None:
             _save_label_map_preview(model, val_data or train_data, nval, val_steps, dev, step, path)
             return
+        if cfg.get("label_output") is not None:
+            real = (val_data or train_data).labels.unsqueeze(1).float() / (len(model.label_output) - 1)
+            _save_generation_preview(model, cfg, real, nval, val_steps, dev, step, path)
+            return
         real = val_data.images if val_data is not None else train_data.images
         _save_generation_preview(model, cfg, real, nval, val_steps, dev, step, path)
 
@@ -600,6 +606,8 @@ def _save_generation_preview(
 
     vols = generate(model, list(range(nval)), sampler="dpm++", steps=val_steps, device=str(dev))
     arrs = [np.squeeze(v.array, -1) if cfg["spatial_dims"] == 2 else v.array for v in vols]
+    if model.label_output:  # maps, shown as the real ones are (value / largest label)
+        arrs = [np.asarray(a, np.float32) / (len(model.label_output) - 1) for a in arrs]
     ridx = torch.linspace(0, real.shape[0] - 1, nval).long()
     save_grid(
         path,

@@ -780,6 +780,37 @@ def test_a_label_map_model_trains_on_maps_with_their_lesions_and_generates_from_
         load_config(path)
 
 
+def test_a_map_generator_trains_on_the_maps_and_generates_maps_under_its_conditions(tmp_path):
+    """A ddpm with ``label_output`` denoises each subject's one-hot tissue map (lesion painted in as label 4),
+    conditioned on volumes measured from those maps; the exported folder generates label maps."""
+    from napari_meddiff.data.mni152 import write_cohort
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
+    from napari_meddiff.training.config import load_config
+    from napari_meddiff.training.pipeline import train
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, 3, seed=0, lesion_fraction=1.0, progress=False)
+    path = tiny_config(tmp_path, cohort, "ddpm", 3)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"].update(lesion_replace=["_T1w", "_lesion"], lesion_label=4)
+    cfg["label_output"] = {"labels": {0: "background", 1: "CSF", 2: "GM", 3: "WM", 4: "lesion"}}
+    cfg["conditioning"] = {"input": "concat", "conditions": ["brain_volume", "csf_volume"]}
+    cfg["networks"]["unet"]["space_to_depth"] = 2
+    cfg["image_shape"] = [32, 32, 32]
+    cfg["voxel_size"] = [6.0, 6.0, 6.0]
+    path.write_text(yaml.safe_dump(cfg))
+    unet = load_config(path)["networks"]["unet"]
+    assert (unet["in_channels"], unet["out_channels"]) == (5 + 2, 5)  # the map's channels and two conditions
+    out = train(path, out=tmp_path / "model", work_dir=tmp_path / "run", progress=False)
+    model = load_model(out)
+    assert model.label_output == {0: "background", 1: "CSF", 2: "GM", 3: "WM", 4: "lesion"} and not model.label_map
+    assert [c.name for c in model.conditions] == ["brain_volume", "csf_volume"]
+    (vol,) = generate(model, [0], steps=2, device="cpu", conditions={"brain_volume": 0.2})
+    assert vol.shape == (32, 32, 32) and vol.array.dtype == np.uint8 and vol.array.max() <= 4
+    assert vol.metadata["provenance"]["conditions"]["brain_volume"] == 0.2
+
+
 @pytest.mark.parametrize("layout", ["channels_last_3d", "auto"])
 def test_3d_diffusion_trains_in_a_memory_layout_and_exports_a_plain_model(tmp_path, cohort, layout, caplog):
     """A 3D pixel model trains in the layout asked for (``auto``: measured, and the times logged); the
