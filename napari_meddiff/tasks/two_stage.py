@@ -10,12 +10,16 @@ that map's grid with the same seed. Each scan keeps its map (``metadata["tissue_
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from napari_meddiff.diffusion.loop import StepInfo
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.io.volume import Volume
-from napari_meddiff.models import DiffusionModel, ModelConfigView, describe_model, load_model
-from napari_meddiff.tasks.generate import ConditionsArg
+from napari_meddiff.models import ModelConfigView, describe_model, load_model
+
+if TYPE_CHECKING:  # the widgets ask `conditions_model` on the GUI thread: no torch here
+    from napari_meddiff.diffusion.loop import StepInfo
+    from napari_meddiff.io.volume import Volume
+    from napari_meddiff.models import DiffusionModel
+    from napari_meddiff.tasks.generate import ConditionsArg
 
 
 def map_generator_of(model: ModelConfigView) -> ModelConfigView:
@@ -54,11 +58,14 @@ def generate_two_stage(
     guidance_scale: float = 1.0,
     on_step: Callable[[StepInfo], None] | None = None,
     on_stage: Callable[[str, int], None] | None = None,
+    on_preview: Callable[[Volume], None] | None = None,
+    preview_every: int = 0,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[Volume]:
     """One scan per seed, each from a map its model's generator draws with that seed and ``conditions`` (the
     generator samples at its own defaults; ``sampler``, ``steps``, ``eta`` and ``precision`` are the scan's).
-    ``on_stage(name, index)``: called as stage 1 ("tissue map") and each stage-2 scan begin."""
+    ``on_stage(name, index)``: called as stage 1 ("tissue map") and each stage-2 scan begin; ``on_preview``
+    receives the scan's previews (stage 2) every ``preview_every`` steps."""
     from napari_meddiff.tasks.from_labels import generate_from_labels
     from napari_meddiff.tasks.generate import generate
 
@@ -77,7 +84,8 @@ def generate_two_stage(
             on_stage("scan", i)
         (scan,) = generate_from_labels(
             model, tissue_map, int(seed), sampler=sampler, steps=steps, device=str(model.device),
-            precision=precision, eta=eta, on_step=on_step, should_cancel=should_cancel,
+            precision=precision, eta=eta, on_step=on_step, on_preview=on_preview, preview_every=preview_every,
+            should_cancel=should_cancel,
         )  # fmt: skip
         map_record = dict(tissue_map.metadata["provenance"])
         record = scan.metadata["provenance"]

@@ -305,6 +305,35 @@ def test_a_label_map_model_generates_on_the_chosen_labels_layers_grid(make_napar
     assert_usable(widget)
 
 
+def test_without_a_labels_layer_the_generator_draws_the_map_and_both_become_layers(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    """A label-map model with a map generator: "None" under Label map draws the map; the scan comes as the core
+    makes it, bit for bit, and its tissue map lands beside it as a hidden Labels layer with the label names."""
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
+    from napari_meddiff.testing.tiny_models import make_tiny_model
+    from tests.tasks.test_two_stage import LABELS
+
+    make_tiny_model(tmp_path / "tiny-maps-3d", "ddpm", 3, label_output=LABELS)
+    folder = make_tiny_model(tmp_path / "tiny-scans-3d", "ddpm", 3, label_map=LABELS, map_generator="tiny-maps-3d")
+    monkeypatch.setenv("MEDDIFF_MODELS", str(tmp_path))
+    viewer, widget = open_widget(make_napari_viewer, folder)
+    assert widget.label_map.currentText() == "None: tiny-maps-3d draws one" and widget.label_map.layer() is None
+    assert "(or one tiny-maps-3d draws)" in widget.model_summary.text()
+    widget.sampling.steps.setValue(3)
+    widget.sampling.seed.setValue(4)
+    run_and_wait(qtbot, widget)
+    scan, tissue_map = viewer.layers["tiny-scans-3d_seed4"], viewer.layers["tiny-scans-3d_seed4_dseg"]
+    assert not tissue_map.visible and list(tissue_map.features["label"]) == list(LABELS.values())
+    (ref,) = generate(load_model(folder), [4], steps=3, device="cpu")
+    np.testing.assert_array_equal(scan.data, ref.array)
+    np.testing.assert_array_equal(tissue_map.data, ref.metadata["tissue_map"].array)
+    np.testing.assert_allclose(tissue_map.data_to_world((0, 0, 0)), scan.data_to_world((0, 0, 0)))
+    assert widget.sampling.seed.value() == 5
+    assert_usable(widget)
+
+
 def test_the_sampler_list_offers_what_the_models_schedule_fits(make_napari_viewer, qtbot, tmp_path, tiny_models):
     """A rectified-flow model offers rflow only, a DDPM model the DDPM samplers only; the rflow model generates."""
     from napari_meddiff import generate, load_model

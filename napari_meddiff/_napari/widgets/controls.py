@@ -87,6 +87,10 @@ class ModelInfo(ModelConfigView):
         text = f"{dims} {KIND_NAMES.get(self.kind, self.kind)} · {shape} voxels of {voxel} mm"
         if self.label_map:
             text += " · from a label map: " + ", ".join(f"{k} {v}" for k, v in self.label_map.items())
+            if self.map_generator:
+                text += f" (or one {self.map_generator} draws)"
+        if self.label_output:
+            text += " · draws label maps: " + ", ".join(f"{k} {v}" for k, v in self.label_output.items())
         return text
 
 
@@ -439,6 +443,7 @@ class LayerCombo(QComboBox):
     def __init__(self, viewer: napari.viewer.Viewer, layer_type: type, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer, self.layer_type = viewer, layer_type
+        self._none_text: str | None = None  # a first entry meaning "no layer" (see `offer_none`)
         self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
@@ -456,6 +461,8 @@ class LayerCombo(QComboBox):
         keep = self.currentText()
         blocked = self.blockSignals(True)
         self.clear()
+        if self._none_text is not None:
+            self.addItem(self._none_text)
         for layer in self.candidates():
             self.addItem(layer.name)
             layer.events.name.disconnect(self.refresh)  # no duplicate connections
@@ -465,7 +472,15 @@ class LayerCombo(QComboBox):
         self.blockSignals(blocked)
         self.currentIndexChanged.emit(self.currentIndex())
 
+    def offer_none(self, text: str | None) -> None:
+        """Offer a first entry ``text`` that chooses no layer (None: no such entry); chosen when no layer is."""
+        if text != self._none_text:
+            self._none_text = text
+            self.refresh()
+
     def layer(self) -> Layer | None:
+        if self._none_text is not None and self.currentIndex() == 0:
+            return None
         name = self.currentText()
         return next((layer for layer in self.candidates() if layer.name == name), None)
 

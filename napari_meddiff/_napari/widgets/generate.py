@@ -64,6 +64,14 @@ class ResultEvent:
     volume: Volume
 
 
+@dataclasses.dataclass(frozen=True)
+class MapEvent:
+    """The tissue map a two-stage sample was made on (a label map)."""
+
+    name: str
+    volume: Volume
+
+
 def generate_task(
     ctx: TaskContext,
     *,
@@ -84,6 +92,9 @@ def generate_task(
     model = load_model_cached(model_ref, device)
     if labels is not None:
         return _generate_from_labels(ctx, model, labels, seeds, sampler, steps, preview_every, device)
+    if model.label_map:  # no map given: its generator draws one per seed
+        plan = (seeds, sampler, steps, preview_every, device)
+        return _generate_two_stage(ctx, model, plan, conditions, guidance_scale)
     total = len(seeds) * steps
     for n, seed in enumerate(seeds):
         name = f"{model.name}_seed{seed}"
@@ -126,6 +137,48 @@ def _generate_from_labels(
             preview_every=preview_every, should_cancel=ctx.should_cancel,
         )  # fmt: skip
         ctx.emit(ResultEvent(name, vol))
+    return len(seeds)
+
+
+class _TwoStageProgress:
+    """One seed's progress over both chains: the map's steps, then the scan's."""
+
+    def __init__(self, ctx: TaskContext, offset: int, map_steps: int, total: int, seed: int) -> None:
+        self.ctx, self.offset, self.map_steps, self.total, self.seed = ctx, offset, map_steps, total, seed
+        self.on_step = ctx.step_callback(offset, total, f"seed {seed}: tissue map")
+        ctx.progress(offset, total, None, f"seed {seed}: tissue map")
+
+    def on_stage(self, stage: str, _: int) -> None:
+        if stage == "scan":
+            self.on_step = self.ctx.step_callback(self.offset + self.map_steps, self.total, f"seed {self.seed}: scan")
+
+    def step(self, info: Any) -> None:
+        self.on_step(info)
+
+
+def _generate_two_stage(
+    ctx: TaskContext, model, plan: tuple, conditions: dict[str, float] | None, guidance_scale: float
+) -> int:
+    """`generate_task` for a label-map model without a map: per seed, the map its generator draws (then
+    emitted as a `MapEvent`) and the scan made on it, previews on the map's grid."""
+    from napari_meddiff.models import describe_model
+    from napari_meddiff.tasks.two_stage import generate_two_stage
+
+    seeds, sampler, steps, preview_every, device = plan
+    map_steps = int(describe_model(model.map_generator).sampling_defaults["steps"])
+    total = len(seeds) * (map_steps + steps)
+    for n, seed in enumerate(seeds):
+        name = f"{model.name}_seed{seed}"
+        progress = _TwoStageProgress(ctx, n * (map_steps + steps), map_steps, total, seed)
+        (scan,) = generate_two_stage(
+            model, [seed], sampler=sampler, steps=steps, device=device, conditions=conditions,
+            guidance_scale=guidance_scale, on_step=progress.step, on_stage=progress.on_stage,
+            on_preview=lambda preview, name=name: ctx.emit(PreviewEvent(name, preview)),
+            preview_every=preview_every, should_cancel=ctx.should_cancel,
+        )  # fmt: skip
+        tissue_map = scan.metadata.pop("tissue_map")
+        ctx.emit(ResultEvent(name, scan))
+        ctx.emit(MapEvent(f"{name}_dseg", tissue_map))
     return len(seeds)
 
 
@@ -228,13 +281,25 @@ class GenerateWidget(QWidget):
         self.model_summary.setText(
             info.summary() + (f"\n⚠ geometry not stated by the model: {'; '.join(notes)}" if notes else "")
         )
-        self.conditions.set_model(info)
+        self.conditions.set_model(self._conditioned(info))
         self.sampling.set_defaults(info)
         for widget in (self.label_map, self._label_map_label):
             widget.setVisible(bool(info.label_map))
+        self.label_map.offer_none(f"None: {info.map_generator} draws one" if info.map_generator else None)
         is_3d = info.spatial_dims == 3
         self.preview_every.setVisible(is_3d)
         self._preview_label.setVisible(is_3d)
+
+    @staticmethod
+    def _conditioned(info: ModelInfo) -> Any:
+        """Whose conditions the form offers: a label-map model's generator's (applied when it draws the map)."""
+        from napari_meddiff.tasks.two_stage import conditions_model
+
+        try:
+            return conditions_model(info, None)
+        except MeddiffError as exc:  # its generator is missing or draws other labels: said at Generate
+            show_error(f"Generate: {exc}")
+            return info
 
     # --- generation ---
 
@@ -248,7 +313,7 @@ class GenerateWidget(QWidget):
             return
         wait_loaded()  # the button waits for the background import; a direct call waits here
         labels = self._label_map_volume(info)
-        if info.label_map and labels is None:
+        if info.label_map and labels is None and not info.map_generator:
             return
         sampler, steps, seed = self.sampling.values()
         seeds = list(range(seed, seed + self.num_samples.value()))
@@ -279,6 +344,8 @@ class GenerateWidget(QWidget):
         if not info.label_map:
             return None
         layer = self.label_map.layer()
+        if layer is None and info.map_generator:
+            return None  # its generator draws one
         if layer is None:
             show_error(
                 f"Generate: {info.name} generates from a label map; add a Labels layer (open a tissue map, or "
@@ -301,6 +368,8 @@ class GenerateWidget(QWidget):
             self._show_preview(event)
         elif isinstance(event, ResultEvent):
             self._finish_volume(event)
+        elif isinstance(event, MapEvent):
+            self._add_map(event)
 
     def _add_pending(self) -> Layer:
         """An empty layer on the model grid for the next seed; previews fill it, the result replaces it."""
@@ -347,6 +416,14 @@ class GenerateWidget(QWidget):
         self._pending_seeds.pop(0)
         if self._pending_seeds:
             self._pending = self._add_pending()
+
+    def _add_map(self, event: MapEvent) -> None:
+        """A two-stage sample's tissue map, as a Labels layer named with the model's labels, hidden under its
+        scan (tick it to overlay it, paint it and inpaint "what I changed")."""
+        data, meta, _ = volume_to_layer_data(event.volume, event.name, layer_type="labels", visible=False)
+        layer = self.viewer.add_layer(Layer.create(data, meta, "labels"))
+        name_labels(layer, self._info.label_map)
+        self._results.append(layer)
 
     def _on_stop(self, outcome: str) -> None:
         """Drop the half-made layer (cancel, error) and say what was made."""
