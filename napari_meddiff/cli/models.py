@@ -38,11 +38,12 @@ def _conditions(model) -> str:
     """Named conditions with their ranges, and a label-map model's labels (``labels{0:background,...}``; the
     first few and their count when there are many)."""
     parts = [f"{c.name}[{c.low:g},{c.high:g}]" for c in model.conditions]
-    labels = [f"{k}:{v}" for k, v in model.label_map.items()]
-    if len(labels) > MAX_LABELS_SHOWN:
-        labels = [*labels[: MAX_LABELS_SHOWN - 2], f"... {len(labels)} labels, listed below"]
-    if labels:
-        parts.append("labels{" + ",".join(labels) + "}")
+    for word, names in (("labels", model.label_map), ("draws", model.label_output)):
+        labels = [f"{k}:{v}" for k, v in names.items()]
+        if len(labels) > MAX_LABELS_SHOWN:
+            labels = [*labels[: MAX_LABELS_SHOWN - 2], f"... {len(labels)} labels, listed below"]
+        if labels:
+            parts.append(word + "{" + ",".join(labels) + "}")
     return " ".join(parts) or "-"
 
 
@@ -76,6 +77,11 @@ def _describe(name: str, path: Path) -> tuple[tuple[str, ...], list[str]]:
     if model.geometry_notes:
         notes.append(f"{name}: geometry not all stated by the model's files (override in {path}/meddiff.json):")
         notes += [f"  - {note}" for note in model.geometry_notes]
+    if model.map_generator:
+        notes.append(
+            f"{name}: without --labels, {model.map_generator} draws each map (two stages; --condition is its); "
+            "the map is written beside the scan as _dseg"
+        )
     return row, notes + _label_notes(name, model)
 
 

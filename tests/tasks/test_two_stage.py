@@ -81,3 +81,10 @@ def test_the_cli_writes_each_scan_with_its_tissue_map_beside_and_resumes(two_sta
     assert "tissue map is missing; regenerating" in proc.stderr and "seed0.nii.gz exists, skipping" in proc.stderr
     assert (out / f"{SCAN_MODEL}_seed1_dseg.nii.gz").is_file()
     assert (out / f"{SCAN_MODEL}_seed0_dseg.nii.gz").read_bytes() == kept
+
+
+def test_models_lists_what_a_generator_draws_and_who_draws_a_models_maps(two_stage_root):
+    listing = run_cli("models", env={**os.environ, "MEDDIFF_MODELS": str(two_stage_root)})
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("tiny-maps-3d"))
+    assert "draws{0:background,1:CSF,2:GM,3:WM,4:lesion}" in row
+    assert f"NOTE: {SCAN_MODEL}: without --labels, tiny-maps-3d draws each map" in listing.stdout
