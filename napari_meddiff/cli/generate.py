@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise MeddiffError("--batch-size must be at least 1")
     if args.model is None:
         args.model = DEFAULT_LABEL_MODEL if args.labels is not None else DEFAULT_MODEL
-    require_label_map(describe_model(args.model), args.labels)
+    require_label_map(describe_model(args.model), args.labels, generator_may_draw=True)
     maps = _label_map_files(args.labels) if args.labels is not None else [None]
     shard = batch.parse_shard(args.shard) if args.shard is not None else (0, 1)
     ctx = distributed.DistContext.from_env()

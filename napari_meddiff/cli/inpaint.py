@@ -19,7 +19,7 @@ from napari_meddiff.cli.conditions import add_fixed_condition_option, fixed_cond
 from napari_meddiff.cli.options import add_sampling_options, counted, load_model_for, seed_value
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.files import check_output_file
-from napari_meddiff.models import DEFAULT_LABEL_MODEL, DEFAULT_MODEL, describe_model
+from napari_meddiff.models import DEFAULT_INPAINT_MODEL, DEFAULT_LABEL_MODEL, describe_model
 from napari_meddiff.tasks import batch
 from napari_meddiff.tasks.from_labels import require_label_map
 
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help=f"model name or folder (default {DEFAULT_MODEL}; with --labels, {DEFAULT_LABEL_MODEL})",
+        help=f"model name or folder (default {DEFAULT_INPAINT_MODEL}; with --labels, {DEFAULT_LABEL_MODEL})",
     )
     p.add_argument("--image", required=True, type=Path, help="input scan (NIfTI, or what SimpleITK reads)")
     p.add_argument("--mask", type=Path, help="mask / label image on the same scan (non-zero = fill)")
@@ -83,7 +83,7 @@ def _check_region_options(args: argparse.Namespace) -> None:
     if args.changed_from is not None and args.labels is None:
         raise MeddiffError("--changed-from needs --labels: the edited map to compare it with")
     if args.model is None:
-        args.model = DEFAULT_LABEL_MODEL if args.labels is not None else DEFAULT_MODEL
+        args.model = DEFAULT_LABEL_MODEL if args.labels is not None else DEFAULT_INPAINT_MODEL
     require_label_map(describe_model(args.model), args.labels)
     if (args.mask is None) == (args.changed_from is None):
         raise MeddiffError("say what to fill: --mask MASK, or --changed-from ORIGINAL_MAP (with --labels)")

@@ -20,6 +20,7 @@ from napari_meddiff.models.model import (
     sha256_file,
 )
 from napari_meddiff.models.registry import (
+    DEFAULT_INPAINT_MODEL,
     DEFAULT_LABEL_MODEL,
     DEFAULT_MODEL,
     FORMATS,
@@ -40,6 +41,7 @@ __all__ = [
     "BrokenModel",
     "ConditionSpec",
     "Conditioning",
+    "DEFAULT_INPAINT_MODEL",
     "DEFAULT_LABEL_MODEL",
     "DEFAULT_MODEL",
     "DEFAULT_SAMPLING",

@@ -21,8 +21,9 @@ from napari_meddiff.models.nv_generate import FORMAT as NV_GENERATE_FORMAT
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_MODEL = "brain-ldm-3d"
 DEFAULT_LABEL_MODEL = "brain-t1w-from-labels-3d"  # what generates from a tissue map when no model is named
+DEFAULT_MODEL = "brain-ldm-3d"  # what `generate` runs when no model is named
+DEFAULT_INPAINT_MODEL = "brain-ldm-3d"  # what inpaints a scan when no model (and no tissue map) is given
 
 
 class ModelFormat(Protocol):

@@ -52,10 +52,10 @@ def map_spacing(labels: Volume) -> np.ndarray:
     return voxel
 
 
-def require_label_map(model: ModelConfigView, labels: object | None) -> None:
-    """A label-map model needs a map (unless its map generator draws one), and a map needs a label-map model:
-    one line saying which is missing."""
-    if labels is None and model.label_map and not model.map_generator:
+def require_label_map(model: ModelConfigView, labels: object | None, *, generator_may_draw: bool = False) -> None:
+    """A label-map model needs a map (unless ``generator_may_draw`` and its map generator draws one: generate),
+    and a map needs a label-map model: one line saying which is missing."""
+    if labels is None and model.label_map and not (generator_may_draw and model.map_generator):
         raise MeddiffError(
             f"{model.name} generates a scan from a label map: give one (--labels MAP.nii.gz; in napari, a Labels "
             "layer), with values " + ", ".join(f"{k} {v}" for k, v in model.label_map.items())

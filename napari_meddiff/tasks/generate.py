@@ -101,7 +101,7 @@ def generate(
     if model.label_map or labels is not None:
         from napari_meddiff.tasks.from_labels import generate_from_labels, require_label_map
 
-        require_label_map(model, labels)
+        require_label_map(model, labels, generator_may_draw=True)
         if labels is None:  # its map generator draws the maps
             from napari_meddiff.tasks.two_stage import generate_two_stage
 

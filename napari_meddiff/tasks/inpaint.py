@@ -55,7 +55,7 @@ from napari_meddiff.io.geometry import (
 )
 from napari_meddiff.io.intensity import denormalise, intensity_window, normalise
 from napari_meddiff.io.volume import Volume, resample_like, world_extent_overlaps
-from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel
+from napari_meddiff.models import DEFAULT_INPAINT_MODEL, DiffusionModel
 from napari_meddiff.tasks.footprint import check_request_fits
 from napari_meddiff.tasks.from_labels import checked_label_map, labels_on_grid, map_inputs, require_label_map
 from napari_meddiff.tasks.inputs import as_3d, check_scan_values
@@ -485,7 +485,7 @@ class _Paster:
 
 
 def inpaint(
-    model: str | DiffusionModel = DEFAULT_MODEL,
+    model: str | DiffusionModel = DEFAULT_INPAINT_MODEL,
     image: Volume | None = None,
     mask: Volume | np.ndarray | None = None,
     *,

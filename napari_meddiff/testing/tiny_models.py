@@ -149,7 +149,7 @@ def make_tiny_model(
     config["weights"] = {}
     for name, net_config in config["networks"].items():
         networks[name] = build_network(name, net_config)
-    if label_map or label_output or rflow:  # MONAI zeroes the UNet's last convolution: weights, so that the map / velocity count
+    if label_map or label_output or rflow:  # MONAI zeroes the last convolution: weights, so the map / velocity count
         with torch.no_grad():
             for p in networks["unet"].out.parameters():
                 p.normal_(0.0, 0.05)

@@ -334,6 +334,29 @@ def test_without_a_labels_layer_the_generator_draws_the_map_and_both_become_laye
     assert_usable(widget)
 
 
+def test_a_map_generators_samples_become_labels_layers(make_napari_viewer, qtbot, tmp_path):
+    """Picked on its own, a map generator's result is a Labels layer with its label names, not an image."""
+    from napari.layers import Labels
+
+    from napari_meddiff.models import load_model
+    from napari_meddiff.tasks.generate import generate
+    from napari_meddiff.testing.tiny_models import make_tiny_model
+    from tests.tasks.test_two_stage import LABELS
+
+    folder = make_tiny_model(tmp_path / "tiny-maps-3d", "ddpm", 3, label_output=LABELS)
+    viewer, widget = open_widget(make_napari_viewer, folder)
+    assert "draws label maps: 0 background" in widget.model_summary.text()
+    widget.sampling.steps.setValue(3)
+    widget.sampling.seed.setValue(2)
+    run_and_wait(qtbot, widget)
+    layer = viewer.layers["tiny-maps-3d_seed2"]
+    assert isinstance(layer, Labels) and list(layer.features["label"]) == list(LABELS.values())
+    (ref,) = generate(load_model(folder), [2], steps=3, device="cpu")
+    np.testing.assert_array_equal(layer.data, ref.array)
+    assert [x.name for x in viewer.layers] == ["tiny-maps-3d_seed2"]  # the pending image layer is gone
+    assert_usable(widget)
+
+
 def test_the_sampler_list_offers_what_the_models_schedule_fits(make_napari_viewer, qtbot, tmp_path, tiny_models):
     """A rectified-flow model offers rflow only, a DDPM model the DDPM samplers only; the rflow model generates."""
     from napari_meddiff import generate, load_model

@@ -88,3 +88,16 @@ def test_models_lists_what_a_generator_draws_and_who_draws_a_models_maps(two_sta
     row = next(line for line in listing.stdout.splitlines() if line.startswith("tiny-maps-3d"))
     assert "draws{0:background,1:CSF,2:GM,3:WM,4:lesion}" in row
     assert f"NOTE: {SCAN_MODEL}: without --labels, tiny-maps-3d draws each map" in listing.stdout
+
+
+def test_inpainting_with_a_label_map_model_still_needs_the_scans_map(two_stage_root, monkeypatch):
+    """A drawn map would not be the scan's anatomy: inpainting refuses to run without the scan's own map."""
+    from napari_meddiff.io.volume import Volume
+    from napari_meddiff.tasks.inpaint import inpaint
+
+    monkeypatch.setenv("MEDDIFF_MODELS", str(two_stage_root))
+    scan = Volume(np.random.default_rng(0).random((16, 16, 16), dtype=np.float32), np.diag([4.0, 4.0, 4.0, 1.0]))
+    mask = np.zeros((16, 16, 16), bool)
+    mask[4:8, 4:8, 4:8] = True
+    with pytest.raises(MeddiffError, match="generates a scan from a label map: give one"):
+        inpaint(SCAN_MODEL, scan, mask, device="cpu")

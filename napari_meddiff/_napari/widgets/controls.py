@@ -119,9 +119,10 @@ class ModelPicker(QWidget):
         kinds: Sequence[str] = ("ddpm", "ldm"),
         spatial_dims: Sequence[int] = (2, 3),
         parent: QWidget | None = None,
+        default: str = DEFAULT_MODEL,
     ) -> None:
         super().__init__(parent)
-        self.kinds, self.spatial_dims = tuple(kinds), tuple(spatial_dims)
+        self.kinds, self.spatial_dims, self.default = tuple(kinds), tuple(spatial_dims), default
         self.combo = _RescanningCombo()
         self.combo.before_popup = self.refresh
         self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -167,7 +168,7 @@ class ModelPicker(QWidget):
             self.combo.model().item(0).setEnabled(False)
         self.combo.insertSeparator(self.combo.count())
         self.combo.addItem("Open model folder…", OPEN_FOLDER)
-        default = next((k for k, i in infos.items() if i.name == DEFAULT_MODEL), next(iter(infos), None))
+        default = next((k for k, i in infos.items() if i.name == self.default), next(iter(infos), None))
         index = self.combo.findData(keep if keep in infos else default)
         self.combo.setCurrentIndex(max(index, 0))
         self._previous = self.combo.currentIndex()

@@ -403,26 +403,37 @@ class GenerateWidget(QWidget):
         layer.opacity = 1.0
 
     def _finish_volume(self, event: ResultEvent) -> None:
-        """The pending layer becomes the result (data, name, provenance); a new one waits for the next seed."""
+        """The pending layer becomes the result (data, name, provenance); a new one waits for the next seed. A
+        map generator's result is a label map: a Labels layer takes the pending one's place."""
         layer = self._pending_layer()
-        data, meta, _ = volume_to_layer_data(event.volume, event.name, layer_type="image", contrast_limits=(0.0, 1.0))
-        layer.name = event.name
-        layer.metadata = meta["metadata"]
-        layer.data = data
-        layer.contrast_limits = (0.0, 1.0)
-        layer.opacity = 1.0
-        self._results.append(layer)
+        if self._info.label_output:
+            self.viewer.layers.remove(layer)
+            self._add_labels_layer(event.name, event.volume, self._info.label_output, visible=True)
+        else:
+            data, meta, _ = volume_to_layer_data(
+                event.volume, event.name, layer_type="image", contrast_limits=(0.0, 1.0)
+            )
+            layer.name = event.name
+            layer.metadata = meta["metadata"]
+            layer.data = data
+            layer.contrast_limits = (0.0, 1.0)
+            layer.opacity = 1.0
+            self._results.append(layer)
         self._pending = None
         self._pending_seeds.pop(0)
         if self._pending_seeds:
             self._pending = self._add_pending()
 
     def _add_map(self, event: MapEvent) -> None:
-        """A two-stage sample's tissue map, as a Labels layer named with the model's labels, hidden under its
-        scan (tick it to overlay it, paint it and inpaint "what I changed")."""
-        data, meta, _ = volume_to_layer_data(event.volume, event.name, layer_type="labels", visible=False)
+        """A two-stage sample's tissue map, hidden under its scan (tick it to overlay it, paint it and inpaint
+        "what I changed")."""
+        self._add_labels_layer(event.name, event.volume, self._info.label_map, visible=False)
+
+    def _add_labels_layer(self, name: str, volume: Volume, names: dict[int, str], visible: bool) -> None:
+        """A generated label map as a Labels layer named with the model's labels (a result)."""
+        data, meta, _ = volume_to_layer_data(volume, name, layer_type="labels", visible=visible)
         layer = self.viewer.add_layer(Layer.create(data, meta, "labels"))
-        name_labels(layer, self._info.label_map)
+        name_labels(layer, names)
         self._results.append(layer)
 
     def _on_stop(self, outcome: str) -> None:

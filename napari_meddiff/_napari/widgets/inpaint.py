@@ -44,6 +44,7 @@ from napari_meddiff._napari.widgets.runner import (
 )
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
+from napari_meddiff.models import DEFAULT_INPAINT_MODEL
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -135,7 +136,7 @@ class InpaintWidget(QWidget):
         self.viewer = napari_viewer
         self._create_mask_editors()
         self._create_map_editors()
-        self.model_picker = ModelPicker(kinds=("ddpm", "ldm"))
+        self.model_picker = ModelPicker(kinds=("ddpm", "ldm"), default=DEFAULT_INPAINT_MODEL)
         self.conditions = ConditionControls(guidance=False)
         self.sampling = SamplingControls(self)
         self._create_fill_editors()
