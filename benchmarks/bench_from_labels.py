@@ -114,6 +114,28 @@ def lesion_contrast(images: torch.Tensor, maps: torch.Tensor) -> list[float | No
     return out
 
 
+PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+
+
+def show_plane(ax, vol: np.ndarray, lab: np.ndarray | None, cut: int, index: int, title: str) -> None:
+    """One plane of a scan in [0, 1] (grey, voxels as squares), the map's tissue borders outlined when given."""
+    ax.imshow(np.take(vol, index, axis=cut).T, cmap="gray", vmin=0, vmax=1, origin="lower", interpolation="nearest")
+    if lab is not None:
+        outline = np.take(lab, index, axis=cut).T
+        ax.contour(outline, levels=[1.5, 2.5, 3.5], colors=["#ffd000", "#00c0ff", "#ff3030"], linewidths=0.4)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def save_grid_figure(fig, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save_figure(path: Path, real: torch.Tensor, fake: torch.Tensor, maps: torch.Tensor, title: str) -> None:
     """Per subject: the real scan and the generated one (map outline in colour), axial/coronal/sagittal."""
     import matplotlib
@@ -128,20 +150,11 @@ def save_figure(path: Path, real: torch.Tensor, fake: torch.Tensor, maps: torch.
         lesion = np.argwhere(maps[r].numpy() == 4)
         if len(lesion):
             c = [int(v) for v in lesion.mean(0)]
-        for k, (name, cut) in enumerate((("axial", 2), ("coronal", 1), ("sagittal", 0))):
+        for k, (name, cut) in enumerate(PLANES):
             for j, (what, vol) in enumerate((("real", real[r, 0]), ("generated", fake[r, 0]))):
-                ax = axes[2 * r + j][k]
-                plane = np.take(vol.numpy(), c[cut], axis=cut).T
-                ax.imshow(plane, cmap="gray", vmin=0, vmax=1, origin="lower", interpolation="nearest")
-                if what == "generated":
-                    lab = np.take(maps[r].numpy(), c[cut], axis=cut).T
-                    ax.contour(lab, levels=[1.5, 2.5, 3.5], colors=["#ffd000", "#00c0ff", "#ff3030"], linewidths=0.4)
-                ax.set_title(f"subject {r + 1} {what}: {name}", fontsize=8)
-                ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+                lab = maps[r].numpy() if what == "generated" else None
+                show_plane(axes[2 * r + j][k], vol.numpy(), lab, cut, c[cut], f"subject {r + 1} {what}: {name}")
+    save_grid_figure(fig, path, title)
 
 
 def main(argv=None) -> int:

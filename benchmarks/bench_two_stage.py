@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_from_labels import held_out_items  # noqa: E402
+from bench_from_labels import PLANES, held_out_items, save_grid_figure, show_plane  # noqa: E402
 from common import machine, pearson  # noqa: E402
 
 MEASURED = {"brain_volume": (2, 3), "csf_volume": (1,), "lesion_load": (4,)}  # labels each condition counts
@@ -98,22 +98,13 @@ def save_figure(path: Path, real: torch.Tensor, real_maps: torch.Tensor, fake: t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("real", real[i, 0].numpy(), real_maps[i].numpy()) for i in range(2)]
-    rows += [("two-stage", fake[i, 0].numpy(), maps[i]) for i in range(3)]
+    rows = [(f"real {i + 1}", real[i, 0].numpy(), real_maps[i].numpy()) for i in range(2)]
+    rows += [(f"two-stage {i + 1}", fake[i, 0].numpy(), maps[i]) for i in range(3)]
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3.1 * len(rows)), squeeze=False)
     for r, (what, vol, lab) in enumerate(rows):
-        c = [s // 2 for s in vol.shape]
-        for k, (name, cut) in enumerate((("axial", 2), ("coronal", 1), ("sagittal", 0))):
-            ax = axes[r][k]
-            ax.imshow(np.take(vol, c[cut], axis=cut).T, cmap="gray", vmin=0, vmax=1, origin="lower")
-            outline = np.take(lab, c[cut], axis=cut).T
-            ax.contour(outline, levels=[1.5, 2.5, 3.5], colors=["#ffd000", "#00c0ff", "#ff3030"], linewidths=0.4)
-            ax.set_title(f"{what} {r + 1 if r < 2 else r - 1}: {name}", fontsize=8)
-            ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        for k, (name, cut) in enumerate(PLANES):
+            show_plane(axes[r][k], vol, lab, cut, vol.shape[cut] // 2, f"{what}: {name}")
+    save_grid_figure(fig, path, title)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,13 @@
 """Screenshot of the reader-study widget on a tiny study (run: ``xvfb-run -a python examples/review_screenshot.py``).
 
 "Real" cases are synthetic MNI152 subjects from ``napari_meddiff.data.mni152`` (smooth random blobs if that module
-is unavailable); "synthetic" ones are the same kind of image, smoothed, to stand in for a generator's output.
-Writes ``examples/screenshots/review_widget.png``.
+is unavailable); "synthetic" ones are the same kind of image, smoothed, to stand in for a generator's output, or,
+with ``--synthetic DIR``, the scans a model wrote there (``meddiff generate --num 2 --out DIR``; their tissue maps
+are left out of the study). Writes ``examples/screenshots/review_widget.png`` (``--out``).
+
+    meddiff generate --num 2 --seed 0 --out /tmp/two-stage
+    xvfb-run -a python examples/review_screenshot.py --synthetic /tmp/two-stage \
+        --out examples/screenshots/review_two_stage.png
 """
 
 from __future__ import annotations
@@ -29,15 +34,18 @@ def _image(seed: int) -> Volume:
         return Volume.from_spacing(blobs.astype(np.float32), (2.0, 2.0, 2.0))
 
 
-def build_study(root: Path) -> Path:
+def build_study(root: Path, synthetic: Path | None = None) -> Path:
     from napari_meddiff.review.study import create_study
 
     for i, src in enumerate(("real", "synthetic") * 2):
-        vol = _image(i)
+        if src == "synthetic" and synthetic is not None:
+            continue
+        vol = _image(100000 + i if synthetic is not None else i)  # beside a model's scans: held-out subjects
         if src == "synthetic":
             vol = Volume(ndimage.gaussian_filter(vol.array, 1.0).astype(np.float32), vol.affine)
         write_volume(vol, root / src / f"{src}-{i}.nii.gz")
-    return create_study(root / "real", root / "synthetic", root / "study", key=root / "study-key.json", seed=0).folder
+    fakes = synthetic if synthetic is not None else root / "synthetic"
+    return create_study(root / "real", fakes, root / "study", key=root / "study-key.json", seed=0).folder
 
 
 def _close_toasts(viewer) -> None:
@@ -52,13 +60,19 @@ def _close_toasts(viewer) -> None:
 
 
 def main() -> None:
+    import argparse
+
     import napari
     from qtpy.QtWidgets import QApplication
 
     from napari_meddiff._napari.widgets.review import ReviewWidget
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--synthetic", type=Path, default=None, help="a folder of generated scans (the model's)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        study = build_study(Path(tmp))
+        study = build_study(Path(tmp), args.synthetic)
         viewer = napari.Viewer(show=True)
         viewer.window.resize(1500, 950)
         widget = ReviewWidget(viewer)
@@ -76,10 +90,10 @@ def main() -> None:
         for _ in range(20):
             QApplication.processEvents()
         _close_toasts(viewer)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        viewer.screenshot(str(OUT), canvas_only=False)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        viewer.screenshot(str(args.out), canvas_only=False)
         viewer.close()
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
