@@ -59,13 +59,15 @@ def _sample_model() -> str:
 
 def synthetic_brain() -> list[LayerDataTuple]:
     """One brain from the default model (seed 0, at most 10 steps), generated in the foreground."""
-    from napari_meddiff._napari.widgets.runner import leave_a_core_for_the_gui
+    from napari_meddiff.runtime.threads import configure_waiting, use_free_cores
+
+    configure_waiting()  # before torch loads, as the CLI
     from napari_meddiff.models import load_model
     from napari_meddiff.runtime.devices import resolve_device
     from napari_meddiff.tasks.generate import generate
     from napari_meddiff.tasks.settings import task_defaults
 
-    leave_a_core_for_the_gui()  # this runs in napari's main thread
+    use_free_cores()  # as the CLI: napari's event loop waits for this one anyway
     device = resolve_device("auto")
     model = load_model(_sample_model(), device=device)
     steps = min(int(task_defaults(model, "generate")["steps"]), SAMPLE_MAX_STEPS)

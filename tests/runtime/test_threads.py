@@ -75,3 +75,40 @@ def test_a_busy_process_leaves_fewer_threads():
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_a_task_thread_yields_to_the_gui_thread_alone():
+    """`yield_to_the_gui` lowers the calling thread and the OpenMP threads it starts, not the process's others."""
+    import threading
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def task():
+        seen["lowered"] = threads.yield_to_the_gui(3)
+        torch.set_num_threads(2)
+        x = torch.ones(1, 8, 24, 24, 24)
+        torch.nn.functional.conv3d(x, torch.ones(8, 8, 3, 3, 3))  # starts this thread's OpenMP team
+        seen["own"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen["all"] = {int(tid): os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")}
+
+    saved = torch.get_num_threads()
+    before = set(os.listdir("/proc/self/task"))
+    try:
+        thread = threading.Thread(target=task)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(saved)
+    assert seen["lowered"] and seen["own"] == min(19, main + 3)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+    started = {tid: nice for tid, nice in seen["all"].items() if str(tid) not in before}  # the task and its team
+    assert started and set(started.values()) == {min(19, main + 3)}, started
+    assert all(nice == main for tid, nice in seen["all"].items() if str(tid) in before)  # others keep theirs
+
+
+def test_the_load_is_measured_from_the_last_restart():
+    threads.configure_waiting()
+    time.sleep(0.2)
+    threads.restart_measuring()
+    assert threads.others_busy_cores() is None  # a new window: too short to say yet

@@ -47,7 +47,7 @@ from qtpy.QtWidgets import QWidget
 from napari_meddiff._napari.widgets.controls import Progress, ProgressRow, format_seconds
 from napari_meddiff.errors import Cancelled, MeddiffError
 from napari_meddiff.models import DiffusionModel, find_model_dir, load_model
-from napari_meddiff.runtime.threads import configure_waiting
+from napari_meddiff.runtime.threads import configure_waiting, restart_measuring, use_free_cores, yield_to_the_gui
 
 logger = logging.getLogger(__name__)
 configure_waiting()  # a widget is about to run tasks: OpenMP threads sleep at barriers (before torch loads)
@@ -260,22 +260,14 @@ class TaskContext:
 _DONE = object()
 
 
-def leave_a_core_for_the_gui() -> None:
-    """Cap torch's intra-op threads at (cores - 1) so napari's event loop keeps a core.
-
-    On a busy machine, OpenMP threads that want every core spin against the GUI thread (and each other):
-    a tiny model ran 10x slower with 2 threads than with 1 on a loaded 2-core box. Skipped when the user
-    set ``OMP_NUM_THREADS``. Called from the task thread (torch's setting is process-wide).
-    """
-    import os
-
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.get_num_threads() > max(1, cores - 1):
-        torch.set_num_threads(max(1, cores - 1))
+def share_the_machine_with_the_gui() -> None:
+    """In a task's thread: torch's threads for the cores other processes leave free, as the CLI takes them
+    (`use_free_cores`, measured since the last task), and this thread (and the OpenMP threads it starts) a few
+    nice levels below napari's event loop (`yield_to_the_gui`), so the GUI runs first when it has work and the
+    task has the cores when it has none. Results do not depend on the thread count."""
+    use_free_cores()
+    restart_measuring()  # the next task measures the load from here
+    yield_to_the_gui()
 
 
 def _drive(task: Callable[[TaskContext], Any], ctx: TaskContext) -> Iterator[Any]:
@@ -284,7 +276,7 @@ def _drive(task: Callable[[TaskContext], Any], ctx: TaskContext) -> Iterator[Any
 
     def target() -> None:
         try:
-            leave_a_core_for_the_gui()
+            share_the_machine_with_the_gui()
             box["result"] = task(ctx)
         except BaseException as exc:  # noqa: BLE001 - handed to the worker below
             box["error"] = exc
