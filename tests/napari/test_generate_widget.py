@@ -23,6 +23,7 @@ from napari_meddiff._napari.widgets.generate import PREVIEW_KEY, GenerateWidget 
 
 pytestmark = pytest.mark.napari
 TIMEOUT_MS = 120_000
+QUIET_CORES = 0.25  # event-loop gaps are asserted on a machine whose other processes keep at most this busy
 
 
 def open_widget(make_napari_viewer, model_dir=None) -> tuple[object, GenerateWidget]:
@@ -172,34 +173,61 @@ def test_unexpected_error_is_reported(make_napari_viewer, qtbot, tiny_models, mo
 
 
 def test_gui_stays_responsive(make_napari_viewer, qtbot, tiny_models):
-    """A 10 ms QTimer keeps ticking while the worker generates (live preview on every step)."""
-    from qtpy.QtCore import QTimer
+    """A 10 ms heartbeat in the event loop keeps ticking while the task generates with a preview on every step:
+    once napari has made and first drawn the pending layer, no gap reaches 100 ms (the task's threads take the
+    free cores, below the GUI's priority: issue 37). The click's gap (napari making a layer) is printed."""
+    from napari_meddiff._napari.event_loop import Heartbeat
 
     viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
     widget.sampling.steps.setValue(60)
     widget.preview_every.setValue(1)  # worst case: a layer update every step
-    ticks: list[float] = []
+    previews: list[float] = []
     running: list[float] = []
+    show_preview = widget._show_preview
+
+    def timed_preview(event):
+        show_preview(event)
+        previews.append(time.perf_counter())
+
+    widget._show_preview = timed_preview
     widget.runner.running_changed.connect(lambda _: running.append(time.perf_counter()))
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start()
+    beat = Heartbeat(10).start()
     qtbot.wait(200)
     clicked = time.perf_counter()
     run_and_wait(qtbot, widget)
     qtbot.wait(50)
-    timer.stop()
-    t = np.array(ticks)
-    worker = np.diff(t[(t >= running[0]) & (t <= running[1])]) * 1000  # while the worker runs
-    whole = np.diff(t[max(0, np.searchsorted(t, clicked) - 1) :]) * 1000  # from the click (napari adds a layer)
+    beat.stop()
+    steady = beat.gaps(previews[0], running[1])  # after the first preview, until the run ends
+    worst = max(steady, key=lambda g: g.seconds)
+    ms = np.array([g.seconds for g in steady]) * 1000
     print(
-        f"\nGUI timer while generating ({running[1] - running[0]:.1f} s, {len(worker)} ticks): longest gap "
-        f"{worker.max():.1f} ms, median {np.median(worker):.1f} ms, p99 {np.percentile(worker, 99):.1f} ms; "
-        f"from the click, incl. napari creating the layer: longest gap {whole.max():.1f} ms"
+        f"\nGUI heartbeat while generating ({running[1] - previews[0]:.1f} s after the first preview, {len(ms)} "
+        f"ticks): longest gap {worst}, median {np.median(ms):.1f} ms, p99 {np.percentile(ms, 99):.1f} ms; "
+        f"from the click until the first preview (napari makes and draws the layer): longest gap "
+        f"{beat.longest(clicked, previews[0])}"
     )
+    assert len(previews) >= 59  # every step but the last (the result replaces it)
     assert len(viewer.layers) == 1 and viewer.layers[0].name == "tiny-ldm-3d_seed0"
-    assert worker.max() < 100
+    assert max(g.cpu for g in steady) < 0.1  # the GUI thread's own work between two ticks, whatever the load
+    busy = beat.others_busy()
+    if busy is not None and busy > QUIET_CORES:  # waiting for a core the machine's other work holds
+        pytest.skip(f"other processes kept {busy:.1f} cores busy: the wall-clock gap says little")
+    assert worst.seconds < 0.1
+
+
+def test_a_run_in_an_arranged_viewer_keeps_its_view(make_napari_viewer, qtbot, tiny_models):
+    """Only an empty viewer is set to an axial view through the new volume; a viewer the user arranged keeps
+    its plane and camera on later runs (setting them again re-slices every layer on the click)."""
+    viewer, widget = open_widget(make_napari_viewer, tiny_models["ldm3d"])
+    widget.sampling.steps.setValue(2)
+    run_and_wait(qtbot, widget)
+    assert tuple(viewer.dims.order) == (2, 1, 0)  # the first volume in an empty viewer: axial
+    viewer.dims.order = (0, 2, 1)  # the user turns to a sagittal plane
+    viewer.camera.zoom = 3.0
+    run_and_wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["tiny-ldm-3d_seed0", "tiny-ldm-3d_seed1"]
+    assert tuple(viewer.dims.order) == (0, 2, 1) and viewer.camera.zoom == pytest.approx(3.0)
+    assert set(viewer.canvas.overlays) >= {f"meddiff_orientation_{e}" for e in ("top", "bottom", "left", "right")}
 
 
 def test_save_as_nifti(make_napari_viewer, qtbot, tiny_models, tmp_path, monkeypatch):

@@ -87,10 +87,17 @@ def test_segment_widget_results_overlay_the_image(widget_and_viewer, qtbot):
     np.testing.assert_array_equal(prob.data, widget.result.probabilities.array[..., 3])
     # running again replaces the three result layers rather than piling them up
     widget.probability_class.setCurrentText("GM")
+    viewer.dims.order = (0, 2, 1)  # the user looks along another axis meanwhile
+    layers = list(viewer.layers)
     widget.run()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
     assert [layer.name for layer in viewer.layers] == ["scan", "scan labels", "scan P(GM)", "scan uncertainty"]
     assert widget.image_combo.count() == 1  # result images are not offered as inputs
+    # ...refilling them in place (a new napari layer costs the event loop 0.2-0.5 s), and the view stays
+    assert list(viewer.layers) == layers and tuple(viewer.dims.order) == (0, 2, 1)
+    np.testing.assert_array_equal(labels.data, widget.result.labels.array)
+    np.testing.assert_array_equal(prob.data, widget.result.probabilities.array[..., 2])
+    assert widget.result_layers == {"labels": labels, "probability": prob, "uncertainty": unc}
 
 
 def test_segment_widget_combine_follows_the_model_and_reaches_segment(widget_and_viewer, qtbot, tmp_path):

@@ -12,7 +12,12 @@ from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QMessageBox, QPushButton, QSpinBox, QWidget
 
-from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to_layer_data
+from napari_meddiff._napari.layers import (
+    install_orientation_letters,
+    layer_to_volume,
+    show_axial,
+    volume_to_layer_data,
+)
 from napari_meddiff._napari.widgets.conditions import ConditionControls
 from napari_meddiff._napari.widgets.controls import (
     MAX_SEED,
@@ -215,7 +220,7 @@ class GenerateWidget(QWidget):
         self._pending: Layer | None = None  # the layer the running chain fills
         self._pending_seeds: list[int] = []
         self._results: list[Layer] = []
-        self._first_layer = True  # the run's first layer sets the view (axial, through its middle)
+        self._first_layer = True  # the run's first layer may set the view (axial, through its middle)
         self._on_model_changed(self.model_picker.current())
         if not is_loaded():
             self.progress.label.setText("Loading torch and MONAI…")
@@ -386,9 +391,12 @@ class GenerateWidget(QWidget):
         meta["metadata"][PREVIEW_KEY] = True
         meta["opacity"] = 0.0  # nothing to show yet; the first preview makes it opaque
         layer = self.viewer.add_layer(Layer.create(data, meta, layer_type))
-        if self._first_layer:  # axial view through the middle of the new volume
+        if self._first_layer:  # an empty viewer: axial view through the middle; else the user's view stays
             self._first_layer = False
-            show_axial(self.viewer, layer, reset_view=len(self.viewer.layers) == 1)
+            if len(self.viewer.layers) == 1:
+                show_axial(self.viewer, layer)
+            else:
+                install_orientation_letters(self.viewer)
         return layer
 
     def _pending_layer(self) -> Layer:

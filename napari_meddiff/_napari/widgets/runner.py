@@ -7,8 +7,9 @@
   reports, events for the widget, the cancel check.
 * `load_model_cached` - `load_model` with a small cache (loads are sha256-checked, so not free).
 * `start_loading` / `when_loaded` / `wait_loaded` - torch, MONAI and the tasks imported in a background thread
-  (started when the first widget is created), so adding a widget never freezes napari's event loop; a
-  widget shows "loading…" and stays usable meanwhile, and runs what needs torch once they are in.
+  (started when the first widget is created), and napari's unit registry built there, so adding a widget or
+  making the first layer never freezes napari's event loop; a widget shows "loading…" and stays usable
+  meanwhile, and runs what needs torch once they are in.
 
 A task widget (see ``generate.py``)::
 
@@ -98,6 +99,7 @@ class _Loader(QObject):
         try:
             for name in HEAVY_MODULES:
                 importlib.import_module(name)
+            build_unit_registry()
             from napari_meddiff.runtime.devices import available_devices
 
             devices = tuple(available_devices())
@@ -114,6 +116,21 @@ class _Loader(QObject):
             self.seconds = time.perf_counter() - t0
             self.done.set()
             self.finished.emit()
+
+
+def build_unit_registry() -> None:
+    """Build pint's unit registry here, off the GUI thread: napari builds it at the first layer it makes (any
+    layer: its transforms carry units), which took 0.5-3 s of the event loop on the first Generate in an empty
+    viewer (issue 37). Handed to pint as its application registry (napari's), unless one is in use already."""
+    import pint
+    from pint.registry import LazyRegistry
+
+    app = pint.get_application_registry()
+    if not isinstance(app.get(), LazyRegistry):
+        return  # built (or being built) already: napari made a layer, or another registry was chosen
+    registry = pint.UnitRegistry(on_redefinition="raise")  # what pint's lazy default registry builds
+    if isinstance(app.get(), LazyRegistry):  # still untouched: no unit of the lazy one is in use anywhere
+        pint.set_application_registry(registry)
 
 
 _LOADER: _Loader | None = None

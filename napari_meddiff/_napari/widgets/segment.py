@@ -12,7 +12,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Image, Layer
+from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_meddiff._napari.layers import layer_to_volume, show_axial, volume_to_layer_data
+from napari_meddiff._napari.layers import AFFINE_KEY, layer_to_volume, show_axial, volume_to_layer_data
 from napari_meddiff._napari.widgets.controls import (
     PREVIEW_KEY,
     DevicePicker,
@@ -186,6 +186,25 @@ def class_colormap(count: int) -> dict[str, Any]:
     colors = {None: (0, 0, 0, 0)}
     colors.update({c: CLASS_COLORS[c] for c in range(count)})
     return {"colormap": DirectLabelColormap(color_dict=colors)}
+
+
+def _refill(layer: Layer, array: np.ndarray, meta: dict[str, Any], layer_type: str) -> bool:
+    """Give ``layer`` a new result of the same kind on the same grid (data, name, metadata, class names and
+    colours); the user's display choices (visibility, opacity) stay. False (nothing changed) when it differs."""
+    same_grid = (
+        isinstance(layer, {"labels": Labels, "image": Image}[layer_type])
+        and layer.data.shape == array.shape
+        and layer.metadata.get(AFFINE_KEY) == meta["metadata"].get(AFFINE_KEY)
+    )
+    if not same_grid:
+        return False
+    layer.metadata = meta["metadata"]
+    layer.data = array
+    layer.name = meta["name"]
+    for name in ("features", "colormap", "contrast_limits"):
+        if name in meta:
+            setattr(layer, name, meta[name])
+    return True
 
 
 class SegmentWidget(QWidget):
@@ -427,11 +446,14 @@ class SegmentWidget(QWidget):
     # --- results ---
 
     def _replace(self, key: str, data: tuple) -> Layer:
-        """Add a result layer, replacing the one this widget made for the same image and output before."""
+        """Add a result layer, replacing the one this widget made for the same image and output before (refilled
+        in place when it is on the same grid: a new napari layer costs the event loop 0.2-0.5 s, issue 37)."""
         array, meta, layer_type = data
         meta.setdefault("metadata", {})[RESULT_KEY] = {"output": key, "source": self._source_name}
         tag = meta["metadata"][RESULT_KEY]
         old = next((lay for lay in self.viewer.layers if lay.metadata.get(RESULT_KEY) == tag), None)
+        if old is not None and _refill(old, array, meta, layer_type):
+            return old
         index = None
         if old is not None:
             index = self.viewer.layers.index(old)
@@ -447,6 +469,7 @@ class SegmentWidget(QWidget):
         self.result = result
         names = list(result.volumes_ml)
         base = self._source_name
+        before = {id(layer) for layer in self.viewer.layers}
         labels = self._replace(
             "labels",
             volume_to_layer_data(
@@ -489,7 +512,7 @@ class SegmentWidget(QWidget):
         if source is not None:
             with selecting_for_the_user():
                 self.viewer.layers.selection.active = labels
-        if len(self.viewer.layers) == 4:  # the image and our three layers: a fresh view
+        if len(self.viewer.layers) == 4 and id(labels) not in before:  # the image and our three new layers
             show_axial(self.viewer, labels)
 
     def _offer_probability_classes(self, names: list[str]) -> int:
