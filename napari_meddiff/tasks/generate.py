@@ -15,7 +15,7 @@ from napari_meddiff.diffusion.loop import StepInfo, denoise
 from napari_meddiff.diffusion.seeds import check_seeds, initial_noise, seeded_generators
 from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
-from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel
+from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel, load_model
 from napari_meddiff.tasks.footprint import check_request_fits
 from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
@@ -103,8 +103,6 @@ def generate(
 
         require_label_map(model, labels, generator_may_draw=True)
         if labels is None:  # its map generator draws the maps
-            from napari_meddiff.tasks.two_stage import generate_two_stage
-
             return generate_two_stage(
                 model, [seeds] if isinstance(seeds, int) else list(seeds), sampler=sampler, steps=steps,
                 device=str(dev), precision=precision, batch_size=batch_size, eta=eta, conditions=conditions,
@@ -136,6 +134,63 @@ def generate(
             preview_every=preview_every, should_cancel=should_cancel, release_unet=release_unet and last_batch,
         )  # fmt: skip
     return volumes
+
+
+def generate_two_stage(
+    model: DiffusionModel,
+    seeds: Sequence[int],
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+    batch_size: int = 1,
+    eta: float = 0.0,
+    conditions: ConditionsArg = None,
+    guidance_scale: float = 1.0,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
+    on_preview: Callable[[Volume], None] | None = None,
+    preview_every: int = 0,
+    should_cancel: Callable[[], bool] | None = None,
+) -> list[Volume]:
+    """One scan per seed, each from a map its model's generator draws with that seed and ``conditions`` (the
+    generator samples at its own defaults; ``sampler``, ``steps``, ``eta`` and ``precision`` are the scan's).
+    ``on_stage(name, index)``: called as stage 1 ("tissue map") and each stage-2 scan begin; ``on_preview``
+    receives the scan's previews (stage 2) every ``preview_every`` steps."""
+    from napari_meddiff.tasks.from_labels import generate_from_labels
+    from napari_meddiff.tasks.two_stage import map_generator_of
+
+    generator_name = map_generator_of(model).name
+    generator = load_model(generator_name, model.device)
+    if on_stage is not None:
+        on_stage("tissue map", 0)
+    maps = generate(
+        generator, list(seeds), device=str(model.device), batch_size=batch_size, conditions=conditions,
+        guidance_scale=guidance_scale, on_step=on_step, should_cancel=should_cancel,
+    )  # fmt: skip
+    del generator
+    scans = []
+    for i, (seed, tissue_map) in enumerate(zip(seeds, maps)):
+        if on_stage is not None:
+            on_stage("scan", i)
+        (scan,) = generate_from_labels(
+            model, tissue_map, int(seed), sampler=sampler, steps=steps, device=str(model.device),
+            precision=precision, eta=eta, on_step=on_step, on_preview=on_preview, preview_every=preview_every,
+            should_cancel=should_cancel,
+        )  # fmt: skip
+        map_record = dict(tissue_map.metadata["provenance"])
+        record = scan.metadata["provenance"]
+        record.pop("label_map_sha256")  # not a setting of the cohort: each subject's map is its own
+        map_record["voxels"] = record.pop("label_map")["voxels"]
+        record["tissue_map"] = map_record
+        for key in ("conditions", "guidance_scale"):  # what the cohort was asked for: the generator's
+            if key in map_record:
+                record[key] = map_record[key]
+        record["seconds"] = round(record["seconds"] + map_record["seconds"], 3)
+        scan.metadata["tissue_map"] = tissue_map
+        scans.append(scan)
+    return scans
 
 
 def _generate_batch(
