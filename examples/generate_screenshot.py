@@ -1,7 +1,8 @@
 """Screenshot of the Generate widget after a run (``xvfb-run -a python examples/generate_screenshot.py``).
 
-Uses the shipped default model (``brain-ldm-3d``) when it is installed, else a tiny random model (whose
-output is noise). Writes ``examples/screenshots/generate_widget.png``. A conditional model's sliders:
+Uses the shipped default model (two stages: a drawn tissue map, then the scan on it) when it is installed, else a
+tiny random model (whose output is noise). ``--outline`` shows the drawn map's borders over the scan. Writes
+``examples/screenshots/generate_widget.png``. A conditional model's sliders:
 
     xvfb-run -a python examples/generate_screenshot.py --model runs/brain-ldm-3d-conditional \\
         --condition brain_volume=0.9 --out examples/screenshots/generate_conditional.png
@@ -30,7 +31,8 @@ def _close_toasts(viewer) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model name or folder (default: brain-ldm-3d if installed)")
+    parser.add_argument("--model", default=None, help="model name or folder (default: the default model)")
+    parser.add_argument("--outline", action="store_true", help="show a two-stage run's tissue map as borders")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
@@ -74,6 +76,9 @@ def main() -> None:
             app.processEvents()
             time.sleep(0.02)
         print(f"{widget.progress.label.text()} ({time.perf_counter() - t0:.1f} s)")
+        maps = [layer for layer in viewer.layers if layer.name.endswith("_dseg")]
+        if args.outline and maps:
+            maps[-1].visible, maps[-1].contour, maps[-1].opacity = True, 1, 0.7
         for _ in range(20):
             app.processEvents()
             time.sleep(0.02)

@@ -78,10 +78,10 @@ def _describe(name: str, path: Path) -> tuple[tuple[str, ...], list[str]]:
         notes.append(f"{name}: geometry not all stated by the model's files (override in {path}/meddiff.json):")
         notes += [f"  - {note}" for note in model.geometry_notes]
     if model.map_generator:
-        notes.append(
-            f"{name}: without --labels, {model.map_generator} draws each map (two stages; --condition is its); "
-            "the map is written beside the scan as _dseg"
-        )
+        notes += [
+            f"{name}: without --labels, {model.map_generator} draws each map (two stages)",
+            f"  --condition sets {model.map_generator}'s conditions; the map is written beside the scan as _dseg",
+        ]
     return row, notes + _label_notes(name, model)
 
 

@@ -87,7 +87,7 @@ def test_models_lists_what_a_generator_draws_and_who_draws_a_models_maps(two_sta
     listing = run_cli("models", env={**os.environ, "MEDDIFF_MODELS": str(two_stage_root)})
     row = next(line for line in listing.stdout.splitlines() if line.startswith("tiny-maps-3d"))
     assert "draws{0:background,1:CSF,2:GM,3:WM,4:lesion}" in row
-    assert f"NOTE: {SCAN_MODEL}: without --labels, tiny-maps-3d draws each map" in listing.stdout
+    assert f"NOTE: {SCAN_MODEL}: without --labels, tiny-maps-3d draws each map (two stages)" in listing.stdout
 
 
 def test_inpainting_with_a_label_map_model_still_needs_the_scans_map(two_stage_root, monkeypatch):
