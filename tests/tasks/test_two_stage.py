@@ -101,3 +101,15 @@ def test_inpainting_with_a_label_map_model_still_needs_the_scans_map(two_stage_r
     mask[4:8, 4:8, 4:8] = True
     with pytest.raises(MeddiffError, match="generates a scan from a label map: give one"):
         inpaint(SCAN_MODEL, scan, mask, device="cpu")
+
+
+def test_a_map_generators_cohort_is_written_as_label_maps(two_stage_root, tmp_path):
+    import nibabel as nib
+
+    env = {**os.environ, "MEDDIFF_MODELS": str(two_stage_root)}
+    proc = run_cli("generate", "--model", "tiny-maps-3d", "--num", "1", "--out", str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr
+    img = nib.load(tmp_path / "tiny-maps-3d_seed0.nii.gz")
+    assert img.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(img.dataobj))) <= set(LABELS)
+    (drawn,) = generate(load_model(two_stage_root / "tiny-maps-3d"), [0], device="cpu")
+    np.testing.assert_array_equal(np.asarray(img.dataobj), drawn.array)
