@@ -29,7 +29,9 @@ from napari_meddiff.io.volume import read_volume
 from napari_meddiff.review.blind import as_3d, foreground_centre, grid_of
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-LABEL_NAME = re.compile(r"_dseg|_seg|label|mask|_lesion(?=[._]|$)", re.IGNORECASE)
+# a label map's or mask's name part (BIDS-like: after "_" or at the start); a model name such as
+# "brain-t1w-from-labels-3d" in a generated scan's file name is not one
+LABEL_NAME = re.compile(r"(?:^|_)(?:dseg|seg|labels?|mask|lesion)(?=[._]|$)", re.IGNORECASE)
 BIDS_SUBJECT = re.compile(r"(?:^|_)(sub-[A-Za-z0-9]+)(?=[_.-]|$)")
 NAMED_VARIANT = re.compile(r"^(.+)-[A-Za-z]+$")
 MAX_LABEL_VALUES = 64

@@ -196,6 +196,10 @@ def test_label_maps_and_masks_are_not_scans(inputs, tmp_path):
     assert "2 distinct value" in skipped[0][1] and "name" in skipped[1][1]
     assert len(study.cases) == 12
     assert label_reason(tmp_path / "sub-01_lesion.nii.gz") and label_reason(tmp_path / "x_mask.nii")
+    assert label_reason(tmp_path / "labels.nii.gz")
+    assert label_reason(tmp_path / "brain-t1w-from-labels-3d_seed0_dseg.nii")
+    scan = np.linspace(0, 1, 100)  # a label-map model's generated scan: its model's name says "labels"
+    assert label_reason(tmp_path / "brain-t1w-from-labels-3d_seed0.nii.gz", scan) is None
     assert label_reason(tmp_path / "sub-01_T1w-lesionfree.nii.gz", np.linspace(0, 1, 100)) is None
     assert label_reason(tmp_path / "ct.nii", np.arange(-1000, 1000, dtype=np.int16)) is None  # integer scan
 
