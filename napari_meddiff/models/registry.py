@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_LABEL_MODEL = "brain-t1w-from-labels-3d"  # what generates from a tissue map when no model is named
-DEFAULT_MODEL = "brain-ldm-3d"  # what `generate` runs when no model is named
+# what `generate` runs when no model is named; the two-stage default (DEFAULT_LABEL_MODEL without a map) waits for
+# its map generator: at step 975 its maps had no ventricles and a blobby outline (models/brain-tissue-maps-3d)
+DEFAULT_MODEL = "brain-ldm-3d"
 DEFAULT_INPAINT_MODEL = "brain-ldm-3d"  # what inpaints a scan when no model (and no tissue map) is given
 
 
