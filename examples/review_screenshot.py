@@ -12,6 +12,7 @@ are left out of the study). Writes ``examples/screenshots/review_widget.png`` (`
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -83,10 +84,22 @@ def main() -> None:
         widget.call_buttons["real"].setChecked(True)  # answer the first case, then half-answer the second
         widget.realism_buttons[3].setChecked(True)
         widget.next_case()
+        if args.synthetic is not None:  # a model's scans: answer on until one of them is on the canvas
+            sources = json.loads((Path(tmp) / "study-key.json").read_text())["cases"]
+            while sources[widget.study.cases[widget.index].case_id]["source"] != "synthetic":
+                widget.call_buttons["real"].setChecked(True)
+                widget.realism_buttons[4].setChecked(True)
+                widget.next_case()
         widget.call_buttons["synthetic"].setChecked(True)
-        widget.realism_buttons[2].setChecked(True)
-        widget.artefact_boxes["blur"].setChecked(True)
-        widget.comment_edit.setText("cortex too smooth")
+        if args.synthetic is None:
+            widget.realism_buttons[2].setChecked(True)
+            widget.artefact_boxes["blur"].setChecked(True)
+            widget.comment_edit.setText("cortex too smooth")
+        else:  # what a reader says of the two-stage scans of step 975
+            widget.realism_buttons[0].setChecked(True)
+            for artefact in ("noise pattern", "anatomy implausible"):
+                widget.artefact_boxes[artefact].setChecked(True)
+            widget.comment_edit.setText("no ventricles, lumpy outline, noisy background")
         for _ in range(20):
             QApplication.processEvents()
         _close_toasts(viewer)
