@@ -347,7 +347,7 @@ def test_without_a_labels_layer_the_generator_draws_the_map_and_both_become_laye
     folder = make_tiny_model(tmp_path / "tiny-scans-3d", "ddpm", 3, label_map=LABELS, map_generator="tiny-maps-3d")
     monkeypatch.setenv("MEDDIFF_MODELS", str(tmp_path))
     viewer, widget = open_widget(make_napari_viewer, folder)
-    assert widget.label_map.currentText() == "None: tiny-maps-3d draws one" and widget.label_map.layer() is None
+    assert widget.label_map.currentText() == "None: its generator draws one" and widget.label_map.layer() is None
     assert "(or one tiny-maps-3d draws)" in widget.model_summary.text()
     widget.sampling.steps.setValue(3)
     widget.sampling.seed.setValue(4)
@@ -359,6 +359,7 @@ def test_without_a_labels_layer_the_generator_draws_the_map_and_both_become_laye
     np.testing.assert_array_equal(tissue_map.data, ref.metadata["tissue_map"].array)
     np.testing.assert_allclose(tissue_map.data_to_world((0, 0, 0)), scan.data_to_world((0, 0, 0)))
     assert widget.sampling.seed.value() == 5
+    assert widget.progress.label.text().startswith("1 volume(s) generated (each with its tissue map).")
     assert_usable(widget)
 
 

@@ -220,6 +220,7 @@ class GenerateWidget(QWidget):
         self._pending: Layer | None = None  # the layer the running chain fills
         self._pending_seeds: list[int] = []
         self._results: list[Layer] = []
+        self._maps_made = 0  # tissue maps of a two-stage run, added beside their scans
         self._first_layer = True  # the run's first layer may set the view (axial, through its middle)
         self._on_model_changed(self.model_picker.current())
         if not is_loaded():
@@ -290,7 +291,7 @@ class GenerateWidget(QWidget):
         self.sampling.set_defaults(info)
         for widget in (self.label_map, self._label_map_label):
             widget.setVisible(bool(info.label_map))
-        self.label_map.offer_none(f"None: {info.map_generator} draws one" if info.map_generator else None)
+        self.label_map.offer_none("None: its generator draws one" if info.map_generator else None)
         is_3d = info.spatial_dims == 3
         self.preview_every.setVisible(is_3d)
         self._preview_label.setVisible(is_3d)
@@ -335,7 +336,7 @@ class GenerateWidget(QWidget):
             guidance_scale=self.conditions.guidance_scale(),
             labels=labels,
         )
-        self._info, self._pending_seeds, self._results = info, list(seeds), []
+        self._info, self._pending_seeds, self._results, self._maps_made = info, list(seeds), [], 0
         self._labels = labels
         # the layer for the first volume appears now (napari's layer set-up costs the click, not the run),
         # transparent until its first preview: empty, it would cover the canvas in black
@@ -435,14 +436,19 @@ class GenerateWidget(QWidget):
     def _add_map(self, event: MapEvent) -> None:
         """A two-stage sample's tissue map, hidden under its scan (tick it to overlay it, paint it and inpaint
         "what I changed")."""
-        self._add_labels_layer(event.name, event.volume, self._info.label_map, visible=False)
+        self._add_labels_layer(event.name, event.volume, self._info.label_map, visible=False, result=False)
+        self._maps_made += 1
 
-    def _add_labels_layer(self, name: str, volume: Volume, names: dict[int, str], visible: bool) -> None:
-        """A generated label map as a Labels layer named with the model's labels (a result)."""
+    def _add_labels_layer(
+        self, name: str, volume: Volume, names: dict[int, str], visible: bool, result: bool = True
+    ) -> None:
+        """A generated label map as a Labels layer named with the model's labels (``result``: a generated volume,
+        not a scan's map)."""
         data, meta, _ = volume_to_layer_data(volume, name, layer_type="labels", visible=visible)
         layer = self.viewer.add_layer(Layer.create(data, meta, "labels"))
         name_labels(layer, names)
-        self._results.append(layer)
+        if result:
+            self._results.append(layer)
 
     def _on_stop(self, outcome: str) -> None:
         """Drop the half-made layer (cancel, error) and say what was made."""
@@ -454,7 +460,8 @@ class GenerateWidget(QWidget):
                 self.viewer.layers.selection.active = self._results[-1]
         self.viewer.update_status_from_cursor()  # the status bar may still name the "(generating…)" layer
         if outcome == "done":
-            self.progress.label.setText(f"{len(self._results)} volume(s) generated. {self.progress.label.text()}")
+            maps = " (each with its tissue map)" if self._maps_made else ""
+            self.progress.label.setText(f"{len(self._results)} volume(s) generated{maps}. {self.progress.label.text()}")
             self._advance_seed()
         elif outcome == "cancelled" and self._results:
             self.progress.label.setText(f"Cancelled; kept the {len(self._results)} finished volume(s).")
