@@ -373,6 +373,7 @@ def generate_subjects(
 
     from napari_meddiff.tasks.generate import generate
     from napari_meddiff.tasks.settings import resolve_settings
+    from napari_meddiff.tasks.two_stage import conditions_model, map_chain_steps
 
     out = Path(out)
     report = GenerationReport()
@@ -388,10 +389,11 @@ def generate_subjects(
     report.removed_temps = remove_stray_temps(out, model.name, [s for b in blocks for s in b])
     for path in report.removed_temps:
         log(f"removed stray temporary file {path}")
-    wanted = (lambda seed: conditions(seed) if conditions else None, guidance_scale)
+    conditioned = conditions_model(model, labels)  # a two-stage run's conditions are its map generator's
+    wanted = (conditioned, lambda seed: conditions(seed) if conditions else None, guidance_scale)
     plan = _blocks_to_compute(model, blocks, out, settings, wanted, overwrite=overwrite, report=report, log=log)
     if on_plan is not None:
-        on_plan(sum(len(block) for block, _ in plan), settings["steps"] + _map_steps(model, labels))
+        on_plan(sum(len(block) for block, _ in plan), settings["steps"] + map_chain_steps(conditioned, model))
     for i, (block, needed) in enumerate(plan):
         volumes = generate(
             model, block, sampler=settings["sampler"], steps=settings["steps"], device=str(device),
@@ -404,14 +406,6 @@ def generate_subjects(
                       on_written=on_written)  # fmt: skip
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _map_steps(model, labels) -> int:
-    """The steps of a two-stage run's map chain (0 when a map is given or the model takes none)."""
-    from napari_meddiff.tasks.two_stage import conditions_model
-
-    source = conditions_model(model, labels)
-    return int(source.sampling_defaults["steps"]) if source is not model else 0
 
 
 def _write_tissue_map(vol, image_path: Path, replace: bool, description: str) -> dict:
@@ -436,11 +430,9 @@ def _blocks_to_compute(
     model, blocks, out: Path, settings: dict, wanted, *, overwrite: bool, report: GenerationReport, log
 ) -> list[tuple[list[int], set[int]]]:
     """The blocks with a subject to (re)generate, each with the seeds that need it; valid subjects are skipped
-    (recorded in ``report``), and one made with other settings or conditions is an error, not overwritten."""
-    from napari_meddiff.tasks.two_stage import conditions_model
-
-    conditions_of, guidance_scale = wanted
-    conditioned = conditions_model(model, settings.get("label_map_sha256"))
+    (recorded in ``report``), and one made with other settings or conditions is an error, not overwritten.
+    ``wanted``: (the model whose conditions they are, each seed's conditions, guidance scale)."""
+    conditioned, conditions_of, guidance_scale = wanted
     plan: list[tuple[list[int], set[int]]] = []
     for block in blocks:
         needed = set()

@@ -161,8 +161,7 @@ def generate_two_stage(
     from napari_meddiff.tasks.from_labels import generate_from_labels
     from napari_meddiff.tasks.two_stage import map_generator_of
 
-    generator_name = map_generator_of(model).name
-    generator = load_model(generator_name, model.device)
+    generator = load_model(map_generator_of(model).path, model.device)  # the folder found once, not searched again
     if on_stage is not None:
         on_stage("tissue map", 0)
     maps = generate(

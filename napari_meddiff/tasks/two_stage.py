@@ -20,9 +20,7 @@ def map_generator_of(model: ModelConfigView) -> ModelConfigView:
     generator = describe_model(model.map_generator)
     if not generator.label_output:
         raise MeddiffError(f"{model.name}: its label_map.generator {generator.name} generates no label maps")
-    if sorted(generator.label_output) != sorted(model.label_map) or any(
-        generator.label_output[k] != model.label_map[k] for k in model.label_map
-    ):
+    if generator.label_output != model.label_map:
         raise MeddiffError(
             f"{model.name} takes labels {model.label_map} but its generator {generator.name} draws "
             f"{generator.label_output}"
@@ -35,3 +33,9 @@ def conditions_model(model: ModelConfigView, labels: object | None) -> ModelConf
     if labels is None and model.label_map and model.map_generator:
         return map_generator_of(model)
     return model
+
+
+def map_chain_steps(conditioned: ModelConfigView, model: ModelConfigView) -> int:
+    """The steps of a request's map chain: the generator's default when `conditions_model` gave the generator
+    (a two-stage run), else 0."""
+    return int(conditioned.sampling_defaults["steps"]) if conditioned is not model else 0

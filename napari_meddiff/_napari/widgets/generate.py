@@ -166,11 +166,11 @@ def _generate_two_stage(
 ) -> int:
     """`generate_task` for a label-map model without a map: per seed, the map its generator draws (then
     emitted as a `MapEvent`) and the scan made on it, previews on the map's grid."""
-    from napari_meddiff.models import describe_model
     from napari_meddiff.tasks.generate import generate_two_stage
+    from napari_meddiff.tasks.two_stage import conditions_model, map_chain_steps
 
     seeds, sampler, steps, preview_every, device = plan
-    map_steps = int(describe_model(model.map_generator).sampling_defaults["steps"])
+    map_steps = map_chain_steps(conditions_model(model, None), model)
     total = len(seeds) * (map_steps + steps)
     for n, seed in enumerate(seeds):
         name = f"{model.name}_seed{seed}"
