@@ -156,3 +156,39 @@ def test_the_first_run_finds_built_what_could_be_built_before(first_session):
     if res["others_busy"] is not None and res["others_busy"] > QUIET_CORES:
         pytest.skip(f"other processes kept {res['others_busy']:.1f} cores busy: the wall-clock gap says little")
     assert res["run_max_gap_s"] <= MAX_FIRST_RUN_STALL_S, res
+
+
+IMPORTED_AFTER_LOADING = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from napari_meddiff._napari.widgets import runner
+
+    runner._Loader()._run()  # what the first widget starts in its background thread
+    import gc
+    frozen, tracked = gc.get_freeze_count(), len(gc.get_objects())
+    before = set(sys.modules)
+    from napari.layers import Labels
+    from napari_meddiff import Volume
+    from napari_meddiff.io.volume import resample_like
+
+    vol = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4))
+    resample_like(vol, vol)  # a task's first step: its input on the model's grid
+    Labels(np.zeros((4, 4, 4), np.uint8), features={"index": [0, 1], "class": ["a", "b"]})  # a result layer
+    new = sorted({name.split(".")[0] for name in set(sys.modules) - before})
+    print("NEW " + json.dumps({"modules": new, "frozen": frozen, "tracked": tracked}))
+    """
+)
+
+
+def test_the_background_import_leaves_no_heavy_import_to_a_task_or_its_results():
+    """SimpleITK's library (70 ms with the GIL held, at a task's first resample) and pandas (270 ms on the GUI
+    thread, at the first result layer with class names) were imported where they froze the viewer; and a full
+    garbage collection (0.3 s with the GIL held) scanned every object of torch, MONAI and napari."""
+    proc = subprocess.run([sys.executable, "-c", IMPORTED_AFTER_LOADING], capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("NEW ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
+    found = json.loads(line[len("NEW ") :])
+    assert not set(found["modules"]) & {"SimpleITK", "pandas", "skimage"}, found
+    # what is alive once torch and MONAI are in is frozen: a full garbage collection does not scan it again
+    assert found["frozen"] > 10 * found["tracked"], found

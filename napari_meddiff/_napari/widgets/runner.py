@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import importlib
 import logging
 import queue
@@ -63,6 +64,11 @@ HEAVY_MODULES = (
     "napari_meddiff.tasks.generate",
     "napari_meddiff.tasks.inpaint",
     "napari_meddiff.tasks.segment",
+    # first used in a task or when its results become layers, where their import froze the viewer (issue 37):
+    "SimpleITK",  # loading its library holds the GIL: 70 ms of the event loop, in a task's first resample
+    "pandas",  # a layer's features table: 270 ms at the first Labels layer with class names
+    "skimage.color.colorconv",  # napari's Labels layer, at the first one made (skimage.color is a lazy stub)
+    "skimage.exposure",
 )
 
 
@@ -75,7 +81,12 @@ class Machine:
 
 
 class _Loader(QObject):
-    """Imports `HEAVY_MODULES` in a daemon thread; ``finished`` is delivered in the main thread."""
+    """Imports `HEAVY_MODULES` in a daemon thread; ``finished`` is delivered in the main thread.
+
+    Then it freezes the objects alive (`gc.freeze`): napari, Qt, torch and MONAI hold half a million, and each
+    full garbage collection scanned them all, 0.3 s with the GIL held, in whichever thread it fell (a task's or
+    the viewer's): a frozen viewer at unforeseeable moments (issue 37). Later collections scan what came after.
+    """
 
     finished = Signal()
 
@@ -109,6 +120,7 @@ class _Loader(QObject):
 
                 cuda_name = torch.cuda.get_device_name(0)
             self.machine = Machine(devices, cuda_name)
+            gc.freeze()
         except BaseException as exc:  # noqa: BLE001 - shown when a task runs (it imports them again)
             logger.exception("background import failed")
             self.error = exc
@@ -339,6 +351,7 @@ class _Run:
     cancel_requested: bool = False
     outcome: str = "done"
     message: str = ""
+    showing: Iterator[Any] | None = None  # an ``on_result`` that shows its result in turns (see TaskRunner)
 
 
 class TaskRunner(QObject):
@@ -348,6 +361,10 @@ class TaskRunner(QObject):
     `Progress` reports drive the progress row, other ``ctx.emit`` events go to ``on_event``, its return
     value to ``on_result``, and ``on_stop(outcome)`` ("done", "cancelled" or "error") always runs last,
     after the controls are enabled again. Errors become a napari error notification.
+
+    An ``on_result`` that is a generator function shows its result in turns: the runner resumes it once per
+    event-loop turn (``yield`` after each new layer: each costs napari 0.1-0.3 s of the GUI thread, issue 37),
+    and the run ends when it returns.
     """
 
     running_changed = Signal(bool)
@@ -398,16 +415,17 @@ class TaskRunner(QObject):
             self.progress.cancel_button.setEnabled(False)
             self.progress.label.setText("Cancelling after this step…")
 
-    def _call(self, what: str, fn: Callable[..., Any] | None, *args: Any) -> None:
+    def _call(self, what: str, fn: Callable[..., Any] | None, *args: Any) -> Any:
         if fn is None:
-            return
+            return None
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as exc:  # noqa: BLE001 - a widget bug must not leave the widget locked
             logger.exception("%s: error in %s", self.title, what)
             show_error(f"{self.title}: {type(exc).__name__}: {exc}")
             if self.run is not None and what == "on_event":
                 self.cancel()
+            return None
 
     def _on_yielded(self, event: Any) -> None:
         if self.run is None:
@@ -420,7 +438,9 @@ class TaskRunner(QObject):
 
     def _on_returned(self, result: Any) -> None:
         if self.run is not None:
-            self._call("on_result", self.run.on_result, result)
+            shown = self._call("on_result", self.run.on_result, result)
+            if isinstance(shown, Iterator):
+                self.run.showing = shown
 
     def _on_errored(self, exc: Exception) -> None:
         if self.run is None:
@@ -435,7 +455,23 @@ class TaskRunner(QObject):
         self.run.message = str(exc)
         show_error(f"{self.title} failed: {exc}")
 
+    def _show_next(self, run: _Run) -> None:
+        """One turn of a result shown in turns; the next in the next event-loop turn, or the end of the run."""
+        assert run.showing is not None
+        try:
+            next(run.showing)
+        except StopIteration:
+            run.showing = None
+        except Exception as exc:  # noqa: BLE001 - as in `_call`: the widget must not stay locked
+            run.showing = None
+            logger.exception("%s: error in on_result", self.title)
+            show_error(f"{self.title}: {type(exc).__name__}: {exc}")
+        QTimer.singleShot(0, self._on_finished)
+
     def _on_finished(self) -> None:
+        if self.run is not None and self.run.showing is not None:
+            self._show_next(self.run)
+            return
         run, self.run = self.run, None
         self._holder["run"] = None
         if run is None:

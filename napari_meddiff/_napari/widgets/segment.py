@@ -8,6 +8,7 @@ class volumes in mL. Progress is shown overall and per ensemble member; Cancel s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -465,7 +466,8 @@ class SegmentWidget(QWidget):
             self.viewer.layers.insert(index, layer)
         return layer
 
-    def _on_result(self, result: SegmentationResult) -> None:
+    def _on_result(self, result: SegmentationResult) -> Iterator[None]:
+        """Show ``result``: a layer per event-loop turn (the runner resumes this; issue 37)."""
         self.result = result
         names = list(result.volumes_ml)
         base = self._source_name
@@ -481,6 +483,7 @@ class SegmentWidget(QWidget):
                 **class_colormap(len(names)),
             ),
         )
+        yield
         c = self._offer_probability_classes(names)
         self.result_layers = {"labels": labels}
         self.result_layers["probability"] = self._replace(
@@ -495,6 +498,7 @@ class SegmentWidget(QWidget):
                 visible=False,
             ),
         )
+        yield
         self.result_layers["uncertainty"] = self._replace(
             "uncertainty",
             volume_to_layer_data(
