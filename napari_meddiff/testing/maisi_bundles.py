@@ -45,10 +45,17 @@ REMAP = {"liver": [1, 1], "spleen": [2, 3], "bone lesion": [124, 128]}  # label_
 
 _MAISI = "monai.apps.generation.maisi.networks"
 _TINY_LEVELS = {"num_channels": [8, 16], "attention_levels": [False, True], "num_head_channels": [0, 8]}
+#: the published networks' widths (maisi_ct_generative's inference.json, NV-Generate-CTMR's config_network_rflow.json)
+_FULL_LEVELS = {
+    "num_channels": [64, 128, 256, 512],
+    "attention_levels": [False, False, True, True],
+    "num_head_channels": [0, 0, 32, 32],
+}
+_FULL_AUTOENCODER = {"num_channels": [64, 128, 256], "num_res_blocks": [2, 2, 2], "norm_num_groups": 32}
 
 
-def _autoencoder(in_channels: Any, out_channels: Any) -> dict[str, Any]:
-    return {
+def _autoencoder(in_channels: Any, out_channels: Any, full_size: bool = False) -> dict[str, Any]:
+    ae = {
         "_target_": f"{_MAISI}.autoencoderkl_maisi.AutoencoderKlMaisi",
         "spatial_dims": "@spatial_dims",
         "in_channels": in_channels,
@@ -67,17 +74,22 @@ def _autoencoder(in_channels: Any, out_channels: Any) -> dict[str, Any]:
         "num_splits": 8,
         "dim_split": 1,
     }
+    return {**ae, **(copy.deepcopy(_FULL_AUTOENCODER) if full_size else {})}
 
 
-def _unet(version: str) -> dict[str, Any]:
+def _levels(full_size: bool) -> dict[str, Any]:
+    if full_size:
+        return {**copy.deepcopy(_FULL_LEVELS), "num_res_blocks": 2, "norm_num_groups": 32}
+    return {**copy.deepcopy(_TINY_LEVELS), "num_res_blocks": 1, "norm_num_groups": 4}
+
+
+def _unet(version: str, full_size: bool = False) -> dict[str, Any]:
     unet = {
         "_target_": f"{_MAISI}.diffusion_model_unet_maisi.DiffusionModelUNetMaisi",
         "spatial_dims": "@spatial_dims",
         "in_channels": "@latent_channels",
         "out_channels": "@latent_channels",
-        **copy.deepcopy(_TINY_LEVELS),
-        "num_res_blocks": 1,
-        "norm_num_groups": 4,
+        **_levels(full_size),
         "use_flash_attention": True,
         "include_top_region_index_input": version == "0.4",
         "include_bottom_region_index_input": version == "0.4",
@@ -88,17 +100,15 @@ def _unet(version: str) -> dict[str, Any]:
     return unet
 
 
-def _controlnet(version: str) -> dict[str, Any]:
+def _controlnet(version: str, full_size: bool = False) -> dict[str, Any]:
     net = {
         "_target_": f"{_MAISI}.controlnet_maisi.ControlNetMaisi",
         "spatial_dims": "@spatial_dims",
         "in_channels": "@latent_channels",
-        **copy.deepcopy(_TINY_LEVELS),
-        "num_res_blocks": 1,
-        "norm_num_groups": 4,
+        **_levels(full_size),
         "use_flash_attention": True,
         "conditioning_embedding_in_channels": 8,
-        "conditioning_embedding_num_channels": [8, 8, 8],
+        "conditioning_embedding_num_channels": [8, 32, 64] if full_size else [8, 8, 8],
     }
     if version == "1.0":
         net.update(num_class_embeds=128, resblock_updown=True, include_fc=True)
@@ -157,8 +167,9 @@ def _paths(version: str) -> dict[str, Any]:
     }
 
 
-def maisi_inference(version: str = "0.4", side: int = 16) -> dict[str, Any]:
-    """``maisi_ct_generative/configs/inference.json`` of ``version`` (``0.4`` or ``1.0``), tiny."""
+def maisi_inference(version: str = "0.4", side: int = 16, full_size: bool = False) -> dict[str, Any]:
+    """``maisi_ct_generative/configs/inference.json`` of ``version`` (``0.4`` or ``1.0``): tiny networks, or with
+    ``full_size`` the published ones (the mask generator stays tiny: nothing here runs it)."""
     config: dict[str, Any] = {"imports": ["$import torch", "$from pathlib import Path", "$import scripts"]}
     config.update(_paths(version))
     config.update(
@@ -173,9 +184,9 @@ def maisi_inference(version: str = "0.4", side: int = 16) -> dict[str, Any]:
     )  # fmt: skip
     if version == "1.0":
         config["modality"] = 1
-    config["autoencoder_def"] = _autoencoder("@image_channels", "@image_channels")
-    config["diffusion_unet_def"] = _unet(version)
-    config["controlnet_def"] = _controlnet(version)
+    config["autoencoder_def"] = _autoencoder("@image_channels", "@image_channels", full_size)
+    config["diffusion_unet_def"] = _unet(version, full_size)
+    config["controlnet_def"] = _controlnet(version, full_size)
     config["mask_generation_autoencoder_def"] = {**_autoencoder(8, 125), "use_checkpointing": True}
     config["mask_generation_diffusion_def"] = {
         "_target_": "monai.networks.nets.diffusion_model_unet.DiffusionModelUNet",
@@ -240,12 +251,12 @@ def _resolved(component: dict, config: dict) -> dict:
     return {k: config[v[1:]] if isinstance(v, str) and v.startswith("@") else v for k, v in kwargs.items()}
 
 
-def _random_network(role: str, component: dict, config: dict) -> torch.nn.Module:
+def _random_network(role: str, component: dict, config: dict, full_size: bool = False) -> torch.nn.Module:
     cls = component["_target_"].rsplit(".", 1)[1]
     net = build_network(role, {**_resolved(component, config), "monai_class": cls})
     with torch.no_grad():  # MONAI zero-initialises output and ControlNet convolutions: perturb all
-        for param in net.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+        for param in net.parameters():  # (at full size by less: 0.1 on 512 channels would overflow)
+            param.add_(torch.randn_like(param) * (0.1 if not full_size else 0.1 / param[0].numel() ** 0.5))
         if role == "controlnet":
             unzero_controlnet(net)  # residuals as training leaves them: the map counts
         if role == "autoencoder":  # images around 0.5, as CT in MAISI's [0, 1], not clamped to 0 or 1
@@ -255,9 +266,9 @@ def _random_network(role: str, component: dict, config: dict) -> torch.nn.Module
     return net
 
 
-def _write_weights(folder: Path, files: dict[str, str], config: dict) -> list[str]:
+def _write_weights(folder: Path, files: dict[str, str], config: dict, full_size: bool = False) -> list[str]:
     nets = {
-        role: _random_network(role, config[key], config)
+        role: _random_network(role, config[key], config, full_size)
         for role, key in (
             ("autoencoder", "autoencoder_def"),
             ("unet", "diffusion_unet_def"),
@@ -293,10 +304,17 @@ def _large_files(folder: Path, written: list[str]) -> str:
 
 
 def write_maisi_bundle(
-    folder: str | Path, version: str = "0.4", *, seed: int = 0, side: int = 16, extra_config: dict | None = None
+    folder: str | Path,
+    version: str = "0.4",
+    *,
+    seed: int = 0,
+    side: int = 16,
+    extra_config: dict | None = None,
+    full_size: bool = False,
 ) -> Path:
     """Write a ``maisi_ct_generative`` bundle folder of ``version`` (``0.4``: DDPM; ``1.0``: rectified flow) with
-    random weights; ``extra_config``: keys added to its inference.json (e.g. expressions that must never run)."""
+    random weights; ``extra_config``: keys added to its inference.json (e.g. expressions that must never run);
+    ``full_size``: the published networks' widths (about 1 GB of weights), for benchmarks."""
     if version not in WEIGHT_FILES:
         raise ValueError(f"unknown MAISI bundle version {version!r} (0.4 or 1.0)")
     folder = Path(folder)
@@ -304,10 +322,10 @@ def write_maisi_bundle(
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for script in ("__init__.py", "sample.py", "rectified_flow.py" if version == "1.0" else "utils.py"):
         (folder / "scripts" / script).write_text(_SCRIPT)
-    config = {**maisi_inference(version, side), **(extra_config or {})}
+    config = {**maisi_inference(version, side, full_size), **(extra_config or {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        written = _write_weights(folder, WEIGHT_FILES[version], config)
+        written = _write_weights(folder, WEIGHT_FILES[version], config, full_size)
     (folder / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
     (folder / "configs" / "metadata.json").write_text(json.dumps(maisi_metadata(version), indent=4) + "\n")
     (folder / "configs" / "label_dict.json").write_text(json.dumps(LABELS, indent=4) + "\n")
