@@ -167,6 +167,9 @@ IMPORTED_AFTER_LOADING = textwrap.dedent(
     runner._Loader()._run()  # what the first widget starts in its background thread
     import gc
     frozen, tracked = gc.get_freeze_count(), len(gc.get_objects())
+    from vispy.visuals.line import dash_atlas
+
+    dash_patterns = dash_atlas._make_pattern.cache_info().currsize  # computed at napari's first Labels layer
     before = set(sys.modules)
     from napari.layers import Labels
     from napari_meddiff import Volume
@@ -176,7 +179,7 @@ IMPORTED_AFTER_LOADING = textwrap.dedent(
     resample_like(vol, vol)  # a task's first step: its input on the model's grid
     Labels(np.zeros((4, 4, 4), np.uint8), features={"index": [0, 1], "class": ["a", "b"]})  # a result layer
     new = sorted({name.split(".")[0] for name in set(sys.modules) - before})
-    print("NEW " + json.dumps({"modules": new, "frozen": frozen, "tracked": tracked}))
+    print("NEW " + json.dumps({"modules": new, "frozen": frozen, "tracked": tracked, "dash_patterns": dash_patterns}))
     """
 )
 
@@ -192,3 +195,4 @@ def test_the_background_import_leaves_no_heavy_import_to_a_task_or_its_results()
     assert not set(found["modules"]) & {"SimpleITK", "pandas", "skimage"}, found
     # what is alive once torch and MONAI are in is frozen: a full garbage collection does not scan it again
     assert found["frozen"] > 10 * found["tracked"], found
+    assert found["dash_patterns"] > 0, found  # vispy's, for the first Labels layer's polygon overlay

@@ -111,6 +111,7 @@ class _Loader(QObject):
             for name in HEAVY_MODULES:
                 importlib.import_module(name)
             build_unit_registry()
+            build_dash_patterns()
             from napari_meddiff.runtime.devices import available_devices
 
             devices = tuple(available_devices())
@@ -143,6 +144,15 @@ def build_unit_registry() -> None:
     registry = pint.UnitRegistry(on_redefinition="raise")  # what pint's lazy default registry builds
     if isinstance(app.get(), LazyRegistry):  # still untouched: no unit of the lazy one is in use anywhere
         pint.set_application_registry(registry)
+
+
+def build_dash_patterns() -> None:
+    """Compute vispy's line dash patterns here, off the GUI thread: napari's first Labels layer (its polygon
+    overlay's lines) computed them there, 0.1-0.2 s of the event loop as a segmentation's results appeared (issue
+    37). They are cached for the process (``functools.lru_cache``)."""
+    from vispy.visuals.line.dash_atlas import DashAtlas
+
+    DashAtlas()
 
 
 _LOADER: _Loader | None = None
