@@ -31,7 +31,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import in_fresh_process, machine, others_cpu_use, peak_rss_mb, reset_peak_rss, save, table  # noqa: E402
+from common import (  # noqa: E402
+    CLI_WITH_PEAK,
+    in_fresh_process,
+    machine,
+    others_cpu_use,
+    peak_rss_mb,
+    reset_peak_rss,
+    save,
+    table,
+)
 
 BUNDLE = "brain_image_synthesis_latent_diffusion_model"
 CONDITIONS = {"gender": 1.0, "age": 0.5, "ventricular_volume": 0.2, "brain_volume": 0.4}
@@ -171,19 +180,6 @@ def ours_child(folder: str, threads: int, device: str) -> dict:
         "phase_peak_rss_gb": phase_peaks,
         "threads": torch.get_num_threads(),
     }
-
-
-CLI_WITH_PEAK = (  # `meddiff` itself (its console-script entry point), reporting its VmHWM as it exits
-    "import atexit, sys\n"
-    "peak_file = sys.argv.pop(1)\n"
-    "def report():\n"
-    "    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-    "    open(peak_file, 'w').write(line.split()[1])\n"
-    "atexit.register(report)\n"
-    "sys.argv = ['meddiff'] + sys.argv[1:]\n"
-    "from napari_meddiff.cli import main\n"
-    "sys.exit(main())\n"
-)
 
 
 def cli_row(folder: str, threads: int, device: str, decode: str) -> dict:

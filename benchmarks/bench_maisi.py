@@ -35,22 +35,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import count_flops, in_fresh_process, machine, others_cpu_use, save  # noqa: E402
+from common import CLI_WITH_PEAK, count_flops, in_fresh_process, machine, others_cpu_use, save  # noqa: E402
 
 SPACING = (1.5, 1.5, 2.0)  # MAISI's default output spacing (mm)
 ORGANS = {"liver": 1, "spleen": 3, "right kidney": 5, "left kidney": 14}  # values of MAISI's label_dict.json
-
-CLI_WITH_PEAK = (  # `meddiff` itself, reporting its VmHWM as it exits
-    "import atexit, sys\n"
-    "peak_file = sys.argv.pop(1)\n"
-    "def report():\n"
-    "    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-    "    open(peak_file, 'w').write(line.split()[1])\n"
-    "atexit.register(report)\n"
-    "sys.argv = ['meddiff'] + sys.argv[1:]\n"
-    "from napari_meddiff.cli import main\n"
-    "sys.exit(main())\n"
-)
 
 
 def abdomen_map(shape: tuple[int, int, int], path: Path) -> Path:

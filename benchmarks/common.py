@@ -16,6 +16,20 @@ import torch
 RESULTS = Path(os.environ.get("MEDDIFF_BENCH_RESULTS") or Path(__file__).parent / "results")  # override: elsewhere
 
 
+# `python -c CLI_WITH_PEAK PEAK_FILE ARGS`: `meddiff ARGS`, writing its peak RSS (VmHWM, kB) to PEAK_FILE at exit
+CLI_WITH_PEAK = (
+    "import atexit, sys\n"
+    "peak_file = sys.argv.pop(1)\n"
+    "def report():\n"
+    "    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+    "    open(peak_file, 'w').write(line.split()[1])\n"
+    "atexit.register(report)\n"
+    "sys.argv = ['meddiff'] + sys.argv[1:]\n"
+    "from napari_meddiff.cli import main\n"
+    "sys.exit(main())\n"
+)
+
+
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
     try:
