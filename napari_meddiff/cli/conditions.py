@@ -23,9 +23,10 @@ def add_condition_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance-scale",
         type=float,
-        default=1.0,
+        default=None,
         metavar="S",
-        help="classifier-free guidance scale (default 1: none; needs a model trained with condition dropout)",
+        help="classifier-free guidance scale (default: the model's, else 1: none; needs a model trained with "
+        "condition dropout)",
     )
 
 

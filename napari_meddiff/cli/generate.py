@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.rank_device(args.device, ctx)
     seeds = seed_range(args.seed, args.num)
     conditioned = conditions_model(describe_model(args.model), args.labels)  # a two-stage run: the map generator's
+    if args.guidance_scale is None:
+        args.guidance_scale = conditioned.guidance_default
     args.conditions_for = seed_conditions(conditioned, args.condition, seeds, args.guidance_scale)
     blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
     by_map = args.labels is not None and args.labels.is_dir()

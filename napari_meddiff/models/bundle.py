@@ -52,7 +52,17 @@ if TYPE_CHECKING:
     import torch
 
 SIDECAR_NAME = "meddiff.json"
-SIDECAR_KEYS = ("name", "image_shape", "voxel_size", "latent", "defaults", "weights", "conditioning", "orientation")
+SIDECAR_KEYS = (
+    "name",
+    "image_shape",
+    "voxel_size",
+    "latent",
+    "defaults",
+    "weights",
+    "conditioning",
+    "orientation",
+    "variant",  # NV-Generate-CTMR: which of its models the folder opens as (`nv_generate.VARIANTS`)
+)
 
 
 class BundleFormat:

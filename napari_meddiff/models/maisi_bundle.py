@@ -56,7 +56,7 @@ def _pick(components: dict, role: str, cls: str, where: str, fits=lambda kwargs:
     return found[0]
 
 
-def _networks(components: dict, where: str) -> dict[str, dict]:
+def _networks(components: dict, where: str, controlnet: bool = True) -> dict[str, dict]:
     """The image UNet, autoencoder (1 channel to 1: not the mask generator's) and ControlNet, as configs."""
     _, unet = _pick(components, "unet", "DiffusionModelUNetMaisi", where)
     _, ae = _pick(
@@ -66,12 +66,16 @@ def _networks(components: dict, where: str) -> dict[str, dict]:
         where,
         lambda kw: kw.get("in_channels") == kw.get("out_channels"),
     )
-    _, controlnet = _pick(components, "controlnet", "ControlNetMaisi", where)
-    return {
+    nets = {
         "unet": {**unet, "monai_class": "DiffusionModelUNetMaisi"},
         "autoencoder": {**ae, "monai_class": "AutoencoderKlMaisi"},
-        "controlnet": {**controlnet, "monai_class": "ControlNetMaisi"},
     }
+    if controlnet:
+        nets["controlnet"] = {
+            **_pick(components, "controlnet", "ControlNetMaisi", where)[1],
+            "monai_class": "ControlNetMaisi",
+        }
+    return nets
 
 
 def _scheduler(cfg: BundleConfig, components: dict) -> tuple[str, dict, bool]:
@@ -84,23 +88,25 @@ def _scheduler(cfg: BundleConfig, components: dict) -> tuple[str, dict, bool]:
     return cls, kwargs, target.startswith("scripts.")
 
 
-def _weight_files(folder: Path, cfg: BundleConfig, sidecar: dict) -> dict[str, str]:
+def _weight_files(folder: Path, cfg: BundleConfig, sidecar: dict, roles: list[str]) -> dict[str, str]:
     """Role -> file: meddiff.json, else the file each ``trained_*_path`` expression names (its text, not run)."""
     files = dict(sidecar.get("weights") or {})
     for role, key in WEIGHT_KEYS.items():
+        if role not in roles:
+            continue
         text = str(cfg.data.get(key, ""))
         match = re.search(r"@(model_dir|bundle_root)\s*\+\s*['\"]/?([^'\"]+\.pt)['\"]", text)
         if role not in files and match:
             files[role] = ("models/" if match.group(1) == "model_dir" else "") + match.group(2)
         elif role not in files and text.endswith(".pt") and not text.startswith(("$", "@", "%")):
             files[role] = text.removeprefix("./")  # a plain path (NV-Generate-CTMR's environment files)
-    missing = [role for role in WEIGHT_KEYS if role not in files]
+    missing = [role for role in roles if role not in files]
     if missing:
         raise MeddiffError(
             f"{folder}: cannot tell which file holds the {' and '.join(missing)} weights; name them in "
             f'meddiff.json ("weights": {{"{missing[0]}": "models/..."}})'
         )
-    return {role: str(files[role]) for role in WEIGHT_KEYS}
+    return {role: str(files[role]) for role in roles}
 
 
 def _named_values(folder: Path, rel: str, pick) -> dict[int, str]:
@@ -167,7 +173,9 @@ def _sampling(cfg: BundleConfig, schedule: dict, sidecar: dict) -> tuple[dict, d
     return {**DEFAULT_SAMPLING, **(sidecar.get("defaults") or {})}, own
 
 
-def _geometry(cfg: BundleConfig, ae: dict, sidecar: dict, notes: list[str]) -> tuple[list[int], list[float], dict]:
+def _geometry(
+    cfg: BundleConfig, ae: dict, sidecar: dict, notes: list[str], from_maps: bool = True
+) -> tuple[list[int], list[float], dict]:
     """(image shape, voxel size, latent block) from ``output_size``, ``spacing`` and the autoencoder."""
     factor = 2 ** (len(ae.get("num_channels", [0, 0, 0])) - 1)
     shape = sidecar.get("image_shape") or cfg.literal("output_size")
@@ -185,23 +193,28 @@ def _geometry(cfg: BundleConfig, ae: dict, sidecar: dict, notes: list[str]) -> t
     if scale is None:
         latent["scale_factor_source"] = "checkpoint"
         notes.append("latent scale_factor: read from the diffusion checkpoint when the weights load")
+    size = f"{'x'.join(map(str, shape))} at {voxel} mm"
     notes.append(
         f"generates at any voxel size and shape (its UNet takes the spacing); from a label map, on a grid "
-        f"covering the map at the map's spacing; {'x'.join(map(str, shape))} at {voxel} mm otherwise"
+        f"covering the map at the map's spacing; {size} otherwise"
+        if from_maps
+        else f"generates {size} (its UNet takes the spacing)"
     )
     return [int(s) for s in shape], [float(v) for v in voxel], latent
 
 
 def translate_maisi(folder: Path, cfg: BundleConfig, components: dict, sources: dict) -> dict[str, Any]:
     """The MAISI bundle as a validated config of this package's schema (``sources``: metadata.json as
-    ``metadata``, meddiff.json as ``sidecar``, large_files.yml's md5s as ``md5``)."""
+    ``metadata``, meddiff.json as ``sidecar``, large_files.yml's md5s as ``md5``). Without a ControlNet in the
+    config (NV-Generate-CTMR's MR models) it generates without a map: see `_unconditional_mr`."""
     sidecar, notes = sources["sidecar"], []
-    networks = _networks(components, str(cfg.path))
-    image_shape, voxel, latent = _geometry(cfg, networks["autoencoder"], sidecar, notes)
+    from_maps = any(c == "ControlNetMaisi" for _, c, _ in components.get("controlnet", []))
+    networks = _networks(components, str(cfg.path), controlnet=from_maps)
+    image_shape, voxel, latent = _geometry(cfg, networks["autoencoder"], sidecar, notes, from_maps)
     sched_cls, sched_kwargs, from_scripts = _scheduler(cfg, components)
     schedule = bundle_schedule(sched_cls, sched_kwargs, from_scripts)
     defaults, own = _sampling(cfg, schedule, sidecar)
-    weights = _weight_files(folder, cfg, sidecar)
+    weights = _weight_files(folder, cfg, sidecar, list(networks))
     config = {
         "name": str(sidecar.get("name", folder.name)),
         "format": "monai-bundle",
@@ -214,7 +227,6 @@ def translate_maisi(folder: Path, cfg: BundleConfig, components: dict, sources: 
         "scheduler": schedule,
         "defaults": defaults,
         "bundle_sampling": own,
-        "label_map": {"labels": label_vocabulary(folder, notes), "encoding": "binary", "body_label": BODY_LABEL},
         "network_inputs": _network_inputs(cfg, networks["unet"]),
         "weights": {
             r: {"file": f, **({"md5": sources["md5"][f]} if f in sources["md5"] else {})} for r, f in weights.items()
@@ -228,4 +240,45 @@ def translate_maisi(folder: Path, cfg: BundleConfig, components: dict, sources: 
         # MAISI's [0, 1] is CT's -1000..1000 HU, and where the map is background its pipeline writes air
         "intensity": {"range": [0.0, 1.0], "output_range": [-1000.0, 1000.0], "background_value": -1000.0},
     }
+    if from_maps:
+        config["label_map"] = {
+            "labels": label_vocabulary(folder, notes),
+            "encoding": "binary",
+            "body_label": BODY_LABEL,
+        }
+    else:
+        _unconditional_mr(config, cfg)
     return validate_config(config, str(cfg.path))
+
+
+MR_MODALITY_MIN = 8  # NV-Generate-CTMR: modality classes 1-7 are CT, 8 and above MR (diff_model_infer.py)
+
+
+def _unconditional_mr(config: dict[str, Any], cfg: BundleConfig) -> None:
+    """A MAISI UNet without a ControlNet (NV-Generate-CTMR's ``rflow-mr``, ``rflow-mr-brain``): generated from noise
+    with its modality as a class-label condition, class 0 the unconditional one of classifier-free guidance at
+    the config's ``cfg_guidance_scale`` (their ``s * (cond - uncond) + uncond``; 0 there means none: 1 here).
+    MR intensities: [0, 1] is 0..1000 (their diff_model_infer.py), CT's -1000..1000 HU."""
+    inputs = config["network_inputs"]
+    modality = int(inputs.pop("class_label", CT_MODALITY))
+    config["conditioning"] = {
+        "class_labels": True,
+        "null": [0.0],
+        "conditions": [
+            {
+                "name": "modality",
+                "low": 0.0,
+                "high": float(config["networks"]["unet"].get("num_class_embeds") or 128) - 1,
+                "default": float(modality),
+                "description": "the modality class the UNet was trained with (NV-Generate-CTMR: 1-7 CT, 8+ MR)",
+            }
+        ],
+    }
+    scale = cfg.literal("cfg_guidance_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+        config["defaults"]["guidance_scale"] = float(scale)
+    config["intensity"] = {"range": [0.0, 1.0]}
+    if modality >= MR_MODALITY_MIN:
+        config["intensity"]["output_range"] = [0.0, 1000.0]
+    else:
+        config["intensity"]["output_range"] = [-1000.0, 1000.0]

@@ -112,6 +112,12 @@ class ModelConfigView:
         return {**package, **self.config.get("defaults", {})}
 
     @property
+    def guidance_default(self) -> float:
+        """The classifier-free guidance scale used when none is given: the config's (NV-Generate-CTMR's MR models
+        name theirs), else 1 (none)."""
+        return float(self.config.get("defaults", {}).get("guidance_scale", 1.0))
+
+    @property
     def conditioning(self) -> Conditioning:
         return parse_conditions(self.config.get("conditioning"), self.name)[0]
 

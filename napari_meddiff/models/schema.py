@@ -291,6 +291,10 @@ OPTIONAL_BLOCKS = {
         "steps": (_positive_int, "a positive integer"),
         "precision": (lambda v: isinstance(v, str), "a precision name"),
         "combine": (lambda v: v in COMBINE_METHODS, " or ".join(COMBINE_METHODS) + " (segmentation ensembles)"),
+        "guidance_scale": (
+            lambda v: _is_number(v) and 0 <= v <= 100,
+            "a number from 0 to 100 (classifier-free guidance; 1: none)",
+        ),
     },
     "intensity": {
         "method": (lambda v: isinstance(v, str), "a string"),

@@ -17,6 +17,7 @@ from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
 from napari_meddiff.models import DEFAULT_MODEL, DiffusionModel, load_model
 from napari_meddiff.tasks.footprint import check_request_fits
+from napari_meddiff.tasks.from_labels import in_output_units
 from napari_meddiff.tasks.settings import prepare_model, provenance, resolve_settings
 
 
@@ -77,7 +78,7 @@ def generate(
     preview_every: int = 0,
     should_cancel: Callable[[], bool] | None = None,
     conditions: ConditionsArg = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
     release_unet: bool = False,
     labels: Volume | None = None,
 ) -> list[Volume]:
@@ -86,7 +87,8 @@ def generate(
     the CPU).
 
     ``conditions``: the model's named conditions (``model.conditions``), one mapping for every seed or one
-    per seed; missing names take their defaults. ``guidance_scale``: classifier-free guidance (1: none).
+    per seed; missing names take their defaults. ``guidance_scale``: classifier-free guidance (1: none; None: the
+    model's default, `guidance_default`).
     ``on_preview`` receives decoded previews every ``preview_every`` steps (0: never). ``release_unet``: free
     the model's UNet once the last batch is denoised, before its decoding (`DiffusionModel.release_unet`; for
     a process that samples no more: the command line); the same volumes.
@@ -98,6 +100,8 @@ def generate(
     model, dev = prepare_model(model, device)
     if model.kind == "segmentation":
         raise MeddiffError(f"{model.name} is a segmentation model; use `segment`, not `generate`")
+    if guidance_scale is None:
+        guidance_scale = model.guidance_default
     if model.label_map or labels is not None:
         from napari_meddiff.tasks.from_labels import generate_from_labels, require_label_map
 
@@ -229,7 +233,7 @@ def _generate_batch(
     z = denoise(
         model, x, sampler=settings["sampler"], steps=settings["steps"], generators=generators, eta=settings["eta"],
         on_step=step_hook, should_cancel=should_cancel, precision=precision, condition_values=values,
-        guidance_scale=guidance_scale,
+        guidance_scale=guidance_scale, network_inputs=model.network_inputs(len(seeds)),  # e.g. MAISI's spacing
     )  # fmt: skip
     if release_unet:
         model.release_unet()
@@ -243,5 +247,5 @@ def _generate_batch(
             extra.update(conditions=seed_values, guidance_scale=float(guidance_scale))
         record = provenance(model, dev, task="generate", seed=seed, **settings, batch_size=batch_size, **extra)
         record["seconds"] = round(seconds, 3)
-        volumes.append(to_volume(model, image, provenance=record))
+        volumes.append(in_output_units(model, to_volume(model, image, provenance=record)))
     return volumes

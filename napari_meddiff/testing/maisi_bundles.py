@@ -395,6 +395,60 @@ def write_nv_generate_folder(folder: str | Path, *, seed: int = 0, side: int = 1
     return folder
 
 
+NV_MR_WEIGHT_FILES = {"autoencoder": "autoencoder_v2.pt", "unet": "diff_unet_3d_rflow-mr.pt"}
+
+
+def nv_generate_mr_configs(side: int = 16, modality: int = 9, guidance: float = 15.0) -> dict[str, dict[str, Any]]:
+    """NV-Generate-CTMR's ``rflow-mr`` files (``config_maisi_diff_model_rflow-mr.json``, its environment file)
+    and the rflow network file they share with ``rflow-ct``, tiny, by file name."""
+    network = nv_generate_configs(side)["config_network_rflow.json"]
+    inference = {
+        "diffusion_unet_train": {"batch_size": 1, "cache_rate": 0, "lr": 0.0001, "n_epochs": 1000},
+        "diffusion_unet_inference": {
+            "dim": [side, side, side], "spacing": [1.25, 1.0, 1.0], "top_region_index": [0, 1, 0, 0],
+            "bottom_region_index": [0, 0, 1, 0], "random_seed": 0, "num_inference_steps": 30,
+            "modality": modality, "cfg_guidance_scale": guidance,
+        },
+    }  # fmt: skip
+    environment = {
+        "data_base_dir": "./data", "embedding_base_dir": "./embeddings", "json_data_list": "./dataset.json",
+        "model_dir": "./models", "model_filename": NV_MR_WEIGHT_FILES["unet"], "output_dir": "./output",
+        "output_prefix": "unet_3d", "trained_autoencoder_path": f"models/{NV_MR_WEIGHT_FILES['autoencoder']}",
+        "existing_ckpt_filepath": None,
+    }  # fmt: skip
+    return {
+        "config_network_rflow.json": network,
+        "config_maisi_diff_model_rflow-mr.json": inference,
+        "environment_maisi_diff_model_rflow-mr.json": environment,
+    }
+
+
+def write_nv_generate_mr_folder(folder: str | Path, *, seed: int = 0, side: int = 16, **settings: Any) -> Path:
+    """Write an NV-Generate-CTMR folder holding its ``rflow-mr`` model (MR from noise, no ControlNet) with random
+    weights: the UNet's as ``{"unet_state_dict", "scale_factor"}``, the autoencoder's wrapped the same way (their
+    loader takes it bare or so). ``settings``: ``modality``, ``guidance`` of its inference file."""
+    folder = Path(folder)
+    for sub in ("configs", "models", "scripts"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for script in ("__init__.py", "diff_model_infer.py"):
+        (folder / "scripts" / script).write_text(_SCRIPT)
+    configs = nv_generate_mr_configs(side, **settings)
+    network = configs["config_network_rflow.json"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _random_network("unet", network["diffusion_unet_def"], network)
+        ae = _random_network("autoencoder", network["autoencoder_def"], network)
+    models = folder / "models"
+    torch.save(
+        {"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(SCALE_FACTOR)},
+        models / NV_MR_WEIGHT_FILES["unet"],
+    )
+    torch.save({"unet_state_dict": ae.state_dict()}, models / NV_MR_WEIGHT_FILES["autoencoder"])
+    for name, data in configs.items():
+        (folder / "configs" / name).write_text(json.dumps(data, indent=4) + "\n")
+    return folder
+
+
 __all__ = [
     "LABELS",
     "SCALE_FACTOR",
@@ -402,4 +456,5 @@ __all__ = [
     "maisi_inference",
     "write_maisi_bundle",
     "write_nv_generate_folder",
+    "write_nv_generate_mr_folder",
 ]

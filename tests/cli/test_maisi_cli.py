@@ -91,3 +91,22 @@ def test_fetch_leaves_out_the_files_no_task_reads(tmp_path, monkeypatch, capsys)
     requested.clear()
     assert main(["fetch", "maisi_ct_generative", "--dir", str(tmp_path / "zoo2"), "--all-files"]) == 2
     assert any(rel.startswith("models/mask_generation_") for rel in requested)
+
+
+def test_generate_mr_from_noise_with_an_nv_generate_mr_folder(tmp_path, capsys):
+    """NV-Generate-CTMR's rflow-mr: no map; its modality and guidance scale from its files, recorded."""
+    from napari_meddiff.testing.maisi_bundles import write_nv_generate_mr_folder
+
+    folder = write_nv_generate_mr_folder(tmp_path / "NV-Generate-CTMR", modality=9, guidance=15.0)
+    args = ["generate", "--model", str(folder), "--steps", "2", "--precision", "fp32"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--guidance-scale", "1"]) == 0
+    sidecar = json.loads((tmp_path / "a" / "NV-Generate-CTMR_seed0.json").read_text())
+    assert sidecar["guidance_scale"] == 15.0 and sidecar["conditions"] == {"modality": 9.0}
+    scan, unguided = (nib.load(tmp_path / run / "NV-Generate-CTMR_seed0.nii.gz") for run in ("a", "b"))
+    assert scan.shape == (16, 16, 16) and np.allclose(scan.header.get_zooms(), (1.25, 1.0, 1.0))
+    assert 0 <= scan.get_fdata().min() and not np.array_equal(scan.get_fdata(), unguided.get_fdata())
+    capsys.readouterr()
+    a_map = str(tmp_path / "a" / "NV-Generate-CTMR_seed0.nii.gz")
+    assert main([*args, "--out", str(tmp_path / "c"), "--labels", a_map]) != 0
+    assert "does not generate from a label map" in capsys.readouterr().err and not (tmp_path / "c").exists()

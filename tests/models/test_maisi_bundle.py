@@ -213,6 +213,48 @@ def test_an_nv_generate_ctmr_folder_is_read_as_maisi(tmp_path):
     assert not (folder / SCRIPT_MARKER).exists()  # its scripts.adagn_unet UNet is neither built nor imported
 
 
+def test_an_nv_generate_mr_model_generates_from_noise_with_its_modality_and_guidance(tmp_path):
+    """NV-Generate-CTMR's rflow-mr (issue 38): the rflow network file without its ControlNet, the weights its
+    environment file names (model_dir + model_filename; the autoencoder's wrapped as their loader allows), the
+    modality a class label whose class 0 is classifier-free guidance's unconditional one, at their scale."""
+    from napari_meddiff.tasks.generate import generate
+    from napari_meddiff.testing.maisi_bundles import write_nv_generate_mr_folder
+
+    folder = write_nv_generate_mr_folder(tmp_path / "NV-Generate-CTMR", side=16, modality=9, guidance=15.0)
+    config = read_config(folder)
+    assert config["format"] == "nv-generate-ctmr" and config["bundle"]["name"] == "NV-Generate-CTMR rflow-mr"
+    assert set(config["networks"]) == {"unet", "autoencoder"} and "label_map" not in config
+    assert config["weights"]["unet"]["file"] == "models/diff_unet_3d_rflow-mr.pt"
+    assert config["image_shape"] == [16, 16, 16] and config["voxel_size"] == [1.25, 1.0, 1.0]
+    model = load_model(folder)
+    assert [c.name for c in model.conditions] == ["modality"] and model.conditions[0].default == 9
+    assert model.guidance_default == 15.0 and model.sampling_defaults["sampler"] == "rflow"
+    scan = generate(model, [0], steps=2)[0]
+    assert scan.shape == (16, 16, 16) and scan.spacing == pytest.approx((1.25, 1.0, 1.0))
+    assert 0.0 <= scan.array.min() and scan.array.max() <= 1000.0 and scan.array.std() > 0  # MR: 0..1000
+    record = scan.metadata["provenance"]
+    assert record["guidance_scale"] == 15.0 and record["conditions"] == {"modality": 9.0}
+    np.testing.assert_array_equal(scan.array, generate(model, [0], steps=2)[0].array)  # the same seed
+    assert not np.array_equal(scan.array, generate(model, [0], steps=2, guidance_scale=1.0)[0].array)
+    assert not np.array_equal(scan.array, generate(model, [0], steps=2, conditions={"modality": 10})[0].array)
+    assert not (folder / SCRIPT_MARKER).exists()
+
+
+def test_an_nv_generate_folder_with_ct_and_mr_weights_opens_the_variant_asked_for(tmp_path):
+    import json
+
+    from napari_meddiff.testing.maisi_bundles import write_nv_generate_folder, write_nv_generate_mr_folder
+
+    folder = write_nv_generate_mr_folder(tmp_path / "NV-Generate-CTMR")
+    write_nv_generate_folder(folder)  # the CT model beside it: CT comes first
+    assert "label_map" in read_config(folder) and read_config(folder)["bundle"]["name"] == "NV-Generate-CTMR rflow-ct"
+    (folder / "meddiff.json").write_text(json.dumps({"variant": "rflow-mr"}))
+    assert "label_map" not in read_config(folder)
+    (folder / "meddiff.json").write_text(json.dumps({"variant": "rflow-xr"}))
+    with pytest.raises(MeddiffError, match="variant 'rflow-xr' is not one of"):
+        read_config(folder)
+
+
 def test_a_map_finer_or_coarser_than_maisi_was_trained_on_is_generated_within_its_range(models):
     fine = organ_map()
     fine.affine = np.diag([0.3, 0.3, 7.0, 1.0])  # MAISI takes 0.5..3 mm in plane, 0.5..5 mm along S

@@ -99,7 +99,7 @@ class ConditionControls(QWidget):
             self.guidance = QDoubleSpinBox()
             self.guidance.setRange(0.0, 30.0)
             self.guidance.setSingleStep(0.5)
-            self.guidance.setValue(1.0)
+            self.guidance.setValue(info.guidance_default)
             self.guidance.setToolTip("Classifier-free guidance scale (1: none)")
             self.form.addRow("Guidance", self.guidance)
         self.setVisible(bool(specs))
