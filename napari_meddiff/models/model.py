@@ -112,6 +112,25 @@ class ModelConfigView:
         return {**package, **self.config.get("defaults", {})}
 
     @property
+    def output_range(self) -> tuple[float, float] | None:
+        """The units of the model's output 0 and 1 (``intensity.output_range``: MAISI's CT in HU, NV-Generate's MR
+        in 0..1000), or None for a normalised output."""
+        given = (self.config.get("intensity") or {}).get("output_range")
+        return (float(given[0]), float(given[1])) if given else None
+
+    @property
+    def display_window(self) -> tuple[float, float]:
+        """Contrast limits to show the model's output with: CT in HU in a soft-tissue window (level 40, width 400
+        HU, as a radiologist first reads an abdomen), other units over their range, a normalised output over
+        [0, 1]."""
+        units = self.output_range
+        if units is None:
+            return (0.0, 1.0)
+        if units[0] <= -1000.0:  # Hounsfield units
+            return (-160.0, 240.0)
+        return units
+
+    @property
     def guidance_default(self) -> float:
         """The classifier-free guidance scale used when none is given: the config's (NV-Generate-CTMR's MR models
         name theirs), else 1 (none)."""

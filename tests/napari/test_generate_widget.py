@@ -432,3 +432,22 @@ def test_a_maisi_bundle_paints_a_ct_from_the_chosen_labels_layer(make_napari_vie
         (ref,) = generate_from_labels(load_model(folder), Volume(labels.array, labels.affine), [0], steps=2)
     np.testing.assert_array_equal(result.data, ref.array)
     assert_usable(widget)
+    assert tuple(result.contrast_limits) == (-160.0, 240.0)  # in HU, shown in a soft-tissue window
+
+
+def test_an_mr_model_from_noise_shows_its_modality_guidance_and_units(make_napari_viewer, qtbot, tmp_path):
+    """NV-Generate-CTMR's rflow-mr: its modality and guidance scale in the form, set from its files; the scan in
+    its units (0..1000) shown over them, as the core makes it."""
+    from napari_meddiff import generate, load_model
+    from napari_meddiff.testing.maisi_bundles import write_nv_generate_mr_folder
+
+    folder = write_nv_generate_mr_folder(tmp_path / "NV-Generate-CTMR", modality=9, guidance=15.0)
+    viewer, widget = open_widget(make_napari_viewer, folder)
+    assert widget.conditions.rows["modality"].value() == 9 and widget.conditions.guidance_scale() == 15.0
+    widget.sampling.steps.setValue(2)
+    run_and_wait(qtbot, widget)
+    result = viewer.layers["NV-Generate-CTMR_seed0"]
+    assert tuple(result.contrast_limits) == (0.0, 1000.0)
+    (ref,) = generate(load_model(folder), [0], steps=2)
+    np.testing.assert_array_equal(result.data, ref.array)
+    assert_usable(widget)

@@ -387,7 +387,10 @@ class GenerateWidget(QWidget):
         else:
             empty = to_volume(self._info, np.zeros(self._info.image_shape, np.float32))  # the model grid
         data, meta, layer_type = volume_to_layer_data(
-            empty, f"{self._info.name}_seed{seed} (generating…)", layer_type="image", contrast_limits=(0.0, 1.0)
+            empty,
+            f"{self._info.name}_seed{seed} (generating…)",
+            layer_type="image",
+            contrast_limits=self._info.display_window,
         )
         meta["metadata"][PREVIEW_KEY] = True
         meta["opacity"] = 0.0  # nothing to show yet; the first preview makes it opaque
@@ -407,8 +410,10 @@ class GenerateWidget(QWidget):
 
     def _show_preview(self, event: PreviewEvent) -> None:
         layer = self._pending_layer()
-        layer.data = event.volume.array if event.volume.array.ndim == 3 else event.volume.array[..., None]
-        layer.contrast_limits = (0.0, 1.0)
+        data = event.volume.array if event.volume.array.ndim == 3 else event.volume.array[..., None]
+        units = self._info.output_range  # a preview is in [0, 1]; shown in the units the result will have
+        layer.data = data if units is None else units[0] + np.asarray(data, np.float32) * (units[1] - units[0])
+        layer.contrast_limits = self._info.display_window
         layer.opacity = 1.0
 
     def _finish_volume(self, event: ResultEvent) -> None:
@@ -419,13 +424,12 @@ class GenerateWidget(QWidget):
             self.viewer.layers.remove(layer)
             self._add_labels_layer(event.name, event.volume, self._info.label_output, visible=True)
         else:
-            data, meta, _ = volume_to_layer_data(
-                event.volume, event.name, layer_type="image", contrast_limits=(0.0, 1.0)
-            )
+            window = self._info.display_window
+            data, meta, _ = volume_to_layer_data(event.volume, event.name, layer_type="image", contrast_limits=window)
             layer.name = event.name
             layer.metadata = meta["metadata"]
             layer.data = data
-            layer.contrast_limits = (0.0, 1.0)
+            layer.contrast_limits = window
             layer.opacity = 1.0
             self._results.append(layer)
         self._pending = None
