@@ -261,6 +261,10 @@ def _unconditional_mr(config: dict[str, Any], cfg: BundleConfig) -> None:
     MR intensities: [0, 1] is 0..1000 (their diff_model_infer.py), CT's -1000..1000 HU."""
     inputs = config["network_inputs"]
     modality = int(inputs.pop("class_label", CT_MODALITY))
+    config["intensity"] = {"range": [0.0, 1.0]}
+    config["intensity"]["output_range"] = [0.0, 1000.0] if modality >= MR_MODALITY_MIN else [-1000.0, 1000.0]
+    if not config["networks"]["unet"].get("num_class_embeds"):
+        return  # a UNet without class embeddings takes no modality
     config["conditioning"] = {
         "class_labels": True,
         "null": [0.0],
@@ -276,9 +280,4 @@ def _unconditional_mr(config: dict[str, Any], cfg: BundleConfig) -> None:
     }
     scale = cfg.literal("cfg_guidance_scale")
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
-        config["defaults"]["guidance_scale"] = float(scale)
-    config["intensity"] = {"range": [0.0, 1.0]}
-    if modality >= MR_MODALITY_MIN:
-        config["intensity"]["output_range"] = [0.0, 1000.0]
-    else:
-        config["intensity"]["output_range"] = [-1000.0, 1000.0]
+        config["defaults"].setdefault("guidance_scale", float(scale))  # meddiff.json's defaults come first

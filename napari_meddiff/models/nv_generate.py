@@ -25,6 +25,7 @@ from napari_meddiff.models.bundle_config import BundleConfig, bundle_file, load_
 
 VARIANTS = ("rflow", "ddpm", "rflow-mr", "rflow-mr-brain")  # CT first (from a label map), then MR (from noise)
 MR_VARIANTS = ("rflow-mr", "rflow-mr-brain")
+NAMES = {"rflow": "rflow-ct", "ddpm": "ddpm-ct"}  # NVIDIA's names of the CT variants
 INFER_CONFIG = "configs/config_infer.json"
 MR_INFERENCE_KEYS = {  # diffusion_unet_inference (configs/config_maisi_diff_model_<v>.json) -> the CT names
     "dim": "output_size",
@@ -63,9 +64,10 @@ def find_variant(folder: Path) -> str | None:
     else the first with its files."""
     chosen = read_sidecar(folder).get("variant")
     if chosen is not None:
-        if chosen not in VARIANTS:
-            raise MeddiffError(f"{folder}: meddiff.json variant {chosen!r} is not one of {', '.join(VARIANTS)}")
-        return str(chosen)
+        names = {NAMES.get(v, v): v for v in VARIANTS}  # NVIDIA's names (rflow-ct), and rflow / ddpm for CT
+        if chosen not in names and chosen not in VARIANTS:
+            raise MeddiffError(f"{folder}: meddiff.json variant {chosen!r} is not one of {', '.join(names)}")
+        return names.get(chosen, chosen)
     present = [v for v in VARIANTS if all((folder / rel).is_file() for rel in _variant_files(folder, v))]
     for variant in present:
         weights = _diffusion_weights(load_data_file(bundle_file(folder, _variant_files(folder, variant)[2])))
@@ -117,7 +119,7 @@ class NVGenerateFormat(BundleFormat):
         if not maisi_bundle.is_maisi(components):
             raise MeddiffError(f"{cfg.path}: no DiffusionModelUNetMaisi found (the diffusion network)")
         sidecar = read_sidecar(folder)
-        metadata = {"name": f"NV-Generate-CTMR {variant if variant in MR_VARIANTS else variant + '-ct'}"}
+        metadata = {"name": f"NV-Generate-CTMR {NAMES.get(variant, variant)}"}
         sources = {"metadata": metadata, "sidecar": sidecar, "md5": read_large_files(folder, {})}
         config = maisi_bundle.translate_maisi(folder, cfg, components, sources)
         config["format"] = self.name

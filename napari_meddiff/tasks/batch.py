@@ -354,7 +354,7 @@ def generate_subjects(
     on_written: Callable[[Path], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     conditions: Callable[[int], dict] | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
     release_unet: bool = False,
     labels=None,
 ) -> GenerationReport:
@@ -364,7 +364,8 @@ def generate_subjects(
     it are written: each seed keeps the batch it has in a full run. ``extra`` is added to every sidecar.
     ``on_plan(samples, steps)`` is called once the work is known (samples to compute, steps per chain);
     ``on_step(n)`` after each denoising step with the number of samples that advanced.
-    ``conditions(seed)``: the model's conditions for a seed (a cohort may sweep one); recorded in the sidecars.
+    ``conditions(seed)``: the model's conditions for a seed (a cohort may sweep one); recorded in the sidecars, as
+    is ``guidance_scale`` (None: the default of the model whose conditions they are).
     ``release_unet``: free the model's UNet before the last block's decoding (`generate`'s option).
     ``labels``: the label map (a `Volume`) every subject is generated from (a label-map model); its digest is
     recorded, and a subject made from another map is an error, not overwritten.
@@ -390,6 +391,8 @@ def generate_subjects(
     for path in report.removed_temps:
         log(f"removed stray temporary file {path}")
     conditioned = conditions_model(model, labels)  # a two-stage run's conditions are its map generator's
+    if guidance_scale is None:  # as the conditions: the model's, or its map generator's
+        guidance_scale = conditioned.guidance_default
     wanted = (conditioned, lambda seed: conditions(seed) if conditions else None, guidance_scale)
     plan = _blocks_to_compute(model, blocks, out, settings, wanted, overwrite=overwrite, report=report, log=log)
     if on_plan is not None:

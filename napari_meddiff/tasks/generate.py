@@ -100,8 +100,6 @@ def generate(
     model, dev = prepare_model(model, device)
     if model.kind == "segmentation":
         raise MeddiffError(f"{model.name} is a segmentation model; use `segment`, not `generate`")
-    if guidance_scale is None:
-        guidance_scale = model.guidance_default
     if model.label_map or labels is not None:
         from napari_meddiff.tasks.from_labels import generate_from_labels, require_label_map
 
@@ -117,6 +115,8 @@ def generate(
             batch_size=batch_size, eta=eta, on_step=on_step, should_cancel=should_cancel,
         )  # fmt: skip
     seeds = check_seeds([seeds] if isinstance(seeds, int) else [int(s) for s in seeds])
+    if guidance_scale is None:  # (a two-stage run's is its map generator's, resolved there)
+        guidance_scale = model.guidance_default
     if batch_size < 1:
         raise MeddiffError("batch size must be at least 1")
     check_request_fits(
@@ -151,7 +151,7 @@ def generate_two_stage(
     batch_size: int = 1,
     eta: float = 0.0,
     conditions: ConditionsArg = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     on_stage: Callable[[str, int], None] | None = None,
     on_preview: Callable[[Volume], None] | None = None,

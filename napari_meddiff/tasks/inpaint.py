@@ -394,8 +394,8 @@ class _Runner:
     def _map_condition(self, units) -> dict[str, Any]:
         """A label-map model's map for the batch, as generating from a map gives it (`map_inputs`)."""
         labels = self.plan.labels
-        if labels is None:
-            return {}
+        if labels is None:  # the UNet's own inputs (e.g. MAISI's spacing), as generating gives them
+            return {"network_inputs": self.model.network_inputs(len(units))}
         maps = torch.from_numpy(np.stack([labels if u[1] is None else labels[:, :, u[1]] for u in units]))
         return map_inputs(self.model, maps, self.device, self.plan.grid.spacing)
 

@@ -237,7 +237,23 @@ def test_an_nv_generate_mr_model_generates_from_noise_with_its_modality_and_guid
     np.testing.assert_array_equal(scan.array, generate(model, [0], steps=2)[0].array)  # the same seed
     assert not np.array_equal(scan.array, generate(model, [0], steps=2, guidance_scale=1.0)[0].array)
     assert not np.array_equal(scan.array, generate(model, [0], steps=2, conditions={"modality": 10})[0].array)
+    from napari_meddiff.tasks.inpaint import inpaint
+
+    hole = np.zeros(scan.shape, bool)
+    hole[4:10, 4:10, 4:10] = True
+    (filled,) = inpaint(model, scan, hole, steps=2)  # its UNet gets its spacing there too
+    np.testing.assert_array_equal(filled.array[~hole], scan.array[~hole])
     assert not (folder / SCRIPT_MARKER).exists()
+
+
+def test_meddiff_json_defaults_win_over_an_nv_generate_mr_models_files(tmp_path):
+    import json
+
+    from napari_meddiff.testing.maisi_bundles import write_nv_generate_mr_folder
+
+    folder = write_nv_generate_mr_folder(tmp_path / "NV-Generate-CTMR", guidance=15.0)
+    (folder / "meddiff.json").write_text(json.dumps({"defaults": {"guidance_scale": 3.0}, "variant": "rflow-mr"}))
+    assert read_config(folder)["defaults"]["guidance_scale"] == 3.0
 
 
 def test_an_nv_generate_folder_with_ct_and_mr_weights_opens_the_variant_asked_for(tmp_path):
@@ -250,8 +266,10 @@ def test_an_nv_generate_folder_with_ct_and_mr_weights_opens_the_variant_asked_fo
     assert "label_map" in read_config(folder) and read_config(folder)["bundle"]["name"] == "NV-Generate-CTMR rflow-ct"
     (folder / "meddiff.json").write_text(json.dumps({"variant": "rflow-mr"}))
     assert "label_map" not in read_config(folder)
+    (folder / "meddiff.json").write_text(json.dumps({"variant": "rflow-ct"}))  # NVIDIA's name
+    assert "label_map" in read_config(folder)
     (folder / "meddiff.json").write_text(json.dumps({"variant": "rflow-xr"}))
-    with pytest.raises(MeddiffError, match="variant 'rflow-xr' is not one of"):
+    with pytest.raises(MeddiffError, match="variant 'rflow-xr' is not one of rflow-ct, ddpm-ct, rflow-mr"):
         read_config(folder)
 
 

@@ -97,7 +97,7 @@ class ConditionControls(QWidget):
             self.form.addRow(spec.label, row)
         if specs and self.offers_guidance and info.conditioning.null is not None:
             self.guidance = QDoubleSpinBox()
-            self.guidance.setRange(0.0, 30.0)
+            self.guidance.setRange(0.0, 100.0)  # as a model's default may be (the schema's bound)
             self.guidance.setSingleStep(0.5)
             self.guidance.setValue(info.guidance_default)
             self.guidance.setToolTip("Classifier-free guidance scale (1: none)")

@@ -36,6 +36,7 @@ from napari_meddiff._napari.widgets.runner import (
     Machine,
     TaskContext,
     TaskRunner,
+    collect_removed_layers,
     is_loaded,
     load_model_cached,
     selecting_for_the_user,
@@ -226,6 +227,7 @@ class GenerateWidget(QWidget):
         if not is_loaded():
             self.progress.label.setText("Loading torch and MONAI…")
         when_loaded(self, self._on_loaded)
+        collect_removed_layers(self.viewer)
 
     def _on_loaded(self, machine: Machine) -> None:
         """torch and the tasks are imported (in the background): devices known, Generate enabled."""

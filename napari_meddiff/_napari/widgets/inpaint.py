@@ -37,6 +37,7 @@ from napari_meddiff._napari.widgets.runner import (
     Machine,
     TaskContext,
     TaskRunner,
+    collect_removed_layers,
     is_loaded,
     load_model_cached,
     wait_loaded,
@@ -158,6 +159,7 @@ class InpaintWidget(QWidget):
         if not is_loaded():
             self.progress.label.setText("Loading torch and MONAI…")
         when_loaded(self, self._on_loaded)
+        collect_removed_layers(self.viewer)
 
     def _on_loaded(self, machine: Machine) -> None:
         """torch and the tasks are imported (in the background): devices, the model's inpainting defaults."""

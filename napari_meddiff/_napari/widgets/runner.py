@@ -110,8 +110,6 @@ class _Loader(QObject):
         try:
             for name in HEAVY_MODULES:
                 importlib.import_module(name)
-            build_unit_registry()
-            build_dash_patterns()
             from napari_meddiff.runtime.devices import available_devices
 
             devices = tuple(available_devices())
@@ -121,10 +119,15 @@ class _Loader(QObject):
 
                 cuda_name = torch.cuda.get_device_name(0)
             self.machine = Machine(devices, cuda_name)
-            gc.freeze()
         except BaseException as exc:  # noqa: BLE001 - shown when a task runs (it imports them again)
             logger.exception("background import failed")
             self.error = exc
+        else:
+            for warm_up in (build_unit_registry, build_dash_patterns, gc.freeze):
+                try:  # each only spares the event loop some work: none may cost the tasks their devices
+                    warm_up()
+                except Exception:  # noqa: BLE001
+                    logger.exception("background warm-up %s failed", warm_up.__name__)
         finally:
             self.seconds = time.perf_counter() - t0
             self.done.set()
@@ -153,6 +156,31 @@ def build_dash_patterns() -> None:
     from vispy.visuals.line.dash_atlas import DashAtlas
 
     DashAtlas()
+
+
+def collect_removed_layers(viewer: Any) -> None:
+    """Free a layer removed from ``viewer`` even if it was alive at `gc.freeze` (as a scan the user opened
+    before the first widget was): the objects alive then are scanned for garbage again, once, and what survives
+    is frozen again. Called by each widget for its viewer; connected once."""
+    removed = viewer.layers.events.removed
+    if _collect_after_removal not in removed.callbacks:
+        removed.connect(_collect_after_removal)
+
+
+_COLLECTING = [False]
+
+
+def _collect_after_removal(event: Any = None) -> None:
+    if gc.get_freeze_count() and not _COLLECTING[0]:
+        _COLLECTING[0] = True  # once for a whole clear(): after napari has let go of the layers
+        QTimer.singleShot(0, _collect_and_freeze)
+
+
+def _collect_and_freeze() -> None:
+    _COLLECTING[0] = False
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 _LOADER: _Loader | None = None
@@ -364,6 +392,15 @@ class _Run:
     showing: Iterator[Any] | None = None  # an ``on_result`` that shows its result in turns (see TaskRunner)
 
 
+def _abandon(run: _Run | None) -> None:
+    """The widget is gone: its task stops at its next check, and a result being shown is let go."""
+    if run is not None:
+        run.context.cancel()
+        if run.showing is not None:
+            run.showing.close()
+            run.showing = None
+
+
 class TaskRunner(QObject):
     """Runs one task at a time for a widget, with its `ProgressRow` and the controls to lock meanwhile.
 
@@ -385,7 +422,7 @@ class TaskRunner(QObject):
         self.run: _Run | None = None
         progress.cancel_button.clicked.connect(self.cancel)
         holder = self._holder = {"run": None}  # plain object: still valid while Qt destroys the widget
-        parent.destroyed.connect(lambda *_: holder["run"] and holder["run"].context.cancel())
+        parent.destroyed.connect(lambda *_: _abandon(holder["run"]))
 
     @property
     def running(self) -> bool:
@@ -451,6 +488,7 @@ class TaskRunner(QObject):
             shown = self._call("on_result", self.run.on_result, result)
             if isinstance(shown, Iterator):
                 self.run.showing = shown
+                self.progress.cancel_button.setEnabled(False)  # the result is made: it is being shown
 
     def _on_errored(self, exc: Exception) -> None:
         if self.run is None:
@@ -474,6 +512,7 @@ class TaskRunner(QObject):
             run.showing = None
         except Exception as exc:  # noqa: BLE001 - as in `_call`: the widget must not stay locked
             run.showing = None
+            run.outcome, run.message = "error", f"{type(exc).__name__}: {exc}"
             logger.exception("%s: error in on_result", self.title)
             show_error(f"{self.title}: {type(exc).__name__}: {exc}")
         QTimer.singleShot(0, self._on_finished)

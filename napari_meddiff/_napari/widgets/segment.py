@@ -46,6 +46,7 @@ from napari_meddiff._napari.widgets.runner import (
     Machine,
     TaskContext,
     TaskRunner,
+    collect_removed_layers,
     is_loaded,
     is_selecting_for_the_user,
     load_model_cached,
@@ -240,6 +241,7 @@ class SegmentWidget(QWidget):
         if not is_loaded():
             self.progress.label.setText("Loading torch and MONAI…")
         when_loaded(self, self._on_loaded)
+        collect_removed_layers(self.viewer)
 
     def _on_loaded(self, machine: Machine) -> None:
         """torch and the tasks are imported (in the background): devices known, Segment enabled."""
@@ -469,6 +471,7 @@ class SegmentWidget(QWidget):
     def _on_result(self, result: SegmentationResult) -> Iterator[None]:
         """Show ``result``: a layer per event-loop turn (the runner resumes this; issue 37)."""
         self.result = result
+        self.result_layers = {}  # until this run's are in place: nothing for "Probability of" to refill
         names = list(result.volumes_ml)
         base = self._source_name
         before = {id(layer) for layer in self.viewer.layers}
