@@ -39,15 +39,19 @@ from common import CLI_WITH_PEAK, count_flops, in_fresh_process, machine, others
 
 SPACING = (1.5, 1.5, 2.0)  # MAISI's default output spacing (mm)
 ORGANS = {"liver": 1, "spleen": 3, "right kidney": 5, "left kidney": 14}  # values of MAISI's label_dict.json
+BODY = 200  # MAISI's body without an organ label
 
 
 def abdomen_map(shape: tuple[int, int, int], path: Path) -> Path:
-    """A liver, a spleen and two kidneys on a RAS grid of ``shape`` at MAISI's spacing."""
+    """A body (MAISI's label 200) filling the field of view as a CT's does, with a liver, a spleen and two
+    kidneys, on a RAS grid of ``shape`` at MAISI's spacing. meddiff generates on a grid covering the labelled
+    voxels: the body makes that grid the whole of ``shape``."""
     import nibabel as nib
 
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
     x, y, z = grid
-    values = np.zeros(shape, np.int16)  # no body label (200): meddiff derives it, and says so
+    values = np.zeros(shape, np.int16)
+    values[((x / 0.97) ** 2 + (y / 0.97) ** 2 < 1) & (np.abs(z) < 0.97)] = BODY
     values[((x + 0.35) / 0.35) ** 2 + ((y - 0.1) / 0.3) ** 2 + (z / 0.8) ** 2 < 1] = ORGANS["liver"]
     values[((x - 0.45) / 0.15) ** 2 + ((y - 0.2) / 0.15) ** 2 + (z / 0.4) ** 2 < 1] = ORGANS["spleen"]
     for side, value in ((-0.25, ORGANS["right kidney"]), (0.25, ORGANS["left kidney"])):
@@ -56,6 +60,15 @@ def abdomen_map(shape: tuple[int, int, int], path: Path) -> Path:
     affine[:3, 3] = -np.array(SPACING) * (np.array(shape) - 1) / 2
     nib.save(nib.Nifti1Image(values, affine), str(path))
     return path
+
+
+def generation_grid(folder: Path, label_map: Path) -> list[int]:
+    """The grid meddiff generates ``label_map`` on (what the arithmetic is counted at)."""
+    from napari_meddiff.io.volume import read_volume
+    from napari_meddiff.models import describe_model
+    from napari_meddiff.tasks.from_labels import label_grid
+
+    return [int(n) for n in label_grid(describe_model(folder), read_volume(label_map)).shape]
 
 
 def arithmetic(folder: str, size: tuple[int, int, int], steps: int, threads: int, precision: str) -> dict:
@@ -153,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             write_maisi_bundle(folder, "1.0", full_size=True)
             print(f"full-size bundle written in {time.perf_counter() - t0:.0f} s: {folder}", flush=True)
         label_map = abdomen_map(size, work / "abdomen_labels.nii.gz")
+        grid = generation_grid(folder, label_map)
+        if grid != list(size):
+            print(f"note: meddiff generates this map on a {'x'.join(map(str, grid))} grid", flush=True)
         run = cli_run(folder, label_map, args.steps, args.device, args.threads, work)
         precision = run["precision"] if run["precision"] in ("fp32", "bf16") else "fp32"
-        floor = in_fresh_process(arithmetic, str(folder), size, args.steps, args.threads, precision)
-    result.update(size=list(size), spacing_mm=list(SPACING), steps=args.steps, threads=args.threads)
+        floor = in_fresh_process(arithmetic, str(folder), tuple(grid), args.steps, args.threads, precision)
+    result.update(size=list(size), generation_grid=grid, spacing_mm=list(SPACING), steps=args.steps)
+    result.update(threads=args.threads)
     result.update(cli=run, arithmetic=floor, over_floor=run["seconds"] / floor["floor_s"])
     print(json.dumps(result, indent=2))
     if not args.no_save:

@@ -112,6 +112,15 @@ class ModelConfigView:
         return {**package, **self.config.get("defaults", {})}
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape (C, *spatial) of what the diffusion UNet denoises (latents for an LDM)."""
+        if self.kind == "ldm":
+            lat = self.config["latent"]
+            return (int(lat["channels"]), *[int(s) for s in lat["shape"]])
+        channels = int(self.config["networks"]["unet"]["out_channels"])
+        return (channels, *self.image_shape)
+
+    @property
     def output_range(self) -> tuple[float, float] | None:
         """The units of the model's output 0 and 1 (``intensity.output_range``: MAISI's CT in HU, NV-Generate's MR
         in 0..1000), or None for a normalised output."""
@@ -177,15 +186,6 @@ class DiffusionModel(ModelConfigView):
     @property
     def scale_factor(self) -> float:
         return float(self.config.get("latent", {}).get("scale_factor", 1.0))
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape (C, *spatial) of what the diffusion UNet denoises (latents for an LDM)."""
-        if self.kind == "ldm":
-            lat = self.config["latent"]
-            return (int(lat["channels"]), *[int(s) for s in lat["shape"]])
-        channels = int(self.config["networks"]["unet"]["out_channels"])
-        return (channels, *self.image_shape)
 
     @property
     def weights_sha256(self) -> str:
