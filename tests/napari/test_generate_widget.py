@@ -444,6 +444,10 @@ def test_an_mr_model_from_noise_shows_its_modality_guidance_and_units(make_napar
     folder = write_nv_generate_mr_folder(tmp_path / "NV-Generate-CTMR", modality=9, guidance=15.0)
     viewer, widget = open_widget(make_napari_viewer, folder)
     assert widget.conditions.rows["modality"].value() == 9 and widget.conditions.guidance_scale() == 15.0
+    modality = widget.conditions.rows["modality"]  # a class label: whole numbers, one slider step each
+    modality.slider.setValue(modality.slider.value() + 1)
+    assert modality.value() == 10 and modality.box.decimals() == 0
+    modality.set_value(9)
     widget.sampling.steps.setValue(2)
     run_and_wait(qtbot, widget)
     result = viewer.layers["NV-Generate-CTMR_seed0"]

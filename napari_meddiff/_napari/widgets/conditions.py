@@ -14,17 +14,18 @@ SLIDER_STEPS = 1000
 
 class ConditionRow(QWidget):
     """A slider and a spin box, kept in step, for one named condition, and what the value stands for in the
-    model's unit (e.g. "1790 ml") where it declares one."""
+    model's unit (e.g. "1790 ml") where it declares one. ``whole``: the value is a class label (whole numbers)."""
 
-    def __init__(self, spec: ConditionSpec, parent: QWidget | None = None) -> None:
+    def __init__(self, spec: ConditionSpec, parent: QWidget | None = None, *, whole: bool = False) -> None:
         super().__init__(parent)
         self.spec = spec
+        self.steps = int(spec.high - spec.low) if whole else SLIDER_STEPS  # a class label: one slider step each
         self.slider = QSlider(Qt.Horizontal)
-        self.slider.setRange(0, SLIDER_STEPS)
+        self.slider.setRange(0, max(self.steps, 1))
         self.box = QDoubleSpinBox()
         self.box.setRange(spec.low, spec.high)
-        self.box.setDecimals(3)
-        self.box.setSingleStep((spec.high - spec.low) / 100)
+        self.box.setDecimals(0 if whole else 3)
+        self.box.setSingleStep(1.0 if whole else (spec.high - spec.low) / 100)
         tip = f"{spec.description or spec.name}: {spec.low:g} to {spec.high:g} (default {spec.default:g})"
         self.slider.setToolTip(tip)
         self.box.setToolTip(tip)
@@ -44,7 +45,7 @@ class ConditionRow(QWidget):
         self.set_value(spec.default)
 
     def _from_slider(self, position: int) -> None:
-        value = self.spec.low + (self.spec.high - self.spec.low) * position / SLIDER_STEPS
+        value = self.spec.low + (self.spec.high - self.spec.low) * position / max(self.steps, 1)
         blocked = self.box.blockSignals(True)
         self.box.setValue(value)
         self.box.blockSignals(blocked)
@@ -53,7 +54,7 @@ class ConditionRow(QWidget):
     def _from_box(self, value: float) -> None:
         span = self.spec.high - self.spec.low
         blocked = self.slider.blockSignals(True)
-        self.slider.setValue(round((value - self.spec.low) / span * SLIDER_STEPS) if span else 0)
+        self.slider.setValue(round((value - self.spec.low) / span * self.steps) if span else 0)
         self.slider.blockSignals(blocked)
 
     def _unit_text(self, physical: float) -> str:
@@ -92,7 +93,7 @@ class ConditionControls(QWidget):
         self.rows, self.guidance = {}, None
         specs = info.conditions if info is not None else []
         for spec in specs:
-            row = ConditionRow(spec)
+            row = ConditionRow(spec, whole=info.conditioning.class_labels and spec is specs[0])
             self.rows[spec.name] = row
             self.form.addRow(spec.label, row)
         if specs and self.offers_guidance and info.conditioning.null is not None:
