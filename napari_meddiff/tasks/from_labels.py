@@ -305,12 +305,12 @@ def background_on_map(model: DiffusionModel, values: np.ndarray) -> np.ndarray |
     return background
 
 
-def in_output_units(model: DiffusionModel, vol: Volume, background: np.ndarray | None = None) -> Volume:
-    """A [0, 1] scan in the units the model's output stands for (``intensity.output_range``: MAISI's HU), with
+def in_output_units(model: ModelConfigView, vol: Volume, background: np.ndarray | None = None) -> Volume:
+    """A [0, 1] scan in the units the model's output stands for (`output_range`: MAISI's HU), with
     ``intensity.background_value`` where ``background``; else as it is (a normalised MR intensity)."""
     spec = model.config.get("intensity") or {}
-    if "output_range" in spec:
-        lo, hi = (float(v) for v in spec["output_range"])
+    if model.output_range is not None:
+        lo, hi = model.output_range
         vol.array = (lo + np.asarray(vol.array, np.float32) * (hi - lo)).astype(np.float32)
     if background is not None and "background_value" in spec:
         vol.array[background] = float(spec["background_value"])

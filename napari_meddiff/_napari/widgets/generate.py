@@ -411,10 +411,11 @@ class GenerateWidget(QWidget):
         return self._pending
 
     def _show_preview(self, event: PreviewEvent) -> None:
+        from napari_meddiff.tasks.from_labels import in_output_units
+
         layer = self._pending_layer()
-        data = event.volume.array if event.volume.array.ndim == 3 else event.volume.array[..., None]
-        units = self._info.output_range  # a preview is in [0, 1]; shown in the units the result will have
-        layer.data = data if units is None else units[0] + np.asarray(data, np.float32) * (units[1] - units[0])
+        preview = in_output_units(self._info, event.volume)  # a preview is in [0, 1]: shown as the result will be
+        layer.data = preview.array if preview.array.ndim == 3 else preview.array[..., None]
         layer.contrast_limits = self._info.display_window
         layer.opacity = 1.0
 
