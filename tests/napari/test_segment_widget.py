@@ -55,10 +55,11 @@ def test_segment_widget_results_overlay_the_image(widget_and_viewer, qtbot):
     assert widget.model_picker.current().kind == "segmentation"
     assert widget.axis.isVisibleTo(widget)  # a 2D model: slice axis shown
     assert widget.segment_button.isEnabled()
+    assert not widget.probability_class.isEnabled()  # nothing to show the probability of yet
     qtbot.mouseClick(widget.segment_button, Qt.LeftButton)
     assert widget.runner.running
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
-    assert widget.result is not None
+    assert widget.result is not None and widget.probability_class.isEnabled()
     assert widget.progress.label.text().startswith("3 member(s) × ") and "Done in" in widget.progress.label.text()
     names = [layer.name for layer in viewer.layers]
     assert names == ["scan", "scan labels", "scan P(CSF)", "scan uncertainty"]
@@ -90,6 +91,7 @@ def test_segment_widget_results_overlay_the_image(widget_and_viewer, qtbot):
     viewer.dims.order = (0, 2, 1)  # the user looks along another axis meanwhile
     layers = list(viewer.layers)
     widget.run()
+    assert not widget.probability_class.isEnabled()  # it would refill the layers this run is replacing
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
     assert [layer.name for layer in viewer.layers] == ["scan", "scan labels", "scan P(GM)", "scan uncertainty"]
     assert widget.image_combo.count() == 1  # result images are not offered as inputs

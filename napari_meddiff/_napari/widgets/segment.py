@@ -367,6 +367,8 @@ class SegmentWidget(QWidget):
     def _sync_buttons(self, *_: Any) -> None:
         ready = self.model_picker.current() is not None and self.image_combo.count() > 0 and is_loaded()
         self.segment_button.setEnabled(ready and not self.runner.running)
+        # the choice refills the last result's layer: not while a run is replacing that result
+        self.probability_class.setEnabled(self.result is not None and not self.runner.running)
 
     def _on_model_changed(self, info: ModelInfo | None) -> None:
         self._sync_buttons()
@@ -542,7 +544,8 @@ class SegmentWidget(QWidget):
         if self.result is None or layer is None or layer not in self.viewer.layers or c < 0:
             return
         layer.data = self._probability_volume(c).array
-        layer.name = f"{self._source_name} P({self.probability_class.currentText()})"
+        source = (layer.metadata.get(RESULT_KEY) or {}).get("source", self._source_name)
+        layer.name = f"{source} P({self.probability_class.currentText()})"
 
     def _fill_table(self, volumes_ml: dict[str, float]) -> None:
         rows = list(volumes_ml.items())
