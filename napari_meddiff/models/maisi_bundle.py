@@ -258,11 +258,14 @@ def _unconditional_mr(config: dict[str, Any], cfg: BundleConfig) -> None:
     """A MAISI UNet without a ControlNet (NV-Generate-CTMR's ``rflow-mr``, ``rflow-mr-brain``): generated from noise
     with its modality as a class-label condition, class 0 the unconditional one of classifier-free guidance at
     the config's ``cfg_guidance_scale`` (their ``s * (cond - uncond) + uncond``; 0 there means none: 1 here).
-    MR intensities: [0, 1] is 0..1000 (their diff_model_infer.py), CT's -1000..1000 HU."""
+    MR intensities: [0, 1] is 0..1000, clipped below 0 only (their diff_model_infer.py), CT's -1000..1000 HU."""
     inputs = config["network_inputs"]
     modality = int(inputs.pop("class_label", CT_MODALITY))
     config["intensity"] = {"range": [0.0, 1.0]}
-    config["intensity"]["output_range"] = [0.0, 1000.0] if modality >= MR_MODALITY_MIN else [-1000.0, 1000.0]
+    if modality >= MR_MODALITY_MIN:  # their MR is clipped below 0 only; CT to -1000..1000 HU
+        config["intensity"].update(output_range=[0.0, 1000.0], output_clip=[0.0, None])
+    else:
+        config["intensity"]["output_range"] = [-1000.0, 1000.0]
     if not config["networks"]["unet"].get("num_class_embeds"):
         return  # a UNet without class embeddings takes no modality
     config["conditioning"] = {

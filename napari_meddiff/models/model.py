@@ -128,6 +128,15 @@ class ModelConfigView:
         return (float(given[0]), float(given[1])) if given else None
 
     @property
+    def output_clip(self) -> tuple[float | None, float | None]:
+        """Where the model's [0, 1] output is clipped (``intensity.output_clip``; None: open). [0, 1] unless
+        the config says otherwise: NV-Generate-CTMR clips its MR only below 0 (above 1 is brighter than 1000)."""
+        given = (self.config.get("intensity") or {}).get("output_clip")
+        if not given:
+            return (0.0, 1.0)
+        return tuple(None if v is None else float(v) for v in given)  # type: ignore[return-value]
+
+    @property
     def display_window(self) -> tuple[float, float]:
         """Contrast limits to show the model's output with: CT in HU in a soft-tissue window (level 40, width 400
         HU, as a radiologist first reads an abdomen), other units over their range, a normalised output over

@@ -280,7 +280,7 @@ SCHEDULER_FIELDS = {
 # default (the intensity keys the training configs take, and bundles' informative "range")
 BINARY_LABEL_BITS = 8  # MAISI's binarize_labels: a label value as 8 bit channels
 CLOSED_BLOCKS = {
-    "intensity": INTENSITY_KEYS | {"range", "output_range", "background_value"},
+    "intensity": INTENSITY_KEYS | {"range", "output_range", "output_clip", "background_value"},
     "label_map": {"labels", "encoding", "body_label", "generator"},
     "label_output": {"labels"},
     "network_inputs": NETWORK_INPUT_KEYS,
@@ -309,6 +309,15 @@ OPTIONAL_BLOCKS = {
         "output_range": (
             lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] < v[1],
             "[low, high]: the scanner units of the model's output 0 and 1 (MAISI: [-1000, 1000] HU)",
+        ),
+        "output_clip": (
+            lambda v: (
+                isinstance(v, list)
+                and len(v) == 2
+                and all(x is None or _is_number(x) for x in v)
+                and (None in v or v[0] < v[1])
+            ),
+            "[low, high] in the model's [0, 1] output (null: open; NV-Generate-CTMR's MR: [0, null])",
         ),
         "background_value": (_is_number, "a number: the value written where a label map is background"),
     },

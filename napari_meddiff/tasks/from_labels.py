@@ -184,7 +184,7 @@ def sample_from_label_arrays(
     )  # fmt: skip
     if model.kind == "ldm":
         x0 = decode_latents(model, x0, settings["precision"], mode=decode)
-    return x0[:, 0].clamp(0, 1).cpu()
+    return x0[:, 0].clamp(*model.output_clip).cpu()
 
 
 def generate_from_labels(
@@ -236,14 +236,16 @@ def generate_from_labels(
         chunk = seeds[start : start + batch_size]
         t0 = time.perf_counter()
         maps = on_grid.expand(len(chunk), *grid.shape)
-        hook = _with_previews(on_step, on_preview, preview_every, lambda x0: _on_map_grid(x0[0, 0], grid, labels))
+        hook = _with_previews(
+            on_step, on_preview, preview_every, lambda x0: _on_map_grid(x0[0, 0], grid, labels, model.output_clip)
+        )
         images = sample_from_label_arrays(
             model, maps, seeded_generators(chunk, dev), settings, dev, on_step=hook, should_cancel=should_cancel,
             voxel_size=voxel, decode=decode,
         ).numpy()  # fmt: skip
         seconds = (time.perf_counter() - t0) / len(chunk)
         for seed, image in zip(chunk, images):
-            vol = in_output_units(model, _on_map_grid(image, grid, labels), background)
+            vol = in_output_units(model, _on_map_grid(image, grid, labels, model.output_clip), background)
             record = provenance(
                 model, dev, task="generate", seed=seed, **settings, batch_size=batch_size,
                 label_map_sha256=digest, label_map=source, **({"autoencoder_pass": decode} if decode else {}),
@@ -317,11 +319,14 @@ def in_output_units(model: ModelConfigView, vol: Volume, background: np.ndarray 
     return vol
 
 
-def _on_map_grid(image: np.ndarray | torch.Tensor, grid: ModelGrid, labels: Volume) -> Volume:
-    """An image in [0, 1] on the model's grid, brought onto the label map's grid."""
-    image = np.asarray(torch.as_tensor(image).clamp(0, 1).cpu())
+def _on_map_grid(
+    image: np.ndarray | torch.Tensor, grid: ModelGrid, labels: Volume, clip: tuple[float | None, float | None]
+) -> Volume:
+    """An image in [0, 1] (within ``clip``: `ModelConfigView.output_clip`) on the model's grid, brought onto the
+    label map's grid."""
+    image = np.asarray(torch.as_tensor(image).clamp(*clip).cpu())
     vol = grid_to_volume(image, grid, labels)
-    vol.array = np.clip(np.asarray(vol.array, np.float32), 0.0, 1.0)
+    vol.array = np.clip(np.asarray(vol.array, np.float32), *clip)
     return vol
 
 

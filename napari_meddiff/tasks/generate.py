@@ -60,7 +60,7 @@ def generated_output(model: DiffusionModel, x: torch.Tensor, precision: str, mod
     (the argmax of its one-hot channels), ``(B, *spatial)``."""
     if model.label_output:
         return x.argmax(dim=1).to(torch.uint8).cpu().numpy()
-    return decode_latents(model, x, precision, mode=mode)[:, 0].clamp(0, 1).cpu().numpy()
+    return decode_latents(model, x, precision, mode=mode)[:, 0].clamp(*model.output_clip).cpu().numpy()
 
 
 def generate(

@@ -430,11 +430,11 @@ class _Runner:
         )
         if release_unet:
             model.release_unet()
-        images = decode_latents(model, z, self.precision).clamp(0, 1)
+        images = decode_latents(model, z, self.precision).clamp(*model.output_clip)
         return torch.where(gmask, images, known), known, gmask
 
     def preview(self, pred_x0: torch.Tensor, known: torch.Tensor, gmask: torch.Tensor) -> np.ndarray:
-        images = decode_latents(self.model, pred_x0, self.precision).clamp(0, 1)
+        images = decode_latents(self.model, pred_x0, self.precision).clamp(*self.model.output_clip)
         return torch.where(gmask, images, known)[:, 0].cpu().numpy()
 
 

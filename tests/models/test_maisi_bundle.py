@@ -15,7 +15,12 @@ from napari_meddiff.errors import MeddiffError
 from napari_meddiff.io.volume import Volume
 from napari_meddiff.models import load_model, read_config
 from napari_meddiff.tasks.from_labels import binary_condition, generate_from_labels
-from napari_meddiff.testing.maisi_bundles import SCALE_FACTOR, SCRIPT_MARKER, write_maisi_bundle
+from napari_meddiff.testing.maisi_bundles import (
+    SCALE_FACTOR,
+    SCRIPT_MARKER,
+    write_maisi_bundle,
+    write_nv_generate_mr_folder,
+)
 
 VERSIONS = ("0.4", "1.0")
 LIVER, SPLEEN, TUMOR, BRAIN, BODY = 1, 3, 26, 22, 200
@@ -244,6 +249,20 @@ def test_an_nv_generate_mr_model_generates_from_noise_with_its_modality_and_guid
     (filled,) = inpaint(model, scan, hole, steps=2)  # its UNet gets its spacing there too
     np.testing.assert_array_equal(filled.array[~hole], scan.array[~hole])
     assert not (folder / SCRIPT_MARKER).exists()
+
+
+def test_an_nv_generate_mr_scan_is_clipped_below_0_only_as_theirs(tmp_path):
+    """Their diff_model_infer.py clips MR at 0 only: a decoder output above 1 is brighter than 1000, not 1000."""
+    from napari_meddiff.tasks.generate import generate
+
+    folder = write_nv_generate_mr_folder(tmp_path / "NV-Generate-CTMR", side=16, modality=9, guidance=1.0)
+    model = load_model(folder)
+    assert model.output_clip == (0.0, None) and model.output_range == (0.0, 1000.0)
+    final = [m for m in model.autoencoder.decoder.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    with torch.no_grad():
+        final.bias += 1.5  # most voxels decode above 1
+    scan = generate(model, [0], steps=2)[0]
+    assert scan.array.min() >= 0.0 and scan.array.max() > 1500.0
 
 
 def test_meddiff_json_defaults_win_over_an_nv_generate_mr_models_files(tmp_path):

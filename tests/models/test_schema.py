@@ -36,6 +36,10 @@ BREAKAGES = {
         lambda c: c.update(intensity={"uper_value": 0.8}),
         "intensity: unknown key(s) uper_value",
     ),
+    "output_clip_reversed": (
+        lambda c: c.update(intensity={"output_clip": [1, 0]}),
+        "intensity.output_clip must be [low, high] in the model's [0, 1] output",
+    ),
     "bad_network_kwargs": (lambda c: c["networks"]["unet"].update(channels="wide"), "bad unet network config"),
     "spatial_dims_string": (
         lambda c: (
