@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import weakref
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,16 +40,6 @@ AXIS_LABELS = ("x (R)", "y (A)", "z (S)")
 UNITS = ("mm", "mm", "mm")
 LABEL_NAME_HINTS = ("_seg", "_dseg", "label", "mask")
 MAX_LABEL_VALUES = 64  # integer images with at most this many distinct values open as Labels
-NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def layer_name(path: str | Path) -> str:
-    """File name without its (possibly double) image suffix."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def world_kwargs(affine: np.ndarray) -> dict[str, Any]:

@@ -6,13 +6,12 @@ import os
 from collections.abc import Callable, Sequence
 
 from napari_meddiff._napari.layers import (
-    NIFTI_SUFFIXES,
     LayerDataTuple,
     install_orientation_letters,
-    layer_name,
     show_axial,
     volume_to_layer_data,
 )
+from napari_meddiff.io.files import IMAGE_SUFFIXES, image_stem
 from napari_meddiff.io.volume import read_volume
 
 PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
@@ -25,7 +24,7 @@ def _paths(path: PathOrPaths) -> list[str]:
 def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerDataTuple]] | None:
     """Our reader when every path has a supported suffix (no file is opened here)."""
     paths = _paths(path)
-    if paths and all(p.lower().endswith(NIFTI_SUFFIXES) and not os.path.isdir(p) for p in paths):
+    if paths and all(p.lower().endswith(IMAGE_SUFFIXES) and not os.path.isdir(p) for p in paths):
         return read_layers
     return None
 
@@ -34,7 +33,7 @@ def read_layers(path: PathOrPaths) -> list[LayerDataTuple]:
     """One layer per file: Image, or Labels for integer files that look like segmentations.
 
     In a napari session the scans open the way a radiologist looks at them (`show_when_added`)."""
-    layers = [volume_to_layer_data(read_volume(p), layer_name(p)) for p in _paths(path)]
+    layers = [volume_to_layer_data(read_volume(p), image_stem(p)) for p in _paths(path)]
     show_when_added(layers)
     return layers
 

@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from napari_meddiff._napari.layers import layer_data_to_volume
-from napari_meddiff.io.files import write_text_atomic
+from napari_meddiff.io.files import image_stem, write_text_atomic
 from napari_meddiff.io.volume import write_volume
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     """``scan.nii.gz`` -> ``scan.json`` (as written by ``meddiff generate``)."""
-    path = Path(path)
-    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
-    return path.with_name(f"{stem}.json")
+    return Path(path).with_name(f"{image_stem(path)}.json")
 
 
 def _description(provenance: dict[str, Any] | None) -> str | None:

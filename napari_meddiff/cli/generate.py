@@ -15,7 +15,7 @@ from napari_meddiff.cli.conditions import add_condition_options, seed_conditions
 from napari_meddiff.cli.options import add_sampling_options, counted, load_model_for, seed_value
 from napari_meddiff.diffusion.seeds import seed_range
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.io.files import ensure_folder, removed_if_left_empty
+from napari_meddiff.io.files import ensure_folder, image_stem, removed_if_left_empty
 from napari_meddiff.models import DEFAULT_LABEL_MODEL, DEFAULT_MODEL, describe_model
 from napari_meddiff.tasks import batch, distributed
 from napari_meddiff.tasks.from_labels import require_label_map
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     args.conditions_for = seed_conditions(conditioned, args.condition, seeds, args.guidance_scale)
     blocks = batch.partition(seeds, args.batch_size, shard=shard, rank=ctx.rank, world=ctx.world)
     by_map = args.labels is not None and args.labels.is_dir()
-    outs = [args.out / _map_name(path) for path in maps] if by_map else [args.out]
+    outs = [args.out / image_stem(path) for path in maps] if by_map else [args.out]
     for out in outs:
         batch.check_manifest_is_ours(out)  # before any work: a training cohort's list is never replaced
     with removed_if_left_empty(args.out):
@@ -139,12 +139,6 @@ def _label_map_files(path: Path) -> list[Path]:
     if not path.is_file():
         raise MeddiffError(f"--labels: {path} is not a file or folder (a label map: NIfTI)")
     return [path]
-
-
-def _map_name(path: Path) -> str:
-    """A map file's name without .nii/.nii.gz: the output subfolder of its volumes."""
-    name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
 
 
 def _read_label_map(path: Path):

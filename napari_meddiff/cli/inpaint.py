@@ -18,7 +18,7 @@ import numpy as np
 from napari_meddiff.cli.conditions import add_fixed_condition_option, fixed_conditions
 from napari_meddiff.cli.options import add_sampling_options, counted, load_model_for, seed_value
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.io.files import check_output_file
+from napari_meddiff.io.files import check_output_file, image_stem
 from napari_meddiff.models import DEFAULT_INPAINT_MODEL, DEFAULT_LABEL_MODEL, describe_model
 from napari_meddiff.tasks import batch
 from napari_meddiff.tasks.from_labels import require_label_map
@@ -102,11 +102,9 @@ def _changed_region(args: argparse.Namespace, labels):
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    raise MeddiffError(f"output must end in .nii or .nii.gz: {path}")
+    if not path.name.lower().endswith((".nii.gz", ".nii")):
+        raise MeddiffError(f"output must end in .nii or .nii.gz: {path}")
+    return image_stem(path)
 
 
 def output_paths(out: Path, candidates: int) -> list[tuple[Path, Path]]:

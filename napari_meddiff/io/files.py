@@ -12,6 +12,18 @@ from pathlib import Path
 
 from napari_meddiff.errors import MeddiffError
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # what `io.volume.read_volume` opens
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The file name without its image suffix (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``; another file: its
+    ``Path.stem``)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:  # longest first: .nii.gz before .nii
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
 
 def current_umask() -> int:
     mask = os.umask(0o022)

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from napari_meddiff.errors import MeddiffError
+from napari_meddiff.io.files import IMAGE_SUFFIXES, image_stem
 from napari_meddiff.io.geometry import ModelGrid
 from napari_meddiff.io.volume import read_volume
 from napari_meddiff.review.blind import as_3d, foreground_centre, grid_of
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # a label map's or mask's name part (BIDS-like: after "_" or at the start); a model name such as
 # "brain-t1w-from-labels-3d" in a generated scan's file name is not one
 LABEL_NAME = re.compile(r"(?:^|_)(?:dseg|seg|labels?|mask|lesion)(?=[._]|$)", re.IGNORECASE)
@@ -72,15 +72,6 @@ def label_reason(path: Path, array: np.ndarray | None = None) -> str | None:
         if distinct <= MAX_LABEL_VALUES:
             return f"its voxels are integers with only {distinct} distinct value(s) (a label map or mask)"
     return None
-
-
-def image_stem(path: Path) -> str:
-    """The file name without its image suffix (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``)."""
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def subjects(paths: list[Path]) -> dict[str, list[Path]]:

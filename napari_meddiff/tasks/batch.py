@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from napari_meddiff.errors import MeddiffError
-from napari_meddiff.io.files import check_csv_is_ours, write_text_atomic
+from napari_meddiff.io.files import check_csv_is_ours, image_stem, write_text_atomic
 from napari_meddiff.models import sha256_file
 
 MANIFEST_NAME = "cohort.csv"
@@ -99,7 +99,7 @@ def output_paths(out: Path, model_name: str, seed: int) -> tuple[Path, Path]:
 
 def tissue_map_path(image: Path) -> Path:
     """Where a two-stage subject's tissue map lies: beside its image, ``<stem>_dseg.nii.gz`` (BIDS' suffix)."""
-    return image.with_name(image.name[: -len(".nii.gz")] + "_dseg.nii.gz")
+    return image.with_name(image_stem(image) + "_dseg.nii.gz")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

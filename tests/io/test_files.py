@@ -74,3 +74,20 @@ def test_failed_validation_leaves_no_empty_folder(cli_env, tmp_path):
     existing.mkdir()
     run_cli("generate", "--model", "no-such-model", "--out", existing, env=cli_env)
     assert existing.is_dir()  # a folder the user had is never removed
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("sub-01_T1w.nii.gz", "sub-01_T1w"),
+        ("scan.NII.GZ", "scan"),
+        ("scan.nii", "scan"),
+        ("ct.v2.nrrd", "ct.v2"),
+        ("image.mha", "image"),
+        ("notes.txt", "notes"),
+    ],
+)
+def test_image_stem_strips_the_whole_image_suffix(name, stem):
+    from napari_meddiff.io.files import image_stem
+
+    assert image_stem(Path("/data") / name) == stem
