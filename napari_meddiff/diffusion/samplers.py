@@ -35,13 +35,37 @@ def _schedule_kwargs(schedule: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def rescale_to_zero_terminal_snr(scheduler: Scheduler) -> Scheduler:
+    """Rescale a MONAI scheduler's betas so that the last timestep is pure noise (Lin et al. 2024, "Common
+    diffusion noise schedules and sample steps are flawed", algorithm 1; diffusers' ``rescale_betas_zero_snr``):
+    sqrt(alphas_cumprod) is shifted to end at 0 and scaled to keep its first value.
+
+    Why: a schedule made for small latents leaves a large volume's coarse content readable at t = T (a 2 mm brain
+    map under scaled_linear_beta: whole-brain signal-to-noise 2 at T), so a network learns to read the brain's
+    outline off its input there, and from pure noise at sampling time it reads shapes into random fluctuations."""
+    root = scheduler.alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alphas_cumprod = root**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    scheduler.betas = (1 - alphas).float()
+    scheduler.alphas = alphas.float()
+    scheduler.alphas_cumprod = alphas_cumprod.float()
+    return scheduler
+
+
+def _schedule(scheduler: Scheduler, schedule: dict[str, Any]) -> Scheduler:
+    return rescale_to_zero_terminal_snr(scheduler) if schedule.get("zero_terminal_snr") else scheduler
+
+
 def noise_scheduler(schedule: dict[str, Any]) -> DDPMScheduler:
     """The training-time (forward process) scheduler of a model."""
-    return DDPMScheduler(
+    scheduler = DDPMScheduler(
         **_schedule_kwargs(schedule),
         prediction_type=schedule.get("prediction_type", "epsilon"),
         clip_sample=bool(schedule.get("clip_sample", False)),
     )
+    return _schedule(scheduler, schedule)
 
 
 class DDIMSampler:
@@ -53,6 +77,7 @@ class DDIMSampler:
             prediction_type=schedule.get("prediction_type", "epsilon"),
             clip_sample=bool(schedule.get("clip_sample", False)),
         )
+        _schedule(self.scheduler, schedule)
         self.scheduler.set_timesteps(steps)
         self.scheduler.timesteps = _evenly_strided(self.scheduler.num_train_timesteps, steps)
         self.timesteps = self.scheduler.timesteps

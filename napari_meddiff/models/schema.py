@@ -201,6 +201,11 @@ def _check_schedule_keys(scheduler: dict, where: str) -> None:
         raise MeddiffError(f"{where}: scheduler: {', '.join(foreign)} {verb} not apply to {what}")
     if kind == "ddpm":
         _check_betas(scheduler, where)
+        if scheduler.get("zero_terminal_snr") and scheduler.get("prediction_type", "epsilon") == "epsilon":
+            raise MeddiffError(
+                f"{where}: scheduler: zero_terminal_snr needs prediction_type v_prediction or sample (at the last "
+                "timestep the input is pure noise: an epsilon prediction says nothing of the image)"
+            )
 
 
 def _check_controlnet(config: dict, where: str) -> None:
@@ -262,7 +267,7 @@ RFLOW_FIELDS = {  # MONAI RFlowScheduler's arguments, its timestep transform's i
     "spatial_dim": (lambda v: v in (2, 3) and _is_int(v), "2 or 3"),
 }
 RFLOW_ONLY_KEYS = set(RFLOW_FIELDS)
-DDPM_ONLY_KEYS = {"schedule", "beta_start", "beta_end", "prediction_type", "clip_sample"}
+DDPM_ONLY_KEYS = {"schedule", "beta_start", "beta_end", "prediction_type", "clip_sample", "zero_terminal_snr"}
 SCHEDULER_FIELDS = {
     "type": (lambda v: v in SCHEDULE_TYPES, " or ".join(SCHEDULE_TYPES)),
     "num_train_timesteps": (
@@ -274,6 +279,7 @@ SCHEDULER_FIELDS = {
     "beta_end": (_beta, "a number in (0, 1)"),
     "prediction_type": (lambda v: v in ("epsilon", "v_prediction", "sample"), "epsilon, v_prediction or sample"),
     "clip_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "zero_terminal_snr": (lambda v: isinstance(v, bool), "true or false"),
     **RFLOW_FIELDS,
 }
 # blocks whose unknown keys are refused, and the keys they take: a misspelt key would silently fall back to a
