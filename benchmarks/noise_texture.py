@@ -1,6 +1,7 @@
 """Voxel-level noise of a label-map model's scan against the subject's real scan (what a classifier sees first).
 
     python benchmarks/noise_texture.py [--model brain-t1w-from-labels-3d] [--subject 100002] [--seed 0]
+        [--sampler S --steps N]
 
 For a held-out cohort subject (``--data``, written by ``meddiff cohort``), its tissue map goes through the model
 and both scans are compared, each normalised to its brain's 99.5th percentile: the background's standard
@@ -42,6 +43,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("data/cohort-2mm-heldout"))
     p.add_argument("--subject", type=int, default=100002)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default=None, help="default: the model's")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
     args = p.parse_args()
 
     from napari_meddiff.io.volume import read_volume
@@ -49,7 +52,7 @@ def main() -> None:
 
     labels = read_volume(args.data / f"sub-{args.subject:06d}_dseg.nii.gz")
     real = read_volume(args.data / f"sub-{args.subject:06d}_T1w.nii.gz")
-    (generated,) = generate_from_labels(args.model, labels, args.seed)
+    (generated,) = generate_from_labels(args.model, labels, args.seed, sampler=args.sampler, steps=args.steps)
     inside = np.asarray(labels.array) > 0
     describe("generated", np.asarray(generated.array, np.float64), inside)
     describe("real", np.asarray(real.array, np.float64), inside)
